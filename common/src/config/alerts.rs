@@ -1,0 +1,221 @@
+//! `alerts`: the alarm service and its rules.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::types::duration;
+use super::Problems;
+use crate::topic::TopicFilter;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// HTTP for health, metrics and the alarm API (default 0.0.0.0:6000).
+    pub http_listen: SocketAddr,
+    pub rules: Vec<AlertRule>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig { http_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 6000), rules: Vec::new() }
+    }
+}
+
+/// Severity 1-1000, or a name: low (250), medium (500), high (750), critical (1000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Severity(pub u16);
+
+impl<'de> Deserialize<'de> for Severity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(v @ 1..=1000) => Ok(Severity(v as u16)),
+                _ => Err(D::Error::custom(format!("severity {n} is not between 1 and 1000"))),
+            },
+            serde_json::Value::String(s) => match s.as_str() {
+                "low" => Ok(Severity(250)),
+                "medium" => Ok(Severity(500)),
+                "high" => Ok(Severity(750)),
+                "critical" => Ok(Severity(1000)),
+                _ => Err(D::Error::custom(format!("unknown severity {s:?} (1-1000, low, medium, high or critical)"))),
+            },
+            other => Err(D::Error::custom(format!("invalid severity {other}"))),
+        }
+    }
+}
+
+/// What makes an alarm active.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Condition {
+    HighHigh {
+        limit: f64,
+        #[serde(default)]
+        deadband: f64,
+    },
+    High {
+        limit: f64,
+        #[serde(default)]
+        deadband: f64,
+    },
+    Low {
+        limit: f64,
+        #[serde(default)]
+        deadband: f64,
+    },
+    LowLow {
+        limit: f64,
+        #[serde(default)]
+        deadband: f64,
+    },
+    /// |value - setpoint| > limit, the setpoint read from another topic.
+    Deviation {
+        setpoint_topic: String,
+        limit: f64,
+        #[serde(default)]
+        deadband: f64,
+    },
+    /// |d value / dt| > limit per second.
+    RateOfChange {
+        limit: f64,
+        #[serde(default)]
+        deadband: f64,
+    },
+    /// The value equals this (digital state).
+    Equals { value: serde_json::Value },
+    BadQuality {},
+    /// No update for `after`.
+    Stale {
+        #[serde(with = "duration")]
+        after: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    pub id: String,
+    /// MQTT filter; one alarm instance per matching topic.
+    pub topic: String,
+    pub condition: Condition,
+    #[serde(with = "duration", default)]
+    pub on_delay: Duration,
+    #[serde(with = "duration", default)]
+    pub off_delay: Duration,
+    #[serde(default = "default_severity")]
+    pub severity: Severity,
+    /// Template with `{topic}`, `{value}`, `{limit}`.
+    #[serde(default = "default_message")]
+    pub message: String,
+    /// Operator area for flood detection (default: the first four levels of the topic).
+    #[serde(default)]
+    pub area: Option<String>,
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+}
+
+fn default_severity() -> Severity {
+    Severity(500)
+}
+
+fn default_message() -> String {
+    "{topic} is {value} (limit {limit})".into()
+}
+
+fn enabled() -> bool {
+    true
+}
+
+impl AlertsConfig {
+    pub(crate) fn validate(&self, p: &mut Problems) {
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        // Per topic filter: the limits of each analog kind, to check their order.
+        let mut limits: HashMap<&str, Vec<(usize, &'static str, f64)>> = HashMap::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let at = format!("alerts.rules[{i}]");
+            if r.id.is_empty() || r.id.contains(['/', '+', '#']) {
+                p.push(format!("{at}.id"), format!("rule id {:?} must be non-empty without '/', '+' or '#'", r.id));
+            }
+            if let Some(first) = ids.insert(r.id.as_str(), i) {
+                p.push(format!("{at}.id"), format!("rule {} is also alerts.rules[{first}]", r.id));
+            }
+            match TopicFilter::parse(&r.topic) {
+                Ok(f) if f.as_str().starts_with('$') => {
+                    p.push(format!("{at}.topic"), format!("rule {}: alarms watch UNS topics, not {}", r.id, r.topic))
+                }
+                Ok(_) => {}
+                Err(e) => p.push(format!("{at}.topic"), format!("rule {}: {e}", r.id)),
+            }
+            let (limit, deadband, kind) = match &r.condition {
+                Condition::HighHigh { limit, deadband } => (Some(*limit), *deadband, Some("high_high")),
+                Condition::High { limit, deadband } => (Some(*limit), *deadband, Some("high")),
+                Condition::Low { limit, deadband } => (Some(*limit), *deadband, Some("low")),
+                Condition::LowLow { limit, deadband } => (Some(*limit), *deadband, Some("low_low")),
+                Condition::Deviation { limit, deadband, setpoint_topic } => {
+                    if let Err(e) = crate::topic::Topic::parse(setpoint_topic) {
+                        p.push(format!("{at}.condition.setpoint_topic"), format!("rule {}: {e}", r.id));
+                    }
+                    if *limit <= 0.0 {
+                        p.push(format!("{at}.condition.limit"), format!("rule {}: a deviation limit must be positive", r.id));
+                    }
+                    (Some(*limit), *deadband, None)
+                }
+                Condition::RateOfChange { limit, deadband } => {
+                    if *limit <= 0.0 {
+                        p.push(format!("{at}.condition.limit"), format!("rule {}: a rate limit must be positive", r.id));
+                    }
+                    (Some(*limit), *deadband, None)
+                }
+                Condition::Equals { value } => {
+                    if !(value.is_boolean() || value.is_number() || value.is_string()) {
+                        p.push(format!("{at}.condition.value"), format!("rule {}: equals needs a number, bool or string", r.id));
+                    }
+                    (None, 0.0, None)
+                }
+                Condition::BadQuality {} => (None, 0.0, None),
+                Condition::Stale { after } => {
+                    if after.is_zero() {
+                        p.push(format!("{at}.condition.after"), format!("rule {}: stale needs a positive time", r.id));
+                    }
+                    (None, 0.0, None)
+                }
+            };
+            if let Some(l) = limit {
+                if !l.is_finite() {
+                    p.push(format!("{at}.condition.limit"), format!("rule {}: limit is not a finite number", r.id));
+                }
+            }
+            if !(deadband >= 0.0) || !deadband.is_finite() {
+                p.push(format!("{at}.condition.deadband"), format!("rule {}: deadband must be zero or positive", r.id));
+            }
+            if let (Some(l), Some(k)) = (limit, kind) {
+                limits.entry(r.topic.as_str()).or_default().push((i, k, l));
+            }
+        }
+        // Analog limits on one topic must be ordered: high_high >= high > low >= low_low.
+        const RANK: [&str; 4] = ["low_low", "low", "high", "high_high"];
+        for entries in limits.values() {
+            for (i, ka, la) in entries {
+                for (j, kb, lb) in entries {
+                    let ra = RANK.iter().position(|k| k == ka).unwrap_or(0);
+                    let rb = RANK.iter().position(|k| k == kb).unwrap_or(0);
+                    let wrong = if ra > rb { la < lb } else { false };
+                    let equal_opposed = ka.contains("high") != kb.contains("high") && la == lb && ra > rb;
+                    if wrong || equal_opposed {
+                        p.push(
+                            format!("alerts.rules[{i}].condition.limit"),
+                            format!(
+                                "rule {}: {ka} limit {la} must be above {kb} limit {lb} of rule {} on the same topic",
+                                self.rules[*i].id, self.rules[*j].id
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! One YAML file (`nexus.yaml`) with the sections of the contract, environment overrides
+//! (`NEXUS_<SECTION>__<KEY>`, `NEXUS_DATABASE_URL`) and validation that reports every
+//! problem at once, each with the file and line (or environment variable) it comes from.
+//!
+//! Loading is: YAML -> JSON tree with positions ([`yaml`]) -> environment overrides applied
+//! to the tree -> each section (and each device) deserialized on its own, so one bad section
+//! does not hide the problems of the others -> semantic validation of the typed config.
+
+pub mod alerts;
+pub mod devices;
+pub mod sections;
+pub mod types;
+pub mod yaml;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value as Json};
+
+pub use alerts::{AlertRule, AlertsConfig, Condition, Severity};
+pub use devices::{
+    Access, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress, ModbusTable, ModbusTransport,
+    Protocol, TagConfig,
+};
+pub use sections::{
+    AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, CommandsConfig, GatewayConfig,
+    IngestionConfig, LogFormat, MqttConfig, MqttTls, MqttVersion, OrchestratorConfig, Role, TelemetryConfig,
+};
+pub use types::{ByteSize, Secret, SecretUrl};
+use yaml::{Pos, Spans};
+
+/// Exit code for a bad configuration (EX_USAGE... strictly EX_DATAERR is 65; the contract and
+/// sysexits' "command line usage error" family use 64).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Default config file name, looked up in the working directory.
+pub const DEFAULT_FILE: &str = "nexus.yaml";
+
+const SECTIONS: [&str; 10] =
+    ["broker", "mqtt", "gateway", "devices", "devices_file", "ingestion", "commands", "alerts", "orchestrator", "telemetry"];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub mqtt: MqttConfig,
+    pub gateway: GatewayConfig,
+    pub devices: Vec<DeviceConfig>,
+    /// Devices loaded from this file instead of `devices` (relative to the config file).
+    pub devices_file: Option<PathBuf>,
+    pub ingestion: IngestionConfig,
+    pub commands: CommandsConfig,
+    pub alerts: AlertsConfig,
+    pub orchestrator: OrchestratorConfig,
+    pub telemetry: TelemetryConfig,
+    /// The file this came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// Semantic problems found by validation, by path; the loader turns them into located errors.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    pub fn push(&mut self, path: impl Into<String>, msg: impl Into<String>) {
+        self.0.push((path.into(), msg.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(String, String)> {
+        self.0.iter()
+    }
+}
+
+/// Where a problem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File { file: String, line: usize, col: usize },
+    WholeFile { file: String },
+    Env { var: String },
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::File { file, line, col } => write!(f, "{file}:{line}:{col}"),
+            Location::WholeFile { file } => f.write_str(file),
+            Location::Env { var } => write!(f, "environment variable {var}"),
+        }
+    }
+}
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub location: Location,
+    /// Path of the key (`devices[0].tags[1].data_type`), empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.location, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.location, self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found; `Display` prints one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem{}:", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A parsed document: its tree, positions, file name, and which paths the environment set.
+struct Doc {
+    file: String,
+    spans: Spans,
+    env_paths: HashMap<String, String>,
+}
+
+impl Doc {
+    fn locate(&self, path: &str) -> Location {
+        // An environment override wins over the file position of the same key.
+        let mut p = path;
+        loop {
+            if let Some(var) = self.env_paths.get(p) {
+                return Location::Env { var: var.clone() };
+            }
+            match p.rfind(['.', '[']) {
+                Some(cut) => p = &p[..cut],
+                None => break,
+            }
+        }
+        match yaml::locate(&self.spans, path) {
+            Some(Pos { line, col }) => Location::File { file: self.file.clone(), line, col },
+            None => Location::WholeFile { file: self.file.clone() },
+        }
+    }
+
+    fn error(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { location: self.locate(path), path: path.to_owned(), message: message.into() }
+    }
+}
+
+/// Deserialize `value` (found at `base`) and on failure report the exact key.
+fn section<T: DeserializeOwned>(doc: &Doc, base: &str, value: Json, errors: &mut Vec<ConfigError>) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let mut path = match inner.as_str() {
+                "." | "" => base.to_owned(),
+                p if p.starts_with('[') => format!("{base}{p}"),
+                p => yaml::child_path(base, p),
+            };
+            let msg = e.into_inner().to_string();
+            // For an unknown key, point at the key itself.
+            if let Some(rest) = msg.strip_prefix("unknown field `") {
+                if let Some(end) = rest.find('`') {
+                    path = yaml::child_path(&path, &rest[..end]);
+                }
+            }
+            errors.push(doc.error(&path, msg));
+            None
+        }
+    }
+}
+
+fn set_path(root: &mut Json, segments: &[String], value: Json) -> Result<(), String> {
+    let mut cur = root;
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match cur {
+            Json::Array(items) => {
+                let idx: usize = seg.parse().map_err(|_| format!("{seg:?} is not an index into a list"))?;
+                let len = items.len();
+                let slot = items.get_mut(idx).ok_or_else(|| format!("index {idx} is past the {len} entries"))?;
+                if last {
+                    *slot = value;
+                    return Ok(());
+                }
+                cur = slot;
+            }
+            Json::Object(map) => {
+                if last {
+                    map.insert(seg.clone(), value);
+                    return Ok(());
+                }
+                cur = map.entry(seg.clone()).or_insert_with(|| Json::Object(Map::new()));
+                if cur.is_null() {
+                    *cur = Json::Object(Map::new());
+                }
+            }
+            _ => return Err(format!("{seg:?} cannot be set inside a scalar")),
+        }
+    }
+    Ok(())
+}
+
+/// Apply `NEXUS_<SECTION>__<KEY>[__<KEY>...]` and `NEXUS_DATABASE_URL` to the tree.
+fn apply_env(root: &mut Json, doc: &mut Doc, env: &[(String, String)], errors: &mut Vec<ConfigError>) {
+    let explicit_db = env.iter().any(|(k, _)| k == "NEXUS_INGESTION__DATABASE_URL");
+    for (key, raw) in env {
+        let segments: Vec<String> = if key == "NEXUS_DATABASE_URL" {
+            if explicit_db {
+                continue;
+            }
+            vec!["ingestion".into(), "database_url".into()]
+        } else {
+            let Some(rest) = key.strip_prefix("NEXUS_") else { continue };
+            if !rest.contains("__") {
+                continue;
+            }
+            rest.split("__").map(|s| s.to_ascii_lowercase()).collect()
+        };
+        if segments.iter().any(String::is_empty) {
+            errors.push(ConfigError { location: Location::Env { var: key.clone() }, path: String::new(), message: "empty key level (use double underscores only between keys)".into() });
+            continue;
+        }
+        if !SECTIONS.contains(&segments[0].as_str()) {
+            errors.push(ConfigError {
+                location: Location::Env { var: key.clone() },
+                path: segments[0].clone(),
+                message: format!("unknown section {:?}; sections are {}", segments[0], SECTIONS.join(", ")),
+            });
+            continue;
+        }
+        // Secrets and URLs stay strings; other values are typed like YAML scalars.
+        let value = if key.ends_with("PASSWORD") || key.ends_with("URL") {
+            Json::String(raw.clone())
+        } else {
+            yaml::parse_inline(raw)
+        };
+        match set_path(root, &segments, value) {
+            Ok(()) => {
+                let mut path = String::new();
+                for s in &segments {
+                    path = if s.chars().all(|c| c.is_ascii_digit()) && !path.is_empty() {
+                        yaml::index_path(&path, s.parse().unwrap_or(0))
+                    } else {
+                        yaml::child_path(&path, s)
+                    };
+                }
+                doc.env_paths.insert(path, key.clone());
+            }
+            Err(e) => errors.push(ConfigError { location: Location::Env { var: key.clone() }, path: segments.join("."), message: e }),
+        }
+    }
+}
+
+fn parse_doc(text: &str, file: &str) -> Result<(Json, Doc), ConfigErrors> {
+    match yaml::parse(text) {
+        Ok((v, spans)) => Ok((v, Doc { file: file.to_owned(), spans, env_paths: HashMap::new() })),
+        Err((msg, pos)) => Err(ConfigErrors(vec![ConfigError {
+            location: Location::File { file: file.to_owned(), line: pos.line, col: pos.col },
+            path: String::new(),
+            message: format!("YAML syntax: {msg}"),
+        }])),
+    }
+}
+
+fn load_devices(list: Json, doc: &Doc, base: &str, errors: &mut Vec<ConfigError>) -> Vec<DeviceConfig> {
+    match list {
+        Json::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, d)| section::<DeviceConfig>(doc, &yaml::index_path(base, i), d, errors))
+            .collect(),
+        Json::Null => Vec::new(),
+        _ => {
+            errors.push(doc.error(base, "devices must be a list"));
+            Vec::new()
+        }
+    }
+}
+
+impl Config {
+    /// Load from `path` (or `nexus.yaml` in the working directory when it exists, else the
+    /// defaults) with the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let (text, file) = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => (t, Some(p.to_path_buf())),
+                Err(e) => {
+                    return Err(ConfigErrors(vec![ConfigError {
+                        location: Location::WholeFile { file: p.display().to_string() },
+                        path: String::new(),
+                        message: format!("cannot read: {e}"),
+                    }]))
+                }
+            },
+            None => match std::fs::read_to_string(DEFAULT_FILE) {
+                Ok(t) => (t, Some(PathBuf::from(DEFAULT_FILE))),
+                Err(_) => (String::new(), None),
+            },
+        };
+        Self::from_str_with_env(&text, file.as_deref(), env)
+    }
+
+    /// Parse a config text; `file` names it in errors and anchors `devices_file`.
+    pub fn from_str_with_env(text: &str, file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let file_name = file.map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into());
+        let (mut root, mut doc) = parse_doc(text, &file_name)?;
+        let mut errors = Vec::new();
+        if root.is_object() {
+            apply_env(&mut root, &mut doc, env, &mut errors);
+        }
+        let Json::Object(mut top) = root else {
+            return Err(ConfigErrors(vec![doc.error("", "the configuration must be a mapping of sections")]));
+        };
+        let mut cfg = Config { source: file.map(Path::to_path_buf), ..Config::default() };
+        for key in top.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                errors.push(doc.error(key, format!("unknown section {key:?}; sections are {}", SECTIONS.join(", "))));
+            }
+        }
+        macro_rules! take {
+            ($name:ident) => {
+                if let Some(v) = top.remove(stringify!($name)) {
+                    if !v.is_null() {
+                        if let Some(s) = section(&doc, stringify!($name), v, &mut errors) {
+                            cfg.$name = s;
+                        }
+                    }
+                }
+            };
+        }
+        take!(broker);
+        take!(mqtt);
+        take!(gateway);
+        take!(ingestion);
+        take!(commands);
+        take!(alerts);
+        take!(orchestrator);
+        take!(telemetry);
+        take!(devices_file);
+        let inline_devices = top.remove("devices");
+        let mut device_doc = None;
+        match (&cfg.devices_file, inline_devices) {
+            (Some(_), Some(d)) if !d.is_null() => {
+                errors.push(doc.error("devices_file", "give devices or devices_file, not both"));
+            }
+            (None, Some(d)) => cfg.devices = load_devices(d, &doc, "devices", &mut errors),
+            (Some(df), _) => {
+                let resolved = match (file.and_then(Path::parent), df.is_relative()) {
+                    (Some(dir), true) => dir.join(df),
+                    _ => df.clone(),
+                };
+                cfg.devices_file = Some(resolved.clone());
+                match std::fs::read_to_string(&resolved) {
+                    Err(e) => errors.push(doc.error("devices_file", format!("cannot read {}: {e}", resolved.display()))),
+                    Ok(text) => match parse_doc(&text, &resolved.display().to_string()) {
+                        Err(mut e) => errors.append(&mut e.0),
+                        Ok((v, ddoc)) => {
+                            // The file holds a list, or a mapping with a `devices` list.
+                            let (list, base) = match v {
+                                Json::Object(mut m) if m.contains_key("devices") => {
+                                    (m.remove("devices").unwrap_or(Json::Null), "devices")
+                                }
+                                Json::Object(m) if m.is_empty() => (Json::Null, ""),
+                                other => (other, ""),
+                            };
+                            cfg.devices = load_devices(list, &ddoc, base, &mut errors);
+                            device_doc = Some((ddoc, base));
+                        }
+                    },
+                }
+            }
+            (None, None) => {}
+        }
+
+        // Semantic validation, only of sections that parsed.
+        let mut problems = Problems::default();
+        cfg.validate_into(&mut problems);
+        for (path, msg) in problems.0 {
+            match (&device_doc, path.strip_prefix("devices")) {
+                (Some((ddoc, base)), Some(rest)) => errors.push(ddoc.error(&format!("{base}{rest}"), msg)),
+                _ => errors.push(doc.error(&path, msg)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Validate a typed config (also used for configs built in code, e.g. the demo).
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut p = Problems::default();
+        self.validate_into(&mut p);
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(p.0.into_iter().map(|(path, msg)| format!("{path}: {msg}")).collect())
+        }
+    }
+
+    fn validate_into(&self, p: &mut Problems) {
+        self.broker.validate(p);
+        self.mqtt.validate(p);
+        devices::validate_devices(&self.devices, "devices", p);
+        self.ingestion.validate(p);
+        self.alerts.validate(p);
+        self.telemetry.validate(p);
+    }
+
+    /// Where the config came from, for the startup banner.
+    pub fn source_name(&self) -> String {
+        self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into())
+    }
+}
+
+#[cfg(test)]
+mod tests;
