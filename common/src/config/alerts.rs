@@ -131,11 +131,12 @@ fn enabled() -> bool {
 }
 
 impl AlertsConfig {
-    pub(crate) fn validate(&self, p: &mut Problems) {
+    /// `index[n]` is the position of rule n in the file.
+    pub(crate) fn validate(&self, index: &[usize], p: &mut Problems) {
         let mut ids: HashMap<&str, usize> = HashMap::new();
         // Per topic filter: the limits of each analog kind, to check their order.
-        let mut limits: HashMap<&str, Vec<(usize, &'static str, f64)>> = HashMap::new();
-        for (i, r) in self.rules.iter().enumerate() {
+        let mut limits: HashMap<&str, Vec<(usize, usize, &'static str, f64)>> = HashMap::new();
+        for (n, (r, &i)) in self.rules.iter().zip(index).enumerate() {
             let at = format!("alerts.rules[{i}]");
             if r.id.is_empty() || r.id.contains(['/', '+', '#']) {
                 p.push(format!("{at}.id"), format!("rule id {:?} must be non-empty without '/', '+' or '#'", r.id));
@@ -193,14 +194,14 @@ impl AlertsConfig {
                 p.push(format!("{at}.condition.deadband"), format!("rule {}: deadband must be zero or positive", r.id));
             }
             if let (Some(l), Some(k)) = (limit, kind) {
-                limits.entry(r.topic.as_str()).or_default().push((i, k, l));
+                limits.entry(r.topic.as_str()).or_default().push((n, i, k, l));
             }
         }
         // Analog limits on one topic must be ordered: high_high >= high > low >= low_low.
         const RANK: [&str; 4] = ["low_low", "low", "high", "high_high"];
         for entries in limits.values() {
-            for (i, ka, la) in entries {
-                for (j, kb, lb) in entries {
+            for (n, i, ka, la) in entries {
+                for (m, _, kb, lb) in entries {
                     let ra = RANK.iter().position(|k| k == ka).unwrap_or(0);
                     let rb = RANK.iter().position(|k| k == kb).unwrap_or(0);
                     let wrong = if ra > rb { la < lb } else { false };
@@ -210,7 +211,7 @@ impl AlertsConfig {
                             format!("alerts.rules[{i}].condition.limit"),
                             format!(
                                 "rule {}: {ka} limit {la} must be above {kb} limit {lb} of rule {} on the same topic",
-                                self.rules[*i].id, self.rules[*j].id
+                                self.rules[*n].id, self.rules[*m].id
                             ),
                         );
                     }

@@ -503,12 +503,13 @@ impl DeviceConfig {
     }
 }
 
-pub(crate) fn validate_devices(devices: &[DeviceConfig], base: &str, p: &mut Problems) {
+/// `index[i]` is the position of `devices[i]` in its file.
+pub(crate) fn validate_devices(devices: &[DeviceConfig], index: &[usize], p: &mut Problems) {
     let mut ids: HashMap<&DeviceId, usize> = HashMap::new();
-    for (i, d) in devices.iter().enumerate() {
-        let at = format!("{base}[{i}]");
+    for (d, &i) in devices.iter().zip(index) {
+        let at = format!("devices[{i}]");
         if let Some(first) = ids.insert(&d.id, i) {
-            p.push(format!("{at}.id"), format!("device {} is also {base}[{first}]", d.id));
+            p.push(format!("{at}.id"), format!("device {} is also devices[{first}]", d.id));
         }
         d.validate(&at, p);
     }

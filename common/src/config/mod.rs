@@ -159,27 +159,38 @@ impl Doc {
     fn error(&self, path: &str, message: impl Into<String>) -> ConfigError {
         ConfigError { location: self.locate(path), path: path.to_owned(), message: message.into() }
     }
+
+    /// An error whose position is looked up under `lookup` in this document but shown as
+    /// `shown` (a devices file holding a bare list has paths `[0]...` shown as `devices[0]...`).
+    fn error_as(&self, lookup: &str, shown: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { location: self.locate(lookup), path: shown.to_owned(), message: message.into() }
+    }
 }
 
 /// Deserialize `value` (found at `base`) and on failure report the exact key.
 fn section<T: DeserializeOwned>(doc: &Doc, base: &str, value: Json, errors: &mut Vec<ConfigError>) -> Option<T> {
+    section_as(doc, base, base, value, errors)
+}
+
+fn section_as<T: DeserializeOwned>(
+    doc: &Doc,
+    base: &str,
+    shown_base: &str,
+    value: Json,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(v) => Some(v),
         Err(e) => {
             let inner = e.path().to_string();
-            let mut path = match inner.as_str() {
+            let path = match inner.as_str() {
                 "." | "" => base.to_owned(),
                 p if p.starts_with('[') => format!("{base}{p}"),
                 p => yaml::child_path(base, p),
             };
             let msg = e.into_inner().to_string();
-            // For an unknown key, point at the key itself.
-            if let Some(rest) = msg.strip_prefix("unknown field `") {
-                if let Some(end) = rest.find('`') {
-                    path = yaml::child_path(&path, &rest[..end]);
-                }
-            }
-            errors.push(doc.error(&path, msg));
+            let shown = format!("{shown_base}{}", &path[base.len()..]);
+            errors.push(doc.error_as(&path, &shown, msg));
             None
         }
     }
@@ -278,16 +289,26 @@ fn parse_doc(text: &str, file: &str) -> Result<(Json, Doc), ConfigErrors> {
     }
 }
 
-fn load_devices(list: Json, doc: &Doc, base: &str, errors: &mut Vec<ConfigError>) -> Vec<DeviceConfig> {
+/// Deserialize each entry of a list on its own, so one bad entry does not hide the others;
+/// entries keep their index in the file for later messages.
+fn load_list<T: DeserializeOwned>(
+    list: Json,
+    doc: &Doc,
+    base: &str,
+    shown: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(usize, T)> {
     match list {
         Json::Array(items) => items
             .into_iter()
             .enumerate()
-            .filter_map(|(i, d)| section::<DeviceConfig>(doc, &yaml::index_path(base, i), d, errors))
+            .filter_map(|(i, d)| {
+                section_as::<T>(doc, &yaml::index_path(base, i), &yaml::index_path(shown, i), d, errors).map(|v| (i, v))
+            })
             .collect(),
         Json::Null => Vec::new(),
         _ => {
-            errors.push(doc.error(base, "devices must be a list"));
+            errors.push(doc.error_as(base, shown, "must be a list"));
             Vec::new()
         }
     }
@@ -354,17 +375,34 @@ impl Config {
         take!(gateway);
         take!(ingestion);
         take!(commands);
-        take!(alerts);
+        // Rules are deserialized one by one, like devices, so every bad rule is reported.
+        let mut rule_index = Vec::new();
+        if let Some(mut alerts) = top.remove("alerts") {
+            let rules = alerts.as_object_mut().and_then(|m| m.remove("rules"));
+            if !alerts.is_null() {
+                if let Some(s) = section::<AlertsConfig>(&doc, "alerts", alerts, &mut errors) {
+                    cfg.alerts = s;
+                }
+            }
+            if let Some(rules) = rules {
+                let loaded = load_list::<AlertRule>(rules, &doc, "alerts.rules", "alerts.rules", &mut errors);
+                (rule_index, cfg.alerts.rules) = loaded.into_iter().unzip();
+            }
+        }
         take!(orchestrator);
         take!(telemetry);
         take!(devices_file);
         let inline_devices = top.remove("devices");
-        let mut device_doc = None;
+        // The document the devices came from, and how their paths are looked up in it.
+        let mut device_doc: Option<(Doc, &str)> = None;
+        let mut device_index = Vec::new();
         match (&cfg.devices_file, inline_devices) {
             (Some(_), Some(d)) if !d.is_null() => {
                 errors.push(doc.error("devices_file", "give devices or devices_file, not both"));
             }
-            (None, Some(d)) => cfg.devices = load_devices(d, &doc, "devices", &mut errors),
+            (None, Some(d)) => {
+                (device_index, cfg.devices) = load_list(d, &doc, "devices", "devices", &mut errors).into_iter().unzip();
+            }
             (Some(df), _) => {
                 let resolved = match (file.and_then(Path::parent), df.is_relative()) {
                     (Some(dir), true) => dir.join(df),
@@ -384,7 +422,8 @@ impl Config {
                                 Json::Object(m) if m.is_empty() => (Json::Null, ""),
                                 other => (other, ""),
                             };
-                            cfg.devices = load_devices(list, &ddoc, base, &mut errors);
+                            (device_index, cfg.devices) =
+                                load_list(list, &ddoc, base, "devices", &mut errors).into_iter().unzip();
                             device_doc = Some((ddoc, base));
                         }
                     },
@@ -393,12 +432,12 @@ impl Config {
             (None, None) => {}
         }
 
-        // Semantic validation, only of sections that parsed.
+        // Semantic validation, only of what parsed; list entries keep their file index.
         let mut problems = Problems::default();
-        cfg.validate_into(&mut problems);
+        cfg.validate_parts(&mut problems, &device_index, &rule_index);
         for (path, msg) in problems.0 {
             match (&device_doc, path.strip_prefix("devices")) {
-                (Some((ddoc, base)), Some(rest)) => errors.push(ddoc.error(&format!("{base}{rest}"), msg)),
+                (Some((ddoc, base)), Some(rest)) => errors.push(ddoc.error_as(&format!("{base}{rest}"), &path, msg)),
                 _ => errors.push(doc.error(&path, msg)),
             }
         }
@@ -421,11 +460,18 @@ impl Config {
     }
 
     fn validate_into(&self, p: &mut Problems) {
+        let devices: Vec<usize> = (0..self.devices.len()).collect();
+        let rules: Vec<usize> = (0..self.alerts.rules.len()).collect();
+        self.validate_parts(p, &devices, &rules);
+    }
+
+    /// `device_index[i]` / `rule_index[i]`: the position in the file of `devices[i]` / rule i.
+    fn validate_parts(&self, p: &mut Problems, device_index: &[usize], rule_index: &[usize]) {
         self.broker.validate(p);
         self.mqtt.validate(p);
-        devices::validate_devices(&self.devices, "devices", p);
+        devices::validate_devices(&self.devices, device_index, p);
         self.ingestion.validate(p);
-        self.alerts.validate(p);
+        self.alerts.validate(rule_index, p);
         self.telemetry.validate(p);
     }
 
