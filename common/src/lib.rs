@@ -14,3 +14,7 @@ pub mod topic;
 
 pub use domain::{now_ms, DataPoint, DeviceId, Quality, QualityClass, TagId, Value};
 pub use topic::{Topic, TopicFilter};
+pub mod breaker;
+pub mod ratelimit;
+pub mod supervise;
+pub mod telemetry;

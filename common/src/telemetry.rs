@@ -1,0 +1,176 @@
+//! Logs, metrics and the health endpoints every service serves.
+//!
+//! - [`init_logging`]: tracing to stderr, pretty for terminals or JSON lines; `log` records
+//!   (rmqtt uses `log`) are bridged in.
+//! - [`Telemetry`]: a per-service Prometheus registry (metric names start with `nexus_`) and a
+//!   [`Readiness`] of named conditions.
+//! - [`router`] / [`serve`]: axum with `/healthz` (alive), `/readyz` (every condition met),
+//!   `/metrics` (Prometheus text).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LogFormat;
+
+/// Install the global tracing subscriber. `RUST_LOG` wins over `level`. Safe to call twice
+/// (the second call does nothing), which tests rely on.
+pub fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+/// Readiness: named conditions (e.g. `broker`, `database`) that must all hold.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    conditions: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+}
+
+impl Readiness {
+    /// Add a condition, initially unmet, and return the handle that sets it.
+    pub fn condition(&self, name: &'static str) -> ReadyFlag {
+        self.lock().insert(name, false);
+        ReadyFlag { name, readiness: self.clone() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
+        // A poisoned lock only means a panic elsewhere; the map itself is still consistent.
+        self.conditions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.lock().values().all(|v| *v)
+    }
+
+    /// Every condition and whether it holds.
+    pub fn snapshot(&self) -> BTreeMap<&'static str, bool> {
+        self.lock().clone()
+    }
+}
+
+/// Sets one readiness condition.
+#[derive(Clone)]
+pub struct ReadyFlag {
+    name: &'static str,
+    readiness: Readiness,
+}
+
+impl ReadyFlag {
+    pub fn set(&self, ok: bool) {
+        self.readiness.lock().insert(self.name, ok);
+    }
+}
+
+/// A service's registry and readiness.
+#[derive(Clone)]
+pub struct Telemetry {
+    pub service: &'static str,
+    pub registry: Registry,
+    pub readiness: Readiness,
+}
+
+impl Telemetry {
+    pub fn new(service: &'static str) -> Telemetry {
+        Telemetry { service, registry: Registry::new(), readiness: Readiness::default() }
+    }
+
+    /// Prometheus text of this registry.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(t): State<Telemetry>) -> Response {
+    let snap = t.readiness.snapshot();
+    let body = serde_json::json!({
+        "service": t.service,
+        "ready": snap.values().all(|v| *v),
+        "conditions": snap,
+    });
+    let status = if t.readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(t): State<Telemetry>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], t.render()).into_response()
+}
+
+/// `/healthz`, `/readyz`, `/metrics` for a service; merge its own routes into this.
+pub fn router(t: &Telemetry) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(t.clone())
+}
+
+/// Bind `addr` (port 0 picks a free port) and serve `app` until `shutdown`. Returns the bound
+/// address and the server task.
+pub async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    });
+    Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoints_answer() {
+        let t = Telemetry::new("test");
+        let flag = t.readiness.condition("broker");
+        let c = prometheus::IntCounter::new("nexus_test_total", "test").unwrap();
+        t.registry.register(Box::new(c.clone())).unwrap();
+        c.inc();
+        let token = CancellationToken::new();
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), router(&t), token.clone()).await.unwrap();
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.0 200"));
+        let r = get("/readyz").await;
+        assert!(r.starts_with("HTTP/1.0 503"), "{r}");
+        assert!(r.contains("\"broker\":false"), "{r}");
+        flag.set(true);
+        assert!(get("/readyz").await.starts_with("HTTP/1.0 200"));
+        assert!(get("/metrics").await.contains("nexus_test_total 1"));
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
