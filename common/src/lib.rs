@@ -6,6 +6,14 @@
 //! - [`topic`]: UNS topics and MQTT filters: build, parse, validate, match.
 //! - [`codec`]: the contract's JSON value object and Sparkplug B payloads.
 //! - [`config`]: `nexus.yaml` with environment overrides and located validation errors.
+//! - [`mqtt`]: the rumqttc helper (3.1.1 and 5, TLS, persistent sessions, last will,
+//!   jittered reconnect) every service connects with.
+//! - [`broker`]: the embedded rmqtt broker with users, roles and ACL.
+//! - [`telemetry`]: logging, Prometheus registry, `/healthz` `/readyz` `/metrics`.
+//! - [`supervise`]: shutdown token, restart-with-backoff supervisor, bounded drain.
+//! - [`breaker`], [`ratelimit`]: resilience wrappers with metrics.
+//! - [`service`]: the shell every service runs in (status topic, HTTP, MQTT client).
+//! - `testing` (feature `test-utils`): throwaway PostgreSQL, brokers and Mosquitto for tests.
 
 pub mod codec;
 pub mod config;
@@ -18,3 +26,7 @@ pub mod breaker;
 pub mod ratelimit;
 pub mod supervise;
 pub mod telemetry;
+pub mod mqtt;
+pub mod broker;
+#[cfg(feature = "test-utils")]
+pub mod testing;

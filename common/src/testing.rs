@@ -1,0 +1,319 @@
+//! Test harness (feature `test-utils`): real parts on free ports, torn down on drop.
+//!
+//! - [`PgServer`]: a throwaway PostgreSQL from the system's binaries: `initdb` into a temp dir,
+//!   started on a free port, as an unprivileged user (`nobody`) when the tests run as root
+//!   (PostgreSQL refuses root). [`PgServer::create_database`] gives each test its own database.
+//! - [`start_embedded_broker`]: the embedded broker on a free port.
+//! - [`Mosquitto`]: the system's Mosquitto as an external broker, configured on purpose
+//!   (in-flight and queue limits raised, see FINDINGS.md).
+//! - [`unique`]: a unique name for databases and topic roots, so tests run in parallel.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::broker::{Acl, EmbeddedBroker};
+use crate::config::{BrokerConfig, MqttConfig};
+
+/// A free TCP port on 127.0.0.1 (bound and released; a small race is accepted in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A name unique in this machine's test runs: `<prefix>_<pid>_<n>`.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// MQTT settings for a broker on 127.0.0.1:`port`, reconnecting quickly.
+pub fn mqtt_config(port: u16) -> MqttConfig {
+    MqttConfig {
+        host: "127.0.0.1".into(),
+        port: Some(port),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(500),
+        ..MqttConfig::default()
+    }
+}
+
+/// The embedded broker on a free port of 127.0.0.1 (no WebSocket listener), with `cfg`'s
+/// other settings.
+pub fn start_embedded_broker(mut cfg: BrokerConfig) -> EmbeddedBroker {
+    cfg.bind = "127.0.0.1".parse().expect("literal address");
+    cfg.port = 0;
+    cfg.ws_port = None;
+    let acl = Acl::new(&cfg).expect("test broker users");
+    EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).expect("embedded broker starts")
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// PostgreSQL server binaries: `NEXUS_PG_BIN`, then PATH, then the newest
+/// /usr/lib/postgresql/<version>/bin.
+pub fn pg_bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("NEXUS_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(p) = which("initdb") {
+        if let Ok(real) = std::fs::canonicalize(&p) {
+            return real.parent().map(Path::to_path_buf);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// uid and gid of `user` from /etc/passwd.
+fn lookup_user(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&user) && f.len() > 3).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    if path.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            chown_tree(&e?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// A PostgreSQL server for one test binary or test.
+pub struct PgServer {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+    user: Option<(u32, u32)>,
+}
+
+impl PgServer {
+    /// initdb and start; panics with the server's output if that fails.
+    pub fn start() -> PgServer {
+        Self::try_start().unwrap_or_else(|e| panic!("cannot start PostgreSQL for tests: {e}"))
+    }
+
+    pub fn try_start() -> Result<PgServer, String> {
+        let bin = pg_bin_dir().ok_or("PostgreSQL server binaries not found (install postgresql or set NEXUS_PG_BIN)")?;
+        let dir = tempfile::Builder::new().prefix("nexus-pg-").tempdir().map_err(|e| e.to_string())?;
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).map_err(|e| e.to_string())?;
+        let user = if is_root() { Some(lookup_user("nobody").ok_or("running as root and no user nobody to run PostgreSQL")?) } else { None };
+        if let Some((uid, gid)) = user {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+            chown_tree(&data, uid, gid).map_err(|e| e.to_string())?;
+        }
+        let as_user = |cmd: &mut Command| {
+            use std::os::unix::process::CommandExt;
+            if let Some((uid, gid)) = user {
+                cmd.uid(uid).gid(gid);
+            }
+            cmd.env("HOME", dir.path()).env_remove("PGDATA");
+        };
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb.args(["-D"]).arg(&data).args(["-U", "nexus", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
+        as_user(&mut initdb);
+        let out = initdb.output().map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        }
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| e.to_string())?;
+        if let Some((uid, gid)) = user {
+            let _ = std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid));
+        }
+        let mut pg = Command::new(bin.join("postgres"));
+        pg.arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&data)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=64MB"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        as_user(&mut pg);
+        let child = pg.spawn().map_err(|e| format!("postgres: {e}"))?;
+        let mut server = PgServer { port, child, dir, user };
+        server.wait_ready(Duration::from_secs(30))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("postgres exited with {status}: {}", self.log()));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                // Accepting TCP is not yet accepting logins; ask with a query.
+                let ok = Command::new(pg_bin_dir().map(|b| b.join("psql")).unwrap_or_else(|| "psql".into()))
+                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "nexus", "-d", "postgres", "-Atc", "select 1"])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                if ok {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > limit {
+                return Err(format!("postgres not ready after {limit:?}: {}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://nexus@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Create a fresh database and return its URL.
+    pub async fn create_database(&self, name: &str) -> String {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to test PostgreSQL: {e}"));
+        let task = tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        drop(client);
+        let _ = task.await;
+        self.url(name)
+    }
+
+    /// Stop the server (fast shutdown), as an outage would.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Whether the server runs as a dropped-privilege user.
+    pub fn runs_unprivileged(&self) -> bool {
+        self.user.is_some()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The system's Mosquitto on a free port.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Start with `extra` appended to the generated config (e.g. ACL or password settings).
+    pub fn start(extra: &str) -> Result<Mosquitto, String> {
+        let bin = which("mosquitto").ok_or("mosquitto not installed (apt-get install mosquitto)")?;
+        let dir = tempfile::Builder::new().prefix("nexus-mosquitto-").tempdir().map_err(|e| e.to_string())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
+        }
+        let port = free_port();
+        let anonymous = if extra.contains("allow_anonymous") { "" } else { "allow_anonymous true\n" };
+        // Limits raised on purpose: the defaults (20 in flight, 1000 queued) drop or stall
+        // QoS 1 traffic under load (FINDINGS.md).
+        let conf = format!(
+            "listener {port} 127.0.0.1\n{anonymous}persistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+        );
+        let conf_path = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&conf_path, std::fs::Permissions::from_mode(0o644));
+        }
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("mosquitto: {e}"))?;
+        let mut m = Mosquitto { port, child, _dir: dir };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(s)) = m.child.try_wait() {
+                return Err(format!("mosquitto exited with {s}"));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                m.stop();
+                return Err("mosquitto did not listen within 10s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(m)
+    }
+
+    /// The directory holding its config (for ACL and password files).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
