@@ -30,3 +30,4 @@ pub mod mqtt;
 pub mod broker;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+pub mod service;

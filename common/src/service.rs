@@ -1,0 +1,160 @@
+//! The shell every Nexus service runs in: its MQTT client (with a last will that marks the
+//! service offline), the retained `$nexus/status/service/<service>/<instance>` topic, readiness
+//! tied to the broker connection, and the HTTP server with `/healthz`, `/readyz`, `/metrics`
+//! plus the service's own routes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::mqtt::{self, ClientSettings, Message, MqttHandle, MqttMetrics, QoS, Will};
+use crate::now_ms;
+use crate::telemetry::{self, Telemetry};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `$nexus/status/service/<service>/<instance>`.
+pub fn status_topic(service: &str, instance: &str) -> String {
+    format!("$nexus/status/service/{service}/{instance}")
+}
+
+/// The service status payload of the contract.
+pub fn status_payload(state: &str) -> Vec<u8> {
+    serde_json::json!({"state": state, "version": VERSION, "ts": now_ms()}).to_string().into_bytes()
+}
+
+/// A running service shell.
+pub struct Shell {
+    pub service: &'static str,
+    pub instance: String,
+    pub telemetry: Telemetry,
+    pub mqtt: MqttHandle,
+    pub mqtt_metrics: MqttMetrics,
+    /// Incoming publishes for the subscriptions given at start.
+    pub incoming: Option<mpsc::Receiver<Message>>,
+    /// Where the HTTP server listens.
+    pub http_addr: SocketAddr,
+    http: JoinHandle<std::io::Result<()>>,
+    status: JoinHandle<()>,
+    mqtt_stop: CancellationToken,
+}
+
+/// What a service asks of its shell.
+pub struct ShellOptions {
+    pub service: &'static str,
+    pub http_listen: SocketAddr,
+    pub routes: Router,
+    pub subscriptions: Vec<(String, QoS)>,
+    pub manual_acks: bool,
+    pub incoming_capacity: usize,
+    /// Use this telemetry (with metrics the service registered already) instead of a new one.
+    pub telemetry: Option<Telemetry>,
+}
+
+impl ShellOptions {
+    pub fn new(service: &'static str, http_listen: SocketAddr) -> ShellOptions {
+        ShellOptions {
+            service,
+            http_listen,
+            routes: Router::new(),
+            subscriptions: Vec::new(),
+            manual_acks: false,
+            incoming_capacity: 1024,
+            telemetry: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+}
+
+impl Shell {
+    pub async fn start(cfg: &Config, opts: ShellOptions, shutdown: CancellationToken) -> Result<Shell, ShellError> {
+        let instance = cfg.telemetry.instance_name();
+        let telemetry = opts.telemetry.unwrap_or_else(|| Telemetry::new(opts.service));
+        let mqtt_metrics = MqttMetrics::new(&telemetry.registry);
+        let topic = status_topic(opts.service, &instance);
+        let mut settings = ClientSettings::new(format!("{}-{}-{}", cfg.mqtt.client_id_prefix, opts.service, instance));
+        settings.will = Some(Will { topic: topic.clone(), payload: status_payload("offline").into(), qos: QoS::AtLeastOnce, retain: true });
+        settings.subscriptions = opts.subscriptions;
+        settings.manual_acks = opts.manual_acks;
+        settings.incoming_capacity = opts.incoming_capacity;
+        // The client outlives `shutdown` so that "offline" can be published in `stop`.
+        let mqtt_stop = CancellationToken::new();
+        let (handle, incoming) = mqtt::connect(&cfg.mqtt, settings, Some(&mqtt_metrics), mqtt_stop.clone())?;
+
+        // Readiness follows the connection; every (re)connect republishes "online".
+        let ready = telemetry.readiness.condition("broker");
+        let status = {
+            let handle = handle.clone();
+            let mut connected = handle.connected();
+            let shutdown = shutdown.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                loop {
+                    let up = *connected.borrow_and_update();
+                    ready.set(up);
+                    if up {
+                        if let Err(e) = handle.publish(&topic, status_payload("online"), QoS::AtLeastOnce, true).await {
+                            tracing::warn!(error = %e, "cannot publish service status");
+                        }
+                    }
+                    tokio::select! {
+                        r = connected.changed() => if r.is_err() { break },
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            })
+        };
+
+        let app = telemetry::router(&telemetry).merge(opts.routes);
+        let (http_addr, http) = telemetry::serve(opts.http_listen, app, shutdown.clone())
+            .await
+            .map_err(|source| ShellError::Http { addr: opts.http_listen, source })?;
+        tracing::info!(service = opts.service, %instance, http = %http_addr, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.effective_port()), "service started");
+        Ok(Shell {
+            service: opts.service,
+            instance,
+            telemetry,
+            mqtt: handle,
+            mqtt_metrics,
+            incoming: Some(incoming),
+            http_addr,
+            http,
+            status,
+            mqtt_stop,
+        })
+    }
+
+    /// Publish "offline", disconnect cleanly and stop the HTTP server. Call after the
+    /// shutdown token was cancelled and the service drained its own work.
+    pub async fn stop(mut self) {
+        let topic = status_topic(self.service, &self.instance);
+        if self.mqtt.is_connected() {
+            let _ = self.mqtt.publish(&topic, status_payload("offline"), QoS::AtLeastOnce, true).await;
+            // Give the publish a moment to leave before the DISCONNECT.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.mqtt.disconnect().await;
+        self.mqtt_stop.cancel();
+        self.status.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.http).await;
+        tracing::info!(service = self.service, "service stopped");
+    }
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        self.mqtt_stop.cancel();
+    }
+}
