@@ -1,0 +1,202 @@
+//! The `nexus` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use nexus_common::broker::{Acl, EmbeddedBroker};
+use nexus_common::config::{Config, LogFormat, EXIT_BAD_CONFIG};
+use nexus_common::supervise::{cancel_on_signals, RestartPolicy, Supervisor};
+use nexus_common::telemetry::{self, init_logging, Telemetry};
+use tokio_util::sync::CancellationToken;
+
+use crate::{status, up};
+
+#[derive(Parser, Debug)]
+#[command(name = "nexus", version, about = "Nexus industrial data platform: PLCs to a Unified Namespace, historian, alarms and safe write-back")]
+pub struct Cli {
+    /// Log format: pretty (default) or json (one object per line).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Pretty,
+    Json,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Configuration file (default: nexus.yaml in the working directory, if present).
+    #[arg(long, short = 'c', env = "NEXUS_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the whole platform in one process.
+    Up {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Demo mode: adds an operator login (operator / nexus-demo) when no broker users are
+        /// configured; simulated devices join it with the protocol gateway.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Run the embedded MQTT broker alone.
+    Broker(ConfigArg),
+    /// Run the protocol gateway alone.
+    Gateway(ConfigArg),
+    /// Run the historian ingestion alone.
+    Ingest(ConfigArg),
+    /// Run the command handler alone.
+    Commands(ConfigArg),
+    /// Run the alert service alone.
+    Alerts(ConfigArg),
+    /// Run the orchestrator (platform status API) alone.
+    Orchestrator(ConfigArg),
+    /// Run a simulated device.
+    Simulate {
+        #[arg(value_enum)]
+        protocol: SimProtocol,
+        /// Port to serve on.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SimProtocol {
+    Modbus,
+    Opcua,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigAction {
+    /// Validate a configuration without starting anything.
+    Check(ConfigArg),
+}
+
+fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
+    Config::load(arg.config.as_deref()).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(EXIT_BAD_CONFIG as u8)
+    })
+}
+
+fn logging(cfg: &Config, flag: Option<LogFormatArg>) {
+    let format = match flag {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Pretty) => LogFormat::Pretty,
+        None => cfg.telemetry.log_format,
+    };
+    init_logging(&cfg.telemetry.log_level, format);
+}
+
+fn done(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "nexus stopped with an error");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Runner = fn(Arc<Config>, CancellationToken) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Run one service under a supervisor until a signal.
+async fn one_service(cfg: Config, name: &'static str, run: Runner) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    cancel_on_signals(token.clone());
+    let cfg = Arc::new(cfg);
+    let policy = RestartPolicy { max_restarts: cfg.orchestrator.max_restarts, window: cfg.orchestrator.restart_window, ..RestartPolicy::default() };
+    let sup = Supervisor::new(token, policy, &prometheus::Registry::new());
+    let c = cfg.clone();
+    sup.spawn(name, move |tok| run(c.clone(), tok));
+    sup.wait(cfg.orchestrator.shutdown_grace).await?;
+    Ok(())
+}
+
+/// `nexus broker`: the broker, with health and metrics on the orchestrator's HTTP address.
+async fn broker_only(cfg: Config) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    cancel_on_signals(token.clone());
+    let t = Telemetry::new("broker");
+    let acl = Acl::new(&cfg.broker)?;
+    let (bcfg, reg) = (cfg.broker.clone(), t.registry.clone());
+    let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &reg)).await??;
+    t.readiness.condition("listeners").set(true);
+    let (http, task) = telemetry::serve(cfg.orchestrator.http_listen, telemetry::router(&t), token.clone()).await?;
+    println!("Nexus broker listening on {} (WebSocket {:?}, TLS {:?}); health and metrics on http://{http}", b.ports.tcp, b.ports.ws, b.ports.tls);
+    token.cancelled().await;
+    let _ = task.await;
+    tokio::task::spawn_blocking(move || b.stop()).await?;
+    Ok(())
+}
+
+pub async fn main(cli: Cli) -> ExitCode {
+    let with_config = |arg: &ConfigArg| -> Result<Config, ExitCode> {
+        let cfg = load(arg)?;
+        logging(&cfg, cli.log_format);
+        Ok(cfg)
+    };
+    macro_rules! service {
+        ($arg:expr, $name:expr, $run:path) => {
+            match with_config($arg) {
+                Ok(cfg) => done(one_service(cfg, $name, |c, t| Box::pin($run(c, t))).await),
+                Err(code) => code,
+            }
+        };
+    }
+    match &cli.command {
+        Command::Up { config, demo } => match with_config(config) {
+            Ok(cfg) => {
+                let token = CancellationToken::new();
+                cancel_on_signals(token.clone());
+                done(up::up(cfg, up::UpOptions { demo: *demo }, token).await)
+            }
+            Err(code) => code,
+        },
+        Command::Broker(arg) => match with_config(arg) {
+            Ok(cfg) => done(broker_only(cfg).await),
+            Err(code) => code,
+        },
+        Command::Gateway(arg) => service!(arg, nexus_protocol_gateway::SERVICE, nexus_protocol_gateway::run),
+        Command::Ingest(arg) => service!(arg, nexus_data_ingestion::SERVICE, nexus_data_ingestion::run),
+        Command::Commands(arg) => service!(arg, nexus_command_handler::SERVICE, nexus_command_handler::run),
+        Command::Alerts(arg) => service!(arg, nexus_alert_service::SERVICE, nexus_alert_service::run),
+        Command::Orchestrator(arg) => service!(arg, status::SERVICE, status::run),
+        Command::Simulate { protocol, .. } => {
+            eprintln!("nexus simulate {protocol:?}: the device simulators ship with the protocol gateway and are not in this build yet");
+            ExitCode::from(69)
+        }
+        Command::Config { action: ConfigAction::Check(arg) } => match Config::load(arg.config.as_deref()) {
+            Ok(cfg) => {
+                println!(
+                    "configuration OK: {} ({} devices, {} alert rules, broker {}, ingestion {})",
+                    cfg.source_name(),
+                    cfg.devices.len(),
+                    cfg.alerts.rules.len(),
+                    if cfg.broker.enabled { "embedded" } else { "external" },
+                    if cfg.ingestion.database_url.is_some() { "on" } else { "off" },
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_BAD_CONFIG as u8)
+            }
+        },
+    }
+}

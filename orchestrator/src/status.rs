@@ -1,0 +1,112 @@
+//! The orchestrator service: the platform's status, from the retained status topics.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use nexus_common::config::Config;
+use nexus_common::mqtt::QoS;
+use nexus_common::service::{Shell, ShellOptions};
+use nexus_common::telemetry::Telemetry;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "orchestrator";
+
+/// Latest status payload per status topic (`service/<name>/<instance>`, `device/<id>`).
+#[derive(Clone, Default)]
+pub struct StatusBoard {
+    entries: Arc<RwLock<BTreeMap<String, Value>>>,
+}
+
+impl StatusBoard {
+    /// Take one `$nexus/status/...` message; an empty payload removes the entry (a cleared
+    /// retained topic); a payload that is not JSON is kept as text so it stays visible.
+    pub fn update(&self, topic: &str, payload: &[u8]) {
+        let Some(key) = topic.strip_prefix("$nexus/status/") else { return };
+        let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if payload.is_empty() {
+            map.remove(key);
+            return;
+        }
+        let v = serde_json::from_slice(payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
+        map.insert(key.to_owned(), v);
+    }
+
+    pub fn snapshot(&self) -> Value {
+        let map = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut services = serde_json::Map::new();
+        let mut devices = serde_json::Map::new();
+        for (k, v) in map.iter() {
+            if let Some(s) = k.strip_prefix("service/") {
+                services.insert(s.to_owned(), v.clone());
+            } else if let Some(d) = k.strip_prefix("device/") {
+                devices.insert(d.to_owned(), v.clone());
+            }
+        }
+        json!({"services": services, "devices": devices})
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    board: StatusBoard,
+    platform: Value,
+}
+
+async fn status(State(s): State<AppState>) -> Json<Value> {
+    let mut v = s.board.snapshot();
+    v["platform"] = s.platform.clone();
+    Json(v)
+}
+
+/// Run the orchestrator service. `telemetry` lets `nexus up` add the broker's metrics to this
+/// service's `/metrics`; `platform` is what `nexus up` started (ports, config).
+pub async fn run_with(cfg: Arc<Config>, telemetry: Telemetry, platform: Value, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let board = StatusBoard::default();
+    let routes = Router::new().route("/api/v1/status", get(status)).with_state(AppState { board: board.clone(), platform });
+    let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
+    opts.routes = routes;
+    opts.subscriptions = vec![("$nexus/status/#".into(), QoS::AtLeastOnce)];
+    opts.telemetry = Some(telemetry);
+    let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
+    let mut rx = shell.incoming.take().ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => if let Some(t) = m.topic() { board.update(t, m.payload()) },
+                None => break,
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    shell.stop().await;
+    Ok(())
+}
+
+/// `nexus orchestrator`.
+pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(cfg, Telemetry::new(SERVICE), json!({"mode": "standalone"}), shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn board_tracks_services_and_devices() {
+        let b = StatusBoard::default();
+        b.update("$nexus/status/service/gateway/edge-1", br#"{"state":"online"}"#);
+        b.update("$nexus/status/device/plc-1", br#"{"state":"offline","breaker":"open"}"#);
+        b.update("$nexus/status/device/plc-2", b"not json");
+        b.update("acme/x", b"ignored");
+        let s = b.snapshot();
+        assert_eq!(s["services"]["gateway/edge-1"]["state"], "online");
+        assert_eq!(s["devices"]["plc-1"]["breaker"], "open");
+        assert_eq!(s["devices"]["plc-2"], "not json");
+        b.update("$nexus/status/device/plc-1", b"");
+        assert!(b.snapshot()["devices"].get("plc-1").is_none());
+    }
+}

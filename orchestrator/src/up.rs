@@ -1,0 +1,145 @@
+//! `nexus up`: the whole platform in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use nexus_common::broker::{Acl, EmbeddedBroker};
+use nexus_common::config::{BrokerUser, Config, Role, Secret};
+use nexus_common::supervise::{RestartPolicy, Supervisor};
+use nexus_common::telemetry::Telemetry;
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::status;
+
+/// Name of the account `nexus up` creates for its own services on the embedded broker.
+pub const INTERNAL_USER: &str = "nexus-internal";
+/// The demo operator login (`nexus up --demo` with no users configured).
+pub const DEMO_OPERATOR: (&str, &str) = ("operator", "nexus-demo");
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpOptions {
+    pub demo: bool,
+}
+
+fn shown(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Start everything, print where it is, and run until `shutdown` (or a component that keeps
+/// crashing) stops it.
+pub async fn up(mut cfg: Config, opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let telemetry = Telemetry::new(status::SERVICE);
+    let mut demo_login = None;
+    let mut broker = None;
+    if cfg.broker.enabled {
+        if opts.demo && cfg.broker.users.is_empty() {
+            cfg.broker.users.push(BrokerUser {
+                username: DEMO_OPERATOR.0.into(),
+                password: Some(Secret::new(DEMO_OPERATOR.1)),
+                password_env: None,
+                role: Role::Operator,
+            });
+            demo_login = Some(DEMO_OPERATOR);
+        }
+        let mut acl = Acl::new(&cfg.broker)?;
+        if cfg.mqtt.username.is_none() {
+            // The services reach the embedded broker with a random service credential, so
+            // only they may publish status, responses and other system topics.
+            let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+            acl.add_user(INTERNAL_USER, &password, Role::Service);
+            cfg.mqtt.username = Some(INTERNAL_USER.into());
+            cfg.mqtt.password = Some(Secret::new(password));
+        }
+        let bcfg = cfg.broker.clone();
+        let registry = telemetry.registry.clone();
+        let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &registry)).await??;
+        cfg.mqtt.host = "127.0.0.1".into();
+        cfg.mqtt.port = Some(b.ports.tcp.port());
+        cfg.mqtt.tls = None;
+        broker = Some(b);
+    }
+    let with_ingestion = cfg.ingestion.database_url.is_some();
+    let platform = json!({
+        "mode": if opts.demo { "up --demo" } else { "up" },
+        "config": cfg.source_name(),
+        "broker": broker.as_ref().map(|b| json!({
+            "tcp": b.ports.tcp.to_string(),
+            "websocket": b.ports.ws.map(|a| a.to_string()),
+            "tls": b.ports.tls.map(|a| a.to_string()),
+        })),
+        "ingestion": with_ingestion,
+    });
+    let cfg = Arc::new(cfg);
+    let policy = RestartPolicy {
+        max_restarts: cfg.orchestrator.max_restarts,
+        window: cfg.orchestrator.restart_window,
+        ..RestartPolicy::default()
+    };
+    let sup = Supervisor::new(shutdown.clone(), policy, &telemetry.registry);
+    {
+        let c = cfg.clone();
+        sup.spawn(nexus_protocol_gateway::SERVICE, move |tok| nexus_protocol_gateway::run(c.clone(), tok));
+        let c = cfg.clone();
+        sup.spawn(nexus_command_handler::SERVICE, move |tok| nexus_command_handler::run(c.clone(), tok));
+        let c = cfg.clone();
+        sup.spawn(nexus_alert_service::SERVICE, move |tok| nexus_alert_service::run(c.clone(), tok));
+        if with_ingestion {
+            let c = cfg.clone();
+            sup.spawn(nexus_data_ingestion::SERVICE, move |tok| nexus_data_ingestion::run(c.clone(), tok));
+        }
+        let c = cfg.clone();
+        let t = telemetry.clone();
+        sup.spawn(status::SERVICE, move |tok| status::run_with(c.clone(), t.clone(), platform.clone(), tok));
+    }
+
+    print_banner(&cfg, broker.as_ref(), with_ingestion, demo_login);
+    let result = sup.wait(cfg.orchestrator.shutdown_grace).await;
+    if let Some(b) = broker {
+        let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+    }
+    result?;
+    println!("Nexus stopped.");
+    Ok(())
+}
+
+fn print_banner(cfg: &Config, broker: Option<&EmbeddedBroker>, ingestion: bool, demo: Option<(&str, &str)>) {
+    let mut out = String::new();
+    out.push_str(&format!("Nexus {} is up (config: {})\n", env!("CARGO_PKG_VERSION"), cfg.source_name()));
+    match broker {
+        Some(b) => {
+            let ws = b.ports.ws.map(|a| format!("ws://127.0.0.1:{}/mqtt", a.port())).unwrap_or_else(|| "off".into());
+            let tls = b.ports.tls.map(|a| format!("mqtts://127.0.0.1:{}", a.port())).unwrap_or_else(|| "off".into());
+            out.push_str(&format!(
+                "  MQTT broker   mqtt://127.0.0.1:{}  (listening on {}; WebSocket {ws}; TLS {tls})\n",
+                b.ports.tcp.port(),
+                b.ports.tcp
+            ));
+        }
+        None => out.push_str(&format!("  MQTT broker   external: {}:{}\n", cfg.mqtt.host, cfg.mqtt.effective_port())),
+    }
+    out.push_str(&format!("  gateway       {}  (/healthz /readyz /metrics)\n", shown(cfg.gateway.http_listen)));
+    out.push_str(&format!("  commands      {}\n", shown(cfg.commands.http_listen)));
+    out.push_str(&format!("  alerts        {}\n", shown(cfg.alerts.http_listen)));
+    if ingestion {
+        out.push_str(&format!("  ingestion     {}\n", shown(cfg.ingestion.http_listen)));
+    } else {
+        out.push_str("  ingestion     off (no database: set NEXUS_DATABASE_URL or ingestion.database_url)\n");
+    }
+    out.push_str(&format!("  orchestrator  {}  (/api/v1/status)\n", shown(cfg.orchestrator.http_listen)));
+    out.push_str(&format!("  devices       {} configured\n", cfg.devices.len()));
+    if let Some((u, p)) = demo {
+        out.push_str(&format!("  demo login    {u} / {p}  (operator: may publish $nexus/cmd/#)\n"));
+    }
+    if let Some(b) = broker {
+        out.push_str(&format!("Watch the namespace:  mosquitto_sub -h 127.0.0.1 -p {} -t '#' -v\n", b.ports.tcp.port()));
+        out.push_str(&format!("Watch system topics:  mosquitto_sub -h 127.0.0.1 -p {} -t '$nexus/#' -v\n", b.ports.tcp.port()));
+    }
+    out.push_str("Stop with Ctrl-C.\n");
+    print!("{out}");
+}
