@@ -1,0 +1,171 @@
+//! The `nexus` binary, black-box: config check exit codes, and `nexus up` serving a broker
+//! that Mosquitto's own clients use, health on :5000, and a clean stop on SIGINT.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexus_common::testing::free_port;
+
+const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn config_check_accepts_a_good_file() {
+    let f = write_config("broker:\n  port: 1999\ntelemetry:\n  log_level: debug\n");
+    let out = Command::new(NEXUS).args(["config", "check", "--config"]).arg(f.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+}
+
+const BAD: &str = r#"
+broker:
+  port: 70000
+mqtt:
+  hots: x
+devices:
+  - id: plc-1
+    protocol: modbus
+    uns_prefix: acme/site
+    connection: { host: 127.0.0.1 }
+    tags:
+      - { id: t, address: "HR:1", data_type: float33 }
+"#;
+
+#[test]
+fn bad_config_exits_64_with_every_problem() {
+    let f = write_config(BAD);
+    let name = f.path().display().to_string();
+    for args in [vec!["config", "check", "--config"], vec!["up", "--config"]] {
+        let out = Command::new(NEXUS).args(&args).arg(f.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("3 configuration problems"), "{err}");
+        assert!(err.contains(&format!("{name}:3:3: broker.port: invalid value: integer `70000`")), "{err}");
+        assert!(err.contains(&format!("{name}:5:3: mqtt.hots: unknown field `hots`")), "{err}");
+        assert!(err.contains("devices[0].tags[0].data_type: unknown variant `float33`"), "{err}");
+    }
+    // A missing file is a bad config too.
+    let out = Command::new(NEXUS).args(["config", "check", "--config", "/nonexistent/nexus.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    // So is a bad environment override.
+    let out = Command::new(NEXUS).args(["config", "check"]).env("NEXUS_MQTT__PORT", "many").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("environment variable NEXUS_MQTT__PORT"));
+}
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
+    let mqtt = free_port();
+    let http = free_port();
+    let ports = [
+        ("NEXUS_BROKER__PORT", mqtt),
+        ("NEXUS_ORCHESTRATOR__HTTP_LISTEN", http),
+        ("NEXUS_GATEWAY__HTTP_LISTEN", free_port()),
+        ("NEXUS_COMMANDS__HTTP_LISTEN", free_port()),
+        ("NEXUS_ALERTS__HTTP_LISTEN", free_port()),
+    ];
+    let mut cmd = Command::new(NEXUS);
+    cmd.args(["up", "--demo"]).env("NEXUS_BROKER__WS_PORT", "null").env("NEXUS_TELEMETRY__INSTANCE", "ci");
+    for (k, p) in ports {
+        let v = if k.ends_with("PORT") { p.to_string() } else { format!("127.0.0.1:{p}") };
+        cmd.env(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Up(cmd.current_dir(dir.path()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("Stop with Ctrl-C") {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "nexus up ended early: {banner}");
+        banner.push_str(&line);
+    }
+    assert!(banner.contains(&format!("mqtt://127.0.0.1:{mqtt}")), "{banner}");
+    assert!(banner.contains("demo login    operator / nexus-demo"), "{banner}");
+
+    // Health answers once the HTTP server is up; readiness once the services are connected.
+    let start = Instant::now();
+    while !http_get(http, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.0 200")) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no /healthz");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    while !http_get(http, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.0 200")) {
+        assert!(start.elapsed() < Duration::from_secs(10), "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(http_get(http, "/metrics").unwrap().contains("nexus_broker_connections"));
+
+    // Real clients: every service's retained status, and a pub/sub round trip.
+    let port = mqtt.to_string();
+    let start = Instant::now();
+    loop {
+        let status = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-t", "$nexus/status/service/#", "-v", "-W", "2"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        let online = ["gateway", "commands", "alerts", "orchestrator"]
+            .iter()
+            .all(|s| text.contains(&format!("$nexus/status/service/{s}/ci {{\"state\":\"online\"")));
+        if online {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "services not online: {text}");
+    }
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", "acme/#", "-v", "-C", "1", "-W", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port, "-t", "acme/site/x", "-m", "{\"v\":1}"]).status().unwrap().success());
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "acme/site/x {\"v\":1}");
+
+    // The platform status API lists the services.
+    let status = http_get(http, "/api/v1/status").unwrap();
+    assert!(status.contains("\"gateway/ci\""), "{status}");
+
+    // SIGINT: services publish offline and the process exits 0.
+    let watcher = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", "$nexus/status/service/gateway/ci", "-C", "2", "-W", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(Command::new("kill").args(["-INT", &up.0.id().to_string()]).status().unwrap().success());
+    let start = Instant::now();
+    let code = loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "nexus up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "{code}");
+    let seen = String::from_utf8_lossy(&watcher.wait_with_output().unwrap().stdout).into_owned();
+    assert!(seen.contains("\"state\":\"offline\""), "{seen}");
+}
