@@ -26,7 +26,12 @@ pub const SERVICE: &str = "alerts";
 
 /// Run the alert service until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let shell = Shell::start(&cfg, ShellOptions::new(SERVICE, cfg.alerts.http_listen), shutdown.clone()).await?;
+    let shell = Shell::start(
+        &cfg,
+        ShellOptions::new(SERVICE, cfg.alerts.http_listen),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(rules = cfg.alerts.rules.len(), "alert service ready");
     shutdown.cancelled().await;
     shell.stop().await;

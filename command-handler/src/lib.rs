@@ -25,7 +25,12 @@ pub const SERVICE: &str = "commands";
 
 /// Run the command handler until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let shell = Shell::start(&cfg, ShellOptions::new(SERVICE, cfg.commands.http_listen), shutdown.clone()).await?;
+    let shell = Shell::start(
+        &cfg,
+        ShellOptions::new(SERVICE, cfg.commands.http_listen),
+        shutdown.clone(),
+    )
+    .await?;
     shutdown.cancelled().await;
     shell.stop().await;
     Ok(())

@@ -33,7 +33,13 @@ pub struct BreakerConfig {
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        BreakerConfig { window: 20, min_requests: 5, failure_ratio: 0.6, open_for: Duration::from_secs(30), half_open_trials: 3 }
+        BreakerConfig {
+            window: 20,
+            min_requests: 5,
+            failure_ratio: 0.6,
+            open_for: Duration::from_secs(30),
+            half_open_trials: 3,
+        }
     }
 }
 
@@ -74,16 +80,38 @@ pub struct BreakerMetrics {
 
 impl BreakerMetrics {
     pub fn new(registry: &Registry) -> BreakerMetrics {
-        let state = IntGaugeVec::new(Opts::new("nexus_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half open"), &["breaker"])
-            .expect("static metric definition");
-        let transitions = IntCounterVec::new(Opts::new("nexus_breaker_transitions_total", "Circuit breaker state changes"), &["breaker", "to"])
-            .expect("static metric definition");
-        let rejected = IntCounterVec::new(Opts::new("nexus_breaker_rejected_total", "Calls refused by an open circuit breaker"), &["breaker"])
-            .expect("static metric definition");
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "nexus_breaker_state",
+                "Circuit breaker state: 0 closed, 1 open, 2 half open",
+            ),
+            &["breaker"],
+        )
+        .expect("static metric definition");
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "nexus_breaker_transitions_total",
+                "Circuit breaker state changes",
+            ),
+            &["breaker", "to"],
+        )
+        .expect("static metric definition");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "nexus_breaker_rejected_total",
+                "Calls refused by an open circuit breaker",
+            ),
+            &["breaker"],
+        )
+        .expect("static metric definition");
         let _ = registry.register(Box::new(state.clone()));
         let _ = registry.register(Box::new(transitions.clone()));
         let _ = registry.register(Box::new(rejected.clone()));
-        BreakerMetrics { state, transitions, rejected }
+        BreakerMetrics {
+            state,
+            transitions,
+            rejected,
+        }
     }
 }
 
@@ -124,7 +152,11 @@ pub struct CircuitBreaker {
 }
 
 impl CircuitBreaker {
-    pub fn new(name: impl Into<String>, cfg: BreakerConfig, metrics: Option<BreakerMetrics>) -> Arc<CircuitBreaker> {
+    pub fn new(
+        name: impl Into<String>,
+        cfg: BreakerConfig,
+        metrics: Option<BreakerMetrics>,
+    ) -> Arc<CircuitBreaker> {
         let name = name.into();
         if let Some(m) = &metrics {
             m.state.with_label_values(&[&name]).set(0);
@@ -184,7 +216,9 @@ impl CircuitBreaker {
         }
         if let Some(m) = &self.metrics {
             m.state.with_label_values(&[&self.name]).set(to.gauge());
-            m.transitions.with_label_values(&[&self.name, to.as_str()]).inc();
+            m.transitions
+                .with_label_values(&[&self.name, to.as_str()])
+                .inc();
         }
         self.tx.send_replace(to);
     }
@@ -210,13 +244,22 @@ impl CircuitBreaker {
                     m.rejected.with_label_values(&[&self.name]).inc();
                 }
                 let retry_in = match inner.state {
-                    BreakerState::Open => self.cfg.open_for.saturating_sub(inner.opened_at.elapsed()),
+                    BreakerState::Open => {
+                        self.cfg.open_for.saturating_sub(inner.opened_at.elapsed())
+                    }
                     _ => Duration::ZERO,
                 };
-                return Err(BreakerOpen { name: self.name.clone(), retry_in });
+                return Err(BreakerOpen {
+                    name: self.name.clone(),
+                    retry_in,
+                });
             }
         };
-        Ok(Permit { breaker: self.clone(), trial, done: false })
+        Ok(Permit {
+            breaker: self.clone(),
+            trial,
+            done: false,
+        })
     }
 
     fn record(&self, trial: bool, ok: bool) {
@@ -233,7 +276,9 @@ impl CircuitBreaker {
                     inner.failures += 1;
                 }
                 let n = inner.outcomes.len();
-                if n >= self.cfg.min_requests && inner.failures as f64 >= self.cfg.failure_ratio * n as f64 {
+                if n >= self.cfg.min_requests
+                    && inner.failures as f64 >= self.cfg.failure_ratio * n as f64
+                {
                     self.transition(&mut inner, BreakerState::Open);
                 }
             }
@@ -253,7 +298,11 @@ impl CircuitBreaker {
     }
 
     /// Run `fut` under the breaker with a timeout inside it.
-    pub async fn call<T, E, F>(self: &Arc<Self>, timeout: Duration, fut: F) -> Result<T, CallError<E>>
+    pub async fn call<T, E, F>(
+        self: &Arc<Self>,
+        timeout: Duration,
+        fut: F,
+    ) -> Result<T, CallError<E>>
     where
         F: Future<Output = Result<T, E>>,
     {
@@ -307,7 +356,13 @@ mod tests {
     use super::*;
 
     fn cfg() -> BreakerConfig {
-        BreakerConfig { window: 10, min_requests: 5, failure_ratio: 0.6, open_for: Duration::from_secs(30), half_open_trials: 2 }
+        BreakerConfig {
+            window: 10,
+            min_requests: 5,
+            failure_ratio: 0.6,
+            open_for: Duration::from_secs(30),
+            half_open_trials: 2,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -372,7 +427,9 @@ mod tests {
     async fn cancelled_call_counts_as_failure_and_timeout_is_inside() {
         let b = CircuitBreaker::new("dev", cfg(), None);
         for _ in 0..5 {
-            let r: Result<(), CallError<()>> = b.call(Duration::from_millis(10), std::future::pending()).await;
+            let r: Result<(), CallError<()>> = b
+                .call(Duration::from_millis(10), std::future::pending())
+                .await;
             assert!(matches!(r, Err(CallError::Timeout(_))));
         }
         assert_eq!(b.state(), BreakerState::Open);

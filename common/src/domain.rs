@@ -120,7 +120,11 @@ const QUALITY_TABLE: [(Quality, &str, i16); 15] = [
     (Quality::GoodLocalOverride, "good_local_override", 216),
     (Quality::Uncertain, "uncertain", 64),
     (Quality::UncertainLastUsable, "uncertain_last_usable", 68),
-    (Quality::UncertainSensorNotAccurate, "uncertain_sensor_not_accurate", 80),
+    (
+        Quality::UncertainSensorNotAccurate,
+        "uncertain_sensor_not_accurate",
+        80,
+    ),
     (Quality::UncertainEuExceeded, "uncertain_eu_exceeded", 84),
     (Quality::UncertainSubNormal, "uncertain_sub_normal", 88),
     (Quality::Bad, "bad", 0),
@@ -207,7 +211,10 @@ impl FromStr for Quality {
     /// known class prefix (`bad_whatever`) maps to its class so producers may be more precise
     /// than this table.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some((q, _, _)) = QUALITY_TABLE.iter().find(|(_, n, _)| n.eq_ignore_ascii_case(s)) {
+        if let Some((q, _, _)) = QUALITY_TABLE
+            .iter()
+            .find(|(_, n, _)| n.eq_ignore_ascii_case(s))
+        {
             return Ok(*q);
         }
         let lower = s.to_ascii_lowercase();
@@ -265,9 +272,17 @@ pub enum IdError {
     #[error("{kind} id is empty")]
     Empty { kind: &'static str },
     #[error("{kind} id {id:?} is longer than {max} bytes")]
-    TooLong { kind: &'static str, id: String, max: usize },
+    TooLong {
+        kind: &'static str,
+        id: String,
+        max: usize,
+    },
     #[error("{kind} id {id:?} contains {ch:?}; ids may use letters, digits, '-', '_' and '.'")]
-    BadChar { kind: &'static str, id: String, ch: char },
+    BadChar {
+        kind: &'static str,
+        id: String,
+        ch: char,
+    },
 }
 
 /// Longest device or tag id, in bytes.
@@ -278,12 +293,21 @@ fn validate_id(kind: &'static str, id: &str) -> Result<(), IdError> {
         return Err(IdError::Empty { kind });
     }
     if id.len() > MAX_ID_LEN {
-        return Err(IdError::TooLong { kind, id: id.to_owned(), max: MAX_ID_LEN });
+        return Err(IdError::TooLong {
+            kind,
+            id: id.to_owned(),
+            max: MAX_ID_LEN,
+        });
     }
-    if let Some(ch) =
-        id.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    if let Some(ch) = id
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.')))
     {
-        return Err(IdError::BadChar { kind, id: id.to_owned(), ch });
+        return Err(IdError::BadChar {
+            kind,
+            id: id.to_owned(),
+            ch,
+        });
     }
     Ok(())
 }
@@ -356,8 +380,14 @@ mod tests {
     #[test]
     fn quality_parsing_is_tolerant_of_case_and_new_sub_reasons() {
         assert_eq!("GOOD".parse::<Quality>(), Ok(Quality::Good));
-        assert_eq!("bad_waiting_for_initial_data".parse::<Quality>(), Ok(Quality::Bad));
-        assert_eq!("uncertain_initial".parse::<Quality>(), Ok(Quality::Uncertain));
+        assert_eq!(
+            "bad_waiting_for_initial_data".parse::<Quality>(),
+            Ok(Quality::Bad)
+        );
+        assert_eq!(
+            "uncertain_initial".parse::<Quality>(),
+            Ok(Quality::Uncertain)
+        );
         let err = "fine".parse::<Quality>().unwrap_err();
         assert!(err.to_string().contains("\"fine\""), "{err}");
         assert_eq!(Quality::from_code(0xC4), Quality::Good);

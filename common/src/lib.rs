@@ -23,11 +23,11 @@ pub mod topic;
 pub use domain::{now_ms, DataPoint, DeviceId, Quality, QualityClass, TagId, Value};
 pub use topic::{Topic, TopicFilter};
 pub mod breaker;
+pub mod broker;
+pub mod mqtt;
 pub mod ratelimit;
+pub mod service;
 pub mod supervise;
 pub mod telemetry;
-pub mod mqtt;
-pub mod broker;
 #[cfg(feature = "test-utils")]
 pub mod testing;
-pub mod service;

@@ -31,7 +31,10 @@ pub use rumqttc::QoS;
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
     #[error("cannot read TLS file {path}: {source}")]
-    TlsFile { path: String, source: std::io::Error },
+    TlsFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("MQTT client request failed: {0}")]
     Client(String),
     #[error("not connected to the broker within {0:?}")]
@@ -186,19 +189,42 @@ pub struct MqttMetrics {
 
 impl MqttMetrics {
     pub fn new(registry: &Registry) -> MqttMetrics {
-        let connected = prometheus::IntGaugeVec::new(Opts::new("nexus_mqtt_connected", "1 while connected to the broker"), &["client"])
-            .expect("static metric definition");
-        let reconnects = IntCounterVec::new(Opts::new("nexus_mqtt_reconnects_total", "Connection attempts after a failure"), &["client"])
-            .expect("static metric definition");
-        let received = IntCounterVec::new(Opts::new("nexus_mqtt_received_total", "Publishes received"), &["client"])
-            .expect("static metric definition");
-        let published = IntCounterVec::new(Opts::new("nexus_mqtt_published_total", "Publishes handed to the client"), &["client"])
-            .expect("static metric definition");
+        let connected = prometheus::IntGaugeVec::new(
+            Opts::new("nexus_mqtt_connected", "1 while connected to the broker"),
+            &["client"],
+        )
+        .expect("static metric definition");
+        let reconnects = IntCounterVec::new(
+            Opts::new(
+                "nexus_mqtt_reconnects_total",
+                "Connection attempts after a failure",
+            ),
+            &["client"],
+        )
+        .expect("static metric definition");
+        let received = IntCounterVec::new(
+            Opts::new("nexus_mqtt_received_total", "Publishes received"),
+            &["client"],
+        )
+        .expect("static metric definition");
+        let published = IntCounterVec::new(
+            Opts::new(
+                "nexus_mqtt_published_total",
+                "Publishes handed to the client",
+            ),
+            &["client"],
+        )
+        .expect("static metric definition");
         for c in [&reconnects, &received, &published] {
             let _ = registry.register(Box::new(c.clone()));
         }
         let _ = registry.register(Box::new(connected.clone()));
-        MqttMetrics { connected, reconnects, received, published }
+        MqttMetrics {
+            connected,
+            reconnects,
+            received,
+            published,
+        }
     }
 }
 
@@ -223,7 +249,13 @@ impl MqttHandle {
     /// Queue a publish. Returns when rumqttc accepted it into its request channel (awaiting
     /// when that is full): this is not delivery; QoS 1/2 delivery survives reconnects through
     /// the persistent session.
-    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>, qos: QoS, retain: bool) -> Result<(), MqttError> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), MqttError> {
         self.publish_with(topic, payload, qos, retain, None).await
     }
 
@@ -237,7 +269,10 @@ impl MqttHandle {
     ) -> Result<(), MqttError> {
         let payload = payload.into();
         let r = match &self.client {
-            Client::V4(c) => c.publish_bytes(topic, qos, retain, payload).await.map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .publish_bytes(topic, qos, retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
             Client::V5(c) => match props {
                 Some(p) => {
                     let props = v5b::PublishProperties {
@@ -245,7 +280,8 @@ impl MqttHandle {
                         response_topic: p.response_topic,
                         ..Default::default()
                     };
-                    c.publish_bytes_with_properties(topic, v5_qos(qos), retain, payload, props).await
+                    c.publish_bytes_with_properties(topic, v5_qos(qos), retain, payload, props)
+                        .await
                 }
                 None => c.publish_bytes(topic, v5_qos(qos), retain, payload).await,
             }
@@ -268,7 +304,10 @@ impl MqttHandle {
         }
         match &self.client {
             Client::V4(c) => c.subscribe(filter, qos).await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.subscribe(filter, v5_qos(qos)).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .subscribe(filter, v5_qos(qos))
+                .await
+                .map_err(|e| e.to_string()),
         }
         .map_err(MqttError::Client)
     }
@@ -296,7 +335,8 @@ impl MqttHandle {
     /// Wait until connected, up to `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), MqttError> {
         let mut rx = self.connected.clone();
-        let waited = tokio::time::timeout(timeout, async { rx.wait_for(|c| *c).await.map(|_| ()) }).await;
+        let waited =
+            tokio::time::timeout(timeout, async { rx.wait_for(|c| *c).await.map(|_| ()) }).await;
         match waited {
             Err(_) => Err(MqttError::ConnectTimeout(timeout)),
             Ok(Err(_)) => Err(MqttError::Closed),
@@ -315,7 +355,10 @@ impl MqttHandle {
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, MqttError> {
-    std::fs::read(path).map_err(|source| MqttError::TlsFile { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| MqttError::TlsFile {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn tls_config(cfg: &MqttConfig) -> Result<Option<rumqttc::TlsConfiguration>, MqttError> {
@@ -325,7 +368,11 @@ fn tls_config(cfg: &MqttConfig) -> Result<Option<rumqttc::TlsConfiguration>, Mqt
         (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
         _ => None,
     };
-    Ok(Some(rumqttc::TlsConfiguration::Simple { ca, alpn: None, client_auth }))
+    Ok(Some(rumqttc::TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth,
+    }))
 }
 
 /// Connect (in the background: this returns at once) and run the event loop until `shutdown`.
@@ -364,13 +411,29 @@ pub fn connect(
                 o.set_credentials(u, cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""));
             }
             if let Some(w) = &settings.will {
-                o.set_last_will(rumqttc::LastWill::new(&w.topic, w.payload.to_vec(), w.qos, w.retain));
+                o.set_last_will(rumqttc::LastWill::new(
+                    &w.topic,
+                    w.payload.to_vec(),
+                    w.qos,
+                    w.retain,
+                ));
             }
             if let Some(t) = tls {
                 o.set_transport(rumqttc::Transport::tls_with_config(t));
             }
             let (client, eventloop) = rumqttc::AsyncClient::new(o, cfg.request_capacity.max(10));
-            tokio::spawn(run_v4(eventloop, client.clone(), tx, conn_tx, subscriptions.clone(), cfg.clone(), cm, closed.clone(), shutdown, settings.client_id.clone()));
+            tokio::spawn(run_v4(
+                eventloop,
+                client.clone(),
+                tx,
+                conn_tx,
+                subscriptions.clone(),
+                cfg.clone(),
+                cm,
+                closed.clone(),
+                shutdown,
+                settings.client_id.clone(),
+            ));
             Client::V4(client)
         }
         MqttVersion::V5 => {
@@ -381,23 +444,52 @@ pub fn connect(
                 .set_outgoing_inflight_upper_limit(cfg.inflight)
                 .set_manual_acks(settings.manual_acks);
             if cfg.persistent_session {
-                o.set_session_expiry_interval(Some(cfg.session_expiry.as_secs().min(u32::MAX as u64) as u32));
+                o.set_session_expiry_interval(Some(
+                    cfg.session_expiry.as_secs().min(u32::MAX as u64) as u32,
+                ));
             }
             if let Some(u) = &cfg.username {
                 o.set_credentials(u, cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""));
             }
             if let Some(w) = &settings.will {
-                o.set_last_will(v5b::LastWill::new(&w.topic, w.payload.to_vec(), v5_qos(w.qos), w.retain, None));
+                o.set_last_will(v5b::LastWill::new(
+                    &w.topic,
+                    w.payload.to_vec(),
+                    v5_qos(w.qos),
+                    w.retain,
+                    None,
+                ));
             }
             if let Some(t) = tls {
                 o.set_transport(rumqttc::Transport::tls_with_config(t));
             }
-            let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, cfg.request_capacity.max(10));
-            tokio::spawn(run_v5(eventloop, client.clone(), tx, conn_tx, subscriptions.clone(), cfg.clone(), cm, closed.clone(), shutdown, settings.client_id.clone()));
+            let (client, eventloop) =
+                rumqttc::v5::AsyncClient::new(o, cfg.request_capacity.max(10));
+            tokio::spawn(run_v5(
+                eventloop,
+                client.clone(),
+                tx,
+                conn_tx,
+                subscriptions.clone(),
+                cfg.clone(),
+                cm,
+                closed.clone(),
+                shutdown,
+                settings.client_id.clone(),
+            ));
             Client::V5(client)
         }
     };
-    Ok((MqttHandle { client, connected: conn_rx, subscriptions, published, closed }, rx))
+    Ok((
+        MqttHandle {
+            client,
+            connected: conn_rx,
+            subscriptions,
+            published,
+            closed,
+        },
+        rx,
+    ))
 }
 
 macro_rules! event_loop {
@@ -492,7 +584,7 @@ event_loop!(
     rumqttc::Incoming,
     rumqttc::Event,
     Raw::V4,
-    |c: &rumqttc::AsyncClient, f: String, q: QoS| c.try_subscribe(f, q)
+    |c: &rumqttc::AsyncClient, f: String, q: QoS| c.try_subscribe(f, q).map_err(|e| e.to_string())
 );
 event_loop!(
     run_v5,
@@ -501,5 +593,7 @@ event_loop!(
     rumqttc::v5::Incoming,
     rumqttc::v5::Event,
     Raw::V5,
-    |c: &rumqttc::v5::AsyncClient, f: String, q: QoS| c.try_subscribe(f, v5_qos(q))
+    |c: &rumqttc::v5::AsyncClient, f: String, q: QoS| c
+        .try_subscribe(f, v5_qos(q))
+        .map_err(|e| e.to_string())
 );

@@ -18,7 +18,10 @@ pub struct Rate {
 
 impl Rate {
     pub fn new(per_second: u32, burst: u32) -> Option<Rate> {
-        Some(Rate { per_second: NonZeroU32::new(per_second)?, burst: NonZeroU32::new(burst)? })
+        Some(Rate {
+            per_second: NonZeroU32::new(per_second)?,
+            burst: NonZeroU32::new(burst)?,
+        })
     }
 
     fn quota(self) -> Quota {
@@ -50,7 +53,10 @@ pub struct RateLimitMetrics {
 impl RateLimitMetrics {
     pub fn new(registry: &Registry) -> RateLimitMetrics {
         let rejected = IntCounterVec::new(
-            Opts::new("nexus_ratelimit_rejected_total", "Requests refused by a rate limit"),
+            Opts::new(
+                "nexus_ratelimit_rejected_total",
+                "Requests refused by a rate limit",
+            ),
             &["limiter", "scope"],
         )
         .expect("static metric definition");
@@ -67,7 +73,12 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(name: impl Into<String>, global: Option<Rate>, per_key: Option<Rate>, metrics: Option<RateLimitMetrics>) -> RateLimiter {
+    pub fn new(
+        name: impl Into<String>,
+        global: Option<Rate>,
+        per_key: Option<Rate>,
+        metrics: Option<RateLimitMetrics>,
+    ) -> RateLimiter {
         RateLimiter {
             name: name.into(),
             global: global.map(|r| DefaultDirectRateLimiter::direct(r.quota())),
@@ -83,13 +94,19 @@ impl RateLimiter {
         if let Some(k) = &self.keyed {
             if let Err(not_until) = k.check_key(&key.to_owned()) {
                 self.count("key");
-                return Err(RateLimited { scope: LimitScope::Key, retry_in: not_until.wait_time_from(now) });
+                return Err(RateLimited {
+                    scope: LimitScope::Key,
+                    retry_in: not_until.wait_time_from(now),
+                });
             }
         }
         if let Some(g) = &self.global {
             if let Err(not_until) = g.check() {
                 self.count("global");
-                return Err(RateLimited { scope: LimitScope::Global, retry_in: not_until.wait_time_from(now) });
+                return Err(RateLimited {
+                    scope: LimitScope::Global,
+                    retry_in: not_until.wait_time_from(now),
+                });
             }
         }
         Ok(())
@@ -121,7 +138,12 @@ mod tests {
     #[test]
     fn per_key_and_global_limits() {
         let reg = Registry::new();
-        let l = RateLimiter::new("cmd", Rate::new(1, 5), Rate::new(1, 2), Some(RateLimitMetrics::new(&reg)));
+        let l = RateLimiter::new(
+            "cmd",
+            Rate::new(1, 5),
+            Rate::new(1, 2),
+            Some(RateLimitMetrics::new(&reg)),
+        );
         assert!(l.check("a").is_ok());
         assert!(l.check("a").is_ok());
         let e = l.check("a").unwrap_err();
@@ -136,11 +158,19 @@ mod tests {
         let text = {
             use prometheus::Encoder;
             let mut b = Vec::new();
-            prometheus::TextEncoder::new().encode(&reg.gather(), &mut b).unwrap();
+            prometheus::TextEncoder::new()
+                .encode(&reg.gather(), &mut b)
+                .unwrap();
             String::from_utf8(b).unwrap()
         };
-        assert!(text.contains("nexus_ratelimit_rejected_total{limiter=\"cmd\",scope=\"key\"} 1"), "{text}");
-        assert!(text.contains("nexus_ratelimit_rejected_total{limiter=\"cmd\",scope=\"global\"} 1"), "{text}");
+        assert!(
+            text.contains("nexus_ratelimit_rejected_total{limiter=\"cmd\",scope=\"key\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nexus_ratelimit_rejected_total{limiter=\"cmd\",scope=\"global\"} 1"),
+            "{text}"
+        );
         assert_eq!(l.tracked_keys(), 4);
     }
 

@@ -25,7 +25,9 @@ pub fn status_topic(service: &str, instance: &str) -> String {
 
 /// The service status payload of the contract.
 pub fn status_payload(state: &str) -> Vec<u8> {
-    serde_json::json!({"state": state, "version": VERSION, "ts": now_ms()}).to_string().into_bytes()
+    serde_json::json!({"state": state, "version": VERSION, "ts": now_ms()})
+        .to_string()
+        .into_bytes()
 }
 
 /// A running service shell.
@@ -75,23 +77,41 @@ pub enum ShellError {
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
     #[error("cannot serve HTTP on {addr}: {source}")]
-    Http { addr: SocketAddr, source: std::io::Error },
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl Shell {
-    pub async fn start(cfg: &Config, opts: ShellOptions, shutdown: CancellationToken) -> Result<Shell, ShellError> {
+    pub async fn start(
+        cfg: &Config,
+        opts: ShellOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Shell, ShellError> {
         let instance = cfg.telemetry.instance_name();
-        let telemetry = opts.telemetry.unwrap_or_else(|| Telemetry::new(opts.service));
+        let telemetry = opts
+            .telemetry
+            .unwrap_or_else(|| Telemetry::new(opts.service));
         let mqtt_metrics = MqttMetrics::new(&telemetry.registry);
         let topic = status_topic(opts.service, &instance);
-        let mut settings = ClientSettings::new(format!("{}-{}-{}", cfg.mqtt.client_id_prefix, opts.service, instance));
-        settings.will = Some(Will { topic: topic.clone(), payload: status_payload("offline").into(), qos: QoS::AtLeastOnce, retain: true });
+        let mut settings = ClientSettings::new(format!(
+            "{}-{}-{}",
+            cfg.mqtt.client_id_prefix, opts.service, instance
+        ));
+        settings.will = Some(Will {
+            topic: topic.clone(),
+            payload: status_payload("offline").into(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        });
         settings.subscriptions = opts.subscriptions;
         settings.manual_acks = opts.manual_acks;
         settings.incoming_capacity = opts.incoming_capacity;
         // The client outlives `shutdown` so that "offline" can be published in `stop`.
         let mqtt_stop = CancellationToken::new();
-        let (handle, incoming) = mqtt::connect(&cfg.mqtt, settings, Some(&mqtt_metrics), mqtt_stop.clone())?;
+        let (handle, incoming) =
+            mqtt::connect(&cfg.mqtt, settings, Some(&mqtt_metrics), mqtt_stop.clone())?;
 
         // Readiness follows the connection; every (re)connect republishes "online".
         let ready = telemetry.readiness.condition("broker");
@@ -105,7 +125,10 @@ impl Shell {
                     let up = *connected.borrow_and_update();
                     ready.set(up);
                     if up {
-                        if let Err(e) = handle.publish(&topic, status_payload("online"), QoS::AtLeastOnce, true).await {
+                        if let Err(e) = handle
+                            .publish(&topic, status_payload("online"), QoS::AtLeastOnce, true)
+                            .await
+                        {
                             tracing::warn!(error = %e, "cannot publish service status");
                         }
                     }
@@ -120,7 +143,10 @@ impl Shell {
         let app = telemetry::router(&telemetry).merge(opts.routes);
         let (http_addr, http) = telemetry::serve(opts.http_listen, app, shutdown.clone())
             .await
-            .map_err(|source| ShellError::Http { addr: opts.http_listen, source })?;
+            .map_err(|source| ShellError::Http {
+                addr: opts.http_listen,
+                source,
+            })?;
         tracing::info!(service = opts.service, %instance, http = %http_addr, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.effective_port()), "service started");
         Ok(Shell {
             service: opts.service,
@@ -141,7 +167,10 @@ impl Shell {
     pub async fn stop(mut self) {
         let topic = status_topic(self.service, &self.instance);
         if self.mqtt.is_connected() {
-            let _ = self.mqtt.publish(&topic, status_payload("offline"), QoS::AtLeastOnce, true).await;
+            let _ = self
+                .mqtt
+                .publish(&topic, status_payload("offline"), QoS::AtLeastOnce, true)
+                .await;
             // Give the publish a moment to leave before the DISCONNECT.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

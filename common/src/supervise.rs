@@ -55,7 +55,12 @@ pub fn cancel_on_signals(token: CancellationToken) {
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("component {component} crashed {crashes} times within {window:?}: {last_error}")]
-    TooManyCrashes { component: String, crashes: u32, window: Duration, last_error: String },
+    TooManyCrashes {
+        component: String,
+        crashes: u32,
+        window: Duration,
+        last_error: String,
+    },
     #[error("components did not stop within {0:?}")]
     DrainTimeout(Duration),
 }
@@ -86,7 +91,9 @@ pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     let exp = min.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
     let d = exp.min(max);
     let half = d / 2;
-    half + Duration::from_nanos(rand::rng().random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64))
+    half + Duration::from_nanos(
+        rand::rng().random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64),
+    )
 }
 
 pub struct Supervisor {
@@ -101,7 +108,10 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(root: CancellationToken, policy: RestartPolicy, registry: &Registry) -> Supervisor {
         let restarts = IntCounterVec::new(
-            Opts::new("nexus_component_restarts_total", "Crashed components restarted by the supervisor"),
+            Opts::new(
+                "nexus_component_restarts_total",
+                "Crashed components restarted by the supervisor",
+            ),
             &["component"],
         )
         .expect("static metric definition");
@@ -189,7 +199,9 @@ impl Supervisor {
     pub async fn wait(self, grace: Duration) -> Result<(), SupervisorError> {
         self.root.cancelled().await;
         self.tracker.close();
-        let drained = tokio::time::timeout(grace, self.tracker.wait()).await.is_ok();
+        let drained = tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok();
         if let Some(e) = self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(e);
         }
@@ -235,11 +247,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn repeated_crashes_stop_the_process() {
         let token = CancellationToken::new();
-        let policy = RestartPolicy { max_restarts: 3, ..RestartPolicy::default() };
+        let policy = RestartPolicy {
+            max_restarts: 3,
+            ..RestartPolicy::default()
+        };
         let sup = Supervisor::new(token.clone(), policy, &Registry::new());
         sup.spawn("broken", |_tok| async { panic!("always") });
         let err = sup.wait(Duration::from_secs(1)).await.unwrap_err();
-        assert!(err.to_string().contains("component broken crashed 4 times"), "{err}");
+        assert!(
+            err.to_string().contains("component broken crashed 4 times"),
+            "{err}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -261,7 +279,10 @@ mod tests {
         for attempt in 0..30 {
             let d = backoff(min, max, attempt);
             let cap = (min * 2u32.pow(attempt.min(10))).min(max);
-            assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?} vs cap {cap:?}");
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} vs cap {cap:?}"
+            );
         }
     }
 }

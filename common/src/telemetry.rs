@@ -47,7 +47,10 @@ impl Readiness {
     /// Add a condition, initially unmet, and return the handle that sets it.
     pub fn condition(&self, name: &'static str) -> ReadyFlag {
         self.lock().insert(name, false);
-        ReadyFlag { name, readiness: self.clone() }
+        ReadyFlag {
+            name,
+            readiness: self.clone(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
@@ -88,7 +91,11 @@ pub struct Telemetry {
 
 impl Telemetry {
     pub fn new(service: &'static str) -> Telemetry {
-        Telemetry { service, registry: Registry::new(), readiness: Readiness::default() }
+        Telemetry {
+            service,
+            registry: Registry::new(),
+            readiness: Readiness::default(),
+        }
     }
 
     /// Prometheus text of this registry.
@@ -110,12 +117,20 @@ async fn readyz(State(t): State<Telemetry>) -> Response {
         "ready": snap.values().all(|v| *v),
         "conditions": snap,
     });
-    let status = if t.readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if t.readiness.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(t): State<Telemetry>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], t.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        t.render(),
+    )
+        .into_response()
 }
 
 /// `/healthz`, `/readyz`, `/metrics` for a service; merge its own routes into this.
@@ -137,7 +152,9 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
     });
     Ok((local, task))
 }
@@ -154,11 +171,15 @@ mod tests {
         t.registry.register(Box::new(c.clone())).unwrap();
         c.inc();
         let token = CancellationToken::new();
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), router(&t), token.clone()).await.unwrap();
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), router(&t), token.clone())
+            .await
+            .unwrap();
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out

@@ -19,13 +19,20 @@ use crate::config::{BrokerConfig, MqttConfig};
 
 /// A free TCP port on 127.0.0.1 (bound and released; a small race is accepted in tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
 }
 
 /// A name unique in this machine's test runs: `<prefix>_<pid>_<n>`.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// MQTT settings for a broker on 127.0.0.1:`port`, reconnecting quickly.
@@ -53,7 +60,11 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].iter().map(PathBuf::from))
+        .chain(
+            ["/usr/sbin", "/usr/local/sbin", "/sbin"]
+                .iter()
+                .map(PathBuf::from),
+        )
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -80,7 +91,11 @@ pub fn pg_bin_dir() -> Option<PathBuf> {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// uid and gid of `user` from /etc/passwd.
@@ -88,7 +103,8 @@ fn lookup_user(user: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&user) && f.len() > 3).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        (f.first() == Some(&user) && f.len() > 3)
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
     })
 }
 
@@ -117,14 +133,27 @@ impl PgServer {
     }
 
     pub fn try_start() -> Result<PgServer, String> {
-        let bin = pg_bin_dir().ok_or("PostgreSQL server binaries not found (install postgresql or set NEXUS_PG_BIN)")?;
-        let dir = tempfile::Builder::new().prefix("nexus-pg-").tempdir().map_err(|e| e.to_string())?;
+        let bin = pg_bin_dir().ok_or(
+            "PostgreSQL server binaries not found (install postgresql or set NEXUS_PG_BIN)",
+        )?;
+        let dir = tempfile::Builder::new()
+            .prefix("nexus-pg-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
         let data = dir.path().join("data");
         std::fs::create_dir(&data).map_err(|e| e.to_string())?;
-        let user = if is_root() { Some(lookup_user("nobody").ok_or("running as root and no user nobody to run PostgreSQL")?) } else { None };
+        let user = if is_root() {
+            Some(
+                lookup_user("nobody")
+                    .ok_or("running as root and no user nobody to run PostgreSQL")?,
+            )
+        } else {
+            None
+        };
         if let Some((uid, gid)) = user {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
             chown_tree(&data, uid, gid).map_err(|e| e.to_string())?;
         }
         let as_user = |cmd: &mut Command| {
@@ -135,14 +164,27 @@ impl PgServer {
             cmd.env("HOME", dir.path()).env_remove("PGDATA");
         };
         let mut initdb = Command::new(bin.join("initdb"));
-        initdb.args(["-D"]).arg(&data).args(["-U", "nexus", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
+        initdb.args(["-D"]).arg(&data).args([
+            "-U",
+            "nexus",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ]);
         as_user(&mut initdb);
         let out = initdb.output().map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {
-            return Err(format!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| e.to_string())?;
         if let Some((uid, gid)) = user {
             let _ = std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid));
         }
@@ -151,14 +193,33 @@ impl PgServer {
             .arg(&data)
             .args(["-p", &port.to_string(), "-k"])
             .arg(&data)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=64MB"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+            ])
+            .args([
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=64MB",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
         as_user(&mut pg);
         let child = pg.spawn().map_err(|e| format!("postgres: {e}"))?;
-        let mut server = PgServer { port, child, dir, user };
+        let mut server = PgServer {
+            port,
+            child,
+            dir,
+            user,
+        };
         server.wait_ready(Duration::from_secs(30))?;
         Ok(server)
     }
@@ -171,17 +232,35 @@ impl PgServer {
             }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 // Accepting TCP is not yet accepting logins; ask with a query.
-                let ok = Command::new(pg_bin_dir().map(|b| b.join("psql")).unwrap_or_else(|| "psql".into()))
-                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "nexus", "-d", "postgres", "-Atc", "select 1"])
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false);
+                let ok = Command::new(
+                    pg_bin_dir()
+                        .map(|b| b.join("psql"))
+                        .unwrap_or_else(|| "psql".into()),
+                )
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "nexus",
+                    "-d",
+                    "postgres",
+                    "-Atc",
+                    "select 1",
+                ])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
                 if ok {
                     return Ok(());
                 }
             }
             if start.elapsed() > limit {
-                return Err(format!("postgres not ready after {limit:?}: {}", self.log()));
+                return Err(format!(
+                    "postgres not ready after {limit:?}: {}",
+                    self.log()
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -213,7 +292,9 @@ impl PgServer {
 
     /// Stop the server (fast shutdown), as an outage would.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -251,14 +332,22 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Start with `extra` appended to the generated config (e.g. ACL or password settings).
     pub fn start(extra: &str) -> Result<Mosquitto, String> {
-        let bin = which("mosquitto").ok_or("mosquitto not installed (apt-get install mosquitto)")?;
-        let dir = tempfile::Builder::new().prefix("nexus-mosquitto-").tempdir().map_err(|e| e.to_string())?;
+        let bin =
+            which("mosquitto").ok_or("mosquitto not installed (apt-get install mosquitto)")?;
+        let dir = tempfile::Builder::new()
+            .prefix("nexus-mosquitto-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
         }
         let port = free_port();
-        let anonymous = if extra.contains("allow_anonymous") { "" } else { "allow_anonymous true\n" };
+        let anonymous = if extra.contains("allow_anonymous") {
+            ""
+        } else {
+            "allow_anonymous true\n"
+        };
         // Limits raised on purpose: the defaults (20 in flight, 1000 queued) drop or stall
         // QoS 1 traffic under load (FINDINGS.md).
         let conf = format!(
@@ -278,7 +367,11 @@ impl Mosquitto {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("mosquitto: {e}"))?;
-        let mut m = Mosquitto { port, child, _dir: dir };
+        let mut m = Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        };
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(s)) = m.child.try_wait() {

@@ -24,13 +24,24 @@ pub enum TopicError {
     #[error("topic {topic:?} has an empty level at position {level}")]
     EmptyLevel { topic: String, level: usize },
     #[error("topic {topic:?} contains the wildcard {ch:?} at level {level}; wildcards are only allowed in filters")]
-    Wildcard { topic: String, ch: char, level: usize },
+    Wildcard {
+        topic: String,
+        ch: char,
+        level: usize,
+    },
     #[error("topic {topic:?} contains a control character (U+{code:04X}) at level {level}")]
-    ControlChar { topic: String, code: u32, level: usize },
+    ControlChar {
+        topic: String,
+        code: u32,
+        level: usize,
+    },
     #[error("topic {topic:?} starts with '$', which is reserved for system topics")]
     SystemPrefix { topic: String },
     #[error("filter {filter:?}: {reason}")]
-    BadFilter { filter: String, reason: &'static str },
+    BadFilter {
+        filter: String,
+        reason: &'static str,
+    },
 }
 
 fn check_common(s: &str) -> Result<(), TopicError> {
@@ -38,15 +49,25 @@ fn check_common(s: &str) -> Result<(), TopicError> {
         return Err(TopicError::Empty);
     }
     if s.len() > MAX_TOPIC_LEN {
-        return Err(TopicError::TooLong { len: s.len(), max: MAX_TOPIC_LEN });
+        return Err(TopicError::TooLong {
+            len: s.len(),
+            max: MAX_TOPIC_LEN,
+        });
     }
     let levels = s.split('/').count();
     if levels > MAX_TOPIC_LEVELS {
-        return Err(TopicError::TooManyLevels { levels, max: MAX_TOPIC_LEVELS });
+        return Err(TopicError::TooManyLevels {
+            levels,
+            max: MAX_TOPIC_LEVELS,
+        });
     }
     for (i, level) in s.split('/').enumerate() {
         if let Some(c) = level.chars().find(|c| c.is_control()) {
-            return Err(TopicError::ControlChar { topic: s.to_owned(), code: c as u32, level: i + 1 });
+            return Err(TopicError::ControlChar {
+                topic: s.to_owned(),
+                code: c as u32,
+                level: i + 1,
+            });
         }
     }
     Ok(())
@@ -62,7 +83,9 @@ impl Topic {
     /// Parse a UNS (non-system) topic.
     pub fn parse(s: &str) -> Result<Topic, TopicError> {
         if s.starts_with('$') {
-            return Err(TopicError::SystemPrefix { topic: s.to_owned() });
+            return Err(TopicError::SystemPrefix {
+                topic: s.to_owned(),
+            });
         }
         Self::parse_any(s)
     }
@@ -72,10 +95,17 @@ impl Topic {
         check_common(s)?;
         for (i, level) in s.split('/').enumerate() {
             if level.is_empty() {
-                return Err(TopicError::EmptyLevel { topic: s.to_owned(), level: i + 1 });
+                return Err(TopicError::EmptyLevel {
+                    topic: s.to_owned(),
+                    level: i + 1,
+                });
             }
             if let Some(ch) = level.chars().find(|c| *c == '+' || *c == '#') {
-                return Err(TopicError::Wildcard { topic: s.to_owned(), ch, level: i + 1 });
+                return Err(TopicError::Wildcard {
+                    topic: s.to_owned(),
+                    ch,
+                    level: i + 1,
+                });
             }
         }
         Ok(Topic(Arc::from(s)))
@@ -93,7 +123,9 @@ impl Topic {
 
     /// The UNS topic of a tag: `uns_prefix/device/tag`.
     pub fn for_tag(uns_prefix: &str, device: &DeviceId, tag: &TagId) -> Result<Topic, TopicError> {
-        let mut s = String::with_capacity(uns_prefix.len() + device.as_str().len() + tag.as_str().len() + 2);
+        let mut s = String::with_capacity(
+            uns_prefix.len() + device.as_str().len() + tag.as_str().len() + 2,
+        );
         s.push_str(uns_prefix);
         s.push('/');
         s.push_str(device.as_str());
@@ -143,7 +175,10 @@ pub struct TopicFilter {
 impl TopicFilter {
     pub fn parse(s: &str) -> Result<TopicFilter, TopicError> {
         check_common(s)?;
-        let bad = |reason| TopicError::BadFilter { filter: s.to_owned(), reason };
+        let bad = |reason| TopicError::BadFilter {
+            filter: s.to_owned(),
+            reason,
+        };
         let mut start = 0;
         if let Some(rest) = s.strip_prefix("$share/") {
             let Some(slash) = rest.find('/') else {
@@ -151,7 +186,9 @@ impl TopicFilter {
             };
             let group = &rest[..slash];
             if group.is_empty() || group.contains(['+', '#']) {
-                return Err(bad("the share group must be a non-empty name without wildcards"));
+                return Err(bad(
+                    "the share group must be a non-empty name without wildcards",
+                ));
             }
             start = "$share/".len() + slash + 1;
             if start >= s.len() {
@@ -168,7 +205,10 @@ impl TopicFilter {
                 return Err(bad("'+' must be a whole level"));
             }
         }
-        Ok(TopicFilter { raw: Arc::from(s), start })
+        Ok(TopicFilter {
+            raw: Arc::from(s),
+            start,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -225,11 +265,20 @@ mod tests {
         let d = DeviceId::new("plc-001").unwrap();
         let t = TagId::new("temperature").unwrap();
         let topic = Topic::for_tag("acme/chicago/bldg-a/line-1", &d, &t).unwrap();
-        assert_eq!(topic.as_str(), "acme/chicago/bldg-a/line-1/plc-001/temperature");
+        assert_eq!(
+            topic.as_str(),
+            "acme/chicago/bldg-a/line-1/plc-001/temperature"
+        );
         assert!(!topic.is_system());
         assert_eq!(topic.levels().count(), 6);
-        assert!(matches!(Topic::for_tag("acme//x", &d, &t), Err(TopicError::EmptyLevel { level: 2, .. })));
-        assert!(matches!(Topic::for_tag("$nexus/x", &d, &t), Err(TopicError::SystemPrefix { .. })));
+        assert!(matches!(
+            Topic::for_tag("acme//x", &d, &t),
+            Err(TopicError::EmptyLevel { level: 2, .. })
+        ));
+        assert!(matches!(
+            Topic::for_tag("$nexus/x", &d, &t),
+            Err(TopicError::SystemPrefix { .. })
+        ));
     }
 
     #[test]
@@ -248,9 +297,15 @@ mod tests {
             assert!(err.contains(want), "{input:?}: {err}");
         }
         let long = "a".repeat(MAX_TOPIC_LEN + 1);
-        assert!(matches!(Topic::parse(&long), Err(TopicError::TooLong { .. })));
+        assert!(matches!(
+            Topic::parse(&long),
+            Err(TopicError::TooLong { .. })
+        ));
         let deep = vec!["a"; MAX_TOPIC_LEVELS + 1].join("/");
-        assert!(matches!(Topic::parse(&deep), Err(TopicError::TooManyLevels { .. })));
+        assert!(matches!(
+            Topic::parse(&deep),
+            Err(TopicError::TooManyLevels { .. })
+        ));
     }
 
     #[test]
@@ -269,14 +324,31 @@ mod tests {
         assert!(!f.matches("acme/a/b/c/temp"));
         let all = TopicFilter::parse("#").unwrap();
         assert!(all.matches("a/b"));
-        assert!(!all.matches("$nexus/cmd/x/write"), "# never matches $ topics");
-        assert!(!TopicFilter::parse("+/cmd/#").unwrap().matches("$nexus/cmd/x"));
-        assert!(TopicFilter::parse("$nexus/cmd/#").unwrap().matches("$nexus/cmd/x/write"));
-        assert!(TopicFilter::parse("a/#").unwrap().matches("a"), "a/# matches its parent");
+        assert!(
+            !all.matches("$nexus/cmd/x/write"),
+            "# never matches $ topics"
+        );
+        assert!(!TopicFilter::parse("+/cmd/#")
+            .unwrap()
+            .matches("$nexus/cmd/x"));
+        assert!(TopicFilter::parse("$nexus/cmd/#")
+            .unwrap()
+            .matches("$nexus/cmd/x/write"));
+        assert!(
+            TopicFilter::parse("a/#").unwrap().matches("a"),
+            "a/# matches its parent"
+        );
         let shared = TopicFilter::parse("$share/ingest/#").unwrap();
         assert_eq!(shared.pattern(), "#");
         assert!(shared.matches("a/b"));
-        for bad in ["a/#/b", "a/b#", "a+/b", "$share/g", "$share//x", "$share/g/"] {
+        for bad in [
+            "a/#/b",
+            "a/b#",
+            "a+/b",
+            "$share/g",
+            "$share//x",
+            "$share/g/",
+        ] {
             assert!(TopicFilter::parse(bad).is_err(), "{bad}");
         }
     }

@@ -1,6 +1,8 @@
 //! The harness's real parts: the embedded broker (contract probes with our client and with
 //! Mosquitto's command-line clients), Mosquitto as an external broker, and PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,8 +13,20 @@ use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
 
 fn users() -> BrokerConfig {
-    let u = |n: &str, role| BrokerUser { username: n.into(), password: Some(Secret::new(format!("{n}-pw"))), password_env: None, role };
-    BrokerConfig { users: vec![u("op", Role::Operator), u("view", Role::Viewer), u("svc", Role::Service)], ..BrokerConfig::default() }
+    let u = |n: &str, role| BrokerUser {
+        username: n.into(),
+        password: Some(Secret::new(format!("{n}-pw"))),
+        password_env: None,
+        role,
+    };
+    BrokerConfig {
+        users: vec![
+            u("op", Role::Operator),
+            u("view", Role::Viewer),
+            u("svc", Role::Service),
+        ],
+        ..BrokerConfig::default()
+    }
 }
 
 fn cfg(port: u16, user: Option<&str>, version: MqttVersion) -> MqttConfig {
@@ -26,9 +40,16 @@ fn cfg(port: u16, user: Option<&str>, version: MqttVersion) -> MqttConfig {
     c
 }
 
-async fn client(c: &MqttConfig, subs: &[&str], token: &CancellationToken) -> (MqttHandle, Receiver<Message>) {
+async fn client(
+    c: &MqttConfig,
+    subs: &[&str],
+    token: &CancellationToken,
+) -> (MqttHandle, Receiver<Message>) {
     let mut s = ClientSettings::new(testing::unique("client"));
-    s.subscriptions = subs.iter().map(|f| (f.to_string(), QoS::AtLeastOnce)).collect();
+    s.subscriptions = subs
+        .iter()
+        .map(|f| (f.to_string(), QoS::AtLeastOnce))
+        .collect();
     s.incoming_capacity = 10_000;
     let (h, rx) = mqtt::connect(c, s, None, token.clone()).unwrap();
     h.wait_connected(Duration::from_secs(10)).await.unwrap();
@@ -41,7 +62,10 @@ async fn client(c: &MqttConfig, subs: &[&str], token: &CancellationToken) -> (Mq
 async fn drain(rx: &mut Receiver<Message>, quiet: Duration) -> Vec<(String, String)> {
     let mut out = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(quiet, rx.recv()).await {
-        out.push((m.topic().unwrap_or("").to_owned(), String::from_utf8_lossy(m.payload()).into_owned()));
+        out.push((
+            m.topic().unwrap_or("").to_owned(),
+            String::from_utf8_lossy(m.payload()).into_owned(),
+        ));
     }
     out
 }
@@ -57,32 +81,90 @@ async fn embedded_broker_keeps_the_contract() {
         let (_w, mut uns) = client(&cfg(port, None, version), &["#"], &token).await;
         let (_s, mut sys) = client(&cfg(port, Some("svc"), version), &["$nexus/#"], &token).await;
 
-        svc.publish(&format!("{root}/line/dev/tag"), "1", QoS::AtLeastOnce, false).await.unwrap();
-        svc.publish("$nexus/status/device/plc-1", "{}", QoS::AtLeastOnce, false).await.unwrap();
+        svc.publish(
+            &format!("{root}/line/dev/tag"),
+            "1",
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+        svc.publish("$nexus/status/device/plc-1", "{}", QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
         let got_uns = drain(&mut uns, Duration::from_millis(500)).await;
         let got_sys = drain(&mut sys, Duration::from_millis(300)).await;
-        assert!(got_uns.iter().any(|(t, _)| t == &format!("{root}/line/dev/tag")), "{version:?}: {got_uns:?}");
-        assert!(got_uns.iter().all(|(t, _)| !t.starts_with('$')), "# must not match $ topics: {got_uns:?}");
-        assert!(got_sys.iter().any(|(t, _)| t == "$nexus/status/device/plc-1"), "{version:?}: {got_sys:?}");
+        assert!(
+            got_uns
+                .iter()
+                .any(|(t, _)| t == &format!("{root}/line/dev/tag")),
+            "{version:?}: {got_uns:?}"
+        );
+        assert!(
+            got_uns.iter().all(|(t, _)| !t.starts_with('$')),
+            "# must not match $ topics: {got_uns:?}"
+        );
+        assert!(
+            got_sys
+                .iter()
+                .any(|(t, _)| t == "$nexus/status/device/plc-1"),
+            "{version:?}: {got_sys:?}"
+        );
 
         // Commands: a viewer is refused, an operator gets through.
         let (viewer, _) = client(&cfg(port, Some("view"), version), &[], &token).await;
         let (operator, _) = client(&cfg(port, Some("op"), version), &[], &token).await;
-        viewer.publish("$nexus/cmd/plc-1/write", "{\"from\":\"viewer\"}", QoS::AtLeastOnce, false).await.unwrap();
-        operator.publish("$nexus/cmd/plc-1/write", "{\"from\":\"operator\"}", QoS::AtLeastOnce, false).await.unwrap();
-        let cmds: Vec<_> = drain(&mut sys, Duration::from_millis(500)).await.into_iter().filter(|(t, _)| t.starts_with("$nexus/cmd")).collect();
-        assert_eq!(cmds, vec![("$nexus/cmd/plc-1/write".to_owned(), "{\"from\":\"operator\"}".to_owned())], "{version:?}");
+        viewer
+            .publish(
+                "$nexus/cmd/plc-1/write",
+                "{\"from\":\"viewer\"}",
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .unwrap();
+        operator
+            .publish(
+                "$nexus/cmd/plc-1/write",
+                "{\"from\":\"operator\"}",
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .unwrap();
+        let cmds: Vec<_> = drain(&mut sys, Duration::from_millis(500))
+            .await
+            .into_iter()
+            .filter(|(t, _)| t.starts_with("$nexus/cmd"))
+            .collect();
+        assert_eq!(
+            cmds,
+            vec![(
+                "$nexus/cmd/plc-1/write".to_owned(),
+                "{\"from\":\"operator\"}".to_owned()
+            )],
+            "{version:?}"
+        );
 
         // Retained: set, seen by a new subscriber, cleared.
         let rt = format!("{root}/retained");
-        svc.publish(&rt, "42", QoS::AtLeastOnce, true).await.unwrap();
+        svc.publish(&rt, "42", QoS::AtLeastOnce, true)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (_n, mut late) = client(&cfg(port, None, version), &[&rt], &token).await;
-        assert_eq!(drain(&mut late, Duration::from_millis(300)).await, vec![(rt.clone(), "42".to_owned())]);
-        svc.publish(&rt, Vec::<u8>::new(), QoS::AtLeastOnce, true).await.unwrap();
+        assert_eq!(
+            drain(&mut late, Duration::from_millis(300)).await,
+            vec![(rt.clone(), "42".to_owned())]
+        );
+        svc.publish(&rt, Vec::<u8>::new(), QoS::AtLeastOnce, true)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (_n2, mut later) = client(&cfg(port, None, version), &[&rt], &token).await;
-        assert!(drain(&mut later, Duration::from_millis(300)).await.is_empty());
+        assert!(drain(&mut later, Duration::from_millis(300))
+            .await
+            .is_empty());
     }
     token.cancel();
 }
@@ -94,15 +176,37 @@ async fn embedded_broker_qos1_in_order_and_shared_groups() {
     let token = CancellationToken::new();
     let (publisher, _) = client(&cfg(port, None, MqttVersion::V311), &[], &token).await;
     let (_a, mut all) = client(&cfg(port, None, MqttVersion::V311), &["load/#"], &token).await;
-    let (_g1, mut g1) = client(&cfg(port, None, MqttVersion::V311), &["$share/g/load/#"], &token).await;
-    let (_g2, mut g2) = client(&cfg(port, None, MqttVersion::V5), &["$share/g/load/#"], &token).await;
+    let (_g1, mut g1) = client(
+        &cfg(port, None, MqttVersion::V311),
+        &["$share/g/load/#"],
+        &token,
+    )
+    .await;
+    let (_g2, mut g2) = client(
+        &cfg(port, None, MqttVersion::V5),
+        &["$share/g/load/#"],
+        &token,
+    )
+    .await;
     let n = 3000;
     for i in 0..n {
-        publisher.publish(&format!("load/{}", i % 7), i.to_string(), QoS::AtLeastOnce, false).await.unwrap();
+        publisher
+            .publish(
+                &format!("load/{}", i % 7),
+                i.to_string(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .unwrap();
     }
     let got = drain(&mut all, Duration::from_secs(2)).await;
     let seq: Vec<usize> = got.iter().map(|(_, p)| p.parse().unwrap()).collect();
-    assert_eq!(seq, (0..n).collect::<Vec<_>>(), "every QoS 1 message once, in order");
+    assert_eq!(
+        seq,
+        (0..n).collect::<Vec<_>>(),
+        "every QoS 1 message once, in order"
+    );
     let a = drain(&mut g1, Duration::from_millis(500)).await.len();
     let b = drain(&mut g2, Duration::from_millis(500)).await.len();
     assert_eq!(a + b, n, "a shared group gets each message once");
@@ -116,43 +220,125 @@ fn mosquitto_clients() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_clients_talk_to_the_embedded_broker() {
-    assert!(mosquitto_clients(), "mosquitto-clients must be installed (scripts/test.sh installs them)");
+    assert!(
+        mosquitto_clients(),
+        "mosquitto-clients must be installed (scripts/test.sh installs them)"
+    );
     let broker = testing::start_embedded_broker(users());
     let port = broker.ports.tcp.port().to_string();
     for version in ["mqttv311", "mqttv5"] {
         // A bad password gets a CONNACK refusal, not a dropped socket.
         let out = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-u", "op", "-P", "wrong", "-t", "x", "-m", "1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-u",
+                "op",
+                "-P",
+                "wrong",
+                "-t",
+                "x",
+                "-m",
+                "1",
+            ])
             .output()
             .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-        assert!(err.contains("bad user name or password") || err.contains("bad username or password"), "{version}: {err}");
+        assert!(
+            err.contains("bad user name or password") || err.contains("bad username or password"),
+            "{version}: {err}"
+        );
 
         // mosquitto_sub receives what mosquitto_pub sends through the embedded broker.
         let topic = testing::unique("real/clients");
         let sub = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-t", &topic, "-C", "1", "-W", "10", "-q", "1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-t",
+                &topic,
+                "-C",
+                "1",
+                "-W",
+                "10",
+                "-q",
+                "1",
+            ])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let status = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-u", "op", "-P", "op-pw", "-t", &topic, "-m", "hello", "-q", "1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-u",
+                "op",
+                "-P",
+                "op-pw",
+                "-t",
+                &topic,
+                "-m",
+                "hello",
+                "-q",
+                "1",
+            ])
             .status()
             .unwrap();
         assert!(status.success());
         let out = sub.wait_with_output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello", "{version}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "hello",
+            "{version}"
+        );
 
         // A viewer's command publish is refused (MQTT 5: PUBACK 135, which mosquitto_pub reports).
         if version == "mqttv5" {
             let out = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-u", "view", "-P", "view-pw", "-t", "$nexus/cmd/p/write", "-m", "{}", "-q", "1"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    version,
+                    "-u",
+                    "view",
+                    "-P",
+                    "view-pw",
+                    "-t",
+                    "$nexus/cmd/p/write",
+                    "-m",
+                    "{}",
+                    "-q",
+                    "1",
+                ])
                 .output()
                 .unwrap();
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).to_lowercase();
-            assert!(!out.status.success() || text.contains("not authorized"), "viewer command: {text}");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .to_lowercase();
+            assert!(
+                !out.status.success() || text.contains("not authorized"),
+                "viewer command: {text}"
+            );
         }
     }
 }
@@ -166,7 +352,9 @@ async fn mosquitto_as_external_broker() {
         let (_s, mut rx) = client(&cfg(m.port, None, version), &[&topic], &token).await;
         let (p, _) = client(&cfg(m.port, None, version), &[], &token).await;
         for i in 0..500 {
-            p.publish(&topic, i.to_string(), QoS::AtLeastOnce, false).await.unwrap();
+            p.publish(&topic, i.to_string(), QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
         }
         let got = drain(&mut rx, Duration::from_secs(1)).await;
         assert_eq!(got.len(), 500, "{version:?}");
@@ -178,9 +366,13 @@ async fn mosquitto_as_external_broker() {
 async fn postgres_and_both_brokers_together() {
     let pg = PgServer::start();
     let url = pg.create_database(&testing::unique("harness")).await;
-    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    db.batch_execute("CREATE TABLE seen (topic text, payload text)").await.unwrap();
+    db.batch_execute("CREATE TABLE seen (topic text, payload text)")
+        .await
+        .unwrap();
 
     let embedded = testing::start_embedded_broker(BrokerConfig::default());
     let mosq = Mosquitto::start("").unwrap();
@@ -190,15 +382,34 @@ async fn postgres_and_both_brokers_together() {
         let topic = testing::unique("pg/flow");
         let (_s, mut rx) = client(&cfg(port, None, MqttVersion::V311), &[&topic], &token).await;
         let (p, _) = client(&cfg(port, None, MqttVersion::V5), &[], &token).await;
-        p.publish(&topic, "21.5", QoS::AtLeastOnce, false).await.unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-        db.execute("INSERT INTO seen VALUES ($1, $2)", &[&m.topic().unwrap(), &String::from_utf8_lossy(m.payload()).as_ref()])
+        p.publish(&topic, "21.5", QoS::AtLeastOnce, false)
             .await
             .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        db.execute(
+            "INSERT INTO seen VALUES ($1, $2)",
+            &[
+                &m.topic().unwrap(),
+                &String::from_utf8_lossy(m.payload()).as_ref(),
+            ],
+        )
+        .await
+        .unwrap();
     }
-    let n: i64 = db.query_one("SELECT count(*) FROM seen WHERE payload = '21.5'", &[]).await.unwrap().get(0);
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM seen WHERE payload = '21.5'", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
-    let whoami: String = db.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    let whoami: String = db
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(whoami, "nexus");
     token.cancel();
 }

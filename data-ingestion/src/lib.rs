@@ -26,7 +26,12 @@ pub const SERVICE: &str = "ingest";
 
 /// Run ingestion until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let shell = Shell::start(&cfg, ShellOptions::new(SERVICE, cfg.ingestion.http_listen), shutdown.clone()).await?;
+    let shell = Shell::start(
+        &cfg,
+        ShellOptions::new(SERVICE, cfg.ingestion.http_listen),
+        shutdown.clone(),
+    )
+    .await?;
     if let Some(url) = &cfg.ingestion.database_url {
         tracing::info!(database = %url, "historian database configured");
     }

@@ -14,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{status, up};
 
 #[derive(Parser, Debug)]
-#[command(name = "nexus", version, about = "Nexus industrial data platform: PLCs to a Unified Namespace, historian, alarms and safe write-back")]
+#[command(
+    name = "nexus",
+    version,
+    about = "Nexus industrial data platform: PLCs to a Unified Namespace, historian, alarms and safe write-back"
+)]
 pub struct Cli {
     /// Log format: pretty (default) or json (one object per line).
     #[arg(long, global = true, value_enum)]
@@ -113,14 +117,22 @@ fn done(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-type Runner = fn(Arc<Config>, CancellationToken) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+type Runner = fn(
+    Arc<Config>,
+    CancellationToken,
+)
+    -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
 /// Run one service under a supervisor until a signal.
 async fn one_service(cfg: Config, name: &'static str, run: Runner) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     cancel_on_signals(token.clone());
     let cfg = Arc::new(cfg);
-    let policy = RestartPolicy { max_restarts: cfg.orchestrator.max_restarts, window: cfg.orchestrator.restart_window, ..RestartPolicy::default() };
+    let policy = RestartPolicy {
+        max_restarts: cfg.orchestrator.max_restarts,
+        window: cfg.orchestrator.restart_window,
+        ..RestartPolicy::default()
+    };
     let sup = Supervisor::new(token, policy, &prometheus::Registry::new());
     let c = cfg.clone();
     sup.spawn(name, move |tok| run(c.clone(), tok));
@@ -137,7 +149,12 @@ async fn broker_only(cfg: Config) -> anyhow::Result<()> {
     let (bcfg, reg) = (cfg.broker.clone(), t.registry.clone());
     let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &reg)).await??;
     t.readiness.condition("listeners").set(true);
-    let (http, task) = telemetry::serve(cfg.orchestrator.http_listen, telemetry::router(&t), token.clone()).await?;
+    let (http, task) = telemetry::serve(
+        cfg.orchestrator.http_listen,
+        telemetry::router(&t),
+        token.clone(),
+    )
+    .await?;
     println!("Nexus broker listening on {} (WebSocket {:?}, TLS {:?}); health and metrics on http://{http}", b.ports.tcp, b.ports.ws, b.ports.tls);
     token.cancelled().await;
     let _ = task.await;
@@ -172,18 +189,35 @@ pub async fn main(cli: Cli) -> ExitCode {
             Ok(cfg) => done(broker_only(cfg).await),
             Err(code) => code,
         },
-        Command::Gateway(arg) => service!(arg, nexus_protocol_gateway::SERVICE, nexus_protocol_gateway::run),
-        Command::Ingest(arg) => service!(arg, nexus_data_ingestion::SERVICE, nexus_data_ingestion::run),
-        Command::Commands(arg) => service!(arg, nexus_command_handler::SERVICE, nexus_command_handler::run),
-        Command::Alerts(arg) => service!(arg, nexus_alert_service::SERVICE, nexus_alert_service::run),
+        Command::Gateway(arg) => service!(
+            arg,
+            nexus_protocol_gateway::SERVICE,
+            nexus_protocol_gateway::run
+        ),
+        Command::Ingest(arg) => service!(
+            arg,
+            nexus_data_ingestion::SERVICE,
+            nexus_data_ingestion::run
+        ),
+        Command::Commands(arg) => service!(
+            arg,
+            nexus_command_handler::SERVICE,
+            nexus_command_handler::run
+        ),
+        Command::Alerts(arg) => {
+            service!(arg, nexus_alert_service::SERVICE, nexus_alert_service::run)
+        }
         Command::Orchestrator(arg) => service!(arg, status::SERVICE, status::run),
         Command::Simulate { protocol, .. } => {
             eprintln!("nexus simulate {protocol:?}: the device simulators ship with the protocol gateway and are not in this build yet");
             ExitCode::from(69)
         }
-        Command::Config { action: ConfigAction::Check(arg) } => match Config::load(arg.config.as_deref()) {
-            Ok(cfg) => {
-                println!(
+        Command::Config {
+            action: ConfigAction::Check(arg),
+        } => {
+            match Config::load(arg.config.as_deref()) {
+                Ok(cfg) => {
+                    println!(
                     "configuration OK: {} ({} devices, {} alert rules, broker {}, ingestion {})",
                     cfg.source_name(),
                     cfg.devices.len(),
@@ -191,12 +225,13 @@ pub async fn main(cli: Cli) -> ExitCode {
                     if cfg.broker.enabled { "embedded" } else { "external" },
                     if cfg.ingestion.database_url.is_some() { "on" } else { "off" },
                 );
-                ExitCode::SUCCESS
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprint!("{e}");
+                    ExitCode::from(EXIT_BAD_CONFIG as u8)
+                }
             }
-            Err(e) => {
-                eprint!("{e}");
-                ExitCode::from(EXIT_BAD_CONFIG as u8)
-            }
-        },
+        }
     }
 }

@@ -6,7 +6,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = nexus_orchestrator::cli::Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("nexus").build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nexus")
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

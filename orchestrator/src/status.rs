@@ -25,13 +25,16 @@ impl StatusBoard {
     /// Take one `$nexus/status/...` message; an empty payload removes the entry (a cleared
     /// retained topic); a payload that is not JSON is kept as text so it stays visible.
     pub fn update(&self, topic: &str, payload: &[u8]) {
-        let Some(key) = topic.strip_prefix("$nexus/status/") else { return };
+        let Some(key) = topic.strip_prefix("$nexus/status/") else {
+            return;
+        };
         let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
         if payload.is_empty() {
             map.remove(key);
             return;
         }
-        let v = serde_json::from_slice(payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
+        let v = serde_json::from_slice(payload)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
         map.insert(key.to_owned(), v);
     }
 
@@ -64,15 +67,28 @@ async fn status(State(s): State<AppState>) -> Json<Value> {
 
 /// Run the orchestrator service. `telemetry` lets `nexus up` add the broker's metrics to this
 /// service's `/metrics`; `platform` is what `nexus up` started (ports, config).
-pub async fn run_with(cfg: Arc<Config>, telemetry: Telemetry, platform: Value, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_with(
+    cfg: Arc<Config>,
+    telemetry: Telemetry,
+    platform: Value,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let board = StatusBoard::default();
-    let routes = Router::new().route("/api/v1/status", get(status)).with_state(AppState { board: board.clone(), platform });
+    let routes = Router::new()
+        .route("/api/v1/status", get(status))
+        .with_state(AppState {
+            board: board.clone(),
+            platform,
+        });
     let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
     opts.routes = routes;
     opts.subscriptions = vec![("$nexus/status/#".into(), QoS::AtLeastOnce)];
     opts.telemetry = Some(telemetry);
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
-    let mut rx = shell.incoming.take().ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
+    let mut rx = shell
+        .incoming
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
     loop {
         tokio::select! {
             m = rx.recv() => match m {
@@ -88,7 +104,13 @@ pub async fn run_with(cfg: Arc<Config>, telemetry: Telemetry, platform: Value, s
 
 /// `nexus orchestrator`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    run_with(cfg, Telemetry::new(SERVICE), json!({"mode": "standalone"}), shutdown).await
+    run_with(
+        cfg,
+        Telemetry::new(SERVICE),
+        json!({"mode": "standalone"}),
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -98,8 +120,14 @@ mod tests {
     #[test]
     fn board_tracks_services_and_devices() {
         let b = StatusBoard::default();
-        b.update("$nexus/status/service/gateway/edge-1", br#"{"state":"online"}"#);
-        b.update("$nexus/status/device/plc-1", br#"{"state":"offline","breaker":"open"}"#);
+        b.update(
+            "$nexus/status/service/gateway/edge-1",
+            br#"{"state":"online"}"#,
+        );
+        b.update(
+            "$nexus/status/device/plc-1",
+            br#"{"state":"offline","breaker":"open"}"#,
+        );
         b.update("$nexus/status/device/plc-2", b"not json");
         b.update("acme/x", b"ignored");
         let s = b.snapshot();

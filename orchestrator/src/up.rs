@@ -33,7 +33,11 @@ fn shown(addr: SocketAddr) -> String {
 
 /// Start everything, print where it is, and run until `shutdown` (or a component that keeps
 /// crashing) stops it.
-pub async fn up(mut cfg: Config, opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn up(
+    mut cfg: Config,
+    opts: UpOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(status::SERVICE);
     let mut demo_login = None;
     let mut broker = None;
@@ -58,7 +62,8 @@ pub async fn up(mut cfg: Config, opts: UpOptions, shutdown: CancellationToken) -
         }
         let bcfg = cfg.broker.clone();
         let registry = telemetry.registry.clone();
-        let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &registry)).await??;
+        let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &registry))
+            .await??;
         cfg.mqtt.host = "127.0.0.1".into();
         cfg.mqtt.port = Some(b.ports.tcp.port());
         cfg.mqtt.tls = None;
@@ -84,18 +89,28 @@ pub async fn up(mut cfg: Config, opts: UpOptions, shutdown: CancellationToken) -
     let sup = Supervisor::new(shutdown.clone(), policy, &telemetry.registry);
     {
         let c = cfg.clone();
-        sup.spawn(nexus_protocol_gateway::SERVICE, move |tok| nexus_protocol_gateway::run(c.clone(), tok));
+        sup.spawn(nexus_protocol_gateway::SERVICE, move |tok| {
+            nexus_protocol_gateway::run(c.clone(), tok)
+        });
         let c = cfg.clone();
-        sup.spawn(nexus_command_handler::SERVICE, move |tok| nexus_command_handler::run(c.clone(), tok));
+        sup.spawn(nexus_command_handler::SERVICE, move |tok| {
+            nexus_command_handler::run(c.clone(), tok)
+        });
         let c = cfg.clone();
-        sup.spawn(nexus_alert_service::SERVICE, move |tok| nexus_alert_service::run(c.clone(), tok));
+        sup.spawn(nexus_alert_service::SERVICE, move |tok| {
+            nexus_alert_service::run(c.clone(), tok)
+        });
         if with_ingestion {
             let c = cfg.clone();
-            sup.spawn(nexus_data_ingestion::SERVICE, move |tok| nexus_data_ingestion::run(c.clone(), tok));
+            sup.spawn(nexus_data_ingestion::SERVICE, move |tok| {
+                nexus_data_ingestion::run(c.clone(), tok)
+            });
         }
         let c = cfg.clone();
         let t = telemetry.clone();
-        sup.spawn(status::SERVICE, move |tok| status::run_with(c.clone(), t.clone(), platform.clone(), tok));
+        sup.spawn(status::SERVICE, move |tok| {
+            status::run_with(c.clone(), t.clone(), platform.clone(), tok)
+        });
     }
 
     print_banner(&cfg, broker.as_ref(), with_ingestion, demo_login);
@@ -108,37 +123,86 @@ pub async fn up(mut cfg: Config, opts: UpOptions, shutdown: CancellationToken) -
     Ok(())
 }
 
-fn print_banner(cfg: &Config, broker: Option<&EmbeddedBroker>, ingestion: bool, demo: Option<(&str, &str)>) {
+fn print_banner(
+    cfg: &Config,
+    broker: Option<&EmbeddedBroker>,
+    ingestion: bool,
+    demo: Option<(&str, &str)>,
+) {
     let mut out = String::new();
-    out.push_str(&format!("Nexus {} is up (config: {})\n", env!("CARGO_PKG_VERSION"), cfg.source_name()));
+    out.push_str(&format!(
+        "Nexus {} is up (config: {})\n",
+        env!("CARGO_PKG_VERSION"),
+        cfg.source_name()
+    ));
     match broker {
         Some(b) => {
-            let ws = b.ports.ws.map(|a| format!("ws://127.0.0.1:{}/mqtt", a.port())).unwrap_or_else(|| "off".into());
-            let tls = b.ports.tls.map(|a| format!("mqtts://127.0.0.1:{}", a.port())).unwrap_or_else(|| "off".into());
+            let ws = b
+                .ports
+                .ws
+                .map(|a| format!("ws://127.0.0.1:{}/mqtt", a.port()))
+                .unwrap_or_else(|| "off".into());
+            let tls = b
+                .ports
+                .tls
+                .map(|a| format!("mqtts://127.0.0.1:{}", a.port()))
+                .unwrap_or_else(|| "off".into());
             out.push_str(&format!(
                 "  MQTT broker   mqtt://127.0.0.1:{}  (listening on {}; WebSocket {ws}; TLS {tls})\n",
                 b.ports.tcp.port(),
                 b.ports.tcp
             ));
         }
-        None => out.push_str(&format!("  MQTT broker   external: {}:{}\n", cfg.mqtt.host, cfg.mqtt.effective_port())),
+        None => out.push_str(&format!(
+            "  MQTT broker   external: {}:{}\n",
+            cfg.mqtt.host,
+            cfg.mqtt.effective_port()
+        )),
     }
-    out.push_str(&format!("  gateway       {}  (/healthz /readyz /metrics)\n", shown(cfg.gateway.http_listen)));
-    out.push_str(&format!("  commands      {}\n", shown(cfg.commands.http_listen)));
-    out.push_str(&format!("  alerts        {}\n", shown(cfg.alerts.http_listen)));
+    out.push_str(&format!(
+        "  gateway       {}  (/healthz /readyz /metrics)\n",
+        shown(cfg.gateway.http_listen)
+    ));
+    out.push_str(&format!(
+        "  commands      {}\n",
+        shown(cfg.commands.http_listen)
+    ));
+    out.push_str(&format!(
+        "  alerts        {}\n",
+        shown(cfg.alerts.http_listen)
+    ));
     if ingestion {
-        out.push_str(&format!("  ingestion     {}\n", shown(cfg.ingestion.http_listen)));
+        out.push_str(&format!(
+            "  ingestion     {}\n",
+            shown(cfg.ingestion.http_listen)
+        ));
     } else {
-        out.push_str("  ingestion     off (no database: set NEXUS_DATABASE_URL or ingestion.database_url)\n");
+        out.push_str(
+            "  ingestion     off (no database: set NEXUS_DATABASE_URL or ingestion.database_url)\n",
+        );
     }
-    out.push_str(&format!("  orchestrator  {}  (/api/v1/status)\n", shown(cfg.orchestrator.http_listen)));
-    out.push_str(&format!("  devices       {} configured\n", cfg.devices.len()));
+    out.push_str(&format!(
+        "  orchestrator  {}  (/api/v1/status)\n",
+        shown(cfg.orchestrator.http_listen)
+    ));
+    out.push_str(&format!(
+        "  devices       {} configured\n",
+        cfg.devices.len()
+    ));
     if let Some((u, p)) = demo {
-        out.push_str(&format!("  demo login    {u} / {p}  (operator: may publish $nexus/cmd/#)\n"));
+        out.push_str(&format!(
+            "  demo login    {u} / {p}  (operator: may publish $nexus/cmd/#)\n"
+        ));
     }
     if let Some(b) = broker {
-        out.push_str(&format!("Watch the namespace:  mosquitto_sub -h 127.0.0.1 -p {} -t '#' -v\n", b.ports.tcp.port()));
-        out.push_str(&format!("Watch system topics:  mosquitto_sub -h 127.0.0.1 -p {} -t '$nexus/#' -v\n", b.ports.tcp.port()));
+        out.push_str(&format!(
+            "Watch the namespace:  mosquitto_sub -h 127.0.0.1 -p {} -t '#' -v\n",
+            b.ports.tcp.port()
+        ));
+        out.push_str(&format!(
+            "Watch system topics:  mosquitto_sub -h 127.0.0.1 -p {} -t '$nexus/#' -v\n",
+            b.ports.tcp.port()
+        ));
     }
     out.push_str("Stop with Ctrl-C.\n");
     print!("{out}");

@@ -1,6 +1,8 @@
 //! The `nexus` binary, black-box: config check exit codes, and `nexus up` serving a broker
 //! that Mosquitto's own clients use, health on :5000, and a clean stop on SIGINT.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,8 +20,16 @@ fn write_config(text: &str) -> tempfile::NamedTempFile {
 #[test]
 fn config_check_accepts_a_good_file() {
     let f = write_config("broker:\n  port: 1999\ntelemetry:\n  log_level: debug\n");
-    let out = Command::new(NEXUS).args(["config", "check", "--config"]).arg(f.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(NEXUS)
+        .args(["config", "check", "--config"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
 }
 
@@ -42,19 +52,41 @@ fn bad_config_exits_64_with_every_problem() {
     let f = write_config(BAD);
     let name = f.path().display().to_string();
     for args in [vec!["config", "check", "--config"], vec!["up", "--config"]] {
-        let out = Command::new(NEXUS).args(&args).arg(f.path()).output().unwrap();
+        let out = Command::new(NEXUS)
+            .args(&args)
+            .arg(f.path())
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(64), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("3 configuration problems"), "{err}");
-        assert!(err.contains(&format!("{name}:3:3: broker.port: invalid value: integer `70000`")), "{err}");
-        assert!(err.contains(&format!("{name}:5:3: mqtt.hots: unknown field `hots`")), "{err}");
-        assert!(err.contains("devices[0].tags[0].data_type: unknown variant `float33`"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{name}:3:3: broker.port: invalid value: integer `70000`"
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("{name}:5:3: mqtt.hots: unknown field `hots`")),
+            "{err}"
+        );
+        assert!(
+            err.contains("devices[0].tags[0].data_type: unknown variant `float33`"),
+            "{err}"
+        );
     }
     // A missing file is a bad config too.
-    let out = Command::new(NEXUS).args(["config", "check", "--config", "/nonexistent/nexus.yaml"]).output().unwrap();
+    let out = Command::new(NEXUS)
+        .args(["config", "check", "--config", "/nonexistent/nexus.yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     // So is a bad environment override.
-    let out = Command::new(NEXUS).args(["config", "check"]).env("NEXUS_MQTT__PORT", "many").output().unwrap();
+    let out = Command::new(NEXUS)
+        .args(["config", "check"])
+        .env("NEXUS_MQTT__PORT", "many")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("environment variable NEXUS_MQTT__PORT"));
 }
@@ -89,22 +121,42 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
         ("NEXUS_ALERTS__HTTP_LISTEN", free_port()),
     ];
     let mut cmd = Command::new(NEXUS);
-    cmd.args(["up", "--demo"]).env("NEXUS_BROKER__WS_PORT", "null").env("NEXUS_TELEMETRY__INSTANCE", "ci");
+    cmd.args(["up", "--demo"])
+        .env("NEXUS_BROKER__WS_PORT", "null")
+        .env("NEXUS_TELEMETRY__INSTANCE", "ci");
     for (k, p) in ports {
-        let v = if k.ends_with("PORT") { p.to_string() } else { format!("127.0.0.1:{p}") };
+        let v = if k.ends_with("PORT") {
+            p.to_string()
+        } else {
+            format!("127.0.0.1:{p}")
+        };
         cmd.env(k, v);
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Up(cmd.current_dir(dir.path()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    let mut up = Up(cmd
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
     let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
     let mut banner = String::new();
     while !banner.contains("Stop with Ctrl-C") {
         let mut line = String::new();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "nexus up ended early: {banner}");
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "nexus up ended early: {banner}"
+        );
         banner.push_str(&line);
     }
-    assert!(banner.contains(&format!("mqtt://127.0.0.1:{mqtt}")), "{banner}");
-    assert!(banner.contains("demo login    operator / nexus-demo"), "{banner}");
+    assert!(
+        banner.contains(&format!("mqtt://127.0.0.1:{mqtt}")),
+        "{banner}"
+    );
+    assert!(
+        banner.contains("demo login    operator / nexus-demo"),
+        "{banner}"
+    );
 
     // Health answers once the HTTP server is up; readiness once the services are connected.
     let start = Instant::now();
@@ -116,34 +168,81 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
         assert!(start.elapsed() < Duration::from_secs(10), "not ready");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(http_get(http, "/metrics").unwrap().contains("nexus_broker_connections"));
+    assert!(http_get(http, "/metrics")
+        .unwrap()
+        .contains("nexus_broker_connections"));
 
     // Real clients: every service's retained status, and a pub/sub round trip.
     let port = mqtt.to_string();
     let start = Instant::now();
     loop {
         let status = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-t", "$nexus/status/service/#", "-v", "-W", "2"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                "$nexus/status/service/#",
+                "-v",
+                "-W",
+                "2",
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&status.stdout).into_owned();
         let online = ["gateway", "commands", "alerts", "orchestrator"]
             .iter()
-            .all(|s| text.contains(&format!("$nexus/status/service/{s}/ci {{\"state\":\"online\"")));
+            .all(|s| {
+                text.contains(&format!(
+                    "$nexus/status/service/{s}/ci {{\"state\":\"online\""
+                ))
+            });
         if online {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "services not online: {text}");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "services not online: {text}"
+        );
     }
     let sub = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-t", "acme/#", "-v", "-C", "1", "-W", "10"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "acme/#",
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port, "-t", "acme/site/x", "-m", "{\"v\":1}"]).status().unwrap().success());
+    assert!(Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "acme/site/x",
+            "-m",
+            "{\"v\":1}"
+        ])
+        .status()
+        .unwrap()
+        .success());
     let out = sub.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "acme/site/x {\"v\":1}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "acme/site/x {\"v\":1}"
+    );
 
     // The platform status API lists the services.
     let status = http_get(http, "/api/v1/status").unwrap();
@@ -151,18 +250,36 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
 
     // SIGINT: services publish offline and the process exits 0.
     let watcher = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-t", "$nexus/status/service/gateway/ci", "-C", "2", "-W", "10"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "$nexus/status/service/gateway/ci",
+            "-C",
+            "2",
+            "-W",
+            "10",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(Command::new("kill").args(["-INT", &up.0.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-INT", &up.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let start = Instant::now();
     let code = loop {
         if let Some(s) = up.0.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "nexus up did not stop");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nexus up did not stop"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(code.success(), "{code}");

@@ -26,7 +26,12 @@ pub const SERVICE: &str = "gateway";
 
 /// Run the gateway until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let shell = Shell::start(&cfg, ShellOptions::new(SERVICE, cfg.gateway.http_listen), shutdown.clone()).await?;
+    let shell = Shell::start(
+        &cfg,
+        ShellOptions::new(SERVICE, cfg.gateway.http_listen),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(devices = cfg.devices.len(), "gateway ready");
     shutdown.cancelled().await;
     shell.stop().await;

@@ -32,7 +32,11 @@ use crate::config::BrokerConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen on {addr} ({listener}): {reason}")]
-    Bind { listener: &'static str, addr: SocketAddr, reason: String },
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        reason: String,
+    },
     #[error("broker setup failed: {0}")]
     Setup(String),
     #[error(transparent)]
@@ -60,14 +64,32 @@ struct BrokerMetrics {
 impl BrokerMetrics {
     fn new(registry: &Registry) -> BrokerMetrics {
         let m = BrokerMetrics {
-            connections: IntGauge::new("nexus_broker_connections", "Clients connected to the embedded broker")
-                .expect("static metric definition"),
-            dropped: IntCounterVec::new(Opts::new("nexus_broker_messages_dropped_total", "Messages the broker dropped"), &["reason"])
-                .expect("static metric definition"),
-            denied: IntCounterVec::new(Opts::new("nexus_broker_acl_denied_total", "Publishes and subscriptions refused by the ACL"), &["action"])
-                .expect("static metric definition"),
-            auth_failures: prometheus::IntCounter::new("nexus_broker_auth_failures_total", "Connections refused for bad credentials")
-                .expect("static metric definition"),
+            connections: IntGauge::new(
+                "nexus_broker_connections",
+                "Clients connected to the embedded broker",
+            )
+            .expect("static metric definition"),
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "nexus_broker_messages_dropped_total",
+                    "Messages the broker dropped",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
+            denied: IntCounterVec::new(
+                Opts::new(
+                    "nexus_broker_acl_denied_total",
+                    "Publishes and subscriptions refused by the ACL",
+                ),
+                &["action"],
+            )
+            .expect("static metric definition"),
+            auth_failures: prometheus::IntCounter::new(
+                "nexus_broker_auth_failures_total",
+                "Connections refused for bad credentials",
+            )
+            .expect("static metric definition"),
         };
         let _ = registry.register(Box::new(m.connections.clone()));
         let _ = registry.register(Box::new(m.dropped.clone()));
@@ -115,30 +137,41 @@ impl Handler for Hooks {
                 (false, Some(HookResult::AuthResult(result)))
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                let user = session.id.username.as_ref().map(|u| &**u);
+                let user = session.id.username.as_deref();
                 match self.acl.check(user, Action::Publish, &publish.topic) {
                     Ok(()) => (true, acc),
                     Err(reason) => {
                         self.metrics.denied.with_label_values(&["publish"]).inc();
                         tracing::warn!(client_id = %session.id.client_id, topic = %&*publish.topic, %reason, "broker refused a publish");
-                        (false, Some(HookResult::PublishAclResult(PublishAclResult::rejected(false, Some(reason.into())))))
+                        (
+                            false,
+                            Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                                false,
+                                Some(reason.into()),
+                            ))),
+                        )
                     }
                 }
             }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
-                let user = session.id.username.as_ref().map(|u| &**u);
+                let user = session.id.username.as_deref();
                 match self.acl.check(user, Action::Subscribe, &sub.topic_filter) {
                     Ok(()) => (true, acc),
                     Err(reason) => {
                         self.metrics.denied.with_label_values(&["subscribe"]).inc();
                         tracing::warn!(client_id = %session.id.client_id, filter = %&*sub.topic_filter, %reason, "broker refused a subscription");
-                        let refused = SubscribeAclResult::new_failure(rmqtt::codec::v5::SubscribeAckReason::NotAuthorized);
+                        let refused = SubscribeAclResult::new_failure(
+                            rmqtt::codec::v5::SubscribeAckReason::NotAuthorized,
+                        );
                         (false, Some(HookResult::SubscribeAclResult(refused)))
                     }
                 }
             }
             Parameter::MessageDropped(_to, _from, _publish, reason) => {
-                self.metrics.dropped.with_label_values(&[drop_reason(reason)]).inc();
+                self.metrics
+                    .dropped
+                    .with_label_values(&[drop_reason(reason)])
+                    .inc();
                 (true, acc)
             }
             Parameter::ClientConnected(_) => {
@@ -164,7 +197,11 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Start from `cfg`, with `acl` (from [`Acl::new`], possibly with added service users).
     /// Returns once every listener is bound.
-    pub fn start(cfg: &BrokerConfig, acl: Acl, registry: &Registry) -> Result<EmbeddedBroker, BrokerError> {
+    pub fn start(
+        cfg: &BrokerConfig,
+        acl: Acl,
+        registry: &Registry,
+    ) -> Result<EmbeddedBroker, BrokerError> {
         let cfg = cfg.clone();
         let metrics = BrokerMetrics::new(registry);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<BrokerPorts, BrokerError>>();
@@ -208,12 +245,18 @@ impl EmbeddedBroker {
             })
             .map_err(|e| BrokerError::Setup(e.to_string()))?;
         match ready_rx.recv() {
-            Ok(Ok(ports)) => Ok(EmbeddedBroker { ports, stop: Some(stop_tx), thread: Some(thread) }),
+            Ok(Ok(ports)) => Ok(EmbeddedBroker {
+                ports,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
             }
-            Err(_) => Err(BrokerError::Setup("broker thread ended during start".into())),
+            Err(_) => Err(BrokerError::Setup(
+                "broker thread ended during start".into(),
+            )),
         }
     }
 
@@ -238,7 +281,11 @@ impl Drop for EmbeddedBroker {
     }
 }
 
-type Built = (rmqtt::server::MqttServer, BrokerPorts, Box<dyn rmqtt::hook::Register>);
+type Built = (
+    rmqtt::server::MqttServer,
+    BrokerPorts,
+    Box<dyn rmqtt::hook::Register>,
+);
 
 fn listener_builder(cfg: &BrokerConfig, name: &str, port: u16) -> Builder {
     let inflight = NonZeroU16::new(cfg.max_inflight).unwrap_or(NonZeroU16::MIN);
@@ -251,7 +298,10 @@ fn listener_builder(cfg: &BrokerConfig, name: &str, port: u16) -> Builder {
         .max_packet_size(cfg.max_packet_size.0.min(u32::MAX as u64) as u32)
         .message_expiry_interval(cfg.message_expiry)
         .session_expiry_interval(cfg.session_expiry)
-        .max_session_expiry_interval(cfg.session_expiry.max(std::time::Duration::from_secs(7 * 24 * 3600)))
+        .max_session_expiry_interval(
+            cfg.session_expiry
+                .max(std::time::Duration::from_secs(7 * 24 * 3600)),
+        )
         .allow_anonymous(cfg.allow_anonymous)
         .nodelay(true)
         .reuseaddr(Some(true))
@@ -270,9 +320,16 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         .plugins_config_map_add("rmqtt-shared-subscription", "")
         .build()
         .await;
-    rmqtt_retainer::register(&scx, true, false).await.map_err(setup)?;
-    rmqtt_shared_subscription::register(&scx, true, false).await.map_err(setup)?;
-    let hooks = Hooks { acl: Arc::new(acl), metrics };
+    rmqtt_retainer::register(&scx, true, false)
+        .await
+        .map_err(setup)?;
+    rmqtt_shared_subscription::register(&scx, true, false)
+        .await
+        .map_err(setup)?;
+    let hooks = Hooks {
+        acl: Arc::new(acl),
+        metrics,
+    };
     let register = scx.extends.hook_mgr().register();
     // Above the default priority so these decide before anything else.
     let shared = Arc::new(hooks);
@@ -284,20 +341,36 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         Type::ClientConnected,
         Type::ClientDisconnected,
     ] {
-        register.add_priority(typ, 100, Box::new(SharedHooks(shared.clone()))).await;
+        register
+            .add_priority(typ, 100, Box::new(SharedHooks(shared.clone())))
+            .await;
     }
     register.start().await;
 
     let bind_err = |listener: &'static str, port: u16| {
         let addr = SocketAddr::new(cfg.bind, port);
-        move |e: rmqtt::Error| BrokerError::Bind { listener, addr, reason: e.to_string() }
+        move |e: rmqtt::Error| BrokerError::Bind {
+            listener,
+            addr,
+            reason: e.to_string(),
+        }
     };
-    let tcp = listener_builder(cfg, "tcp", cfg.port).bind().and_then(|l| l.tcp()).map_err(bind_err("tcp", cfg.port))?;
+    let tcp = listener_builder(cfg, "tcp", cfg.port)
+        .bind()
+        .and_then(|l| l.tcp())
+        .map_err(bind_err("tcp", cfg.port))?;
     let tcp_addr = tcp.local_addr().map_err(bind_err("tcp", cfg.port))?;
     let mut server = MqttServer::new(scx.clone()).listener(tcp);
-    let mut ports = BrokerPorts { tcp: tcp_addr, ws: None, tls: None };
+    let mut ports = BrokerPorts {
+        tcp: tcp_addr,
+        ws: None,
+        tls: None,
+    };
     if let Some(ws_port) = cfg.ws_port {
-        let ws = listener_builder(cfg, "ws", ws_port).bind().and_then(|l| l.ws()).map_err(bind_err("websocket", ws_port))?;
+        let ws = listener_builder(cfg, "ws", ws_port)
+            .bind()
+            .and_then(|l| l.ws())
+            .map_err(bind_err("websocket", ws_port))?;
         ports.ws = Some(ws.local_addr().map_err(bind_err("websocket", ws_port))?);
         server = server.listener(ws);
     }
@@ -307,7 +380,10 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
             .tls_key(Some(tls.key_file.display().to_string()))
             .tls_client_ca_certs(tls.client_ca_file.as_ref().map(|p| p.display().to_string()))
             .tls_cross_certificate(tls.client_ca_file.is_some());
-        let l = b.bind().and_then(|l| l.tls()).map_err(bind_err("tls", tls.port))?;
+        let l = b
+            .bind()
+            .and_then(|l| l.tls())
+            .map_err(bind_err("tls", tls.port))?;
         ports.tls = Some(l.local_addr().map_err(bind_err("tls", tls.port))?);
         server = server.listener(l);
     }

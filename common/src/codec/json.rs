@@ -35,7 +35,10 @@ impl PayloadError {
         let m = &self.0;
         if m.contains("missing field") {
             "missing_field"
-        } else if m.contains("invalid type") || m.contains("invalid value") || m.contains("field ts") {
+        } else if m.contains("invalid type")
+            || m.contains("invalid value")
+            || m.contains("field ts")
+        {
             "bad_type"
         } else if m.contains("quality") {
             "bad_quality"
@@ -102,10 +105,13 @@ struct Wire<'a> {
 
 /// Decode a value object.
 pub fn decode_value_object(payload: &[u8]) -> Result<ValueObject, PayloadError> {
-    let wire: Wire<'_> = serde_json::from_slice(payload).map_err(|e| PayloadError(e.to_string()))?;
+    let wire: Wire<'_> =
+        serde_json::from_slice(payload).map_err(|e| PayloadError(e.to_string()))?;
     let quality = match wire.q {
         None => Quality::Good,
-        Some(q) => q.parse().map_err(|e: crate::domain::UnknownQuality| PayloadError(format!("field q: {e}")))?,
+        Some(q) => q
+            .parse()
+            .map_err(|e: crate::domain::UnknownQuality| PayloadError(format!("field q: {e}")))?,
     };
     if let Some(ts) = wire.ts {
         if ts < 0 {
@@ -147,7 +153,11 @@ pub fn write_value(out: &mut String, value: Option<&Value>) {
         }
         Some(Value::Float(f)) if f.is_finite() => {
             // serde_json's float formatting: shortest round-trip representation.
-            out.push_str(&serde_json::Number::from_f64(*f).map(|n| n.to_string()).unwrap_or_else(|| "null".into()));
+            out.push_str(
+                &serde_json::Number::from_f64(*f)
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "null".into()),
+            );
         }
         Some(Value::Float(_)) => out.push_str("null"),
         Some(Value::String(s)) => {
@@ -163,7 +173,9 @@ pub fn value_to_json(value: Option<&Value>) -> serde_json::Value {
         Some(Value::Bool(b)) => (*b).into(),
         Some(Value::Int(i)) => (*i).into(),
         Some(Value::UInt(u)) => (*u).into(),
-        Some(Value::Float(f)) => serde_json::Number::from_f64(*f).map(serde_json::Value::Number).unwrap_or_default(),
+        Some(Value::Float(f)) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or_default(),
         Some(Value::String(s)) => s.clone().into(),
     }
 }
@@ -208,7 +220,8 @@ mod tests {
 
     #[test]
     fn decodes_contract_example() {
-        let o = decode_value_object(br#"{"v":72.5,"q":"good","ts":1700000000000,"u":"degC"}"#).unwrap();
+        let o =
+            decode_value_object(br#"{"v":72.5,"q":"good","ts":1700000000000,"u":"degC"}"#).unwrap();
         assert_eq!(o.value, Some(Value::Float(72.5)));
         assert_eq!(o.quality, Quality::Good);
         assert_eq!(o.ts_ms, Some(1_700_000_000_000));
@@ -245,11 +258,26 @@ mod tests {
         ];
         for (input, want) in cases {
             let err = decode_value_object(input).unwrap_err();
-            assert!(err.to_string().contains(want), "{}: {err}", String::from_utf8_lossy(input));
+            assert!(
+                err.to_string().contains(want),
+                "{}: {err}",
+                String::from_utf8_lossy(input)
+            );
         }
-        assert_eq!(decode_value_object(br#"{"q":"good"}"#).unwrap_err().reason(), "missing_field");
-        assert_eq!(decode_value_object(br#"{"v":[1]}"#).unwrap_err().reason(), "bad_type");
-        assert_eq!(decode_value_object(b"garbage").unwrap_err().reason(), "bad_json");
+        assert_eq!(
+            decode_value_object(br#"{"q":"good"}"#)
+                .unwrap_err()
+                .reason(),
+            "missing_field"
+        );
+        assert_eq!(
+            decode_value_object(br#"{"v":[1]}"#).unwrap_err().reason(),
+            "bad_type"
+        );
+        assert_eq!(
+            decode_value_object(b"garbage").unwrap_err().reason(),
+            "bad_json"
+        );
     }
 
     #[test]
@@ -265,15 +293,30 @@ mod tests {
             String::from_utf8(encode_value_object(&o)).unwrap(),
             r#"{"v":72.5,"q":"good","ts":1700000000000,"u":"degC"}"#
         );
-        let nan = ValueObject { value: Some(Value::Float(f64::NAN)), quality: Quality::Bad, ts_ms: Some(1), source_ts_ms: Some(2), unit: None };
-        assert_eq!(String::from_utf8(encode_value_object(&nan)).unwrap(), r#"{"v":null,"q":"bad","ts":1,"src_ts":2}"#);
+        let nan = ValueObject {
+            value: Some(Value::Float(f64::NAN)),
+            quality: Quality::Bad,
+            ts_ms: Some(1),
+            source_ts_ms: Some(2),
+            unit: None,
+        };
+        assert_eq!(
+            String::from_utf8(encode_value_object(&nan)).unwrap(),
+            r#"{"v":null,"q":"bad","ts":1,"src_ts":2}"#
+        );
     }
 
     #[test]
     fn bare_values() {
-        assert_eq!(decode_bare_value(b"75.5").unwrap(), Some(Value::Float(75.5)));
+        assert_eq!(
+            decode_bare_value(b"75.5").unwrap(),
+            Some(Value::Float(75.5))
+        );
         assert_eq!(decode_bare_value(b"true").unwrap(), Some(Value::Bool(true)));
-        assert_eq!(decode_bare_value(br#""on""#).unwrap(), Some(Value::String("on".into())));
+        assert_eq!(
+            decode_bare_value(br#""on""#).unwrap(),
+            Some(Value::String("on".into()))
+        );
         assert!(decode_bare_value(b"{}").is_err());
     }
 
@@ -283,7 +326,9 @@ mod tests {
             any::<bool>().prop_map(|b| Some(Value::Bool(b))),
             any::<i64>().prop_map(|i| Some(Value::Int(i))),
             (i64::MAX as u64 + 1..=u64::MAX).prop_map(|u| Some(Value::UInt(u))),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| Some(Value::Float(f))),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| Some(Value::Float(f))),
             "\\PC{0,20}".prop_map(|s| Some(Value::String(s))),
         ]
     }

@@ -3,4 +3,6 @@
 pub mod json;
 pub mod sparkplug;
 
-pub use json::{decode_bare_value, decode_value_object, encode_value_object, PayloadError, ValueObject};
+pub use json::{
+    decode_bare_value, decode_value_object, encode_value_object, PayloadError, ValueObject,
+};

@@ -54,7 +54,10 @@ impl MessageType {
     }
 
     pub fn is_device(self) -> bool {
-        matches!(self, MessageType::DBirth | MessageType::DDeath | MessageType::DData | MessageType::DCmd)
+        matches!(
+            self,
+            MessageType::DBirth | MessageType::DDeath | MessageType::DData | MessageType::DCmd
+        )
     }
 }
 
@@ -95,11 +98,20 @@ impl SparkplugTopic {
         if parts.next() != Some(NAMESPACE) {
             return Err(SparkplugError::NotSparkplug(topic.to_owned()));
         }
-        let bad = |reason| SparkplugError::BadTopic { topic: topic.to_owned(), reason };
-        let group = parts.next().filter(|s| !s.is_empty()).ok_or_else(|| bad("missing group id"))?;
+        let bad = |reason| SparkplugError::BadTopic {
+            topic: topic.to_owned(),
+            reason,
+        };
+        let group = parts
+            .next()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("missing group id"))?;
         let mt = parts.next().ok_or_else(|| bad("missing message type"))?;
         let message_type = MessageType::parse(mt).ok_or_else(|| bad("unknown message type"))?;
-        let edge_node = parts.next().filter(|s| !s.is_empty()).ok_or_else(|| bad("missing edge node id"))?;
+        let edge_node = parts
+            .next()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("missing edge node id"))?;
         let device = parts.next().map(str::to_owned);
         if parts.next().is_some() {
             return Err(bad("too many levels"));
@@ -110,11 +122,21 @@ impl SparkplugTopic {
         if !message_type.is_device() && device.is_some() {
             return Err(bad("node message with a device id"));
         }
-        Ok(SparkplugTopic { group: group.to_owned(), message_type, edge_node: edge_node.to_owned(), device })
+        Ok(SparkplugTopic {
+            group: group.to_owned(),
+            message_type,
+            edge_node: edge_node.to_owned(),
+            device,
+        })
     }
 
     pub fn to_topic_string(&self) -> String {
-        let mut s = format!("{NAMESPACE}/{}/{}/{}", self.group, self.message_type.as_str(), self.edge_node);
+        let mut s = format!(
+            "{NAMESPACE}/{}/{}/{}",
+            self.group,
+            self.message_type.as_str(),
+            self.edge_node
+        );
         if let Some(d) = &self.device {
             s.push('/');
             s.push_str(d);
@@ -226,9 +248,15 @@ fn encode_value(dt: SpDataType, v: &Value) -> Option<metric::Value> {
     use metric::Value as P;
     Some(match (dt, v) {
         (SpDataType::Boolean, Value::Bool(b)) => P::BooleanValue(*b),
-        (SpDataType::Int8 | SpDataType::Int16 | SpDataType::Int32, Value::Int(i)) => P::IntValue(*i as i32 as u32),
-        (SpDataType::UInt8 | SpDataType::UInt16 | SpDataType::UInt32, Value::UInt(u)) => P::IntValue(*u as u32),
-        (SpDataType::UInt8 | SpDataType::UInt16 | SpDataType::UInt32, Value::Int(i)) => P::IntValue(*i as u32),
+        (SpDataType::Int8 | SpDataType::Int16 | SpDataType::Int32, Value::Int(i)) => {
+            P::IntValue(*i as i32 as u32)
+        }
+        (SpDataType::UInt8 | SpDataType::UInt16 | SpDataType::UInt32, Value::UInt(u)) => {
+            P::IntValue(*u as u32)
+        }
+        (SpDataType::UInt8 | SpDataType::UInt16 | SpDataType::UInt32, Value::Int(i)) => {
+            P::IntValue(*i as u32)
+        }
         (SpDataType::Int64, Value::Int(i)) => P::LongValue(*i as u64),
         (SpDataType::UInt64 | SpDataType::DateTime, Value::UInt(u)) => P::LongValue(*u),
         (SpDataType::UInt64 | SpDataType::DateTime, Value::Int(i)) => P::LongValue(*i as u64),
@@ -275,15 +303,23 @@ pub fn encode(p: &SpPayload) -> Result<Vec<u8>, SparkplugError> {
             Some(v) => {
                 let dt = m.datatype.unwrap_or_else(|| SpDataType::for_value(v));
                 pm.datatype = Some(dt.to_proto() as u32);
-                pm.value = Some(encode_value(dt, v).ok_or_else(|| SparkplugError::BadMetric {
-                    metric: metric_label(&pm),
-                    reason: format!("a {} value does not fit datatype {dt:?}", v.type_name()),
-                })?);
+                pm.value = Some(
+                    encode_value(dt, v).ok_or_else(|| SparkplugError::BadMetric {
+                        metric: metric_label(&pm),
+                        reason: format!("a {} value does not fit datatype {dt:?}", v.type_name()),
+                    })?,
+                );
             }
         }
         metrics.push(pm);
     }
-    let payload = Payload { timestamp: p.timestamp, metrics, seq: p.seq, uuid: None, body: None };
+    let payload = Payload {
+        timestamp: p.timestamp,
+        metrics,
+        seq: p.seq,
+        uuid: None,
+        body: None,
+    };
     Ok(payload.encode_to_vec())
 }
 
@@ -295,25 +331,42 @@ pub fn decode(bytes: &[u8]) -> Result<SpPayload, SparkplugError> {
     for m in &p.metrics {
         let datatype = match m.datatype {
             None => None,
-            Some(code) => Some(SpDataType::from_proto(code).ok_or_else(|| SparkplugError::BadMetric {
-                metric: metric_label(m),
-                reason: format!("unsupported datatype {code}"),
-            })?),
-        };
-        let value = if m.is_null == Some(true) {
-            None
-        } else {
-            match &m.value {
-                None => None,
-                Some(v) => Some(
-                    decode_value(datatype, v)
-                        .map_err(|reason| SparkplugError::BadMetric { metric: metric_label(m), reason })?,
-                ),
+            Some(code) => {
+                Some(
+                    SpDataType::from_proto(code).ok_or_else(|| SparkplugError::BadMetric {
+                        metric: metric_label(m),
+                        reason: format!("unsupported datatype {code}"),
+                    })?,
+                )
             }
         };
-        metrics.push(SpMetric { name: m.name.clone(), alias: m.alias, timestamp: m.timestamp, datatype, value });
+        let value =
+            if m.is_null == Some(true) {
+                None
+            } else {
+                match &m.value {
+                    None => None,
+                    Some(v) => Some(decode_value(datatype, v).map_err(|reason| {
+                        SparkplugError::BadMetric {
+                            metric: metric_label(m),
+                            reason,
+                        }
+                    })?),
+                }
+            };
+        metrics.push(SpMetric {
+            name: m.name.clone(),
+            alias: m.alias,
+            timestamp: m.timestamp,
+            datatype,
+            value,
+        });
     }
-    Ok(SpPayload { timestamp: p.timestamp, seq: p.seq, metrics })
+    Ok(SpPayload {
+        timestamp: p.timestamp,
+        seq: p.seq,
+        metrics,
+    })
 }
 
 /// Decode a DATA metric whose datatype is only known from the birth certificate.
@@ -353,7 +406,10 @@ mod tests {
             let e = SparkplugTopic::parse(bad).unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
-        assert!(matches!(SparkplugTopic::parse("acme/x"), Err(SparkplugError::NotSparkplug(_))));
+        assert!(matches!(
+            SparkplugTopic::parse("acme/x"),
+            Err(SparkplugError::NotSparkplug(_))
+        ));
     }
 
     #[test]
@@ -371,10 +427,16 @@ mod tests {
         };
         let bytes = encode(&p).unwrap();
         let raw = Payload::decode(bytes.as_slice()).unwrap();
-        assert_eq!(raw.metrics[0].value, Some(metric::Value::IntValue(0xFFFF_FFFE)));
+        assert_eq!(
+            raw.metrics[0].value,
+            Some(metric::Value::IntValue(0xFFFF_FFFE))
+        );
         assert_eq!(decode(&bytes).unwrap(), p);
         // A DATA metric that relies on the birth's datatype.
-        assert_eq!(retype(&Value::Int(0xFFFE), SpDataType::Int16), Value::Int(-2));
+        assert_eq!(
+            retype(&Value::Int(0xFFFE), SpDataType::Int16),
+            Value::Int(-2)
+        );
     }
 
     #[test]
@@ -394,7 +456,13 @@ mod tests {
         assert_eq!(p.seq, Some(1));
         assert_eq!(
             p.metrics,
-            vec![SpMetric { name: None, alias: Some(5), timestamp: Some(1000), datatype: Some(SpDataType::Double), value: Some(Value::Float(21.5)) }]
+            vec![SpMetric {
+                name: None,
+                alias: Some(5),
+                timestamp: Some(1000),
+                datatype: Some(SpDataType::Double),
+                value: Some(Value::Float(21.5))
+            }]
         );
     }
 
@@ -403,15 +471,31 @@ mod tests {
         let mut m = Metric::new();
         m.name = Some("ds".into());
         m.datatype = Some(DataType::DataSet as u32);
-        let bytes = Payload { timestamp: None, metrics: vec![m], seq: None, uuid: None, body: None }.encode_to_vec();
+        let bytes = Payload {
+            timestamp: None,
+            metrics: vec![m],
+            seq: None,
+            uuid: None,
+            body: None,
+        }
+        .encode_to_vec();
         let e = decode(&bytes).unwrap_err();
         assert_eq!(e.reason(), "sparkplug_metric");
         assert!(e.to_string().contains("ds"), "{e}");
         let mismatch = SpPayload {
-            metrics: vec![SpMetric { name: Some("b".into()), alias: None, timestamp: None, datatype: Some(SpDataType::Boolean), value: Some(Value::Float(1.0)) }],
+            metrics: vec![SpMetric {
+                name: Some("b".into()),
+                alias: None,
+                timestamp: None,
+                datatype: Some(SpDataType::Boolean),
+                value: Some(Value::Float(1.0)),
+            }],
             ..Default::default()
         };
-        assert!(encode(&mismatch).unwrap_err().to_string().contains("does not fit datatype Boolean"));
+        assert!(encode(&mismatch)
+            .unwrap_err()
+            .to_string()
+            .contains("does not fit datatype Boolean"));
     }
 
     fn arb_metric() -> impl Strategy<Value = SpMetric> {
@@ -421,13 +505,27 @@ mod tests {
             any::<i16>().prop_map(|i| (SpDataType::Int16, Some(Value::Int(i as i64)))),
             any::<i32>().prop_map(|i| (SpDataType::Int32, Some(Value::Int(i as i64)))),
             any::<i64>().prop_map(|i| (SpDataType::Int64, Some(Value::Int(i)))),
-            (i64::MAX as u64 + 1..=u64::MAX).prop_map(|u| (SpDataType::UInt64, Some(Value::UInt(u)))),
-            any::<f64>().prop_filter("not nan", |f| !f.is_nan()).prop_map(|f| (SpDataType::Double, Some(Value::Float(f)))),
+            (i64::MAX as u64 + 1..=u64::MAX)
+                .prop_map(|u| (SpDataType::UInt64, Some(Value::UInt(u)))),
+            any::<f64>()
+                .prop_filter("not nan", |f| !f.is_nan())
+                .prop_map(|f| (SpDataType::Double, Some(Value::Float(f)))),
             "\\PC{0,16}".prop_map(|s| (SpDataType::String, Some(Value::String(s)))),
             Just((SpDataType::Double, None)),
         ];
-        (proptest::option::of("[a-z/]{1,12}"), proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), typed)
-            .prop_map(|(name, alias, timestamp, (dt, value))| SpMetric { name, alias, timestamp, datatype: Some(dt), value })
+        (
+            proptest::option::of("[a-z/]{1,12}"),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            typed,
+        )
+            .prop_map(|(name, alias, timestamp, (dt, value))| SpMetric {
+                name,
+                alias,
+                timestamp,
+                datatype: Some(dt),
+                value,
+            })
     }
 
     proptest! {

@@ -20,7 +20,10 @@ pub struct AlertsConfig {
 
 impl Default for AlertsConfig {
     fn default() -> Self {
-        AlertsConfig { http_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 6000), rules: Vec::new() }
+        AlertsConfig {
+            http_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 6000),
+            rules: Vec::new(),
+        }
     }
 }
 
@@ -34,14 +37,18 @@ impl<'de> Deserialize<'de> for Severity {
         match serde_json::Value::deserialize(d)? {
             serde_json::Value::Number(n) => match n.as_u64() {
                 Some(v @ 1..=1000) => Ok(Severity(v as u16)),
-                _ => Err(D::Error::custom(format!("severity {n} is not between 1 and 1000"))),
+                _ => Err(D::Error::custom(format!(
+                    "severity {n} is not between 1 and 1000"
+                ))),
             },
             serde_json::Value::String(s) => match s.as_str() {
                 "low" => Ok(Severity(250)),
                 "medium" => Ok(Severity(500)),
                 "high" => Ok(Severity(750)),
                 "critical" => Ok(Severity(1000)),
-                _ => Err(D::Error::custom(format!("unknown severity {s:?} (1-1000, low, medium, high or critical)"))),
+                _ => Err(D::Error::custom(format!(
+                    "unknown severity {s:?} (1-1000, low, medium, high or critical)"
+                ))),
             },
             other => Err(D::Error::custom(format!("invalid severity {other}"))),
         }
@@ -86,7 +93,9 @@ pub enum Condition {
         deadband: f64,
     },
     /// The value equals this (digital state).
-    Equals { value: serde_json::Value },
+    Equals {
+        value: serde_json::Value,
+    },
     BadQuality {},
     /// No update for `after`.
     Stale {
@@ -139,62 +148,102 @@ impl AlertsConfig {
         for (n, (r, &i)) in self.rules.iter().zip(index).enumerate() {
             let at = format!("alerts.rules[{i}]");
             if r.id.is_empty() || r.id.contains(['/', '+', '#']) {
-                p.push(format!("{at}.id"), format!("rule id {:?} must be non-empty without '/', '+' or '#'", r.id));
+                p.push(
+                    format!("{at}.id"),
+                    format!(
+                        "rule id {:?} must be non-empty without '/', '+' or '#'",
+                        r.id
+                    ),
+                );
             }
             if let Some(first) = ids.insert(r.id.as_str(), i) {
-                p.push(format!("{at}.id"), format!("rule {} is also alerts.rules[{first}]", r.id));
+                p.push(
+                    format!("{at}.id"),
+                    format!("rule {} is also alerts.rules[{first}]", r.id),
+                );
             }
             match TopicFilter::parse(&r.topic) {
-                Ok(f) if f.as_str().starts_with('$') => {
-                    p.push(format!("{at}.topic"), format!("rule {}: alarms watch UNS topics, not {}", r.id, r.topic))
-                }
+                Ok(f) if f.as_str().starts_with('$') => p.push(
+                    format!("{at}.topic"),
+                    format!("rule {}: alarms watch UNS topics, not {}", r.id, r.topic),
+                ),
                 Ok(_) => {}
                 Err(e) => p.push(format!("{at}.topic"), format!("rule {}: {e}", r.id)),
             }
             let (limit, deadband, kind) = match &r.condition {
-                Condition::HighHigh { limit, deadband } => (Some(*limit), *deadband, Some("high_high")),
+                Condition::HighHigh { limit, deadband } => {
+                    (Some(*limit), *deadband, Some("high_high"))
+                }
                 Condition::High { limit, deadband } => (Some(*limit), *deadband, Some("high")),
                 Condition::Low { limit, deadband } => (Some(*limit), *deadband, Some("low")),
                 Condition::LowLow { limit, deadband } => (Some(*limit), *deadband, Some("low_low")),
-                Condition::Deviation { limit, deadband, setpoint_topic } => {
+                Condition::Deviation {
+                    limit,
+                    deadband,
+                    setpoint_topic,
+                } => {
                     if let Err(e) = crate::topic::Topic::parse(setpoint_topic) {
-                        p.push(format!("{at}.condition.setpoint_topic"), format!("rule {}: {e}", r.id));
+                        p.push(
+                            format!("{at}.condition.setpoint_topic"),
+                            format!("rule {}: {e}", r.id),
+                        );
                     }
                     if *limit <= 0.0 {
-                        p.push(format!("{at}.condition.limit"), format!("rule {}: a deviation limit must be positive", r.id));
+                        p.push(
+                            format!("{at}.condition.limit"),
+                            format!("rule {}: a deviation limit must be positive", r.id),
+                        );
                     }
                     (Some(*limit), *deadband, None)
                 }
                 Condition::RateOfChange { limit, deadband } => {
                     if *limit <= 0.0 {
-                        p.push(format!("{at}.condition.limit"), format!("rule {}: a rate limit must be positive", r.id));
+                        p.push(
+                            format!("{at}.condition.limit"),
+                            format!("rule {}: a rate limit must be positive", r.id),
+                        );
                     }
                     (Some(*limit), *deadband, None)
                 }
                 Condition::Equals { value } => {
                     if !(value.is_boolean() || value.is_number() || value.is_string()) {
-                        p.push(format!("{at}.condition.value"), format!("rule {}: equals needs a number, bool or string", r.id));
+                        p.push(
+                            format!("{at}.condition.value"),
+                            format!("rule {}: equals needs a number, bool or string", r.id),
+                        );
                     }
                     (None, 0.0, None)
                 }
                 Condition::BadQuality {} => (None, 0.0, None),
                 Condition::Stale { after } => {
                     if after.is_zero() {
-                        p.push(format!("{at}.condition.after"), format!("rule {}: stale needs a positive time", r.id));
+                        p.push(
+                            format!("{at}.condition.after"),
+                            format!("rule {}: stale needs a positive time", r.id),
+                        );
                     }
                     (None, 0.0, None)
                 }
             };
             if let Some(l) = limit {
                 if !l.is_finite() {
-                    p.push(format!("{at}.condition.limit"), format!("rule {}: limit is not a finite number", r.id));
+                    p.push(
+                        format!("{at}.condition.limit"),
+                        format!("rule {}: limit is not a finite number", r.id),
+                    );
                 }
             }
-            if !(deadband >= 0.0) || !deadband.is_finite() {
-                p.push(format!("{at}.condition.deadband"), format!("rule {}: deadband must be zero or positive", r.id));
+            if deadband.is_nan() || deadband < 0.0 || !deadband.is_finite() {
+                p.push(
+                    format!("{at}.condition.deadband"),
+                    format!("rule {}: deadband must be zero or positive", r.id),
+                );
             }
             if let (Some(l), Some(k)) = (limit, kind) {
-                limits.entry(r.topic.as_str()).or_default().push((n, i, k, l));
+                limits
+                    .entry(r.topic.as_str())
+                    .or_default()
+                    .push((n, i, k, l));
             }
         }
         // Analog limits on one topic must be ordered: high_high >= high > low >= low_low.
@@ -205,7 +254,8 @@ impl AlertsConfig {
                     let ra = RANK.iter().position(|k| k == ka).unwrap_or(0);
                     let rb = RANK.iter().position(|k| k == kb).unwrap_or(0);
                     let wrong = if ra > rb { la < lb } else { false };
-                    let equal_opposed = ka.contains("high") != kb.contains("high") && la == lb && ra > rb;
+                    let equal_opposed =
+                        ka.contains("high") != kb.contains("high") && la == lb && ra > rb;
                     if wrong || equal_opposed {
                         p.push(
                             format!("alerts.rules[{i}].condition.limit"),

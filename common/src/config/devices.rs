@@ -154,9 +154,23 @@ impl DataType {
         use DataType::*;
         match p {
             Protocol::Modbus | Protocol::Opcua => {
-                matches!(self, Bool | Int16 | Uint16 | Int32 | Uint32 | Int64 | Uint64 | Float32 | Float64 | String)
+                matches!(
+                    self,
+                    Bool | Int16
+                        | Uint16
+                        | Int32
+                        | Uint32
+                        | Int64
+                        | Uint64
+                        | Float32
+                        | Float64
+                        | String
+                )
             }
-            Protocol::S7 => matches!(self, Bool | Byte | Int | Dint | Word | Dword | Real | Lreal | String),
+            Protocol::S7 => matches!(
+                self,
+                Bool | Byte | Int | Dint | Word | Dword | Real | Lreal | String
+            ),
         }
     }
 
@@ -249,7 +263,9 @@ pub struct ModbusAddress {
 
 impl ModbusAddress {
     pub fn parse(s: &str) -> Result<ModbusAddress, String> {
-        let bad = || format!("invalid Modbus address {s:?}: expected HR:<n>, IR:<n>, CO:<n> or DI:<n>, with .<bit> (0-15) for a bit of a register");
+        let bad = || {
+            format!("invalid Modbus address {s:?}: expected HR:<n>, IR:<n>, CO:<n> or DI:<n>, with .<bit> (0-15) for a bit of a register")
+        };
         let (prefix, rest) = s.split_once(':').ok_or_else(bad)?;
         let table = match prefix.trim().to_ascii_uppercase().as_str() {
             "HR" => ModbusTable::HoldingRegister,
@@ -263,12 +279,15 @@ impl ModbusAddress {
             None => (rest, None),
         };
         let address: u32 = addr.trim().parse().map_err(|_| bad())?;
-        let address = u16::try_from(address).map_err(|_| format!("Modbus address {s:?} is above 65535"))?;
+        let address =
+            u16::try_from(address).map_err(|_| format!("Modbus address {s:?} is above 65535"))?;
         let bit = match bit {
             None => None,
             Some(b) => {
                 if matches!(table, ModbusTable::Coil | ModbusTable::DiscreteInput) {
-                    return Err(format!("Modbus address {s:?}: coils and discrete inputs have no bits"));
+                    return Err(format!(
+                        "Modbus address {s:?}: coils and discrete inputs have no bits"
+                    ));
                 }
                 let b: u8 = b.trim().parse().map_err(|_| bad())?;
                 if b > 15 {
@@ -277,7 +296,11 @@ impl ModbusAddress {
                 Some(b)
             }
         };
-        Ok(ModbusAddress { table, address, bit })
+        Ok(ModbusAddress {
+            table,
+            address,
+            bit,
+        })
     }
 
     pub fn is_bit_table(&self) -> bool {
@@ -290,7 +313,10 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
     let proto = d.protocol;
     let mut not_for = |present: bool, key: &str| {
         if present {
-            p.push(format!("{at}.connection.{key}"), format!("{key} does not apply to a {proto:?} device"));
+            p.push(
+                format!("{at}.connection.{key}"),
+                format!("{key} does not apply to a {proto:?} device"),
+            );
         }
     };
     match proto {
@@ -304,18 +330,27 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
             match c.transport.unwrap_or_default() {
                 ModbusTransport::Tcp | ModbusTransport::RtuOverTcp => {
                     if c.host.as_deref().is_none_or(str::is_empty) {
-                        p.push(format!("{at}.connection"), "a Modbus TCP device needs connection.host");
+                        p.push(
+                            format!("{at}.connection"),
+                            "a Modbus TCP device needs connection.host",
+                        );
                     }
                 }
                 ModbusTransport::Rtu => {
                     if c.serial_port.is_none() {
-                        p.push(format!("{at}.connection"), "a Modbus RTU device needs connection.serial_port");
+                        p.push(
+                            format!("{at}.connection"),
+                            "a Modbus RTU device needs connection.serial_port",
+                        );
                     }
                 }
             }
             if let Some(n) = c.max_registers_per_request {
                 if n == 0 || n > 125 {
-                    p.push(format!("{at}.connection.max_registers_per_request"), "must be 1 to 125");
+                    p.push(
+                        format!("{at}.connection.max_registers_per_request"),
+                        "must be 1 to 125",
+                    );
                 }
             }
         }
@@ -332,11 +367,24 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
             }
             match &c.endpoint {
                 Some(e) if e.starts_with("opc.tcp://") => {}
-                Some(e) => p.push(format!("{at}.connection.endpoint"), format!("{e:?} is not an opc.tcp:// URL")),
-                None => p.push(format!("{at}.connection"), "an OPC UA device needs connection.endpoint"),
+                Some(e) => p.push(
+                    format!("{at}.connection.endpoint"),
+                    format!("{e:?} is not an opc.tcp:// URL"),
+                ),
+                None => p.push(
+                    format!("{at}.connection"),
+                    "an OPC UA device needs connection.endpoint",
+                ),
             }
             if let Some(sp) = &c.security_policy {
-                if !["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"].contains(&sp.as_str()) {
+                if ![
+                    "None",
+                    "Basic256Sha256",
+                    "Aes128_Sha256_RsaOaep",
+                    "Aes256_Sha256_RsaPss",
+                ]
+                .contains(&sp.as_str())
+                {
                     p.push(
                         format!("{at}.connection.security_policy"),
                         format!("unknown policy {sp:?} (None, Basic256Sha256, Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss)"),
@@ -345,12 +393,18 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
             }
             if let Some(sm) = &c.security_mode {
                 if !["None", "Sign", "SignAndEncrypt"].contains(&sm.as_str()) {
-                    p.push(format!("{at}.connection.security_mode"), format!("unknown mode {sm:?} (None, Sign, SignAndEncrypt)"));
+                    p.push(
+                        format!("{at}.connection.security_mode"),
+                        format!("unknown mode {sm:?} (None, Sign, SignAndEncrypt)"),
+                    );
                 }
             }
             if let Some(OpcUaAuth::Named(n)) = &c.auth {
                 if n != "anonymous" {
-                    p.push(format!("{at}.connection.auth"), format!("{n:?}: use anonymous, {{username, password}} or {{cert, key}}"));
+                    p.push(
+                        format!("{at}.connection.auth"),
+                        format!("{n:?}: use anonymous, {{username, password}} or {{cert, key}}"),
+                    );
                 }
             }
         }
@@ -365,7 +419,10 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
                 not_for(present, key);
             }
             if c.host.as_deref().is_none_or(str::is_empty) {
-                p.push(format!("{at}.connection"), "an S7 device needs connection.host");
+                p.push(
+                    format!("{at}.connection"),
+                    "an S7 device needs connection.host",
+                );
             }
         }
     }
@@ -374,10 +431,18 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
     }
 }
 
-fn check_tag(d: &DeviceConfig, t: &TagConfig, at: &str, p: &mut Problems) -> Option<(ModbusAddress, u16)> {
+fn check_tag(
+    d: &DeviceConfig,
+    t: &TagConfig,
+    at: &str,
+    p: &mut Problems,
+) -> Option<(ModbusAddress, u16)> {
     let proto = d.protocol;
     if !t.data_type.valid_for(proto) {
-        p.push(format!("{at}.data_type"), format!("{:?} is not a {proto:?} data type", t.data_type).to_lowercase());
+        p.push(
+            format!("{at}.data_type"),
+            format!("{:?} is not a {proto:?} data type", t.data_type).to_lowercase(),
+        );
     }
     if t.data_type == DataType::String && t.length.is_none() && proto != Protocol::Opcua {
         p.push(format!("{at}.length"), "a string tag needs length (bytes)");
@@ -388,21 +453,29 @@ fn check_tag(d: &DeviceConfig, t: &TagConfig, at: &str, p: &mut Problems) -> Opt
         }
     }
     if let Some(db) = t.deadband {
-        if !(db >= 0.0) {
+        if db.is_nan() || db < 0.0 {
             p.push(format!("{at}.deadband"), "must be zero or positive");
         }
     }
     if t.scale == Some(0.0) {
         p.push(format!("{at}.scale"), "scale 0 would make every value 0");
     }
-    if (t.scale.is_some() || t.offset.is_some() || t.deadband.is_some()) && !t.data_type.is_numeric() {
-        p.push(at.to_owned(), "scale, offset and deadband apply to numeric tags only");
+    if (t.scale.is_some() || t.offset.is_some() || t.deadband.is_some())
+        && !t.data_type.is_numeric()
+    {
+        p.push(
+            at.to_owned(),
+            "scale, offset and deadband apply to numeric tags only",
+        );
     }
     let mut modbus = None;
     match proto {
         Protocol::Modbus | Protocol::S7 => {
             if t.node_id.is_some() {
-                p.push(format!("{at}.node_id"), format!("node_id does not apply to a {proto:?} device"));
+                p.push(
+                    format!("{at}.node_id"),
+                    format!("node_id does not apply to a {proto:?} device"),
+                );
             }
             match &t.address {
                 None => p.push(at.to_owned(), "missing address"),
@@ -410,15 +483,23 @@ fn check_tag(d: &DeviceConfig, t: &TagConfig, at: &str, p: &mut Problems) -> Opt
                     Err(e) => p.push(format!("{at}.address"), e),
                     Ok(addr) => {
                         if addr.is_bit_table() && t.data_type != DataType::Bool {
-                            p.push(format!("{at}.data_type"), "coils and discrete inputs hold bool values");
+                            p.push(
+                                format!("{at}.data_type"),
+                                "coils and discrete inputs hold bool values",
+                            );
                         }
                         if addr.bit.is_some() && t.data_type != DataType::Bool {
                             p.push(format!("{at}.data_type"), "a bit of a register is a bool");
                         }
-                        if matches!(addr.table, ModbusTable::InputRegister | ModbusTable::DiscreteInput)
-                            && t.access.writable()
+                        if matches!(
+                            addr.table,
+                            ModbusTable::InputRegister | ModbusTable::DiscreteInput
+                        ) && t.access.writable()
                         {
-                            p.push(format!("{at}.access"), "input registers and discrete inputs are read-only");
+                            p.push(
+                                format!("{at}.access"),
+                                "input registers and discrete inputs are read-only",
+                            );
                         }
                         let count = if addr.is_bit_table() || addr.bit.is_some() {
                             1
@@ -426,24 +507,40 @@ fn check_tag(d: &DeviceConfig, t: &TagConfig, at: &str, p: &mut Problems) -> Opt
                             t.data_type.modbus_registers(t.length.unwrap_or(0))
                         };
                         if u32::from(addr.address) + u32::from(count) - 1 > 65535 {
-                            p.push(format!("{at}.address"), format!("{a} with {count} registers runs past 65535"));
+                            p.push(
+                                format!("{at}.address"),
+                                format!("{a} with {count} registers runs past 65535"),
+                            );
                         } else {
                             modbus = Some((addr, count));
                         }
                     }
                 },
-                Some(a) if a.trim().is_empty() => p.push(format!("{at}.address"), "address is empty"),
+                Some(a) if a.trim().is_empty() => {
+                    p.push(format!("{at}.address"), "address is empty")
+                }
                 Some(_) => {}
             }
         }
         Protocol::Opcua => {
             if t.address.is_some() {
-                p.push(format!("{at}.address"), "an OPC UA tag uses node_id, not address");
+                p.push(
+                    format!("{at}.address"),
+                    "an OPC UA tag uses node_id, not address",
+                );
             }
             match &t.node_id {
                 None => p.push(at.to_owned(), "missing node_id"),
-                Some(n) if !(n.contains("i=") || n.contains("s=") || n.contains("g=") || n.contains("b=")) => {
-                    p.push(format!("{at}.node_id"), format!("{n:?} is not a node id like ns=2;s=Name or i=2258"))
+                Some(n)
+                    if !(n.contains("i=")
+                        || n.contains("s=")
+                        || n.contains("g=")
+                        || n.contains("b=")) =>
+                {
+                    p.push(
+                        format!("{at}.node_id"),
+                        format!("{n:?} is not a node id like ns=2;s=Name or i=2258"),
+                    )
                 }
                 Some(_) => {}
             }
@@ -462,14 +559,20 @@ impl DeviceConfig {
         }
         check_connection(self, at, p);
         if self.tags.is_empty() {
-            p.push(format!("{at}.tags"), format!("device {} has no tags", self.id));
+            p.push(
+                format!("{at}.tags"),
+                format!("device {} has no tags", self.id),
+            );
         }
         let mut ids: HashMap<&TagId, usize> = HashMap::new();
         let mut ranges: Vec<(usize, ModbusAddress, u16)> = Vec::new();
         for (i, t) in self.tags.iter().enumerate() {
             let tat = format!("{at}.tags[{i}]");
             if let Some(first) = ids.insert(&t.id, i) {
-                p.push(format!("{tat}.id"), format!("device {}: tag {} is also tags[{first}]", self.id, t.id));
+                p.push(
+                    format!("{tat}.id"),
+                    format!("device {}: tag {} is also tags[{first}]", self.id, t.id),
+                );
             }
             if let Some((addr, count)) = check_tag(self, t, &tat, p) {
                 ranges.push((i, addr, count));
@@ -509,7 +612,10 @@ pub(crate) fn validate_devices(devices: &[DeviceConfig], index: &[usize], p: &mu
     for (d, &i) in devices.iter().zip(index) {
         let at = format!("devices[{i}]");
         if let Some(first) = ids.insert(&d.id, i) {
-            p.push(format!("{at}.id"), format!("device {} is also devices[{first}]", d.id));
+            p.push(
+                format!("{at}.id"),
+                format!("device {} is also devices[{first}]", d.id),
+            );
         }
         d.validate(&at, p);
     }
@@ -523,13 +629,28 @@ mod tests {
     fn modbus_addresses() {
         assert_eq!(
             ModbusAddress::parse("HR:100").unwrap(),
-            ModbusAddress { table: ModbusTable::HoldingRegister, address: 100, bit: None }
+            ModbusAddress {
+                table: ModbusTable::HoldingRegister,
+                address: 100,
+                bit: None
+            }
         );
         assert_eq!(ModbusAddress::parse("hr:100.3").unwrap().bit, Some(3));
-        assert_eq!(ModbusAddress::parse("CO:0").unwrap().table, ModbusTable::Coil);
-        assert!(ModbusAddress::parse("HR:70000").unwrap_err().contains("above 65535"));
-        assert!(ModbusAddress::parse("HR:1.16").unwrap_err().contains("bit 16"));
-        assert!(ModbusAddress::parse("CO:1.2").unwrap_err().contains("no bits"));
-        assert!(ModbusAddress::parse("40001").unwrap_err().contains("expected HR:<n>"));
+        assert_eq!(
+            ModbusAddress::parse("CO:0").unwrap().table,
+            ModbusTable::Coil
+        );
+        assert!(ModbusAddress::parse("HR:70000")
+            .unwrap_err()
+            .contains("above 65535"));
+        assert!(ModbusAddress::parse("HR:1.16")
+            .unwrap_err()
+            .contains("bit 16"));
+        assert!(ModbusAddress::parse("CO:1.2")
+            .unwrap_err()
+            .contains("no bits"));
+        assert!(ModbusAddress::parse("40001")
+            .unwrap_err()
+            .contains("expected HR:<n>"));
     }
 }

@@ -21,12 +21,13 @@ use serde_json::{Map, Value as Json};
 
 pub use alerts::{AlertRule, AlertsConfig, Condition, Severity};
 pub use devices::{
-    Access, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress, ModbusTable, ModbusTransport,
-    Protocol, TagConfig,
+    Access, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress, ModbusTable,
+    ModbusTransport, Protocol, TagConfig,
 };
 pub use sections::{
-    AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, CommandsConfig, GatewayConfig,
-    IngestionConfig, LogFormat, MqttConfig, MqttTls, MqttVersion, OrchestratorConfig, Role, TelemetryConfig,
+    AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, CommandsConfig,
+    GatewayConfig, IngestionConfig, LogFormat, MqttConfig, MqttTls, MqttVersion,
+    OrchestratorConfig, Role, TelemetryConfig,
 };
 pub use types::{ByteSize, Secret, SecretUrl};
 use yaml::{Pos, Spans};
@@ -38,8 +39,18 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Default config file name, looked up in the working directory.
 pub const DEFAULT_FILE: &str = "nexus.yaml";
 
-const SECTIONS: [&str; 10] =
-    ["broker", "mqtt", "gateway", "devices", "devices_file", "ingestion", "commands", "alerts", "orchestrator", "telemetry"];
+const SECTIONS: [&str; 10] = [
+    "broker",
+    "mqtt",
+    "gateway",
+    "devices",
+    "devices_file",
+    "ingestion",
+    "commands",
+    "alerts",
+    "orchestrator",
+    "telemetry",
+];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default)]
@@ -80,9 +91,17 @@ impl Problems {
 /// Where a problem comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
-    File { file: String, line: usize, col: usize },
-    WholeFile { file: String },
-    Env { var: String },
+    File {
+        file: String,
+        line: usize,
+        col: usize,
+    },
+    WholeFile {
+        file: String,
+    },
+    Env {
+        var: String,
+    },
 }
 
 impl fmt::Display for Location {
@@ -120,7 +139,12 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} configuration problem{}:", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "{} configuration problem{}:",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
         for e in &self.0 {
             writeln!(f, "  {e}")?;
         }
@@ -151,24 +175,43 @@ impl Doc {
             }
         }
         match yaml::locate(&self.spans, path) {
-            Some(Pos { line, col }) => Location::File { file: self.file.clone(), line, col },
-            None => Location::WholeFile { file: self.file.clone() },
+            Some(Pos { line, col }) => Location::File {
+                file: self.file.clone(),
+                line,
+                col,
+            },
+            None => Location::WholeFile {
+                file: self.file.clone(),
+            },
         }
     }
 
     fn error(&self, path: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { location: self.locate(path), path: path.to_owned(), message: message.into() }
+        ConfigError {
+            location: self.locate(path),
+            path: path.to_owned(),
+            message: message.into(),
+        }
     }
 
     /// An error whose position is looked up under `lookup` in this document but shown as
     /// `shown` (a devices file holding a bare list has paths `[0]...` shown as `devices[0]...`).
     fn error_as(&self, lookup: &str, shown: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { location: self.locate(lookup), path: shown.to_owned(), message: message.into() }
+        ConfigError {
+            location: self.locate(lookup),
+            path: shown.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
 /// Deserialize `value` (found at `base`) and on failure report the exact key.
-fn section<T: DeserializeOwned>(doc: &Doc, base: &str, value: Json, errors: &mut Vec<ConfigError>) -> Option<T> {
+fn section<T: DeserializeOwned>(
+    doc: &Doc,
+    base: &str,
+    value: Json,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
     section_as(doc, base, base, value, errors)
 }
 
@@ -202,9 +245,13 @@ fn set_path(root: &mut Json, segments: &[String], value: Json) -> Result<(), Str
         let last = i + 1 == segments.len();
         match cur {
             Json::Array(items) => {
-                let idx: usize = seg.parse().map_err(|_| format!("{seg:?} is not an index into a list"))?;
+                let idx: usize = seg
+                    .parse()
+                    .map_err(|_| format!("{seg:?} is not an index into a list"))?;
                 let len = items.len();
-                let slot = items.get_mut(idx).ok_or_else(|| format!("index {idx} is past the {len} entries"))?;
+                let slot = items
+                    .get_mut(idx)
+                    .ok_or_else(|| format!("index {idx} is past the {len} entries"))?;
                 if last {
                     *slot = value;
                     return Ok(());
@@ -216,7 +263,9 @@ fn set_path(root: &mut Json, segments: &[String], value: Json) -> Result<(), Str
                     map.insert(seg.clone(), value);
                     return Ok(());
                 }
-                cur = map.entry(seg.clone()).or_insert_with(|| Json::Object(Map::new()));
+                cur = map
+                    .entry(seg.clone())
+                    .or_insert_with(|| Json::Object(Map::new()));
                 if cur.is_null() {
                     *cur = Json::Object(Map::new());
                 }
@@ -228,8 +277,15 @@ fn set_path(root: &mut Json, segments: &[String], value: Json) -> Result<(), Str
 }
 
 /// Apply `NEXUS_<SECTION>__<KEY>[__<KEY>...]` and `NEXUS_DATABASE_URL` to the tree.
-fn apply_env(root: &mut Json, doc: &mut Doc, env: &[(String, String)], errors: &mut Vec<ConfigError>) {
-    let explicit_db = env.iter().any(|(k, _)| k == "NEXUS_INGESTION__DATABASE_URL");
+fn apply_env(
+    root: &mut Json,
+    doc: &mut Doc,
+    env: &[(String, String)],
+    errors: &mut Vec<ConfigError>,
+) {
+    let explicit_db = env
+        .iter()
+        .any(|(k, _)| k == "NEXUS_INGESTION__DATABASE_URL");
     for (key, raw) in env {
         let segments: Vec<String> = if key == "NEXUS_DATABASE_URL" {
             if explicit_db {
@@ -237,21 +293,31 @@ fn apply_env(root: &mut Json, doc: &mut Doc, env: &[(String, String)], errors: &
             }
             vec!["ingestion".into(), "database_url".into()]
         } else {
-            let Some(rest) = key.strip_prefix("NEXUS_") else { continue };
+            let Some(rest) = key.strip_prefix("NEXUS_") else {
+                continue;
+            };
             if !rest.contains("__") {
                 continue;
             }
             rest.split("__").map(|s| s.to_ascii_lowercase()).collect()
         };
         if segments.iter().any(String::is_empty) {
-            errors.push(ConfigError { location: Location::Env { var: key.clone() }, path: String::new(), message: "empty key level (use double underscores only between keys)".into() });
+            errors.push(ConfigError {
+                location: Location::Env { var: key.clone() },
+                path: String::new(),
+                message: "empty key level (use double underscores only between keys)".into(),
+            });
             continue;
         }
         if !SECTIONS.contains(&segments[0].as_str()) {
             errors.push(ConfigError {
                 location: Location::Env { var: key.clone() },
                 path: segments[0].clone(),
-                message: format!("unknown section {:?}; sections are {}", segments[0], SECTIONS.join(", ")),
+                message: format!(
+                    "unknown section {:?}; sections are {}",
+                    segments[0],
+                    SECTIONS.join(", ")
+                ),
             });
             continue;
         }
@@ -273,16 +339,31 @@ fn apply_env(root: &mut Json, doc: &mut Doc, env: &[(String, String)], errors: &
                 }
                 doc.env_paths.insert(path, key.clone());
             }
-            Err(e) => errors.push(ConfigError { location: Location::Env { var: key.clone() }, path: segments.join("."), message: e }),
+            Err(e) => errors.push(ConfigError {
+                location: Location::Env { var: key.clone() },
+                path: segments.join("."),
+                message: e,
+            }),
         }
     }
 }
 
 fn parse_doc(text: &str, file: &str) -> Result<(Json, Doc), ConfigErrors> {
     match yaml::parse(text) {
-        Ok((v, spans)) => Ok((v, Doc { file: file.to_owned(), spans, env_paths: HashMap::new() })),
+        Ok((v, spans)) => Ok((
+            v,
+            Doc {
+                file: file.to_owned(),
+                spans,
+                env_paths: HashMap::new(),
+            },
+        )),
         Err((msg, pos)) => Err(ConfigErrors(vec![ConfigError {
-            location: Location::File { file: file.to_owned(), line: pos.line, col: pos.col },
+            location: Location::File {
+                file: file.to_owned(),
+                line: pos.line,
+                col: pos.col,
+            },
             path: String::new(),
             message: format!("YAML syntax: {msg}"),
         }])),
@@ -303,7 +384,14 @@ fn load_list<T: DeserializeOwned>(
             .into_iter()
             .enumerate()
             .filter_map(|(i, d)| {
-                section_as::<T>(doc, &yaml::index_path(base, i), &yaml::index_path(shown, i), d, errors).map(|v| (i, v))
+                section_as::<T>(
+                    doc,
+                    &yaml::index_path(base, i),
+                    &yaml::index_path(shown, i),
+                    d,
+                    errors,
+                )
+                .map(|v| (i, v))
             })
             .collect(),
         Json::Null => Vec::new(),
@@ -322,13 +410,18 @@ impl Config {
         Self::load_with_env(path, &env)
     }
 
-    pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigErrors> {
         let (text, file) = match path {
             Some(p) => match std::fs::read_to_string(p) {
                 Ok(t) => (t, Some(p.to_path_buf())),
                 Err(e) => {
                     return Err(ConfigErrors(vec![ConfigError {
-                        location: Location::WholeFile { file: p.display().to_string() },
+                        location: Location::WholeFile {
+                            file: p.display().to_string(),
+                        },
                         path: String::new(),
                         message: format!("cannot read: {e}"),
                     }]))
@@ -343,20 +436,37 @@ impl Config {
     }
 
     /// Parse a config text; `file` names it in errors and anchors `devices_file`.
-    pub fn from_str_with_env(text: &str, file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
-        let file_name = file.map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into());
+    pub fn from_str_with_env(
+        text: &str,
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigErrors> {
+        let file_name = file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(defaults)".into());
         let (mut root, mut doc) = parse_doc(text, &file_name)?;
         let mut errors = Vec::new();
         if root.is_object() {
             apply_env(&mut root, &mut doc, env, &mut errors);
         }
         let Json::Object(mut top) = root else {
-            return Err(ConfigErrors(vec![doc.error("", "the configuration must be a mapping of sections")]));
+            return Err(ConfigErrors(vec![
+                doc.error("", "the configuration must be a mapping of sections")
+            ]));
         };
-        let mut cfg = Config { source: file.map(Path::to_path_buf), ..Config::default() };
+        let mut cfg = Config {
+            source: file.map(Path::to_path_buf),
+            ..Config::default()
+        };
         for key in top.keys() {
             if !SECTIONS.contains(&key.as_str()) {
-                errors.push(doc.error(key, format!("unknown section {key:?}; sections are {}", SECTIONS.join(", "))));
+                errors.push(doc.error(
+                    key,
+                    format!(
+                        "unknown section {key:?}; sections are {}",
+                        SECTIONS.join(", ")
+                    ),
+                ));
             }
         }
         macro_rules! take {
@@ -385,7 +495,13 @@ impl Config {
                 }
             }
             if let Some(rules) = rules {
-                let loaded = load_list::<AlertRule>(rules, &doc, "alerts.rules", "alerts.rules", &mut errors);
+                let loaded = load_list::<AlertRule>(
+                    rules,
+                    &doc,
+                    "alerts.rules",
+                    "alerts.rules",
+                    &mut errors,
+                );
                 (rule_index, cfg.alerts.rules) = loaded.into_iter().unzip();
             }
         }
@@ -401,7 +517,9 @@ impl Config {
                 errors.push(doc.error("devices_file", "give devices or devices_file, not both"));
             }
             (None, Some(d)) => {
-                (device_index, cfg.devices) = load_list(d, &doc, "devices", "devices", &mut errors).into_iter().unzip();
+                (device_index, cfg.devices) = load_list(d, &doc, "devices", "devices", &mut errors)
+                    .into_iter()
+                    .unzip();
             }
             (Some(df), _) => {
                 let resolved = match (file.and_then(Path::parent), df.is_relative()) {
@@ -410,7 +528,10 @@ impl Config {
                 };
                 cfg.devices_file = Some(resolved.clone());
                 match std::fs::read_to_string(&resolved) {
-                    Err(e) => errors.push(doc.error("devices_file", format!("cannot read {}: {e}", resolved.display()))),
+                    Err(e) => errors.push(doc.error(
+                        "devices_file",
+                        format!("cannot read {}: {e}", resolved.display()),
+                    )),
                     Ok(text) => match parse_doc(&text, &resolved.display().to_string()) {
                         Err(mut e) => errors.append(&mut e.0),
                         Ok((v, ddoc)) => {
@@ -423,7 +544,9 @@ impl Config {
                                 other => (other, ""),
                             };
                             (device_index, cfg.devices) =
-                                load_list(list, &ddoc, base, "devices", &mut errors).into_iter().unzip();
+                                load_list(list, &ddoc, base, "devices", &mut errors)
+                                    .into_iter()
+                                    .unzip();
                             device_doc = Some((ddoc, base));
                         }
                     },
@@ -437,7 +560,9 @@ impl Config {
         cfg.validate_parts(&mut problems, &device_index, &rule_index);
         for (path, msg) in problems.0 {
             match (&device_doc, path.strip_prefix("devices")) {
-                (Some((ddoc, base)), Some(rest)) => errors.push(ddoc.error_as(&format!("{base}{rest}"), &path, msg)),
+                (Some((ddoc, base)), Some(rest)) => {
+                    errors.push(ddoc.error_as(&format!("{base}{rest}"), &path, msg))
+                }
                 _ => errors.push(doc.error(&path, msg)),
             }
         }
@@ -455,7 +580,11 @@ impl Config {
         if p.is_empty() {
             Ok(())
         } else {
-            Err(p.0.into_iter().map(|(path, msg)| format!("{path}: {msg}")).collect())
+            Err(p
+                .0
+                .into_iter()
+                .map(|(path, msg)| format!("{path}: {msg}"))
+                .collect())
         }
     }
 
@@ -477,7 +606,10 @@ impl Config {
 
     /// Where the config came from, for the startup banner.
     pub fn source_name(&self) -> String {
-        self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into())
+        self.source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in defaults".into())
     }
 }
 

@@ -184,11 +184,23 @@ impl BrokerConfig {
                 p.push(format!("{at}.username"), "username is empty");
             }
             if !names.insert(u.username.as_str()) {
-                p.push(format!("{at}.username"), format!("user {:?} is listed twice", u.username));
+                p.push(
+                    format!("{at}.username"),
+                    format!("user {:?} is listed twice", u.username),
+                );
             }
             match (&u.password, &u.password_env) {
-                (None, None) => p.push(at, format!("user {:?} needs password or password_env", u.username)),
-                (Some(_), Some(_)) => p.push(at, format!("user {:?}: give password or password_env, not both", u.username)),
+                (None, None) => p.push(
+                    at,
+                    format!("user {:?} needs password or password_env", u.username),
+                ),
+                (Some(_), Some(_)) => p.push(
+                    at,
+                    format!(
+                        "user {:?}: give password or password_env, not both",
+                        u.username
+                    ),
+                ),
                 _ => {}
             }
         }
@@ -212,7 +224,10 @@ impl BrokerConfig {
         }
         for (i, (name, port)) in ports.iter().enumerate() {
             if *port != 0 && ports[..i].iter().any(|(_, other)| other == port) {
-                p.push(format!("broker.{name}"), format!("port {port} is used by another listener"));
+                p.push(
+                    format!("broker.{name}"),
+                    format!("port {port} is used by another listener"),
+                );
             }
         }
     }
@@ -289,7 +304,8 @@ impl Default for MqttConfig {
 
 impl MqttConfig {
     pub fn effective_port(&self) -> u16 {
-        self.port.unwrap_or(if self.tls.is_some() { 8883 } else { 1883 })
+        self.port
+            .unwrap_or(if self.tls.is_some() { 8883 } else { 1883 })
     }
 
     pub(crate) fn validate(&self, p: &mut Problems) {
@@ -339,7 +355,9 @@ pub struct GatewayConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        GatewayConfig { http_listen: listen(4000) }
+        GatewayConfig {
+            http_listen: listen(4000),
+        }
     }
 }
 
@@ -356,7 +374,10 @@ pub struct IngestionConfig {
 
 impl Default for IngestionConfig {
     fn default() -> Self {
-        IngestionConfig { database_url: None, http_listen: listen(7000) }
+        IngestionConfig {
+            database_url: None,
+            http_listen: listen(7000),
+        }
     }
 }
 
@@ -367,7 +388,13 @@ impl IngestionConfig {
             let is_url = u.starts_with("postgres://") || u.starts_with("postgresql://");
             let is_kv = u.contains('=');
             if !is_url && !is_kv {
-                p.push("ingestion.database_url", format!("{} is not a postgres:// URL or key=value string", url.redacted()));
+                p.push(
+                    "ingestion.database_url",
+                    format!(
+                        "{} is not a postgres:// URL or key=value string",
+                        url.redacted()
+                    ),
+                );
             }
         }
     }
@@ -383,7 +410,9 @@ pub struct CommandsConfig {
 
 impl Default for CommandsConfig {
     fn default() -> Self {
-        CommandsConfig { http_listen: listen(4100) }
+        CommandsConfig {
+            http_listen: listen(4100),
+        }
     }
 }
 
@@ -436,7 +465,11 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { log_level: "info".into(), log_format: LogFormat::Pretty, instance: None }
+        TelemetryConfig {
+            log_level: "info".into(),
+            log_format: LogFormat::Pretty,
+            instance: None,
+        }
     }
 }
 
@@ -452,11 +485,17 @@ impl TelemetryConfig {
     pub(crate) fn validate(&self, p: &mut Problems) {
         if let Some(i) = &self.instance {
             if let Err(e) = crate::domain::DeviceId::new(i.clone()) {
-                p.push("telemetry.instance", e.to_string().replace("device id", "instance name"));
+                p.push(
+                    "telemetry.instance",
+                    e.to_string().replace("device id", "instance name"),
+                );
             }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            p.push("telemetry.log_level", format!("{:?} is not a valid log filter", self.log_level));
+            p.push(
+                "telemetry.log_level",
+                format!("{:?} is not a valid log filter", self.log_level),
+            );
         }
     }
 }

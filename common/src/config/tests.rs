@@ -8,16 +8,28 @@ fn load(text: &str) -> Result<Config, ConfigErrors> {
 }
 
 fn load_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
-    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     Config::from_str_with_env(text, Some(Path::new("nexus.yaml")), &env)
 }
 
 fn errors(text: &str) -> Vec<String> {
-    load(text).unwrap_err().0.iter().map(ToString::to_string).collect()
+    load(text)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 fn assert_has(errs: &[String], want: &str) {
-    assert!(errs.iter().any(|e| e.contains(want)), "no error containing {want:?} in:\n{}", errs.join("\n"));
+    assert!(
+        errs.iter().any(|e| e.contains(want)),
+        "no error containing {want:?} in:\n{}",
+        errs.join("\n")
+    );
 }
 
 const DEVICE: &str = r#"
@@ -109,7 +121,9 @@ alerts:
     let c = load(text).unwrap();
     assert_eq!(c.devices.len(), 2);
     assert_eq!(c.alerts.rules[0].severity, Severity(700));
-    assert!(matches!(c.alerts.rules[0].condition, Condition::High { limit, deadband } if limit == 80.0 && deadband == 2.0));
+    assert!(
+        matches!(c.alerts.rules[0].condition, Condition::High { limit, deadband } if limit == 80.0 && deadband == 2.0)
+    );
 }
 
 #[test]
@@ -136,12 +150,22 @@ fn env_overrides_any_key() {
     assert_eq!(c.broker.ws_port, None);
     assert_eq!(c.gateway.http_listen.port(), 4444);
     assert_eq!(c.devices[0].poll_interval, Duration::from_millis(250));
-    assert_eq!(c.ingestion.database_url.as_ref().map(SecretUrl::expose), Some("postgres://u:pw@db/hist"));
+    assert_eq!(
+        c.ingestion.database_url.as_ref().map(SecretUrl::expose),
+        Some("postgres://u:pw@db/hist")
+    );
 }
 
 #[test]
 fn explicit_section_key_beats_short_database_url() {
-    let c = load_env("", &[("NEXUS_DATABASE_URL", "postgres://a/x"), ("NEXUS_INGESTION__DATABASE_URL", "postgres://b/y")]).unwrap();
+    let c = load_env(
+        "",
+        &[
+            ("NEXUS_DATABASE_URL", "postgres://a/x"),
+            ("NEXUS_INGESTION__DATABASE_URL", "postgres://b/y"),
+        ],
+    )
+    .unwrap();
     assert_eq!(c.ingestion.database_url.unwrap().expose(), "postgres://b/y");
 }
 
@@ -153,8 +177,14 @@ fn env_errors_name_the_variable() {
         .iter()
         .map(ToString::to_string)
         .collect();
-    assert_has(&errs, "environment variable NEXUS_MQTT__PORT: mqtt.port: invalid type: string \"lots\"");
-    assert_has(&errs, "environment variable NEXUS_FROB__X: frob: unknown section \"frob\"");
+    assert_has(
+        &errs,
+        "environment variable NEXUS_MQTT__PORT: mqtt.port: invalid type: string \"lots\"",
+    );
+    assert_has(
+        &errs,
+        "environment variable NEXUS_FROB__X: frob: unknown section \"frob\"",
+    );
 }
 
 #[test]
@@ -168,9 +198,15 @@ fn unknown_keys_point_at_their_line() {
 #[test]
 fn type_errors_point_at_the_value() {
     let errs = errors("broker:\n  port: 99999\n");
-    assert_has(&errs, "nexus.yaml:2:3: broker.port: invalid value: integer `99999`");
+    assert_has(
+        &errs,
+        "nexus.yaml:2:3: broker.port: invalid value: integer `99999`",
+    );
     let errs = errors("mqtt:\n  keep_alive: 30\n");
-    assert_has(&errs, "mqtt.keep_alive: invalid duration 30: write it with a unit");
+    assert_has(
+        &errs,
+        "mqtt.keep_alive: invalid duration 30: write it with a unit",
+    );
     let errs = errors("mqtt:\n  keep_alive: 30 parsecs\n");
     assert_has(&errs, "invalid duration \"30 parsecs\"");
 }
@@ -203,9 +239,15 @@ devices:
       - { id: t1, address: "HR:1", data_type: int16, byte_order: ABDC }
 "#;
     let errs = errors(text);
-    assert_has(&errs, "devices[2].tags[0].byte_order: unknown variant `ABDC`");
+    assert_has(
+        &errs,
+        "devices[2].tags[0].byte_order: unknown variant `ABDC`",
+    );
     assert_has(&errs, "nexus.yaml:3:3: broker.port: invalid type");
-    assert_has(&errs, "nexus.yaml:12:36: devices[0].tags[0].data_type: unknown variant `flot32`");
+    assert_has(
+        &errs,
+        "nexus.yaml:12:36: devices[0].tags[0].data_type: unknown variant `flot32`",
+    );
     assert_has(&errs, "nexus.yaml:15:5: devices[1].uns_prefix: topic \"acme//x\" has an empty level at position 2");
     // mqtt parsed fine, so its semantic check runs too.
     assert_has(&errs, "mqtt.inflight: must be at least 1");
@@ -241,20 +283,53 @@ devices:
       - { id: x, address: "HR:1", data_type: float64 }
 "#;
     let errs = errors(text);
-    assert_has(&errs, "devices[0].connection.endpoint: endpoint does not apply to a Modbus device");
+    assert_has(
+        &errs,
+        "devices[0].connection.endpoint: endpoint does not apply to a Modbus device",
+    );
     assert_has(&errs, "devices[0].tags[1].address: device plc-1: tag b overlaps tag a (registers 11..11 and 10..11)");
-    assert_has(&errs, "devices[0].tags[2].address: HR:65535 with 4 registers runs past 65535");
-    assert_has(&errs, "devices[0].tags[3].address: invalid Modbus address \"XX:1\"");
-    assert_has(&errs, "devices[0].tags[5].id: device plc-1: tag a is also tags[0]");
-    assert_has(&errs, "devices[0].tags[6].access: input registers and discrete inputs are read-only");
-    assert_has(&errs, "devices[0].tags[7].data_type: coils and discrete inputs hold bool values");
+    assert_has(
+        &errs,
+        "devices[0].tags[2].address: HR:65535 with 4 registers runs past 65535",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[3].address: invalid Modbus address \"XX:1\"",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[5].id: device plc-1: tag a is also tags[0]",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[6].access: input registers and discrete inputs are read-only",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[7].data_type: coils and discrete inputs hold bool values",
+    );
     assert_has(&errs, "devices[0].tags[8].min: min 10 is above max 5");
-    assert_has(&errs, "devices[0].tags[9].data_type: real is not a modbus data type");
-    assert_has(&errs, "devices[0].tags[10].length: a string tag needs length");
-    assert!(!errs.iter().any(|e| e.contains("tags[12]")), "bits of one register may share it: {errs:?}");
+    assert_has(
+        &errs,
+        "devices[0].tags[9].data_type: real is not a modbus data type",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[10].length: a string tag needs length",
+    );
+    assert!(
+        !errs.iter().any(|e| e.contains("tags[12]")),
+        "bits of one register may share it: {errs:?}"
+    );
     assert_has(&errs, "devices[1].id: device plc-1 is also devices[0]");
-    assert_has(&errs, "devices[1].connection.endpoint: \"http://x\" is not an opc.tcp:// URL");
-    assert_has(&errs, "devices[1].tags[0].address: an OPC UA tag uses node_id, not address");
+    assert_has(
+        &errs,
+        "devices[1].connection.endpoint: \"http://x\" is not an opc.tcp:// URL",
+    );
+    assert_has(
+        &errs,
+        "devices[1].tags[0].address: an OPC UA tag uses node_id, not address",
+    );
     // Each error carries the line of its key.
     assert_has(&errs, "nexus.yaml:9:");
 }
@@ -273,14 +348,21 @@ alerts:
 "#;
     let errs = errors(text);
     assert!(
-        errs.iter().any(|e| e.contains("rule hi: high limit 10 must be above low limit 20 of rule lo")),
+        errs.iter()
+            .any(|e| e.contains("rule hi: high limit 10 must be above low limit 20 of rule lo")),
         "{errs:?}"
     );
     assert_has(&errs, "alerts.rules[2].topic: rule bad-filter: filter \"acme/#/x\": '#' must be a whole level and the last one");
-    assert_has(&errs, "alerts.rules[3].condition.type: unknown variant `sideways`");
+    assert_has(
+        &errs,
+        "alerts.rules[3].condition.type: unknown variant `sideways`",
+    );
     assert_has(&errs, "alerts.rules[4].id: rule hi is also alerts.rules[0]");
     assert_has(&errs, "rule hi: stale needs a positive time");
-    assert_has(&errs, "alerts.rules[5].severity: severity 5000 is not between 1 and 1000");
+    assert_has(
+        &errs,
+        "alerts.rules[5].severity: severity 5000 is not between 1 and 1000",
+    );
 }
 
 #[test]
@@ -295,8 +377,14 @@ fn broker_users_and_acl_are_checked() {
     let errs = errors(
         "broker:\n  users:\n    - { username: op }\n    - { username: op, password: x, role: operator }\n  acl:\n    - { permission: allow, action: publish, topic: \"a/#/b\" }\n",
     );
-    assert_has(&errs, "broker.users[0]: user \"op\" needs password or password_env");
-    assert_has(&errs, "broker.users[1].username: user \"op\" is listed twice");
+    assert_has(
+        &errs,
+        "broker.users[0]: user \"op\" needs password or password_env",
+    );
+    assert_has(
+        &errs,
+        "broker.users[1].username: user \"op\" is listed twice",
+    );
     assert_has(&errs, "broker.acl[0].topic: filter \"a/#/b\"");
 }
 
@@ -319,13 +407,28 @@ fn devices_file_is_loaded_relative_to_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let devices = DEVICE.replace("devices:\n", "");
     std::fs::write(dir.path().join("devices.yaml"), &devices).unwrap();
-    std::fs::write(dir.path().join("nexus.yaml"), "devices_file: devices.yaml\n").unwrap();
+    std::fs::write(
+        dir.path().join("nexus.yaml"),
+        "devices_file: devices.yaml\n",
+    )
+    .unwrap();
     let c = Config::load_with_env(Some(&dir.path().join("nexus.yaml")), &[]).unwrap();
     assert_eq!(c.devices.len(), 1);
     // Errors in the devices file name that file and its line.
-    std::fs::write(dir.path().join("devices.yaml"), devices.replace("float32", "float33")).unwrap();
-    let errs = Config::load_with_env(Some(&dir.path().join("nexus.yaml")), &[]).unwrap_err().to_string();
-    assert!(errs.contains("devices.yaml:10:9: devices[0].tags[0].data_type: unknown variant `float33`"), "{errs}");
-    let missing = Config::load_with_env(Some(&dir.path().join("nope.yaml")), &[]).unwrap_err().to_string();
+    std::fs::write(
+        dir.path().join("devices.yaml"),
+        devices.replace("float32", "float33"),
+    )
+    .unwrap();
+    let errs = Config::load_with_env(Some(&dir.path().join("nexus.yaml")), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errs.contains("devices.yaml:10:9: devices[0].tags[0].data_type: unknown variant `float33`"),
+        "{errs}"
+    );
+    let missing = Config::load_with_env(Some(&dir.path().join("nope.yaml")), &[])
+        .unwrap_err()
+        .to_string();
     assert!(missing.contains("nope.yaml: cannot read"), "{missing}");
 }

@@ -15,7 +15,9 @@ pub mod duration {
         let v = serde_json::Value::deserialize(d)?;
         match v {
             serde_json::Value::String(s) => humantime::parse_duration(s.trim()).map_err(|e| {
-                serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write it with a unit, e.g. 2s or 100ms)"))
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?}: {e} (write it with a unit, e.g. 2s or 100ms)"
+                ))
             }),
             other => Err(serde::de::Error::custom(format!(
                 "invalid duration {other}: write it with a unit, e.g. 2s or 100ms"
@@ -52,9 +54,13 @@ impl fmt::Debug for ByteSize {
 impl ByteSize {
     pub fn parse(s: &str) -> Result<ByteSize, String> {
         let t = s.trim();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit like 64MiB"))?;
+        let n: f64 = num.parse().map_err(|_| {
+            format!("invalid size {s:?}: expected a number with an optional unit like 64MiB")
+        })?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "kb" | "k" => 1000,
@@ -63,7 +69,11 @@ impl ByteSize {
             "mib" => 1024 * 1024,
             "gb" | "g" => 1000 * 1000 * 1000,
             "gib" => 1024 * 1024 * 1024,
-            other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use B, kB, KiB, MB, MiB, GB, GiB)")),
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use B, kB, KiB, MB, MiB, GB, GiB)"
+                ))
+            }
         };
         Ok(ByteSize((n * mult as f64) as u64))
     }
@@ -72,10 +82,11 @@ impl ByteSize {
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match serde_json::Value::deserialize(d)? {
-            serde_json::Value::Number(n) => n
-                .as_u64()
-                .map(ByteSize)
-                .ok_or_else(|| serde::de::Error::custom(format!("invalid size {n}: must be a whole number of bytes"))),
+            serde_json::Value::Number(n) => n.as_u64().map(ByteSize).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {n}: must be a whole number of bytes"
+                ))
+            }),
             serde_json::Value::String(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
             other => Err(serde::de::Error::custom(format!("invalid size {other}"))),
         }
@@ -156,7 +167,10 @@ pub fn redact_url(url: &str) -> String {
     }
     if let Some(i) = out.find("password=") {
         let start = i + "password=".len();
-        let end = out[start..].find(['&', ' ']).map(|e| start + e).unwrap_or(out.len());
+        let end = out[start..]
+            .find(['&', ' '])
+            .map(|e| start + e)
+            .unwrap_or(out.len());
         out.replace_range(start..end, "***");
     }
     out
@@ -184,10 +198,18 @@ mod tests {
         assert_eq!(format!("{s:?}"), "\"***\"");
         assert_eq!(format!("{s}"), "***");
         assert_eq!(s.expose(), "hunter2");
-        let u = SecretUrl(Secret::new("postgres://nexus:hunter2@db:5432/hist?sslmode=require"));
-        assert_eq!(u.to_string(), "postgres://nexus:***@db:5432/hist?sslmode=require");
+        let u = SecretUrl(Secret::new(
+            "postgres://nexus:hunter2@db:5432/hist?sslmode=require",
+        ));
+        assert_eq!(
+            u.to_string(),
+            "postgres://nexus:***@db:5432/hist?sslmode=require"
+        );
         assert!(!format!("{u:?}").contains("hunter2"));
-        assert_eq!(redact_url("host=db user=x password=hunter2 dbname=h"), "host=db user=x password=*** dbname=h");
+        assert_eq!(
+            redact_url("host=db user=x password=hunter2 dbname=h"),
+            "host=db user=x password=*** dbname=h"
+        );
         assert_eq!(redact_url("postgres://db/h"), "postgres://db/h");
     }
 
@@ -196,6 +218,8 @@ mod tests {
         assert_eq!(ByteSize::parse("64MiB").unwrap().0, 64 * 1024 * 1024);
         assert_eq!(ByteSize::parse("1GB").unwrap().0, 1_000_000_000);
         assert_eq!(ByteSize::parse("512").unwrap().0, 512);
-        assert!(ByteSize::parse("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(ByteSize::parse("12 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
     }
 }

@@ -31,8 +31,17 @@ pub fn index_path(parent: &str, i: usize) -> String {
 }
 
 enum Frame {
-    Seq { items: Vec<Json>, path: String, anchor: usize },
-    Map { map: Map<String, Json>, path: String, pending_key: Option<String>, anchor: usize },
+    Seq {
+        items: Vec<Json>,
+        path: String,
+        anchor: usize,
+    },
+    Map {
+        map: Map<String, Json>,
+        path: String,
+        pending_key: Option<String>,
+        anchor: usize,
+    },
 }
 
 struct Builder {
@@ -44,7 +53,10 @@ struct Builder {
 }
 
 fn pos(m: &Marker) -> Pos {
-    Pos { line: m.line(), col: m.col() + 1 }
+    Pos {
+        line: m.line(),
+        col: m.col() + 1,
+    }
 }
 
 fn scalar(value: String, style: TScalarStyle) -> Json {
@@ -69,9 +81,15 @@ impl Builder {
         match self.stack.last() {
             None => Some(String::new()),
             Some(Frame::Seq { items, path, .. }) => Some(index_path(path, items.len())),
-            Some(Frame::Map { pending_key: Some(k), path, .. }) => Some(child_path(path, k)),
+            Some(Frame::Map {
+                pending_key: Some(k),
+                path,
+                ..
+            }) => Some(child_path(path, k)),
             // A key position: the node is a key, not a value.
-            Some(Frame::Map { pending_key: None, .. }) => None,
+            Some(Frame::Map {
+                pending_key: None, ..
+            }) => None,
         }
     }
 
@@ -79,7 +97,12 @@ impl Builder {
         match self.stack.last_mut() {
             None => self.root = Some(v),
             Some(Frame::Seq { items, .. }) => items.push(v),
-            Some(Frame::Map { map, pending_key, path, .. }) => match pending_key.take() {
+            Some(Frame::Map {
+                map,
+                pending_key,
+                path,
+                ..
+            }) => match pending_key.take() {
                 Some(k) => {
                     map.insert(k, v);
                 }
@@ -91,12 +114,14 @@ impl Builder {
                         Json::Bool(b) => b.to_string(),
                         Json::Null => "null".into(),
                         _ => {
-                            self.error.get_or_insert(("a mapping key must be a scalar".into(), at));
+                            self.error
+                                .get_or_insert(("a mapping key must be a scalar".into(), at));
                             String::new()
                         }
                     };
                     if map.contains_key(&key) {
-                        self.error.get_or_insert((format!("duplicate key {key:?}"), at));
+                        self.error
+                            .get_or_insert((format!("duplicate key {key:?}"), at));
                     }
                     let p = child_path(path, &key);
                     self.spans.insert(p, at);
@@ -131,12 +156,21 @@ impl MarkedEventReceiver for Builder {
             Event::SequenceStart(anchor, _) => {
                 let path = self.next_path().unwrap_or_default();
                 self.spans.entry(path.clone()).or_insert(at);
-                self.stack.push(Frame::Seq { items: Vec::new(), path, anchor });
+                self.stack.push(Frame::Seq {
+                    items: Vec::new(),
+                    path,
+                    anchor,
+                });
             }
             Event::MappingStart(anchor, _) => {
                 let path = self.next_path().unwrap_or_default();
                 self.spans.entry(path.clone()).or_insert(at);
-                self.stack.push(Frame::Map { map: Map::new(), path, pending_key: None, anchor });
+                self.stack.push(Frame::Map {
+                    map: Map::new(),
+                    path,
+                    pending_key: None,
+                    anchor,
+                });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let (v, anchor) = match self.stack.pop() {
@@ -157,11 +191,23 @@ impl MarkedEventReceiver for Builder {
 /// Parse YAML text into a JSON tree and its spans. A syntax error gives its message and
 /// position. An empty document is an empty mapping.
 pub fn parse(text: &str) -> Result<(Json, Spans), (String, Pos)> {
-    let mut b = Builder { stack: Vec::new(), root: None, spans: Spans::new(), anchors: HashMap::new(), error: None };
+    let mut b = Builder {
+        stack: Vec::new(),
+        root: None,
+        spans: Spans::new(),
+        anchors: HashMap::new(),
+        error: None,
+    };
     let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut b, false) {
         let m = e.marker();
-        return Err((e.info().to_owned(), Pos { line: m.line(), col: m.col() + 1 }));
+        return Err((
+            e.info().to_owned(),
+            Pos {
+                line: m.line(),
+                col: m.col() + 1,
+            },
+        ));
     }
     if let Some(err) = b.error {
         return Err(err);
@@ -212,7 +258,10 @@ mod tests {
     fn builds_tree_with_positions() {
         let text = "a: 1\nb:\n  - x: true\n    y: \"2\"\n  - 3.5\nc: ~\n";
         let (v, spans) = parse(text).unwrap();
-        assert_eq!(v, serde_json::json!({"a": 1, "b": [{"x": true, "y": "2"}, 3.5], "c": null}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": 1, "b": [{"x": true, "y": "2"}, 3.5], "c": null})
+        );
         assert_eq!(spans["a"].line, 1);
         assert_eq!(spans["b"].line, 2);
         assert_eq!(spans["b[0].x"].line, 3);
@@ -241,7 +290,10 @@ mod tests {
     fn inline_values() {
         assert_eq!(parse_inline("20"), serde_json::json!(20));
         assert_eq!(parse_inline("true"), serde_json::json!(true));
-        assert_eq!(parse_inline("postgres://u:p@h/db"), serde_json::json!("postgres://u:p@h/db"));
+        assert_eq!(
+            parse_inline("postgres://u:p@h/db"),
+            serde_json::json!("postgres://u:p@h/db")
+        );
         assert_eq!(parse_inline("[a, b]"), serde_json::json!(["a", "b"]));
         assert_eq!(parse_inline(""), serde_json::json!(""));
         assert_eq!(parse_inline("a: b"), serde_json::json!("a: b"));
