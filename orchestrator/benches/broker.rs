@@ -1,0 +1,147 @@
+//! Broker benchmark: the embedded broker (`nexus broker`, its own process) against Mosquitto
+//! (configured for throughput by the test harness) in the same run. One publisher and one
+//! subscriber (rumqttc through nexus-common's helper), UNS-style ~100-byte JSON payloads, QoS 0
+//! and QoS 1. Reports msgs/s end to end, messages lost, the broker's peak RSS, and the
+//! embedded/Mosquitto ratios.
+//!
+//! `cargo bench -p nexus-orchestrator --bench broker` (BENCH_MESSAGES=N to change the count).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexus_common::config::MqttVersion;
+use nexus_common::mqtt::{self, ClientSettings, QoS};
+use nexus_common::testing::{self, free_port, Mosquitto};
+use tokio_util::sync::CancellationToken;
+
+struct Result {
+    rate: f64,
+    received: usize,
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn run(port: u16, qos: QoS, n: usize) -> Result {
+    let token = CancellationToken::new();
+    let mut cfg = testing::mqtt_config(port);
+    cfg.version = MqttVersion::V311;
+    cfg.persistent_session = false;
+    cfg.inflight = 1000;
+    let topic_root = testing::unique("bench");
+    let mut s = ClientSettings::new(testing::unique("bench-sub"));
+    s.subscriptions = vec![(format!("{topic_root}/#"), qos)];
+    s.incoming_capacity = 100_000;
+    let (sub, mut rx) = mqtt::connect(&cfg, s, None, token.clone()).expect("subscriber");
+    sub.wait_connected(Duration::from_secs(10)).await.expect("subscriber connects");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (publisher, _) = mqtt::connect(&cfg, ClientSettings::new(testing::unique("bench-pub")), None, token.clone()).expect("publisher");
+    publisher.wait_connected(Duration::from_secs(10)).await.expect("publisher connects");
+
+    let start = Instant::now();
+    let receiver = tokio::spawn(async move {
+        let mut got = 0usize;
+        let mut last = Instant::now();
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+                Ok(Some(_)) => {
+                    got += 1;
+                    last = Instant::now();
+                }
+                _ => break,
+            }
+        }
+        (got, last)
+    });
+    for i in 0..n {
+        let topic = format!("{topic_root}/site/area/line-{}/plc-{}/tag-{}", i % 4, i % 50, i % 20);
+        let payload = format!("{{\"v\":{}.5,\"q\":\"good\",\"ts\":{},\"u\":\"degC\"}}", i % 1000, 1_700_000_000_000u64 + i as u64);
+        publisher.publish(&topic, payload, qos, false).await.expect("publish");
+    }
+    let (received, last) = receiver.await.expect("receiver");
+    let elapsed = last.duration_since(start).as_secs_f64().max(1e-9);
+    token.cancel();
+    Result { rate: received as f64 / elapsed, received }
+}
+
+struct Broker {
+    name: &'static str,
+    port: u16,
+    pid: u32,
+    _child: Option<Child>,
+    _mosq: Option<Mosquitto>,
+}
+
+fn start_embedded() -> Broker {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .arg("broker")
+        .env("NEXUS_BROKER__PORT", port.to_string())
+        .env("NEXUS_BROKER__WS_PORT", "null")
+        .env("NEXUS_ORCHESTRATOR__HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("NEXUS_TELEMETRY__LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nexus broker");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "nexus broker did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker { name: "embedded (rmqtt)", port, pid: child.id(), _child: Some(child), _mosq: None }
+}
+
+fn start_mosquitto() -> Broker {
+    let m = Mosquitto::start("").expect("mosquitto installed (scripts/deps.sh)");
+    Broker { name: "mosquitto", port: m.port, pid: m.pid(), _child: None, _mosq: Some(m) }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self._child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    println!("broker benchmark: {n} messages per run, one publisher, one subscriber, ~100-byte JSON");
+    println!("{:<18} {:>4} {:>12} {:>10} {:>12} {:>12}", "broker", "qos", "msgs/s", "lost", "RSS idle", "RSS peak");
+    let mut rates = std::collections::HashMap::new();
+    let mut peaks = std::collections::HashMap::new();
+    for start in [start_embedded as fn() -> Broker, start_mosquitto] {
+        let b = start();
+        let idle = rss_kib(b.pid, "VmRSS:");
+        for (qos, label) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 1)] {
+            let r = rt.block_on(run(b.port, qos, n));
+            let peak = rss_kib(b.pid, "VmHWM:");
+            println!(
+                "{:<18} {:>4} {:>12.0} {:>10} {:>9.1}MiB {:>9.1}MiB",
+                b.name,
+                label,
+                r.rate,
+                n - r.received,
+                idle as f64 / 1024.0,
+                peak as f64 / 1024.0
+            );
+            rates.insert((b.name, label), r.rate);
+            peaks.insert(b.name, peak);
+        }
+    }
+    for q in [0, 1] {
+        let ratio = rates[&("embedded (rmqtt)", q)] / rates[&("mosquitto", q)];
+        println!("QoS {q}: embedded / mosquitto throughput = {ratio:.2}x");
+    }
+    println!(
+        "peak RSS: embedded / mosquitto = {:.1}x",
+        peaks["embedded (rmqtt)"] as f64 / peaks["mosquitto"].max(1) as f64
+    );
+}
