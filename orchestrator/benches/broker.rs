@@ -22,7 +22,11 @@ struct Result {
 fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -37,10 +41,21 @@ async fn run(port: u16, qos: QoS, n: usize) -> Result {
     s.subscriptions = vec![(format!("{topic_root}/#"), qos)];
     s.incoming_capacity = 100_000;
     let (sub, mut rx) = mqtt::connect(&cfg, s, None, token.clone()).expect("subscriber");
-    sub.wait_connected(Duration::from_secs(10)).await.expect("subscriber connects");
+    sub.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("subscriber connects");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (publisher, _) = mqtt::connect(&cfg, ClientSettings::new(testing::unique("bench-pub")), None, token.clone()).expect("publisher");
-    publisher.wait_connected(Duration::from_secs(10)).await.expect("publisher connects");
+    let (publisher, _) = mqtt::connect(
+        &cfg,
+        ClientSettings::new(testing::unique("bench-pub")),
+        None,
+        token.clone(),
+    )
+    .expect("publisher");
+    publisher
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("publisher connects");
 
     let start = Instant::now();
     let receiver = tokio::spawn(async move {
@@ -58,14 +73,29 @@ async fn run(port: u16, qos: QoS, n: usize) -> Result {
         (got, last)
     });
     for i in 0..n {
-        let topic = format!("{topic_root}/site/area/line-{}/plc-{}/tag-{}", i % 4, i % 50, i % 20);
-        let payload = format!("{{\"v\":{}.5,\"q\":\"good\",\"ts\":{},\"u\":\"degC\"}}", i % 1000, 1_700_000_000_000u64 + i as u64);
-        publisher.publish(&topic, payload, qos, false).await.expect("publish");
+        let topic = format!(
+            "{topic_root}/site/area/line-{}/plc-{}/tag-{}",
+            i % 4,
+            i % 50,
+            i % 20
+        );
+        let payload = format!(
+            "{{\"v\":{}.5,\"q\":\"good\",\"ts\":{},\"u\":\"degC\"}}",
+            i % 1000,
+            1_700_000_000_000u64 + i as u64
+        );
+        publisher
+            .publish(&topic, payload, qos, false)
+            .await
+            .expect("publish");
     }
     let (received, last) = receiver.await.expect("receiver");
     let elapsed = last.duration_since(start).as_secs_f64().max(1e-9);
     token.cancel();
-    Result { rate: received as f64 / elapsed, received }
+    Result {
+        rate: received as f64 / elapsed,
+        received,
+    }
 }
 
 struct Broker {
@@ -82,7 +112,10 @@ fn start_embedded() -> Broker {
         .arg("broker")
         .env("NEXUS_BROKER__PORT", port.to_string())
         .env("NEXUS_BROKER__WS_PORT", "null")
-        .env("NEXUS_ORCHESTRATOR__HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("NEXUS_TELEMETRY__LOG_LEVEL", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -90,15 +123,30 @@ fn start_embedded() -> Broker {
         .expect("nexus broker");
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "nexus broker did not listen");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "nexus broker did not listen"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    Broker { name: "embedded (rmqtt)", port, pid: child.id(), _child: Some(child), _mosq: None }
+    Broker {
+        name: "embedded (rmqtt)",
+        port,
+        pid: child.id(),
+        _child: Some(child),
+        _mosq: None,
+    }
 }
 
 fn start_mosquitto() -> Broker {
     let m = Mosquitto::start("").expect("mosquitto installed (scripts/deps.sh)");
-    Broker { name: "mosquitto", port: m.port, pid: m.pid(), _child: None, _mosq: Some(m) }
+    Broker {
+        name: "mosquitto",
+        port: m.port,
+        pid: m.pid(),
+        _child: None,
+        _mosq: Some(m),
+    }
 }
 
 impl Drop for Broker {
@@ -111,10 +159,22 @@ impl Drop for Broker {
 }
 
 fn main() {
-    let n: usize = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    println!("broker benchmark: {n} messages per run, one publisher, one subscriber, ~100-byte JSON");
-    println!("{:<18} {:>4} {:>12} {:>10} {:>12} {:>12}", "broker", "qos", "msgs/s", "lost", "RSS idle", "RSS peak");
+    let n: usize = std::env::var("BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "broker benchmark: {n} messages per run, one publisher, one subscriber, ~100-byte JSON"
+    );
+    println!(
+        "{:<18} {:>4} {:>12} {:>10} {:>12} {:>12}",
+        "broker", "qos", "msgs/s", "lost", "RSS idle", "RSS peak"
+    );
     let mut rates = std::collections::HashMap::new();
     let mut peaks = std::collections::HashMap::new();
     for start in [start_embedded as fn() -> Broker, start_mosquitto] {

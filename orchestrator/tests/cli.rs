@@ -286,3 +286,50 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
     let seen = String::from_utf8_lossy(&watcher.wait_with_output().unwrap().stdout).into_owned();
     assert!(seen.contains("\"state\":\"offline\""), "{seen}");
 }
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+#[test]
+fn shipped_configurations_are_valid() {
+    // deploy/nexus.example.yaml
+    let out = Command::new(NEXUS)
+        .args(["config", "check", "--config"])
+        .arg(repo("deploy/nexus.example.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 devices, 3 alert rules"));
+
+    // The nexus.yaml inside the Kubernetes ConfigMap, and every manifest parses.
+    let mut k8s_config = None;
+    for f in std::fs::read_dir(repo("k8s")).unwrap() {
+        let path = f.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for d in docs {
+            if let Some(cfg) = d["data"]["nexus.yaml"].as_str() {
+                k8s_config = Some(cfg.to_owned());
+            }
+        }
+    }
+    let cfg = write_config(&k8s_config.expect("k8s/configmap.yaml holds nexus.yaml"));
+    let out = Command::new(NEXUS)
+        .args(["config", "check", "--config"])
+        .arg(cfg.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
