@@ -31,3 +31,10 @@ pub mod supervise;
 pub mod telemetry;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+
+/// Select rustls's crypto provider for the process. Dependencies enable both ring and
+/// aws-lc-rs, and rustls then refuses to guess (it panics at the first TLS handshake), so every
+/// TLS user calls this first. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -363,6 +363,7 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, MqttError> {
 
 fn tls_config(cfg: &MqttConfig) -> Result<Option<rumqttc::TlsConfiguration>, MqttError> {
     let Some(tls) = &cfg.tls else { return Ok(None) };
+    crate::install_tls_provider();
     let ca = read(&tls.ca_file)?;
     let client_auth = match (&tls.cert_file, &tls.key_file) {
         (Some(c), Some(k)) => Some((read(c)?, read(k)?)),

@@ -360,7 +360,9 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         .and_then(|l| l.tcp())
         .map_err(bind_err("tcp", cfg.port))?;
     let tcp_addr = tcp.local_addr().map_err(bind_err("tcp", cfg.port))?;
-    let mut server = MqttServer::new(scx.clone()).listener(tcp);
+    // Listener ids must be unique; rmqtt derives them from the configured port (0 for an
+    // ephemeral port) and panics on a repeat, so give fixed ids.
+    let mut server = MqttServer::new(scx.clone()).listener_by_id(tcp, 1);
     let mut ports = BrokerPorts {
         tcp: tcp_addr,
         ws: None,
@@ -372,9 +374,10 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
             .and_then(|l| l.ws())
             .map_err(bind_err("websocket", ws_port))?;
         ports.ws = Some(ws.local_addr().map_err(bind_err("websocket", ws_port))?);
-        server = server.listener(ws);
+        server = server.listener_by_id(ws, 2);
     }
     if let Some(tls) = &cfg.tls {
+        crate::install_tls_provider();
         let b = listener_builder(cfg, "tls", tls.port)
             .tls_cert(Some(tls.cert_file.display().to_string()))
             .tls_key(Some(tls.key_file.display().to_string()))
@@ -385,7 +388,7 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
             .and_then(|l| l.tls())
             .map_err(bind_err("tls", tls.port))?;
         ports.tls = Some(l.local_addr().map_err(bind_err("tls", tls.port))?);
-        server = server.listener(l);
+        server = server.listener_by_id(l, 3);
     }
     Ok((server.build(), ports, register))
 }

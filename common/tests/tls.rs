@@ -1,0 +1,88 @@
+//! TLS end to end: the embedded broker's TLS listener with a certificate from a test CA, and
+//! the MQTT helper (rustls) trusting that CA, for MQTT 3.1.1 and 5; an untrusted CA is refused.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::time::Duration;
+
+use nexus_common::broker::{Acl, EmbeddedBroker};
+use nexus_common::config::{BrokerConfig, BrokerTls, MqttTls, MqttVersion};
+use nexus_common::mqtt::{self, ClientSettings, QoS};
+use nexus_common::testing;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio_util::sync::CancellationToken;
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+        // A CA that signed nothing here.
+        let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other = CertifiedIssuer::self_signed(other, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.path().join("other-ca.pem"), other.pem()).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_and_client() {
+    let pki = Pki::new();
+    let cfg = BrokerConfig {
+        bind: "127.0.0.1".parse().unwrap(),
+        port: 0,
+        ws_port: None,
+        tls: Some(BrokerTls { port: 0, cert_file: pki.path("server.pem"), key_file: pki.path("server.key"), client_ca_file: None }),
+        ..BrokerConfig::default()
+    };
+    let broker = EmbeddedBroker::start(&cfg, Acl::new(&cfg).unwrap(), &prometheus::Registry::new()).unwrap();
+    let tls_port = broker.ports.tls.expect("TLS listener").port();
+    let token = CancellationToken::new();
+
+    for version in [MqttVersion::V311, MqttVersion::V5] {
+        let mut c = testing::mqtt_config(tls_port);
+        c.host = "localhost".into();
+        c.version = version;
+        c.tls = Some(MqttTls { ca_file: pki.path("ca.pem"), cert_file: None, key_file: None });
+        let topic = testing::unique("tls/topic");
+        let mut s = ClientSettings::new(testing::unique("tls-sub"));
+        s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
+        let (_sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).unwrap();
+        let (publisher, _) = mqtt::connect(&c, ClientSettings::new(testing::unique("tls-pub")), None, token.clone()).unwrap();
+        publisher.wait_connected(Duration::from_secs(10)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        publisher.publish(&topic, "secret-value", QoS::AtLeastOnce, false).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(m.payload().as_ref(), b"secret-value", "{version:?}");
+
+        // A client that trusts another CA never connects.
+        let mut bad = c.clone();
+        bad.tls = Some(MqttTls { ca_file: pki.path("other-ca.pem"), cert_file: None, key_file: None });
+        let (h, _) = mqtt::connect(&bad, ClientSettings::new(testing::unique("tls-bad")), None, token.clone()).unwrap();
+        assert!(h.wait_connected(Duration::from_secs(2)).await.is_err(), "{version:?}: untrusted server accepted");
+    }
+    // A missing CA file is a clear error before any connection.
+    let mut c = testing::mqtt_config(tls_port);
+    c.tls = Some(MqttTls { ca_file: pki.path("nope.pem"), cert_file: None, key_file: None });
+    let e = mqtt::connect(&c, ClientSettings::new("x"), None, token.clone()).err().unwrap().to_string();
+    assert!(e.contains("cannot read TLS file") && e.contains("nope.pem"), "{e}");
+    token.cancel();
+}
