@@ -50,10 +50,16 @@ async fn tls_listener_and_client() {
         bind: "127.0.0.1".parse().unwrap(),
         port: 0,
         ws_port: None,
-        tls: Some(BrokerTls { port: 0, cert_file: pki.path("server.pem"), key_file: pki.path("server.key"), client_ca_file: None }),
+        tls: Some(BrokerTls {
+            port: 0,
+            cert_file: pki.path("server.pem"),
+            key_file: pki.path("server.key"),
+            client_ca_file: None,
+        }),
         ..BrokerConfig::default()
     };
-    let broker = EmbeddedBroker::start(&cfg, Acl::new(&cfg).unwrap(), &prometheus::Registry::new()).unwrap();
+    let broker =
+        EmbeddedBroker::start(&cfg, Acl::new(&cfg).unwrap(), &prometheus::Registry::new()).unwrap();
     let tls_port = broker.ports.tls.expect("TLS listener").port();
     let token = CancellationToken::new();
 
@@ -61,28 +67,70 @@ async fn tls_listener_and_client() {
         let mut c = testing::mqtt_config(tls_port);
         c.host = "localhost".into();
         c.version = version;
-        c.tls = Some(MqttTls { ca_file: pki.path("ca.pem"), cert_file: None, key_file: None });
+        c.tls = Some(MqttTls {
+            ca_file: pki.path("ca.pem"),
+            cert_file: None,
+            key_file: None,
+        });
         let topic = testing::unique("tls/topic");
         let mut s = ClientSettings::new(testing::unique("tls-sub"));
         s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
         let (_sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).unwrap();
-        let (publisher, _) = mqtt::connect(&c, ClientSettings::new(testing::unique("tls-pub")), None, token.clone()).unwrap();
-        publisher.wait_connected(Duration::from_secs(10)).await.unwrap();
+        let (publisher, _) = mqtt::connect(
+            &c,
+            ClientSettings::new(testing::unique("tls-pub")),
+            None,
+            token.clone(),
+        )
+        .unwrap();
+        publisher
+            .wait_connected(Duration::from_secs(10))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        publisher.publish(&topic, "secret-value", QoS::AtLeastOnce, false).await.unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        publisher
+            .publish(&topic, "secret-value", QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(m.payload().as_ref(), b"secret-value", "{version:?}");
 
         // A client that trusts another CA never connects.
         let mut bad = c.clone();
-        bad.tls = Some(MqttTls { ca_file: pki.path("other-ca.pem"), cert_file: None, key_file: None });
-        let (h, _) = mqtt::connect(&bad, ClientSettings::new(testing::unique("tls-bad")), None, token.clone()).unwrap();
-        assert!(h.wait_connected(Duration::from_secs(2)).await.is_err(), "{version:?}: untrusted server accepted");
+        bad.tls = Some(MqttTls {
+            ca_file: pki.path("other-ca.pem"),
+            cert_file: None,
+            key_file: None,
+        });
+        let (h, _) = mqtt::connect(
+            &bad,
+            ClientSettings::new(testing::unique("tls-bad")),
+            None,
+            token.clone(),
+        )
+        .unwrap();
+        assert!(
+            h.wait_connected(Duration::from_secs(2)).await.is_err(),
+            "{version:?}: untrusted server accepted"
+        );
     }
     // A missing CA file is a clear error before any connection.
     let mut c = testing::mqtt_config(tls_port);
-    c.tls = Some(MqttTls { ca_file: pki.path("nope.pem"), cert_file: None, key_file: None });
-    let e = mqtt::connect(&c, ClientSettings::new("x"), None, token.clone()).err().unwrap().to_string();
-    assert!(e.contains("cannot read TLS file") && e.contains("nope.pem"), "{e}");
+    c.tls = Some(MqttTls {
+        ca_file: pki.path("nope.pem"),
+        cert_file: None,
+        key_file: None,
+    });
+    let e = mqtt::connect(&c, ClientSettings::new("x"), None, token.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("cannot read TLS file") && e.contains("nope.pem"),
+        "{e}"
+    );
     token.cancel();
 }

@@ -333,3 +333,79 @@ fn shipped_configurations_are_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_killed_service_is_marked_offline_by_its_last_will() {
+    use nexus_common::config::{BrokerConfig, BrokerUser, Role, Secret};
+    let broker = nexus_common::testing::start_embedded_broker(BrokerConfig {
+        users: vec![BrokerUser {
+            username: "svc".into(),
+            password: Some(Secret::new("svc-pw")),
+            password_env: None,
+            role: Role::Service,
+        }],
+        ..BrokerConfig::default()
+    });
+    let port = broker.ports.tcp.port().to_string();
+    let mut gw = Up(Command::new(NEXUS)
+        .args(["--log-format", "json", "gateway"])
+        .env("NEXUS_MQTT__PORT", &port)
+        .env("NEXUS_MQTT__USERNAME", "svc")
+        .env("NEXUS_MQTT__PASSWORD", "svc-pw")
+        .env(
+            "NEXUS_GATEWAY__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("NEXUS_TELEMETRY__INSTANCE", "will-test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let topic = "$nexus/status/service/gateway/will-test";
+    let state = || {
+        let out = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                topic,
+                "-C",
+                "1",
+                "-W",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let start = Instant::now();
+    while !state().contains("\"state\":\"online\"") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "gateway never online"
+        );
+    }
+    // Logs are JSON objects, one per line.
+    let mut stderr = BufReader::new(gw.0.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"));
+    assert!(
+        v.get("level").is_some() && v.get("message").is_some(),
+        "{v}"
+    );
+
+    // kill -9: no clean disconnect, so the broker publishes the will.
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    let start = Instant::now();
+    while !state().contains("\"state\":\"offline\"") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "last will not published"
+        );
+    }
+}

@@ -432,3 +432,27 @@ fn devices_file_is_loaded_relative_to_the_config() {
         .to_string();
     assert!(missing.contains("nope.yaml: cannot read"), "{missing}");
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = Config::from_str_with_env(&text, None, &[]);
+        }
+
+        #[test]
+        fn yaml_like_text_never_panics(lines in proptest::collection::vec(
+            "( {0,4})(broker|mqtt|devices|alerts|rules|- id|port|tags|host|topic|condition)(: )([a-z0-9:/\\[\\]{}, -]{0,20})", 0..12)) {
+            let text = lines.join("\n");
+            let _ = Config::from_str_with_env(&text, None, &[]);
+        }
+
+        #[test]
+        fn arbitrary_env_never_panics(key in "NEXUS_[A-Z_]{0,30}", value in "\\PC{0,30}") {
+            let _ = Config::from_str_with_env("", None, &[(key, value)]);
+        }
+    }
+}
