@@ -37,3 +37,6 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     shell.stop().await;
     Ok(())
 }
+pub mod buffer;
+pub mod driver;
+pub mod simulator;

@@ -22,12 +22,12 @@ use serde_json::{Map, Value as Json};
 pub use alerts::{AlertRule, AlertsConfig, Condition, Severity};
 pub use devices::{
     Access, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress, ModbusTable,
-    ModbusTransport, Protocol, TagConfig,
+    ModbusTransport, Parity, Protocol, TagConfig,
 };
 pub use sections::{
-    AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, CommandsConfig,
-    GatewayConfig, IngestionConfig, LogFormat, MqttConfig, MqttTls, MqttVersion,
-    OrchestratorConfig, Role, TelemetryConfig,
+    AclAction, AclPermission, AclRule, BreakerSettings, BrokerConfig, BrokerTls, BrokerUser,
+    BufferConfig, CommandsConfig, GatewayConfig, IngestionConfig, LogFormat, MqttConfig, MqttTls,
+    MqttVersion, OrchestratorConfig, Role, TelemetryConfig,
 };
 pub use types::{ByteSize, Secret, SecretUrl};
 use yaml::{Pos, Spans};
@@ -598,6 +598,7 @@ impl Config {
     fn validate_parts(&self, p: &mut Problems, device_index: &[usize], rule_index: &[usize]) {
         self.broker.validate(p);
         self.mqtt.validate(p);
+        self.gateway.validate(p);
         devices::validate_devices(&self.devices, device_index, p);
         self.ingestion.validate(p);
         self.alerts.validate(rule_index, p);

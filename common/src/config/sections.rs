@@ -351,12 +351,166 @@ pub struct MqttTls {
 pub struct GatewayConfig {
     /// HTTP for health, metrics and the device API (default 0.0.0.0:4000).
     pub http_listen: SocketAddr,
+    /// Polls running at once (default 10). A poll due while all are busy is skipped and
+    /// counted in `nexus_gateway_polls_skipped_total`, never queued.
+    pub workers: usize,
+    /// QoS of published values: 0, 1 or 2 (default 1).
+    pub qos: u8,
+    /// Publish values retained (default true), so a new subscriber sees the last value.
+    pub retain: bool,
+    /// Republish an unchanged value at least this often (default 60s; 0s: never).
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
+    /// Watch `devices_file` and apply changes without a restart (default true).
+    pub watch_devices_file: bool,
+    /// Store-and-forward buffer used while the broker is unreachable.
+    pub buffer: BufferConfig,
+    /// Connection pools.
+    pub pool: PoolConfig,
+    /// Circuit breaker of each connection.
+    pub breaker: BreakerSettings,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             http_listen: listen(4000),
+            workers: 10,
+            qos: 1,
+            retain: true,
+            heartbeat: Duration::from_secs(60),
+            watch_devices_file: true,
+            buffer: BufferConfig::default(),
+            pool: PoolConfig::default(),
+            breaker: BreakerSettings::default(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub(crate) fn validate(&self, p: &mut Problems) {
+        if self.workers == 0 {
+            p.push("gateway.workers", "must be at least 1");
+        }
+        if self.qos > 2 {
+            p.push(
+                "gateway.qos",
+                format!("QoS {} does not exist (0, 1 or 2)", self.qos),
+            );
+        }
+        if self.buffer.max_size.0 < 64 * 1024 {
+            p.push("gateway.buffer.max_size", "must be at least 64KiB");
+        }
+        if self.buffer.replay_rate == 0 {
+            p.push(
+                "gateway.buffer.replay_rate",
+                "must be at least 1 point per second",
+            );
+        }
+        let b = &self.breaker;
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            p.push(
+                "gateway.breaker.failure_ratio",
+                "must be above 0 and at most 1",
+            );
+        }
+        if b.window == 0 || b.min_requests == 0 || b.min_requests > b.window {
+            p.push(
+                "gateway.breaker.min_requests",
+                "must be between 1 and window",
+            );
+        }
+        if b.half_open_trials == 0 {
+            p.push("gateway.breaker.half_open_trials", "must be at least 1");
+        }
+    }
+}
+
+/// `gateway.buffer`: values kept on disk while the broker is away.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferConfig {
+    /// Directory of the buffer's segment files (default `nexus-data/gateway-buffer`).
+    pub dir: PathBuf,
+    /// Largest size on disk (default 256MiB); past it the oldest values are dropped and
+    /// counted in `nexus_gateway_buffer_dropped_total`.
+    pub max_size: ByteSize,
+    /// Buffered values replayed per second once the broker is back (default 5000), after
+    /// live values.
+    pub replay_rate: u32,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            dir: PathBuf::from("nexus-data/gateway-buffer"),
+            max_size: ByteSize(256 * 1024 * 1024),
+            replay_rate: 5000,
+        }
+    }
+}
+
+/// `gateway.pool`: connections per protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most open connections per protocol (defaults 100 Modbus, 50 OPC UA, 100 S7).
+    pub modbus_max_connections: usize,
+    pub opcua_max_connections: usize,
+    pub s7_max_connections: usize,
+    /// How often idle connections are checked (default 30s).
+    #[serde(with = "duration")]
+    pub health_interval: Duration,
+    /// Connections unused this long are closed (default 5m).
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            modbus_max_connections: 100,
+            opcua_max_connections: 50,
+            s7_max_connections: 100,
+            health_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `gateway.breaker`: opens at `failure_ratio` of the last `window` calls (once
+/// `min_requests` were made), stays open `open_for`, then admits `half_open_trials` trials.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    pub window: usize,
+    pub min_requests: usize,
+    pub failure_ratio: f64,
+    #[serde(with = "duration")]
+    pub open_for: Duration,
+    pub half_open_trials: usize,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            window: 20,
+            min_requests: 5,
+            failure_ratio: 0.6,
+            open_for: Duration::from_secs(30),
+            half_open_trials: 3,
+        }
+    }
+}
+
+impl From<BreakerSettings> for crate::breaker::BreakerConfig {
+    fn from(b: BreakerSettings) -> Self {
+        crate::breaker::BreakerConfig {
+            window: b.window,
+            min_requests: b.min_requests,
+            failure_ratio: b.failure_ratio,
+            open_for: b.open_for,
+            half_open_trials: b.half_open_trials,
         }
     }
 }

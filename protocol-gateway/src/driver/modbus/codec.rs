@@ -1,0 +1,530 @@
+//! Register <-> value conversion for Modbus: data types, byte/word orders, strings, bits,
+//! scale and offset. Pure functions, tested byte by byte.
+//!
+//! Byte orders name where the bytes of the big-endian value `A B C D ...` land in the
+//! registers (each register is sent high byte first):
+//! - `ABCD`: as is (the Modbus standard, big endian);
+//! - `DCBA`: all bytes reversed (little endian);
+//! - `BADC`: bytes swapped inside each register;
+//! - `CDAB`: register (word) order reversed, bytes inside each register kept.
+
+use nexus_common::config::{ByteOrder, DataType};
+use nexus_common::Value;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodecError {
+    #[error("expected {want} registers, got {got}")]
+    Length { want: usize, got: usize },
+    #[error("{0} is not a Modbus data type")]
+    Unsupported(&'static str),
+    #[error("value {value} does not fit {data_type}")]
+    OutOfRange {
+        value: String,
+        data_type: &'static str,
+    },
+    #[error("a {got} value cannot be written to a {data_type} tag")]
+    WrongType {
+        got: &'static str,
+        data_type: &'static str,
+    },
+}
+
+pub fn type_name(dt: DataType) -> &'static str {
+    match dt {
+        DataType::Bool => "bool",
+        DataType::Int16 => "int16",
+        DataType::Uint16 => "uint16",
+        DataType::Int32 => "int32",
+        DataType::Uint32 => "uint32",
+        DataType::Int64 => "int64",
+        DataType::Uint64 => "uint64",
+        DataType::Float32 => "float32",
+        DataType::Float64 => "float64",
+        DataType::String => "string",
+        DataType::Byte => "byte",
+        DataType::Int => "int",
+        DataType::Dint => "dint",
+        DataType::Word => "word",
+        DataType::Dword => "dword",
+        DataType::Real => "real",
+        DataType::Lreal => "lreal",
+    }
+}
+
+/// Registers -> bytes in canonical (big-endian value) order.
+fn canonical_bytes(regs: &[u16], order: ByteOrder) -> Vec<u8> {
+    let mut wire: Vec<u8> = regs.iter().flat_map(|r| r.to_be_bytes()).collect();
+    match order {
+        ByteOrder::ABCD => {}
+        ByteOrder::DCBA => wire.reverse(),
+        ByteOrder::BADC => wire.chunks_mut(2).for_each(|c| c.swap(0, 1)),
+        ByteOrder::CDAB => {
+            let mut words: Vec<[u8; 2]> = wire
+                .chunks(2)
+                .map(|c| [c[0], c.get(1).copied().unwrap_or(0)])
+                .collect();
+            words.reverse();
+            wire = words.concat();
+        }
+    }
+    wire
+}
+
+/// Canonical bytes -> registers; the inverse of [`canonical_bytes`].
+fn wire_registers(mut bytes: Vec<u8>, order: ByteOrder) -> Vec<u16> {
+    match order {
+        ByteOrder::ABCD => {}
+        ByteOrder::DCBA => bytes.reverse(),
+        ByteOrder::BADC => bytes.chunks_mut(2).for_each(|c| c.swap(0, 1)),
+        ByteOrder::CDAB => {
+            let mut words: Vec<[u8; 2]> = bytes
+                .chunks(2)
+                .map(|c| [c[0], c.get(1).copied().unwrap_or(0)])
+                .collect();
+            words.reverse();
+            bytes = words.concat();
+        }
+    }
+    bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
+        .collect()
+}
+
+/// Registers a value of this type needs (strings: `string_len` bytes).
+pub fn register_count(dt: DataType, string_len: u16) -> usize {
+    dt.modbus_registers(string_len) as usize
+}
+
+/// Decode the raw value (before scale/offset).
+pub fn decode(
+    regs: &[u16],
+    dt: DataType,
+    order: ByteOrder,
+    string_len: u16,
+) -> Result<Value, CodecError> {
+    let want = register_count(dt, string_len);
+    if regs.len() != want {
+        return Err(CodecError::Length {
+            want,
+            got: regs.len(),
+        });
+    }
+    if dt == DataType::String {
+        // Strings are byte sequences: only the within-register swap applies.
+        let mut bytes: Vec<u8> = regs.iter().flat_map(|r| r.to_be_bytes()).collect();
+        if matches!(order, ByteOrder::BADC | ByteOrder::DCBA) {
+            bytes.chunks_mut(2).for_each(|c| c.swap(0, 1));
+        }
+        bytes.truncate(string_len as usize);
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        let s = String::from_utf8_lossy(&bytes[..end]).trim_end().to_owned();
+        return Ok(Value::String(s));
+    }
+    let b = canonical_bytes(regs, order);
+    Ok(match dt {
+        DataType::Bool => Value::Bool(u16::from_be_bytes([b[0], b[1]]) != 0),
+        DataType::Int16 => Value::Int(i16::from_be_bytes([b[0], b[1]]) as i64),
+        DataType::Uint16 => Value::Int(u16::from_be_bytes([b[0], b[1]]) as i64),
+        DataType::Int32 => Value::Int(i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
+        DataType::Uint32 => Value::Int(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
+        DataType::Float32 => Value::Float(f32::from_be_bytes([b[0], b[1], b[2], b[3]]) as f64),
+        DataType::Int64 => Value::Int(i64::from_be_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ])),
+        DataType::Uint64 => {
+            let u = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            i64::try_from(u).map(Value::Int).unwrap_or(Value::UInt(u))
+        }
+        DataType::Float64 => Value::Float(f64::from_be_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ])),
+        other => return Err(CodecError::Unsupported(type_name(other))),
+    })
+}
+
+/// Engineering value: raw * scale + offset, as a float, when either is set.
+pub fn apply_scale(raw: Value, scale: Option<f64>, offset: Option<f64>) -> Value {
+    if scale.is_none() && offset.is_none() {
+        return raw;
+    }
+    match raw.as_f64() {
+        Some(x) if !matches!(raw, Value::Bool(_)) => {
+            Value::Float(x * scale.unwrap_or(1.0) + offset.unwrap_or(0.0))
+        }
+        _ => raw,
+    }
+}
+
+fn int_in(
+    value: &Value,
+    dt: DataType,
+    min: i128,
+    max: i128,
+    scale: Option<f64>,
+    offset: Option<f64>,
+) -> Result<i128, CodecError> {
+    let out_of_range = || CodecError::OutOfRange {
+        value: value.to_string(),
+        data_type: type_name(dt),
+    };
+    let raw: i128 = match (value, scale.is_some() || offset.is_some()) {
+        (Value::Int(i), false) => *i as i128,
+        (Value::UInt(u), false) => *u as i128,
+        (Value::Float(f), false) if f.fract() == 0.0 && f.is_finite() => *f as i128,
+        (Value::Float(_), false) => return Err(out_of_range()),
+        (v, true) if !matches!(v, Value::Bool(_) | Value::String(_)) => {
+            let x = v.as_f64().ok_or_else(out_of_range)?;
+            let r = ((x - offset.unwrap_or(0.0)) / scale.unwrap_or(1.0)).round();
+            if !r.is_finite() {
+                return Err(out_of_range());
+            }
+            r as i128
+        }
+        (v, _) => {
+            return Err(CodecError::WrongType {
+                got: v.type_name(),
+                data_type: type_name(dt),
+            })
+        }
+    };
+    if raw < min || raw > max {
+        return Err(out_of_range());
+    }
+    Ok(raw)
+}
+
+/// Encode an engineering value into registers (inverse of scale/offset first).
+pub fn encode(
+    value: &Value,
+    dt: DataType,
+    order: ByteOrder,
+    string_len: u16,
+    scale: Option<f64>,
+    offset: Option<f64>,
+) -> Result<Vec<u16>, CodecError> {
+    let bytes: Vec<u8> = match dt {
+        DataType::Bool => match value {
+            Value::Bool(b) => (*b as u16).to_be_bytes().to_vec(),
+            Value::Int(0) | Value::UInt(0) => vec![0, 0],
+            Value::Int(1) | Value::UInt(1) => vec![0, 1],
+            v => {
+                return Err(CodecError::WrongType {
+                    got: v.type_name(),
+                    data_type: "bool",
+                })
+            }
+        },
+        DataType::Int16 => (int_in(value, dt, i16::MIN as i128, i16::MAX as i128, scale, offset)?
+            as i16)
+            .to_be_bytes()
+            .to_vec(),
+        DataType::Uint16 => (int_in(value, dt, 0, u16::MAX as i128, scale, offset)? as u16)
+            .to_be_bytes()
+            .to_vec(),
+        DataType::Int32 => (int_in(value, dt, i32::MIN as i128, i32::MAX as i128, scale, offset)?
+            as i32)
+            .to_be_bytes()
+            .to_vec(),
+        DataType::Uint32 => (int_in(value, dt, 0, u32::MAX as i128, scale, offset)? as u32)
+            .to_be_bytes()
+            .to_vec(),
+        DataType::Int64 => (int_in(value, dt, i64::MIN as i128, i64::MAX as i128, scale, offset)?
+            as i64)
+            .to_be_bytes()
+            .to_vec(),
+        DataType::Uint64 => (int_in(value, dt, 0, u64::MAX as i128, scale, offset)? as u64)
+            .to_be_bytes()
+            .to_vec(),
+        DataType::Float32 | DataType::Float64 => {
+            let x = match value {
+                Value::Bool(_) | Value::String(_) => {
+                    return Err(CodecError::WrongType {
+                        got: value.type_name(),
+                        data_type: type_name(dt),
+                    })
+                }
+                v => v.as_f64().unwrap_or(0.0),
+            };
+            let raw = (x - offset.unwrap_or(0.0)) / scale.unwrap_or(1.0);
+            if dt == DataType::Float32 {
+                if raw.is_finite() && raw.abs() > f32::MAX as f64 {
+                    return Err(CodecError::OutOfRange {
+                        value: value.to_string(),
+                        data_type: "float32",
+                    });
+                }
+                (raw as f32).to_be_bytes().to_vec()
+            } else {
+                raw.to_be_bytes().to_vec()
+            }
+        }
+        DataType::String => {
+            let Value::String(s) = value else {
+                return Err(CodecError::WrongType {
+                    got: value.type_name(),
+                    data_type: "string",
+                });
+            };
+            if s.len() > string_len as usize {
+                return Err(CodecError::OutOfRange {
+                    value: format!("{} bytes", s.len()),
+                    data_type: "string",
+                });
+            }
+            let mut b = s.as_bytes().to_vec();
+            b.resize(register_count(dt, string_len) * 2, 0);
+            if matches!(order, ByteOrder::BADC | ByteOrder::DCBA) {
+                b.chunks_mut(2).for_each(|c| c.swap(0, 1));
+            }
+            return Ok(b
+                .chunks(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect());
+        }
+        other => return Err(CodecError::Unsupported(type_name(other))),
+    };
+    Ok(wire_registers(bytes, order))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn float32_in_every_order() {
+        // 123.456f32 = 0x42F6E979: A=42 B=F6 C=E9 D=79
+        let cases = [
+            (ByteOrder::ABCD, [0x42F6, 0xE979]),
+            (ByteOrder::DCBA, [0x79E9, 0xF642]),
+            (ByteOrder::BADC, [0xF642, 0x79E9]),
+            (ByteOrder::CDAB, [0xE979, 0x42F6]),
+        ];
+        for (order, regs) in cases {
+            let v = decode(&regs, DataType::Float32, order, 0).unwrap();
+            assert_eq!(v, Value::Float(123.456f32 as f64), "{order:?}");
+            assert_eq!(
+                encode(&v, DataType::Float32, order, 0, None, None).unwrap(),
+                regs.to_vec(),
+                "{order:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn integers() {
+        assert_eq!(
+            decode(&[0xFFFE], DataType::Int16, ByteOrder::ABCD, 0).unwrap(),
+            Value::Int(-2)
+        );
+        assert_eq!(
+            decode(&[0xFFFE], DataType::Uint16, ByteOrder::ABCD, 0).unwrap(),
+            Value::Int(65534)
+        );
+        assert_eq!(
+            decode(&[0xFEFF], DataType::Int16, ByteOrder::DCBA, 0).unwrap(),
+            Value::Int(-2)
+        );
+        assert_eq!(
+            decode(&[0x0001, 0x0002], DataType::Uint32, ByteOrder::ABCD, 0).unwrap(),
+            Value::Int(65538)
+        );
+        assert_eq!(
+            decode(&[0x0002, 0x0001], DataType::Uint32, ByteOrder::CDAB, 0).unwrap(),
+            Value::Int(65538)
+        );
+        let i64regs = [0x0102, 0x0304, 0x0506, 0x0708];
+        assert_eq!(
+            decode(&i64regs, DataType::Int64, ByteOrder::ABCD, 0).unwrap(),
+            Value::Int(0x0102030405060708)
+        );
+        assert_eq!(
+            decode(
+                &[0x0708, 0x0506, 0x0304, 0x0102],
+                DataType::Int64,
+                ByteOrder::CDAB,
+                0
+            )
+            .unwrap(),
+            Value::Int(0x0102030405060708)
+        );
+        assert_eq!(
+            decode(
+                &[0x0807, 0x0605, 0x0403, 0x0201],
+                DataType::Int64,
+                ByteOrder::DCBA,
+                0
+            )
+            .unwrap(),
+            Value::Int(0x0102030405060708)
+        );
+        assert_eq!(
+            decode(&[0xFFFF; 4], DataType::Uint64, ByteOrder::ABCD, 0).unwrap(),
+            Value::UInt(u64::MAX)
+        );
+        assert_eq!(
+            decode(&[0x4059, 0, 0, 0], DataType::Float64, ByteOrder::ABCD, 0).unwrap(),
+            Value::Float(100.0)
+        );
+        assert!(matches!(
+            decode(&[1], DataType::Int32, ByteOrder::ABCD, 0),
+            Err(CodecError::Length { want: 2, got: 1 })
+        ));
+    }
+
+    #[test]
+    fn strings() {
+        let regs = [0x4845, 0x4C4C, 0x4F00];
+        assert_eq!(
+            decode(&regs, DataType::String, ByteOrder::ABCD, 6).unwrap(),
+            Value::String("HELLO".into())
+        );
+        let swapped = [0x4548, 0x4C4C, 0x004F];
+        assert_eq!(
+            decode(&swapped, DataType::String, ByteOrder::BADC, 6).unwrap(),
+            Value::String("HELLO".into())
+        );
+        assert_eq!(
+            encode(
+                &Value::String("HELLO".into()),
+                DataType::String,
+                ByteOrder::ABCD,
+                6,
+                None,
+                None
+            )
+            .unwrap(),
+            regs.to_vec()
+        );
+        assert!(encode(
+            &Value::String("TOO LONG".into()),
+            DataType::String,
+            ByteOrder::ABCD,
+            6,
+            None,
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn scale_and_offset_both_ways() {
+        let raw = decode(&[215], DataType::Int16, ByteOrder::ABCD, 0).unwrap();
+        assert_eq!(
+            apply_scale(raw, Some(0.1), Some(-1.0)),
+            Value::Float(215.0 * 0.1 - 1.0)
+        );
+        // 20.5 degC with scale 0.1, offset -1 -> raw 215
+        assert_eq!(
+            encode(
+                &Value::Float(20.5),
+                DataType::Int16,
+                ByteOrder::ABCD,
+                0,
+                Some(0.1),
+                Some(-1.0)
+            )
+            .unwrap(),
+            vec![215]
+        );
+        assert_eq!(
+            apply_scale(Value::Bool(true), Some(2.0), None),
+            Value::Bool(true)
+        );
+    }
+
+    #[test]
+    fn writes_check_range_and_type() {
+        let e = encode(
+            &Value::Int(70000),
+            DataType::Uint16,
+            ByteOrder::ABCD,
+            0,
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "value 70000 does not fit uint16");
+        assert!(encode(
+            &Value::Int(-1),
+            DataType::Uint32,
+            ByteOrder::ABCD,
+            0,
+            None,
+            None
+        )
+        .is_err());
+        assert!(
+            encode(
+                &Value::Float(1.5),
+                DataType::Int16,
+                ByteOrder::ABCD,
+                0,
+                None,
+                None
+            )
+            .is_err(),
+            "not lossless"
+        );
+        assert_eq!(
+            encode(
+                &Value::Float(3.0),
+                DataType::Int16,
+                ByteOrder::ABCD,
+                0,
+                None,
+                None
+            )
+            .unwrap(),
+            vec![3]
+        );
+        let e = encode(
+            &Value::String("x".into()),
+            DataType::Int16,
+            ByteOrder::ABCD,
+            0,
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a string value cannot be written to a int16 tag"
+        );
+        assert_eq!(
+            encode(
+                &Value::Bool(true),
+                DataType::Bool,
+                ByteOrder::ABCD,
+                0,
+                None,
+                None
+            )
+            .unwrap(),
+            vec![1]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(x in any::<i32>(), y in any::<u64>(), f in any::<f64>().prop_filter("finite", |f| f.is_finite()),
+                       order in proptest::sample::select(vec![ByteOrder::ABCD, ByteOrder::DCBA, ByteOrder::BADC, ByteOrder::CDAB])) {
+            let v = Value::Int(x as i64);
+            prop_assert_eq!(decode(&encode(&v, DataType::Int32, order, 0, None, None).unwrap(), DataType::Int32, order, 0).unwrap(), v);
+            let u = i64::try_from(y).map(Value::Int).unwrap_or(Value::UInt(y));
+            prop_assert_eq!(decode(&encode(&u, DataType::Uint64, order, 0, None, None).unwrap(), DataType::Uint64, order, 0).unwrap(), u);
+            let fv = Value::Float(f);
+            prop_assert_eq!(decode(&encode(&fv, DataType::Float64, order, 0, None, None).unwrap(), DataType::Float64, order, 0).unwrap(), fv);
+        }
+
+        #[test]
+        fn decode_never_panics(regs in proptest::collection::vec(any::<u16>(), 0..6), len in 0u16..12) {
+            for dt in [DataType::Int16, DataType::Uint32, DataType::Float32, DataType::Int64, DataType::Float64, DataType::String, DataType::Real] {
+                for order in [ByteOrder::ABCD, ByteOrder::DCBA, ByteOrder::BADC, ByteOrder::CDAB] {
+                    let _ = decode(&regs, dt, order, len);
+                }
+            }
+        }
+    }
+}

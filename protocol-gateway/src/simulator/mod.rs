@@ -1,0 +1,3 @@
+//! Simulated devices: `nexus simulate modbus` and the demo's devices.
+
+pub mod modbus;
