@@ -46,8 +46,9 @@ pub enum Command {
     Up {
         #[command(flatten)]
         config: ConfigArg,
-        /// Demo mode: adds an operator login (operator / nexus-demo) when no broker users are
-        /// configured; simulated devices join it with the protocol gateway.
+        /// Demo mode: also starts a simulated Modbus device (port 5020) polled into
+        /// demo/plant/packaging/line-1/sim-plc-1/..., and an operator login (operator /
+        /// nexus-demo) when no broker users are configured.
         #[arg(long)]
         demo: bool,
     },
@@ -162,6 +163,22 @@ async fn broker_only(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `nexus simulate modbus`: a moving Modbus TCP device until Ctrl-C.
+async fn simulate_modbus(port: u16) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    cancel_on_signals(token.clone());
+    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    let sim = nexus_protocol_gateway::simulator::modbus::ModbusSimulator::start(
+        addr,
+        Some(std::time::Duration::from_millis(100)),
+    )
+    .await?;
+    println!("Modbus TCP simulator on {} (any unit id); its register map matches deploy/examples/modbus-sim.yaml. Stop with Ctrl-C.", sim.addr);
+    token.cancelled().await;
+    sim.stop();
+    Ok(())
+}
+
 pub async fn main(cli: Cli) -> ExitCode {
     let with_config = |arg: &ConfigArg| -> Result<Config, ExitCode> {
         let cfg = load(arg)?;
@@ -208,8 +225,24 @@ pub async fn main(cli: Cli) -> ExitCode {
             service!(arg, nexus_alert_service::SERVICE, nexus_alert_service::run)
         }
         Command::Orchestrator(arg) => service!(arg, status::SERVICE, status::run),
-        Command::Simulate { protocol, .. } => {
-            eprintln!("nexus simulate {protocol:?}: the device simulators ship with the protocol gateway and are not in this build yet");
+        Command::Simulate {
+            protocol: SimProtocol::Modbus,
+            port,
+        } => {
+            init_logging(
+                "info",
+                match cli.log_format {
+                    Some(LogFormatArg::Json) => LogFormat::Json,
+                    _ => LogFormat::Pretty,
+                },
+            );
+            done(simulate_modbus(port.unwrap_or(5020)).await)
+        }
+        Command::Simulate {
+            protocol: SimProtocol::Opcua,
+            ..
+        } => {
+            eprintln!("nexus simulate opcua: the OPC UA simulator ships with the OPC UA driver and is not in this build yet");
             ExitCode::from(69)
         }
         Command::Config {

@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::status;
+use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
 
 /// Name of the account `nexus up` creates for its own services on the embedded broker.
 pub const INTERNAL_USER: &str = "nexus-internal";
@@ -21,6 +22,29 @@ pub const DEMO_OPERATOR: (&str, &str) = ("operator", "nexus-demo");
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UpOptions {
     pub demo: bool,
+}
+
+/// The demo's devices (deploy/examples/modbus-sim.yaml), pointed at the simulator's port.
+pub const DEMO_DEVICES: &str = include_str!("../../deploy/examples/modbus-sim.yaml");
+
+/// Start the demo's Modbus simulator (port 5020, or a free port if that is taken) and add its
+/// device to `cfg`.
+async fn start_demo_devices(cfg: &mut Config) -> anyhow::Result<ModbusSimulator> {
+    let tick = Some(std::time::Duration::from_millis(100));
+    let sim = match ModbusSimulator::start("127.0.0.1:5020".parse()?, tick).await {
+        Ok(s) => s,
+        Err(_) => ModbusSimulator::start("127.0.0.1:0".parse()?, tick).await?,
+    };
+    let demo = Config::from_str_with_env(DEMO_DEVICES, None, &[])
+        .map_err(|e| anyhow::anyhow!("demo devices: {e}"))?;
+    for mut d in demo.devices {
+        if cfg.devices.iter().any(|x| x.id == d.id) {
+            continue;
+        }
+        d.connection.port = Some(sim.addr.port());
+        cfg.devices.push(d);
+    }
+    Ok(sim)
 }
 
 fn shown(addr: SocketAddr) -> String {
@@ -40,6 +64,11 @@ pub async fn up(
 ) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(status::SERVICE);
     let mut demo_login = None;
+    let demo_sim = if opts.demo {
+        Some(start_demo_devices(&mut cfg).await?)
+    } else {
+        None
+    };
     let mut broker = None;
     if cfg.broker.enabled {
         if opts.demo && cfg.broker.users.is_empty() {
@@ -113,7 +142,13 @@ pub async fn up(
         });
     }
 
-    print_banner(&cfg, broker.as_ref(), with_ingestion, demo_login);
+    print_banner(
+        &cfg,
+        broker.as_ref(),
+        with_ingestion,
+        demo_login,
+        demo_sim.as_ref().map(|s| s.addr),
+    );
     let result = sup.wait(cfg.orchestrator.shutdown_grace).await;
     if let Some(b) = broker {
         let _ = tokio::task::spawn_blocking(move || b.stop()).await;
@@ -128,6 +163,7 @@ fn print_banner(
     broker: Option<&EmbeddedBroker>,
     ingestion: bool,
     demo: Option<(&str, &str)>,
+    sim: Option<SocketAddr>,
 ) {
     let mut out = String::new();
     out.push_str(&format!(
@@ -189,6 +225,11 @@ fn print_banner(
         "  devices       {} configured\n",
         cfg.devices.len()
     ));
+    if let Some(addr) = sim {
+        out.push_str(&format!(
+            "  simulator     Modbus TCP on {addr}: device sim-plc-1 -> demo/plant/packaging/line-1/sim-plc-1/<tag>\n"
+        ));
+    }
     if let Some((u, p)) = demo {
         out.push_str(&format!(
             "  demo login    {u} / {p}  (operator: may publish $nexus/cmd/#)\n"

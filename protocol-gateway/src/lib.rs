@@ -2,41 +2,180 @@
 //!
 //! Turns PLC registers into Unified Namespace topics (`nexus gateway`, part of `nexus up`).
 //!
-//! Data flow (the seed's "Protocol Gateway", built out by the gateway issues):
-//!
 //! ```text
-//! devices config ──> poll scheduler (per-device interval + jitter, bounded worker pool,
-//!                    skipped polls counted) ──> connection pool per protocol
-//!                    (breaker per connection) ──> Driver (Modbus / OPC UA / S7)
-//!                ──> scale/offset, deadband, heartbeat ──> publisher (batched, retained,
-//!                    QoS 1) ──> MQTT; store-and-forward disk buffer while the broker is away
+//! devices (config / devices_file, reloaded on change) ──> DeviceSet: one task per device
+//!   ──> scheduler: interval + 0-10% jitter; a shared pool of `gateway.workers` permits
+//!       (a poll due while all are busy is skipped and counted)
+//!   ──> Pools: one session per endpoint and protocol, bounded, lazy, idle reaper and health
+//!       checks, a circuit breaker per endpoint ──> Driver (Modbus TCP/RTU/RTU-over-TCP:
+//!       coalesced reads, codec for types and byte orders, scale/offset)
+//!   ──> per tag: deadband and heartbeat; device status on $nexus/status/device/<id>
+//!   ──> Publisher: JSON value objects, retained, QoS from config, on <uns_prefix>/<device>/<tag>;
+//!       while the broker is away values go to the on-disk store-and-forward buffer and are
+//!       replayed at a bounded rate, after live values, once it is back
+//! HTTP :4000: /healthz /readyz /metrics, GET /api/v1/devices, GET /api/v1/devices/{id}/tags
 //! ```
 //!
-//! Today this crate runs the service shell: the MQTT client with its retained
-//! `$nexus/status/service/gateway/<instance>` status and last will, and HTTP on :4000 with
-//! `/healthz`, `/readyz` and `/metrics`. Devices in the config are validated at load.
+//! - [`driver`]: the `Driver` trait (transport errors apart from device exceptions) and the
+//!   Modbus driver; OPC UA and S7 drivers plug in here.
+//! - [`simulator`]: `nexus simulate modbus` and the demo device.
 
-use std::sync::Arc;
+pub mod buffer;
+pub mod driver;
+pub mod http;
+pub mod poller;
+pub mod pool;
+pub mod publisher;
+pub mod simulator;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use nexus_common::config::Config;
 use nexus_common::service::{Shell, ShellOptions};
+use nexus_common::telemetry::Telemetry;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use buffer::DiskBuffer;
+use poller::{DeviceSet, PollContext, PollMetrics};
+use pool::Pools;
+use publisher::{PublishSettings, Publisher, PublisherMetrics};
 
 pub const SERVICE: &str = "gateway";
 
+fn modified(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Reload the device list when the config file or devices file changes on disk.
+async fn watch_devices(cfg: Arc<Config>, set: http::SharedDevices, token: CancellationToken) {
+    let paths: Vec<PathBuf> = cfg
+        .source
+        .iter()
+        .chain(cfg.devices_file.iter())
+        .cloned()
+        .collect();
+    if paths.is_empty() {
+        return;
+    }
+    let mut seen = modified(&paths);
+    let mut iv = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = iv.tick() => {}
+            _ = token.cancelled() => return,
+        }
+        let now = modified(&paths);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match Config::load(cfg.source.as_deref()) {
+            Ok(new) => {
+                let (started, stopped, restarted) = set
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .apply(&new.devices);
+                tracing::info!(
+                    started,
+                    stopped,
+                    restarted,
+                    devices = new.devices.len(),
+                    "device configuration reloaded"
+                );
+            }
+            Err(e) => {
+                tracing::error!(problems = %e.to_string().trim_end(), "device configuration not reloaded: it has problems; devices keep running")
+            }
+        }
+    }
+}
+
 /// Run the gateway until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let shell = Shell::start(
-        &cfg,
-        ShellOptions::new(SERVICE, cfg.gateway.http_listen),
-        shutdown.clone(),
-    )
-    .await?;
-    tracing::info!(devices = cfg.devices.len(), "gateway ready");
+    let gw = &cfg.gateway;
+    let telemetry = Telemetry::new(SERVICE);
+    let pools = Pools::new(gw.pool.clone(), gw.breaker.into(), &telemetry.registry);
+    let poll_metrics = PollMetrics::new(&telemetry.registry);
+    let pub_metrics = PublisherMetrics::new(&telemetry.registry);
+    let devices_token = CancellationToken::new();
+    let set: http::SharedDevices = Arc::new(Mutex::new(DeviceSet::new(devices_token.clone())));
+
+    let mut opts = ShellOptions::new(SERVICE, gw.http_listen);
+    opts.routes = http::routes(set.clone());
+    opts.telemetry = Some(telemetry);
+    let shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
+
+    let (dir, max) = (gw.buffer.dir.clone(), gw.buffer.max_size.0);
+    let buffer = tokio::task::spawn_blocking(move || DiskBuffer::open(&dir, max))
+        .await?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the store-and-forward buffer in {}: {e}",
+                gw.buffer.dir.display()
+            )
+        })?;
+    if !buffer.is_empty() {
+        tracing::info!(
+            points = buffer.len(),
+            "store-and-forward buffer holds values from before; they will be replayed"
+        );
+    }
+    let settings = PublishSettings {
+        qos: publisher::qos_of(gw.qos),
+        retain: gw.retain,
+        replay_rate: gw.buffer.replay_rate,
+        replay_delay: Duration::from_secs(1),
+    };
+    let (tx, rx) = mpsc::channel(256);
+    let publisher = Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics);
+    let publisher_task = tokio::spawn(publisher.run(rx, shutdown.clone()));
+
+    let ctx = PollContext {
+        pools: pools.clone(),
+        workers: Arc::new(Semaphore::new(gw.workers)),
+        out: tx,
+        mqtt: shell.mqtt.clone(),
+        metrics: poll_metrics,
+        heartbeat: gw.heartbeat,
+    };
+    let started = {
+        let mut s = set.lock().unwrap_or_else(|e| e.into_inner());
+        s.set_context(Some(ctx));
+        s.apply(&cfg.devices).0
+    };
+    tracing::info!(devices = started, workers = gw.workers, "gateway polling");
+    let maintenance = tokio::spawn(pools.clone().maintain(devices_token.clone()));
+    let watcher = gw.watch_devices_file.then(|| {
+        tokio::spawn(watch_devices(
+            cfg.clone(),
+            set.clone(),
+            devices_token.clone(),
+        ))
+    });
+
     shutdown.cancelled().await;
+    // Ordered drain: pollers stop, then the publisher flushes what they produced.
+    let tasks = {
+        let mut s = set.lock().unwrap_or_else(|e| e.into_inner());
+        let t = s.stop_all();
+        s.set_context(None);
+        t
+    };
+    for t in tasks {
+        let _ = t.await;
+    }
+    devices_token.cancel();
+    let _ = publisher_task.await;
+    let _ = maintenance.await;
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
     shell.stop().await;
     Ok(())
 }
-pub mod buffer;
-pub mod driver;
-pub mod simulator;

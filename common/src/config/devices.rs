@@ -30,7 +30,7 @@ pub enum AcquisitionMode {
     Subscribe,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     pub id: DeviceId,
@@ -78,7 +78,7 @@ pub enum Parity {
 
 /// The union of every protocol's connection keys; [`DeviceConfig`] validation checks that
 /// the ones given belong to the device's protocol.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionConfig {
     // Modbus TCP / RTU-over-TCP and S7
@@ -111,7 +111,7 @@ pub struct ConnectionConfig {
 }
 
 /// OPC UA authentication: `anonymous`, `{username, password}` or `{cert, key}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum OpcUaAuth {
     Named(String),
@@ -214,7 +214,7 @@ impl Access {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TagConfig {
     pub id: TagId,
@@ -578,10 +578,11 @@ impl DeviceConfig {
                 ranges.push((i, addr, count));
             }
         }
-        // Whole-register tags must not overlap; several bit tags may share a register.
+        // Whole-register tags must not overlap; bit tags may share a register with each
+        // other and with a tag that reads the whole word (a status word and its bits).
         for (n, (i, a, ca)) in ranges.iter().enumerate() {
             for (j, b, cb) in &ranges[..n] {
-                if a.table != b.table || (a.bit.is_some() && b.bit.is_some()) {
+                if a.table != b.table || a.bit.is_some() || b.bit.is_some() {
                     continue;
                 }
                 let (a0, a1) = (u32::from(a.address), u32::from(a.address) + u32::from(*ca));

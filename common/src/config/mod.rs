@@ -27,7 +27,7 @@ pub use devices::{
 pub use sections::{
     AclAction, AclPermission, AclRule, BreakerSettings, BrokerConfig, BrokerTls, BrokerUser,
     BufferConfig, CommandsConfig, GatewayConfig, IngestionConfig, LogFormat, MqttConfig, MqttTls,
-    MqttVersion, OrchestratorConfig, Role, TelemetryConfig,
+    MqttVersion, OrchestratorConfig, PoolConfig, Role, TelemetryConfig,
 };
 pub use types::{ByteSize, Secret, SecretUrl};
 use yaml::{Pos, Spans};

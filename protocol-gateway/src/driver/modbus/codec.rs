@@ -91,6 +91,15 @@ fn wire_registers(mut bytes: Vec<u8>, order: ByteOrder) -> Vec<u16> {
         .collect()
 }
 
+/// An f32 as the f64 with the same shortest decimal form (60.75294, not 60.7529411315918),
+/// which is what a person reading the PLC expects to see.
+pub fn widen(f: f32) -> f64 {
+    if !f.is_finite() {
+        return f as f64;
+    }
+    f.to_string().parse().unwrap_or(f as f64)
+}
+
 /// Registers a value of this type needs (strings: `string_len` bytes).
 pub fn register_count(dt: DataType, string_len: u16) -> usize {
     dt.modbus_registers(string_len) as usize
@@ -128,7 +137,7 @@ pub fn decode(
         DataType::Uint16 => Value::Int(u16::from_be_bytes([b[0], b[1]]) as i64),
         DataType::Int32 => Value::Int(i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
         DataType::Uint32 => Value::Int(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
-        DataType::Float32 => Value::Float(f32::from_be_bytes([b[0], b[1], b[2], b[3]]) as f64),
+        DataType::Float32 => Value::Float(widen(f32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
         DataType::Int64 => Value::Int(i64::from_be_bytes([
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
         ])),
@@ -303,7 +312,7 @@ mod tests {
         ];
         for (order, regs) in cases {
             let v = decode(&regs, DataType::Float32, order, 0).unwrap();
-            assert_eq!(v, Value::Float(123.456f32 as f64), "{order:?}");
+            assert_eq!(v, Value::Float(123.456), "{order:?}");
             assert_eq!(
                 encode(&v, DataType::Float32, order, 0, None, None).unwrap(),
                 regs.to_vec(),

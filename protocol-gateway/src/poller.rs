@@ -1,0 +1,441 @@
+//! Polling: one task per device on its interval (plus 0-10% jitter so devices do not poll in
+//! lockstep), a bounded pool of workers shared by all devices (a poll due while every worker
+//! is busy is skipped and counted, never queued), deadband and heartbeat per tag, and the
+//! device's status on `$nexus/status/device/<id>`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use nexus_common::breaker::BreakerState;
+use nexus_common::config::DeviceConfig;
+use nexus_common::mqtt::{MqttHandle, QoS};
+use nexus_common::{now_ms, DataPoint, Quality, Value};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::driver::{Device, Reading};
+use crate::pool::{PoolError, Pools};
+
+#[derive(Clone)]
+pub struct PollMetrics {
+    polls: IntCounterVec,
+    skipped: IntCounterVec,
+    duration: HistogramVec,
+    requests: IntCounterVec,
+}
+
+impl PollMetrics {
+    pub fn new(r: &Registry) -> PollMetrics {
+        let m = PollMetrics {
+            polls: IntCounterVec::new(
+                Opts::new("nexus_gateway_polls_total", "Polls by device and result"),
+                &["device", "result"],
+            )
+            .expect("static metric definition"),
+            skipped: IntCounterVec::new(
+                Opts::new(
+                    "nexus_gateway_polls_skipped_total",
+                    "Polls skipped because every worker was busy or the previous poll overran",
+                ),
+                &["device"],
+            )
+            .expect("static metric definition"),
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "nexus_gateway_poll_duration_seconds",
+                    "Time to read a device",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["device"],
+            )
+            .expect("static metric definition"),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "nexus_gateway_read_requests_total",
+                    "Protocol read requests sent",
+                ),
+                &["device"],
+            )
+            .expect("static metric definition"),
+        };
+        let _ = r.register(Box::new(m.polls.clone()));
+        let _ = r.register(Box::new(m.skipped.clone()));
+        let _ = r.register(Box::new(m.duration.clone()));
+        let _ = r.register(Box::new(m.requests.clone()));
+        m
+    }
+}
+
+/// Live view of a device, for the HTTP API.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DeviceStatus {
+    pub state: &'static str,
+    pub breaker: &'static str,
+    pub last_error: Option<String>,
+    pub polls_ok: u64,
+    pub polls_failed: u64,
+    pub polls_skipped: u64,
+    pub last_duration_ms: f64,
+    pub requests_per_poll: usize,
+}
+
+#[derive(Default)]
+pub struct DeviceState {
+    pub status: RwLock<DeviceStatus>,
+    pub values: RwLock<Vec<Option<DataPoint>>>,
+    skipped: AtomicU64,
+}
+
+/// Everything the device tasks share.
+#[derive(Clone)]
+pub struct PollContext {
+    pub pools: Arc<Pools>,
+    pub workers: Arc<Semaphore>,
+    pub out: mpsc::Sender<Vec<DataPoint>>,
+    pub mqtt: MqttHandle,
+    pub metrics: PollMetrics,
+    pub heartbeat: Duration,
+}
+
+struct TagMemory {
+    value: Option<Value>,
+    quality: Quality,
+    at: Instant,
+}
+
+fn changed(deadband: Option<f64>, old: &Option<Value>, new: &Option<Value>) -> bool {
+    match (old, new, deadband) {
+        (Some(a), Some(b), Some(db)) if db > 0.0 => match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => (x - y).abs() > db,
+            _ => a != b,
+        },
+        _ => old != new,
+    }
+}
+
+fn status_payload(state: &str, breaker: BreakerState, last_error: &Option<String>) -> String {
+    serde_json::json!({"state": state, "breaker": breaker.as_str(), "last_error": last_error, "ts": now_ms()}).to_string()
+}
+
+/// Poll one device until `token`.
+pub async fn run_device(
+    device: Arc<Device>,
+    state: Arc<DeviceState>,
+    ctx: PollContext,
+    token: CancellationToken,
+) {
+    let cfg: &DeviceConfig = &device.cfg;
+    let id = cfg.id.as_str().to_owned();
+    let interval = cfg.poll_interval;
+    let status_topic = format!("$nexus/status/device/{id}");
+    let mut memory: Vec<Option<TagMemory>> = (0..cfg.tags.len()).map(|_| None).collect();
+    let mut last_status: Option<String> = None;
+    let mut last_status_at = Instant::now();
+    let requests_per_poll = match &device.plan {
+        crate::driver::Plan::Modbus(p) => p.requests.len(),
+        _ => 0,
+    };
+    {
+        let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
+        s.state = "unknown";
+        s.breaker = "closed";
+        s.requests_per_poll = requests_per_poll;
+    }
+    let jitter_max = interval.as_secs_f64() * 0.1;
+    let mut base = Instant::now();
+    loop {
+        let jitter = Duration::from_secs_f64(rand::rng().random_range(0.0..=jitter_max.max(0.0)));
+        tokio::select! {
+            _ = tokio::time::sleep_until(base + jitter) => {}
+            _ = token.cancelled() => break,
+        }
+        base += interval;
+        // A poll that overran its interval: the missed ones are skipped, not queued.
+        let now = Instant::now();
+        if now > base + interval {
+            let missed = ((now - base).as_secs_f64() / interval.as_secs_f64()) as u64;
+            base += interval * missed as u32;
+            state.skipped.fetch_add(missed, Ordering::Relaxed);
+            ctx.metrics.skipped.with_label_values(&[&id]).inc_by(missed);
+        }
+        let Ok(permit) = ctx.workers.clone().try_acquire_owned() else {
+            state.skipped.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.skipped.with_label_values(&[&id]).inc();
+            state
+                .status
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .polls_skipped = state.skipped.load(Ordering::Relaxed);
+            continue;
+        };
+        let started = Instant::now();
+        let result = ctx.pools.read(&device, None).await;
+        drop(permit);
+        let elapsed = started.elapsed();
+        ctx.metrics
+            .duration
+            .with_label_values(&[&id])
+            .observe(elapsed.as_secs_f64());
+        let ts = now_ms();
+        let (readings, error): (Vec<(usize, Reading)>, Option<String>) = match result {
+            Ok(r) => {
+                ctx.metrics
+                    .requests
+                    .with_label_values(&[&id])
+                    .inc_by(requests_per_poll as u64);
+                (r, None)
+            }
+            Err(e) => {
+                let q = match e {
+                    PoolError::Open(_) => Quality::BadNotConnected,
+                    _ => Quality::BadCommFailure,
+                };
+                let reason = e.to_string();
+                (
+                    (0..cfg.tags.len())
+                        .map(|i| {
+                            (
+                                i,
+                                Reading::Bad {
+                                    quality: q,
+                                    reason: reason.clone(),
+                                },
+                            )
+                        })
+                        .collect(),
+                    Some(reason),
+                )
+            }
+        };
+        let bad_tags = readings
+            .iter()
+            .filter(|(_, r)| matches!(r, Reading::Bad { .. }))
+            .count();
+        let mut out = Vec::new();
+        let mut values = Vec::with_capacity(readings.len());
+        for (i, reading) in readings {
+            let tag = &cfg.tags[i];
+            let (value, quality, source_ts) = match reading {
+                Reading::Good {
+                    value,
+                    source_ts_ms,
+                } => (Some(value), Quality::Good, source_ts_ms),
+                // A bad read keeps the last value, marked with the bad quality.
+                Reading::Bad { quality, .. } => (
+                    memory[i].as_ref().and_then(|m| m.value.clone()),
+                    quality,
+                    None,
+                ),
+            };
+            let due = match &memory[i] {
+                None => true,
+                Some(m) => {
+                    m.quality != quality
+                        || changed(tag.deadband, &m.value, &value)
+                        || (!ctx.heartbeat.is_zero() && m.at.elapsed() >= ctx.heartbeat)
+                }
+            };
+            let point = DataPoint {
+                topic: device.topics[i].clone(),
+                value: value.clone(),
+                quality,
+                ts_ms: ts,
+                source_ts_ms: source_ts,
+                unit: tag.unit.clone(),
+            };
+            if due {
+                memory[i] = Some(TagMemory {
+                    value,
+                    quality,
+                    at: Instant::now(),
+                });
+                out.push(point.clone());
+            }
+            values.push((i, point));
+        }
+        {
+            let mut v = state.values.write().unwrap_or_else(|e| e.into_inner());
+            v.resize(cfg.tags.len(), None);
+            for (i, p) in values {
+                v[i] = Some(p);
+            }
+        }
+        let breaker = ctx.pools.breaker_state(&device);
+        let dev_state = match (&error, breaker) {
+            (Some(_), _) | (_, BreakerState::Open) => "offline",
+            (None, BreakerState::HalfOpen) => "degraded",
+            (None, _) if bad_tags > 0 => "degraded",
+            _ => "online",
+        };
+        let result_label = if error.is_some() { "failed" } else { "ok" };
+        ctx.metrics
+            .polls
+            .with_label_values(&[&id, result_label])
+            .inc();
+        {
+            let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
+            if error.is_some() {
+                s.polls_failed += 1;
+                s.last_error = error.clone();
+            } else {
+                s.polls_ok += 1;
+            }
+            s.state = dev_state;
+            s.breaker = breaker.as_str();
+            s.polls_skipped = state.skipped.load(Ordering::Relaxed);
+            s.last_duration_ms = elapsed.as_secs_f64() * 1000.0;
+        }
+        // Status on change, and again every heartbeat (a restarted broker forgets it).
+        let key = format!("{dev_state}/{}", breaker.as_str());
+        let stale = !ctx.heartbeat.is_zero() && last_status_at.elapsed() >= ctx.heartbeat;
+        if (last_status.as_deref() != Some(key.as_str()) || stale) && ctx.mqtt.is_connected() {
+            let last_error = state
+                .status
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .last_error
+                .clone();
+            if ctx
+                .mqtt
+                .publish(
+                    &status_topic,
+                    status_payload(dev_state, breaker, &last_error),
+                    QoS::AtLeastOnce,
+                    true,
+                )
+                .await
+                .is_ok()
+            {
+                if last_status.as_deref() != Some(key.as_str()) {
+                    tracing::info!(device = %id, state = dev_state, breaker = breaker.as_str(), error = ?error, "device status changed");
+                }
+                last_status = Some(key);
+                last_status_at = Instant::now();
+            }
+        }
+        if !out.is_empty() && ctx.out.send(out).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// A running device: its config, stop token, task, live state and compiled form.
+type Running = (
+    DeviceConfig,
+    CancellationToken,
+    JoinHandle<()>,
+    Arc<DeviceState>,
+    Arc<Device>,
+);
+
+/// The running set of devices, changed in place when the device list changes.
+pub struct DeviceSet {
+    ctx: Option<PollContext>,
+    running: HashMap<String, Running>,
+    parent: CancellationToken,
+}
+
+impl DeviceSet {
+    pub fn new(parent: CancellationToken) -> DeviceSet {
+        DeviceSet {
+            ctx: None,
+            running: HashMap::new(),
+            parent,
+        }
+    }
+
+    /// Give the set what its device tasks need; `None` drops it (closing the value channel
+    /// once every device task has stopped).
+    pub fn set_context(&mut self, ctx: Option<PollContext>) {
+        self.ctx = ctx;
+    }
+
+    /// Start added devices, stop removed ones, restart changed ones; leave the rest alone.
+    /// Returns (started, stopped, restarted).
+    pub fn apply(&mut self, devices: &[DeviceConfig]) -> (usize, usize, usize) {
+        let wanted: HashMap<String, &DeviceConfig> = devices
+            .iter()
+            .filter(|d| d.enabled)
+            .map(|d| (d.id.to_string(), d))
+            .collect();
+        let mut stopped = 0;
+        let mut restarted = 0;
+        let mut started = 0;
+        let ids: Vec<String> = self.running.keys().cloned().collect();
+        for id in ids {
+            match wanted.get(&id) {
+                None => {
+                    if let Some((_, tok, _, _, _)) = self.running.remove(&id) {
+                        tok.cancel();
+                        stopped += 1;
+                    }
+                }
+                Some(cfg) if self.running.get(&id).is_some_and(|(old, ..)| old != *cfg) => {
+                    if let Some((_, tok, _, _, _)) = self.running.remove(&id) {
+                        tok.cancel();
+                    }
+                    if self.start(cfg) {
+                        restarted += 1;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for (id, cfg) in &wanted {
+            if !self.running.contains_key(id) && self.start(cfg) {
+                started += 1;
+            }
+        }
+        (started, stopped, restarted)
+    }
+
+    fn start(&mut self, cfg: &DeviceConfig) -> bool {
+        let Some(ctx) = self.ctx.clone() else {
+            return false;
+        };
+        let device = match Device::compile(cfg.clone()) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                tracing::error!(error = %e, "device not started");
+                return false;
+            }
+        };
+        let state = Arc::new(DeviceState::default());
+        let tok = self.parent.child_token();
+        let task = tokio::spawn(run_device(device.clone(), state.clone(), ctx, tok.clone()));
+        self.running
+            .insert(cfg.id.to_string(), (cfg.clone(), tok, task, state, device));
+        true
+    }
+
+    /// Config, compiled device and live state of each running device.
+    pub fn views(&self) -> Vec<(DeviceConfig, Arc<DeviceState>, Arc<Device>)> {
+        let mut v: Vec<_> = self
+            .running
+            .values()
+            .map(|(c, _, _, s, d)| (c.clone(), s.clone(), d.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        v
+    }
+
+    /// Stop every device; the caller awaits the returned tasks (outside any lock).
+    pub fn stop_all(&mut self) -> Vec<JoinHandle<()>> {
+        self.running
+            .drain()
+            .map(|(_, (_, tok, task, _, _))| {
+                tok.cancel();
+                task
+            })
+            .collect()
+    }
+}
