@@ -1,0 +1,457 @@
+//! The gateway against the tokio-modbus simulator through a real broker: every data type and
+//! byte order, coalescing, writes, device exceptions, a dead device and its recovery.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nexus_common::breaker::BreakerConfig;
+use nexus_common::config::{Config, PoolConfig};
+use nexus_common::testing::{self, free_port};
+use nexus_common::Value;
+use nexus_protocol_gateway::driver::{Device, Reading};
+use nexus_protocol_gateway::pool::Pools;
+use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use tokio_util::sync::CancellationToken;
+
+fn device_yaml(id: &str, port: u16, prefix: &str, poll: &str, tags: &str) -> String {
+    format!(
+        "  - id: {id}\n    protocol: modbus\n    uns_prefix: {prefix}\n    poll_interval: {poll}\n    connection: {{ host: 127.0.0.1, port: {port}, unit_id: 1, timeout: 500ms }}\n    tags:\n{tags}"
+    )
+}
+
+fn compile(yaml: &str) -> Arc<Device> {
+    let cfg = Config::from_str_with_env(yaml, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    Arc::new(Device::compile(cfg.devices[0].clone()).unwrap())
+}
+
+fn set(sim: &ModbusSimulator, addr: usize, words: &[u16]) {
+    sim.registers.lock().unwrap().holding[addr..addr + words.len()].copy_from_slice(words);
+}
+
+const TYPED_TAGS: &str = r#"      - { id: f32-abcd, address: "HR:200", data_type: float32, byte_order: ABCD }
+      - { id: f32-dcba, address: "HR:202", data_type: float32, byte_order: DCBA }
+      - { id: f32-badc, address: "HR:204", data_type: float32, byte_order: BADC }
+      - { id: f32-cdab, address: "HR:206", data_type: float32, byte_order: CDAB }
+      - { id: i16, address: "HR:210", data_type: int16 }
+      - { id: u16, address: "HR:211", data_type: uint16 }
+      - { id: i32-cdab, address: "HR:212", data_type: int32, byte_order: CDAB }
+      - { id: u32, address: "HR:214", data_type: uint32 }
+      - { id: i64, address: "HR:216", data_type: int64 }
+      - { id: u64-dcba, address: "HR:220", data_type: uint64, byte_order: DCBA }
+      - { id: f64, address: "HR:224", data_type: float64 }
+      - { id: text, address: "HR:230", data_type: string, length: 8 }
+      - { id: bit3, address: "HR:240.3", data_type: bool }
+      - { id: scaled, address: "HR:241", data_type: int16, scale: 0.1, offset: -10 }
+      - { id: coil, address: "CO:7", data_type: bool }
+      - { id: din, address: "DI:9", data_type: bool }
+      - { id: ir, address: "IR:3", data_type: uint16 }
+"#;
+
+fn load_typed_values(sim: &ModbusSimulator) {
+    set(sim, 200, &[0x42F6, 0xE979]); // 123.456
+    set(sim, 202, &[0x79E9, 0xF642]);
+    set(sim, 204, &[0xF642, 0x79E9]);
+    set(sim, 206, &[0xE979, 0x42F6]);
+    set(sim, 210, &[0xFFFE]); // -2
+    set(sim, 211, &[0xFFFE]); // 65534
+    set(sim, 212, &[0x1DC0, 0xFFFE]); // -123456 word-swapped
+    set(sim, 214, &[0x0001, 0x0002]); // 65538
+    set(sim, 216, &[0xFFFF, 0xFFFF, 0xFFFF, 0xFFFD]); // -3
+    set(sim, 220, &[0x0807, 0x0605, 0x0403, 0x0201]); // 0x0102030405060708 little endian
+    set(sim, 224, &[0x4059, 0, 0, 0]); // 100.0
+    set(sim, 230, &[0x5041, 0x434B, 0x2D31, 0]); // "PACK-1"
+    set(sim, 240, &[0b1000]);
+    set(sim, 241, &[250]); // 25.0 - 10 = 15.0
+    let mut r = sim.registers.lock().unwrap();
+    r.coils[7] = true;
+    r.discrete[9] = true;
+    r.input[3] = 4242;
+}
+
+fn expected_typed() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    vec![
+        ("f32-abcd", json!(123.456)),
+        ("f32-dcba", json!(123.456)),
+        ("f32-badc", json!(123.456)),
+        ("f32-cdab", json!(123.456)),
+        ("i16", json!(-2)),
+        ("u16", json!(65534)),
+        ("i32-cdab", json!(-123456)),
+        ("u32", json!(65538)),
+        ("i64", json!(-3)),
+        ("u64-dcba", json!(0x0102030405060708u64)),
+        ("f64", json!(100.0)),
+        ("text", json!("PACK-1")),
+        ("bit3", json!(true)),
+        ("scaled", json!(15.0)),
+        ("coil", json!(true)),
+        ("din", json!(true)),
+        ("ir", json!(4242)),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_every_type_and_byte_order_to_the_uns() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    load_typed_values(&sim);
+    let broker = support::broker();
+    let port = broker.ports.tcp.port();
+    let token = CancellationToken::new();
+    let root = testing::unique("acme");
+    let prefix = format!("{root}/site/area/line");
+    let (_s, mut rx) = support::subscriber(
+        port,
+        &[&format!("{root}/#"), "$nexus/status/device/#"],
+        &token,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let cfg = support::config(
+        port,
+        http,
+        dir.path(),
+        &format!(
+            "devices:\n{}",
+            device_yaml("plc-types", sim.addr.port(), &prefix, "200ms", TYPED_TAGS)
+        ),
+    );
+    let (stop, task) = support::start_gateway(cfg);
+    let got = support::collect(&mut rx, Duration::from_secs(2), Duration::from_secs(6)).await;
+    let mut latest: HashMap<String, serde_json::Value> = HashMap::new();
+    for (t, v, _) in &got {
+        latest.insert(t.clone(), v.clone());
+    }
+    for (tag, want) in expected_typed() {
+        let topic = format!("{prefix}/plc-types/{tag}");
+        let v = latest.get(&topic).unwrap_or_else(|| {
+            panic!(
+                "nothing on {topic}: {:?}",
+                latest.keys().collect::<Vec<_>>()
+            )
+        });
+        assert_eq!(v["v"], want, "{tag}");
+        assert_eq!(v["q"], "good", "{tag}");
+        assert!(v["ts"].as_i64().unwrap() > 1_700_000_000_000, "{tag}");
+    }
+    // Unchanged values are not republished every poll (deadband 0 = on change; heartbeat 60s).
+    let per_topic = got
+        .iter()
+        .filter(|(t, _, _)| t.ends_with("/plc-types/i16"))
+        .count();
+    assert_eq!(per_topic, 1, "an unchanged value is published once");
+    let status = latest
+        .get("$nexus/status/device/plc-types")
+        .expect("device status");
+    assert_eq!(status["state"], "online");
+    assert_eq!(status["breaker"], "closed");
+    // The device API shows the same.
+    let tags = support::http_get(http, "/api/v1/devices/plc-types/tags");
+    assert!(
+        tags.contains("\"id\":\"i32-cdab\"") && tags.contains("-123456"),
+        "{tags}"
+    );
+    let devices = support::http_get(http, "/api/v1/devices");
+    assert!(devices.contains("\"state\":\"online\""), "{devices}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_issues_the_planned_number_of_requests() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    // 100 float32 tags back to back: 200 registers.
+    let tags: String = (0..100)
+        .map(|i| {
+            format!(
+                "      - {{ id: t{i}, address: \"HR:{}\", data_type: float32 }}\n",
+                1000 + i * 2
+            )
+        })
+        .collect();
+    let pools = Pools::new(
+        PoolConfig::default(),
+        BreakerConfig::default(),
+        &prometheus::Registry::new(),
+    );
+    for (limit, want) in [("", 2u64), ("max_registers_per_request: 50, ", 4)] {
+        let yaml = format!(
+            "devices:\n  - id: big\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ {limit}host: 127.0.0.1, port: {} }}\n    tags:\n{tags}",
+            sim.addr.port()
+        );
+        let device = compile(&yaml);
+        let before = sim.requests();
+        let readings = pools.read(&device, None).await.unwrap();
+        assert_eq!(readings.len(), 100);
+        assert!(readings
+            .iter()
+            .all(|(_, r)| matches!(r, Reading::Good { .. })));
+        assert_eq!(sim.requests() - before, want, "{limit}");
+    }
+    // Gaps: two tags 5 registers apart are merged with the default gap (10), 50 apart not.
+    let yaml = format!(
+        "devices:\n  - id: gaps\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ host: 127.0.0.1, port: {} }}\n    tags:\n      - {{ id: a, address: \"HR:0\", data_type: uint16 }}\n      - {{ id: b, address: \"HR:5\", data_type: uint16 }}\n      - {{ id: c, address: \"HR:55\", data_type: uint16 }}\n",
+        sim.addr.port()
+    );
+    let before = sim.requests();
+    pools.read(&compile(&yaml), None).await.unwrap();
+    assert_eq!(sim.requests() - before, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_land_in_the_device() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let yaml = format!(
+        "devices:\n{}",
+        device_yaml(
+            "w",
+            sim.addr.port(),
+            "a/b",
+            "1s",
+            r#"      - { id: sp, address: "HR:10", data_type: int16, scale: 0.1, access: readwrite }
+      - { id: f, address: "HR:300", data_type: float32, byte_order: CDAB, access: readwrite }
+      - { id: big, address: "HR:310", data_type: uint32, access: readwrite }
+      - { id: name, address: "HR:320", data_type: string, length: 6, access: readwrite }
+      - { id: flag, address: "HR:330.2", data_type: bool, access: readwrite }
+      - { id: pump, address: "CO:1", data_type: bool, access: readwrite }
+      - { id: ir, address: "IR:0", data_type: int16 }
+"#
+        )
+    );
+    let d = compile(&yaml);
+    let pools = Pools::new(
+        PoolConfig::default(),
+        BreakerConfig::default(),
+        &prometheus::Registry::new(),
+    );
+    set(&sim, 330, &[0b1_0001]);
+    for (tag, value) in [
+        (0, Value::Float(72.5)),
+        (1, Value::Float(-1.5)),
+        (2, Value::Int(70_000)),
+        (3, Value::String("AB-9".into())),
+        (4, Value::Bool(true)),
+        (5, Value::Bool(true)),
+    ] {
+        pools
+            .write(&d, tag, value.clone())
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("tag {tag}: {e}"));
+    }
+    {
+        let r = sim.registers.lock().unwrap();
+        assert_eq!(r.holding[10], 725, "72.5 / 0.1");
+        assert_eq!(&r.holding[300..302], &[0x0000, 0xBFC0], "-1.5 word-swapped");
+        assert_eq!(&r.holding[310..312], &[0x0001, 0x1170]);
+        assert_eq!(&r.holding[320..323], &[0x4142, 0x2D39, 0]);
+        assert_eq!(r.holding[330], 0b1_0101, "only bit 2 changed");
+        assert!(r.coils[1]);
+    }
+    // Read back through the driver.
+    let back = pools.read(&d, Some(vec![0, 1, 3])).await.unwrap();
+    assert_eq!(
+        back[0],
+        (
+            0,
+            Reading::Good {
+                value: Value::Float(72.5),
+                source_ts_ms: None
+            }
+        )
+    );
+    assert_eq!(
+        back[1],
+        (
+            1,
+            Reading::Good {
+                value: Value::Float(-1.5),
+                source_ts_ms: None
+            }
+        )
+    );
+    assert_eq!(
+        back[2],
+        (
+            3,
+            Reading::Good {
+                value: Value::String("AB-9".into()),
+                source_ts_ms: None
+            }
+        )
+    );
+    // Refusals are device errors, not transport errors.
+    let e = pools
+        .write(&d, 6, Value::Int(1))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    let e = pools
+        .write(&d, 0, Value::Float(99999.0))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("does not fit int16"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_exception_marks_only_its_tags_bad() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    set(&sim, 0, &[7]);
+    let yaml = format!(
+        "devices:\n{}",
+        device_yaml(
+            "ex",
+            sim.addr.port(),
+            "a/b",
+            "1s",
+            "      - { id: ok, address: \"HR:0\", data_type: uint16 }\n      - { id: missing, address: \"HR:60010\", data_type: uint16 }\n"
+        )
+    );
+    let d = compile(&yaml);
+    let pools = Pools::new(
+        PoolConfig::default(),
+        BreakerConfig::default(),
+        &prometheus::Registry::new(),
+    );
+    for _ in 0..10 {
+        let r = pools.read(&d, None).await.unwrap();
+        assert_eq!(
+            r[0],
+            (
+                0,
+                Reading::Good {
+                    value: Value::Int(7),
+                    source_ts_ms: None
+                }
+            )
+        );
+        assert!(
+            matches!(&r[1], (1, Reading::Bad { quality: nexus_common::Quality::BadConfigError, reason }) if reason.contains("IllegalDataAddress"))
+        );
+    }
+    assert_eq!(
+        pools.breaker_state(&d),
+        nexus_common::breaker::BreakerState::Closed,
+        "exceptions do not count against the breaker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_device_goes_offline_others_keep_polling_and_it_recovers() {
+    let sim_a = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let sim_b = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let port_a = sim_a.addr.port();
+    let broker = support::broker();
+    let mport = broker.ports.tcp.port();
+    let token = CancellationToken::new();
+    let root = testing::unique("fault");
+    let (_s, mut rx) = support::subscriber(
+        mport,
+        &[&format!("{root}/#"), "$nexus/status/device/#"],
+        &token,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let tags = "      - { id: x, address: \"HR:0\", data_type: uint16 }\n";
+    let mut cfg = support::config(
+        mport,
+        http,
+        dir.path(),
+        &format!(
+            "gateway:\n  heartbeat: 0s\n  breaker: {{ window: 10, min_requests: 3, open_for: 1s, half_open_trials: 1 }}\ndevices:\n{}{}",
+            device_yaml("dev-a", port_a, &root, "100ms", tags),
+            device_yaml("dev-b", sim_b.addr.port(), &root, "100ms", tags)
+        ),
+    );
+    cfg.gateway.heartbeat = Duration::ZERO;
+    let (stop, task) = support::start_gateway(cfg);
+    support::collect(&mut rx, Duration::from_millis(800), Duration::from_secs(3)).await;
+    let polls_b = |text: &str| {
+        support::metric(
+            text,
+            "nexus_gateway_polls_total{device=\"dev-b\",result=\"ok\"}",
+        )
+    };
+
+    // Device A dies.
+    drop(sim_a);
+    let m0 = support::http_get(http, "/metrics");
+    let got = support::collect(&mut rx, Duration::from_secs(3), Duration::from_secs(3)).await;
+    let m1 = support::http_get(http, "/metrics");
+    let a_status: Vec<&serde_json::Value> = got
+        .iter()
+        .filter(|(t, _, _)| t == "$nexus/status/device/dev-a")
+        .map(|(_, v, _)| v)
+        .collect();
+    assert!(
+        a_status.iter().any(|v| v["state"] == "offline"),
+        "{a_status:?}"
+    );
+    assert!(
+        a_status.iter().any(|v| v["breaker"] == "open"),
+        "{a_status:?}"
+    );
+    let a_values: Vec<&serde_json::Value> = got
+        .iter()
+        .filter(|(t, _, _)| t.ends_with("/dev-a/x"))
+        .map(|(_, v, _)| v)
+        .collect();
+    assert!(
+        a_values
+            .iter()
+            .any(|v| v["q"] == "bad_comm_failure" || v["q"] == "bad_not_connected"),
+        "{a_values:?}"
+    );
+    assert!(
+        support::metric(&m1, "nexus_breaker_rejected_total") > 0.0,
+        "an open breaker fails fast"
+    );
+    // B kept its rate: ~10 polls/s over the 3 s.
+    let b_rate = (polls_b(&m1) - polls_b(&m0)) / 3.0;
+    assert!(
+        b_rate >= 7.0,
+        "dev-b polled {b_rate}/s while dev-a was down"
+    );
+
+    // A comes back on the same port and recovers by itself.
+    let _sim_a2 = ModbusSimulator::start(format!("127.0.0.1:{port_a}").parse().unwrap(), None)
+        .await
+        .unwrap();
+    let got = support::collect(&mut rx, Duration::from_secs(4), Duration::from_secs(6)).await;
+    let last_a = got
+        .iter()
+        .rev()
+        .find(|(t, _, _)| t == "$nexus/status/device/dev-a")
+        .map(|(_, v, _)| v.clone());
+    assert_eq!(
+        last_a.as_ref().map(|v| v["state"].clone()),
+        Some(serde_json::json!("online")),
+        "{got:?}"
+    );
+    assert!(got
+        .iter()
+        .any(|(t, v, _)| t.ends_with("/dev-a/x") && v["q"] == "good"));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
