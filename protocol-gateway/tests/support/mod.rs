@@ -13,8 +13,16 @@ use tokio_util::sync::CancellationToken;
 /// The embedded broker with a `service` account for the gateway (`svc` / `svc-pw`); anonymous
 /// clients are viewers, as in production.
 pub fn broker() -> nexus_common::broker::EmbeddedBroker {
+    broker_on(0)
+}
+
+/// The same on a given port (0: a free one), e.g. to bring a broker back after an outage.
+pub fn broker_on(port: u16) -> nexus_common::broker::EmbeddedBroker {
     use nexus_common::config::{BrokerConfig, BrokerUser, Role, Secret};
-    testing::start_embedded_broker(BrokerConfig {
+    let cfg = BrokerConfig {
+        bind: "127.0.0.1".parse().unwrap(),
+        port,
+        ws_port: None,
         users: vec![BrokerUser {
             username: "svc".into(),
             password: Some(Secret::new("svc-pw")),
@@ -22,7 +30,9 @@ pub fn broker() -> nexus_common::broker::EmbeddedBroker {
             role: Role::Service,
         }],
         ..BrokerConfig::default()
-    })
+    };
+    let acl = nexus_common::broker::Acl::new(&cfg).unwrap();
+    nexus_common::broker::EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).unwrap()
 }
 
 /// A config: broker at `mqtt_port`, gateway HTTP on `http_port`, buffer in `dir`, plus `extra`
