@@ -33,75 +33,12 @@ fn set(sim: &ModbusSimulator, addr: usize, words: &[u16]) {
     sim.registers.lock().unwrap().holding[addr..addr + words.len()].copy_from_slice(words);
 }
 
-const TYPED_TAGS: &str = r#"      - { id: f32-abcd, address: "HR:200", data_type: float32, byte_order: ABCD }
-      - { id: f32-dcba, address: "HR:202", data_type: float32, byte_order: DCBA }
-      - { id: f32-badc, address: "HR:204", data_type: float32, byte_order: BADC }
-      - { id: f32-cdab, address: "HR:206", data_type: float32, byte_order: CDAB }
-      - { id: i16, address: "HR:210", data_type: int16 }
-      - { id: u16, address: "HR:211", data_type: uint16 }
-      - { id: i32-cdab, address: "HR:212", data_type: int32, byte_order: CDAB }
-      - { id: u32, address: "HR:214", data_type: uint32 }
-      - { id: i64, address: "HR:216", data_type: int64 }
-      - { id: u64-dcba, address: "HR:220", data_type: uint64, byte_order: DCBA }
-      - { id: f64, address: "HR:224", data_type: float64 }
-      - { id: text, address: "HR:230", data_type: string, length: 8 }
-      - { id: bit3, address: "HR:240.3", data_type: bool }
-      - { id: scaled, address: "HR:241", data_type: int16, scale: 0.1, offset: -10 }
-      - { id: coil, address: "CO:7", data_type: bool }
-      - { id: din, address: "DI:9", data_type: bool }
-      - { id: ir, address: "IR:3", data_type: uint16 }
-"#;
-
-fn load_typed_values(sim: &ModbusSimulator) {
-    set(sim, 200, &[0x42F6, 0xE979]); // 123.456
-    set(sim, 202, &[0x79E9, 0xF642]);
-    set(sim, 204, &[0xF642, 0x79E9]);
-    set(sim, 206, &[0xE979, 0x42F6]);
-    set(sim, 210, &[0xFFFE]); // -2
-    set(sim, 211, &[0xFFFE]); // 65534
-    set(sim, 212, &[0x1DC0, 0xFFFE]); // -123456 word-swapped
-    set(sim, 214, &[0x0001, 0x0002]); // 65538
-    set(sim, 216, &[0xFFFF, 0xFFFF, 0xFFFF, 0xFFFD]); // -3
-    set(sim, 220, &[0x0807, 0x0605, 0x0403, 0x0201]); // 0x0102030405060708 little endian
-    set(sim, 224, &[0x4059, 0, 0, 0]); // 100.0
-    set(sim, 230, &[0x5041, 0x434B, 0x2D31, 0]); // "PACK-1"
-    set(sim, 240, &[0b1000]);
-    set(sim, 241, &[250]); // 25.0 - 10 = 15.0
-    let mut r = sim.registers.lock().unwrap();
-    r.coils[7] = true;
-    r.discrete[9] = true;
-    r.input[3] = 4242;
-}
-
-fn expected_typed() -> Vec<(&'static str, serde_json::Value)> {
-    use serde_json::json;
-    vec![
-        ("f32-abcd", json!(123.456)),
-        ("f32-dcba", json!(123.456)),
-        ("f32-badc", json!(123.456)),
-        ("f32-cdab", json!(123.456)),
-        ("i16", json!(-2)),
-        ("u16", json!(65534)),
-        ("i32-cdab", json!(-123456)),
-        ("u32", json!(65538)),
-        ("i64", json!(-3)),
-        ("u64-dcba", json!(0x0102030405060708u64)),
-        ("f64", json!(100.0)),
-        ("text", json!("PACK-1")),
-        ("bit3", json!(true)),
-        ("scaled", json!(15.0)),
-        ("coil", json!(true)),
-        ("din", json!(true)),
-        ("ir", json!(4242)),
-    ]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_every_type_and_byte_order_to_the_uns() {
     let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
         .await
         .unwrap();
-    load_typed_values(&sim);
+    support::load_typed_values(&sim);
     let broker = support::broker();
     let port = broker.ports.tcp.port();
     let token = CancellationToken::new();
@@ -121,7 +58,13 @@ async fn publishes_every_type_and_byte_order_to_the_uns() {
         dir.path(),
         &format!(
             "devices:\n{}",
-            device_yaml("plc-types", sim.addr.port(), &prefix, "200ms", TYPED_TAGS)
+            device_yaml(
+                "plc-types",
+                sim.addr.port(),
+                &prefix,
+                "200ms",
+                support::TYPED_TAGS
+            )
         ),
     );
     let (stop, task) = support::start_gateway(cfg);
@@ -130,7 +73,7 @@ async fn publishes_every_type_and_byte_order_to_the_uns() {
     for (t, v, _) in &got {
         latest.insert(t.clone(), v.clone());
     }
-    for (tag, want) in expected_typed() {
+    for (tag, want) in support::expected_typed() {
         let topic = format!("{prefix}/plc-types/{tag}");
         let v = latest.get(&topic).unwrap_or_else(|| {
             panic!(

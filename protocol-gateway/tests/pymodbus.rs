@@ -1,0 +1,157 @@
+//! The Modbus driver against an independent implementation: pymodbus (PyPI), over Modbus TCP
+//! and with RTU framing (CRC) over TCP. scripts/test.sh installs pymodbus into
+//! target/test-venv; NEXUS_TEST_PYTHON overrides the interpreter.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nexus_common::breaker::BreakerConfig;
+use nexus_common::config::{Config, PoolConfig};
+use nexus_common::testing::free_port;
+use nexus_common::Value;
+use nexus_protocol_gateway::driver::{Device, Reading};
+use nexus_protocol_gateway::pool::Pools;
+
+fn python() -> String {
+    if let Ok(p) = std::env::var("NEXUS_TEST_PYTHON") {
+        return p;
+    }
+    let venv = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/test-venv/bin/python"
+    );
+    if std::path::Path::new(venv).exists() {
+        return venv.to_owned();
+    }
+    "python3".to_owned()
+}
+
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_pymodbus(framing: &str) -> (Peer, u16) {
+    let py = python();
+    let ok = Command::new(&py)
+        .args(["-c", "import pymodbus"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "pymodbus is not installed for {py}: run scripts/test.sh (it installs it into target/test-venv)");
+    let port = free_port();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/peers/pymodbus_server.py"
+    );
+    let child = Command::new(py)
+        .args([script, &port.to_string(), framing])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "pymodbus did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (Peer(child), port)
+}
+
+fn device(port: u16, transport: &str) -> Arc<Device> {
+    let yaml = format!(
+        "devices:\n  - id: py\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ host: 127.0.0.1, port: {port}, transport: {transport}, timeout: 2s }}\n    tags:\n{}      - {{ id: sp, address: \"HR:10\", data_type: int16, scale: 0.1, access: readwrite }}\n      - {{ id: wide, address: \"HR:300\", data_type: float64, byte_order: BADC, access: readwrite }}\n",
+        support::TYPED_TAGS
+    );
+    let cfg = Config::from_str_with_env(&yaml, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    Arc::new(Device::compile(cfg.devices[0].clone()).unwrap())
+}
+
+async fn check(framing: &str, transport: &str) {
+    let (_peer, port) = start_pymodbus(framing);
+    let d = device(port, transport);
+    let pools = Pools::new(
+        PoolConfig::default(),
+        BreakerConfig::default(),
+        &prometheus::Registry::new(),
+    );
+    let readings = pools.read(&d, None).await.unwrap();
+    let by_id: std::collections::HashMap<&str, &Reading> = readings
+        .iter()
+        .map(|(i, r)| (d.cfg.tags[*i].id.as_str(), r))
+        .collect();
+    for (tag, want) in support::expected_typed() {
+        match by_id[tag] {
+            Reading::Good { value, .. } => assert_eq!(
+                nexus_common::codec::json::value_to_json(Some(value)),
+                want,
+                "{framing}: {tag}"
+            ),
+            bad => panic!("{framing}: {tag}: {bad:?}"),
+        }
+    }
+    // Writes land and read back through the independent server.
+    let n = d.cfg.tags.len();
+    pools
+        .write(&d, n - 2, Value::Float(61.5))
+        .await
+        .unwrap()
+        .unwrap();
+    pools
+        .write(&d, n - 1, Value::Float(-2.25e10))
+        .await
+        .unwrap()
+        .unwrap();
+    pools
+        .write(&d, 14, Value::Bool(false))
+        .await
+        .unwrap()
+        .unwrap(); // coil 7
+    let back = pools.read(&d, Some(vec![n - 2, n - 1, 14])).await.unwrap();
+    assert_eq!(
+        back[0].1,
+        Reading::Good {
+            value: Value::Float(61.5),
+            source_ts_ms: None
+        },
+        "{framing}"
+    );
+    assert_eq!(
+        back[1].1,
+        Reading::Good {
+            value: Value::Float(-2.25e10),
+            source_ts_ms: None
+        },
+        "{framing}"
+    );
+    assert_eq!(
+        back[2].1,
+        Reading::Good {
+            value: Value::Bool(false),
+            source_ts_ms: None
+        },
+        "{framing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_against_pymodbus_tcp() {
+    check("tcp", "tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_against_pymodbus_rtu_framing_over_tcp() {
+    check("rtu", "rtu_over_tcp").await;
+}
