@@ -43,6 +43,8 @@ pub struct Registers {
     /// Requests served (for tests and benchmarks).
     pub requests: u64,
     pub illegal_from: u16,
+    /// Holding registers incremented at every tick (benchmarks: every polled value changes).
+    pub churn: std::ops::Range<usize>,
 }
 
 impl Registers {
@@ -54,6 +56,7 @@ impl Registers {
             discrete: vec![false; SIZE],
             requests: 0,
             illegal_from: 60000,
+            churn: 0..0,
         };
         r.holding[10] = 500;
         let name = b"NEXUS-SIM";
@@ -118,6 +121,9 @@ impl Registers {
         self.input[0] = ((200.0 + 50.0 * (2.0 * PI * t / 600.0).sin()) as i16) as u16;
         if rng.random_range(0..50) == 0 {
             self.discrete[0] = !self.discrete[0];
+        }
+        for i in self.churn.clone() {
+            self.holding[i] = self.holding[i].wrapping_add(1);
         }
     }
 }

@@ -1,0 +1,291 @@
+//! Gateway benchmark: `nexus gateway` (its own process) polls N simulated Modbus devices with
+//! M tags each (every value changes every poll) and publishes through `nexus broker` (another
+//! process); a subscriber in this process counts what arrives. Reports points/s, the gateway's
+//! CPU seconds per 100K points, its RSS, and read requests per poll. Baseline in the same run:
+//! a bare rumqttc client publishing the same value objects through the same broker as fast as
+//! it can, so the gateway's rate is also given as a share of what the broker path carries.
+//!
+//! `cargo bench -p nexus-orchestrator --bench gateway`; BENCH_DEVICES (20), BENCH_TAGS (500),
+//! BENCH_POLL_MS (100), BENCH_QOS (1), BENCH_SECONDS (15).
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nexus_common::codec::{encode_value_object, ValueObject};
+use nexus_common::config::MqttVersion;
+use nexus_common::mqtt::{self, ClientSettings, QoS};
+use nexus_common::testing::{self, free_port};
+use nexus_common::{Quality, Value};
+use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use tokio_util::sync::CancellationToken;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn main() {
+    let devices = env("BENCH_DEVICES", 20) as usize;
+    let tags = env("BENCH_TAGS", 500) as usize;
+    let poll_ms = env("BENCH_POLL_MS", 100);
+    let qos_n = env("BENCH_QOS", 1) as u8;
+    let seconds = env("BENCH_SECONDS", 15);
+    let qos = match qos_n {
+        0 => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nexus = env!("CARGO_BIN_EXE_nexus");
+
+    // Broker process with a service account for the gateway.
+    let mqtt_port = free_port();
+    let broker_cfg = dir.path().join("broker.yaml");
+    std::fs::write(
+        &broker_cfg,
+        "broker:\n  users:\n    - { username: svc, password: svc-pw, role: service }\n",
+    )
+    .expect("write");
+    let broker = Proc(
+        Command::new(nexus)
+            .args(["broker", "--config"])
+            .arg(&broker_cfg)
+            .env("NEXUS_BROKER__PORT", mqtt_port.to_string())
+            .env("NEXUS_BROKER__WS_PORT", "null")
+            .env(
+                "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("NEXUS_TELEMETRY__LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nexus broker"),
+    );
+    while std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let token = CancellationToken::new();
+    let received = Arc::new(AtomicU64::new(0));
+    let (sims, baseline_rate) = rt.block_on(async {
+        // Simulators, every value changing at every poll.
+        let mut sims = Vec::new();
+        for _ in 0..devices {
+            let s = ModbusSimulator::start(
+                "127.0.0.1:0".parse().expect("addr"),
+                Some(Duration::from_millis(poll_ms)),
+            )
+            .await
+            .expect("simulator");
+            s.registers.lock().expect("lock").churn = 100..100 + tags;
+            sims.push(s);
+        }
+        let mut c = testing::mqtt_config(mqtt_port);
+        c.version = MqttVersion::V311;
+        c.persistent_session = false;
+        c.username = Some("svc".into());
+        c.password = Some(nexus_common::config::Secret::new("svc-pw"));
+        c.inflight = 1000;
+        let mut s = ClientSettings::new("bench-sub");
+        s.subscriptions = vec![("bench/#".into(), qos)];
+        s.incoming_capacity = 100_000;
+        let (sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("subscriber");
+        sub.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connect");
+        let r = received.clone();
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Baseline: a bare client publishing value objects through the same broker.
+        let (p, _) = mqtt::connect(
+            &c,
+            ClientSettings::new("bench-baseline"),
+            None,
+            token.clone(),
+        )
+        .expect("publisher");
+        p.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connect");
+        let n = 200_000u64;
+        let before = received.load(Ordering::Relaxed);
+        let start = Instant::now();
+        for i in 0..n {
+            let obj = ValueObject {
+                value: Some(Value::Int(i as i64 % 65536)),
+                quality: Quality::Good,
+                ts_ms: Some(nexus_common::now_ms()),
+                source_ts_ms: None,
+                unit: None,
+            };
+            p.publish(
+                &format!(
+                    "bench/baseline/dev-{}/t{}",
+                    i % devices as u64,
+                    i % tags as u64
+                ),
+                encode_value_object(&obj),
+                qos,
+                false,
+            )
+            .await
+            .expect("publish");
+        }
+        while received.load(Ordering::Relaxed) - before < n
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let rate =
+            (received.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64();
+        (sims, rate)
+    });
+
+    // The gateway process.
+    let mut yaml = format!(
+        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, inflight: 1000 }}\ngateway:\n  qos: {qos_n}\n  heartbeat: 0s\n  workers: {}\n  buffer: {{ dir: {} }}\ntelemetry: {{ log_level: warn }}\ndevices:\n",
+        devices.max(10),
+        dir.path().join("buffer").display()
+    );
+    for (d, sim) in sims.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - id: dev-{d}\n    protocol: modbus\n    uns_prefix: bench/site/area/line\n    poll_interval: {poll_ms}ms\n    connection: {{ host: 127.0.0.1, port: {}, timeout: 2s }}\n    tags:\n",
+            sim.addr.port()
+        ));
+        for t in 0..tags {
+            yaml.push_str(&format!(
+                "      - {{ id: t{t}, address: \"HR:{}\", data_type: uint16 }}\n",
+                100 + t
+            ));
+        }
+    }
+    let gw_cfg = dir.path().join("gateway.yaml");
+    std::fs::write(&gw_cfg, yaml).expect("write");
+    let http = free_port();
+    let gw = Proc(
+        Command::new(nexus)
+            .args(["gateway", "--config"])
+            .arg(&gw_cfg)
+            .env("NEXUS_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{http}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nexus gateway"),
+    );
+    let pid = gw.0.id();
+    std::thread::sleep(Duration::from_secs(3)); // warm up
+    let m0 = http_get(http, "/metrics");
+    let (cpu0, rx0, t0) = (
+        cpu_seconds(pid),
+        received.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs(seconds));
+    let m1 = http_get(http, "/metrics");
+    let (cpu1, rx1, elapsed) = (
+        cpu_seconds(pid),
+        received.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+    );
+    let published = metric_sum(&m1, "nexus_gateway_points_published_total")
+        - metric_sum(&m0, "nexus_gateway_points_published_total");
+    let polls =
+        metric_sum(&m1, "nexus_gateway_polls_total") - metric_sum(&m0, "nexus_gateway_polls_total");
+    let requests = metric_sum(&m1, "nexus_gateway_read_requests_total")
+        - metric_sum(&m0, "nexus_gateway_read_requests_total");
+    let skipped = metric_sum(&m1, "nexus_gateway_polls_skipped_total")
+        - metric_sum(&m0, "nexus_gateway_polls_skipped_total");
+    let buffered = metric_sum(&m1, "nexus_gateway_points_buffered_total");
+    let rate = published / elapsed;
+    let rx_rate = (rx1 - rx0) as f64 / elapsed;
+    let cpu = cpu1 - cpu0;
+    let target = (devices * tags) as f64 * 1000.0 / poll_ms as f64;
+    println!("gateway benchmark: {devices} devices x {tags} tags, poll {poll_ms} ms, QoS {qos_n}, {seconds} s measured");
+    println!("  target rate (every value changes every poll)  {target:>10.0} points/s");
+    println!(
+        "  gateway published                            {rate:>10.0} points/s ({:.2} of target)",
+        rate / target
+    );
+    println!("  subscriber received                          {rx_rate:>10.0} points/s");
+    println!("  baseline: bare rumqttc client, same broker   {baseline_rate:>10.0} points/s (gateway = {:.2}x baseline)", rate / baseline_rate);
+    println!("  gateway CPU                                  {:>10.2} cores ({:.3} CPU s per 100K points)", cpu / elapsed, cpu / (published / 100_000.0).max(1e-9));
+    println!(
+        "  gateway RSS                                  {:>10.1} MiB (peak {:.1} MiB)",
+        status_kib(pid, "VmRSS:") as f64 / 1024.0,
+        status_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+    println!(
+        "  read requests per poll                       {:>10.2} ({} tags per device)",
+        requests / polls.max(1.0),
+        tags
+    );
+    println!("  polls skipped                                {skipped:>10.0}; values buffered (broker behind) {buffered:.0}");
+    drop(gw);
+    token.cancel();
+    drop(broker);
+    drop(sims);
+}
