@@ -244,6 +244,27 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
         "acme/site/x {\"v\":1}"
     );
 
+    // The demo device's values are in the namespace within seconds.
+    let demo = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "demo/plant/packaging/line-1/sim-plc-1/#",
+            "-v",
+            "-C",
+            "5",
+            "-W",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    let demo = String::from_utf8_lossy(&demo.stdout).into_owned();
+    assert_eq!(demo.lines().count(), 5, "{demo}");
+    assert!(demo.contains("\"q\":\"good\""), "{demo}");
+
     // The platform status API lists the services.
     let status = http_get(http, "/api/v1/status").unwrap();
     assert!(status.contains("\"gateway/ci\""), "{status}");
