@@ -1,37 +1,104 @@
 //! # nexus-command-handler
 //!
-//! Safe write-back to devices (`nexus commands`; inside `nexus gateway` in `nexus up`).
-//!
-//! Data flow (the seed's "Command Flow", built out by the command handler issue):
+//! Safe write-back to devices over MQTT. Runs beside the gateway, sharing its connection pools
+//! and device directory (`nexus gateway`, `nexus up`: one session per device, as small PLCs
+//! allow few), or standalone with its own pools (`nexus commands`).
 //!
 //! ```text
-//! $nexus/cmd/<device>/write, $nexus/cmd/<device>/<tag>/set
-//!   ──> parse ──> bounded queue (full: answered "queue full" at once) ──> validate (device,
-//!       tag, writable, type, min/max, TTL, duplicate request id) ──> rate limits (global,
-//!       per device) ──> concurrency limit ──> Driver write through the gateway's pools
-//!       (timeout, optional read-back) ──> $nexus/cmd/response/<device>/<tag> + audit log/table
+//! $nexus/cmd/<device>/write, $nexus/cmd/<device>/<tag>/set   (subscribed as $nexus/cmd/#)
+//!   ──> [command] parse topic and payload (size limit; errors answered on
+//!       $nexus/cmd/response/<device>/<tag or $error>)
+//!   ──> bounded queue (full: "queue full" at once) ──> dispatcher, at most max_in_flight
+//!   ──> [handler] TTL ──> duplicate request_id (answered from the first result)
+//!   ──> [validate] device, enabled, tag, writable, type, range, min/max
+//!   ──> rate limits (per device, global) ──> Pools::write with a timeout, breaker fast-fail
+//!   ──> optional read-back ──> response on $nexus/cmd/response/<device>/<tag> and on the
+//!       MQTT 5 Response Topic with its Correlation Data
+//!   ──> [audit] structured log always; command_audit table when a database is configured
 //! ```
 //!
-//! Today this crate runs the service shell: MQTT client with status topic and last will, and
-//! HTTP on :4100 with `/healthz`, `/readyz` and `/metrics`.
+//! The handler's MQTT session is clean on purpose: commands published while it is offline are
+//! not queued by the broker to run later; senders see no response and retry. A command that
+//! carries `ts` is refused once older than its `ttl_ms` (default `commands.ttl`).
+
+pub mod audit;
+pub mod command;
+pub mod handler;
+pub mod validate;
 
 use std::sync::Arc;
 
-use nexus_common::config::Config;
+use nexus_common::config::{Config, MqttVersion};
+use nexus_common::mqtt::QoS;
 use nexus_common::service::{Shell, ShellOptions};
+use nexus_common::telemetry::Telemetry;
+use nexus_protocol_gateway::directory::DeviceDirectory;
+use nexus_protocol_gateway::pool::Pools;
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "commands";
 
-/// Run the command handler until `shutdown`.
+/// `nexus commands`: standalone, with its own pools and device directory (reloaded with the
+/// devices file).
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let shell = Shell::start(
-        &cfg,
-        ShellOptions::new(SERVICE, cfg.commands.http_listen),
+    let telemetry = Telemetry::new(SERVICE);
+    let shared = nexus_protocol_gateway::Shared::new(&cfg, &telemetry.registry);
+    let maintenance = tokio::spawn(shared.pools.clone().maintain(shutdown.clone()));
+    let directory = shared.directory.clone();
+    let watcher = tokio::spawn(nexus_protocol_gateway::watch_devices(
+        cfg.clone(),
+        move |d| directory.apply(d),
         shutdown.clone(),
-    )
-    .await?;
-    shutdown.cancelled().await;
+    ));
+    let r = run_shared(cfg, telemetry, shared.pools, shared.directory, shutdown).await;
+    let _ = maintenance.await;
+    let _ = watcher.await;
+    r
+}
+
+/// Run with the gateway's pools and directory.
+pub async fn run_shared(
+    cfg: Arc<Config>,
+    telemetry: Telemetry,
+    pools: Arc<Pools>,
+    directory: Arc<DeviceDirectory>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut mcfg = (*cfg).clone();
+    if cfg.commands.mqtt_v5 {
+        mcfg.mqtt.version = MqttVersion::V5;
+    }
+    mcfg.mqtt.persistent_session = false;
+    let mut opts = ShellOptions::new(SERVICE, cfg.commands.http_listen);
+    opts.subscriptions = vec![("$nexus/cmd/#".into(), QoS::AtLeastOnce)];
+    opts.incoming_capacity = 4096;
+    let registry = telemetry.registry.clone();
+    opts.telemetry = Some(telemetry);
+    let mut shell = Shell::start(&mcfg, opts, shutdown.clone()).await?;
+    let audit = cfg.ingestion.database_url.clone().map(|url| {
+        audit::start_writer(
+            url,
+            cfg.ingestion.database_ca_file.clone(),
+            shutdown.clone(),
+        )
+    });
+    let handler = handler::Handler::new(
+        cfg.commands.clone(),
+        directory,
+        pools,
+        shell.mqtt.clone(),
+        &registry,
+        audit,
+    );
+    let incoming = shell
+        .incoming
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
+    tracing::info!(
+        audit_db = cfg.ingestion.database_url.is_some(),
+        "command handler listening on $nexus/cmd/#"
+    );
+    handler.run(incoming, shutdown).await;
     shell.stop().await;
     Ok(())
 }

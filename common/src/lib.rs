@@ -38,3 +38,4 @@ pub mod testing;
 pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+pub mod pg;

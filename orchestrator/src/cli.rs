@@ -54,11 +54,11 @@ pub enum Command {
     },
     /// Run the embedded MQTT broker alone.
     Broker(ConfigArg),
-    /// Run the protocol gateway alone.
+    /// Run the protocol gateway (with the command handler inside, sharing its connections).
     Gateway(ConfigArg),
     /// Run the historian ingestion alone.
     Ingest(ConfigArg),
-    /// Run the command handler alone.
+    /// Run the command handler alone, with its own device connections.
     Commands(ConfigArg),
     /// Run the alert service alone.
     Alerts(ConfigArg),

@@ -21,6 +21,7 @@
 //! - [`simulator`]: `nexus simulate modbus` and the demo device.
 
 pub mod buffer;
+pub mod directory;
 pub mod driver;
 pub mod http;
 pub mod poller;
@@ -52,8 +53,14 @@ fn modified(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
-/// Reload the device list when the config file or devices file changes on disk.
-async fn watch_devices(cfg: Arc<Config>, set: http::SharedDevices, token: CancellationToken) {
+/// Call `apply` with the new device list whenever the config file or the devices file
+/// changes on disk (checked every 2 s). A file with problems is refused and logged; `apply` is
+/// not called, so what runs stays as it is.
+pub async fn watch_devices<F: Fn(&[nexus_common::config::DeviceConfig])>(
+    cfg: Arc<Config>,
+    apply: F,
+    token: CancellationToken,
+) {
     let paths: Vec<PathBuf> = cfg
         .source
         .iter()
@@ -76,19 +83,7 @@ async fn watch_devices(cfg: Arc<Config>, set: http::SharedDevices, token: Cancel
         }
         seen = now;
         match Config::load(cfg.source.as_deref()) {
-            Ok(new) => {
-                let (started, stopped, restarted) = set
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .apply(&new.devices);
-                tracing::info!(
-                    started,
-                    stopped,
-                    restarted,
-                    devices = new.devices.len(),
-                    "device configuration reloaded"
-                );
-            }
+            Ok(new) => apply(&new.devices),
             Err(e) => {
                 tracing::error!(problems = %e.to_string().trim_end(), "device configuration not reloaded: it has problems; devices keep running")
             }
@@ -96,11 +91,46 @@ async fn watch_devices(cfg: Arc<Config>, set: http::SharedDevices, token: Cancel
     }
 }
 
+/// What the gateway shares with a command handler running beside it: the connection pools
+/// (one session per device endpoint, as small PLCs allow few) and the device directory.
+#[derive(Clone)]
+pub struct Shared {
+    pub pools: Arc<Pools>,
+    pub directory: Arc<directory::DeviceDirectory>,
+}
+
+impl Shared {
+    pub fn new(cfg: &Config, registry: &prometheus::Registry) -> Shared {
+        let directory = directory::DeviceDirectory::new();
+        directory.apply(&cfg.devices);
+        Shared {
+            pools: Pools::new(
+                cfg.gateway.pool.clone(),
+                cfg.gateway.breaker.into(),
+                registry,
+            ),
+            directory,
+        }
+    }
+}
+
 /// Run the gateway until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let gw = &cfg.gateway;
     let telemetry = Telemetry::new(SERVICE);
-    let pools = Pools::new(gw.pool.clone(), gw.breaker.into(), &telemetry.registry);
+    let shared = Shared::new(&cfg, &telemetry.registry);
+    run_shared(cfg, telemetry, shared, shutdown).await
+}
+
+/// Run the gateway with pools and directory shared with a command handler; `telemetry` is
+/// the registry `shared` was created with.
+pub async fn run_shared(
+    cfg: Arc<Config>,
+    telemetry: Telemetry,
+    shared: Shared,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let gw = &cfg.gateway;
+    let pools = shared.pools.clone();
     let poll_metrics = PollMetrics::new(&telemetry.registry);
     let pub_metrics = PublisherMetrics::new(&telemetry.registry);
     let devices_token = CancellationToken::new();
@@ -152,11 +182,20 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     tracing::info!(devices = started, workers = gw.workers, "gateway polling");
     let maintenance = tokio::spawn(pools.clone().maintain(devices_token.clone()));
     let watcher = gw.watch_devices_file.then(|| {
-        tokio::spawn(watch_devices(
-            cfg.clone(),
-            set.clone(),
-            devices_token.clone(),
-        ))
+        let (set, directory) = (set.clone(), shared.directory.clone());
+        let apply = move |devices: &[nexus_common::config::DeviceConfig]| {
+            directory.apply(devices);
+            let (started, stopped, restarted) =
+                set.lock().unwrap_or_else(|e| e.into_inner()).apply(devices);
+            tracing::info!(
+                started,
+                stopped,
+                restarted,
+                devices = devices.len(),
+                "device configuration reloaded"
+            );
+        };
+        tokio::spawn(watch_devices(cfg.clone(), apply, devices_token.clone()))
     });
 
     shutdown.cancelled().await;

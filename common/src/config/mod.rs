@@ -599,6 +599,7 @@ impl Config {
         self.broker.validate(p);
         self.mqtt.validate(p);
         self.gateway.validate(p);
+        self.commands.validate(p);
         devices::validate_devices(&self.devices, device_index, p);
         self.ingestion.validate(p);
         self.alerts.validate(rule_index, p);

@@ -1,0 +1,130 @@
+//! The audit trail: every command and its outcome goes to the structured log (target
+//! `nexus::audit`), and to the PostgreSQL table `command_audit` when a database is configured.
+//! Rows are written in the background; while the database is unreachable they wait in a
+//! bounded queue (10,000 rows) and the writer retries with backoff; rows that do not fit are
+//! counted in `nexus_commands_audit_dropped_total` by the handler (the log line exists for
+//! every command).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nexus_common::codec::json::value_to_json;
+use nexus_common::config::SecretUrl;
+use nexus_common::supervise::backoff;
+use nexus_common::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub ts_ms: i64,
+    pub device: String,
+    pub tag: String,
+    pub request_id: Option<String>,
+    /// Who the command says sent it (MQTT does not tell subscribers the publisher).
+    pub claimed_user: Option<String>,
+    pub value: Option<Value>,
+    pub old_value: Option<Value>,
+    pub read_back: Option<Value>,
+    pub success: bool,
+    pub error: Option<String>,
+    pub duration_ms: f64,
+}
+
+impl AuditRecord {
+    pub fn log(&self) {
+        tracing::info!(
+            target: "nexus::audit",
+            device = %self.device,
+            tag = %self.tag,
+            request_id = ?self.request_id,
+            user = ?self.claimed_user,
+            value = %value_to_json(self.value.as_ref()),
+            old_value = %value_to_json(self.old_value.as_ref()),
+            read_back = %value_to_json(self.read_back.as_ref()),
+            success = self.success,
+            error = ?self.error,
+            duration_ms = self.duration_ms,
+            "command"
+        );
+    }
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS command_audit (
+    id bigserial PRIMARY KEY,
+    time timestamptz NOT NULL,
+    device_id text NOT NULL,
+    tag_id text NOT NULL,
+    request_id text,
+    claimed_user text,
+    value jsonb,
+    old_value jsonb,
+    read_back jsonb,
+    success boolean NOT NULL,
+    error text,
+    duration_ms double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS command_audit_time ON command_audit (time);
+CREATE INDEX IF NOT EXISTS command_audit_device ON command_audit (device_id, time);";
+
+/// Start the database writer; returns the queue to send rows to.
+pub fn start_writer(
+    url: SecretUrl,
+    ca_file: Option<PathBuf>,
+    token: CancellationToken,
+) -> mpsc::Sender<AuditRecord> {
+    let (tx, mut rx) = mpsc::channel::<AuditRecord>(10_000);
+    tokio::spawn(async move {
+        let mut attempt = 0;
+        let mut pending: Option<AuditRecord> = None;
+        'outer: loop {
+            let client = match nexus_common::pg::connect(url.expose(), ca_file.as_deref()).await {
+                Ok((c, _task)) => c,
+                Err(e) => {
+                    tracing::warn!(database = %url, error = %e, "audit database unreachable; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(Duration::from_millis(200), Duration::from_secs(30), attempt)) => {}
+                        _ = token.cancelled() => break,
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            if let Err(e) = client.batch_execute(SCHEMA).await {
+                tracing::warn!(error = %e, "cannot create command_audit; retrying");
+                tokio::time::sleep(backoff(
+                    Duration::from_millis(200),
+                    Duration::from_secs(30),
+                    attempt,
+                ))
+                .await;
+                attempt += 1;
+                continue;
+            }
+            attempt = 0;
+            loop {
+                let rec = match pending.take() {
+                    Some(r) => r,
+                    None => tokio::select! {
+                        r = rx.recv() => match r { Some(r) => r, None => break 'outer },
+                        _ = token.cancelled() => break 'outer,
+                    },
+                };
+                let j = |v: &Option<Value>| v.as_ref().map(|v| value_to_json(Some(v)));
+                let time = std::time::UNIX_EPOCH + Duration::from_millis(rec.ts_ms.max(0) as u64);
+                let r = client
+                    .execute(
+                        "INSERT INTO command_audit (time, device_id, tag_id, request_id, claimed_user, value, old_value, read_back, success, error, duration_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                        &[&time, &rec.device, &rec.tag, &rec.request_id, &rec.claimed_user, &j(&rec.value), &j(&rec.old_value), &j(&rec.read_back), &rec.success, &rec.error, &rec.duration_ms],
+                    )
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "audit row not written; reconnecting");
+                    pending = Some(rec);
+                    continue 'outer;
+                }
+            }
+        }
+    });
+    tx
+}

@@ -1,0 +1,625 @@
+//! The command path: receive, parse, queue (bounded; full = answered at once), run with a
+//! concurrency limit, TTL, duplicate request ids, validation, rate limits, the write through
+//! the gateway's pools with a timeout, optional read-back, response and audit.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nexus_common::codec::json::value_to_json;
+use nexus_common::config::CommandsConfig;
+use nexus_common::mqtt::{Message, MqttHandle, PublishProps, QoS};
+use nexus_common::ratelimit::{Rate, RateLimitMetrics, RateLimiter};
+use nexus_common::{now_ms, Value};
+use nexus_protocol_gateway::directory::DeviceDirectory;
+use nexus_protocol_gateway::driver::Reading;
+use nexus_protocol_gateway::pool::{PoolError, Pools};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use serde_json::json;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::AuditRecord;
+use crate::command::{self, CmdTopic, Command, Rejection, NO_TAG, RESPONSE_PREFIX};
+use crate::validate;
+
+#[derive(Clone)]
+pub struct CommandMetrics {
+    pub received: IntCounter,
+    pub succeeded: IntCounter,
+    pub failed: IntCounter,
+    pub rejected: IntCounterVec,
+    pub queue_depth: IntGauge,
+    pub in_flight: IntGauge,
+    pub latency: Histogram,
+    pub audit_dropped: IntCounter,
+}
+
+impl CommandMetrics {
+    pub fn new(r: &Registry) -> CommandMetrics {
+        let m = CommandMetrics {
+            received: IntCounter::new("nexus_commands_received_total", "Command messages received")
+                .expect("static metric definition"),
+            succeeded: IntCounter::new("nexus_commands_succeeded_total", "Writes that succeeded")
+                .expect("static metric definition"),
+            failed: IntCounter::new(
+                "nexus_commands_failed_total",
+                "Writes that reached the device and failed",
+            )
+            .expect("static metric definition"),
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "nexus_commands_rejected_total",
+                    "Commands or writes refused before device I/O, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
+            queue_depth: IntGauge::new("nexus_commands_queue_depth", "Commands waiting to run")
+                .expect("static metric definition"),
+            in_flight: IntGauge::new("nexus_commands_in_flight", "Writes running")
+                .expect("static metric definition"),
+            latency: Histogram::with_opts(
+                HistogramOpts::new("nexus_commands_latency_seconds", "From arrival to response")
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ]),
+            )
+            .expect("static metric definition"),
+            audit_dropped: IntCounter::new(
+                "nexus_commands_audit_dropped_total",
+                "Audit rows not queued for the database (queue full)",
+            )
+            .expect("static metric definition"),
+        };
+        let _ = r.register(Box::new(m.audit_dropped.clone()));
+        let _ = r.register(Box::new(m.received.clone()));
+        let _ = r.register(Box::new(m.succeeded.clone()));
+        let _ = r.register(Box::new(m.failed.clone()));
+        let _ = r.register(Box::new(m.rejected.clone()));
+        let _ = r.register(Box::new(m.queue_depth.clone()));
+        let _ = r.register(Box::new(m.in_flight.clone()));
+        let _ = r.register(Box::new(m.latency.clone()));
+        m
+    }
+}
+
+/// One answer, for one tag (or for the command when no tag is known).
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub device: String,
+    pub tag: String,
+    pub body: serde_json::Value,
+}
+
+/// A command waiting to run.
+struct Job {
+    cmd: Command,
+    arrived: Instant,
+    reply_to: Option<(String, Option<Bytes>)>,
+}
+
+enum Dedup {
+    Running(watch::Receiver<Option<Arc<Vec<Response>>>>),
+    Done(Arc<Vec<Response>>, Instant),
+}
+
+pub struct Handler {
+    cfg: CommandsConfig,
+    directory: Arc<DeviceDirectory>,
+    pools: Arc<Pools>,
+    mqtt: MqttHandle,
+    limiter: RateLimiter,
+    inflight: Arc<Semaphore>,
+    dedup: Mutex<HashMap<String, Dedup>>,
+    metrics: CommandMetrics,
+    audit: Option<mpsc::Sender<AuditRecord>>,
+}
+
+fn response_body(
+    request_id: &Option<String>,
+    device: &str,
+    tag: &str,
+    success: bool,
+    error: Option<String>,
+    value: Option<&Value>,
+    duration: Duration,
+) -> serde_json::Value {
+    json!({
+        "request_id": request_id,
+        "device_id": device,
+        "tag_id": tag,
+        "success": success,
+        "error": error,
+        "value": value_to_json(value),
+        "duration_ms": (duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+        "ts": now_ms(),
+    })
+}
+
+fn same(a: &Value, b: &Value, scale: Option<f64>) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) if !matches!(a, Value::String(_)) => {
+            let tol = scale.map_or(1e-6 * x.abs().max(1.0), |s| s.abs() / 2.0 + 1e-9);
+            (x - y).abs() <= tol
+        }
+        _ => a == b,
+    }
+}
+
+impl Handler {
+    pub fn new(
+        cfg: CommandsConfig,
+        directory: Arc<DeviceDirectory>,
+        pools: Arc<Pools>,
+        mqtt: MqttHandle,
+        registry: &Registry,
+        audit: Option<mpsc::Sender<AuditRecord>>,
+    ) -> Arc<Handler> {
+        let limiter = RateLimiter::new(
+            "commands",
+            Rate::new(cfg.rate_global, cfg.burst_global),
+            Rate::new(cfg.rate_per_device, cfg.burst_per_device),
+            Some(RateLimitMetrics::new(registry)),
+        );
+        Arc::new(Handler {
+            inflight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+            cfg,
+            directory,
+            pools,
+            mqtt,
+            limiter,
+            dedup: Mutex::new(HashMap::new()),
+            metrics: CommandMetrics::new(registry),
+            audit,
+        })
+    }
+
+    async fn send(&self, responses: &[Response], reply_to: &Option<(String, Option<Bytes>)>) {
+        for r in responses {
+            let topic = format!("{RESPONSE_PREFIX}{}/{}", r.device, r.tag);
+            let payload = r.body.to_string();
+            if let Err(e) = self
+                .mqtt
+                .publish(&topic, payload.clone(), QoS::AtLeastOnce, false)
+                .await
+            {
+                tracing::warn!(%topic, error = %e, "cannot publish a command response");
+            }
+            if let Some((rt, corr)) = reply_to {
+                let props = PublishProps {
+                    correlation_data: corr.clone(),
+                    response_topic: None,
+                };
+                if let Err(e) = self
+                    .mqtt
+                    .publish_with(rt, payload, QoS::AtLeastOnce, false, Some(props))
+                    .await
+                {
+                    tracing::warn!(topic = %rt, error = %e, "cannot publish to the command's response topic");
+                }
+            }
+        }
+    }
+
+    fn reject_parse(&self, r: &Rejection) -> Option<Response> {
+        self.metrics.rejected.with_label_values(&[r.reason]).inc();
+        tracing::warn!(device = ?r.device, tag = ?r.tag, request_id = ?r.request_id, reason = r.reason, error = %r.message, "command refused");
+        let device = r.device.clone()?;
+        let tag = r.tag.clone().unwrap_or_else(|| NO_TAG.to_owned());
+        let body = response_body(
+            &r.request_id,
+            &device,
+            &tag,
+            false,
+            Some(r.message.clone()),
+            None,
+            Duration::ZERO,
+        );
+        Some(Response { device, tag, body })
+    }
+
+    /// Take one MQTT message: parse it and queue it, or answer at once.
+    async fn accept(&self, msg: Message, queue: &mpsc::Sender<Job>) {
+        let Some(topic) = msg.topic() else { return };
+        if topic.starts_with(RESPONSE_PREFIX) {
+            return;
+        }
+        self.metrics.received.inc();
+        let reply_to = msg
+            .response_topic()
+            .map(|t| (t.to_owned(), msg.correlation_data().cloned()));
+        let parsed = command::parse_topic(topic).and_then(|t: CmdTopic| {
+            command::parse(&t, msg.payload(), self.cfg.max_payload.0 as usize)
+        });
+        let cmd = match parsed {
+            Ok(c) => c,
+            Err(r) => {
+                if let Some(resp) = self.reject_parse(&r) {
+                    self.send(&[resp], &reply_to).await;
+                }
+                return;
+            }
+        };
+        let job = Job {
+            cmd,
+            arrived: Instant::now(),
+            reply_to,
+        };
+        match queue.try_send(job) {
+            Ok(()) => self
+                .metrics
+                .queue_depth
+                .set((self.cfg.queue_size - queue.capacity()) as i64),
+            Err(mpsc::error::TrySendError::Full(job))
+            | Err(mpsc::error::TrySendError::Closed(job)) => {
+                let responses = self.fail_all(
+                    &job.cmd,
+                    "queue_full",
+                    format!(
+                        "queue full ({} commands waiting); try again later",
+                        self.cfg.queue_size
+                    ),
+                );
+                self.send(&responses, &job.reply_to).await;
+            }
+        }
+    }
+
+    fn fail_all(&self, cmd: &Command, reason: &'static str, message: String) -> Vec<Response> {
+        self.metrics
+            .rejected
+            .with_label_values(&[reason])
+            .inc_by(cmd.writes.len() as u64);
+        tracing::warn!(device = %cmd.device, request_id = ?cmd.request_id, reason, error = %message, "command refused");
+        cmd.writes
+            .iter()
+            .map(|(tag, v)| Response {
+                device: cmd.device.clone(),
+                tag: tag.clone(),
+                body: response_body(
+                    &cmd.request_id,
+                    &cmd.device,
+                    tag,
+                    false,
+                    Some(message.clone()),
+                    Some(v),
+                    Duration::ZERO,
+                ),
+            })
+            .collect()
+    }
+
+    /// Run one job to its responses.
+    async fn execute(self: &Arc<Self>, job: Job) {
+        let cmd = &job.cmd;
+        let ttl = cmd
+            .ttl_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.cfg.ttl);
+        let age = match cmd.sent_ts_ms {
+            Some(ts) => Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64),
+            None => job.arrived.elapsed(),
+        };
+        if age > ttl {
+            let r = self.fail_all(
+                cmd,
+                "ttl_expired",
+                format!(
+                    "expired: the command is {} ms old, its ttl is {} ms",
+                    age.as_millis(),
+                    ttl.as_millis()
+                ),
+            );
+            self.send(&r, &job.reply_to).await;
+            return;
+        }
+        // Duplicate request ids are answered from the first result.
+        let key = cmd
+            .request_id
+            .as_ref()
+            .map(|id| format!("{}\u{0}{id}", cmd.device));
+        let mut publish_done = None;
+        if let Some(k) = &key {
+            let existing = {
+                let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+                match d.get(k) {
+                    Some(Dedup::Done(r, at)) if at.elapsed() < self.cfg.dedup_window => {
+                        Some(Ok(r.clone()))
+                    }
+                    Some(Dedup::Running(rx)) => Some(Err(rx.clone())),
+                    _ => {
+                        let (tx, rx) = watch::channel(None);
+                        d.insert(k.clone(), Dedup::Running(rx));
+                        publish_done = Some(tx);
+                        None
+                    }
+                }
+            };
+            match existing {
+                Some(Ok(first)) => {
+                    self.metrics
+                        .rejected
+                        .with_label_values(&["duplicate"])
+                        .inc();
+                    self.send(&first, &job.reply_to).await;
+                    return;
+                }
+                Some(Err(mut rx)) => {
+                    self.metrics
+                        .rejected
+                        .with_label_values(&["duplicate"])
+                        .inc();
+                    // The watch guard must not live across the next await.
+                    let first: Option<Arc<Vec<Response>>> = {
+                        let r = tokio::time::timeout(
+                            self.cfg.write_timeout * 2,
+                            rx.wait_for(|v| v.is_some()),
+                        )
+                        .await;
+                        match r {
+                            Ok(Ok(v)) => v.clone(),
+                            _ => None,
+                        }
+                    };
+                    if let Some(r) = first {
+                        self.send(&r, &job.reply_to).await;
+                    }
+                    return;
+                }
+                None => {}
+            }
+        }
+        let mut responses = Vec::with_capacity(cmd.writes.len());
+        for (tag, value) in &cmd.writes {
+            responses.push(self.write_one(cmd, tag, value, job.arrived).await);
+        }
+        self.send(&responses, &job.reply_to).await;
+        self.metrics
+            .latency
+            .observe(job.arrived.elapsed().as_secs_f64());
+        if let (Some(k), Some(tx)) = (key, publish_done) {
+            let shared = Arc::new(responses);
+            self.dedup
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(k, Dedup::Done(shared.clone(), Instant::now()));
+            let _ = tx.send(Some(shared));
+        }
+    }
+
+    async fn write_one(
+        &self,
+        cmd: &Command,
+        tag: &str,
+        value: &Value,
+        arrived: Instant,
+    ) -> Response {
+        let device_id = cmd.device.as_str();
+        let device = self.directory.get(device_id);
+        let mut audit = AuditRecord {
+            ts_ms: now_ms(),
+            device: device_id.to_owned(),
+            tag: tag.to_owned(),
+            request_id: cmd.request_id.clone(),
+            claimed_user: cmd.claimed_user.clone(),
+            value: Some(value.clone()),
+            old_value: None,
+            read_back: None,
+            success: false,
+            error: None,
+            duration_ms: 0.0,
+        };
+        let done = |audit: &mut AuditRecord,
+                    success: bool,
+                    error: Option<String>,
+                    read_back: Option<Value>,
+                    this: &Handler| {
+            let duration = arrived.elapsed();
+            audit.success = success;
+            audit.error = error.clone();
+            audit.read_back = read_back.clone();
+            audit.duration_ms = duration.as_secs_f64() * 1000.0;
+            audit.log();
+            if let Some(tx) = &this.audit {
+                if tx.try_send(audit.clone()).is_err() {
+                    this.metrics.audit_dropped.inc();
+                }
+            }
+            let mut body = response_body(
+                &cmd.request_id,
+                device_id,
+                tag,
+                success,
+                error,
+                Some(value),
+                duration,
+            );
+            if let Some(rb) = &read_back {
+                body["read_back"] = value_to_json(Some(rb));
+            }
+            if let Some(old) = &audit.old_value {
+                body["old_value"] = value_to_json(Some(old));
+            }
+            Response {
+                device: device_id.to_owned(),
+                tag: tag.to_owned(),
+                body,
+            }
+        };
+        let (index, coerced) = match validate::validate(device_id, device.as_deref(), tag, value) {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics
+                    .rejected
+                    .with_label_values(&[e.rule.as_str()])
+                    .inc();
+                return done(
+                    &mut audit,
+                    false,
+                    Some(format!("validation failed: {}", e.message)),
+                    None,
+                    self,
+                );
+            }
+        };
+        let Some(device) = device else {
+            return done(
+                &mut audit,
+                false,
+                Some(format!("unknown device {device_id}")),
+                None,
+                self,
+            );
+        };
+        if let Err(e) = self.limiter.check(device_id) {
+            self.metrics
+                .rejected
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return done(&mut audit, false, Some(e.to_string()), None, self);
+        }
+        let Ok(_permit) = self.inflight.clone().acquire_owned().await else {
+            return done(
+                &mut audit,
+                false,
+                Some("command handler is stopping".into()),
+                None,
+                self,
+            );
+        };
+        self.metrics.in_flight.inc();
+        let tag_cfg = &device.cfg.tags[index];
+        let confirm = cmd.confirm.unwrap_or(tag_cfg.confirm);
+        let timeout = self.cfg.write_timeout;
+        if confirm {
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(timeout, self.pools.read(&device, Some(vec![index]))).await
+            {
+                if let Some((_, Reading::Good { value, .. })) = r.first() {
+                    audit.old_value = Some(value.clone());
+                }
+            }
+        }
+        let result =
+            tokio::time::timeout(timeout, self.pools.write(&device, index, coerced.clone())).await;
+        let outcome = match result {
+            Err(_) => Err(format!("the device did not answer within {timeout:?}")),
+            Ok(Err(PoolError::Open(o))) => Err(format!(
+                "device {device_id} is offline (circuit breaker open; retry in {:.1} s)",
+                o.retry_in.as_secs_f64()
+            )),
+            Ok(Err(e)) => Err(format!("device {device_id} unreachable: {e}")),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Ok(Ok(()))) => Ok(()),
+        };
+        let response = match outcome {
+            Err(e) => {
+                self.metrics.failed.inc();
+                done(&mut audit, false, Some(e), None, self)
+            }
+            Ok(()) if confirm => {
+                let back =
+                    tokio::time::timeout(timeout, self.pools.read(&device, Some(vec![index])))
+                        .await;
+                match back {
+                    Ok(Ok(r)) => match r.into_iter().next() {
+                        Some((_, Reading::Good { value: rb, .. }))
+                            if same(&rb, &coerced, tag_cfg.scale) =>
+                        {
+                            self.metrics.succeeded.inc();
+                            done(&mut audit, true, None, Some(rb), self)
+                        }
+                        Some((_, Reading::Good { value: rb, .. })) => {
+                            self.metrics.failed.inc();
+                            done(
+                                &mut audit,
+                                false,
+                                Some(format!("read back {rb} after writing {coerced}")),
+                                Some(rb),
+                                self,
+                            )
+                        }
+                        _ => {
+                            self.metrics.failed.inc();
+                            done(
+                                &mut audit,
+                                false,
+                                Some("written, but the read-back failed".into()),
+                                None,
+                                self,
+                            )
+                        }
+                    },
+                    _ => {
+                        self.metrics.failed.inc();
+                        done(
+                            &mut audit,
+                            false,
+                            Some("written, but the read-back failed".into()),
+                            None,
+                            self,
+                        )
+                    }
+                }
+            }
+            Ok(()) => {
+                self.metrics.succeeded.inc();
+                done(&mut audit, true, None, None, self)
+            }
+        };
+        self.metrics.in_flight.dec();
+        response
+    }
+
+    fn housekeeping(&self) {
+        let window = self.cfg.dedup_window;
+        self.dedup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, d| match d {
+                Dedup::Done(_, at) => at.elapsed() < window,
+                Dedup::Running(_) => true,
+            });
+        self.limiter.housekeeping();
+    }
+
+    /// Run until `incoming` closes or `token` is cancelled; queued commands are answered
+    /// before returning.
+    pub async fn run(
+        self: Arc<Self>,
+        mut incoming: mpsc::Receiver<Message>,
+        token: CancellationToken,
+    ) {
+        let (tx, mut rx) = mpsc::channel::<Job>(self.cfg.queue_size.max(1));
+        let me = self.clone();
+        let dispatcher = tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            while let Some(job) = rx.recv().await {
+                me.metrics.queue_depth.set(rx.len() as i64);
+                // Bound the tasks waiting for a write permit to the in-flight limit.
+                while tasks.len() >= me.cfg.max_in_flight.max(1) {
+                    tasks.join_next().await;
+                }
+                let h = me.clone();
+                tasks.spawn(async move { h.execute(job).await });
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        let mut house = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                m = incoming.recv() => match m {
+                    Some(m) => self.accept(m, &tx).await,
+                    None => break,
+                },
+                _ = house.tick() => self.housekeeping(),
+                _ = token.cancelled() => break,
+            }
+        }
+        drop(tx);
+        let _ = dispatcher.await;
+    }
+}

@@ -1,0 +1,101 @@
+//! PostgreSQL connections for every service: credentials from the URL (never logged: use
+//! [`crate::config::SecretUrl`]), and TLS through rustls when the URL's `sslmode` asks for it
+//! (`prefer` tries TLS first, `require` insists). Server certificates are always verified,
+//! against the webpki roots plus an optional CA file (`ingestion.database_ca_file`): Nexus
+//! does not offer libpq's unverified `require`.
+
+use std::path::Path;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Client, NoTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("invalid database URL ({0})")]
+    Url(String),
+    #[error("cannot read the database CA file {path}: {reason}")]
+    Ca { path: String, reason: String },
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] tokio_postgres::Error),
+}
+
+fn tls(ca_file: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
+    crate::install_tls_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        use rustls::pki_types::pem::PemObject;
+        let err = |reason: String| PgError::Ca {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| err(e.to_string()))?;
+        for c in certs {
+            roots
+                .add(c.map_err(|e| err(e.to_string()))?)
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Connect; the returned task drives the connection (it ends when the client is dropped or
+/// the connection fails).
+pub async fn connect(
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<(Client, JoinHandle<()>), PgError> {
+    // The parser's message may quote the URL; keep the password out of it.
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| PgError::Url(crate::config::types::redact_url(url)))?;
+    let log_err =
+        |e: tokio_postgres::Error| tracing::warn!(error = %e, "database connection ended");
+    if config.get_ssl_mode() == SslMode::Disable {
+        let (client, conn) = config.connect(NoTls).await?;
+        return Ok((
+            client,
+            tokio::spawn(async move { conn.await.unwrap_or_else(log_err) }),
+        ));
+    }
+    let (client, conn) = config.connect(tls(ca_file)?).await?;
+    Ok((
+        client,
+        tokio::spawn(async move { conn.await.unwrap_or_else(log_err) }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_urls_do_not_leak_the_password() {
+        let e = connect("postgres://u:hunter2@h:notaport/db", None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("invalid database URL"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn missing_ca_file_is_reported() {
+        let e = connect(
+            "postgres://u@127.0.0.1:1/db?sslmode=require",
+            Some(Path::new("/nonexistent/ca.pem")),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cannot read the database CA file /nonexistent/ca.pem"),
+            "{e}"
+        );
+    }
+}
