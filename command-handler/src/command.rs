@@ -15,8 +15,6 @@ use serde_json::Value as Json;
 
 pub const PREFIX: &str = "$nexus/cmd/";
 pub const RESPONSE_PREFIX: &str = "$nexus/cmd/response/";
-/// The tag level of a response to a command whose tag is unknown (tag ids cannot hold `$`).
-pub const NO_TAG: &str = "$error";
 
 /// Where a command was sent.
 #[derive(Debug, Clone, PartialEq, Eq)]

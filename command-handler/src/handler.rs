@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditRecord;
-use crate::command::{self, CmdTopic, Command, Rejection, NO_TAG, RESPONSE_PREFIX};
+use crate::command::{self, CmdTopic, Command, Rejection, RESPONSE_PREFIX};
 use crate::validate;
 
 #[derive(Clone)]
@@ -86,11 +86,12 @@ impl CommandMetrics {
     }
 }
 
-/// One answer, for one tag (or for the command when no tag is known).
+/// One answer, for one tag, or for the whole command when its tag is unknown (published on
+/// `$nexus/cmd/response/<device>` then, without a tag level).
 #[derive(Debug, Clone)]
 pub struct Response {
     pub device: String,
-    pub tag: String,
+    pub tag: Option<String>,
     pub body: serde_json::Value,
 }
 
@@ -121,7 +122,7 @@ pub struct Handler {
 fn response_body(
     request_id: &Option<String>,
     device: &str,
-    tag: &str,
+    tag: Option<&str>,
     success: bool,
     error: Option<String>,
     value: Option<&Value>,
@@ -179,7 +180,10 @@ impl Handler {
 
     async fn send(&self, responses: &[Response], reply_to: &Option<(String, Option<Bytes>)>) {
         for r in responses {
-            let topic = format!("{RESPONSE_PREFIX}{}/{}", r.device, r.tag);
+            let topic = match &r.tag {
+                Some(tag) => format!("{RESPONSE_PREFIX}{}/{tag}", r.device),
+                None => format!("{RESPONSE_PREFIX}{}", r.device),
+            };
             let payload = r.body.to_string();
             if let Err(e) = self
                 .mqtt
@@ -208,11 +212,11 @@ impl Handler {
         self.metrics.rejected.with_label_values(&[r.reason]).inc();
         tracing::warn!(device = ?r.device, tag = ?r.tag, request_id = ?r.request_id, reason = r.reason, error = %r.message, "command refused");
         let device = r.device.clone()?;
-        let tag = r.tag.clone().unwrap_or_else(|| NO_TAG.to_owned());
+        let tag = r.tag.clone();
         let body = response_body(
             &r.request_id,
             &device,
-            &tag,
+            tag.as_deref(),
             false,
             Some(r.message.clone()),
             None,
@@ -278,11 +282,11 @@ impl Handler {
             .iter()
             .map(|(tag, v)| Response {
                 device: cmd.device.clone(),
-                tag: tag.clone(),
+                tag: Some(tag.clone()),
                 body: response_body(
                     &cmd.request_id,
                     &cmd.device,
-                    tag,
+                    Some(tag),
                     false,
                     Some(message.clone()),
                     Some(v),
@@ -431,7 +435,7 @@ impl Handler {
             let mut body = response_body(
                 &cmd.request_id,
                 device_id,
-                tag,
+                Some(tag),
                 success,
                 error,
                 Some(value),
@@ -445,7 +449,7 @@ impl Handler {
             }
             Response {
                 device: device_id.to_owned(),
-                tag: tag.to_owned(),
+                tag: Some(tag.to_owned()),
                 body,
             }
         };

@@ -7,7 +7,7 @@
 //! ```text
 //! $nexus/cmd/<device>/write, $nexus/cmd/<device>/<tag>/set   (subscribed as $nexus/cmd/#)
 //!   ──> [command] parse topic and payload (size limit; errors answered on
-//!       $nexus/cmd/response/<device>/<tag or $error>)
+//!       $nexus/cmd/response/<device>/<tag>, or $nexus/cmd/response/<device> without a tag)
 //!   ──> bounded queue (full: "queue full" at once) ──> dispatcher, at most max_in_flight
 //!   ──> [handler] TTL ──> duplicate request_id (answered from the first result)
 //!   ──> [validate] device, enabled, tag, writable, type, range, min/max

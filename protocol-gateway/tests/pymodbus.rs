@@ -6,68 +6,18 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use nexus_common::breaker::BreakerConfig;
 use nexus_common::config::{Config, PoolConfig};
-use nexus_common::testing::free_port;
+use nexus_common::testing::{self, free_port};
 use nexus_common::Value;
 use nexus_protocol_gateway::driver::{Device, Reading};
 use nexus_protocol_gateway::pool::Pools;
 
-fn python() -> String {
-    if let Ok(p) = std::env::var("NEXUS_TEST_PYTHON") {
-        return p;
-    }
-    let venv = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/test-venv/bin/python"
-    );
-    if std::path::Path::new(venv).exists() {
-        return venv.to_owned();
-    }
-    "python3".to_owned()
-}
-
-struct Peer(Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_pymodbus(framing: &str) -> (Peer, u16) {
-    let py = python();
-    let ok = Command::new(&py)
-        .args(["-c", "import pymodbus"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "pymodbus is not installed for {py}: run scripts/test.sh (it installs it into target/test-venv)");
+fn start_pymodbus(framing: &str) -> (testing::PythonPeer, u16) {
     let port = free_port();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/peers/pymodbus_server.py"
-    );
-    let child = Command::new(py)
-        .args([script, &port.to_string(), framing])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "pymodbus did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (Peer(child), port)
+    (testing::PythonPeer::start("pymodbus_server.py", "pymodbus", &[port.to_string(), framing.to_owned()], port), port)
 }
 
 fn device(port: u16, transport: &str) -> Arc<Device> {
