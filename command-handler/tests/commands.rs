@@ -18,11 +18,23 @@ use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
 
 fn user(n: &str, role: Role) -> BrokerUser {
-    BrokerUser { username: n.into(), password: Some(Secret::new(format!("{n}-pw"))), password_env: None, role }
+    BrokerUser {
+        username: n.into(),
+        password: Some(Secret::new(format!("{n}-pw"))),
+        password_env: None,
+        role,
+    }
 }
 
 fn broker() -> nexus_common::broker::EmbeddedBroker {
-    testing::start_embedded_broker(BrokerConfig { users: vec![user("svc", Role::Service), user("op", Role::Operator), user("view", Role::Viewer)], ..BrokerConfig::default() })
+    testing::start_embedded_broker(BrokerConfig {
+        users: vec![
+            user("svc", Role::Service),
+            user("op", Role::Operator),
+            user("view", Role::Viewer),
+        ],
+        ..BrokerConfig::default()
+    })
 }
 
 const TAGS: &str = r#"      - { id: sp, address: "HR:10", data_type: int16, scale: 0.1, access: readwrite, min: 0, max: 100, unit: degC }
@@ -42,7 +54,12 @@ struct Rig {
 }
 
 /// The handler (standalone, own pools) with `devices` YAML and `commands` settings.
-async fn rig(broker: Option<nexus_common::broker::EmbeddedBroker>, mqtt_port: u16, devices: &str, commands: &str) -> Rig {
+async fn rig(
+    broker: Option<nexus_common::broker::EmbeddedBroker>,
+    mqtt_port: u16,
+    devices: &str,
+    commands: &str,
+) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
     let text = format!(
@@ -55,25 +72,43 @@ async fn rig(broker: Option<nexus_common::broker::EmbeddedBroker>, mqtt_port: u1
     // Ready once subscribed.
     let start = Instant::now();
     while !http_get(http, "/readyz").contains("\"ready\":true") {
-        assert!(start.elapsed() < Duration::from_secs(10), "handler not ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "handler not ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Rig { _broker: broker, port: mqtt_port, http, token, task, _dir: dir }
+    Rig {
+        _broker: broker,
+        port: mqtt_port,
+        http,
+        token,
+        task,
+        _dir: dir,
+    }
 }
 
 fn device(id: &str, port: u16, extra: &str) -> String {
     format!("  - id: {id}\n    protocol: modbus\n    uns_prefix: acme/site\n    connection: {{ host: 127.0.0.1, port: {port}, timeout: 300ms{extra} }}\n    tags:\n{TAGS}")
 }
 
-async fn client(port: u16, user: &str, version: MqttVersion, subs: &[&str]) -> (MqttHandle, Receiver<Message>) {
+async fn client(
+    port: u16,
+    user: &str,
+    version: MqttVersion,
+    subs: &[&str],
+) -> (MqttHandle, Receiver<Message>) {
     let mut c = testing::mqtt_config(port);
     c.version = version;
     c.persistent_session = false;
     c.username = Some(user.into());
     c.password = Some(Secret::new(format!("{user}-pw")));
     let mut s = ClientSettings::new(testing::unique(user));
-    s.subscriptions = subs.iter().map(|f| (f.to_string(), QoS::AtLeastOnce)).collect();
+    s.subscriptions = subs
+        .iter()
+        .map(|f| (f.to_string(), QoS::AtLeastOnce))
+        .collect();
     let (h, rx) = mqtt::connect(&c, s, None, CancellationToken::new()).unwrap();
     h.wait_connected(Duration::from_secs(10)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -85,7 +120,10 @@ async fn responses(rx: &mut Receiver<Message>, n: usize, limit: Duration) -> Vec
     let end = tokio::time::Instant::now() + limit;
     while out.len() < n {
         match tokio::time::timeout_at(end, rx.recv()).await {
-            Ok(Some(m)) => out.push((m.topic().unwrap_or("").to_owned(), serde_json::from_slice(m.payload()).unwrap_or(Value::Null))),
+            Ok(Some(m)) => out.push((
+                m.topic().unwrap_or("").to_owned(),
+                serde_json::from_slice(m.payload()).unwrap_or(Value::Null),
+            )),
             _ => break,
         }
     }
@@ -94,7 +132,9 @@ async fn responses(rx: &mut Receiver<Message>, n: usize, limit: Duration) -> Vec
 
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
     let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -102,22 +142,34 @@ fn http_get(port: u16, path: &str) -> String {
 }
 
 fn metric(text: &str, line: &str) -> f64 {
-    text.lines().find(|l| l.starts_with(line)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+    text.lines()
+        .find(|l| l.starts_with(line))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 async fn pubj(h: &MqttHandle, topic: &str, body: impl Into<Bytes>) {
-    h.publish(topic, body, QoS::AtLeastOnce, false).await.unwrap();
+    h.publish(topic, body, QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_land_and_responses_say_so() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let b = broker();
     let port = b.ports.tcp.port();
     let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "").await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     pubj(&op, "$nexus/cmd/plc/sp/set", "72.5").await;
-    pubj(&op, "$nexus/cmd/plc/write", r#"{"tag_id":"f","value":-3.25,"request_id":"r-1"}"#).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"f","value":-3.25,"request_id":"r-1"}"#,
+    )
+    .await;
     pubj(&op, "$nexus/cmd/plc/write", r#"{"writes":[{"tag_id":"n","value":4242},{"tag_id":"run","value":true}],"request_id":"r-2","confirm":true}"#).await;
     let got = responses(&mut rx, 4, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 4, "{got:?}");
@@ -127,7 +179,13 @@ async fn writes_land_and_responses_say_so() {
         assert!(topic.ends_with(v["tag_id"].as_str().unwrap()), "{topic}");
         assert!(v["duration_ms"].as_f64().unwrap() >= 0.0);
     }
-    let by_tag = |t: &str| got.iter().find(|(_, v)| v["tag_id"] == t).unwrap().1.clone();
+    let by_tag = |t: &str| {
+        got.iter()
+            .find(|(_, v)| v["tag_id"] == t)
+            .unwrap()
+            .1
+            .clone()
+    };
     assert_eq!(by_tag("sp")["value"], json!(72.5));
     assert_eq!(by_tag("f")["request_id"], "r-1");
     assert_eq!(by_tag("n")["read_back"], json!(4242));
@@ -148,40 +206,133 @@ async fn writes_land_and_responses_say_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_validation_rule_and_malformed_command_is_answered() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let b = broker();
     let port = b.ports.tcp.port();
-    let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "  max_payload: 1KiB").await;
+    let r = rig(
+        Some(b),
+        port,
+        &device("plc", sim.addr.port(), ""),
+        "  max_payload: 1KiB",
+    )
+    .await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     let cases: Vec<(&str, String, &str, &str)> = vec![
-        ("$nexus/cmd/nope/write", r#"{"tag_id":"sp","value":1}"#.into(), "$nexus/cmd/response/nope/sp", "unknown device nope"),
-        ("$nexus/cmd/plc/write", r#"{"tag_id":"zz","value":1}"#.into(), "$nexus/cmd/response/plc/zz", "device plc has no tag zz"),
-        ("$nexus/cmd/plc/ro/set", "1".into(), "$nexus/cmd/response/plc/ro", "is read-only"),
-        ("$nexus/cmd/plc/sp/set", r#""warm""#.into(), "$nexus/cmd/response/plc/sp", "takes a number"),
-        ("$nexus/cmd/plc/sp/set", "250".into(), "$nexus/cmd/response/plc/sp", "above max 100"),
-        ("$nexus/cmd/plc/n/set", "1.5".into(), "$nexus/cmd/response/plc/n", "takes a whole number"),
-        ("$nexus/cmd/plc/n/set", "70000".into(), "$nexus/cmd/response/plc/n", "does not fit uint16"),
-        ("$nexus/cmd/plc/write", "{bad json".into(), "$nexus/cmd/response/plc", "payload is not JSON"),
-        ("$nexus/cmd/plc/write", r#"{"tag_id":"sp","value":[1,2]}"#.into(), "$nexus/cmd/response/plc/sp", "must be a number, bool or string"),
-        ("$nexus/cmd/plc/sp/extra/set", "1".into(), "$nexus/cmd/response/plc", "expected $nexus/cmd/<device>/write"),
-        ("$nexus/cmd/plc/write", format!(r#"{{"tag_id":"sp","value":"{}"}}"#, "x".repeat(5000)), "$nexus/cmd/response/plc", "larger than the limit"),
+        (
+            "$nexus/cmd/nope/write",
+            r#"{"tag_id":"sp","value":1}"#.into(),
+            "$nexus/cmd/response/nope/sp",
+            "unknown device nope",
+        ),
+        (
+            "$nexus/cmd/plc/write",
+            r#"{"tag_id":"zz","value":1}"#.into(),
+            "$nexus/cmd/response/plc/zz",
+            "device plc has no tag zz",
+        ),
+        (
+            "$nexus/cmd/plc/ro/set",
+            "1".into(),
+            "$nexus/cmd/response/plc/ro",
+            "is read-only",
+        ),
+        (
+            "$nexus/cmd/plc/sp/set",
+            r#""warm""#.into(),
+            "$nexus/cmd/response/plc/sp",
+            "takes a number",
+        ),
+        (
+            "$nexus/cmd/plc/sp/set",
+            "250".into(),
+            "$nexus/cmd/response/plc/sp",
+            "above max 100",
+        ),
+        (
+            "$nexus/cmd/plc/n/set",
+            "1.5".into(),
+            "$nexus/cmd/response/plc/n",
+            "takes a whole number",
+        ),
+        (
+            "$nexus/cmd/plc/n/set",
+            "70000".into(),
+            "$nexus/cmd/response/plc/n",
+            "does not fit uint16",
+        ),
+        (
+            "$nexus/cmd/plc/write",
+            "{bad json".into(),
+            "$nexus/cmd/response/plc",
+            "payload is not JSON",
+        ),
+        (
+            "$nexus/cmd/plc/write",
+            r#"{"tag_id":"sp","value":[1,2]}"#.into(),
+            "$nexus/cmd/response/plc/sp",
+            "must be a number, bool or string",
+        ),
+        (
+            "$nexus/cmd/plc/sp/extra/set",
+            "1".into(),
+            "$nexus/cmd/response/plc",
+            "expected $nexus/cmd/<device>/write",
+        ),
+        (
+            "$nexus/cmd/plc/write",
+            format!(r#"{{"tag_id":"sp","value":"{}"}}"#, "x".repeat(5000)),
+            "$nexus/cmd/response/plc",
+            "larger than the limit",
+        ),
     ];
     // The embedded broker's ACL already keeps operators off malformed command topics; an
     // admin-level client shows the handler's own answer to them.
     let (admin, _) = client(r.port, "svc", MqttVersion::V311, &[]).await;
     for (topic, body, want_topic, want) in &cases {
-        let publisher = if topic.contains("/extra/") { &admin } else { &op };
+        let publisher = if topic.contains("/extra/") {
+            &admin
+        } else {
+            &op
+        };
         pubj(publisher, topic, body.clone()).await;
         let got = responses(&mut rx, 1, Duration::from_secs(5)).await;
-        let (t, v) = got.first().unwrap_or_else(|| panic!("no response to {topic} {body:.80}"));
+        let (t, v) = got
+            .first()
+            .unwrap_or_else(|| panic!("no response to {topic} {body:.80}"));
         assert_eq!(t, want_topic, "{topic}");
         assert_eq!(v["success"], false, "{topic}");
-        assert!(v["error"].as_str().unwrap().contains(want), "{topic}: {}", v["error"]);
+        assert!(
+            v["error"].as_str().unwrap().contains(want),
+            "{topic}: {}",
+            v["error"]
+        );
     }
-    assert_eq!(sim.registers.lock().unwrap().holding[10], 500, "nothing was written");
+    assert_eq!(
+        sim.registers.lock().unwrap().holding[10],
+        500,
+        "nothing was written"
+    );
     let m = http_get(r.http, "/metrics");
-    for reason in ["unknown_device", "unknown_tag", "not_writable", "wrong_type", "out_of_range", "bad_json", "bad_payload", "bad_topic", "too_large"] {
-        assert!(metric(&m, &format!("nexus_commands_rejected_total{{reason=\"{reason}\"}}")) >= 1.0, "{reason} not counted");
+    for reason in [
+        "unknown_device",
+        "unknown_tag",
+        "not_writable",
+        "wrong_type",
+        "out_of_range",
+        "bad_json",
+        "bad_payload",
+        "bad_topic",
+        "too_large",
+    ] {
+        assert!(
+            metric(
+                &m,
+                &format!("nexus_commands_rejected_total{{reason=\"{reason}\"}}")
+            ) >= 1.0,
+            "{reason} not counted"
+        );
     }
     // Still serving after all that.
     pubj(&op, "$nexus/cmd/plc/sp/set", "10").await;
@@ -193,41 +344,100 @@ async fn every_validation_rule_and_malformed_command_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_duplicates_and_rate_limits() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let b = broker();
     let port = b.ports.tcp.port();
-    let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "  rate_per_device: 1\n  burst_per_device: 3").await;
+    let r = rig(
+        Some(b),
+        port,
+        &device("plc", sim.addr.port(), ""),
+        "  rate_per_device: 1\n  burst_per_device: 3",
+    )
+    .await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     // TTL: sent 20 s ago.
     let old = nexus_common::now_ms() - 20_000;
-    pubj(&op, "$nexus/cmd/plc/write", format!(r#"{{"tag_id":"n","value":1,"ts":{old}}}"#)).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        format!(r#"{{"tag_id":"n","value":1,"ts":{old}}}"#),
+    )
+    .await;
     let got = responses(&mut rx, 1, Duration::from_secs(5)).await;
-    assert!(got[0].1["error"].as_str().unwrap().contains("expired"), "{:?}", got[0]);
+    assert!(
+        got[0].1["error"].as_str().unwrap().contains("expired"),
+        "{:?}",
+        got[0]
+    );
     // A shorter ttl_ms of the command's own.
     let recent = nexus_common::now_ms() - 2_000;
-    pubj(&op, "$nexus/cmd/plc/write", format!(r#"{{"tag_id":"n","value":1,"ts":{recent},"ttl_ms":500}}"#)).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        format!(r#"{{"tag_id":"n","value":1,"ts":{recent},"ttl_ms":500}}"#),
+    )
+    .await;
     let got = responses(&mut rx, 1, Duration::from_secs(5)).await;
-    assert!(got[0].1["error"].as_str().unwrap().contains("its ttl is 500 ms"), "{:?}", got[0]);
-    assert_eq!(sim.registers.lock().unwrap().holding[310], 0, "expired commands never ran");
+    assert!(
+        got[0].1["error"]
+            .as_str()
+            .unwrap()
+            .contains("its ttl is 500 ms"),
+        "{:?}",
+        got[0]
+    );
+    assert_eq!(
+        sim.registers.lock().unwrap().holding[310],
+        0,
+        "expired commands never ran"
+    );
 
     // Duplicates: answered from the first result, executed once.
     let before = sim.requests();
-    pubj(&op, "$nexus/cmd/plc/write", r#"{"tag_id":"n","value":7,"request_id":"dup-1"}"#).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"n","value":7,"request_id":"dup-1"}"#,
+    )
+    .await;
     let first = responses(&mut rx, 1, Duration::from_secs(5)).await;
     sim.registers.lock().unwrap().holding[310] = 0;
-    pubj(&op, "$nexus/cmd/plc/write", r#"{"tag_id":"n","value":7,"request_id":"dup-1"}"#).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"n","value":7,"request_id":"dup-1"}"#,
+    )
+    .await;
     let second = responses(&mut rx, 1, Duration::from_secs(5)).await;
     assert_eq!(first[0].1, second[0].1, "the same answer");
-    assert_eq!(sim.registers.lock().unwrap().holding[310], 0, "not executed again");
+    assert_eq!(
+        sim.registers.lock().unwrap().holding[310],
+        0,
+        "not executed again"
+    );
     assert_eq!(sim.requests() - before, 1, "one device write");
 
     // Rate limit: burst 3 per device (one used by dup-1), then 1/s.
     for i in 0..5 {
-        pubj(&op, "$nexus/cmd/plc/write", format!(r#"{{"tag_id":"n","value":{i},"request_id":"rl-{i}"}}"#)).await;
+        pubj(
+            &op,
+            "$nexus/cmd/plc/write",
+            format!(r#"{{"tag_id":"n","value":{i},"request_id":"rl-{i}"}}"#),
+        )
+        .await;
     }
     let got = responses(&mut rx, 5, Duration::from_secs(5)).await;
     let ok = got.iter().filter(|(_, v)| v["success"] == true).count();
-    let limited = got.iter().filter(|(_, v)| v["error"].as_str().is_some_and(|e| e.contains("rate limit (per key) exceeded"))).count();
+    let limited = got
+        .iter()
+        .filter(|(_, v)| {
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("rate limit (per key) exceeded"))
+        })
+        .count();
     assert_eq!((ok, limited), (2, 3), "{got:?}");
     r.token.cancel();
     r.task.await.unwrap().unwrap();
@@ -247,15 +457,40 @@ async fn queue_full_and_a_dead_device_answer_fast() {
     let dead_port = free_port(); // nothing listens: connection refused
     let b = broker();
     let port = b.ports.tcp.port();
-    let devices = format!("{}{}", device("slow", silent_port, ""), device("dead", dead_port, ""));
-    let r = rig(Some(b), port, &devices, "  queue_size: 2\n  max_in_flight: 1\n  write_timeout: 1s").await;
+    let devices = format!(
+        "{}{}",
+        device("slow", silent_port, ""),
+        device("dead", dead_port, "")
+    );
+    let r = rig(
+        Some(b),
+        port,
+        &devices,
+        "  queue_size: 2\n  max_in_flight: 1\n  write_timeout: 1s",
+    )
+    .await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     for i in 0..8 {
-        pubj(&op, "$nexus/cmd/slow/write", format!(r#"{{"tag_id":"n","value":{i},"request_id":"q-{i}"}}"#)).await;
+        pubj(
+            &op,
+            "$nexus/cmd/slow/write",
+            format!(r#"{{"tag_id":"n","value":{i},"request_id":"q-{i}"}}"#),
+        )
+        .await;
     }
     let got = responses(&mut rx, 8, Duration::from_secs(10)).await;
-    let full = got.iter().filter(|(_, v)| v["error"].as_str().is_some_and(|e| e.contains("queue full"))).count();
-    assert!(full >= 4, "most of 8 commands on a queue of 2 with 1 worker are refused at once: {got:?}");
+    let full = got
+        .iter()
+        .filter(|(_, v)| {
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("queue full"))
+        })
+        .count();
+    assert!(
+        full >= 4,
+        "most of 8 commands on a queue of 2 with 1 worker are refused at once: {got:?}"
+    );
     assert_eq!(got.len(), 8, "every command is answered: {got:?}");
 
     // The dead device: errors at first, then the open breaker answers at once.
@@ -263,31 +498,61 @@ async fn queue_full_and_a_dead_device_answer_fast() {
     let mut errors = Vec::new();
     for i in 0..8 {
         let t = Instant::now();
-        pubj(&op, "$nexus/cmd/dead/write", format!(r#"{{"tag_id":"n","value":{i}}}"#)).await;
+        pubj(
+            &op,
+            "$nexus/cmd/dead/write",
+            format!(r#"{{"tag_id":"n","value":{i}}}"#),
+        )
+        .await;
         let got = responses(&mut rx, 1, Duration::from_secs(5)).await;
         last = t.elapsed();
         errors.push(got[0].1["error"].as_str().unwrap_or("").to_owned());
     }
     assert!(errors.iter().all(|e| !e.is_empty()));
-    assert!(errors.last().unwrap().contains("circuit breaker open"), "{errors:?}");
-    assert!(last < Duration::from_millis(500), "an open breaker answers fast, took {last:?}");
+    assert!(
+        errors.last().unwrap().contains("circuit breaker open"),
+        "{errors:?}"
+    );
+    assert!(
+        last < Duration::from_millis(500),
+        "an open breaker answers fast, took {last:?}"
+    );
     r.token.cancel();
     r.task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_response_topic_and_correlation_data() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let b = broker();
     let port = b.ports.tcp.port();
     let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "").await;
     let reply = testing::unique("replies/op");
     let (op, mut rx) = client(r.port, "op", MqttVersion::V5, &[&reply]).await;
-    let props = PublishProps { response_topic: Some(reply.clone()), correlation_data: Some(Bytes::from_static(b"corr-42")) };
-    op.publish_with("$nexus/cmd/plc/sp/set", "33.3", QoS::AtLeastOnce, false, Some(props)).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    let props = PublishProps {
+        response_topic: Some(reply.clone()),
+        correlation_data: Some(Bytes::from_static(b"corr-42")),
+    };
+    op.publish_with(
+        "$nexus/cmd/plc/sp/set",
+        "33.3",
+        QoS::AtLeastOnce,
+        false,
+        Some(props),
+    )
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(m.topic(), Some(reply.as_str()));
-    assert_eq!(m.correlation_data().map(|b| b.as_ref()), Some(&b"corr-42"[..]));
+    assert_eq!(
+        m.correlation_data().map(|b| b.as_ref()),
+        Some(&b"corr-42"[..])
+    );
     let v: Value = serde_json::from_slice(m.payload()).unwrap();
     assert_eq!(v["success"], true);
     r.token.cancel();
@@ -296,23 +561,39 @@ async fn mqtt5_response_topic_and_correlation_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_operators_can_command_through_the_embedded_broker() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let b = broker();
     let port = b.ports.tcp.port();
     let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "").await;
     let (view, _) = client(r.port, "view", MqttVersion::V311, &[]).await;
-    let (_watch, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
+    let (_watch, mut rx) =
+        client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     pubj(&view, "$nexus/cmd/plc/sp/set", "99").await;
-    assert!(responses(&mut rx, 1, Duration::from_secs(2)).await.is_empty(), "a viewer's command never reaches the handler");
+    assert!(
+        responses(&mut rx, 1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "a viewer's command never reaches the handler"
+    );
     assert_eq!(sim.registers.lock().unwrap().holding[10], 500);
-    assert_eq!(metric(&http_get(r.http, "/metrics"), "nexus_commands_received_total"), 0.0);
+    assert_eq!(
+        metric(
+            &http_get(r.http, "/metrics"),
+            "nexus_commands_received_total"
+        ),
+        0.0
+    );
     r.token.cancel();
     r.task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_operators_can_command_through_mosquitto_with_its_acl_file() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
@@ -324,7 +605,13 @@ async fn only_operators_can_command_through_mosquitto_with_its_acl_file() {
         if i == 0 {
             c.arg("-c");
         }
-        let st = c.arg("-b").arg(&passwd).arg(u).arg(format!("{u}-pw")).status().unwrap();
+        let st = c
+            .arg("-b")
+            .arg(&passwd)
+            .arg(u)
+            .arg(format!("{u}-pw"))
+            .status()
+            .unwrap();
         assert!(st.success());
     }
     let acl = dir.path().join("acl");
@@ -337,12 +624,22 @@ async fn only_operators_can_command_through_mosquitto_with_its_acl_file() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let m = Mosquitto::start(&format!("allow_anonymous false\npassword_file {}\nacl_file {}\n", passwd.display(), acl.display())).unwrap();
+    let m = Mosquitto::start(&format!(
+        "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        acl.display()
+    ))
+    .unwrap();
     let r = rig(None, m.port, &device("plc", sim.addr.port(), ""), "").await;
     let (view, _) = client(r.port, "view", MqttVersion::V311, &[]).await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     pubj(&view, "$nexus/cmd/plc/sp/set", "99").await;
-    assert!(responses(&mut rx, 1, Duration::from_secs(2)).await.is_empty(), "Mosquitto's ACL stops the viewer");
+    assert!(
+        responses(&mut rx, 1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "Mosquitto's ACL stops the viewer"
+    );
     assert_eq!(sim.registers.lock().unwrap().holding[10], 500);
     pubj(&op, "$nexus/cmd/plc/sp/set", "12.5").await;
     let got = responses(&mut rx, 1, Duration::from_secs(5)).await;
@@ -355,7 +652,12 @@ async fn only_operators_can_command_through_mosquitto_with_its_acl_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_land_in_pymodbus() {
     let py_port = free_port();
-    let _peer = testing::PythonPeer::start("pymodbus_server.py", "pymodbus", &[py_port.to_string(), "tcp".into()], py_port);
+    let _peer = testing::PythonPeer::start(
+        "pymodbus_server.py",
+        "pymodbus",
+        &[py_port.to_string(), "tcp".into()],
+        py_port,
+    );
     let b = broker();
     let port = b.ports.tcp.port();
     let r = rig(Some(b), port, &device("py", py_port, ""), "").await;
@@ -377,13 +679,26 @@ async fn writes_land_in_pymodbus() {
 async fn every_command_is_audited_in_postgres() {
     let pg = testing::PgServer::start();
     let url = pg.create_database(&testing::unique("audit")).await;
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let b = broker();
     let port = b.ports.tcp.port();
     // `rig` puts these lines under `commands:`; the database goes in `ingestion`.
-    let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), &format!("ingestion:\n  database_url: \"{url}\"")).await;
+    let r = rig(
+        Some(b),
+        port,
+        &device("plc", sim.addr.port(), ""),
+        &format!("ingestion:\n  database_url: \"{url}\""),
+    )
+    .await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
-    pubj(&op, "$nexus/cmd/plc/write", r#"{"tag_id":"sp","value":21.5,"request_id":"a-1","user":"ann","confirm":true}"#).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"sp","value":21.5,"request_id":"a-1","user":"ann","confirm":true}"#,
+    )
+    .await;
     pubj(&op, "$nexus/cmd/plc/ro/set", "1").await;
     assert_eq!(responses(&mut rx, 2, Duration::from_secs(5)).await.len(), 2);
     let (db, _task) = nexus_common::pg::connect(&url, None).await.unwrap();
@@ -399,11 +714,37 @@ async fn every_command_is_audited_in_postgres() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(rows.len(), 2);
-    let first: (String, String, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, bool) =
-        (rows[0].get(0), rows[0].get(1), rows[0].get(2), rows[0].get(3), rows[0].get(4), rows[0].get(5), rows[0].get(6), rows[0].get(7));
+    let first: (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        bool,
+    ) = (
+        rows[0].get(0),
+        rows[0].get(1),
+        rows[0].get(2),
+        rows[0].get(3),
+        rows[0].get(4),
+        rows[0].get(5),
+        rows[0].get(6),
+        rows[0].get(7),
+    );
     assert_eq!(
         first,
-        ("plc".into(), "sp".into(), Some("a-1".into()), Some("ann".into()), Some("21.5".into()), Some("50.0".into()), Some("21.5".into()), true)
+        (
+            "plc".into(),
+            "sp".into(),
+            Some("a-1".into()),
+            Some("ann".into()),
+            Some("21.5".into()),
+            Some("50.0".into()),
+            Some("21.5".into()),
+            true
+        )
     );
     let second_ok: bool = rows[1].get(7);
     let second_err: Option<String> = rows[1].get(8);

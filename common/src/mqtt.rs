@@ -422,7 +422,13 @@ pub fn connect(
             if let Some(t) = tls {
                 o.set_transport(rumqttc::Transport::tls_with_config(t));
             }
-            let (client, eventloop) = rumqttc::AsyncClient::new(o, cfg.request_capacity.max(10));
+            let (client, mut eventloop) =
+                rumqttc::AsyncClient::new(o, cfg.request_capacity.max(10));
+            // Without TCP_NODELAY small publishes wait for delayed ACKs (~40 ms per round trip).
+            let mut net = rumqttc::NetworkOptions::new();
+            net.set_tcp_nodelay(true);
+            net.set_connection_timeout(cfg.keep_alive.as_secs().clamp(1, 30));
+            eventloop.set_network_options(net);
             tokio::spawn(run_v4(
                 eventloop,
                 client.clone(),
@@ -444,6 +450,10 @@ pub fn connect(
                 .set_max_packet_size(Some(max_packet as u32))
                 .set_outgoing_inflight_upper_limit(cfg.inflight)
                 .set_manual_acks(settings.manual_acks);
+            let mut net = rumqttc::NetworkOptions::new();
+            net.set_tcp_nodelay(true);
+            net.set_connection_timeout(cfg.keep_alive.as_secs().clamp(1, 30));
+            o.set_network_options(net);
             if cfg.persistent_session {
                 o.set_session_expiry_interval(Some(
                     cfg.session_expiry.as_secs().min(u32::MAX as u64) as u32,

@@ -417,7 +417,10 @@ pub fn test_python() -> String {
     if let Ok(p) = std::env::var("NEXUS_TEST_PYTHON") {
         return p;
     }
-    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-venv/bin/python");
+    let venv = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/test-venv/bin/python"
+    );
     if Path::new(venv).exists() {
         return venv.to_owned();
     }
@@ -431,13 +434,26 @@ pub struct PythonPeer(Child);
 impl PythonPeer {
     pub fn start(script: &str, module: &str, args: &[String], port: u16) -> PythonPeer {
         let py = test_python();
-        let ok = Command::new(&py).args(["-c", &format!("import {module}")]).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new(&py)
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         assert!(ok, "{module} is not installed for {py}: run scripts/test.sh (it installs the test peers into target/test-venv)");
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/peers/").to_owned() + script;
-        let child = Command::new(py).arg(path).args(args).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("python peer");
+        let child = Command::new(py)
+            .arg(path)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python peer");
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "{script} did not listen on {port}");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{script} did not listen on {port}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         PythonPeer(child)

@@ -8,8 +8,7 @@
 //! `cargo bench -p nexus-orchestrator --bench gateway`; BENCH_DEVICES (20), BENCH_TAGS (500),
 //! BENCH_POLL_MS (100), BENCH_QOS (1), BENCH_SECONDS (15).
 
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,65 +19,10 @@ use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port};
 use nexus_common::{Quality, Value};
 use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use support::{cpu_seconds, env, http_get, metric_sum, status_kib, Proc, NEXUS};
 use tokio_util::sync::CancellationToken;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l.as_bytes().get(name.len()) == Some(&b'{')
-                    || l.as_bytes().get(name.len()) == Some(&b' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+mod support;
 
 fn main() {
     let devices = env("BENCH_DEVICES", 20) as usize;
@@ -96,34 +40,8 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let nexus = env!("CARGO_BIN_EXE_nexus");
 
-    // Broker process with a service account for the gateway.
-    let mqtt_port = free_port();
-    let broker_cfg = dir.path().join("broker.yaml");
-    std::fs::write(
-        &broker_cfg,
-        "broker:\n  users:\n    - { username: svc, password: svc-pw, role: service }\n",
-    )
-    .expect("write");
-    let broker = Proc(
-        Command::new(nexus)
-            .args(["broker", "--config"])
-            .arg(&broker_cfg)
-            .env("NEXUS_BROKER__PORT", mqtt_port.to_string())
-            .env("NEXUS_BROKER__WS_PORT", "null")
-            .env(
-                "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            )
-            .env("NEXUS_TELEMETRY__LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("nexus broker"),
-    );
-    while std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (broker, mqtt_port) = support::start_broker(dir.path());
 
     let token = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
@@ -212,23 +130,16 @@ fn main() {
         devices.max(10),
         dir.path().join("buffer").display()
     );
-    for (d, sim) in sims.iter().enumerate() {
-        yaml.push_str(&format!(
-            "  - id: dev-{d}\n    protocol: modbus\n    uns_prefix: bench/site/area/line\n    poll_interval: {poll_ms}ms\n    connection: {{ host: 127.0.0.1, port: {}, timeout: 2s }}\n    tags:\n",
-            sim.addr.port()
-        ));
-        for t in 0..tags {
-            yaml.push_str(&format!(
-                "      - {{ id: t{t}, address: \"HR:{}\", data_type: uint16 }}\n",
-                100 + t
-            ));
-        }
-    }
+    yaml.push_str(&support::load_devices(
+        &sims.iter().map(|s| s.addr.port()).collect::<Vec<_>>(),
+        tags,
+        poll_ms,
+    ));
     let gw_cfg = dir.path().join("gateway.yaml");
     std::fs::write(&gw_cfg, yaml).expect("write");
     let http = free_port();
     let gw = Proc(
-        Command::new(nexus)
+        Command::new(NEXUS)
             .args(["gateway", "--config"])
             .arg(&gw_cfg)
             .env("NEXUS_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{http}"))

@@ -209,7 +209,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Gateway(arg) => service!(
             arg,
             nexus_protocol_gateway::SERVICE,
-            nexus_protocol_gateway::run
+            crate::gateway_with_commands
         ),
         Command::Ingest(arg) => service!(
             arg,

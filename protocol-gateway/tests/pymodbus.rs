@@ -17,7 +17,15 @@ use nexus_protocol_gateway::pool::Pools;
 
 fn start_pymodbus(framing: &str) -> (testing::PythonPeer, u16) {
     let port = free_port();
-    (testing::PythonPeer::start("pymodbus_server.py", "pymodbus", &[port.to_string(), framing.to_owned()], port), port)
+    (
+        testing::PythonPeer::start(
+            "pymodbus_server.py",
+            "pymodbus",
+            &[port.to_string(), framing.to_owned()],
+            port,
+        ),
+        port,
+    )
 }
 
 fn device(port: u16, transport: &str) -> Arc<Device> {

@@ -1,0 +1,176 @@
+//! Command round-trip benchmark: an operator client publishes a write command and waits for
+//! its response, through `nexus broker`, to `nexus gateway` (command handler inside) writing a
+//! simulated Modbus device; p50/p99/max latency, idle and while the same gateway publishes
+//! 100K points/s (20 devices x 500 tags every 100 ms, QoS 0). Baseline in the same run: an
+//! MQTT round trip alone (publish to a topic the client itself subscribes to).
+//!
+//! `cargo bench -p nexus-orchestrator --bench commands`; BENCH_COMMANDS (1000).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexus_common::config::{MqttVersion, Secret};
+use nexus_common::mqtt::{self, ClientSettings, QoS};
+use nexus_common::testing::{self, free_port};
+use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use support::{env, http_get, metric_sum, Proc, NEXUS};
+use tokio_util::sync::CancellationToken;
+
+mod support;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(label: &str, mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    let p99 = percentile(&v, 0.99);
+    println!(
+        "  {label:<34} p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms   (n={})",
+        percentile(&v, 0.5).as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        v.len()
+    );
+    p99
+}
+
+fn main() {
+    let n = env("BENCH_COMMANDS", 1000) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_broker, mqtt_port) = support::start_broker(dir.path());
+    let token = CancellationToken::new();
+
+    let (write_sim, load_sims) = rt.block_on(async {
+        let w = ModbusSimulator::start("127.0.0.1:0".parse().expect("addr"), None)
+            .await
+            .expect("sim");
+        let mut load = Vec::new();
+        for _ in 0..20 {
+            let s = ModbusSimulator::start(
+                "127.0.0.1:0".parse().expect("addr"),
+                Some(Duration::from_millis(100)),
+            )
+            .await
+            .expect("sim");
+            s.registers.lock().expect("lock").churn = 100..600;
+            load.push(s);
+        }
+        (w, load)
+    });
+
+    let mut c = testing::mqtt_config(mqtt_port);
+    c.version = MqttVersion::V311;
+    c.persistent_session = false;
+    c.username = Some("op".into());
+    c.password = Some(Secret::new("op-pw"));
+
+    let run_gateway = |with_load: bool| -> (Proc, u16) {
+        let http = free_port();
+        let mut yaml = format!(
+            "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, inflight: 1000 }}\ngateway:\n  qos: 0\n  heartbeat: 0s\n  workers: 20\n  buffer: {{ dir: {} }}\n  http_listen: 127.0.0.1:{http}\ncommands:\n  http_listen: 127.0.0.1:{}\n  rate_per_device: 100000\n  burst_per_device: 100000\n  rate_global: 100000\n  burst_global: 100000\ntelemetry: {{ log_level: warn, instance: bench-{with_load} }}\ndevices:\n  - id: target\n    protocol: modbus\n    uns_prefix: bench/site/area/cmd\n    connection: {{ host: 127.0.0.1, port: {}, timeout: 2s }}\n    tags:\n      - {{ id: sp, address: \"HR:10\", data_type: uint16, access: readwrite }}\n",
+            dir.path().join(format!("buffer-{with_load}")).display(),
+            free_port(),
+            write_sim.addr.port()
+        );
+        if with_load {
+            yaml.push_str(&support::load_devices(
+                &load_sims.iter().map(|s| s.addr.port()).collect::<Vec<_>>(),
+                500,
+                100,
+            ));
+        }
+        let path = dir.path().join(format!("gw-{with_load}.yaml"));
+        std::fs::write(&path, yaml).expect("write");
+        let p = Proc(
+            Command::new(NEXUS)
+                .args(["gateway", "--config"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("nexus gateway"),
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        (p, http)
+    };
+
+    let round_trips = |label: &'static str| -> Vec<Duration> {
+        rt.block_on(async {
+            let reply = "$nexus/cmd/response/target/sp".to_string();
+            let mut s = ClientSettings::new(testing::unique("bench-op"));
+            s.subscriptions = vec![(reply, QoS::AtLeastOnce)];
+            let (op, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("client");
+            op.wait_connected(Duration::from_secs(10))
+                .await
+                .expect("connect");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n {
+                let body = format!(
+                    "{{\"tag_id\":\"sp\",\"value\":{},\"request_id\":\"{label}-{i}\"}}",
+                    i % 60000
+                );
+                let t = Instant::now();
+                op.publish("$nexus/cmd/target/write", body, QoS::AtLeastOnce, false)
+                    .await
+                    .expect("publish");
+                match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                    Ok(Some(_)) => out.push(t.elapsed()),
+                    _ => panic!("no response to command {i} ({label})"),
+                }
+            }
+            op.disconnect().await;
+            out
+        })
+    };
+
+    // Baseline: an MQTT round trip through the same broker, nothing else.
+    let baseline: Vec<Duration> = rt.block_on(async {
+        let topic = testing::unique("bench/echo");
+        let mut s = ClientSettings::new(testing::unique("bench-echo"));
+        s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
+        let (h, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("client");
+        h.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connect");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = Instant::now();
+            h.publish(&topic, i.to_string(), QoS::AtLeastOnce, false)
+                .await
+                .expect("publish");
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            out.push(t.elapsed());
+        }
+        out
+    });
+
+    println!("command round trip: publish command -> response received, {n} sequential commands");
+    let base_p99 = report("baseline: MQTT round trip only", baseline);
+    let (gw, _) = run_gateway(false);
+    let idle = report("idle gateway", round_trips("idle"));
+    drop(gw);
+    let (gw, http) = run_gateway(true);
+    let m0 = http_get(http, "/metrics");
+    let t0 = Instant::now();
+    let loaded = report("gateway publishing 100K points/s", round_trips("load"));
+    let m1 = http_get(http, "/metrics");
+    let rate = (metric_sum(&m1, "nexus_gateway_points_published_total")
+        - metric_sum(&m0, "nexus_gateway_points_published_total"))
+        / t0.elapsed().as_secs_f64();
+    println!("  load during the loaded run: {rate:.0} points/s published by the same gateway");
+    println!(
+        "  p99 ratios: idle / baseline {:.1}x, loaded / baseline {:.1}x; goal p99 under load < 20 ms: {}",
+        idle.as_secs_f64() / base_p99.as_secs_f64(),
+        loaded.as_secs_f64() / base_p99.as_secs_f64(),
+        if loaded < Duration::from_millis(20) { "met" } else { "not met" }
+    );
+    drop(gw);
+    token.cancel();
+}
