@@ -714,38 +714,11 @@ async fn every_command_is_audited_in_postgres() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(rows.len(), 2);
-    let first: (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        bool,
-    ) = (
-        rows[0].get(0),
-        rows[0].get(1),
-        rows[0].get(2),
-        rows[0].get(3),
-        rows[0].get(4),
-        rows[0].get(5),
-        rows[0].get(6),
-        rows[0].get(7),
-    );
-    assert_eq!(
-        first,
-        (
-            "plc".into(),
-            "sp".into(),
-            Some("a-1".into()),
-            Some("ann".into()),
-            Some("21.5".into()),
-            Some("50.0".into()),
-            Some("21.5".into()),
-            true
-        )
-    );
+    let row = &rows[0];
+    let texts: Vec<Option<String>> = (0..7).map(|i| row.get(i)).collect();
+    let want = ["plc", "sp", "a-1", "ann", "21.5", "50.0", "21.5"].map(|s| Some(s.to_owned()));
+    assert_eq!(texts, want);
+    assert!(row.get::<_, bool>(7));
     let second_ok: bool = rows[1].get(7);
     let second_err: Option<String> = rows[1].get(8);
     assert!(!second_ok);
