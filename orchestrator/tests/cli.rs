@@ -265,6 +265,48 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
     assert_eq!(demo.lines().count(), 5, "{demo}");
     assert!(demo.contains("\"q\":\"good\""), "{demo}");
 
+    // The demo operator writes a setpoint back to the simulated PLC and gets the answer.
+    let answer = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "$nexus/cmd/response/sim-plc-1/setpoint",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-u",
+            "operator",
+            "-P",
+            "nexus-demo",
+            "-t",
+            "$nexus/cmd/sim-plc-1/setpoint/set",
+            "-m",
+            "72.5",
+        ])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let answer = String::from_utf8_lossy(&answer.wait_with_output().unwrap().stdout).into_owned();
+    assert!(
+        answer.contains("\"success\":true") && answer.contains("\"value\":72.5"),
+        "{answer}"
+    );
+
     // The platform status API lists the services.
     let status = http_get(http, "/api/v1/status").unwrap();
     assert!(status.contains("\"gateway/ci\""), "{status}");
