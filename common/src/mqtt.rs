@@ -64,6 +64,9 @@ pub struct ClientSettings {
     pub subscriptions: Vec<(String, QoS)>,
     /// Capacity of the incoming message channel.
     pub incoming_capacity: usize,
+    /// TCP_NODELAY (default true): without it a small publish can wait ~40 ms for a delayed
+    /// ACK; throughput-bound publishers may turn it off to let the kernel coalesce packets.
+    pub tcp_nodelay: bool,
 }
 
 impl ClientSettings {
@@ -74,6 +77,7 @@ impl ClientSettings {
             manual_acks: false,
             subscriptions: Vec::new(),
             incoming_capacity: 1024,
+            tcp_nodelay: true,
         }
     }
 }
@@ -424,9 +428,8 @@ pub fn connect(
             }
             let (client, mut eventloop) =
                 rumqttc::AsyncClient::new(o, cfg.request_capacity.max(10));
-            // Without TCP_NODELAY small publishes wait for delayed ACKs (~40 ms per round trip).
             let mut net = rumqttc::NetworkOptions::new();
-            net.set_tcp_nodelay(true);
+            net.set_tcp_nodelay(settings.tcp_nodelay);
             net.set_connection_timeout(cfg.keep_alive.as_secs().clamp(1, 30));
             eventloop.set_network_options(net);
             tokio::spawn(run_v4(
@@ -451,7 +454,7 @@ pub fn connect(
                 .set_outgoing_inflight_upper_limit(cfg.inflight)
                 .set_manual_acks(settings.manual_acks);
             let mut net = rumqttc::NetworkOptions::new();
-            net.set_tcp_nodelay(true);
+            net.set_tcp_nodelay(settings.tcp_nodelay);
             net.set_connection_timeout(cfg.keep_alive.as_secs().clamp(1, 30));
             o.set_network_options(net);
             if cfg.persistent_session {

@@ -56,6 +56,8 @@ pub struct ShellOptions {
     pub incoming_capacity: usize,
     /// Use this telemetry (with metrics the service registered already) instead of a new one.
     pub telemetry: Option<Telemetry>,
+    /// TCP_NODELAY on the MQTT connection (default true; see [`ClientSettings`]).
+    pub tcp_nodelay: bool,
 }
 
 impl ShellOptions {
@@ -68,6 +70,7 @@ impl ShellOptions {
             manual_acks: false,
             incoming_capacity: 1024,
             telemetry: None,
+            tcp_nodelay: true,
         }
     }
 }
@@ -108,6 +111,7 @@ impl Shell {
         settings.subscriptions = opts.subscriptions;
         settings.manual_acks = opts.manual_acks;
         settings.incoming_capacity = opts.incoming_capacity;
+        settings.tcp_nodelay = opts.tcp_nodelay;
         // The client outlives `shutdown` so that "offline" can be published in `stop`.
         let mqtt_stop = CancellationToken::new();
         let (handle, incoming) =

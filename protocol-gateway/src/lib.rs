@@ -139,7 +139,22 @@ pub async fn run_shared(
     let mut opts = ShellOptions::new(SERVICE, gw.http_listen);
     opts.routes = http::routes(set.clone());
     opts.telemetry = Some(telemetry);
+    // The gateway's client carries bulk values: let the kernel coalesce them (commands have
+    // their own, latency-first connection).
+    opts.tcp_nodelay = false;
     let shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
+    // Give the broker a moment before the first polls, so startup values go out live rather
+    // than through the store-and-forward buffer.
+    if shell
+        .mqtt
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "broker not reachable yet; values are kept in the store-and-forward buffer until it is"
+        );
+    }
 
     let (dir, max) = (gw.buffer.dir.clone(), gw.buffer.max_size.0);
     let buffer = tokio::task::spawn_blocking(move || DiskBuffer::open(&dir, max))
