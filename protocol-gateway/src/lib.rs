@@ -147,7 +147,7 @@ pub async fn run_shared(
     // than through the store-and-forward buffer.
     if shell
         .mqtt
-        .wait_connected(Duration::from_secs(5))
+        .wait_connected(Duration::from_secs(2))
         .await
         .is_err()
     {

@@ -148,12 +148,21 @@ async fn a_gateway_restart_during_an_outage_keeps_the_buffer() {
         &ramp_device(sim.addr.port(), &root),
     );
     let (stop, task) = support::start_gateway(cfg.clone());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The gateway waits 2 s for a broker before it polls into the buffer.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let buffered = support::metric(
         &support::http_get(http, "/metrics"),
         "nexus_gateway_points_buffered_total",
     );
-    assert!(buffered >= 20.0, "{buffered}");
+    assert!(
+        buffered >= 20.0,
+        "{buffered}: {}",
+        support::http_get(http, "/metrics")
+            .lines()
+            .filter(|l| l.starts_with("nexus_gateway"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 
