@@ -528,36 +528,29 @@ impl Handler {
                 let back =
                     tokio::time::timeout(timeout, self.pools.read(&device, Some(vec![index])))
                         .await;
-                match back {
-                    Ok(Ok(r)) => match r.into_iter().next() {
-                        Some((_, Reading::Good { value: rb, .. }))
-                            if same(&rb, &coerced, tag_cfg.scale) =>
-                        {
-                            self.metrics.succeeded.inc();
-                            done(&mut audit, true, None, Some(rb), self)
-                        }
-                        Some((_, Reading::Good { value: rb, .. })) => {
-                            self.metrics.failed.inc();
-                            done(
-                                &mut audit,
-                                false,
-                                Some(format!("read back {rb} after writing {coerced}")),
-                                Some(rb),
-                                self,
-                            )
-                        }
-                        _ => {
-                            self.metrics.failed.inc();
-                            done(
-                                &mut audit,
-                                false,
-                                Some("written, but the read-back failed".into()),
-                                None,
-                                self,
-                            )
-                        }
-                    },
-                    _ => {
+                let read_back = match back {
+                    Ok(Ok(r)) => r.into_iter().next().and_then(|(_, r)| match r {
+                        Reading::Good { value, .. } => Some(value),
+                        Reading::Bad { .. } => None,
+                    }),
+                    _ => None,
+                };
+                match read_back {
+                    Some(rb) if same(&rb, &coerced, tag_cfg.scale) => {
+                        self.metrics.succeeded.inc();
+                        done(&mut audit, true, None, Some(rb), self)
+                    }
+                    Some(rb) => {
+                        self.metrics.failed.inc();
+                        done(
+                            &mut audit,
+                            false,
+                            Some(format!("read back {rb} after writing {coerced}")),
+                            Some(rb),
+                            self,
+                        )
+                    }
+                    None => {
                         self.metrics.failed.inc();
                         done(
                             &mut audit,

@@ -380,6 +380,13 @@ fn tls_config(cfg: &MqttConfig) -> Result<Option<rumqttc::TlsConfiguration>, Mqt
     }))
 }
 
+fn network_options(cfg: &MqttConfig, settings: &ClientSettings) -> rumqttc::NetworkOptions {
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(settings.tcp_nodelay);
+    net.set_connection_timeout(cfg.keep_alive.as_secs().clamp(1, 30));
+    net
+}
+
 /// Connect (in the background: this returns at once) and run the event loop until `shutdown`.
 pub fn connect(
     cfg: &MqttConfig,
@@ -428,10 +435,7 @@ pub fn connect(
             }
             let (client, mut eventloop) =
                 rumqttc::AsyncClient::new(o, cfg.request_capacity.max(10));
-            let mut net = rumqttc::NetworkOptions::new();
-            net.set_tcp_nodelay(settings.tcp_nodelay);
-            net.set_connection_timeout(cfg.keep_alive.as_secs().clamp(1, 30));
-            eventloop.set_network_options(net);
+            eventloop.set_network_options(network_options(cfg, &settings));
             tokio::spawn(run_v4(
                 eventloop,
                 client.clone(),
@@ -453,10 +457,7 @@ pub fn connect(
                 .set_max_packet_size(Some(max_packet as u32))
                 .set_outgoing_inflight_upper_limit(cfg.inflight)
                 .set_manual_acks(settings.manual_acks);
-            let mut net = rumqttc::NetworkOptions::new();
-            net.set_tcp_nodelay(settings.tcp_nodelay);
-            net.set_connection_timeout(cfg.keep_alive.as_secs().clamp(1, 30));
-            o.set_network_options(net);
+            o.set_network_options(network_options(cfg, &settings));
             if cfg.persistent_session {
                 o.set_session_expiry_interval(Some(
                     cfg.session_expiry.as_secs().min(u32::MAX as u64) as u32,

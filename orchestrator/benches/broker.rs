@@ -12,22 +12,14 @@ use std::time::{Duration, Instant};
 use nexus_common::config::MqttVersion;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto};
+use support::{status_kib, NEXUS};
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 struct Result {
     rate: f64,
     received: usize,
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 async fn run(port: u16, qos: QoS, n: usize) -> Result {
@@ -108,7 +100,7 @@ struct Broker {
 
 fn start_embedded() -> Broker {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+    let child = Command::new(NEXUS)
         .arg("broker")
         .env("NEXUS_BROKER__PORT", port.to_string())
         .env("NEXUS_BROKER__WS_PORT", "null")
@@ -179,10 +171,10 @@ fn main() {
     let mut peaks = std::collections::HashMap::new();
     for start in [start_embedded as fn() -> Broker, start_mosquitto] {
         let b = start();
-        let idle = rss_kib(b.pid, "VmRSS:");
+        let idle = status_kib(b.pid, "VmRSS:");
         for (qos, label) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 1)] {
             let r = rt.block_on(run(b.port, qos, n));
-            let peak = rss_kib(b.pid, "VmHWM:");
+            let peak = status_kib(b.pid, "VmHWM:");
             println!(
                 "{:<18} {:>4} {:>12.0} {:>10} {:>9.1}MiB {:>9.1}MiB",
                 b.name,

@@ -51,27 +51,9 @@ pub fn type_name(dt: DataType) -> &'static str {
     }
 }
 
-/// Registers -> bytes in canonical (big-endian value) order.
-fn canonical_bytes(regs: &[u16], order: ByteOrder) -> Vec<u8> {
-    let mut wire: Vec<u8> = regs.iter().flat_map(|r| r.to_be_bytes()).collect();
-    match order {
-        ByteOrder::ABCD => {}
-        ByteOrder::DCBA => wire.reverse(),
-        ByteOrder::BADC => wire.chunks_mut(2).for_each(|c| c.swap(0, 1)),
-        ByteOrder::CDAB => {
-            let mut words: Vec<[u8; 2]> = wire
-                .chunks(2)
-                .map(|c| [c[0], c.get(1).copied().unwrap_or(0)])
-                .collect();
-            words.reverse();
-            wire = words.concat();
-        }
-    }
-    wire
-}
-
-/// Canonical bytes -> registers; the inverse of [`canonical_bytes`].
-fn wire_registers(mut bytes: Vec<u8>, order: ByteOrder) -> Vec<u16> {
+/// Move bytes between wire order (registers as sent, high byte first) and canonical order
+/// (the big-endian value). Every order is its own inverse, so one function serves both ways.
+fn reorder(mut bytes: Vec<u8>, order: ByteOrder) -> Vec<u8> {
     match order {
         ByteOrder::ABCD => {}
         ByteOrder::DCBA => bytes.reverse(),
@@ -86,6 +68,16 @@ fn wire_registers(mut bytes: Vec<u8>, order: ByteOrder) -> Vec<u16> {
         }
     }
     bytes
+}
+
+/// Registers -> bytes in canonical order.
+fn canonical_bytes(regs: &[u16], order: ByteOrder) -> Vec<u8> {
+    reorder(regs.iter().flat_map(|r| r.to_be_bytes()).collect(), order)
+}
+
+/// Canonical bytes -> registers; the inverse of [`canonical_bytes`].
+fn wire_registers(bytes: Vec<u8>, order: ByteOrder) -> Vec<u16> {
+    reorder(bytes, order)
         .chunks(2)
         .map(|c| u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
         .collect()
