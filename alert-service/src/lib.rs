@@ -16,6 +16,9 @@
 //! HTTP on :6000 with `/healthz`, `/readyz` and `/metrics`. Rules in the config are validated
 //! at load.
 
+pub mod engine;
+pub mod state;
+
 use std::sync::Arc;
 
 use nexus_common::config::Config;

@@ -1,0 +1,642 @@
+//! Rule evaluation, without I/O: values in, alarm changes out.
+//!
+//! One alarm instance per (rule, matching topic). A rule's condition is filtered by its
+//! deadband (hysteresis: a high alarm sets above `limit` and clears only below
+//! `limit - deadband`), then by `on_delay` / `off_delay` (the condition must hold, or stay
+//! clear, that long), then drives the [`Alarm`] state machine. Time is passed in (unix ms), so
+//! every rule is testable without clocks; [`Engine::tick`] advances delays, stale checks and
+//! shelf expiry.
+
+use std::collections::HashMap;
+
+use nexus_common::codec::ValueObject;
+use nexus_common::config::{AlertRule, Condition};
+use nexus_common::topic::filter_matches;
+use nexus_common::{QualityClass, Value};
+
+use crate::state::{Alarm, Event, Refused};
+
+/// A change to publish: a state change or an operator action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub rule_id: String,
+    pub topic: String,
+    pub event: Event,
+    pub alarm: Alarm,
+    pub severity: u16,
+    pub value: Option<Value>,
+    pub message: String,
+    pub area: String,
+    pub ts_ms: i64,
+    /// Who acted, for operator actions.
+    pub user: Option<String>,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Instance {
+    alarm: Alarm,
+    /// The condition after its deadband.
+    process: bool,
+    /// Since when `process` has held (for on-delay) or been clear (for off-delay).
+    since_change_ms: i64,
+    value: Option<Value>,
+    last_update_ms: i64,
+    /// Previous numeric sample for rate of change: (value, ts).
+    prev: Option<(f64, i64)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActionError {
+    #[error("no alarm of rule {rule} on topic {topic}")]
+    NotFound { rule: String, topic: String },
+    #[error(transparent)]
+    Refused(#[from] Refused),
+}
+
+pub struct Engine {
+    rules: Vec<AlertRule>,
+    instances: HashMap<(usize, String), Instance>,
+    /// Rule indices matching a topic, computed once per topic.
+    matches: HashMap<String, Vec<usize>>,
+    /// Latest value of each setpoint topic of deviation rules.
+    setpoints: HashMap<String, f64>,
+    setpoint_topics: Vec<String>,
+    max_shelve_ms: i64,
+}
+
+fn area_of(rule: &AlertRule, topic: &str) -> String {
+    rule.area
+        .clone()
+        .unwrap_or_else(|| topic.split('/').take(4).collect::<Vec<_>>().join("/"))
+}
+
+fn limit_of(c: &Condition) -> Option<f64> {
+    match c {
+        Condition::HighHigh { limit, .. }
+        | Condition::High { limit, .. }
+        | Condition::Low { limit, .. }
+        | Condition::LowLow { limit, .. }
+        | Condition::Deviation { limit, .. }
+        | Condition::RateOfChange { limit, .. } => Some(*limit),
+        _ => None,
+    }
+}
+
+fn equals(v: &Value, want: &serde_json::Value) -> bool {
+    match (v, want) {
+        (Value::Bool(b), serde_json::Value::Bool(w)) => b == w,
+        (Value::String(s), serde_json::Value::String(w)) => s == w,
+        (v, serde_json::Value::Number(n)) => {
+            v.as_f64().zip(n.as_f64()).is_some_and(|(a, b)| a == b)
+        }
+        (Value::Bool(b), serde_json::Value::String(w)) => w == &b.to_string(),
+        _ => false,
+    }
+}
+
+impl Engine {
+    pub fn new(rules: &[AlertRule], max_shelve_ms: i64) -> Engine {
+        let rules: Vec<AlertRule> = rules.iter().filter(|r| r.enabled).cloned().collect();
+        let setpoint_topics = rules
+            .iter()
+            .filter_map(|r| match &r.condition {
+                Condition::Deviation { setpoint_topic, .. } => Some(setpoint_topic.clone()),
+                _ => None,
+            })
+            .collect();
+        Engine {
+            rules,
+            instances: HashMap::new(),
+            matches: HashMap::new(),
+            setpoints: HashMap::new(),
+            setpoint_topics,
+            max_shelve_ms,
+        }
+    }
+
+    pub fn rules(&self) -> &[AlertRule] {
+        &self.rules
+    }
+
+    /// Filters to subscribe to: every rule's topic and every setpoint topic.
+    pub fn filters(&self) -> Vec<String> {
+        let mut f: Vec<String> = self
+            .rules
+            .iter()
+            .map(|r| r.topic.clone())
+            .chain(self.setpoint_topics.iter().cloned())
+            .collect();
+        f.sort();
+        f.dedup();
+        f
+    }
+
+    fn rules_for(&mut self, topic: &str) -> Vec<usize> {
+        if let Some(m) = self.matches.get(topic) {
+            return m.clone();
+        }
+        let m: Vec<usize> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| filter_matches(&r.topic, topic))
+            .map(|(i, _)| i)
+            .collect();
+        // Bounded: topics seen are bounded by the plant; stop caching past a million.
+        if self.matches.len() < 1_000_000 {
+            self.matches.insert(topic.to_owned(), m.clone());
+        }
+        m
+    }
+
+    fn message(rule: &AlertRule, topic: &str, value: &Option<Value>) -> String {
+        let v = value
+            .as_ref()
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "null".into());
+        let limit = limit_of(&rule.condition)
+            .map(|l| l.to_string())
+            .unwrap_or_default();
+        rule.message
+            .replace("{topic}", topic)
+            .replace("{value}", &v)
+            .replace("{limit}", &limit)
+            .replace("{rule}", &rule.id)
+    }
+
+    fn change(&self, ri: usize, topic: &str, inst: &Instance, event: Event, now_ms: i64) -> Change {
+        let rule = &self.rules[ri];
+        Change {
+            rule_id: rule.id.clone(),
+            topic: topic.to_owned(),
+            event,
+            alarm: inst.alarm.clone(),
+            severity: rule.severity.0,
+            value: inst.value.clone(),
+            message: Self::message(rule, topic, &inst.value),
+            area: area_of(rule, topic),
+            ts_ms: now_ms,
+            user: None,
+            comment: None,
+        }
+    }
+
+    /// The condition with its deadband, given the previous state.
+    fn evaluate(
+        cond: &Condition,
+        was: bool,
+        v: &ValueObject,
+        setpoint: Option<f64>,
+        prev: Option<(f64, i64)>,
+        ts: i64,
+    ) -> Option<bool> {
+        let x = v.value.as_ref().and_then(Value::as_f64);
+        Some(match cond {
+            Condition::HighHigh { limit, deadband } | Condition::High { limit, deadband } => {
+                let x = x?;
+                if was {
+                    x >= limit - deadband
+                } else {
+                    x > *limit
+                }
+            }
+            Condition::Low { limit, deadband } | Condition::LowLow { limit, deadband } => {
+                let x = x?;
+                if was {
+                    x <= limit + deadband
+                } else {
+                    x < *limit
+                }
+            }
+            Condition::Deviation {
+                limit, deadband, ..
+            } => {
+                let d = (x? - setpoint?).abs();
+                if was {
+                    d >= limit - deadband
+                } else {
+                    d > *limit
+                }
+            }
+            Condition::RateOfChange { limit, deadband } => {
+                let (px, pts) = prev?;
+                let dt = (ts - pts) as f64 / 1000.0;
+                if dt <= 0.0 {
+                    return None;
+                }
+                let rate = ((x? - px) / dt).abs();
+                if was {
+                    rate >= limit - deadband
+                } else {
+                    rate > *limit
+                }
+            }
+            // Without a value (bad quality, null) the condition is unknown: no change.
+            Condition::Equals { value } => equals(v.value.as_ref()?, value),
+            Condition::BadQuality {} => v.quality.class() == QualityClass::Bad,
+            Condition::Stale { .. } => false,
+        })
+    }
+
+    /// Apply delays: drive the alarm from the filtered condition.
+    fn settle(&mut self, ri: usize, topic: &str, now_ms: i64) -> Option<Change> {
+        let (on_delay, off_delay) = (
+            self.rules[ri].on_delay.as_millis() as i64,
+            self.rules[ri].off_delay.as_millis() as i64,
+        );
+        let inst = self.instances.get_mut(&(ri, topic.to_owned()))?;
+        if inst.alarm.out_of_service {
+            return None;
+        }
+        let held = now_ms - inst.since_change_ms;
+        let event = if inst.process && !inst.alarm.state.is_active() && held >= on_delay {
+            inst.alarm.activate(now_ms)
+        } else if !inst.process && inst.alarm.state.is_active() && held >= off_delay {
+            inst.alarm.clear(now_ms)
+        } else {
+            None
+        };
+        let inst = self.instances.get(&(ri, topic.to_owned()))?;
+        event.map(|e| self.change(ri, topic, inst, e, now_ms))
+    }
+
+    /// A value arrived on `topic` (at `now_ms`; `obj.ts_ms` is used for rates when present).
+    pub fn on_value(&mut self, topic: &str, obj: &ValueObject, now_ms: i64) -> Vec<Change> {
+        if self.setpoint_topics.iter().any(|t| t == topic) {
+            if let Some(x) = obj.value.as_ref().and_then(Value::as_f64) {
+                self.setpoints.insert(topic.to_owned(), x);
+            }
+        }
+        let mut out = Vec::new();
+        for ri in self.rules_for(topic) {
+            let setpoint = match &self.rules[ri].condition {
+                Condition::Deviation { setpoint_topic, .. } => {
+                    self.setpoints.get(setpoint_topic).copied()
+                }
+                _ => None,
+            };
+            let ts = obj.ts_ms.unwrap_or(now_ms);
+            let inst = self.instances.entry((ri, topic.to_owned())).or_default();
+            inst.value = obj.value.clone();
+            inst.last_update_ms = now_ms;
+            if let Some(now) = Self::evaluate(
+                &self.rules[ri].condition,
+                inst.process,
+                obj,
+                setpoint,
+                inst.prev,
+                ts,
+            ) {
+                if now != inst.process {
+                    inst.process = now;
+                    inst.since_change_ms = now_ms;
+                }
+            }
+            if matches!(self.rules[ri].condition, Condition::Stale { .. }) && inst.process {
+                inst.process = false;
+                inst.since_change_ms = now_ms;
+            }
+            if let Some(x) = obj.value.as_ref().and_then(Value::as_f64) {
+                inst.prev = Some((x, ts));
+            }
+            if let Some(c) = self.settle(ri, topic, now_ms) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Advance time: delays that ran out, stale topics, shelves that expired.
+    pub fn tick(&mut self, now_ms: i64) -> Vec<Change> {
+        let keys: Vec<(usize, String)> = self.instances.keys().cloned().collect();
+        let mut out = Vec::new();
+        for (ri, topic) in keys {
+            if let Condition::Stale { after } = self.rules[ri].condition {
+                if let Some(inst) = self.instances.get_mut(&(ri, topic.clone())) {
+                    let stale = now_ms - inst.last_update_ms > after.as_millis() as i64;
+                    if stale != inst.process {
+                        inst.process = stale;
+                        inst.since_change_ms = now_ms;
+                    }
+                }
+            }
+            if let Some(c) = self.settle(ri, &topic, now_ms) {
+                out.push(c);
+            }
+            let expired = self
+                .instances
+                .get_mut(&(ri, topic.clone()))
+                .and_then(|i| i.alarm.expire_shelf(now_ms));
+            if let (Some(e), Some(inst)) = (expired, self.instances.get(&(ri, topic.clone()))) {
+                out.push(self.change(ri, &topic, inst, e, now_ms));
+            }
+        }
+        out
+    }
+
+    fn find(&self, rule: &str, topic: &str) -> Result<usize, ActionError> {
+        let not_found = || ActionError::NotFound {
+            rule: rule.to_owned(),
+            topic: topic.to_owned(),
+        };
+        let ri = self
+            .rules
+            .iter()
+            .position(|r| r.id == rule)
+            .ok_or_else(not_found)?;
+        if !self.instances.contains_key(&(ri, topic.to_owned())) {
+            return Err(not_found());
+        }
+        Ok(ri)
+    }
+
+    fn act(
+        &mut self,
+        rule: &str,
+        topic: &str,
+        now_ms: i64,
+        user: Option<String>,
+        comment: Option<String>,
+        f: impl FnOnce(&mut Alarm) -> Result<Event, Refused>,
+    ) -> Result<Change, ActionError> {
+        let ri = self.find(rule, topic)?;
+        let key = (ri, topic.to_owned());
+        let inst = self
+            .instances
+            .get_mut(&key)
+            .ok_or_else(|| ActionError::NotFound {
+                rule: rule.to_owned(),
+                topic: topic.to_owned(),
+            })?;
+        let event = f(&mut inst.alarm)?;
+        let inst = &self.instances[&key];
+        let mut c = self.change(ri, topic, inst, event, now_ms);
+        c.user = user;
+        c.comment = comment;
+        Ok(c)
+    }
+
+    pub fn acknowledge(
+        &mut self,
+        rule: &str,
+        topic: &str,
+        now_ms: i64,
+        user: Option<String>,
+        comment: Option<String>,
+    ) -> Result<Change, ActionError> {
+        self.act(rule, topic, now_ms, user, comment, |a| {
+            a.acknowledge(now_ms)
+        })
+    }
+
+    pub fn shelve(
+        &mut self,
+        rule: &str,
+        topic: &str,
+        for_ms: i64,
+        now_ms: i64,
+        user: Option<String>,
+    ) -> Result<Change, ActionError> {
+        let max = self.max_shelve_ms;
+        self.act(rule, topic, now_ms, user, None, |a| {
+            a.shelve(now_ms, for_ms, max)
+        })
+    }
+
+    pub fn unshelve(
+        &mut self,
+        rule: &str,
+        topic: &str,
+        now_ms: i64,
+        user: Option<String>,
+    ) -> Result<Change, ActionError> {
+        self.act(rule, topic, now_ms, user, None, |a| a.unshelve(now_ms))
+    }
+
+    pub fn set_out_of_service(
+        &mut self,
+        rule: &str,
+        topic: &str,
+        on: bool,
+        now_ms: i64,
+        user: Option<String>,
+    ) -> Result<Change, ActionError> {
+        self.act(rule, topic, now_ms, user, None, |a| {
+            a.set_out_of_service(on)
+        })
+    }
+
+    /// Restore an alarm found in a retained state topic after a restart, so an active alarm
+    /// is neither raised again nor forgotten.
+    pub fn restore(&mut self, rule: &str, topic: &str, alarm: Alarm) -> bool {
+        let Some(ri) = self.rules.iter().position(|r| r.id == rule) else {
+            return false;
+        };
+        let inst = self.instances.entry((ri, topic.to_owned())).or_default();
+        inst.process = alarm.state.is_active();
+        inst.since_change_ms = alarm.since_ms;
+        inst.alarm = alarm;
+        true
+    }
+
+    /// Every alarm that is not normal (or is shelved or out of service), as changes.
+    pub fn alarms(&self, now_ms: i64) -> Vec<Change> {
+        let mut v: Vec<Change> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| {
+                i.alarm.state != crate::state::State::Normal
+                    || i.alarm.is_shelved(now_ms)
+                    || i.alarm.out_of_service
+            })
+            .map(|((ri, topic), i)| self.change(*ri, topic, i, Event::Activated, now_ms))
+            .collect();
+        v.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.topic.cmp(&b.topic)));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::State;
+    use nexus_common::config::Config;
+    use nexus_common::Quality;
+
+    fn rules(yaml: &str) -> Vec<AlertRule> {
+        Config::from_str_with_env(&format!("alerts:\n  rules:\n{yaml}"), None, &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .alerts
+            .rules
+    }
+
+    fn v(x: f64) -> ValueObject {
+        ValueObject {
+            value: Some(Value::Float(x)),
+            quality: Quality::Good,
+            ts_ms: None,
+            source_ts_ms: None,
+            unit: None,
+        }
+    }
+
+    const T: &str = "acme/s/a/l/dev/temp";
+
+    #[test]
+    fn high_limit_with_deadband() {
+        let mut e = Engine::new(&rules("    - { id: hot, topic: \"acme/+/+/+/+/temp\", condition: { type: high, limit: 80, deadband: 2 }, message: \"{topic} is {value} above {limit}\" }\n"), 3_600_000);
+        assert!(e.on_value(T, &v(79.0), 0).is_empty());
+        let c = e.on_value(T, &v(81.0), 1);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].event, Event::Activated);
+        assert_eq!(c[0].alarm.state, State::ActiveUnacked);
+        assert_eq!(c[0].message, "acme/s/a/l/dev/temp is 81 above 80");
+        // Noise around the limit does not clear it: 78.5 is inside the deadband.
+        assert!(e.on_value(T, &v(79.5), 2).is_empty());
+        assert!(e.on_value(T, &v(78.5), 3).is_empty());
+        let c = e.on_value(T, &v(77.9), 4);
+        assert_eq!(
+            (c[0].event, c[0].alarm.state),
+            (Event::Cleared, State::RtnUnacked)
+        );
+        let c = e
+            .acknowledge("hot", T, 5, Some("ann".into()), None)
+            .unwrap();
+        assert_eq!(c.alarm.state, State::Normal);
+        assert_eq!(c.user.as_deref(), Some("ann"));
+        assert!(matches!(
+            e.acknowledge("hot", "other/topic", 6, None, None),
+            Err(ActionError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn on_and_off_delays_stop_chattering() {
+        let mut e = Engine::new(&rules("    - { id: lo, topic: \"t/x\", condition: { type: low, limit: 10 }, on_delay: 5s, off_delay: 2s }\n"), 3_600_000);
+        assert!(
+            e.on_value("t/x", &v(5.0), 0).is_empty(),
+            "not yet: on-delay"
+        );
+        assert!(
+            e.on_value("t/x", &v(11.0), 1000).is_empty(),
+            "recovered within the delay"
+        );
+        assert!(e.on_value("t/x", &v(5.0), 2000).is_empty());
+        assert!(e.tick(6000).is_empty(), "held 4 s only");
+        let c = e.tick(7000);
+        assert_eq!(c[0].event, Event::Activated, "held 5 s");
+        assert!(e.on_value("t/x", &v(12.0), 8000).is_empty(), "off-delay");
+        assert!(
+            e.on_value("t/x", &v(5.0), 9000).is_empty(),
+            "back low within off-delay: stays active"
+        );
+        assert!(e.on_value("t/x", &v(12.0), 9500).is_empty());
+        let c = e.tick(11_600);
+        assert_eq!(c[0].event, Event::Cleared);
+    }
+
+    #[test]
+    fn deviation_rate_equals_quality_and_stale() {
+        let yaml = "    - { id: dev, topic: \"p/pv\", condition: { type: deviation, setpoint_topic: \"p/sp\", limit: 5 } }\n    - { id: roc, topic: \"p/pv\", condition: { type: rate_of_change, limit: 2 } }\n    - { id: run, topic: \"p/state\", condition: { type: equals, value: \"fault\" } }\n    - { id: bq, topic: \"p/#\", condition: { type: bad_quality } }\n    - { id: old, topic: \"p/pv\", condition: { type: stale, after: 10s } }\n";
+        let mut e = Engine::new(&rules(yaml), 3_600_000);
+        assert_eq!(
+            e.filters(),
+            vec![
+                "p/#".to_string(),
+                "p/pv".into(),
+                "p/sp".into(),
+                "p/state".into()
+            ]
+        );
+        e.on_value("p/sp", &v(50.0), 0);
+        let pv = |x: f64, ts: i64| {
+            let mut o = v(x);
+            o.ts_ms = Some(ts);
+            o
+        };
+        assert!(e.on_value("p/pv", &pv(52.0, 0), 0).is_empty());
+        let c = e.on_value("p/pv", &pv(56.0, 1000), 1000);
+        let ids: Vec<&str> = c.iter().map(|c| c.rule_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            vec!["dev", "roc"],
+            "deviation 6 > 5 and rate 4/s > 2/s"
+        );
+        let mut state = ValueObject {
+            value: Some(Value::String("fault".into())),
+            quality: Quality::Good,
+            ts_ms: None,
+            source_ts_ms: None,
+            unit: None,
+        };
+        assert_eq!(e.on_value("p/state", &state, 1000)[0].rule_id, "run");
+        state.quality = Quality::BadCommFailure;
+        state.value = None;
+        let c = e.on_value("p/state", &state, 1100);
+        assert_eq!(
+            c.iter().map(|c| c.rule_id.as_str()).collect::<Vec<_>>(),
+            vec!["bq"]
+        );
+        assert!(e.tick(5000).is_empty());
+        let c = e.tick(11_001);
+        assert_eq!(
+            c.iter()
+                .map(|c| (c.rule_id.as_str(), c.event))
+                .collect::<Vec<_>>(),
+            vec![("old", Event::Activated)]
+        );
+        let c = e.on_value("p/pv", &pv(56.0, 12_000), 12_000);
+        assert!(
+            c.iter()
+                .any(|c| c.rule_id == "old" && c.event == Event::Cleared),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn restore_neither_re_raises_nor_forgets() {
+        let mut e = Engine::new(
+            &rules("    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 80 } }\n"),
+            3_600_000,
+        );
+        let alarm = Alarm {
+            state: State::ActiveAcked,
+            since_ms: 100,
+            ..Alarm::default()
+        };
+        assert!(e.restore("hot", "t/x", alarm));
+        assert!(!e.restore("gone", "t/x", Alarm::default()));
+        assert!(
+            e.on_value("t/x", &v(90.0), 200).is_empty(),
+            "still active: not raised again"
+        );
+        let c = e.on_value("t/x", &v(70.0), 300);
+        assert_eq!(
+            (c[0].event, c[0].alarm.state),
+            (Event::Cleared, State::Normal)
+        );
+        assert_eq!(e.alarms(400).len(), 0);
+    }
+
+    #[test]
+    fn shelving_through_the_engine() {
+        let mut e = Engine::new(
+            &rules("    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 80 } }\n"),
+            60_000,
+        );
+        e.on_value("t/x", &v(90.0), 0);
+        assert!(e
+            .shelve("hot", "t/x", 120_000, 0, None)
+            .unwrap_err()
+            .to_string()
+            .contains("limited to 60 s"));
+        let c = e
+            .shelve("hot", "t/x", 30_000, 0, Some("op".into()))
+            .unwrap();
+        assert_eq!(c.event, Event::Shelved);
+        assert!(!c.alarm.annunciates(1));
+        let c = e.tick(30_000);
+        assert_eq!(c[0].event, Event::Unshelved);
+    }
+}
