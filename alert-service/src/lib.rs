@@ -2,41 +2,59 @@
 //!
 //! The ISA-18.2 alarm engine on the Unified Namespace (`nexus alerts`, part of `nexus up`).
 //!
-//! Data flow (built out by the alert service issue):
-//!
 //! ```text
-//! alerts.rules ──> rule index by topic filter
-//! MQTT UNS values ──> condition (limits with deadband, deviation, rate, equals, quality,
-//!   stale) ──> on/off delays ──> ISA-18.2 state machine (ack, shelve, suppress, out of service)
-//!   ──> retained $nexus/alarms/<topic>/<rule>, $nexus/alarms/events, alarm_events journal,
-//!       webhooks (retries, rate limit); REST on :6000
+//! alerts.rules ──> [engine] rule index by topic filter (cached per topic)
+//! MQTT: rule filters + setpoint topics ──> value object ──> condition with deadband
+//!   (high_high/high/low/low_low, deviation, rate_of_change, equals, bad_quality, stale)
+//!   ──> on/off delays ──> [state] ISA-18.2 machine (ack, shelve with a bound, out of service)
+//!   ──> [service] retained $nexus/alarms/<topic>/<rule> (cleared when normal and acked),
+//!       $nexus/alarms/events; acknowledge on $nexus/alarms/ack or REST
+//! start: retained $nexus/alarms/# read back first (clean session, so the broker sends them
+//!        again), so active alarms are neither raised again nor forgotten
+//! HTTP :6000: GET /api/v1/alarms (?severity=, ?topic=), POST /api/v1/alarms/{id}/ack|shelve|unshelve,
+//!             GET /api/v1/rules, /healthz /readyz /metrics
 //! ```
-//!
-//! Today this crate runs the service shell: MQTT client with status topic and last will, and
-//! HTTP on :6000 with `/healthz`, `/readyz` and `/metrics`. Rules in the config are validated
-//! at load.
 
 pub mod engine;
+pub mod service;
 pub mod state;
 
 use std::sync::Arc;
 
 use nexus_common::config::Config;
+use nexus_common::mqtt::QoS;
 use nexus_common::service::{Shell, ShellOptions};
+use nexus_common::telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "alerts";
 
 /// Run the alert service until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let shell = Shell::start(
-        &cfg,
-        ShellOptions::new(SERVICE, cfg.alerts.http_listen),
-        shutdown.clone(),
-    )
-    .await?;
-    tracing::info!(rules = cfg.alerts.rules.len(), "alert service ready");
-    shutdown.cancelled().await;
+    let telemetry = Telemetry::new(SERVICE);
+    let metrics = service::AlertMetrics::new(&telemetry.registry);
+    let engine = engine::Engine::new(&cfg.alerts.rules, cfg.alerts.max_shelve.as_millis() as i64);
+    let mut subscriptions = vec![("$nexus/alarms/#".to_owned(), QoS::AtLeastOnce)];
+    subscriptions.extend(engine.filters().into_iter().map(|f| (f, QoS::AtLeastOnce)));
+    let rules = engine.rules().len();
+    let alerts = service::Alerts::new(engine, metrics);
+    let mut opts = ShellOptions::new(SERVICE, cfg.alerts.http_listen);
+    opts.routes = service::routes(alerts.clone());
+    opts.subscriptions = subscriptions;
+    opts.incoming_capacity = 10_000;
+    opts.telemetry = Some(telemetry);
+    // A clean session on purpose: every (re)connect subscribes again, so the broker sends the
+    // retained alarm states (restore) and each topic's retained last value (a fresh snapshot).
+    let mut mcfg = (*cfg).clone();
+    mcfg.mqtt.persistent_session = false;
+    let mut shell = Shell::start(&mcfg, opts, shutdown.clone()).await?;
+    alerts.set_mqtt(shell.mqtt.clone());
+    let incoming = shell
+        .incoming
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
+    tracing::info!(rules, "alert service evaluating");
+    alerts.run(incoming, shutdown).await;
     shell.stop().await;
     Ok(())
 }

@@ -15,6 +15,9 @@ use crate::topic::TopicFilter;
 pub struct AlertsConfig {
     /// HTTP for health, metrics and the alarm API (default 0.0.0.0:6000).
     pub http_listen: SocketAddr,
+    /// Longest an operator may shelve an alarm (default 8h).
+    #[serde(with = "duration")]
+    pub max_shelve: Duration,
     pub rules: Vec<AlertRule>,
 }
 
@@ -22,6 +25,7 @@ impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
             http_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 6000),
+            max_shelve: Duration::from_secs(8 * 3600),
             rules: Vec::new(),
         }
     }

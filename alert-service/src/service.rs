@@ -1,0 +1,389 @@
+//! The alert service around the engine: MQTT in and out, restore at start, REST, metrics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nexus_common::codec::json::value_to_json;
+use nexus_common::codec::{decode_value_object, PayloadError};
+use nexus_common::mqtt::{Message, MqttHandle, QoS};
+use nexus_common::now_ms;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use serde::Deserialize;
+use serde_json::{json, Value as JValue};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{ActionError, Change, Engine};
+use crate::state::{Alarm, State};
+
+pub const ALARM_PREFIX: &str = "$nexus/alarms/";
+pub const ACK_TOPIC: &str = "$nexus/alarms/ack";
+pub const EVENTS_TOPIC: &str = "$nexus/alarms/events";
+
+#[derive(Clone)]
+pub struct AlertMetrics {
+    active: IntGaugeVec,
+    events: IntCounterVec,
+    values: prometheus::IntCounter,
+    malformed: IntCounterVec,
+}
+
+impl AlertMetrics {
+    pub fn new(r: &Registry) -> AlertMetrics {
+        let m = AlertMetrics {
+            active: IntGaugeVec::new(
+                Opts::new(
+                    "nexus_alerts_active",
+                    "Alarms not in the normal state, by severity",
+                ),
+                &["severity"],
+            )
+            .expect("static metric definition"),
+            events: IntCounterVec::new(
+                Opts::new("nexus_alerts_events_total", "Alarm events by kind"),
+                &["event"],
+            )
+            .expect("static metric definition"),
+            values: prometheus::IntCounter::new("nexus_alerts_values_total", "Values evaluated")
+                .expect("static metric definition"),
+            malformed: IntCounterVec::new(
+                Opts::new(
+                    "nexus_alerts_malformed_total",
+                    "Payloads on watched topics that could not be read, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
+        };
+        let _ = r.register(Box::new(m.active.clone()));
+        let _ = r.register(Box::new(m.events.clone()));
+        let _ = r.register(Box::new(m.values.clone()));
+        let _ = r.register(Box::new(m.malformed.clone()));
+        m
+    }
+}
+
+/// `$nexus/alarms/<topic>/<rule id>`.
+pub fn state_topic(topic: &str, rule_id: &str) -> String {
+    format!("{ALARM_PREFIX}{topic}/{rule_id}")
+}
+
+/// The id used by the REST API: `<rule id>:<topic>` (URL-encode it in paths).
+pub fn alarm_id(rule_id: &str, topic: &str) -> String {
+    format!("{rule_id}:{topic}")
+}
+
+pub fn state_payload(c: &Change, now: i64) -> JValue {
+    json!({
+        "id": alarm_id(&c.rule_id, &c.topic),
+        "rule_id": c.rule_id,
+        "topic": c.topic,
+        "state": c.alarm.state.as_str(),
+        "severity": c.severity,
+        "value": value_to_json(c.value.as_ref()),
+        "message": c.message,
+        "since": c.alarm.since_ms,
+        "ts": c.ts_ms,
+        "shelved_until": c.alarm.shelved_until_ms.filter(|t| *t > now),
+        "out_of_service": c.alarm.out_of_service,
+        "suppressed": c.alarm.suppressed,
+        "area": c.area,
+    })
+}
+
+/// The shared state of the service.
+pub struct Alerts {
+    pub engine: Mutex<Engine>,
+    /// Set once the service's MQTT client exists (the HTTP routes are built before it).
+    mqtt: std::sync::OnceLock<MqttHandle>,
+    metrics: AlertMetrics,
+}
+
+impl Alerts {
+    pub fn new(engine: Engine, metrics: AlertMetrics) -> Arc<Alerts> {
+        Arc::new(Alerts {
+            engine: Mutex::new(engine),
+            mqtt: std::sync::OnceLock::new(),
+            metrics,
+        })
+    }
+
+    pub fn set_mqtt(&self, mqtt: MqttHandle) {
+        let _ = self.mqtt.set(mqtt);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publish retained state and the event of each change.
+    async fn publish(&self, changes: Vec<Change>) {
+        let now = now_ms();
+        let Some(mqtt) = self.mqtt.get() else { return };
+        for c in &changes {
+            self.metrics
+                .events
+                .with_label_values(&[c.event.as_str()])
+                .inc();
+            let topic = state_topic(&c.topic, &c.rule_id);
+            // Normal, acknowledged and not shelved/out of service: the retained state is cleared.
+            let cleared = c.alarm.state == State::Normal
+                && !c.alarm.is_shelved(now)
+                && !c.alarm.out_of_service;
+            let body = if cleared {
+                Vec::new()
+            } else {
+                state_payload(c, now).to_string().into_bytes()
+            };
+            if let Err(e) = mqtt.publish(&topic, body, QoS::AtLeastOnce, true).await {
+                tracing::warn!(%topic, error = %e, "cannot publish alarm state");
+            }
+            let mut ev = state_payload(c, now);
+            ev["event"] = json!(c.event.as_str());
+            ev["user"] = json!(c.user);
+            ev["comment"] = json!(c.comment);
+            let _ = mqtt
+                .publish(EVENTS_TOPIC, ev.to_string(), QoS::AtLeastOnce, false)
+                .await;
+            tracing::info!(rule = %c.rule_id, topic = %c.topic, event = c.event.as_str(), state = c.alarm.state.as_str(), severity = c.severity, user = ?c.user, "alarm");
+        }
+        if !changes.is_empty() {
+            self.update_gauges();
+        }
+    }
+
+    fn update_gauges(&self) {
+        let now = now_ms();
+        let mut by_sev: HashMap<u16, i64> = HashMap::new();
+        for c in self.lock().alarms(now) {
+            if c.alarm.state != State::Normal {
+                *by_sev.entry(c.severity).or_default() += 1;
+            }
+        }
+        self.metrics.active.reset();
+        for (s, n) in by_sev {
+            self.metrics
+                .active
+                .with_label_values(&[&s.to_string()])
+                .set(n);
+        }
+    }
+
+    async fn on_message(&self, m: &Message) {
+        let Some(topic) = m.topic() else { return };
+        if topic == ACK_TOPIC {
+            self.on_ack(m.payload()).await;
+            return;
+        }
+        if topic.starts_with(ALARM_PREFIX) {
+            return; // our own state and events
+        }
+        self.metrics.values.inc();
+        let obj = match decode_value_object(m.payload()) {
+            Ok(o) => o,
+            Err(e) => {
+                let e: PayloadError = e;
+                self.metrics
+                    .malformed
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                tracing::debug!(%topic, error = %e, "value not evaluated");
+                return;
+            }
+        };
+        let changes = self.lock().on_value(topic, &obj, now_ms());
+        self.publish(changes).await;
+    }
+
+    async fn on_ack(&self, payload: &[u8]) {
+        #[derive(Deserialize)]
+        struct Ack {
+            rule_id: String,
+            topic: String,
+            user: Option<String>,
+            comment: Option<String>,
+        }
+        match serde_json::from_slice::<Ack>(payload) {
+            Ok(a) => {
+                let r = self
+                    .lock()
+                    .acknowledge(&a.rule_id, &a.topic, now_ms(), a.user, a.comment);
+                match r {
+                    Ok(c) => self.publish(vec![c]).await,
+                    Err(e) => {
+                        tracing::warn!(rule = %a.rule_id, topic = %a.topic, error = %e, "acknowledge refused")
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.malformed.with_label_values(&["bad_ack"]).inc();
+                tracing::warn!(error = %e, "malformed acknowledge on $nexus/alarms/ack");
+            }
+        }
+    }
+
+    /// Read retained `$nexus/alarms/<topic>/<rule>` states back into the engine.
+    fn restore(&self, m: &Message) -> bool {
+        let Some(topic) = m.topic() else { return false };
+        if topic == ACK_TOPIC
+            || topic == EVENTS_TOPIC
+            || !topic.starts_with(ALARM_PREFIX)
+            || m.payload().is_empty()
+        {
+            return false;
+        }
+        let Ok(v) = serde_json::from_slice::<JValue>(m.payload()) else {
+            return false;
+        };
+        let (Some(rule), Some(t), Some(state)) = (
+            v["rule_id"].as_str(),
+            v["topic"].as_str(),
+            v["state"].as_str().and_then(State::parse),
+        ) else {
+            return false;
+        };
+        let alarm = Alarm {
+            state,
+            since_ms: v["since"].as_i64().unwrap_or(0),
+            shelved_until_ms: v["shelved_until"].as_i64(),
+            suppressed: v["suppressed"].as_bool().unwrap_or(false),
+            out_of_service: v["out_of_service"].as_bool().unwrap_or(false),
+        };
+        self.lock().restore(rule, t, alarm)
+    }
+
+    /// Run: restore retained states first (until the broker has sent them), then evaluate.
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Message>, token: CancellationToken) {
+        let mut restored = 0;
+        let mut early = Vec::new();
+        let quiet = Duration::from_millis(500);
+        while let Ok(Some(m)) = tokio::time::timeout(quiet, rx.recv()).await {
+            if self.restore(&m) {
+                restored += 1;
+            } else {
+                early.push(m);
+            }
+        }
+        tracing::info!(restored, "alarm states restored from retained topics");
+        self.update_gauges();
+        for m in early {
+            self.on_message(&m).await;
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => self.on_message(&m).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    let changes = self.lock().tick(now_ms());
+                    self.publish(changes).await;
+                }
+                _ = token.cancelled() => break,
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    severity: Option<u16>,
+    topic: Option<String>,
+}
+
+fn error(status: StatusCode, msg: String) -> Response {
+    (status, Json(json!({"error": msg}))).into_response()
+}
+
+async fn list(AxState(a): AxState<Arc<Alerts>>, Query(q): Query<ListQuery>) -> Response {
+    let now = now_ms();
+    let filter = match &q.topic {
+        Some(f) => match nexus_common::TopicFilter::parse(f) {
+            Ok(f) => Some(f),
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("topic: {e}")),
+        },
+        None => None,
+    };
+    let alarms: Vec<JValue> = a
+        .lock()
+        .alarms(now)
+        .iter()
+        .filter(|c| q.severity.is_none_or(|s| c.severity >= s))
+        .filter(|c| filter.as_ref().is_none_or(|f| f.matches(&c.topic)))
+        .map(|c| state_payload(c, now))
+        .collect();
+    Json(json!({ "alarms": alarms })).into_response()
+}
+
+async fn rules(AxState(a): AxState<Arc<Alerts>>) -> Json<JValue> {
+    let e = a.lock();
+    let list: Vec<JValue> = e
+        .rules()
+        .iter()
+        .map(|r| json!({"id": r.id, "topic": r.topic, "severity": r.severity.0, "condition": format!("{:?}", r.condition), "message": r.message, "on_delay_ms": r.on_delay.as_millis() as u64, "off_delay_ms": r.off_delay.as_millis() as u64}))
+        .collect();
+    Json(json!({ "rules": list }))
+}
+
+#[derive(Deserialize, Default)]
+struct ActionBody {
+    user: Option<String>,
+    comment: Option<String>,
+    duration_s: Option<u64>,
+}
+
+async fn action(
+    AxState(a): AxState<Arc<Alerts>>,
+    Path((id, op)): Path<(String, String)>,
+    body: Option<Json<ActionBody>>,
+) -> Response {
+    let Some((rule, topic)) = id.split_once(':') else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("alarm id {id:?} is not <rule id>:<topic>"),
+        );
+    };
+    let b = body.map(|Json(b)| b).unwrap_or_default();
+    let now = now_ms();
+    let r = {
+        let mut e = a.lock();
+        match op.as_str() {
+            "ack" => e.acknowledge(rule, topic, now, b.user.clone(), b.comment.clone()),
+            "shelve" => match b.duration_s {
+                Some(s) => e.shelve(rule, topic, s as i64 * 1000, now, b.user.clone()),
+                None => return error(StatusCode::BAD_REQUEST, "shelve needs duration_s".into()),
+            },
+            "unshelve" => e.unshelve(rule, topic, now, b.user.clone()),
+            other => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown action {other:?} (ack, shelve, unshelve)"),
+                )
+            }
+        }
+    };
+    match r {
+        Ok(c) => {
+            let body = state_payload(&c, now);
+            a.publish(vec![c]).await;
+            Json(body).into_response()
+        }
+        Err(e @ ActionError::NotFound { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ ActionError::Refused(_)) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+pub fn routes(a: Arc<Alerts>) -> Router {
+    Router::new()
+        .route("/api/v1/alarms", get(list))
+        .route("/api/v1/rules", get(rules))
+        .route("/api/v1/alarms/{id}/{op}", post(action))
+        .with_state(a)
+}

@@ -1,0 +1,268 @@
+//! The alert service through a real broker: limits raise and clear alarms with the right
+//! retained state and events, acknowledge over MQTT and REST, shelve over REST, state kept
+//! across a restart, malformed values counted.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nexus_common::config::{BrokerConfig, BrokerUser, Config, Role, Secret};
+use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, QoS};
+use nexus_common::testing::{self, free_port};
+use serde_json::Value;
+use tokio::sync::mpsc::Receiver;
+use tokio_util::sync::CancellationToken;
+
+fn broker() -> nexus_common::broker::EmbeddedBroker {
+    let u = |n: &str, role| BrokerUser {
+        username: n.into(),
+        password: Some(Secret::new(format!("{n}-pw"))),
+        password_env: None,
+        role,
+    };
+    testing::start_embedded_broker(BrokerConfig {
+        users: vec![u("svc", Role::Service), u("op", Role::Operator)],
+        ..BrokerConfig::default()
+    })
+}
+
+async fn client(port: u16, user: &str, subs: &[&str]) -> (MqttHandle, Receiver<Message>) {
+    let mut c = testing::mqtt_config(port);
+    c.persistent_session = false;
+    c.username = Some(user.into());
+    c.password = Some(Secret::new(format!("{user}-pw")));
+    let mut s = ClientSettings::new(testing::unique(user));
+    s.subscriptions = subs
+        .iter()
+        .map(|f| (f.to_string(), QoS::AtLeastOnce))
+        .collect();
+    let (h, rx) = mqtt::connect(&c, s, None, CancellationToken::new()).unwrap();
+    h.wait_connected(Duration::from_secs(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (h, rx)
+}
+
+fn start(
+    port: u16,
+    http: u16,
+    root: &str,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let text = format!(
+        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\ntelemetry: {{ instance: alerts-test }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  max_shelve: 1h\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80, deadband: 2 }}, severity: 700, message: \"{{topic}} is {{value}} above {{limit}}\" }}\n"
+    );
+    let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let token = CancellationToken::new();
+    let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
+    (token, task)
+}
+
+async fn next(rx: &mut Receiver<Message>, topic: &str, limit: Duration) -> Option<Vec<u8>> {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(end, rx.recv()).await {
+            Ok(Some(m)) if m.topic() == Some(topic) => return Some(m.payload().to_vec()),
+            Ok(Some(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let json = out
+        .split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+async fn wait_ready(http_port: u16) {
+    let start = Instant::now();
+    while http(http_port, "GET", "/readyz", "").0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await; // the restore window
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_raise_clear_ack_shelve_and_survive_a_restart() {
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let root = testing::unique("plant");
+    let topic = format!("{root}/m1/temp");
+    let state = format!("$nexus/alarms/{topic}/hot");
+    let hp = free_port();
+    let (token, task) = start(port, hp, &root);
+    wait_ready(hp).await;
+    let (svc, _) = client(port, "svc", &[]).await;
+    let (op, mut rx) = client(port, "op", &["$nexus/alarms/#"]).await;
+    let send = |x: &str| {
+        let (svc, topic) = (svc.clone(), topic.clone());
+        let body = format!(
+            "{{\"v\":{x},\"q\":\"good\",\"ts\":{}}}",
+            nexus_common::now_ms()
+        );
+        async move {
+            svc.publish(&topic, body, QoS::AtLeastOnce, false)
+                .await
+                .unwrap()
+        }
+    };
+
+    send("79").await;
+    send("85").await;
+    let s: Value = serde_json::from_slice(
+        &next(&mut rx, &state, Duration::from_secs(5))
+            .await
+            .expect("state"),
+    )
+    .unwrap();
+    assert_eq!(s["state"], "active_unacked");
+    assert_eq!(s["severity"], 700);
+    assert_eq!(s["value"], 85);
+    assert_eq!(s["message"], format!("{topic} is 85 above 80"));
+    let ev: Value = serde_json::from_slice(
+        &next(&mut rx, "$nexus/alarms/events", Duration::from_secs(5))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ev["event"], "activated");
+
+    // Acknowledge over MQTT.
+    op.publish(
+        "$nexus/alarms/ack",
+        format!(
+            "{{\"rule_id\":\"hot\",\"topic\":\"{topic}\",\"user\":\"ann\",\"comment\":\"on it\"}}"
+        ),
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let s: Value =
+        serde_json::from_slice(&next(&mut rx, &state, Duration::from_secs(5)).await.unwrap())
+            .unwrap();
+    assert_eq!(s["state"], "active_acked");
+    let ev: Value = serde_json::from_slice(
+        &next(&mut rx, "$nexus/alarms/events", Duration::from_secs(5))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            ev["event"].as_str(),
+            ev["user"].as_str(),
+            ev["comment"].as_str()
+        ),
+        (Some("acknowledged"), Some("ann"), Some("on it"))
+    );
+
+    // REST: the list, refusals, shelving.
+    let (code, list) = http(hp, "GET", "/api/v1/alarms?severity=500", "");
+    assert_eq!(code, 200);
+    assert_eq!(list["alarms"][0]["state"], "active_acked");
+    let id = list["alarms"][0]["id"]
+        .as_str()
+        .unwrap()
+        .replace('/', "%2F");
+    let (code, err) = http(hp, "POST", &format!("/api/v1/alarms/{id}/ack"), "{}");
+    assert_eq!(code, 409, "{err}");
+    assert_eq!(err["error"], "already acknowledged");
+    let (code, err) = http(
+        hp,
+        "POST",
+        &format!("/api/v1/alarms/{id}/shelve"),
+        "{\"duration_s\":999999}",
+    );
+    assert_eq!(code, 409);
+    assert!(err["error"].as_str().unwrap().contains("limited to 3600 s"));
+    let (code, shelved) = http(
+        hp,
+        "POST",
+        &format!("/api/v1/alarms/{id}/shelve"),
+        "{\"duration_s\":60,\"user\":\"ann\"}",
+    );
+    assert_eq!(code, 200, "{shelved}");
+    assert!(shelved["shelved_until"].as_i64().unwrap() > nexus_common::now_ms());
+    let (code, _) = http(hp, "POST", &format!("/api/v1/alarms/{id}/unshelve"), "{}");
+    assert_eq!(code, 200);
+    let (code, _) = http(hp, "POST", "/api/v1/alarms/hot:nope%2Ftopic/ack", "{}");
+    assert_eq!(code, 404);
+    let (_, rules) = http(hp, "GET", "/api/v1/rules", "");
+    assert_eq!(rules["rules"][0]["id"], "hot");
+
+    // Restart: the active, acknowledged alarm is restored, not raised again.
+    token.cancel();
+    task.await.unwrap().unwrap();
+    while rx.try_recv().is_ok() {}
+    let hp2 = free_port();
+    let (token, task) = start(port, hp2, &root);
+    wait_ready(hp2).await;
+    let (_, list) = http(hp2, "GET", "/api/v1/alarms", "");
+    assert_eq!(list["alarms"][0]["state"], "active_acked", "{list}");
+    send("84").await;
+    assert!(
+        next(&mut rx, "$nexus/alarms/events", Duration::from_secs(1))
+            .await
+            .is_none(),
+        "not raised again"
+    );
+
+    // Back to normal: acknowledged, so the retained state is cleared (empty payload).
+    send("70").await;
+    let cleared = next(&mut rx, &state, Duration::from_secs(5)).await.unwrap();
+    assert!(cleared.is_empty());
+
+    // Malformed values are counted, and evaluation goes on.
+    svc.publish(&topic, "not json", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    svc.publish(&topic, "{\"v\":[1]}", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    send("99").await;
+    let s: Value =
+        serde_json::from_slice(&next(&mut rx, &state, Duration::from_secs(5)).await.unwrap())
+            .unwrap();
+    assert_eq!(s["state"], "active_unacked");
+    let (_, _) = http(hp2, "GET", "/healthz", "");
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", hp2)).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        metrics.contains("nexus_alerts_malformed_total{reason=\"bad_json\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nexus_alerts_malformed_total{reason=\"bad_type\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nexus_alerts_active{severity=\"700\"} 1"),
+        "{metrics}"
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
