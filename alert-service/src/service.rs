@@ -32,6 +32,7 @@ pub struct AlertMetrics {
     events: IntCounterVec,
     values: prometheus::IntCounter,
     malformed: IntCounterVec,
+    journal_dropped: prometheus::IntCounter,
 }
 
 impl AlertMetrics {
@@ -60,11 +61,17 @@ impl AlertMetrics {
                 &["reason"],
             )
             .expect("static metric definition"),
+            journal_dropped: prometheus::IntCounter::new(
+                "nexus_alerts_journal_dropped_total",
+                "Alarm events not queued for the alarm_events table (queue full)",
+            )
+            .expect("static metric definition"),
         };
         let _ = r.register(Box::new(m.active.clone()));
         let _ = r.register(Box::new(m.events.clone()));
         let _ = r.register(Box::new(m.values.clone()));
         let _ = r.register(Box::new(m.malformed.clone()));
+        let _ = r.register(Box::new(m.journal_dropped.clone()));
         m
     }
 }
@@ -98,8 +105,32 @@ pub fn state_payload(c: &Change, now: i64) -> JValue {
 }
 
 /// The shared state of the service.
+/// A row of the `alarm_events` journal.
+#[derive(Debug, Clone)]
+pub struct JournalRow {
+    pub change: Change,
+}
+
+pub const JOURNAL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS alarm_events (
+    id bigserial PRIMARY KEY,
+    time timestamptz NOT NULL,
+    rule_id text NOT NULL,
+    topic text NOT NULL,
+    event text NOT NULL,
+    state text NOT NULL,
+    severity smallint NOT NULL,
+    value jsonb,
+    message text NOT NULL,
+    area text NOT NULL,
+    username text,
+    comment text
+);
+CREATE INDEX IF NOT EXISTS alarm_events_time ON alarm_events (time);
+CREATE INDEX IF NOT EXISTS alarm_events_alarm ON alarm_events (rule_id, topic, time);";
+
 pub struct Alerts {
     pub engine: Mutex<Engine>,
+    journal: std::sync::OnceLock<mpsc::Sender<JournalRow>>,
     /// Set once the service's MQTT client exists (the HTTP routes are built before it).
     mqtt: std::sync::OnceLock<MqttHandle>,
     metrics: AlertMetrics,
@@ -109,9 +140,15 @@ impl Alerts {
     pub fn new(engine: Engine, metrics: AlertMetrics) -> Arc<Alerts> {
         Arc::new(Alerts {
             engine: Mutex::new(engine),
+            journal: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
             metrics,
         })
+    }
+
+    /// Journal every change to `alarm_events` through this queue.
+    pub fn set_journal(&self, tx: mpsc::Sender<JournalRow>) {
+        let _ = self.journal.set(tx);
     }
 
     pub fn set_mqtt(&self, mqtt: MqttHandle) {
@@ -131,6 +168,11 @@ impl Alerts {
                 .events
                 .with_label_values(&[c.event.as_str()])
                 .inc();
+            if let Some(j) = self.journal.get() {
+                if j.try_send(JournalRow { change: c.clone() }).is_err() {
+                    self.metrics.journal_dropped.inc();
+                }
+            }
             let topic = state_topic(&c.topic, &c.rule_id);
             // Normal, acknowledged and not shelved/out of service: the retained state is cleared.
             let cleared = c.alarm.state == State::Normal
@@ -386,4 +428,34 @@ pub fn routes(a: Arc<Alerts>) -> Router {
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/alarms/{id}/{op}", post(action))
         .with_state(a)
+}
+
+/// Start the `alarm_events` writer.
+pub fn start_journal(
+    url: nexus_common::config::SecretUrl,
+    ca_file: Option<std::path::PathBuf>,
+    token: CancellationToken,
+) -> mpsc::Sender<JournalRow> {
+    nexus_common::pg::spawn_writer(
+        "alarm_events",
+        url,
+        ca_file,
+        JOURNAL_SCHEMA,
+        10_000,
+        |client, row: &JournalRow| {
+            Box::pin(async move {
+                let c = &row.change;
+                let time = std::time::UNIX_EPOCH + Duration::from_millis(c.ts_ms.max(0) as u64);
+                let value = c.value.as_ref().map(|v| value_to_json(Some(v)));
+                client
+                .execute(
+                    "INSERT INTO alarm_events (time, rule_id, topic, event, state, severity, value, message, area, username, comment) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                    &[&time, &c.rule_id, &c.topic, &c.event.as_str(), &c.alarm.state.as_str(), &(c.severity as i16), &value, &c.message, &c.area, &c.user, &c.comment],
+                )
+                .await
+                .map(|_| ())
+            })
+        },
+        token,
+    )
 }

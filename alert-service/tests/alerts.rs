@@ -51,8 +51,20 @@ fn start(
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
+    start_with(port, http, root, "")
+}
+
+fn start_with(
+    port: u16,
+    http: u16,
+    root: &str,
+    extra: &str,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let text = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\ntelemetry: {{ instance: alerts-test }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  max_shelve: 1h\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80, deadband: 2 }}, severity: 700, message: \"{{topic}} is {{value}} above {{limit}}\" }}\n"
+        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\ntelemetry: {{ instance: alerts-test }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  max_shelve: 1h\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80, deadband: 2 }}, severity: 700, message: \"{{topic}} is {{value}} above {{limit}}\" }}\n{extra}"
     );
     let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
     let token = CancellationToken::new();
@@ -73,7 +85,9 @@ async fn next(rx: &mut Receiver<Message>, topic: &str, limit: Duration) -> Optio
 
 fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, Value) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, Value::Null);
+    };
     write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -262,6 +276,69 @@ async fn alarms_raise_clear_ack_shelve_and_survive_a_restart() {
     assert!(
         metrics.contains("nexus_alerts_active{severity=\"700\"} 1"),
         "{metrics}"
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transition_is_journaled_in_postgres() {
+    let pg = testing::PgServer::start();
+    let url = pg.create_database(&testing::unique("alarms")).await;
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let root = testing::unique("plant");
+    let topic = format!("{root}/m2/temp");
+    let hp = free_port();
+    let (token, task) = start_with(
+        port,
+        hp,
+        &root,
+        &format!("ingestion:\n  database_url: \"{url}\"\n"),
+    );
+    wait_ready(hp).await;
+    let (svc, _) = client(port, "svc", &[]).await;
+    for x in ["90", "70"] {
+        svc.publish(&topic, format!("{{\"v\":{x}}}"), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (op, _) = client(port, "op", &[]).await;
+    op.publish(
+        "$nexus/alarms/ack",
+        format!("{{\"rule_id\":\"hot\",\"topic\":\"{topic}\",\"user\":\"bob\"}}"),
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let (db, _t) = nexus_common::pg::connect(&url, None).await.unwrap();
+    let start = Instant::now();
+    let rows = loop {
+        let rows = db
+            .query(
+                "SELECT event, state, username FROM alarm_events ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap_or_default();
+        if rows.len() >= 3 || start.elapsed() > Duration::from_secs(10) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let got: Vec<(String, String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("activated".into(), "active_unacked".into(), None),
+            ("cleared".into(), "rtn_unacked".into(), None),
+            ("acknowledged".into(), "normal".into(), Some("bob".into())),
+        ]
     );
     token.cancel();
     task.await.unwrap().unwrap();

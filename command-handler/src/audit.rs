@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use nexus_common::codec::json::value_to_json;
 use nexus_common::config::SecretUrl;
-use nexus_common::supervise::backoff;
 use nexus_common::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -73,58 +72,25 @@ pub fn start_writer(
     ca_file: Option<PathBuf>,
     token: CancellationToken,
 ) -> mpsc::Sender<AuditRecord> {
-    let (tx, mut rx) = mpsc::channel::<AuditRecord>(10_000);
-    tokio::spawn(async move {
-        let mut attempt = 0;
-        let mut pending: Option<AuditRecord> = None;
-        'outer: loop {
-            let client = match nexus_common::pg::connect(url.expose(), ca_file.as_deref()).await {
-                Ok((c, _task)) => c,
-                Err(e) => {
-                    tracing::warn!(database = %url, error = %e, "audit database unreachable; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff(Duration::from_millis(200), Duration::from_secs(30), attempt)) => {}
-                        _ = token.cancelled() => break,
-                    }
-                    attempt += 1;
-                    continue;
-                }
-            };
-            if let Err(e) = client.batch_execute(SCHEMA).await {
-                tracing::warn!(error = %e, "cannot create command_audit; retrying");
-                tokio::time::sleep(backoff(
-                    Duration::from_millis(200),
-                    Duration::from_secs(30),
-                    attempt,
-                ))
-                .await;
-                attempt += 1;
-                continue;
-            }
-            attempt = 0;
-            loop {
-                let rec = match pending.take() {
-                    Some(r) => r,
-                    None => tokio::select! {
-                        r = rx.recv() => match r { Some(r) => r, None => break 'outer },
-                        _ = token.cancelled() => break 'outer,
-                    },
-                };
+    nexus_common::pg::spawn_writer(
+        "command_audit",
+        url,
+        ca_file,
+        SCHEMA,
+        10_000,
+        |client, rec: &AuditRecord| {
+            Box::pin(async move {
                 let j = |v: &Option<Value>| v.as_ref().map(|v| value_to_json(Some(v)));
                 let time = std::time::UNIX_EPOCH + Duration::from_millis(rec.ts_ms.max(0) as u64);
-                let r = client
-                    .execute(
-                        "INSERT INTO command_audit (time, device_id, tag_id, request_id, claimed_user, value, old_value, read_back, success, error, duration_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
-                        &[&time, &rec.device, &rec.tag, &rec.request_id, &rec.claimed_user, &j(&rec.value), &j(&rec.old_value), &j(&rec.read_back), &rec.success, &rec.error, &rec.duration_ms],
-                    )
-                    .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "audit row not written; reconnecting");
-                    pending = Some(rec);
-                    continue 'outer;
-                }
-            }
-        }
-    });
-    tx
+                client
+                .execute(
+                    "INSERT INTO command_audit (time, device_id, tag_id, request_id, claimed_user, value, old_value, read_back, success, error, duration_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                    &[&time, &rec.device, &rec.tag, &rec.request_id, &rec.claimed_user, &j(&rec.value), &j(&rec.old_value), &j(&rec.read_back), &rec.success, &rec.error, &rec.duration_ms],
+                )
+                .await
+                .map(|_| ())
+            })
+        },
+        token,
+    )
 }

@@ -99,3 +99,76 @@ mod tests {
         );
     }
 }
+
+/// A background writer of rows to PostgreSQL: rows queue in a bounded channel (`capacity`);
+/// the writer (re)connects with backoff, runs `schema` once per connection, and inserts each
+/// row with `insert`; a row whose insert failed is retried on the next connection. Senders
+/// use `try_send` and count what does not fit.
+pub fn spawn_writer<T, F>(
+    what: &'static str,
+    url: crate::config::SecretUrl,
+    ca_file: Option<std::path::PathBuf>,
+    schema: &'static str,
+    capacity: usize,
+    insert: F,
+    token: tokio_util::sync::CancellationToken,
+) -> tokio::sync::mpsc::Sender<T>
+where
+    T: Send + 'static,
+    F: for<'a> Fn(
+            &'a Client,
+            &'a T,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>,
+        > + Send
+        + 'static,
+{
+    use std::time::Duration;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(capacity.max(1));
+    tokio::spawn(async move {
+        let mut attempt = 0;
+        let mut pending: Option<T> = None;
+        let pause = |attempt: u32| {
+            crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30), attempt)
+        };
+        'connect: loop {
+            let client = match connect(url.expose(), ca_file.as_deref()).await {
+                Ok((c, _task)) => c,
+                Err(e) => {
+                    tracing::warn!(database = %url, error = %e, what, "database unreachable; rows wait in memory");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause(attempt)) => {}
+                        _ = token.cancelled() => break,
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            if let Err(e) = client.batch_execute(schema).await {
+                tracing::warn!(error = %e, what, "cannot prepare the table; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause(attempt)) => {}
+                    _ = token.cancelled() => break,
+                }
+                attempt += 1;
+                continue;
+            }
+            attempt = 0;
+            loop {
+                let row = match pending.take() {
+                    Some(r) => r,
+                    None => tokio::select! {
+                        r = rx.recv() => match r { Some(r) => r, None => break 'connect },
+                        _ = token.cancelled() => break 'connect,
+                    },
+                };
+                if let Err(e) = insert(&client, &row).await {
+                    tracing::warn!(error = %e, what, "row not written; reconnecting");
+                    pending = Some(row);
+                    continue 'connect;
+                }
+            }
+        }
+    });
+    tx
+}
