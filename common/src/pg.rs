@@ -70,36 +70,6 @@ pub async fn connect(
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn bad_urls_do_not_leak_the_password() {
-        let e = connect("postgres://u:hunter2@h:notaport/db", None)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("hunter2"), "{e}");
-        assert!(e.contains("invalid database URL"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn missing_ca_file_is_reported() {
-        let e = connect(
-            "postgres://u@127.0.0.1:1/db?sslmode=require",
-            Some(Path::new("/nonexistent/ca.pem")),
-        )
-        .await
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("cannot read the database CA file /nonexistent/ca.pem"),
-            "{e}"
-        );
-    }
-}
-
 /// A background writer of rows to PostgreSQL: rows queue in a bounded channel (`capacity`);
 /// the writer (re)connects with backoff, runs `schema` once per connection, and inserts each
 /// row with `insert`; a row whose insert failed is retried on the next connection. Senders
@@ -171,4 +141,34 @@ where
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_urls_do_not_leak_the_password() {
+        let e = connect("postgres://u:hunter2@h:notaport/db", None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("invalid database URL"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn missing_ca_file_is_reported() {
+        let e = connect(
+            "postgres://u@127.0.0.1:1/db?sslmode=require",
+            Some(Path::new("/nonexistent/ca.pem")),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cannot read the database CA file /nonexistent/ca.pem"),
+            "{e}"
+        );
+    }
 }
