@@ -33,6 +33,9 @@ pub struct AlertMetrics {
     values: prometheus::IntCounter,
     malformed: IntCounterVec,
     journal_dropped: prometheus::IntCounter,
+    rate_10m: IntGaugeVec,
+    flood: IntGaugeVec,
+    chattering: prometheus::IntCounter,
 }
 
 impl AlertMetrics {
@@ -66,12 +69,30 @@ impl AlertMetrics {
                 "Alarm events not queued for the alarm_events table (queue full)",
             )
             .expect("static metric definition"),
+            rate_10m: IntGaugeVec::new(
+                Opts::new("nexus_alerts_rate_10m", "Alarms raised in the last 10 minutes, by operator area"),
+                &["area"],
+            )
+            .expect("static metric definition"),
+            flood: IntGaugeVec::new(
+                Opts::new("nexus_alerts_flood", "1 while an area is in an alarm flood (ISA-18.2: more than 10 alarms in 10 minutes)"),
+                &["area"],
+            )
+            .expect("static metric definition"),
+            chattering: prometheus::IntCounter::new(
+                "nexus_alerts_chattering_total",
+                "Alarms that chattered: raised 3 times or more within 60 s",
+            )
+            .expect("static metric definition"),
         };
         let _ = r.register(Box::new(m.active.clone()));
         let _ = r.register(Box::new(m.events.clone()));
         let _ = r.register(Box::new(m.values.clone()));
         let _ = r.register(Box::new(m.malformed.clone()));
         let _ = r.register(Box::new(m.journal_dropped.clone()));
+        let _ = r.register(Box::new(m.rate_10m.clone()));
+        let _ = r.register(Box::new(m.flood.clone()));
+        let _ = r.register(Box::new(m.chattering.clone()));
         m
     }
 }
@@ -128,8 +149,18 @@ pub const JOURNAL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS alarm_events (
 CREATE INDEX IF NOT EXISTS alarm_events_time ON alarm_events (time);
 CREATE INDEX IF NOT EXISTS alarm_events_alarm ON alarm_events (rule_id, topic, time);";
 
+/// Flood and chattering bookkeeping (ISA-18.2 performance metrics).
+#[derive(Default)]
+struct Rates {
+    /// Activation times per operator area, last 10 minutes.
+    by_area: HashMap<String, std::collections::VecDeque<i64>>,
+    /// Activation times per alarm, last 60 s.
+    by_alarm: HashMap<(String, String), std::collections::VecDeque<i64>>,
+}
+
 pub struct Alerts {
     pub engine: Mutex<Engine>,
+    rates: Mutex<Rates>,
     journal: std::sync::OnceLock<mpsc::Sender<JournalRow>>,
     /// Set once the service's MQTT client exists (the HTTP routes are built before it).
     mqtt: std::sync::OnceLock<MqttHandle>,
@@ -141,6 +172,7 @@ impl Alerts {
         Arc::new(Alerts {
             engine: Mutex::new(engine),
             journal: std::sync::OnceLock::new(),
+            rates: Mutex::new(Rates::default()),
             mqtt: std::sync::OnceLock::new(),
             metrics,
         })
@@ -173,6 +205,9 @@ impl Alerts {
                     self.metrics.journal_dropped.inc();
                 }
             }
+            if c.event == crate::state::Event::Activated {
+                self.count_activation(c);
+            }
             let topic = state_topic(&c.topic, &c.rule_id);
             // Normal, acknowledged and not shelved/out of service: the retained state is cleared.
             let cleared = c.alarm.state == State::Normal
@@ -197,6 +232,33 @@ impl Alerts {
         }
         if !changes.is_empty() {
             self.update_gauges();
+        }
+    }
+
+    fn count_activation(&self, c: &Change) {
+        let mut r = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        let area = r.by_area.entry(c.area.clone()).or_default();
+        area.push_back(c.ts_ms);
+        while area.front().is_some_and(|t| c.ts_ms - t > 600_000) {
+            area.pop_front();
+        }
+        let n = area.len() as i64;
+        self.metrics.rate_10m.with_label_values(&[&c.area]).set(n);
+        self.metrics
+            .flood
+            .with_label_values(&[&c.area])
+            .set(i64::from(n > 10));
+        let alarm = r
+            .by_alarm
+            .entry((c.rule_id.clone(), c.topic.clone()))
+            .or_default();
+        alarm.push_back(c.ts_ms);
+        while alarm.front().is_some_and(|t| c.ts_ms - t > 60_000) {
+            alarm.pop_front();
+        }
+        if alarm.len() == 3 {
+            self.metrics.chattering.inc();
+            tracing::warn!(rule = %c.rule_id, topic = %c.topic, "alarm is chattering: raised 3 times within 60 s");
         }
     }
 

@@ -343,3 +343,60 @@ async fn every_transition_is_journaled_in_postgres() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chattering_and_flood_are_measured() {
+    let b = broker();
+    let port = b.ports.tcp.port();
+    // A UNS root of four levels, so the operator area (the first four levels) is the root.
+    let root = format!("{}/site/area/line", testing::unique("plant"));
+    let hp = free_port();
+    let (token, task) = start(port, hp, &root);
+    wait_ready(hp).await;
+    let (svc, _) = client(port, "svc", &[]).await;
+    // One alarm in and out 3 times: chattering. Twelve machines alarming: a flood of the area.
+    for x in ["85", "70", "85", "70", "85"] {
+        svc.publish(
+            &format!("{root}/m0/temp"),
+            format!("{{\"v\":{x}}}"),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    for m in 1..=12 {
+        svc.publish(
+            &format!("{root}/m{m}/temp"),
+            "{\"v\":95}",
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    let start = Instant::now();
+    loop {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", hp)).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut m = String::new();
+        s.read_to_string(&mut m).unwrap();
+        if m.contains("nexus_alerts_chattering_total 1")
+            && m.contains("nexus_alerts_flood{")
+            && m.lines()
+                .any(|l| l.starts_with("nexus_alerts_flood{") && l.ends_with(" 1"))
+        {
+            assert!(
+                m.lines()
+                    .any(|l| l.starts_with("nexus_alerts_rate_10m{") && l.ends_with(" 15")),
+                "{m}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
