@@ -18,6 +18,7 @@
 pub mod engine;
 pub mod service;
 pub mod state;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -38,6 +39,13 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     subscriptions.extend(engine.filters().into_iter().map(|f| (f, QoS::AtLeastOnce)));
     let rules = engine.rules().len();
     let alerts = service::Alerts::new(engine, metrics);
+    if !cfg.alerts.webhooks.is_empty() {
+        alerts.set_notifier(webhook::Notifier::start(
+            &cfg.alerts.webhooks,
+            &telemetry.registry,
+            shutdown.clone(),
+        ));
+    }
     let mut opts = ShellOptions::new(SERVICE, cfg.alerts.http_listen);
     opts.routes = service::routes(alerts.clone());
     opts.subscriptions = subscriptions;

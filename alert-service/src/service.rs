@@ -161,6 +161,7 @@ struct Rates {
 pub struct Alerts {
     pub engine: Mutex<Engine>,
     rates: Mutex<Rates>,
+    notifier: std::sync::OnceLock<crate::webhook::Notifier>,
     journal: std::sync::OnceLock<mpsc::Sender<JournalRow>>,
     /// Set once the service's MQTT client exists (the HTTP routes are built before it).
     mqtt: std::sync::OnceLock<MqttHandle>,
@@ -173,9 +174,15 @@ impl Alerts {
             engine: Mutex::new(engine),
             journal: std::sync::OnceLock::new(),
             rates: Mutex::new(Rates::default()),
+            notifier: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
             metrics,
         })
+    }
+
+    /// Send alarm events to webhooks.
+    pub fn set_notifier(&self, n: crate::webhook::Notifier) {
+        let _ = self.notifier.set(n);
     }
 
     /// Journal every change to `alarm_events` through this queue.
@@ -225,6 +232,9 @@ impl Alerts {
             ev["event"] = json!(c.event.as_str());
             ev["user"] = json!(c.user);
             ev["comment"] = json!(c.comment);
+            if let Some(n) = self.notifier.get() {
+                n.notify(c.event.as_str(), c.severity, &ev);
+            }
             let _ = mqtt
                 .publish(EVENTS_TOPIC, ev.to_string(), QoS::AtLeastOnce, false)
                 .await;

@@ -400,3 +400,66 @@ async fn chattering_and_flood_are_measured() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_delivered_with_retries() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A receiver that fails twice, then accepts.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let got: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let app = {
+        let (calls, got) = (calls.clone(), got.clone());
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+                let (calls, got) = (calls.clone(), got.clone());
+                async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    got.lock().unwrap().push(v);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let root = testing::unique("plant");
+    let hp = free_port();
+    let extra = format!("  webhooks:\n    - {{ url: \"http://127.0.0.1:{hook_port}/hook\", min_severity: 500, events: [activated], max_attempts: 5 }}\n");
+    let (token, task) = start_with(port, hp, &root, &extra);
+    wait_ready(hp).await;
+    let (svc, _) = client(port, "svc", &[]).await;
+    svc.publish(
+        &format!("{root}/m1/temp"),
+        "{\"v\":99}",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    while got.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "webhook never delivered ({} calls)",
+            calls.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = got.lock().unwrap()[0].clone();
+    assert_eq!(v["event"], "activated");
+    assert_eq!(v["rule_id"], "hot");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "two failures, then delivered"
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -18,7 +18,47 @@ pub struct AlertsConfig {
     /// Longest an operator may shelve an alarm (default 8h).
     #[serde(with = "duration")]
     pub max_shelve: Duration,
+    /// Where alarm events are POSTed (JSON), with retries and a rate limit.
+    pub webhooks: Vec<Webhook>,
     pub rules: Vec<AlertRule>,
+}
+
+/// An HTTP endpoint notified of alarm events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    /// Only alarms of at least this severity (default 1: all).
+    #[serde(default = "one")]
+    pub min_severity: u16,
+    /// Events sent (default activated, cleared, acknowledged).
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    /// Most requests per minute (default 60); more wait in a queue of 1000.
+    #[serde(default = "sixty")]
+    pub per_minute: u32,
+    /// Attempts per event before it is given up and counted (default 5).
+    #[serde(default = "five")]
+    pub max_attempts: u32,
+    /// Timeout of one request (default 5s).
+    #[serde(with = "duration", default = "five_s")]
+    pub timeout: Duration,
+}
+
+fn one() -> u16 {
+    1
+}
+fn sixty() -> u32 {
+    60
+}
+fn five() -> u32 {
+    5
+}
+fn five_s() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_events() -> Vec<String> {
+    vec!["activated".into(), "cleared".into(), "acknowledged".into()]
 }
 
 impl Default for AlertsConfig {
@@ -26,6 +66,7 @@ impl Default for AlertsConfig {
         AlertsConfig {
             http_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 6000),
             max_shelve: Duration::from_secs(8 * 3600),
+            webhooks: Vec::new(),
             rules: Vec::new(),
         }
     }
@@ -146,6 +187,39 @@ fn enabled() -> bool {
 impl AlertsConfig {
     /// `index[n]` is the position of rule n in the file.
     pub(crate) fn validate(&self, index: &[usize], p: &mut Problems) {
+        const EVENTS: [&str; 9] = [
+            "activated",
+            "cleared",
+            "acknowledged",
+            "shelved",
+            "unshelved",
+            "suppressed",
+            "unsuppressed",
+            "out_of_service",
+            "in_service",
+        ];
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                p.push(
+                    format!("alerts.webhooks[{i}].url"),
+                    format!("{:?} is not an http:// or https:// URL", w.url),
+                );
+            }
+            if w.per_minute == 0 || w.max_attempts == 0 {
+                p.push(
+                    format!("alerts.webhooks[{i}]"),
+                    "per_minute and max_attempts must be at least 1",
+                );
+            }
+            for e in &w.events {
+                if !EVENTS.contains(&e.as_str()) {
+                    p.push(
+                        format!("alerts.webhooks[{i}].events"),
+                        format!("unknown event {e:?} ({})", EVENTS.join(", ")),
+                    );
+                }
+            }
+        }
         let mut ids: HashMap<&str, usize> = HashMap::new();
         // Per topic filter: the limits of each analog kind, to check their order.
         let mut limits: HashMap<&str, Vec<(usize, usize, &'static str, f64)>> = HashMap::new();
