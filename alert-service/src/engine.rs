@@ -119,6 +119,37 @@ impl Engine {
         &self.rules
     }
 
+    /// Replace the rules (a reloaded configuration). Alarms of rules that are kept with the
+    /// same id, topic filter and condition keep their state; alarms of removed or changed rules
+    /// are dropped and returned as (rule id, topic) so their retained state can be cleared.
+    pub fn replace_rules(&mut self, rules: &[AlertRule]) -> Vec<(String, String)> {
+        let new = Engine::new(rules, self.max_shelve_ms);
+        let same = |old: &AlertRule, new: &AlertRule| {
+            old.topic == new.topic
+                && format!("{:?}", old.condition) == format!("{:?}", new.condition)
+        };
+        let mut removed = Vec::new();
+        let mut instances = HashMap::new();
+        for ((ri, topic), inst) in self.instances.drain() {
+            let old = &self.rules[ri];
+            match new
+                .rules
+                .iter()
+                .position(|r| r.id == old.id && same(old, r))
+            {
+                Some(ni) => {
+                    instances.insert((ni, topic), inst);
+                }
+                None => removed.push((old.id.clone(), topic)),
+            }
+        }
+        self.rules = new.rules;
+        self.setpoint_topics = new.setpoint_topics;
+        self.instances = instances;
+        self.matches.clear();
+        removed
+    }
+
     /// Filters to subscribe to: every rule's topic and every setpoint topic.
     pub fn filters(&self) -> Vec<String> {
         let mut f: Vec<String> = self
@@ -617,6 +648,36 @@ mod tests {
             (Event::Cleared, State::Normal)
         );
         assert_eq!(e.alarms(400).len(), 0);
+    }
+
+    #[test]
+    fn reloaded_rules_keep_the_state_of_unchanged_ones() {
+        let two = "    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 80 } }\n    - { id: cold, topic: \"t/x\", condition: { type: low, limit: 10 } }\n";
+        let mut e = Engine::new(&rules(two), 3_600_000);
+        e.on_value("t/x", &v(90.0), 0);
+        e.on_value("t/y", &v(5.0), 0);
+        // "cold" removed, "warm" added, "hot" unchanged.
+        let removed = e.replace_rules(&rules("    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 80 } }\n    - { id: warm, topic: \"t/x\", condition: { type: high, limit: 60 } }\n"));
+        assert_eq!(removed, vec![("cold".to_string(), "t/x".to_string())]);
+        assert_eq!(
+            e.alarms(1)
+                .iter()
+                .map(|c| c.rule_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["hot"],
+            "hot is still active"
+        );
+        assert!(
+            e.on_value("t/x", &v(91.0), 2)
+                .iter()
+                .all(|c| c.rule_id == "warm"),
+            "hot is not raised again"
+        );
+        // A changed limit is a new alarm.
+        let removed = e.replace_rules(&rules(
+            "    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 85 } }\n",
+        ));
+        assert_eq!(removed.len(), 2);
     }
 
     #[test]

@@ -69,7 +69,33 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         .take()
         .ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
     tracing::info!(rules, "alert service evaluating");
+    // Rules are reloaded without a restart when the configuration file changes.
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
+    let watcher = {
+        let (cfg, token) = (cfg.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let last = std::sync::Mutex::new(cfg.alerts.rules.clone());
+            cfg.watch(std::time::Duration::from_secs(2), token, |new| {
+                let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+                if format!("{:?}", *l) != format!("{:?}", new.alerts.rules) {
+                    *l = new.alerts.rules.clone();
+                    let _ = reload_tx.try_send(new.alerts.rules);
+                }
+            })
+            .await
+        })
+    };
+    let reloader = {
+        let alerts = alerts.clone();
+        tokio::spawn(async move {
+            while let Some(rules) = reload_rx.recv().await {
+                alerts.reload(&rules).await;
+            }
+        })
+    };
     alerts.run(incoming, shutdown).await;
+    let _ = watcher.await;
+    reloader.abort();
     shell.stop().await;
     Ok(())
 }

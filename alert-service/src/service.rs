@@ -372,6 +372,39 @@ impl Alerts {
         self.lock().restore(rule, t, alarm)
     }
 
+    /// Apply reloaded rules: keep the alarms of unchanged rules, clear the retained state of
+    /// the others, subscribe to new filters.
+    pub async fn reload(&self, rules: &[nexus_common::config::AlertRule]) {
+        let (removed, filters) = {
+            let mut e = self.lock();
+            let removed = e.replace_rules(rules);
+            (removed, e.filters())
+        };
+        if let Some(mqtt) = self.mqtt.get() {
+            for (rule, topic) in &removed {
+                let _ = mqtt
+                    .publish(
+                        &state_topic(topic, rule),
+                        Vec::new(),
+                        QoS::AtLeastOnce,
+                        true,
+                    )
+                    .await;
+            }
+            for f in &filters {
+                if let Err(e) = mqtt.subscribe(f, QoS::AtLeastOnce).await {
+                    tracing::warn!(filter = %f, error = %e, "cannot subscribe to a rule's topics");
+                }
+            }
+        }
+        self.update_gauges();
+        tracing::info!(
+            rules = rules.len(),
+            alarms_dropped = removed.len(),
+            "alarm rules reloaded"
+        );
+    }
+
     /// Run: restore retained states first (until the broker has sent them), then evaluate.
     pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Message>, token: CancellationToken) {
         let mut restored = 0;

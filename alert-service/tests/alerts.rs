@@ -463,3 +463,78 @@ async fn webhooks_are_delivered_with_retries() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reload_without_restart() {
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let root = testing::unique("plant");
+    let hp = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nexus.yaml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &file,
+            format!("mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw }}\ntelemetry: {{ instance: reload-test }}\nalerts:\n  http_listen: 127.0.0.1:{hp}\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80 }} }}\n{extra}"),
+        )
+        .unwrap()
+    };
+    write("");
+    let cfg = Config::load_with_env(Some(&file), &[]).unwrap();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
+    wait_ready(hp).await;
+    let (svc, _) = client(port, "svc", &[]).await;
+    svc.publish(
+        &format!("{root}/m1/temp"),
+        "{\"v\":90}",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Add a rule; "hot" stays as it is.
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a new mtime
+    write(&format!(
+        "    - {{ id: warm, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 60 }} }}\n"
+    ));
+    let start = Instant::now();
+    loop {
+        let (_, rules) = http(hp, "GET", "/api/v1/rules", "");
+        if rules["rules"].as_array().is_some_and(|r| r.len() == 2) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not reloaded: {rules}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    svc.publish(
+        &format!("{root}/m2/temp"),
+        "{\"v\":70}",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, list) = http(hp, "GET", "/api/v1/alarms", "");
+    let ids: Vec<&str> = list["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&format!("hot:{root}/m1/temp").as_str()),
+        "{ids:?}"
+    );
+    assert!(
+        ids.contains(&format!("warm:{root}/m2/temp").as_str()),
+        "{ids:?}"
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
+}

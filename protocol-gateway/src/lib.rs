@@ -29,9 +29,8 @@ pub mod pool;
 pub mod publisher;
 pub mod simulator;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use nexus_common::config::Config;
 use nexus_common::service::{Shell, ShellOptions};
@@ -46,49 +45,15 @@ use publisher::{PublishSettings, Publisher, PublisherMetrics};
 
 pub const SERVICE: &str = "gateway";
 
-fn modified(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
-    paths
-        .iter()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
-}
-
 /// Call `apply` with the new device list whenever the config file or the devices file
-/// changes on disk (checked every 2 s). A file with problems is refused and logged; `apply` is
-/// not called, so what runs stays as it is.
+/// changes on disk (checked every 2 s); see [`Config::watch`].
 pub async fn watch_devices<F: Fn(&[nexus_common::config::DeviceConfig])>(
     cfg: Arc<Config>,
     apply: F,
     token: CancellationToken,
 ) {
-    let paths: Vec<PathBuf> = cfg
-        .source
-        .iter()
-        .chain(cfg.devices_file.iter())
-        .cloned()
-        .collect();
-    if paths.is_empty() {
-        return;
-    }
-    let mut seen = modified(&paths);
-    let mut iv = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = iv.tick() => {}
-            _ = token.cancelled() => return,
-        }
-        let now = modified(&paths);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match Config::load(cfg.source.as_deref()) {
-            Ok(new) => apply(&new.devices),
-            Err(e) => {
-                tracing::error!(problems = %e.to_string().trim_end(), "device configuration not reloaded: it has problems; devices keep running")
-            }
-        }
-    }
+    cfg.watch(Duration::from_secs(2), token, |new| apply(&new.devices))
+        .await
 }
 
 /// What the gateway shares with a command handler running beside it: the connection pools

@@ -606,6 +606,51 @@ impl Config {
         self.telemetry.validate(p);
     }
 
+    /// Reload the configuration whenever its file (or its devices file) changes on disk
+    /// (checked every `every`) and hand it to `apply`. A file with problems is refused and
+    /// logged with every problem; `apply` is not called, so what runs stays as it is.
+    pub async fn watch<F: FnMut(Config)>(
+        &self,
+        every: std::time::Duration,
+        token: tokio_util::sync::CancellationToken,
+        mut apply: F,
+    ) {
+        let paths: Vec<PathBuf> = self
+            .source
+            .iter()
+            .chain(self.devices_file.iter())
+            .cloned()
+            .collect();
+        if paths.is_empty() {
+            return;
+        }
+        let modified = |paths: &[PathBuf]| -> Vec<Option<std::time::SystemTime>> {
+            paths
+                .iter()
+                .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                .collect()
+        };
+        let mut seen = modified(&paths);
+        let mut iv = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = iv.tick() => {}
+                _ = token.cancelled() => return,
+            }
+            let now = modified(&paths);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match Config::load(self.source.as_deref()) {
+                Ok(new) => apply(new),
+                Err(e) => {
+                    tracing::error!(problems = %e.to_string().trim_end(), "configuration not reloaded: it has problems; the running one stays")
+                }
+            }
+        }
+    }
+
     /// Where the config came from, for the startup banner.
     pub fn source_name(&self) -> String {
         self.source
