@@ -62,6 +62,8 @@ pub struct Engine {
     /// Latest value of each setpoint topic of deviation rules.
     setpoints: HashMap<String, f64>,
     setpoint_topics: Vec<String>,
+    /// Whether each rule is suppressed now (by its `suppress_when` topic).
+    suppressed: HashMap<usize, bool>,
     max_shelve_ms: i64,
 }
 
@@ -111,6 +113,7 @@ impl Engine {
             matches: HashMap::new(),
             setpoints: HashMap::new(),
             setpoint_topics,
+            suppressed: HashMap::new(),
             max_shelve_ms,
         }
     }
@@ -143,9 +146,21 @@ impl Engine {
                 None => removed.push((old.id.clone(), topic)),
             }
         }
+        // Suppression carries over by rule id.
+        let suppressed: HashMap<usize, bool> = self
+            .suppressed
+            .iter()
+            .filter_map(|(ri, on)| {
+                new.rules
+                    .iter()
+                    .position(|r| r.id == self.rules[*ri].id)
+                    .map(|ni| (ni, *on))
+            })
+            .collect();
         self.rules = new.rules;
         self.setpoint_topics = new.setpoint_topics;
         self.instances = instances;
+        self.suppressed = suppressed;
         self.matches.clear();
         removed
     }
@@ -157,6 +172,11 @@ impl Engine {
             .iter()
             .map(|r| r.topic.clone())
             .chain(self.setpoint_topics.iter().cloned())
+            .chain(
+                self.rules
+                    .iter()
+                    .filter_map(|r| r.suppress_when.as_ref().map(|s| s.topic.clone())),
+            )
             .collect();
         f.sort();
         f.dedup();
@@ -299,7 +319,7 @@ impl Engine {
                 self.setpoints.insert(topic.to_owned(), x);
             }
         }
-        let mut out = Vec::new();
+        let mut out = self.suppression(topic, obj, now_ms);
         for ri in self.rules_for(topic) {
             let setpoint = match &self.rules[ri].condition {
                 Condition::Deviation { setpoint_topic, .. } => {
@@ -308,7 +328,15 @@ impl Engine {
                 _ => None,
             };
             let ts = obj.ts_ms.unwrap_or(now_ms);
-            let inst = self.instances.entry((ri, topic.to_owned())).or_default();
+            let suppressed = self.suppressed.get(&ri).copied().unwrap_or(false);
+            let inst = self
+                .instances
+                .entry((ri, topic.to_owned()))
+                .or_insert_with(|| {
+                    let mut i = Instance::default();
+                    i.alarm.suppressed = suppressed;
+                    i
+                });
             inst.value = obj.value.clone();
             inst.last_update_ms = now_ms;
             if let Some(now) = Self::evaluate(
@@ -333,6 +361,42 @@ impl Engine {
             }
             if let Some(c) = self.settle(ri, topic, now_ms) {
                 out.push(c);
+            }
+        }
+        out
+    }
+
+    /// A value on a `suppress_when` topic: suppress or release the alarms of those rules.
+    fn suppression(&mut self, topic: &str, obj: &ValueObject, now_ms: i64) -> Vec<Change> {
+        let mut out = Vec::new();
+        let ruled: Vec<(usize, bool)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(ri, r)| {
+                let sw = r.suppress_when.as_ref().filter(|s| s.topic == topic)?;
+                Some((
+                    ri,
+                    obj.value.as_ref().is_some_and(|v| equals(v, &sw.equals)),
+                ))
+            })
+            .collect();
+        for (ri, on) in ruled {
+            self.suppressed.insert(ri, on);
+            let keys: Vec<(usize, String)> = self
+                .instances
+                .keys()
+                .filter(|(r, _)| *r == ri)
+                .cloned()
+                .collect();
+            for key in keys {
+                let event = self
+                    .instances
+                    .get_mut(&key)
+                    .and_then(|i| i.alarm.set_suppressed(on));
+                if let (Some(e), Some(inst)) = (event, self.instances.get(&key)) {
+                    out.push(self.change(ri, &key.1, inst, e, now_ms));
+                }
             }
         }
         out
@@ -678,6 +742,36 @@ mod tests {
             "    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 85 } }\n",
         ));
         assert_eq!(removed.len(), 2);
+    }
+
+    #[test]
+    fn suppression_by_a_condition() {
+        let mut e = Engine::new(&rules("    - { id: lo, topic: \"l/pressure\", condition: { type: low, limit: 2 }, suppress_when: { topic: \"l/running\", equals: false } }\n"), 3_600_000);
+        assert!(e.filters().contains(&"l/running".to_string()));
+        let off = ValueObject {
+            value: Some(Value::Bool(false)),
+            quality: Quality::Good,
+            ts_ms: None,
+            source_ts_ms: None,
+            unit: None,
+        };
+        let on = ValueObject {
+            value: Some(Value::Bool(true)),
+            ..off.clone()
+        };
+        e.on_value("l/running", &off, 0);
+        let c = e.on_value("l/pressure", &v(0.5), 1);
+        assert_eq!(c[0].event, Event::Activated);
+        assert!(
+            c[0].alarm.suppressed && !c[0].alarm.annunciates(1),
+            "the line is stopped: no annunciation"
+        );
+        let c = e.on_value("l/running", &on, 2);
+        assert_eq!(
+            (c[0].event, c[0].alarm.suppressed),
+            (Event::Unsuppressed, false)
+        );
+        assert!(c[0].alarm.annunciates(2));
     }
 
     #[test]

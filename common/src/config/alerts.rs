@@ -168,8 +168,19 @@ pub struct AlertRule {
     /// Operator area for flood detection (default: the first four levels of the topic).
     #[serde(default)]
     pub area: Option<String>,
+    /// Suppress this rule's alarms while another topic has a value (e.g. the line is stopped).
+    #[serde(default)]
+    pub suppress_when: Option<SuppressWhen>,
     #[serde(default = "enabled")]
     pub enabled: bool,
+}
+
+/// `suppress_when: { topic: acme/site/area/line-1/plc/running, equals: false }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuppressWhen {
+    pub topic: String,
+    pub equals: serde_json::Value,
 }
 
 fn default_severity() -> Severity {
@@ -303,6 +314,14 @@ impl AlertsConfig {
                     (None, 0.0, None)
                 }
             };
+            if let Some(sw) = &r.suppress_when {
+                if let Err(e) = crate::topic::Topic::parse(&sw.topic) {
+                    p.push(
+                        format!("{at}.suppress_when.topic"),
+                        format!("rule {}: {e}", r.id),
+                    );
+                }
+            }
             if let Some(l) = limit {
                 if !l.is_finite() {
                     p.push(

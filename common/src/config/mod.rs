@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 
-pub use alerts::{AlertRule, AlertsConfig, Condition, Severity, Webhook};
+pub use alerts::{AlertRule, AlertsConfig, Condition, Severity, SuppressWhen, Webhook};
 pub use devices::{
     Access, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress, ModbusTable,
     ModbusTransport, Parity, Protocol, TagConfig,
