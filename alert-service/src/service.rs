@@ -161,6 +161,7 @@ struct Rates {
 pub struct Alerts {
     pub engine: Mutex<Engine>,
     rates: Mutex<Rates>,
+    gauges_stale: std::sync::atomic::AtomicBool,
     notifier: std::sync::OnceLock<crate::webhook::Notifier>,
     journal: std::sync::OnceLock<mpsc::Sender<JournalRow>>,
     /// Set once the service's MQTT client exists (the HTTP routes are built before it).
@@ -174,6 +175,7 @@ impl Alerts {
             engine: Mutex::new(engine),
             journal: std::sync::OnceLock::new(),
             rates: Mutex::new(Rates::default()),
+            gauges_stale: std::sync::atomic::AtomicBool::new(false),
             notifier: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
             metrics,
@@ -241,7 +243,9 @@ impl Alerts {
             tracing::info!(rule = %c.rule_id, topic = %c.topic, event = c.event.as_str(), state = c.alarm.state.as_str(), severity = c.severity, user = ?c.user, "alarm");
         }
         if !changes.is_empty() {
-            self.update_gauges();
+            // Gauges are recomputed on the next tick, not per change (that is O(alarms)).
+            self.gauges_stale
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -432,6 +436,9 @@ impl Alerts {
                 _ = tick.tick() => {
                     let changes = self.lock().tick(now_ms());
                     self.publish(changes).await;
+                    if self.gauges_stale.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                        self.update_gauges();
+                    }
                 }
                 _ = token.cancelled() => break,
             }
