@@ -161,6 +161,7 @@ struct Rates {
 pub struct Alerts {
     pub engine: Mutex<Engine>,
     rates: Mutex<Rates>,
+    outbox: Mutex<Option<mpsc::Sender<Vec<Change>>>>,
     gauges_stale: std::sync::atomic::AtomicBool,
     notifier: std::sync::OnceLock<crate::webhook::Notifier>,
     journal: std::sync::OnceLock<mpsc::Sender<JournalRow>>,
@@ -175,6 +176,7 @@ impl Alerts {
             engine: Mutex::new(engine),
             journal: std::sync::OnceLock::new(),
             rates: Mutex::new(Rates::default()),
+            outbox: Mutex::new(None),
             gauges_stale: std::sync::atomic::AtomicBool::new(false),
             notifier: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
@@ -201,7 +203,29 @@ impl Alerts {
     }
 
     /// Publish retained state and the event of each change.
+    /// Hand changes to the outbox task (so a slow publish never stalls evaluation and the
+    /// MQTT receive path), or publish them here when there is no outbox.
     async fn publish(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let tx = self
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(changes)) = tx.send(changes).await {
+                    self.emit(changes).await;
+                }
+            }
+            None => self.emit(changes).await,
+        }
+    }
+
+    /// Publish retained state and the event of each change, journal and notify.
+    async fn emit(&self, changes: Vec<Change>) {
         let now = now_ms();
         let Some(mqtt) = self.mqtt.get() else { return };
         for c in &changes {
@@ -422,6 +446,14 @@ impl Alerts {
             }
         }
         tracing::info!(restored, "alarm states restored from retained topics");
+        let (otx, mut orx) = mpsc::channel::<Vec<Change>>(1024);
+        *self.outbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(otx);
+        let me = self.clone();
+        let outbox = tokio::spawn(async move {
+            while let Some(c) = orx.recv().await {
+                me.emit(c).await;
+            }
+        });
         self.update_gauges();
         for m in early {
             self.on_message(&m).await;
@@ -443,6 +475,9 @@ impl Alerts {
                 _ = token.cancelled() => break,
             }
         }
+        // Drain the outbox before returning.
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let _ = outbox.await;
     }
 }
 
