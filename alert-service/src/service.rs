@@ -550,12 +550,14 @@ async fn action(
                 None => return error(StatusCode::BAD_REQUEST, "shelve needs duration_s".into()),
             },
             "unshelve" => e.unshelve(rule, topic, now, b.user.clone()),
-            other => {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    format!("unknown action {other:?} (ack, shelve, unshelve)"),
-                )
-            }
+            "out_of_service" => e.set_out_of_service(rule, topic, true, now, b.user.clone()),
+            "in_service" => e.set_out_of_service(rule, topic, false, now, b.user.clone()),
+            other => return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "unknown action {other:?} (ack, shelve, unshelve, out_of_service, in_service)"
+                ),
+            ),
         }
     };
     match r {

@@ -219,6 +219,52 @@ async fn alarms_raise_clear_ack_shelve_and_survive_a_restart() {
     assert_eq!(code, 200);
     let (code, _) = http(hp, "POST", "/api/v1/alarms/hot:nope%2Ftopic/ack", "{}");
     assert_eq!(code, 404);
+    let (code, oos) = http(
+        hp,
+        "POST",
+        &format!("/api/v1/alarms/{id}/out_of_service"),
+        "{\"user\":\"ann\"}",
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        (oos["out_of_service"].as_bool(), oos["state"].as_str()),
+        (Some(true), Some("normal"))
+    );
+    let (code, err) = http(
+        hp,
+        "POST",
+        &format!("/api/v1/alarms/{id}/out_of_service"),
+        "{}",
+    );
+    assert_eq!(
+        (code, err["error"].as_str()),
+        (409, Some("already out of service"))
+    );
+    let (code, _) = http(hp, "POST", &format!("/api/v1/alarms/{id}/in_service"), "{}");
+    assert_eq!(code, 200);
+    // Back in service, the condition (still 85 > 80) raises it again.
+    let began = Instant::now();
+    loop {
+        let m = next(&mut rx, &state, Duration::from_secs(5)).await.unwrap();
+        if !m.is_empty()
+            && serde_json::from_slice::<Value>(&m).unwrap()["state"] == "active_unacked"
+        {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(5));
+    }
+    op.publish(
+        "$nexus/alarms/ack",
+        format!("{{\"rule_id\":\"hot\",\"topic\":\"{topic}\"}}"),
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let s: Value =
+        serde_json::from_slice(&next(&mut rx, &state, Duration::from_secs(5)).await.unwrap())
+            .unwrap();
+    assert_eq!(s["state"], "active_acked");
     let (_, rules) = http(hp, "GET", "/api/v1/rules", "");
     assert_eq!(rules["rules"][0]["id"], "hot");
 
