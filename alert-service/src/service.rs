@@ -521,6 +521,8 @@ async fn rules(AxState(a): AxState<Arc<Alerts>>) -> Json<JValue> {
     Json(json!({ "rules": list }))
 }
 
+const ACTIONS: &str = "ack, shelve, unshelve, out_of_service, in_service";
+
 #[derive(Deserialize, Default)]
 struct ActionBody {
     user: Option<String>,
@@ -552,12 +554,10 @@ async fn action(
             "unshelve" => e.unshelve(rule, topic, now, b.user.clone()),
             "out_of_service" => e.set_out_of_service(rule, topic, true, now, b.user.clone()),
             "in_service" => e.set_out_of_service(rule, topic, false, now, b.user.clone()),
-            other => return error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "unknown action {other:?} (ack, shelve, unshelve, out_of_service, in_service)"
-                ),
-            ),
+            other => {
+                let msg = format!("unknown action {other:?} ({ACTIONS})");
+                return error(StatusCode::NOT_FOUND, msg);
+            }
         }
     };
     match r {
