@@ -133,6 +133,17 @@ impl PgServer {
     }
 
     pub fn try_start() -> Result<PgServer, String> {
+        Self::try_start_with(None)
+    }
+
+    /// With TLS: the server presents `cert_pem` (and its `key_pem`); clients may then use
+    /// `sslmode=require`.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> PgServer {
+        Self::try_start_with(Some((cert_pem, key_pem)))
+            .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TLS for tests: {e}"))
+    }
+
+    fn try_start_with(tls: Option<(&str, &str)>) -> Result<PgServer, String> {
         let bin = pg_bin_dir().ok_or(
             "PostgreSQL server binaries not found (install postgresql or set NEXUS_PG_BIN)",
         )?;
@@ -182,6 +193,29 @@ impl PgServer {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let mut tls_args: Vec<&str> = Vec::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (c, k) = (data.join("server.crt"), data.join("server.key"));
+            std::fs::write(&c, cert).map_err(|e| e.to_string())?;
+            std::fs::write(&k, key).map_err(|e| e.to_string())?;
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+            if let Some((uid, gid)) = user {
+                for f in [&c, &k] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+                }
+            }
+            tls_args = vec![
+                "-c",
+                "ssl=on",
+                "-c",
+                "ssl_cert_file=server.crt",
+                "-c",
+                "ssl_key_file=server.key",
+            ];
+        }
         let port = free_port();
         let log =
             std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| e.to_string())?;
@@ -209,6 +243,7 @@ impl PgServer {
                 "-c",
                 "shared_buffers=64MB",
             ])
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);

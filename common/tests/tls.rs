@@ -134,3 +134,40 @@ async fn tls_listener_and_client() {
     );
     token.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_with_verified_certificates() {
+    let pki = Pki::new();
+    let cert = std::fs::read_to_string(pki.path("server.pem")).unwrap();
+    let key = std::fs::read_to_string(pki.path("server.key")).unwrap();
+    let pg = testing::PgServer::start_with_tls(&cert, &key);
+    let url = format!(
+        "postgres://nexus@localhost:{}/postgres?sslmode=require",
+        pg.port
+    );
+    let (db, _task) = nexus_common::pg::connect(&url, Some(&pki.path("ca.pem")))
+        .await
+        .unwrap();
+    let ssl: bool = db
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the connection is encrypted");
+    // A certificate from a CA the client does not trust is refused.
+    let e = nexus_common::pg::connect(&url, Some(&pki.path("other-ca.pem")))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("cannot connect to the database"), "{e}");
+    // Without TLS asked for, the same server still serves plain connections.
+    let plain = format!(
+        "postgres://nexus@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port
+    );
+    assert!(nexus_common::pg::connect(&plain, None).await.is_ok());
+}
