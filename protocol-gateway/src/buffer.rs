@@ -261,7 +261,6 @@ impl DiskBuffer {
         };
         let path = seg_path(&self.dir, first.id);
         let (records, end, _) = scan(&path, self.read_offset, n)?;
-        let id = first.id;
         self.read_offset = end;
         if let Some(s) = self.segments.front_mut() {
             s.unread = s.unread.saturating_sub(records.len() as u64);
@@ -278,7 +277,6 @@ impl DiskBuffer {
                 self.read_offset = 0;
             }
         }
-        let _ = id;
         self.save_position()
     }
 

@@ -144,7 +144,7 @@ pub async fn run_shared(
     };
     let (tx, rx) = mpsc::channel(256);
     let publisher = Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics);
-    let publisher_task = tokio::spawn(publisher.run(rx, shutdown.clone()));
+    let publisher_task = tokio::spawn(publisher.run(rx));
 
     let ctx = PollContext {
         pools: pools.clone(),

@@ -11,7 +11,6 @@ use nexus_common::DataPoint;
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{DiskBuffer, Record};
 
@@ -232,7 +231,7 @@ impl Publisher {
     }
 
     /// Run until `rx` closes (the pollers stopped), then flush.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<DataPoint>>, token: CancellationToken) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<DataPoint>>) {
         let mut connected = self.mqtt.connected();
         let mut connected_since = (*connected.borrow()).then(Instant::now);
         let tick = Duration::from_millis(100);
@@ -271,7 +270,6 @@ impl Publisher {
                 }
             }
         }
-        let _ = token;
         self.update_gauges();
     }
 }
