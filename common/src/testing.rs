@@ -35,6 +35,39 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A plain HTTP/1.0 request to 127.0.0.1:`port`: the status (0 when nothing listens) and
+/// the body.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut out = String::new();
+    if s.write_all(req.as_bytes()).is_err() || s.read_to_string(&mut out).is_err() {
+        return (0, String::new());
+    }
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+/// The value of a Prometheus sample (`name{labels}` as written) in `/metrics` text.
+pub fn metric_value(metrics: &str, sample: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(sample)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
 /// MQTT settings for a broker on 127.0.0.1:`port`, reconnecting quickly.
 pub fn mqtt_config(port: u16) -> MqttConfig {
     MqttConfig {
@@ -124,6 +157,60 @@ pub struct PgServer {
     child: Child,
     dir: tempfile::TempDir,
     user: Option<(u32, u32)>,
+    tls_args: Vec<String>,
+}
+
+/// Start `postgres` on an initialised data directory `<dir>/data`.
+fn spawn_postgres(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    user: Option<(u32, u32)>,
+    extra: &[impl AsRef<std::ffi::OsStr>],
+) -> Result<Child, String> {
+    let data = dir.join("data");
+    let log_path = dir.join("postgres.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| e.to_string())?;
+    if let Some((uid, gid)) = user {
+        let _ = std::os::unix::fs::chown(&log_path, Some(uid), Some(gid));
+    }
+    let mut pg = Command::new(bin.join("postgres"));
+    pg.arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(&data)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+        ])
+        .args([
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=64MB",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    {
+        use std::os::unix::process::CommandExt;
+        if let Some((uid, gid)) = user {
+            pg.uid(uid).gid(gid);
+        }
+        pg.env("HOME", dir).env_remove("PGDATA");
+    }
+    pg.spawn().map_err(|e| format!("postgres: {e}"))
 }
 
 impl PgServer {
@@ -217,43 +304,13 @@ impl PgServer {
             ];
         }
         let port = free_port();
-        let log =
-            std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| e.to_string())?;
-        if let Some((uid, gid)) = user {
-            let _ = std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid));
-        }
-        let mut pg = Command::new(bin.join("postgres"));
-        pg.arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-k"])
-            .arg(&data)
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-            ])
-            .args([
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-                "-c",
-                "shared_buffers=64MB",
-            ])
-            .args(&tls_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log);
-        as_user(&mut pg);
-        let child = pg.spawn().map_err(|e| format!("postgres: {e}"))?;
+        let child = spawn_postgres(&bin, dir.path(), port, user, &tls_args)?;
         let mut server = PgServer {
             port,
             child,
             dir,
             user,
+            tls_args: tls_args.iter().map(|s| s.to_string()).collect(),
         };
         server.wait_ready(Duration::from_secs(30))?;
         Ok(server)
@@ -339,6 +396,15 @@ impl PgServer {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Start the server again after [`PgServer::stop`], on the same port and data.
+    pub fn restart(&mut self) {
+        let bin = pg_bin_dir().expect("PostgreSQL binaries");
+        self.child = spawn_postgres(&bin, self.dir.path(), self.port, self.user, &self.tls_args)
+            .unwrap_or_else(|e| panic!("restart PostgreSQL: {e}"));
+        self.wait_ready(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("restart PostgreSQL: {e}"));
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -1,0 +1,469 @@
+//! From MQTT messages to points: the JSON value object on UNS topics, and Sparkplug B
+//! births and data (`spBv1.0/...`) with aliases resolved from the births seen.
+//!
+//! Sparkplug metrics are stored under `spBv1.0/<group>/<edge node>[/<device>]/<metric name>`
+//! (the message type left out, so a birth's value and later data land on one topic). Data
+//! whose aliases were never announced cannot be named: the message goes to `ingest_rejects`
+//! (`unknown_alias`) and the edge node is asked for a rebirth (`Node Control/Rebirth` on its
+//! NCMD topic), at most once per 10 s per node.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use nexus_common::codec::json::decode_value_object;
+use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
+use nexus_common::domain::{Quality, Value};
+
+use crate::model::{Point, Reject};
+
+/// Latest time accepted (9999-12-31), in microseconds.
+const MAX_TS_US: i64 = 253_402_300_799_000_000;
+const REBIRTH_EVERY: Duration = Duration::from_secs(10);
+
+/// What one message gave.
+#[derive(Debug, Default, PartialEq)]
+pub struct Parsed {
+    pub points: Vec<Point>,
+    pub rejects: Vec<Reject>,
+    /// A message type that holds no values (Sparkplug deaths, commands, host state).
+    pub ignored: Option<&'static str>,
+    /// Publish a rebirth request: (topic, payload).
+    pub rebirth: Option<(String, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct Node {
+    /// Aliases of the node (device `""`) and its devices: alias -> (name, datatype).
+    aliases: HashMap<(String, u64), (String, Option<SpDataType>)>,
+    last_rebirth: Option<Instant>,
+}
+
+/// Parser state: the Sparkplug births seen, per `(group, edge node)`.
+#[derive(Default)]
+pub struct Parser {
+    nodes: HashMap<(String, String), Node>,
+}
+
+fn reject(topic: &str, recv_us: i64, reason: &str, detail: &str, payload: &[u8]) -> Reject {
+    Reject {
+        ts_us: recv_us,
+        topic: topic.to_owned(),
+        reason: if detail.is_empty() {
+            reason.to_owned()
+        } else {
+            format!("{reason}: {detail}")
+        },
+        payload: payload.to_vec(),
+    }
+}
+
+/// The stored columns of a value; `Err` names what the database cannot take.
+fn columns(value: Option<Value>) -> Result<(Option<f64>, Option<String>), &'static str> {
+    Ok(match value {
+        None => (None, None),
+        Some(Value::String(s)) => {
+            if s.contains('\0') {
+                return Err("string value contains a NUL character");
+            }
+            (None, Some(s))
+        }
+        Some(v) => (v.as_f64(), None),
+    })
+}
+
+fn ms_to_us(ms: i64) -> Option<i64> {
+    ms.checked_mul(1000)
+        .filter(|us| (0..=MAX_TS_US).contains(us))
+}
+
+impl Parser {
+    pub fn new() -> Parser {
+        Parser::default()
+    }
+
+    /// Parse one message received at `recv_us` (unix microseconds).
+    pub fn parse(&mut self, topic: Option<&str>, payload: &[u8], recv_us: i64) -> Parsed {
+        let mut out = Parsed::default();
+        let Some(topic) = topic else {
+            out.rejects.push(reject(
+                "",
+                recv_us,
+                "bad_topic",
+                "topic is not UTF-8",
+                payload,
+            ));
+            return out;
+        };
+        if topic.starts_with("spBv1.0/") {
+            self.sparkplug(topic, payload, recv_us, &mut out);
+            return out;
+        }
+        if payload.is_empty() {
+            out.rejects.push(reject(
+                topic,
+                recv_us,
+                "empty_payload",
+                "no value object (a retained message being cleared?)",
+                payload,
+            ));
+            return out;
+        }
+        match decode_value_object(payload) {
+            Err(e) => out
+                .rejects
+                .push(reject(topic, recv_us, e.reason(), &e.0, payload)),
+            Ok(obj) => {
+                let ts_us = match obj.ts_ms {
+                    None => Some(recv_us),
+                    Some(ms) => ms_to_us(ms),
+                };
+                let Some(ts_us) = ts_us else {
+                    out.rejects.push(reject(
+                        topic,
+                        recv_us,
+                        "bad_timestamp",
+                        "ts is past the year 9999 (seconds or microseconds instead of ms?)",
+                        payload,
+                    ));
+                    return out;
+                };
+                match columns(obj.value) {
+                    Ok((value, value_str)) => out.points.push(Point {
+                        topic: topic.to_owned(),
+                        ts_us,
+                        value,
+                        value_str,
+                        quality: obj.quality.code(),
+                    }),
+                    Err(why) => out
+                        .rejects
+                        .push(reject(topic, recv_us, "bad_value", why, payload)),
+                }
+            }
+        }
+        out
+    }
+
+    fn sparkplug(&mut self, topic: &str, payload: &[u8], recv_us: i64, out: &mut Parsed) {
+        let t = match SparkplugTopic::parse(topic) {
+            Ok(t) => t,
+            Err(e) => {
+                // `spBv1.0/STATE/<host>` is a host application's state, not data.
+                if topic.starts_with("spBv1.0/STATE/") {
+                    out.ignored = Some("sparkplug_state");
+                } else {
+                    out.rejects
+                        .push(reject(topic, recv_us, e.reason(), &e.to_string(), payload));
+                }
+                return;
+            }
+        };
+        let kind = t.message_type;
+        match kind {
+            MessageType::NBirth | MessageType::DBirth | MessageType::NData | MessageType::DData => {
+            }
+            MessageType::NDeath => {
+                // Aliases are void until the next birth.
+                self.nodes.remove(&(t.group.clone(), t.edge_node.clone()));
+                out.ignored = Some("sparkplug_death");
+                return;
+            }
+            MessageType::DDeath => {
+                out.ignored = Some("sparkplug_death");
+                return;
+            }
+            MessageType::NCmd | MessageType::DCmd => {
+                out.ignored = Some("sparkplug_command");
+                return;
+            }
+            MessageType::State => {
+                out.ignored = Some("sparkplug_state");
+                return;
+            }
+        }
+        let p = match sparkplug::decode(payload) {
+            Ok(p) => p,
+            Err(e) => {
+                out.rejects
+                    .push(reject(topic, recv_us, e.reason(), &e.to_string(), payload));
+                return;
+            }
+        };
+        let device = t.device.clone().unwrap_or_default();
+        let node_key = (t.group.clone(), t.edge_node.clone());
+        let is_birth = matches!(kind, MessageType::NBirth | MessageType::DBirth);
+        if kind == MessageType::NBirth {
+            // A node birth starts the node's alias table over.
+            self.nodes.remove(&node_key);
+        }
+        let node = self.nodes.entry(node_key).or_default();
+        if kind == MessageType::DBirth {
+            node.aliases.retain(|(d, _), _| *d != device);
+        }
+        let base = match &t.device {
+            Some(d) => format!("spBv1.0/{}/{}/{}", t.group, t.edge_node, d),
+            None => format!("spBv1.0/{}/{}", t.group, t.edge_node),
+        };
+        let mut unknown = Vec::new();
+        let mut bad = None;
+        for m in p.metrics {
+            let (name, dt) = match (&m.name, m.alias) {
+                (Some(n), alias) => {
+                    if let (true, Some(a)) = (is_birth, alias) {
+                        node.aliases
+                            .insert((device.clone(), a), (n.clone(), m.datatype));
+                    }
+                    (n.clone(), m.datatype)
+                }
+                (None, Some(a)) => match node.aliases.get(&(device.clone(), a)) {
+                    Some((n, dt)) => (n.clone(), m.datatype.or(*dt)),
+                    None => {
+                        unknown.push(a);
+                        continue;
+                    }
+                },
+                (None, None) => {
+                    bad = Some("a metric has neither a name nor an alias");
+                    continue;
+                }
+            };
+            let value = match (m.value, dt) {
+                (Some(v), Some(dt)) => Some(sparkplug::retype(&v, dt)),
+                (v, _) => v,
+            };
+            let ts_ms = m.timestamp.or(p.timestamp);
+            let ts_us = match ts_ms {
+                None => Some(recv_us),
+                Some(ms) => i64::try_from(ms).ok().and_then(ms_to_us),
+            };
+            let Some(ts_us) = ts_us else {
+                bad = Some("a metric timestamp is past the year 9999");
+                continue;
+            };
+            let quality = if value.is_some() {
+                Quality::Good
+            } else {
+                Quality::Bad
+            };
+            match columns(value) {
+                Ok((value, value_str)) => out.points.push(Point {
+                    topic: format!("{base}/{name}"),
+                    ts_us,
+                    value,
+                    value_str,
+                    quality: quality.code(),
+                }),
+                Err(why) => bad = Some(why),
+            }
+        }
+        if let Some(why) = bad {
+            out.rejects
+                .push(reject(topic, recv_us, "sparkplug_metric", why, payload));
+        }
+        if !unknown.is_empty() {
+            out.rejects.push(reject(
+                topic,
+                recv_us,
+                "unknown_alias",
+                &format!("aliases {unknown:?} were not announced in a birth"),
+                payload,
+            ));
+            if node
+                .last_rebirth
+                .is_none_or(|t| t.elapsed() >= REBIRTH_EVERY)
+            {
+                node.last_rebirth = Some(Instant::now());
+                out.rebirth = rebirth_request(&t.group, &t.edge_node);
+            }
+        }
+    }
+}
+
+/// `spBv1.0/<group>/NCMD/<edge node>` with `Node Control/Rebirth = true`.
+fn rebirth_request(group: &str, edge_node: &str) -> Option<(String, Vec<u8>)> {
+    let topic = SparkplugTopic {
+        group: group.to_owned(),
+        message_type: MessageType::NCmd,
+        edge_node: edge_node.to_owned(),
+        device: None,
+    };
+    let payload = sparkplug::SpPayload {
+        timestamp: Some((crate::model::now_us() / 1000) as u64),
+        seq: None,
+        metrics: vec![sparkplug::SpMetric {
+            name: Some("Node Control/Rebirth".into()),
+            alias: None,
+            timestamp: None,
+            datatype: Some(SpDataType::Boolean),
+            value: Some(Value::Bool(true)),
+        }],
+    };
+    sparkplug::encode(&payload)
+        .ok()
+        .map(|b| (topic.to_topic_string(), b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_common::codec::sparkplug::{SpMetric, SpPayload};
+
+    const NOW: i64 = 1_700_000_000_123_456;
+
+    fn metric(name: Option<&str>, alias: Option<u64>, v: Value) -> SpMetric {
+        SpMetric {
+            name: name.map(str::to_owned),
+            alias,
+            timestamp: Some(1_700_000_000_500),
+            datatype: Some(SpDataType::for_value(&v)),
+            value: Some(v),
+        }
+    }
+
+    fn sp(metrics: Vec<SpMetric>) -> Vec<u8> {
+        sparkplug::encode(&SpPayload {
+            timestamp: Some(1_700_000_000_000),
+            seq: Some(0),
+            metrics,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn value_objects_become_points() {
+        let mut p = Parser::new();
+        let got = p.parse(
+            Some("a/b/c/d/e/temp"),
+            br#"{"v":21.5,"q":"uncertain","ts":1700000000000}"#,
+            NOW,
+        );
+        assert_eq!(
+            got.points,
+            vec![Point {
+                topic: "a/b/c/d/e/temp".into(),
+                ts_us: 1_700_000_000_000_000,
+                value: Some(21.5),
+                value_str: None,
+                quality: 64,
+            }]
+        );
+        let s = p.parse(Some("t/s"), br#"{"v":"on"}"#, NOW).points;
+        assert_eq!(s[0].value_str.as_deref(), Some("on"));
+        assert_eq!(s[0].ts_us, NOW, "receive time without ts");
+        assert_eq!(s[0].quality, 192);
+        let b = p.parse(Some("t/b"), br#"{"v":true,"ts":5}"#, NOW).points;
+        assert_eq!(b[0].value, Some(1.0));
+        let n = p.parse(Some("t/n"), br#"{"v":null,"q":"bad"}"#, NOW).points;
+        assert_eq!(
+            (n[0].value, n[0].value_str.clone(), n[0].quality),
+            (None, None, 0)
+        );
+    }
+
+    #[test]
+    fn bad_messages_are_rejected_with_a_reason() {
+        let mut p = Parser::new();
+        let cases: [(&str, &[u8], &str); 7] = [
+            ("t/1", b"{\"v\":", "bad_json"),
+            ("t/2", b"{\"q\":\"good\"}", "missing_field"),
+            ("t/3", b"{\"v\":[1]}", "bad_type"),
+            ("t/4", b"{\"v\":1,\"q\":\"great\"}", "bad_quality"),
+            ("t/5", b"", "empty_payload"),
+            ("t/6", b"{\"v\":\"a\\u0000b\"}", "bad_value"),
+            (
+                "t/7",
+                b"{\"v\":1,\"ts\":99999999999999999}",
+                "bad_timestamp",
+            ),
+        ];
+        for (topic, payload, reason) in cases {
+            let got = p.parse(Some(topic), payload, NOW);
+            assert!(got.points.is_empty(), "{topic}");
+            assert_eq!(got.rejects.len(), 1, "{topic}");
+            let r = &got.rejects[0];
+            assert_eq!(r.label(), reason, "{topic}: {}", r.reason);
+            assert_eq!((r.topic.as_str(), r.payload.as_slice()), (topic, payload));
+            assert_eq!(r.ts_us, NOW);
+        }
+        let got = p.parse(None, b"x", NOW);
+        assert_eq!(got.rejects[0].label(), "bad_topic");
+    }
+
+    #[test]
+    fn sparkplug_aliases_resolve_from_births() {
+        let mut p = Parser::new();
+        let birth = sp(vec![
+            metric(Some("Temp"), Some(1), Value::Float(20.0)),
+            metric(Some("Count"), Some(2), Value::Int(-3)),
+        ]);
+        let got = p.parse(Some("spBv1.0/G/DBIRTH/E/D"), &birth, NOW);
+        assert_eq!(got.points.len(), 2);
+        assert_eq!(got.points[0].topic, "spBv1.0/G/E/D/Temp");
+        assert_eq!(got.points[1].value, Some(-3.0));
+        let mut data_metric = metric(None, Some(2), Value::Int(-7));
+        data_metric.datatype = None;
+        let data = sp(vec![metric(None, Some(1), Value::Float(21.5)), data_metric]);
+        let got = p.parse(Some("spBv1.0/G/DDATA/E/D"), &data, NOW);
+        assert!(got.rejects.is_empty(), "{:?}", got.rejects);
+        assert_eq!(got.points[0].topic, "spBv1.0/G/E/D/Temp");
+        assert_eq!(got.points[0].value, Some(21.5));
+        assert_eq!(got.points[0].ts_us, 1_700_000_000_500_000);
+        assert_eq!(got.points[1].topic, "spBv1.0/G/E/D/Count");
+        assert_eq!(got.points[1].value, Some(-7.0));
+        // Named metrics need no birth.
+        let named = sp(vec![metric(Some("Speed"), None, Value::UInt(5))]);
+        let got = p.parse(Some("spBv1.0/G/NDATA/E2"), &named, NOW);
+        assert_eq!(got.points[0].topic, "spBv1.0/G/E2/Speed");
+        // A node death forgets the aliases.
+        let got = p.parse(Some("spBv1.0/G/NDEATH/E"), &sp(vec![]), NOW);
+        assert_eq!(got.ignored, Some("sparkplug_death"));
+        let got = p.parse(Some("spBv1.0/G/DDATA/E/D"), &data, NOW);
+        assert_eq!(got.rejects[0].label(), "unknown_alias");
+    }
+
+    #[test]
+    fn unknown_aliases_ask_for_a_rebirth_once_per_interval() {
+        let mut p = Parser::new();
+        let data = sp(vec![metric(None, Some(9), Value::Float(1.0))]);
+        let got = p.parse(Some("spBv1.0/G/NDATA/E"), &data, NOW);
+        assert!(got.points.is_empty());
+        assert_eq!(got.rejects[0].label(), "unknown_alias");
+        let (topic, payload) = got.rebirth.expect("rebirth requested");
+        assert_eq!(topic, "spBv1.0/G/NCMD/E");
+        let cmd = sparkplug::decode(&payload).unwrap();
+        assert_eq!(cmd.metrics[0].name.as_deref(), Some("Node Control/Rebirth"));
+        assert_eq!(cmd.metrics[0].value, Some(Value::Bool(true)));
+        let again = p.parse(Some("spBv1.0/G/NDATA/E"), &data, NOW);
+        assert!(again.rebirth.is_none(), "not again within 10 s");
+    }
+
+    #[test]
+    fn sparkplug_non_data_is_ignored_and_garbage_rejected() {
+        let mut p = Parser::new();
+        assert_eq!(
+            p.parse(Some("spBv1.0/STATE/host1"), b"{\"online\":true}", NOW)
+                .ignored,
+            Some("sparkplug_state")
+        );
+        assert_eq!(
+            p.parse(Some("spBv1.0/G/NCMD/E"), &sp(vec![]), NOW).ignored,
+            Some("sparkplug_command")
+        );
+        let got = p.parse(Some("spBv1.0/G/DDATA/E/D"), b"\xff\xff\xff", NOW);
+        assert_eq!(got.rejects[0].label(), "sparkplug_decode");
+        let got = p.parse(Some("spBv1.0/G/BOGUS/E"), &sp(vec![]), NOW);
+        assert_eq!(got.rejects[0].label(), "sparkplug_topic");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_payloads_never_panic(topic in "[a-z/]{0,20}|spBv1\\.0/[A-Z]{1,3}/(NDATA|DDATA|DBIRTH)/[a-z]{1,3}(/[a-z]{1,3})?", payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut p = Parser::new();
+            let got = p.parse(Some(&topic), &payload, NOW);
+            if !topic.starts_with("spBv1.0/") {
+                // Anything else is exactly one point or one reject.
+                proptest::prop_assert_eq!(got.points.len() + got.rejects.len(), 1);
+            }
+        }
+    }
+}

@@ -1,0 +1,643 @@
+//! Batcher and COPY writers: frames from the WAL become batches (closed on size or time),
+//! and a pool of writers stores each batch in one transaction with binary COPY.
+//!
+//! * **Exactly once**: `points` has a unique key on `(tag_id, time)`. The fast path COPYs a
+//!   batch straight into `points`; if that hits the key (only after a crash: WAL replay or a
+//!   broker redelivery), the batch goes again through a temporary staging table and
+//!   `INSERT .. ON CONFLICT DO NOTHING`, and what was already there is counted in
+//!   `nexus_ingest_points_duplicate_total`.
+//! * **Failures**: a batch that fails for a connection or server reason stays with its writer
+//!   and is retried with backoff on a new connection; the breaker on the database opens after
+//!   repeated failures so writers wait instead of hammering it. Rows the database refuses as
+//!   data (class 22/23 errors) are written one by one and the refused ones moved to
+//!   `ingest_rejects` with the server's message, so one bad row cannot stall the log.
+//! * **Commit position**: batches finish out of order; [`Tracker`] moves the WAL's commit
+//!   position to the first frame not yet committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::pin_mut;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::mpsc;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use nexus_common::breaker::CircuitBreaker;
+use nexus_common::config::SecretUrl;
+
+use crate::model::{Frame, Point, Reject};
+use crate::wal::Wal;
+
+/// A batch: whole frames `first_id..=last_id`.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub first_id: u64,
+    pub last_id: u64,
+    pub points: Vec<Point>,
+    pub rejects: Vec<Reject>,
+}
+
+#[derive(Clone)]
+pub struct WriterMetrics {
+    pub written: IntCounter,
+    pub duplicates: IntCounter,
+    pub rejects_stored: IntCounter,
+    pub refused: IntCounter,
+    pub batches: IntCounter,
+    pub batch_rows: Histogram,
+    pub batch_bytes: Histogram,
+    pub batch_seconds: Histogram,
+    pub errors: IntCounterVec,
+    pub db_up: IntGauge,
+}
+
+impl WriterMetrics {
+    pub fn new(registry: &Registry) -> WriterMetrics {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric");
+            registry.register(Box::new(c.clone())).ok();
+            c
+        };
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("metric");
+            registry.register(Box::new(h.clone())).ok();
+            h
+        };
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "nexus_ingest_write_errors_total",
+                "Failed batch writes by kind (connection, server, data)",
+            ),
+            &["kind"],
+        )
+        .expect("metric");
+        registry.register(Box::new(errors.clone())).ok();
+        let db_up = IntGauge::new("nexus_ingest_db_up", "1 while the database takes writes")
+            .expect("metric");
+        registry.register(Box::new(db_up.clone())).ok();
+        WriterMetrics {
+            written: counter("nexus_ingest_points_written_total", "Points committed to the database"),
+            duplicates: counter(
+                "nexus_ingest_points_duplicate_total",
+                "Points already stored (WAL replay or broker redelivery after a crash), not stored again",
+            ),
+            rejects_stored: counter(
+                "nexus_ingest_rejects_stored_total",
+                "Rejected messages written to ingest_rejects",
+            ),
+            refused: counter(
+                "nexus_ingest_points_refused_total",
+                "Points the database refused as data, moved to ingest_rejects",
+            ),
+            batches: counter("nexus_ingest_batches_total", "Batches committed"),
+            batch_rows: hist(
+                "nexus_ingest_batch_rows",
+                "Rows per committed batch",
+                vec![10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 20000.0, 50000.0],
+            ),
+            batch_bytes: hist(
+                "nexus_ingest_batch_bytes",
+                "Approximate bytes per committed batch",
+                prometheus::exponential_buckets(1024.0, 4.0, 9).expect("buckets"),
+            ),
+            batch_seconds: hist(
+                "nexus_ingest_batch_seconds",
+                "Time to commit a batch",
+                vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0],
+            ),
+            errors,
+            db_up,
+        }
+    }
+}
+
+/// Tag ids by topic, shared by the writers.
+#[derive(Default)]
+pub struct TagCache {
+    ids: RwLock<HashMap<String, i32>>,
+}
+
+impl TagCache {
+    fn get(&self, topic: &str) -> Option<i32> {
+        self.ids
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(topic)
+            .copied()
+    }
+
+    /// Make sure every topic of `points` has an id.
+    async fn resolve(
+        &self,
+        client: &Client,
+        points: &[Point],
+    ) -> Result<(), tokio_postgres::Error> {
+        let missing: Vec<&str> = {
+            let ids = self
+                .ids
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut m: Vec<&str> = points
+                .iter()
+                .map(|p| p.topic.as_str())
+                .filter(|t| !ids.contains_key(*t))
+                .collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for chunk in missing.chunks(10_000) {
+            client
+                .execute(
+                    "INSERT INTO tags (topic) SELECT unnest($1::text[]) ON CONFLICT (topic) DO NOTHING",
+                    &[&chunk],
+                )
+                .await?;
+            let rows = client
+                .query(
+                    "SELECT id, topic FROM tags WHERE topic = ANY($1)",
+                    &[&chunk],
+                )
+                .await?;
+            let mut ids = self
+                .ids
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for r in rows {
+                ids.insert(r.get(1), r.get(0));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cached id of a topic, if known.
+    pub fn id(&self, topic: &str) -> Option<i32> {
+        self.get(topic)
+    }
+}
+
+/// Moves the WAL's commit position as batches finish, in any order.
+pub struct Tracker {
+    state: Mutex<(u64, BTreeMap<u64, u64>)>,
+    wal: Wal,
+}
+
+impl Tracker {
+    pub fn new(wal: Wal, start: u64) -> Tracker {
+        Tracker {
+            state: Mutex::new((start, BTreeMap::new())),
+            wal,
+        }
+    }
+
+    pub fn done(&self, first: u64, last: u64) {
+        let below = {
+            let mut st = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.1.insert(first, last);
+            loop {
+                let lw = st.0;
+                match st.1.remove(&lw) {
+                    Some(l) => st.0 = l + 1,
+                    None => break,
+                }
+            }
+            st.0
+        };
+        self.wal.commit_below(below);
+    }
+}
+
+/// Gather frames into batches: a batch closes at `batch_size` rows or `batch_timeout` after
+/// its first frame. Ends when `frames` closes or on `token`.
+pub async fn batcher(
+    mut frames: mpsc::Receiver<Frame>,
+    batches: mpsc::Sender<Batch>,
+    batch_size: usize,
+    batch_timeout: Duration,
+    token: CancellationToken,
+) {
+    enum Next {
+        Frame(Frame),
+        Deadline,
+    }
+    let mut cur: Option<Batch> = None;
+    let mut deadline = tokio::time::Instant::now();
+    loop {
+        let next = tokio::select! {
+            f = frames.recv() => match f { Some(f) => Next::Frame(f), None => break },
+            _ = tokio::time::sleep_until(deadline), if cur.is_some() => Next::Deadline,
+            _ = token.cancelled() => return,
+        };
+        if let Next::Frame(frame) = next {
+            let b = cur.get_or_insert_with(|| {
+                deadline = tokio::time::Instant::now() + batch_timeout;
+                Batch {
+                    first_id: frame.first_id,
+                    ..Batch::default()
+                }
+            });
+            b.last_id = frame.last_id;
+            b.points.extend(frame.points);
+            b.rejects.extend(frame.rejects);
+            if b.points.len() + b.rejects.len() < batch_size {
+                continue;
+            }
+        }
+        if let Some(b) = cur.take() {
+            tokio::select! {
+                r = batches.send(b) => if r.is_err() { return },
+                _ = token.cancelled() => return,
+            }
+        }
+    }
+    // The WAL reader ended: hand on what is gathered.
+    if let Some(b) = cur.take() {
+        let _ = batches.send(b).await;
+    }
+}
+
+fn to_time(us: i64) -> SystemTime {
+    if us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(us as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
+    }
+}
+
+/// How a failed write is handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// The connection is gone or the server is unhappy: retry the batch later.
+    Retry,
+    /// The database refuses a row's data: go row by row.
+    Data,
+}
+
+fn classify(e: &tokio_postgres::Error) -> Failure {
+    match e.code() {
+        Some(c) => {
+            let class = &c.code()[..2];
+            if (class == "22" || class == "23") && *c != SqlState::UNIQUE_VIOLATION {
+                Failure::Data
+            } else {
+                Failure::Retry
+            }
+        }
+        None => Failure::Retry,
+    }
+}
+
+const COPY_TYPES: [Type; 5] = [
+    Type::TIMESTAMPTZ,
+    Type::INT4,
+    Type::FLOAT8,
+    Type::TEXT,
+    Type::INT2,
+];
+
+async fn copy_points(
+    client: &Client,
+    table: &str,
+    tags: &TagCache,
+    points: &[Point],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = client
+        .copy_in(&format!(
+            "COPY {table} (time, tag_id, value, value_str, quality) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+    pin_mut!(writer);
+    for p in points {
+        // Resolved just before; a topic without an id would be a bug, not data.
+        let id = tags.get(&p.topic).unwrap_or(0);
+        let time = to_time(p.ts_us);
+        writer
+            .as_mut()
+            .write(&[&time, &id, &p.value, &p.value_str, &p.quality])
+            .await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+async fn insert_rejects(client: &Client, rejects: &[Reject]) -> Result<(), tokio_postgres::Error> {
+    if rejects.is_empty() {
+        return Ok(());
+    }
+    let times: Vec<SystemTime> = rejects.iter().map(|r| to_time(r.ts_us)).collect();
+    let topics: Vec<&str> = rejects.iter().map(|r| r.topic.as_str()).collect();
+    let reasons: Vec<&str> = rejects.iter().map(|r| r.reason.as_str()).collect();
+    let payloads: Vec<&[u8]> = rejects.iter().map(|r| r.payload.as_slice()).collect();
+    client
+        .execute(
+            "INSERT INTO ingest_rejects (time, topic, reason, payload)
+             SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bytea[])",
+            &[&times, &topics, &reasons, &payloads],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One database connection writing batches.
+struct Conn {
+    client: Client,
+    staging: bool,
+}
+
+/// Write `batch` in one transaction; returns (written, duplicates).
+async fn write_batch(
+    conn: &mut Conn,
+    tags: &TagCache,
+    batch: &Batch,
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    tags.resolve(&conn.client, &batch.points).await?;
+    let client = &conn.client;
+    client.batch_execute("BEGIN").await?;
+    let fast = async {
+        copy_points(client, "points", tags, &batch.points).await?;
+        insert_rejects(client, &batch.rejects).await?;
+        client.batch_execute("COMMIT").await
+    }
+    .await;
+    match fast {
+        Ok(()) => return Ok((batch.points.len() as u64, 0)),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            if e.code() != Some(&SqlState::UNIQUE_VIOLATION) {
+                return Err(e);
+            }
+        }
+    }
+    // Some rows are already stored: stage and insert what is new.
+    if !conn.staging {
+        client
+            .batch_execute(
+                "CREATE TEMP TABLE IF NOT EXISTS points_stage (LIKE points) ON COMMIT DELETE ROWS",
+            )
+            .await?;
+        conn.staging = true;
+    }
+    client.batch_execute("BEGIN").await?;
+    let slow = async {
+        copy_points(client, "points_stage", tags, &batch.points).await?;
+        let n = client
+            .execute(
+                "INSERT INTO points SELECT * FROM points_stage ON CONFLICT (tag_id, time) DO NOTHING",
+                &[],
+            )
+            .await?;
+        insert_rejects(client, &batch.rejects).await?;
+        client.batch_execute("COMMIT").await?;
+        Ok::<u64, tokio_postgres::Error>(n)
+    }
+    .await;
+    match slow {
+        Ok(n) => Ok((n, batch.points.len() as u64 - n)),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Row by row, for a batch the database refused as data: refused rows go to the
+/// dead-letter table with the server's reason. Each statement is idempotent.
+async fn write_rows(
+    conn: &Conn,
+    tags: &TagCache,
+    batch: &Batch,
+    m: &WriterMetrics,
+) -> Result<(), tokio_postgres::Error> {
+    let client = &conn.client;
+    let stmt = client
+        .prepare(
+            "INSERT INTO points (time, tag_id, value, value_str, quality) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tag_id, time) DO NOTHING",
+        )
+        .await?;
+    let mut refused = Vec::new();
+    for p in &batch.points {
+        let id = tags.get(&p.topic).unwrap_or(0);
+        let time = to_time(p.ts_us);
+        let params: [&(dyn ToSql + Sync); 5] = [&time, &id, &p.value, &p.value_str, &p.quality];
+        match client.execute(&stmt, &params).await {
+            Ok(1) => m.written.inc(),
+            Ok(_) => m.duplicates.inc(),
+            Err(e) if classify(&e) == Failure::Data => {
+                m.refused.inc();
+                refused.push(Reject {
+                    ts_us: p.ts_us,
+                    topic: p.topic.clone(),
+                    reason: format!(
+                        "database_refused: {}",
+                        e.as_db_error()
+                            .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+                    ),
+                    payload: format!("{p:?}").into_bytes(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    refused.extend(batch.rejects.iter().cloned());
+    insert_rejects(client, &refused).await?;
+    m.rejects_stored.inc_by(refused.len() as u64);
+    Ok(())
+}
+
+fn approx_bytes(b: &Batch) -> usize {
+    b.points
+        .iter()
+        .map(|p| 26 + p.topic.len() + p.value_str.as_ref().map_or(0, String::len))
+        .sum::<usize>()
+        + b.rejects
+            .iter()
+            .map(|r| 16 + r.topic.len() + r.reason.len() + r.payload.len())
+            .sum::<usize>()
+}
+
+/// Everything a writer needs.
+pub struct WriterCtx {
+    pub url: SecretUrl,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub tags: Arc<TagCache>,
+    pub tracker: Arc<Tracker>,
+    pub breaker: Arc<CircuitBreaker>,
+    pub metrics: WriterMetrics,
+}
+
+/// A writer: takes batches until `batches` closes or `token` is cancelled; a batch it
+/// holds is retried until it is committed (or the token ends the run, leaving it in the WAL).
+pub async fn writer(
+    id: usize,
+    ctx: Arc<WriterCtx>,
+    batches: Arc<tokio::sync::Mutex<mpsc::Receiver<Batch>>>,
+    token: CancellationToken,
+) {
+    let mut conn: Option<Conn> = None;
+    let mut attempt = 0u32;
+    loop {
+        let batch = {
+            let mut rx = batches.lock().await;
+            tokio::select! {
+                b = rx.recv() => match b { Some(b) => b, None => return },
+                _ = token.cancelled() => return,
+            }
+        };
+        let started = Instant::now();
+        loop {
+            if token.is_cancelled() {
+                return;
+            }
+            let permit = match ctx.breaker.try_acquire() {
+                Ok(p) => p,
+                Err(open) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(open.retry_in.max(Duration::from_millis(50))) => continue,
+                        _ = token.cancelled() => return,
+                    }
+                }
+            };
+            if conn.is_none() {
+                match nexus_common::pg::connect(ctx.url.expose(), ctx.ca_file.as_deref()).await {
+                    Ok((client, _task)) => {
+                        conn = Some(Conn {
+                            client,
+                            staging: false,
+                        })
+                    }
+                    Err(e) => {
+                        permit.failure();
+                        ctx.metrics.db_up.set(0);
+                        ctx.metrics.errors.with_label_values(&["connection"]).inc();
+                        if attempt == 0 {
+                            tracing::warn!(writer = id, database = %ctx.url, error = %e, "database unreachable; points wait in the WAL");
+                        }
+                        attempt += 1;
+                        tokio::select! {
+                            _ = tokio::time::sleep(nexus_common::supervise::backoff(Duration::from_millis(100), Duration::from_secs(5), attempt)) => continue,
+                            _ = token.cancelled() => return,
+                        }
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            match write_batch(c, &ctx.tags, &batch).await {
+                Ok((written, dup)) => {
+                    permit.success();
+                    ctx.metrics.written.inc_by(written);
+                    ctx.metrics.duplicates.inc_by(dup);
+                    ctx.metrics
+                        .rejects_stored
+                        .inc_by(batch.rejects.len() as u64);
+                    break;
+                }
+                Err(e) if classify(&e) == Failure::Data => {
+                    permit.success();
+                    ctx.metrics.errors.with_label_values(&["data"]).inc();
+                    tracing::warn!(writer = id, error = %e, rows = batch.points.len(), "the database refused a batch as data; writing it row by row");
+                    if let Err(e) = write_rows(c, &ctx.tags, &batch, &ctx.metrics).await {
+                        tracing::warn!(writer = id, error = %e, "row-by-row write failed; retrying");
+                        conn = None;
+                        continue;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    permit.failure();
+                    let kind = if e.is_closed() || e.code().is_none() {
+                        ctx.metrics.db_up.set(0);
+                        conn = None;
+                        "connection"
+                    } else {
+                        "server"
+                    };
+                    ctx.metrics.errors.with_label_values(&[kind]).inc();
+                    if attempt == 0 {
+                        tracing::warn!(writer = id, error = %e, rows = batch.points.len(), "batch not written; it stays in the WAL and is retried");
+                    }
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(nexus_common::supervise::backoff(Duration::from_millis(100), Duration::from_secs(5), attempt)) => {}
+                        _ = token.cancelled() => return,
+                    }
+                }
+            }
+        }
+        if attempt > 0 {
+            tracing::info!(writer = id, "database writes resumed");
+        }
+        attempt = 0;
+        ctx.metrics.db_up.set(1);
+        ctx.metrics.batches.inc();
+        ctx.metrics
+            .batch_rows
+            .observe((batch.points.len() + batch.rejects.len()) as f64);
+        ctx.metrics.batch_bytes.observe(approx_bytes(&batch) as f64);
+        ctx.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        ctx.tracker.done(batch.first_id, batch.last_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_close_on_size_and_on_time() {
+        let (ftx, frx) = mpsc::channel(16);
+        let (btx, mut brx) = mpsc::channel(16);
+        let token = CancellationToken::new();
+        tokio::spawn(batcher(
+            frx,
+            btx,
+            3,
+            Duration::from_millis(50),
+            token.clone(),
+        ));
+        let frame = |id: u64, n: usize| Frame {
+            first_id: id,
+            last_id: id,
+            points: (0..n)
+                .map(|i| Point {
+                    topic: "t".into(),
+                    ts_us: i as i64,
+                    value: None,
+                    value_str: None,
+                    quality: 192,
+                })
+                .collect(),
+            ..Frame::default()
+        };
+        ftx.send(frame(1, 2)).await.unwrap();
+        ftx.send(frame(2, 2)).await.unwrap();
+        let b = brx.recv().await.unwrap();
+        assert_eq!((b.first_id, b.last_id, b.points.len()), (1, 2, 4));
+        let t = Instant::now();
+        ftx.send(frame(3, 1)).await.unwrap();
+        let b = brx.recv().await.unwrap();
+        assert_eq!((b.first_id, b.last_id, b.points.len()), (3, 3, 1));
+        assert!(t.elapsed() >= Duration::from_millis(45));
+        token.cancel();
+    }
+
+    #[test]
+    fn times_convert() {
+        assert_eq!(to_time(1_000_000), UNIX_EPOCH + Duration::from_secs(1));
+    }
+}

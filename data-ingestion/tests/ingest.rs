@@ -1,0 +1,601 @@
+//! Ingestion against a real PostgreSQL and a real broker: every point stored with its value,
+//! quality and time; bad payloads in `ingest_rejects`; Sparkplug births and data; the
+//! history API; two instances on one shared subscription; TimescaleDB where installed.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nexus_common::codec::sparkplug::{self, SpDataType, SpMetric, SpPayload};
+use nexus_common::config::{BrokerConfig, BrokerUser, Config, Role, Secret};
+use nexus_common::domain::Value;
+use nexus_common::mqtt::{self, ClientSettings, MqttHandle, QoS};
+use nexus_common::testing::{self, free_port, PgServer};
+use serde_json::Value as Json;
+use tokio_util::sync::CancellationToken;
+
+fn broker() -> nexus_common::broker::EmbeddedBroker {
+    testing::start_embedded_broker(BrokerConfig {
+        users: vec![BrokerUser {
+            username: "svc".into(),
+            password: Some(Secret::new("svc-pw".to_owned())),
+            password_env: None,
+            role: Role::Service,
+        }],
+        ..BrokerConfig::default()
+    })
+}
+
+async fn publisher(port: u16) -> MqttHandle {
+    let mut c = testing::mqtt_config(port);
+    c.username = Some("svc".into());
+    c.password = Some(Secret::new("svc-pw".to_owned()));
+    c.inflight = 1000;
+    let (h, _rx) = mqtt::connect(
+        &c,
+        ClientSettings::new(testing::unique("pub")),
+        None,
+        CancellationToken::new(),
+    )
+    .unwrap();
+    h.wait_connected(Duration::from_secs(10)).await.unwrap();
+    h
+}
+
+struct Ingest {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    http: u16,
+}
+
+fn start(port: u16, db: &str, wal: &std::path::Path, instance: &str, extra: &str) -> Ingest {
+    let http = free_port();
+    let text = format!(
+        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\n\
+         telemetry: {{ instance: {instance} }}\n\
+         ingestion:\n  database_url: \"{db}\"\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n  batch_timeout: 20ms\n{extra}",
+        wal.display()
+    );
+    let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let token = CancellationToken::new();
+    let task = tokio::spawn(nexus_data_ingestion::run(Arc::new(cfg), token.clone()));
+    Ingest { token, task, http }
+}
+
+impl Ingest {
+    async fn ready(&self) {
+        let start = Instant::now();
+        while testing::http(self.http, "GET", "/readyz", "").0 != 200 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "ingest not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The subscription is in place once the client is connected; give it a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = testing::http(self.http, "GET", "/metrics", "");
+        testing::metric_value(&text, sample).unwrap_or(0.0)
+    }
+
+    fn get(&self, path: &str) -> (u16, Json) {
+        let (status, body) = testing::http(self.http, "GET", path, "");
+        (status, serde_json::from_str(&body).unwrap_or(Json::Null))
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("ingest stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn sql(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+async fn count(c: &tokio_postgres::Client, q: &str) -> i64 {
+    c.query_one(q, &[]).await.map(|r| r.get(0)).unwrap_or(-1)
+}
+
+async fn wait_count(c: &tokio_postgres::Client, q: &str, want: i64, limit: Duration) -> i64 {
+    let start = Instant::now();
+    loop {
+        let n = count(c, q).await;
+        if n >= want || start.elapsed() > limit {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const T0: i64 = 1_750_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dead_lettered() {
+    let pg = PgServer::start();
+    let url = pg.create_database("hist").await;
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(port, &url, wal.path(), "ing-a", "");
+    ing.ready().await;
+    let p = publisher(port).await;
+    let db = sql(&url).await;
+
+    // 1000 numeric points over 10 topics, then other types and qualities.
+    for i in 0..1000i64 {
+        let topic = format!("acme/site/area/line/dev/t{}", i % 10);
+        let body = format!(r#"{{"v":{}.5,"ts":{}}}"#, i, T0 + i);
+        p.publish(&topic, body, QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    let others: [(&str, &str); 4] = [
+        (
+            "acme/site/area/line/dev/mode",
+            r#"{"v":"auto","q":"good","ts":1750000000000}"#,
+        ),
+        (
+            "acme/site/area/line/dev/run",
+            r#"{"v":true,"q":"uncertain","ts":1750000000001}"#,
+        ),
+        (
+            "acme/site/area/line/dev/lost",
+            r#"{"v":null,"q":"bad_comm_failure","ts":1750000000002}"#,
+        ),
+        (
+            "acme/site/area/line/dev/big",
+            r#"{"v":18446744073709551615,"ts":1750000000003}"#,
+        ),
+    ];
+    for (t, body) in others {
+        p.publish(t, body, QoS::AtLeastOnce, false).await.unwrap();
+    }
+    // The same point again (a publisher retry): stored once.
+    p.publish(
+        "acme/site/area/line/dev/t0",
+        r#"{"v":0.5,"ts":1750000000000}"#,
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    // Bad input.
+    let bad: [(&str, &[u8]); 4] = [
+        ("acme/bad/json", b"{not json"),
+        ("acme/bad/type", br#"{"v":[1,2]}"#),
+        ("acme/bad/quality", br#"{"v":1,"q":"excellent"}"#),
+        ("acme/bad/nul", br#"{"v":"a\u0000b"}"#),
+    ];
+    for (t, body) in bad {
+        p.publish(t, body.to_vec(), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    // Sparkplug: a birth with aliases, then data by alias.
+    let metric = |name: Option<&str>, alias, v: Value| SpMetric {
+        name: name.map(str::to_owned),
+        alias: Some(alias),
+        timestamp: None,
+        datatype: Some(SpDataType::for_value(&v)),
+        value: Some(v),
+    };
+    let birth = sparkplug::encode(&SpPayload {
+        timestamp: Some(T0 as u64),
+        seq: Some(0),
+        metrics: vec![metric(Some("Line/Speed"), 1, Value::Float(1.5))],
+    })
+    .unwrap();
+    p.publish(
+        "spBv1.0/G1/DBIRTH/edge1/filler",
+        birth,
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let data = sparkplug::encode(&SpPayload {
+        timestamp: Some(T0 as u64 + 1000),
+        seq: Some(1),
+        metrics: vec![metric(None, 1, Value::Float(2.5))],
+    })
+    .unwrap();
+    p.publish(
+        "spBv1.0/G1/DDATA/edge1/filler",
+        data,
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+
+    let want = 1000 + 4 + 2;
+    let n = wait_count(
+        &db,
+        "SELECT count(*) FROM metrics",
+        want,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(n, want, "every point stored once");
+    let r = wait_count(
+        &db,
+        "SELECT count(*) FROM ingest_rejects",
+        4,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r, 4);
+
+    // Values, qualities and times.
+    let row = db
+        .query_one(
+            "SELECT extract(epoch FROM time)::float8 * 1000, value, quality FROM metrics WHERE topic = 'acme/site/area/line/dev/t3' ORDER BY time LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, f64>(0).round() as i64, T0 + 3);
+    assert_eq!(row.get::<_, Option<f64>>(1), Some(3.5));
+    assert_eq!(row.get::<_, i16>(2), 192);
+    let rows = db
+        .query(
+            "SELECT topic, value, value_str, quality FROM metrics WHERE topic LIKE 'acme/site/area/line/dev/%' AND topic NOT LIKE '%/t_' ORDER BY topic",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<f64>, Option<String>, i16)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "acme/site/area/line/dev/big".into(),
+                Some(18446744073709551615.0),
+                None,
+                192
+            ),
+            ("acme/site/area/line/dev/lost".into(), None, None, 24),
+            (
+                "acme/site/area/line/dev/mode".into(),
+                None,
+                Some("auto".into()),
+                192
+            ),
+            ("acme/site/area/line/dev/run".into(), Some(1.0), None, 64),
+        ]
+    );
+    let sp: Vec<(String, f64)> = db
+        .query(
+            "SELECT topic, value FROM metrics WHERE topic LIKE 'spBv1.0/%' ORDER BY time",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        sp,
+        vec![
+            ("spBv1.0/G1/edge1/filler/Line/Speed".into(), 1.5),
+            ("spBv1.0/G1/edge1/filler/Line/Speed".into(), 2.5)
+        ]
+    );
+    let rejects: Vec<(String, String, Vec<u8>)> = db
+        .query(
+            "SELECT topic, reason, payload FROM ingest_rejects ORDER BY topic",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let reasons: Vec<(&str, &str)> = rejects
+        .iter()
+        .map(|(t, r, _)| (t.as_str(), r.split(':').next().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("acme/bad/json", "bad_json"),
+            ("acme/bad/nul", "bad_value"),
+            ("acme/bad/quality", "bad_quality"),
+            ("acme/bad/type", "bad_type"),
+        ]
+    );
+    assert_eq!(rejects[0].2, b"{not json");
+    assert!(rejects[0].1.contains("line 1"), "{}", rejects[0].1);
+
+    // Metrics tell the same story.
+    assert_eq!(
+        ing.metric("nexus_ingest_rejected_total{reason=\"bad_json\"}"),
+        1.0
+    );
+    assert_eq!(ing.metric("nexus_ingest_points_written_total") as i64, want);
+    let dup = ing.metric("nexus_ingest_points_duplicate_total");
+    assert_eq!(dup, 1.0, "the repeated point is counted, not stored");
+    assert_eq!(ing.metric("nexus_ingest_db_up"), 1.0);
+
+    // The aggregates have the contract's columns.
+    let agg = db
+        .query_one(
+            "SELECT sample_count, min_value, max_value, first_value, last_value FROM metrics_1min WHERE topic = 'acme/site/area/line/dev/t1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(agg.get::<_, i64>(0), 100);
+    assert_eq!(agg.get::<_, Option<f64>>(1), Some(1.5));
+    assert_eq!(agg.get::<_, Option<f64>>(2), Some(991.5));
+    assert_eq!(agg.get::<_, Option<f64>>(3), Some(1.5));
+    assert_eq!(agg.get::<_, Option<f64>>(4), Some(991.5));
+    for view in ["metrics_1hour", "metrics_1day"] {
+        assert!(count(&db, &format!("SELECT count(*) FROM {view}")).await > 0);
+    }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM nexus_schema_migrations").await,
+        1
+    );
+
+    // History API.
+    let from = T0 - 1000;
+    let to = T0 + 10_000;
+    let (s, h) = ing.get(&format!(
+        "/api/v1/history?topic=acme/site/area/line/dev/t2&from={from}&to={to}&agg=raw"
+    ));
+    assert_eq!(s, 200, "{h}");
+    let pts = h["points"].as_array().unwrap();
+    assert_eq!(pts.len(), 100);
+    assert_eq!(
+        pts[0],
+        serde_json::json!({"ts": T0 + 2, "v": 2.5, "q": "good"})
+    );
+    let (_, h) = ing.get(&format!(
+        "/api/v1/history?topic=acme/site/area/line/dev/t2&from={from}&to={to}&agg=1m"
+    ));
+    assert_eq!(h["agg"], "1m");
+    assert_eq!(h["points"][0]["count"], 100);
+    assert_eq!(h["points"][0]["first"], 2.5);
+    let (_, h) = ing.get(&format!(
+        "/api/v1/history?topic=acme/site/area/line/dev/t2&from={from}&to={to}"
+    ));
+    assert_eq!(h["agg"], "raw", "auto: 100 points fit");
+    let (_, h) = ing.get("/api/v1/latest?filter=acme/site/%2B/line/dev/%23");
+    let vals = h["values"].as_array().unwrap();
+    assert_eq!(vals.len(), 14, "{h}");
+    let t9 = vals
+        .iter()
+        .find(|v| v["topic"] == "acme/site/area/line/dev/t9")
+        .unwrap();
+    assert_eq!(t9["v"], 999.5);
+    assert_eq!(t9["ts"], T0 + 999);
+    // Bad parameters say what is wrong.
+    for (path, says) in [
+        ("/api/v1/history", "topic: required"),
+        ("/api/v1/history?topic=a/%2B", "wildcards"),
+        (
+            "/api/v1/history?topic=a&from=yesterday",
+            "from: \\\"yesterday\\\"",
+        ),
+        (
+            "/api/v1/history?topic=a&from=now&to=now-1h",
+            "must be before",
+        ),
+        ("/api/v1/history?topic=a&agg=5m", "agg: \\\"5m\\\""),
+        ("/api/v1/history?topic=a&bogus=1", "unknown parameter"),
+        ("/api/v1/latest?filter=a/%23/b", "filter"),
+    ] {
+        let (s, body) = testing::http(ing.http, "GET", path, "");
+        assert_eq!(s, 400, "{path}: {body}");
+        assert!(body.contains(says), "{path}: {body}");
+    }
+    let (s, _) = ing.get("/api/v1/history?topic=no/such/topic");
+    assert_eq!(s, 404);
+
+    // A restart neither loses nor repeats anything, and migrations are not re-applied.
+    ing.stop().await;
+    let ing = start(port, &url, wal.path(), "ing-a", "");
+    ing.ready().await;
+    p.publish(
+        "acme/site/area/line/dev/after",
+        r#"{"v":1,"ts":1750000000000}"#,
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let n = wait_count(
+        &db,
+        "SELECT count(*) FROM metrics",
+        want + 1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(n, want + 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM nexus_schema_migrations").await,
+        1
+    );
+    ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_a_shared_subscription_split_the_load_and_store_everything_once() {
+    let pg = PgServer::start();
+    let url = pg.create_database("shared").await;
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let (w1, w2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(port, &url, w1.path(), "ing-1", "");
+    let c = start(port, &url, w2.path(), "ing-2", "");
+    a.ready().await;
+    c.ready().await;
+    let p = publisher(port).await;
+    let n = 20_000i64;
+    for i in 0..n {
+        let topic = format!("plant/s/a/l/d/tag{}", i % 50);
+        p.publish(
+            &topic,
+            format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    let db = sql(&url).await;
+    let got = wait_count(
+        &db,
+        "SELECT count(*) FROM points",
+        n,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(got, n);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM points").await,
+        n,
+        "nothing twice"
+    );
+    let (x, y) = (
+        a.metric("nexus_ingest_points_written_total"),
+        c.metric("nexus_ingest_points_written_total"),
+    );
+    assert_eq!((x + y) as i64, n);
+    assert!(x > n as f64 * 0.2 && y > n as f64 * 0.2, "split {x} / {y}");
+    a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_data_with_unknown_aliases_is_dead_lettered_and_a_rebirth_requested() {
+    let pg = PgServer::start();
+    let url = pg.create_database("spb").await;
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(port, &url, wal.path(), "ing-sp", "");
+    ing.ready().await;
+    // The edge node listens for its commands.
+    let mut c = testing::mqtt_config(port);
+    c.username = Some("svc".into());
+    c.password = Some(Secret::new("svc-pw".to_owned()));
+    let mut s = ClientSettings::new(testing::unique("edge"));
+    s.subscriptions = vec![("spBv1.0/G2/NCMD/edge2".into(), QoS::AtLeastOnce)];
+    let (edge, mut cmds) = mqtt::connect(&c, s, None, CancellationToken::new()).unwrap();
+    edge.wait_connected(Duration::from_secs(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let data = sparkplug::encode(&SpPayload {
+        timestamp: Some(T0 as u64),
+        seq: Some(3),
+        metrics: vec![SpMetric {
+            name: None,
+            alias: Some(7),
+            timestamp: None,
+            datatype: Some(SpDataType::Double),
+            value: Some(Value::Float(1.0)),
+        }],
+    })
+    .unwrap();
+    edge.publish("spBv1.0/G2/NDATA/edge2", data, QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let cmd = tokio::time::timeout(Duration::from_secs(10), cmds.recv())
+        .await
+        .expect("rebirth request")
+        .unwrap();
+    let p = sparkplug::decode(cmd.payload()).unwrap();
+    assert_eq!(p.metrics[0].name.as_deref(), Some("Node Control/Rebirth"));
+    let db = sql(&url).await;
+    let n = wait_count(
+        &db,
+        "SELECT count(*) FROM ingest_rejects WHERE reason LIKE 'unknown_alias%'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(n, 1);
+    assert_eq!(ing.metric("nexus_ingest_rebirth_requests_total"), 1.0);
+    ing.stop().await;
+}
+
+/// TimescaleDB: hypertable, compression and continuous aggregates. Runs where the
+/// extension is installed for the harness's PostgreSQL; elsewhere it says so and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timescaledb_storage_when_the_server_has_it() {
+    let pg = PgServer::start();
+    let url = pg.create_database("tsdb").await;
+    let db = sql(&url).await;
+    let available = count(
+        &db,
+        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'",
+    )
+    .await;
+    if available == 0 {
+        eprintln!("TimescaleDB is not installed here: the plain PostgreSQL layout is what the other tests cover");
+        return;
+    }
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(
+        port,
+        &url,
+        wal.path(),
+        "ing-ts",
+        "  compress_after: 1h\n  retention: 3650d\n",
+    );
+    ing.ready().await;
+    let p = publisher(port).await;
+    for i in 0..100i64 {
+        p.publish(
+            "ts/a/b/c/d/x",
+            format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i * 1000),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        wait_count(
+            &db,
+            "SELECT count(*) FROM metrics",
+            100,
+            Duration::from_secs(20)
+        )
+        .await,
+        100
+    );
+    let hyper = count(
+        &db,
+        "SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'points'",
+    )
+    .await;
+    // A server without the extension preloaded falls back to plain PostgreSQL.
+    if hyper == 1 {
+        db.batch_execute("CALL refresh_continuous_aggregate('points_1min', NULL, NULL)")
+            .await
+            .ok();
+        assert!(count(&db, "SELECT count(*) FROM metrics_1min").await >= 1);
+    }
+    ing.stop().await;
+}
