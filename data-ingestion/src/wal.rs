@@ -278,6 +278,18 @@ fn decode_body(body: &[u8]) -> Option<Frame> {
     })
 }
 
+/// About the encoded size of records (to keep frames well under a segment).
+fn approx_bytes(points: &[Point], rejects: &[Reject]) -> usize {
+    points
+        .iter()
+        .map(|p| 32 + p.topic.len() + p.value_str.as_ref().map_or(0, String::len))
+        .sum::<usize>()
+        + rejects
+            .iter()
+            .map(|r| 16 + r.topic.len() + r.reason.len() + r.payload.len())
+            .sum::<usize>()
+}
+
 /// Encode one frame (header and body) into `out`.
 fn encode_frame(out: &mut Vec<u8>, id: u64, written_ms: i64, points: &[Point], rejects: &[Reject]) {
     out.clear();
@@ -556,9 +568,12 @@ impl Wal {
         while let Some(first) = rx.blocking_recv() {
             let mut tokens = vec![first.token];
             let (mut points, mut rejects) = (first.points, first.rejects);
-            while points.len() + rejects.len() < MAX_FRAME_ROWS {
+            let byte_cap = (self.shared.opts.segment_size / 2) as usize;
+            let mut bytes = approx_bytes(&points, &rejects);
+            while points.len() + rejects.len() < MAX_FRAME_ROWS && bytes < byte_cap {
                 match rx.try_recv() {
                     Ok(a) => {
+                        bytes += approx_bytes(&a.points, &a.rejects);
                         points.extend(a.points);
                         rejects.extend(a.rejects);
                         tokens.push(a.token);
@@ -605,7 +620,31 @@ impl Wal {
         encode_frame(buf, id, written_ms, points, rejects);
         let len = buf.len() as u64;
         let mut waited = false;
-        while st.total_bytes + len > opts.max_size && !st.closing {
+        loop {
+            if st.closing {
+                return Ok(false);
+            }
+            let fits = |st: &State| st.total_bytes == 0 || st.total_bytes + len <= opts.max_size;
+            // The open segment, once wholly committed, is the writer's to delete (nobody
+            // else may: a frame could be on its way into it).
+            if let Some(back) = st.segments.back().copied() {
+                if !fits(&st) && back.bytes > 0 && back.last_id < st.committed_below {
+                    let path = seg_path(&opts.dir, back.first_id);
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                    st.segments.pop_back();
+                    st.total_bytes -= back.bytes;
+                    *file = None;
+                    self.update_gauges(&st);
+                }
+            }
+            // An empty log takes any frame, so one larger than the limit cannot stall it.
+            if fits(&st) {
+                break;
+            }
             if !waited {
                 tracing::warn!(
                     bytes = st.total_bytes,
@@ -623,9 +662,6 @@ impl Wal {
                 .wait_timeout(st, Duration::from_secs(1))
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
-        }
-        if st.closing {
-            return Ok(false);
         }
         if waited {
             if let Some(m) = &self.shared.metrics {
