@@ -188,6 +188,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
             Some(BreakerMetrics::new(&registry)),
         ),
         metrics: wmetrics.clone(),
+        recovered: tokio::sync::Notify::new(),
     });
     let setup = {
         let (db, ic, ctx, pipeline) = (db.clone(), ic.clone(), ctx.clone(), pipeline.clone());
@@ -249,20 +250,23 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
 
     // Gauges and database readiness.
     let monitor = {
-        let (wal, metrics, wmetrics, db, token) = (
+        let (wal, metrics, wmetrics, db, token, ctx) = (
             wal.clone(),
             metrics.clone(),
             wmetrics.clone(),
             db.clone(),
             pipeline.clone(),
+            ctx.clone(),
         );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut was_up = true;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = token.cancelled() => return,
                 }
+                wal.record_position();
                 metrics.oldest_age.set(wal.oldest_uncommitted_age());
                 metrics.usage.set(wal.usage_ratio());
                 let up = match db.client().await {
@@ -271,6 +275,11 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
                 };
                 wmetrics.db_up.set(i64::from(up));
                 db_ready.set(up);
+                if up && !was_up {
+                    // Writers waiting out a backoff go now.
+                    ctx.recovered.notify_waiters();
+                }
+                was_up = up;
             }
         })
     };

@@ -527,6 +527,12 @@ impl Wal {
         }
     }
 
+    /// Record the commit position now (commits record it at most every 200 ms).
+    pub fn record_position(&self) {
+        let mut st = self.lock();
+        self.persist_floor(&mut st, true);
+    }
+
     fn persist_floor(&self, st: &mut State, force: bool) {
         if !force
             && st

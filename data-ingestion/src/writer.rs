@@ -355,6 +355,8 @@ async fn insert_rejects(client: &Client, rejects: &[Reject]) -> Result<(), tokio
 struct Conn {
     client: Client,
     staging: bool,
+    /// Opened for the batch at hand (a failure then is the database's, not a stale link's).
+    fresh: bool,
 }
 
 /// Write `batch` in one transaction; returns (written, duplicates).
@@ -477,6 +479,9 @@ pub struct WriterCtx {
     pub tracker: Arc<Tracker>,
     pub breaker: Arc<CircuitBreaker>,
     pub metrics: WriterMetrics,
+    /// Signalled when a write succeeds, so writers waiting out a backoff try again at once
+    /// when the database is back.
+    pub recovered: tokio::sync::Notify,
 }
 
 /// A writer: takes batches until `batches` closes or `token` is cancelled; a batch it
@@ -507,6 +512,7 @@ pub async fn writer(
                 Err(open) => {
                     tokio::select! {
                         _ = tokio::time::sleep(open.retry_in.max(Duration::from_millis(50))) => continue,
+                        _ = ctx.recovered.notified() => continue,
                         _ = token.cancelled() => return,
                     }
                 }
@@ -517,6 +523,7 @@ pub async fn writer(
                         conn = Some(Conn {
                             client,
                             staging: false,
+                            fresh: true,
                         })
                     }
                     Err(e) => {
@@ -529,14 +536,17 @@ pub async fn writer(
                         attempt += 1;
                         tokio::select! {
                             _ = tokio::time::sleep(nexus_common::supervise::backoff(Duration::from_millis(100), Duration::from_secs(5), attempt)) => continue,
+                            _ = ctx.recovered.notified() => continue,
                             _ = token.cancelled() => return,
                         }
                     }
                 }
             }
             let Some(c) = conn.as_mut() else { continue };
-            match write_batch(c, &ctx.tags, &batch).await {
+            let result = write_batch(c, &ctx.tags, &batch).await;
+            match result {
                 Ok((written, dup)) => {
+                    c.fresh = false;
                     permit.success();
                     ctx.metrics.written.inc_by(written);
                     ctx.metrics.duplicates.inc_by(dup);
@@ -558,20 +568,26 @@ pub async fn writer(
                 }
                 Err(e) => {
                     permit.failure();
+                    let stale = !c.fresh;
                     let kind = if e.is_closed() || e.code().is_none() {
-                        ctx.metrics.db_up.set(0);
                         conn = None;
                         "connection"
                     } else {
                         "server"
                     };
                     ctx.metrics.errors.with_label_values(&[kind]).inc();
+                    if stale && kind == "connection" {
+                        // A link from before an outage: try a new one at once.
+                        continue;
+                    }
+                    ctx.metrics.db_up.set(0);
                     if attempt == 0 {
                         tracing::warn!(writer = id, error = %e, rows = batch.points.len(), "batch not written; it stays in the WAL and is retried");
                     }
                     attempt += 1;
                     tokio::select! {
                         _ = tokio::time::sleep(nexus_common::supervise::backoff(Duration::from_millis(100), Duration::from_secs(5), attempt)) => {}
+                        _ = ctx.recovered.notified() => {}
                         _ = token.cancelled() => return,
                     }
                 }
@@ -579,6 +595,7 @@ pub async fn writer(
         }
         if attempt > 0 {
             tracing::info!(writer = id, "database writes resumed");
+            ctx.recovered.notify_waiters();
         }
         attempt = 0;
         ctx.metrics.db_up.set(1);

@@ -73,6 +73,11 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 
 /// `nexus broker` on a free port with users `svc` (service) and `op` (operator).
 pub fn start_broker(dir: &Path) -> (Proc, u16) {
+    start_broker_with(dir, &[])
+}
+
+/// [`start_broker`] with extra environment overrides (`NEXUS_BROKER__...`).
+pub fn start_broker_with(dir: &Path, env: &[(&str, &str)]) -> (Proc, u16) {
     let port = free_port();
     let cfg = dir.join("broker.yaml");
     std::fs::write(&cfg, "broker:\n  users:\n    - { username: svc, password: svc-pw, role: service }\n    - { username: op, password: op-pw, role: operator }\n").expect("write");
@@ -87,6 +92,7 @@ pub fn start_broker(dir: &Path) -> (Proc, u16) {
                 format!("127.0.0.1:{}", free_port()),
             )
             .env("NEXUS_TELEMETRY__LOG_LEVEL", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .expect("nexus broker"),

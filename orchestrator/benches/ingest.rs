@@ -1,0 +1,417 @@
+//! Ingestion end to end: a client in this process publishes one point per message, UNS-style
+//! over 10,000 topics, QoS 1, through a broker (`nexus broker`, then Mosquitto configured for
+//! throughput) to `nexus ingest` (its own process, default settings: 4 writers, 5,000-point
+//! batches, fsync'd WAL), and the points/s committed to PostgreSQL are measured, with the
+//! ingest process's CPU and peak RSS.
+//!
+//! Baselines in the same run, on the same PostgreSQL and schema:
+//! * raw binary COPY of the same rows, 4 connections, 5,000-row transactions (the storage
+//!   ceiling);
+//! * the storage side of ingestion alone: the WAL filled while the database is stopped, then
+//!   drained into it (no broker in the path).
+//!
+//! `cargo bench -p nexus-orchestrator --bench ingest`; BENCH_POINTS (300,000).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::pin_mut;
+use nexus_common::config::{IngestionConfig, Secret};
+use nexus_common::mqtt::{self, ClientSettings, QoS};
+use nexus_common::testing::{self, free_port, Mosquitto, PgServer};
+use support::{cpu_seconds, env, http_get, metric_sum, status_kib, Proc, NEXUS};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
+
+mod support;
+
+const TAGS: usize = 10_000;
+const T0: i64 = 1_770_000_000_000;
+
+fn topic(i: usize) -> String {
+    let t = i % TAGS;
+    format!(
+        "acme/site/area{}/line{}/dev{}/tag{}",
+        t / 2500,
+        (t / 250) % 10,
+        (t / 10) % 25,
+        t % 10
+    )
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+/// Raw binary COPY of `n` rows into the historian schema: 4 connections, 5,000-row
+/// transactions. Rows/s.
+async fn raw_copy(url: &str, n: usize) -> f64 {
+    let c = client(url).await;
+    nexus_data_ingestion::schema::ensure(&c, &IngestionConfig::default())
+        .await
+        .expect("schema");
+    let topics: Vec<String> = (0..TAGS).map(topic).collect();
+    c.execute(
+        "INSERT INTO tags (topic) SELECT unnest($1::text[])",
+        &[&topics],
+    )
+    .await
+    .expect("tags");
+    let ids: std::collections::HashMap<String, i32> = c
+        .query("SELECT topic, id FROM tags", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let ids = std::sync::Arc::new(ids);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4usize {
+        let (url, ids) = (url.to_owned(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client(&url).await;
+            let mut i = w * 5000;
+            while i < n {
+                let end = (i + 5000).min(n);
+                let sink = c
+                    .copy_in("COPY points (time, tag_id, value, value_str, quality) FROM STDIN (FORMAT binary)")
+                    .await
+                    .expect("copy");
+                let writer = BinaryCopyInWriter::new(
+                    sink,
+                    &[Type::TIMESTAMPTZ, Type::INT4, Type::FLOAT8, Type::TEXT, Type::INT2],
+                );
+                pin_mut!(writer);
+                for k in i..end {
+                    let time = UNIX_EPOCH + Duration::from_millis((T0 + k as i64) as u64);
+                    let id = ids[&topic(k)];
+                    writer
+                        .as_mut()
+                        .write(&[&time, &id, &Some(k as f64), &None::<String>, &192i16])
+                        .await
+                        .expect("row");
+                }
+                writer.finish().await.expect("finish");
+                i += 4 * 5000;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("copy task");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Ingest {
+    proc: Proc,
+    http: u16,
+    _wal: tempfile::TempDir,
+}
+
+fn start_ingest(mqtt_yaml: &str, db: &str) -> Ingest {
+    let wal = tempfile::tempdir().expect("tempdir");
+    let http = free_port();
+    let cfg = wal.path().join("ingest.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "mqtt: {{ {mqtt_yaml} }}\ntelemetry: {{ log_level: warn, instance: bench }}\n\
+             ingestion:\n  database_url: \"{db}\"\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n",
+            wal.path().join("wal").display()
+        ),
+    )
+    .expect("write");
+    let proc = Proc(
+        Command::new(NEXUS)
+            .args(["ingest", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nexus ingest"),
+    );
+    let start = Instant::now();
+    while http_get(http, "/readyz").split_whitespace().nth(1) != Some("200") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "ingest not ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Ingest {
+        proc,
+        http,
+        _wal: wal,
+    }
+}
+
+impl Ingest {
+    fn written(&self) -> f64 {
+        metric_sum(
+            &http_get(self.http, "/metrics"),
+            "nexus_ingest_points_written_total",
+        )
+    }
+
+    /// Wait until `n` points are written (or nothing moves for 10 s); returns the instant
+    /// the count first moved and the instant it reached `n`.
+    fn wait_written(&self, n: f64) -> (Instant, Instant) {
+        let mut first = None;
+        let mut last = 0.0;
+        let mut still = Instant::now();
+        loop {
+            let w = self.written();
+            if w > 0.0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            if w >= n || still.elapsed() > Duration::from_secs(10) {
+                if env("BENCH_VERBOSE", 0) == 1 {
+                    let m = http_get(self.http, "/metrics");
+                    for name in [
+                        "nexus_ingest_messages_received_total",
+                        "nexus_ingest_points_received_total",
+                        "nexus_ingest_wal_frames_total",
+                        "nexus_ingest_batches_total",
+                        "nexus_ingest_points_duplicate_total",
+                        "nexus_ingest_write_errors_total",
+                        "nexus_ingest_wal_bytes",
+                    ] {
+                        eprintln!("  {name} {}", metric_sum(&m, name));
+                    }
+                }
+                return (first.unwrap_or_else(Instant::now), Instant::now());
+            }
+            if w != last {
+                if env("BENCH_VERBOSE", 0) == 1 {
+                    eprintln!("  {:>8.2}s written {w}", still.elapsed().as_secs_f64());
+                }
+                still = Instant::now();
+                last = w;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+async fn publish(port: u16, user: Option<&str>, n: usize, token: &CancellationToken) -> f64 {
+    let mut c = testing::mqtt_config(port);
+    c.persistent_session = false;
+    c.inflight = 1000;
+    if let Some(u) = user {
+        c.username = Some(u.into());
+        c.password = Some(Secret::new(format!("{u}-pw")));
+    }
+    let mut s = ClientSettings::new(testing::unique("bench-pub"));
+    s.tcp_nodelay = false;
+    let (p, _) = mqtt::connect(&c, s, None, token.clone()).expect("publisher");
+    p.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connect");
+    let topics: Vec<String> = (0..TAGS).map(topic).collect();
+    let start = Instant::now();
+    for i in 0..n {
+        p.publish(
+            &topics[i % TAGS],
+            format!("{{\"v\":{i},\"q\":\"good\",\"ts\":{}}}", T0 + i as i64),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .expect("publish");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Baseline through the same broker: a bare QoS 1 subscriber receiving the same stream.
+async fn bare_subscriber(port: u16, user: Option<&str>, n: usize) -> f64 {
+    let token = CancellationToken::new();
+    let mut c = testing::mqtt_config(port);
+    c.persistent_session = false;
+    if let Some(u) = user {
+        c.username = Some(u.into());
+        c.password = Some(Secret::new(format!("{u}-pw")));
+    }
+    let mut s = ClientSettings::new(testing::unique("bench-sub"));
+    s.subscriptions = vec![("acme/#".into(), QoS::AtLeastOnce)];
+    s.incoming_capacity = 10_000;
+    let (sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("subscriber");
+    sub.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counter = tokio::spawn(async move {
+        let mut got = 0;
+        let mut first = None;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                Ok(Some(_)) => {
+                    first.get_or_insert_with(Instant::now);
+                    got += 1;
+                }
+                _ => break,
+            }
+        }
+        got as f64 / first.map_or(1.0, |f| f.elapsed().as_secs_f64())
+    });
+    publish(port, user, n, &token).await;
+    let rate = counter.await.expect("counter");
+    token.cancel();
+    rate
+}
+
+struct Run {
+    name: &'static str,
+    bare: f64,
+    committed: f64,
+    published: f64,
+    cores: f64,
+    rss_mib: f64,
+}
+
+fn end_to_end(
+    rt: &tokio::runtime::Runtime,
+    name: &'static str,
+    port: u16,
+    user: Option<&str>,
+    mqtt_yaml: &str,
+    db: &str,
+    n: usize,
+) -> Run {
+    let bare = rt.block_on(bare_subscriber(port, user, n));
+    let ing = start_ingest(mqtt_yaml, db);
+    let pid = ing.proc.0.id();
+    let token = CancellationToken::new();
+    let cpu0 = cpu_seconds(pid);
+    let start = Instant::now();
+    let published = rt.block_on(publish(port, user, n, &token));
+    let (_, done) = ing.wait_written(n as f64);
+    let elapsed = done.duration_since(start).as_secs_f64();
+    let written = ing.written();
+    let m = http_get(ing.http, "/metrics");
+    assert!(
+        written >= n as f64,
+        "{name}: only {written} of {n} written; ingest received {} messages, WAL {} bytes",
+        metric_sum(&m, "nexus_ingest_messages_received_total"),
+        metric_sum(&m, "nexus_ingest_wal_bytes")
+    );
+    token.cancel();
+    Run {
+        name,
+        bare,
+        committed: written / elapsed,
+        published,
+        cores: (cpu_seconds(pid) - cpu0) / elapsed,
+        rss_mib: status_kib(pid, "VmHWM:") as f64 / 1024.0,
+    }
+}
+
+fn main() {
+    let n = env("BENCH_POINTS", 300_000) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut pg = PgServer::start();
+
+    let url = rt.block_on(pg.create_database("raw"));
+    let raw = rt.block_on(raw_copy(&url, n));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut runs = Vec::new();
+    {
+        // The queue per client holds the whole run: the publisher outruns the historian.
+        let (_broker, port) =
+            support::start_broker_with(dir.path(), &[("NEXUS_BROKER__MAX_MQUEUE_LEN", "10000000")]);
+        let db = rt.block_on(pg.create_database("e2e_embedded"));
+        runs.push(end_to_end(
+            &rt,
+            "embedded broker (nexus broker)",
+            port,
+            Some("svc"),
+            &format!("host: 127.0.0.1, port: {port}, username: svc, password: svc-pw"),
+            &db,
+            n,
+        ));
+    }
+    {
+        // The harness's Mosquitto raises the in-flight window to 1000 and lifts the queue
+        // limits: its defaults (20 in flight, 1000 queued) throttle or drop QoS 1 floods.
+        let mq = Mosquitto::start("").expect("mosquitto");
+        let port = mq.addr().port();
+        let db = rt.block_on(pg.create_database("e2e_mosquitto"));
+        runs.push(end_to_end(
+            &rt,
+            "Mosquitto",
+            port,
+            None,
+            &format!("host: 127.0.0.1, port: {port}"),
+            &db,
+            n,
+        ));
+    }
+
+    // Storage side alone: fill the WAL while PostgreSQL is down, then time the drain.
+    let drain = {
+        let (_broker, port) =
+            support::start_broker_with(dir.path(), &[("NEXUS_BROKER__MAX_MQUEUE_LEN", "10000000")]);
+        let db = rt.block_on(pg.create_database("drain"));
+        let ing = start_ingest(
+            &format!("host: 127.0.0.1, port: {port}, username: svc, password: svc-pw"),
+            &db,
+        );
+        pg.stop();
+        let token = CancellationToken::new();
+        rt.block_on(publish(port, Some("svc"), n, &token));
+        // Everything durable in the WAL before the database returns.
+        let start = Instant::now();
+        while metric_sum(
+            &http_get(ing.http, "/metrics"),
+            "nexus_ingest_messages_received_total",
+        ) < n as f64
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        pg.restart();
+        let (first, done) = ing.wait_written(n as f64);
+        token.cancel();
+        ing.written() / done.duration_since(first).as_secs_f64().max(1e-3)
+    };
+
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!("ingestion: {n} points, one per message, QoS 1, {TAGS} topics (run at unix {now})");
+    println!("  baseline: raw binary COPY, 4 conn x 5,000 rows   {raw:>10.0} points/s");
+    println!(
+        "  WAL drain into PostgreSQL (storage side alone)   {drain:>10.0} points/s  {:.2}x of raw COPY",
+        drain / raw
+    );
+    for r in &runs {
+        println!(
+            "  end to end via {:<32} {:>10.0} points/s  {:.2}x of raw COPY, {:.2}x of a bare QoS 1 subscriber ({:.0} msgs/s); publisher {:.0} msgs/s; ingest {:.2} cores, peak RSS {:.1} MiB",
+            r.name,
+            r.committed,
+            r.committed / raw,
+            r.committed / r.bare,
+            r.bare,
+            r.published,
+            r.cores,
+            r.rss_mib
+        );
+    }
+    let best = runs.iter().map(|r| r.committed).fold(0.0, f64::max);
+    println!(
+        "  goals: >= 200,000 points/s end to end: {}; >= 0.5x raw COPY: {}",
+        if best >= 200_000.0 { "met" } else { "not met" },
+        if best / raw >= 0.5 { "met" } else { "not met" }
+    );
+}
