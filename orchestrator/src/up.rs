@@ -209,8 +209,12 @@ fn print_banner(
     ));
     if ingestion {
         out.push_str(&format!(
-            "  ingestion     {}\n",
-            shown(cfg.ingestion.http_listen)
+            "  ingestion     {}  (/api/v1/history?topic=..., /api/v1/latest?filter=...; database {})\n",
+            shown(cfg.ingestion.http_listen),
+            cfg.ingestion
+                .database_url
+                .as_ref()
+                .map_or_else(String::new, |u| u.redacted())
         ));
     } else {
         out.push_str(
