@@ -456,3 +456,41 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn ingestion_settings_load_and_bad_ones_are_named() {
+    let c = load(
+        "ingestion:\n  filters: [\"acme/#\", \"spBv1.0/#\"]\n  shared_group: hist\n  wal_max_size: 64MiB\n  batch_size: 10000\n  batch_timeout: 250ms\n  retention: 90d\n  compress_after: null\n",
+    )
+    .unwrap();
+    assert_eq!(c.ingestion.filters, vec!["acme/#", "spBv1.0/#"]);
+    assert_eq!(c.ingestion.wal_max_size.0, 64 * 1024 * 1024);
+    assert_eq!(c.ingestion.batch_timeout, Duration::from_millis(250));
+    assert_eq!(
+        c.ingestion.retention,
+        Some(Duration::from_secs(90 * 86_400))
+    );
+    assert_eq!(c.ingestion.compress_after, None);
+    let d = load("{}").unwrap();
+    assert_eq!(d.ingestion.batch_size, 5000);
+    assert_eq!(d.ingestion.writers, 4);
+    assert_eq!(d.ingestion.shared_group, "nexus-ingest");
+    assert_eq!(
+        d.ingestion.compress_after,
+        Some(Duration::from_secs(7 * 86_400))
+    );
+
+    let errs = errors(
+        "ingestion:\n  filters: [\"a/#/b\"]\n  shared_group: \"a/b\"\n  wal_segment_size: 1kB\n  writers: 0\n  batch_timeout: 0s\n",
+    );
+    assert_has(&errs, "ingestion.filters[0]: \"a/#/b\"");
+    assert_has(&errs, "ingestion.shared_group: must not contain");
+    assert_has(&errs, "ingestion.wal_segment_size: must be at least 64KiB");
+    assert_has(&errs, "ingestion.writers: must be between 1 and 64");
+    assert_has(&errs, "ingestion.batch_timeout: must be more than 0");
+    let errs = errors("ingestion:\n  batch_timeout: 5\n");
+    assert_has(
+        &errs,
+        "nexus.yaml:2:3: ingestion.batch_timeout: invalid duration 5",
+    );
+}
