@@ -51,8 +51,12 @@ struct Ingest {
 
 fn start(port: u16, db: &str, wal: &std::path::Path, instance: &str, extra: &str) -> Ingest {
     let http = free_port();
+    let (version, extra) = match extra.strip_prefix("mqtt5") {
+        Some(rest) => ("\"5\"", rest),
+        None => ("\"3.1.1\"", extra),
+    };
     let text = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\n\
+        "mqtt: {{ host: 127.0.0.1, port: {port}, version: {version}, username: svc, password: svc-pw, reconnect_min: 50ms }}\n\
          telemetry: {{ instance: {instance} }}\n\
          ingestion:\n  database_url: \"{db}\"\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n  batch_timeout: 20ms\n{extra}",
         wal.display()
@@ -444,7 +448,8 @@ async fn two_instances_on_a_shared_subscription_split_the_load_and_store_everyth
     let port = b.ports.tcp.port();
     let (w1, w2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start(port, &url, w1.path(), "ing-1", "");
-    let c = start(port, &url, w2.path(), "ing-2", "");
+    // The second instance speaks MQTT 5 (clean_start=false with a session expiry).
+    let c = start(port, &url, w2.path(), "ing-2", "mqtt5");
     a.ready().await;
     c.ready().await;
     let p = publisher(port).await;

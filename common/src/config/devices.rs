@@ -261,6 +261,147 @@ pub struct ModbusAddress {
     pub bit: Option<u8>,
 }
 
+/// S7 memory areas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum S7Area {
+    /// Process inputs (`I`).
+    Input,
+    /// Process outputs (`Q`).
+    Output,
+    /// Flags / bit memory (`M`).
+    Merker,
+    /// A data block (`DB<n>`).
+    Db(u16),
+}
+
+/// A parsed S7 address: `DB10.DBX2.3`, `DB10.DBB1`, `DB10.DBW2`, `DB10.DBD4`, `M20.1`, `MB20`,
+/// `MW20`, `MD20`, `I0.1`, `IB0`, `IW0`, `ID0`, `Q0.0`, `QB0`, `QW0`, `QD0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct S7Address {
+    pub area: S7Area,
+    /// Byte offset in the area.
+    pub byte: u32,
+    /// Bit 0-7 for `X` (and `M20.1`-style) addresses.
+    pub bit: Option<u8>,
+    /// Bytes the size letter names: 0 for a bit, 1 for `B`, 2 for `W`, 4 for `D`.
+    pub width: u8,
+}
+
+impl S7Address {
+    pub fn parse(s: &str) -> Result<S7Address, String> {
+        let bad = |why: &str| {
+            format!("invalid S7 address {s:?}: {why} (expected e.g. DB10.DBD4, DB10.DBX2.3, MW20, M20.1, I0.1, Q0.0, IB0)")
+        };
+        let t = s.trim().to_ascii_uppercase();
+        let (area, rest) = if let Some(r) = t.strip_prefix("DB") {
+            let (n, r) = r
+                .split_once('.')
+                .ok_or_else(|| bad("a data block address is DB<n>.DB<X|B|W|D><byte>"))?;
+            let n: u16 = n
+                .parse()
+                .map_err(|_| bad("the data block number must be 1-65535"))?;
+            if n == 0 {
+                return Err(bad("the data block number must be 1-65535"));
+            }
+            let r = r
+                .strip_prefix("DB")
+                .ok_or_else(|| bad("after DB<n>. comes DBX, DBB, DBW or DBD"))?;
+            (S7Area::Db(n), r.to_owned())
+        } else {
+            let mut c = t.chars();
+            let area = match c.next() {
+                Some('M') => S7Area::Merker,
+                Some('I') | Some('E') => S7Area::Input,
+                Some('Q') | Some('A') => S7Area::Output,
+                _ => return Err(bad("unknown area; use DB, M, I or Q")),
+            };
+            let r = c.as_str();
+            // `M20.1` is a bit without the X.
+            let r = if r.starts_with(|ch: char| ch.is_ascii_digit()) {
+                format!("X{r}")
+            } else {
+                r.to_owned()
+            };
+            (area, r)
+        };
+        let mut c = rest.chars();
+        let width = match c.next() {
+            Some('X') => 0,
+            Some('B') => 1,
+            Some('W') => 2,
+            Some('D') => 4,
+            _ => return Err(bad("the size letter must be X, B, W or D")),
+        };
+        let rest = c.as_str();
+        let (byte, bit) = match (width, rest.split_once('.')) {
+            (0, Some((b, bit))) => (b, Some(bit)),
+            (0, None) => return Err(bad("a bit address needs .<bit> (0-7)")),
+            (_, Some(_)) => return Err(bad("only X (bit) addresses take .<bit>")),
+            (_, None) => (rest, None),
+        };
+        let byte: u32 = byte
+            .parse()
+            .map_err(|_| bad("the byte offset must be a number"))?;
+        if byte > 0x1F_FFFF {
+            return Err(bad("the byte offset is above 2097151"));
+        }
+        let bit = match bit {
+            None => None,
+            Some(b) => match b.parse::<u8>() {
+                Ok(b) if b <= 7 => Some(b),
+                _ => return Err(bad("the bit must be 0-7")),
+            },
+        };
+        Ok(S7Address {
+            area,
+            byte,
+            bit,
+            width,
+        })
+    }
+
+    /// Bytes a value of `dt` occupies from this address (strings: 2 header bytes + `length`).
+    pub fn size(&self, dt: DataType, length: u16) -> u32 {
+        match dt {
+            DataType::Bool => 1,
+            DataType::Byte => 1,
+            DataType::Int | DataType::Word => 2,
+            DataType::Dint | DataType::Dword | DataType::Real => 4,
+            DataType::Lreal => 8,
+            DataType::String => 2 + u32::from(length),
+            _ => u32::from(self.width.max(1)),
+        }
+    }
+
+    /// Whether the size letter fits the data type.
+    pub fn check_type(&self, dt: DataType) -> Result<(), String> {
+        let ok = match dt {
+            DataType::Bool => self.width == 0,
+            DataType::Byte => self.width == 1,
+            DataType::Int | DataType::Word => self.width == 2,
+            DataType::Dint | DataType::Dword | DataType::Real => self.width == 4,
+            DataType::Lreal => matches!(self.width, 1 | 4),
+            DataType::String => self.width == 1,
+            _ => false,
+        };
+        if ok {
+            return Ok(());
+        }
+        let want = match dt {
+            DataType::Bool => "an X (bit) address, e.g. DB1.DBX0.0 or M0.0",
+            DataType::Byte => "a B address, e.g. DB1.DBB0 or MB0",
+            DataType::Int | DataType::Word => "a W address, e.g. DB1.DBW0 or MW0",
+            DataType::Dint | DataType::Dword | DataType::Real => {
+                "a D address, e.g. DB1.DBD0 or MD0"
+            }
+            DataType::Lreal => "a B or D address of its first byte, e.g. DB1.DBD0",
+            DataType::String => "a B address of its first byte, e.g. DB1.DBB0",
+            _ => "an S7 data type",
+        };
+        Err(format!("{dt:?} needs {want}").to_lowercase())
+    }
+}
+
 impl ModbusAddress {
     pub fn parse(s: &str) -> Result<ModbusAddress, String> {
         let bad = || {
@@ -519,7 +660,17 @@ fn check_tag(
                 Some(a) if a.trim().is_empty() => {
                     p.push(format!("{at}.address"), "address is empty")
                 }
-                Some(_) => {}
+                Some(a) => match S7Address::parse(a) {
+                    Err(e) => p.push(format!("{at}.address"), e),
+                    Ok(addr) => {
+                        if let Err(e) = addr.check_type(t.data_type) {
+                            p.push(format!("{at}.data_type"), format!("{a}: {e}"));
+                        }
+                        if addr.area == S7Area::Input && t.access.writable() {
+                            p.push(format!("{at}.access"), "process inputs (I) are read-only");
+                        }
+                    }
+                },
             }
         }
         Protocol::Opcua => {

@@ -22,7 +22,7 @@ use serde_json::{Map, Value as Json};
 pub use alerts::{AlertRule, AlertsConfig, Condition, Severity, SuppressWhen, Webhook};
 pub use devices::{
     Access, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress, ModbusTable,
-    ModbusTransport, Parity, Protocol, TagConfig,
+    ModbusTransport, Parity, Protocol, S7Address, S7Area, TagConfig,
 };
 pub use sections::{
     AclAction, AclPermission, AclRule, BreakerSettings, BrokerConfig, BrokerTls, BrokerUser,

@@ -494,3 +494,71 @@ fn ingestion_settings_load_and_bad_ones_are_named() {
         "nexus.yaml:2:3: ingestion.batch_timeout: invalid duration 5",
     );
 }
+
+#[test]
+fn s7_addresses_parse_and_bad_ones_say_why() {
+    let a = S7Address::parse("DB10.DBD4").unwrap();
+    assert_eq!(
+        (a.area, a.byte, a.bit, a.width),
+        (S7Area::Db(10), 4, None, 4)
+    );
+    let a = S7Address::parse("db10.dbx2.3").unwrap();
+    assert_eq!(
+        (a.area, a.byte, a.bit, a.width),
+        (S7Area::Db(10), 2, Some(3), 0)
+    );
+    for (s, area, byte, bit, width) in [
+        ("MW20", S7Area::Merker, 20, None, 2),
+        ("M20.1", S7Area::Merker, 20, Some(1), 0),
+        ("I0.1", S7Area::Input, 0, Some(1), 0),
+        ("Q0.0", S7Area::Output, 0, Some(0), 0),
+        ("IB3", S7Area::Input, 3, None, 1),
+        ("QD8", S7Area::Output, 8, None, 4),
+        ("DB1.DBB100", S7Area::Db(1), 100, None, 1),
+    ] {
+        let a = S7Address::parse(s).unwrap();
+        assert_eq!(
+            (a.area, a.byte, a.bit, a.width),
+            (area, byte, bit, width),
+            "{s}"
+        );
+    }
+    for (s, why) in [
+        ("DB10", "DB<n>.DB"),
+        ("DB0.DBW0", "1-65535"),
+        ("DB1.DBZ0", "X, B, W or D"),
+        ("DB1.DBX0", "needs .<bit>"),
+        ("DB1.DBX0.8", "0-7"),
+        ("MW2.1", "only X"),
+        ("Z10", "unknown area"),
+        ("DB1.DBDx", "must be a number"),
+    ] {
+        let e = S7Address::parse(s).unwrap_err();
+        assert!(e.contains(why), "{s}: {e}");
+    }
+    assert!(S7Address::parse("DB1.DBD0")
+        .unwrap()
+        .check_type(DataType::Real)
+        .is_ok());
+    let e = S7Address::parse("DB1.DBW0")
+        .unwrap()
+        .check_type(DataType::Real)
+        .unwrap_err();
+    assert!(e.contains("real needs a d address"), "{e}");
+
+    let errs = errors(
+        "devices:\n  - id: s7-1\n    protocol: s7\n    uns_prefix: a/b\n    connection: { host: 10.0.0.6, rack: 0, slot: 1 }\n    tags:\n      - { id: flow, address: DB10.DBW4, data_type: real }\n      - { id: x, address: DB10.QQ, data_type: int }\n      - { id: sw, address: I0.1, data_type: bool, access: readwrite }\n",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[0].data_type: DB10.DBW4: real needs a d address",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[1].address: invalid S7 address \"DB10.QQ\"",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[2].access: process inputs (I) are read-only",
+    );
+}
