@@ -6,6 +6,7 @@
 //! OPC UA status) marks that tag bad and keeps the session.
 
 pub mod modbus;
+pub mod s7;
 
 use std::time::Duration;
 
