@@ -346,7 +346,18 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     // Drain: what was received goes to the WAL and is acknowledged; writers get a moment to
     // commit what is in flight; the rest stays in the WAL for the next start.
     drop(append_tx);
-    let _ = tokio::task::spawn_blocking(move || wal_writer.join()).await;
+    let writer_done = tokio::task::spawn_blocking(move || wal_writer.join());
+    tokio::pin!(writer_done);
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer_done)
+        .await
+        .is_err()
+    {
+        // Waiting for room in a full log: what it holds is not acknowledged, so the broker
+        // sends it again after the restart.
+        tracing::warn!("WAL writer still waiting for room; stopping it unacknowledged");
+        wal.close();
+        let _ = writer_done.await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while wal.pending_frames() > 0 && tokio::time::Instant::now() < deadline && setup.is_finished()

@@ -604,3 +604,54 @@ async fn timescaledb_storage_when_the_server_has_it() {
     }
     ing.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_wal_with_the_database_down_holds_acks_and_still_stops_cleanly() {
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let wal = tempfile::tempdir().unwrap();
+    // Nothing listens on the database port.
+    let db = format!("postgres://nexus@127.0.0.1:{}/none", free_port());
+    let ing = start(
+        port,
+        &db,
+        wal.path(),
+        "ing-full",
+        "  wal_max_size: 128KiB\n  wal_segment_size: 64KiB\n",
+    );
+    let start_t = Instant::now();
+    while testing::http(ing.http, "GET", "/healthz", "").0 != 200 {
+        assert!(start_t.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let p = publisher(port).await;
+    let publishing = tokio::spawn(async move {
+        for i in 0..20_000i64 {
+            let body = format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i);
+            if p.publish("full/a/b/c/d/x", body, QoS::AtLeastOnce, false)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let waited = Instant::now();
+    while ing.metric("nexus_ingest_wal_full") != 1.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the WAL never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ing.metric("nexus_ingest_wal_bytes") <= 128.0 * 1024.0);
+    assert_eq!(ing.metric("nexus_ingest_db_up"), 0.0);
+    let received = ing.metric("nexus_ingest_messages_received_total");
+    assert!(received < 20_000.0, "acks held back: {received}");
+    // Stopping does not hang on the full log.
+    let stopping = Instant::now();
+    ing.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(15));
+    publishing.abort();
+}

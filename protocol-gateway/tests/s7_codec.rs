@@ -128,7 +128,11 @@ fn the_codec_talks_to_python_snap7() {
     // python-snap7 stores a written bit's value into the whole byte (FINDINGS.md), so this
     // checks that the bit write reached DB10.DBB3; the BIT transport size and the bit address
     // of the request are checked byte by byte in proto.rs.
-    assert_ne!(back[0].as_ref().unwrap()[3], 0, "bit write reached DB10.DBB3");
+    assert_ne!(
+        back[0].as_ref().unwrap()[3],
+        0,
+        "bit write reached DB10.DBB3"
+    );
 
     // A data block that does not exist is an item error, not a broken session.
     let r = c.read(&[db(99, 0, 2), db(1, 16, 1)]);
