@@ -139,6 +139,8 @@ impl State {
 
 struct Shared {
     opts: WalOptions,
+    /// Held (locked) while the log is open, so two processes cannot share a directory.
+    _lock: File,
     state: Mutex<State>,
     /// Signalled when segments are trimmed (room for the writer) or on close.
     space: Condvar,
@@ -355,6 +357,16 @@ impl Wal {
     /// first frame id still to be written to the database.
     pub fn open(opts: WalOptions, metrics: Option<WalMetrics>) -> io::Result<(Wal, u64)> {
         fs::create_dir_all(&opts.dir)?;
+        let lock = File::create(opts.dir.join("lock"))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by another ingestion process ({e}); give each instance its own wal_dir",
+                    opts.dir.display()
+                ),
+            ));
+        }
         let mut firsts: Vec<u64> = fs::read_dir(&opts.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".wal")?.parse().ok())
@@ -414,6 +426,7 @@ impl Wal {
         let wal = Wal {
             shared: Arc::new(Shared {
                 opts,
+                _lock: lock,
                 state: Mutex::new(State {
                     segments,
                     total_bytes: total,
@@ -954,9 +967,22 @@ mod tests {
         w.join().unwrap();
         wal.close();
         r.join().unwrap();
+        drop(wal);
         // A restart starts after what was committed.
         let (_wal, start) = Wal::open(opts(dir.path(), 1 << 20, 16 * 1024), None).unwrap();
         assert_eq!(start, last + 1);
+    }
+
+    #[test]
+    fn a_directory_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(opts(dir.path(), 1 << 20, 64 * 1024), None).unwrap();
+        let e = Wal::open(opts(dir.path(), 1 << 20, 64 * 1024), None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("in use by another"), "{e}");
+        drop(wal);
+        assert!(Wal::open(opts(dir.path(), 1 << 20, 64 * 1024), None).is_ok());
     }
 
     #[tokio::test]
