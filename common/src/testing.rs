@@ -89,6 +89,20 @@ pub fn start_embedded_broker(mut cfg: BrokerConfig) -> EmbeddedBroker {
     EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).expect("embedded broker starts")
 }
 
+/// The embedded broker with one user, `svc` / `svc-pw`, in the service role (what Nexus's
+/// services log in as).
+pub fn service_broker() -> EmbeddedBroker {
+    start_embedded_broker(BrokerConfig {
+        users: vec![crate::config::BrokerUser {
+            username: "svc".into(),
+            password: Some(crate::config::Secret::new("svc-pw".to_owned())),
+            password_env: None,
+            role: crate::config::Role::Service,
+        }],
+        ..BrokerConfig::default()
+    })
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()

@@ -52,6 +52,18 @@ impl Frame {
     }
 }
 
+/// About the stored size of records, in bytes (frame sizing, batch metrics).
+pub fn approx_bytes(points: &[Point], rejects: &[Reject]) -> usize {
+    points
+        .iter()
+        .map(|p| 32 + p.topic.len() + p.value_str.as_ref().map_or(0, String::len))
+        .sum::<usize>()
+        + rejects
+            .iter()
+            .map(|r| 16 + r.topic.len() + r.reason.len() + r.payload.len())
+            .sum::<usize>()
+}
+
 pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::mpsc;
 
-use crate::model::{Frame, Point, Reject};
+use crate::model::{approx_bytes, Frame, Point, Reject};
 
 const MAGIC: u32 = 0x4e58_5731; // "NXW1"
 const HEADER: usize = 12;
@@ -280,18 +280,6 @@ fn decode_body(body: &[u8]) -> Option<Frame> {
     })
 }
 
-/// About the encoded size of records (to keep frames well under a segment).
-fn approx_bytes(points: &[Point], rejects: &[Reject]) -> usize {
-    points
-        .iter()
-        .map(|p| 32 + p.topic.len() + p.value_str.as_ref().map_or(0, String::len))
-        .sum::<usize>()
-        + rejects
-            .iter()
-            .map(|r| 16 + r.topic.len() + r.reason.len() + r.payload.len())
-            .sum::<usize>()
-}
-
 /// Encode one frame (header and body) into `out`.
 fn encode_frame(out: &mut Vec<u8>, id: u64, written_ms: i64, points: &[Point], rejects: &[Reject]) {
     out.clear();
@@ -346,6 +334,13 @@ fn scan_segment(path: &Path) -> io::Result<(Option<(u64, u64)>, u64)> {
         ids = Some(ids.map_or((f.first_id, f.first_id), |(a, _)| (a, f.first_id)));
     }
     Ok((ids, pos))
+}
+
+/// Wait on `cv` for at most `d` (a poisoned lock is taken over: the state stays consistent).
+fn wait<'a>(cv: &Condvar, st: MutexGuard<'a, State>, d: Duration) -> MutexGuard<'a, State> {
+    cv.wait_timeout(st, d)
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .0
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -675,12 +670,7 @@ impl Wal {
                 }
                 waited = true;
             }
-            st = self
-                .shared
-                .space
-                .wait_timeout(st, Duration::from_secs(1))
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+            st = wait(&self.shared.space, st, Duration::from_secs(1));
         }
         if waited {
             if let Some(m) = &self.shared.metrics {
@@ -767,12 +757,7 @@ impl Wal {
             let (seg, limit, is_last) = {
                 let mut st = self.lock();
                 while st.durable_id() < next && !st.closing {
-                    st = self
-                        .shared
-                        .progress
-                        .wait_timeout(st, Duration::from_secs(1))
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0;
+                    st = wait(&self.shared.progress, st, Duration::from_secs(1));
                 }
                 if st.closing {
                     return;
@@ -805,11 +790,7 @@ impl Wal {
                     // Everything durable here is read; the writer moves `durable` on.
                     let st = self.lock();
                     if st.durable_id() < next && !st.closing {
-                        drop(
-                            self.shared
-                                .progress
-                                .wait_timeout(st, Duration::from_millis(200)),
-                        );
+                        drop(wait(&self.shared.progress, st, Duration::from_millis(200)));
                     }
                 } else {
                     open = None;

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use nexus_common::breaker::CircuitBreaker;
 use nexus_common::config::SecretUrl;
 
-use crate::model::{Frame, Point, Reject};
+use crate::model::{approx_bytes, Frame, Point, Reject};
 use crate::wal::Wal;
 
 /// A batch: whole frames `first_id..=last_id`.
@@ -460,17 +460,6 @@ async fn write_rows(
     Ok(())
 }
 
-fn approx_bytes(b: &Batch) -> usize {
-    b.points
-        .iter()
-        .map(|p| 26 + p.topic.len() + p.value_str.as_ref().map_or(0, String::len))
-        .sum::<usize>()
-        + b.rejects
-            .iter()
-            .map(|r| 16 + r.topic.len() + r.reason.len() + r.payload.len())
-            .sum::<usize>()
-}
-
 /// Everything a writer needs.
 pub struct WriterCtx {
     pub url: SecretUrl,
@@ -603,7 +592,9 @@ pub async fn writer(
         ctx.metrics
             .batch_rows
             .observe((batch.points.len() + batch.rejects.len()) as f64);
-        ctx.metrics.batch_bytes.observe(approx_bytes(&batch) as f64);
+        ctx.metrics
+            .batch_bytes
+            .observe(approx_bytes(&batch.points, &batch.rejects) as f64);
         ctx.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -8,24 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nexus_common::codec::sparkplug::{self, SpDataType, SpMetric, SpPayload};
-use nexus_common::config::{BrokerConfig, BrokerUser, Config, Role, Secret};
+use nexus_common::config::{Config, Secret};
 use nexus_common::domain::Value;
 use nexus_common::mqtt::{self, ClientSettings, MqttHandle, QoS};
 use nexus_common::testing::{self, free_port, PgServer};
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
-
-fn broker() -> nexus_common::broker::EmbeddedBroker {
-    testing::start_embedded_broker(BrokerConfig {
-        users: vec![BrokerUser {
-            username: "svc".into(),
-            password: Some(Secret::new("svc-pw".to_owned())),
-            password_env: None,
-            role: Role::Service,
-        }],
-        ..BrokerConfig::default()
-    })
-}
 
 async fn publisher(port: u16) -> MqttHandle {
     let mut c = testing::mqtt_config(port);
@@ -130,7 +118,7 @@ const T0: i64 = 1_750_000_000_000;
 async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dead_lettered() {
     let pg = PgServer::start();
     let url = pg.create_database("hist").await;
-    let b = broker();
+    let b = testing::service_broker();
     let port = b.ports.tcp.port();
     let wal = tempfile::tempdir().unwrap();
     let ing = start(port, &url, wal.path(), "ing-a", "");
@@ -444,7 +432,7 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
 async fn two_instances_on_a_shared_subscription_split_the_load_and_store_everything_once() {
     let pg = PgServer::start();
     let url = pg.create_database("shared").await;
-    let b = broker();
+    let b = testing::service_broker();
     let port = b.ports.tcp.port();
     let (w1, w2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start(port, &url, w1.path(), "ing-1", "");
@@ -494,7 +482,7 @@ async fn two_instances_on_a_shared_subscription_split_the_load_and_store_everyth
 async fn sparkplug_data_with_unknown_aliases_is_dead_lettered_and_a_rebirth_requested() {
     let pg = PgServer::start();
     let url = pg.create_database("spb").await;
-    let b = broker();
+    let b = testing::service_broker();
     let port = b.ports.tcp.port();
     let wal = tempfile::tempdir().unwrap();
     let ing = start(port, &url, wal.path(), "ing-sp", "");
@@ -558,7 +546,7 @@ async fn timescaledb_storage_when_the_server_has_it() {
         eprintln!("TimescaleDB is not installed here: the plain PostgreSQL layout is what the other tests cover");
         return;
     }
-    let b = broker();
+    let b = testing::service_broker();
     let port = b.ports.tcp.port();
     let wal = tempfile::tempdir().unwrap();
     let ing = start(
@@ -607,7 +595,7 @@ async fn timescaledb_storage_when_the_server_has_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_wal_with_the_database_down_holds_acks_and_still_stops_cleanly() {
-    let b = broker();
+    let b = testing::service_broker();
     let port = b.ports.tcp.port();
     let wal = tempfile::tempdir().unwrap();
     // Nothing listens on the database port.

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nexus_common::config::{BrokerConfig, BrokerUser, Role, Secret};
+use nexus_common::config::Secret;
 use nexus_common::mqtt::{self, ClientSettings, MqttHandle, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto, PgServer};
 use tokio_util::sync::CancellationToken;
@@ -223,15 +223,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice() {
 async fn a_60s_database_outage_under_load_loses_nothing_and_the_wal_drains() {
     let mut pg = PgServer::start();
     let url = pg.create_database("outage").await;
-    let broker = testing::start_embedded_broker(BrokerConfig {
-        users: vec![BrokerUser {
-            username: "svc".into(),
-            password: Some(Secret::new("svc-pw".to_owned())),
-            password_env: None,
-            role: Role::Service,
-        }],
-        ..BrokerConfig::default()
-    });
+    let broker = testing::service_broker();
     let port = broker.ports.tcp.port();
     let wal = tempfile::tempdir().unwrap();
     let ing = Proc::start(

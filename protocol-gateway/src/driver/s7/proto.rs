@@ -233,17 +233,21 @@ impl Item {
 
 /// Bytes of a ReadVar reply carrying `items` (for packing within the PDU size).
 pub fn read_reply_size(items: &[Item]) -> usize {
+    ACK_HEADER + 2 + data_items_size(items)
+}
+
+/// Bytes of the data items for `items` in a ReadVar reply or a WriteVar request (each odd
+/// item but the last is followed by a fill byte).
+fn data_items_size(items: &[Item]) -> usize {
     let n = items.len();
-    ACK_HEADER
-        + 2
-        + items
-            .iter()
-            .enumerate()
-            .map(|(i, it)| {
-                let b = it.reply_bytes();
-                b + usize::from(b % 2 == 1 && i + 1 < n)
-            })
-            .sum::<usize>()
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let b = it.reply_bytes();
+            b + usize::from(b % 2 == 1 && i + 1 < n)
+        })
+        .sum()
 }
 
 /// Bytes of a ReadVar request for `n` items.
@@ -312,18 +316,7 @@ pub fn parse_read(
 
 /// Bytes of a WriteVar request for `items` carrying `values`.
 pub fn write_request_size(items: &[Item]) -> usize {
-    let n = items.len();
-    JOB_HEADER
-        + 2
-        + ITEM_SPEC * n
-        + items
-            .iter()
-            .enumerate()
-            .map(|(i, it)| {
-                let b = it.reply_bytes();
-                b + usize::from(b % 2 == 1 && i + 1 < n)
-            })
-            .sum::<usize>()
+    JOB_HEADER + 2 + ITEM_SPEC * items.len() + data_items_size(items)
 }
 
 /// WriteVar: bit items travel with the bit transport size, so only that bit changes.
