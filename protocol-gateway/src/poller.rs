@@ -140,10 +140,7 @@ pub async fn run_device(
     let mut memory: Vec<Option<TagMemory>> = (0..cfg.tags.len()).map(|_| None).collect();
     let mut last_status: Option<String> = None;
     let mut last_status_at = Instant::now();
-    let requests_per_poll = match &device.plan {
-        crate::driver::Plan::Modbus(p) => p.requests.len(),
-        _ => 0,
-    };
+    let requests_per_poll = device.plan.requests_per_poll();
     {
         let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
         s.state = "unknown";
@@ -188,10 +185,16 @@ pub async fn run_device(
         let ts = now_ms();
         let (readings, error): (Vec<(usize, Reading)>, Option<String>) = match result {
             Ok(r) => {
+                let sent = device.plan.requests_per_poll();
                 ctx.metrics
                     .requests
                     .with_label_values(&[&id])
-                    .inc_by(requests_per_poll as u64);
+                    .inc_by(sent as u64);
+                state
+                    .status
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .requests_per_poll = sent;
                 (r, None)
             }
             Err(e) => {

@@ -36,12 +36,12 @@ impl Conn {
         read_packet(&mut self.s)
     }
 
-    fn read(&mut self, items: &[Item]) -> Vec<Result<Vec<u8>, String>> {
+    fn read(&mut self, items: &[Item]) -> Vec<Result<Vec<u8>, proto::ItemError>> {
         let reply = self.call(|r| proto::read_request(r, items));
         proto::parse_read(&proto::parse_ack(&reply, self.pdu_ref).unwrap(), items).unwrap()
     }
 
-    fn write(&mut self, items: &[(Item, Vec<u8>)]) -> Vec<Result<(), String>> {
+    fn write(&mut self, items: &[(Item, Vec<u8>)]) -> Vec<Result<(), proto::ItemError>> {
         let reply = self.call(|r| proto::write_request(r, items));
         proto::parse_write(
             &proto::parse_ack(&reply, self.pdu_ref).unwrap(),

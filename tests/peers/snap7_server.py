@@ -2,7 +2,8 @@
 
 usage: snap7_server.py PORT
 
-Areas: DB1 (256 bytes), DB10 (64 bytes), M (64 bytes), I (16 bytes), Q (16 bytes), with the
+Areas: DB1 (256 bytes), DB10 (64 bytes), DB20 (2000 bytes, byte i holding i % 251), M (64
+bytes), I (16 bytes), Q (16 bytes), with the
 typed values the Rust tests expect (big-endian, as in a PLC):
 DB1.DBD0 real 12.5, DB1.DBW4 int -2, DB1.DBD6 dint -123456, DB1.DBW10 word 65534,
 DB1.DBD12 dword 65538, DB1.DBB16 byte 200, DB1.DBX17.3 true, DB1.DBB18 lreal 100.25,
@@ -36,9 +37,11 @@ def main() -> None:
     pe = bytearray(16)
     pe[0] = 0b10
     pa = bytearray(16)
+    db20 = bytearray(i % 251 for i in range(2000))
     server = Server(log=False)
     server.register_area(SrvArea.DB, 1, db1)
     server.register_area(SrvArea.DB, 10, bytearray(64))
+    server.register_area(SrvArea.DB, 20, db20)
     server.register_area(SrvArea.MK, 0, mk)
     server.register_area(SrvArea.PE, 0, pe)
     server.register_area(SrvArea.PA, 0, pa)

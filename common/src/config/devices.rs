@@ -556,6 +556,11 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
                 (c.serial_port.is_some(), "serial_port"),
                 (c.endpoint.is_some(), "endpoint"),
                 (c.auth.is_some(), "auth"),
+                (
+                    c.max_registers_per_request.is_some(),
+                    "max_registers_per_request",
+                ),
+                (c.max_register_gap.is_some(), "max_register_gap"),
             ] {
                 not_for(present, key);
             }
@@ -668,6 +673,14 @@ fn check_tag(
                         }
                         if addr.area == S7Area::Input && t.access.writable() {
                             p.push(format!("{at}.access"), "process inputs (I) are read-only");
+                        }
+                        if t.data_type == DataType::String
+                            && t.length.is_some_and(|n| !(1..=254).contains(&n))
+                        {
+                            p.push(
+                                format!("{at}.length"),
+                                "an S7 string holds 1 to 254 characters",
+                            );
                         }
                     }
                 },

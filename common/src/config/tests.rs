@@ -561,4 +561,12 @@ fn s7_addresses_parse_and_bad_ones_say_why() {
         &errs,
         "devices[0].tags[2].access: process inputs (I) are read-only",
     );
+    let errs = errors(
+        "devices:\n  - id: s7-2\n    protocol: s7\n    uns_prefix: a/b\n    connection: { host: 10.0.0.6, max_register_gap: 4 }\n    tags:\n      - { id: name, address: DB1.DBB0, data_type: string, length: 300 }\n",
+    );
+    assert_has(
+        &errs,
+        "devices[0].tags[0].length: an S7 string holds 1 to 254",
+    );
+    assert_has(&errs, "max_register_gap");
 }

@@ -7,6 +7,7 @@
 
 pub mod modbus;
 pub mod s7;
+pub mod value;
 
 use std::time::Duration;
 
@@ -57,8 +58,21 @@ pub struct Device {
 #[derive(Debug, Clone)]
 pub enum Plan {
     Modbus(modbus::ModbusPlan),
+    S7(s7::S7Plan),
     /// Protocols whose driver is not built into this gateway yet.
     Unsupported(Protocol),
+}
+
+impl Plan {
+    /// Read requests one poll of every tag sends (for S7: as packed for the PDU the PLC
+    /// granted at the last poll).
+    pub fn requests_per_poll(&self) -> usize {
+        match self {
+            Plan::Modbus(p) => p.requests.len(),
+            Plan::S7(p) => p.requests_per_poll(),
+            Plan::Unsupported(_) => 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +96,7 @@ impl Device {
             .map_err(|e| err(e.to_string()))?;
         let plan = match cfg.protocol {
             Protocol::Modbus => Plan::Modbus(modbus::ModbusPlan::new(&cfg).map_err(err)?),
+            Protocol::S7 => Plan::S7(s7::S7Plan::new(&cfg).map_err(err)?),
             other => Plan::Unsupported(other),
         };
         Ok(Device { cfg, topics, plan })
@@ -148,6 +163,7 @@ pub trait Driver: Send {
 pub fn driver_for(device: &Device) -> Result<Box<dyn Driver>, TransportError> {
     match &device.plan {
         Plan::Modbus(_) => Ok(Box::new(modbus::ModbusDriver::new(&device.cfg))),
+        Plan::S7(_) => Ok(Box::new(s7::S7Driver::new(&device.cfg))),
         Plan::Unsupported(p) => Err(TransportError::Unsupported(format!(
             "no {p:?} driver in this gateway yet"
         ))),

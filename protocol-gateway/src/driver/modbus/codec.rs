@@ -11,45 +11,8 @@
 use nexus_common::config::{ByteOrder, DataType};
 use nexus_common::Value;
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CodecError {
-    #[error("expected {want} registers, got {got}")]
-    Length { want: usize, got: usize },
-    #[error("{0} is not a Modbus data type")]
-    Unsupported(&'static str),
-    #[error("value {value} does not fit {data_type}")]
-    OutOfRange {
-        value: String,
-        data_type: &'static str,
-    },
-    #[error("a {got} value cannot be written to a {data_type} tag")]
-    WrongType {
-        got: &'static str,
-        data_type: &'static str,
-    },
-}
-
-pub fn type_name(dt: DataType) -> &'static str {
-    match dt {
-        DataType::Bool => "bool",
-        DataType::Int16 => "int16",
-        DataType::Uint16 => "uint16",
-        DataType::Int32 => "int32",
-        DataType::Uint32 => "uint32",
-        DataType::Int64 => "int64",
-        DataType::Uint64 => "uint64",
-        DataType::Float32 => "float32",
-        DataType::Float64 => "float64",
-        DataType::String => "string",
-        DataType::Byte => "byte",
-        DataType::Int => "int",
-        DataType::Dint => "dint",
-        DataType::Word => "word",
-        DataType::Dword => "dword",
-        DataType::Real => "real",
-        DataType::Lreal => "lreal",
-    }
-}
+pub use crate::driver::value::{apply_scale, type_name, widen, CodecError};
+use crate::driver::value::{decode_be, encode_be};
 
 /// Move bytes between wire order (registers as sent, high byte first) and canonical order
 /// (the big-endian value). Every order is its own inverse, so one function serves both ways.
@@ -83,15 +46,6 @@ fn wire_registers(bytes: Vec<u8>, order: ByteOrder) -> Vec<u16> {
         .collect()
 }
 
-/// An f32 as the f64 with the same shortest decimal form (60.75294, not 60.7529411315918),
-/// which is what a person reading the PLC expects to see.
-pub fn widen(f: f32) -> f64 {
-    if !f.is_finite() {
-        return f as f64;
-    }
-    f.to_string().parse().unwrap_or(f as f64)
-}
-
 /// Registers a value of this type needs (strings: `string_len` bytes).
 pub fn register_count(dt: DataType, string_len: u16) -> usize {
     dt.modbus_registers(string_len) as usize
@@ -109,6 +63,7 @@ pub fn decode(
         return Err(CodecError::Length {
             want,
             got: regs.len(),
+            unit: "registers",
         });
     }
     if dt == DataType::String {
@@ -122,77 +77,7 @@ pub fn decode(
         let s = String::from_utf8_lossy(&bytes[..end]).trim_end().to_owned();
         return Ok(Value::String(s));
     }
-    let b = canonical_bytes(regs, order);
-    Ok(match dt {
-        DataType::Bool => Value::Bool(u16::from_be_bytes([b[0], b[1]]) != 0),
-        DataType::Int16 => Value::Int(i16::from_be_bytes([b[0], b[1]]) as i64),
-        DataType::Uint16 => Value::Int(u16::from_be_bytes([b[0], b[1]]) as i64),
-        DataType::Int32 => Value::Int(i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
-        DataType::Uint32 => Value::Int(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
-        DataType::Float32 => Value::Float(widen(f32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
-        DataType::Int64 => Value::Int(i64::from_be_bytes([
-            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-        ])),
-        DataType::Uint64 => {
-            let u = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-            i64::try_from(u).map(Value::Int).unwrap_or(Value::UInt(u))
-        }
-        DataType::Float64 => Value::Float(f64::from_be_bytes([
-            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-        ])),
-        other => return Err(CodecError::Unsupported(type_name(other))),
-    })
-}
-
-/// Engineering value: raw * scale + offset, as a float, when either is set.
-pub fn apply_scale(raw: Value, scale: Option<f64>, offset: Option<f64>) -> Value {
-    if scale.is_none() && offset.is_none() {
-        return raw;
-    }
-    match raw.as_f64() {
-        Some(x) if !matches!(raw, Value::Bool(_)) => {
-            Value::Float(x * scale.unwrap_or(1.0) + offset.unwrap_or(0.0))
-        }
-        _ => raw,
-    }
-}
-
-fn int_in(
-    value: &Value,
-    dt: DataType,
-    min: i128,
-    max: i128,
-    scale: Option<f64>,
-    offset: Option<f64>,
-) -> Result<i128, CodecError> {
-    let out_of_range = || CodecError::OutOfRange {
-        value: value.to_string(),
-        data_type: type_name(dt),
-    };
-    let raw: i128 = match (value, scale.is_some() || offset.is_some()) {
-        (Value::Int(i), false) => *i as i128,
-        (Value::UInt(u), false) => *u as i128,
-        (Value::Float(f), false) if f.fract() == 0.0 && f.is_finite() => *f as i128,
-        (Value::Float(_), false) => return Err(out_of_range()),
-        (v, true) if !matches!(v, Value::Bool(_) | Value::String(_)) => {
-            let x = v.as_f64().ok_or_else(out_of_range)?;
-            let r = ((x - offset.unwrap_or(0.0)) / scale.unwrap_or(1.0)).round();
-            if !r.is_finite() {
-                return Err(out_of_range());
-            }
-            r as i128
-        }
-        (v, _) => {
-            return Err(CodecError::WrongType {
-                got: v.type_name(),
-                data_type: type_name(dt),
-            })
-        }
-    };
-    if raw < min || raw > max {
-        return Err(out_of_range());
-    }
-    Ok(raw)
+    decode_be(&canonical_bytes(regs, order), dt)
 }
 
 /// Encode an engineering value into registers (inverse of scale/offset first).
@@ -205,61 +90,6 @@ pub fn encode(
     offset: Option<f64>,
 ) -> Result<Vec<u16>, CodecError> {
     let bytes: Vec<u8> = match dt {
-        DataType::Bool => match value {
-            Value::Bool(b) => (*b as u16).to_be_bytes().to_vec(),
-            Value::Int(0) | Value::UInt(0) => vec![0, 0],
-            Value::Int(1) | Value::UInt(1) => vec![0, 1],
-            v => {
-                return Err(CodecError::WrongType {
-                    got: v.type_name(),
-                    data_type: "bool",
-                })
-            }
-        },
-        DataType::Int16 => (int_in(value, dt, i16::MIN as i128, i16::MAX as i128, scale, offset)?
-            as i16)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::Uint16 => (int_in(value, dt, 0, u16::MAX as i128, scale, offset)? as u16)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::Int32 => (int_in(value, dt, i32::MIN as i128, i32::MAX as i128, scale, offset)?
-            as i32)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::Uint32 => (int_in(value, dt, 0, u32::MAX as i128, scale, offset)? as u32)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::Int64 => (int_in(value, dt, i64::MIN as i128, i64::MAX as i128, scale, offset)?
-            as i64)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::Uint64 => (int_in(value, dt, 0, u64::MAX as i128, scale, offset)? as u64)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::Float32 | DataType::Float64 => {
-            let x = match value {
-                Value::Bool(_) | Value::String(_) => {
-                    return Err(CodecError::WrongType {
-                        got: value.type_name(),
-                        data_type: type_name(dt),
-                    })
-                }
-                v => v.as_f64().unwrap_or(0.0),
-            };
-            let raw = (x - offset.unwrap_or(0.0)) / scale.unwrap_or(1.0);
-            if dt == DataType::Float32 {
-                if raw.is_finite() && raw.abs() > f32::MAX as f64 {
-                    return Err(CodecError::OutOfRange {
-                        value: value.to_string(),
-                        data_type: "float32",
-                    });
-                }
-                (raw as f32).to_be_bytes().to_vec()
-            } else {
-                raw.to_be_bytes().to_vec()
-            }
-        }
         DataType::String => {
             let Value::String(s) = value else {
                 return Err(CodecError::WrongType {
@@ -283,7 +113,7 @@ pub fn encode(
                 .map(|c| u16::from_be_bytes([c[0], c[1]]))
                 .collect());
         }
-        other => return Err(CodecError::Unsupported(type_name(other))),
+        other => encode_be(value, other, 2, scale, offset)?,
     };
     Ok(wire_registers(bytes, order))
 }
@@ -370,7 +200,11 @@ mod tests {
         );
         assert!(matches!(
             decode(&[1], DataType::Int32, ByteOrder::ABCD, 0),
-            Err(CodecError::Length { want: 2, got: 1 })
+            Err(CodecError::Length {
+                want: 2,
+                got: 1,
+                ..
+            })
         ));
     }
 

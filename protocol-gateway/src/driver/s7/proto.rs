@@ -65,8 +65,20 @@ fn describe(class: u8, code: u8) -> &'static str {
     }
 }
 
-/// What a returned item code means (0xFF is success).
-pub fn item_error(code: u8) -> String {
+/// A returned item code other than success (0xFF).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", item_error(self.0))]
+pub struct ItemError(pub u8);
+
+impl ItemError {
+    /// Whether the address or type is wrong (a configuration error, not a device fault).
+    pub fn is_config(self) -> bool {
+        matches!(self.0, 0x03 | 0x05 | 0x06 | 0x07 | 0x0A)
+    }
+}
+
+/// What a returned item code means.
+fn item_error(code: u8) -> String {
     match code {
         0x01 => "hardware fault".into(),
         0x03 => "access to the object not allowed".into(),
@@ -267,7 +279,7 @@ pub fn read_request(pdu_ref: u16, items: &[Item]) -> Vec<u8> {
 pub fn parse_read(
     ack: &Ack<'_>,
     items: &[Item],
-) -> Result<Vec<Result<Vec<u8>, String>>, ProtoError> {
+) -> Result<Vec<Result<Vec<u8>, ItemError>>, ProtoError> {
     let bad = |m: String| ProtoError::Malformed(m);
     if ack.param.len() < 2 || ack.param[0] != FN_READ {
         return Err(bad("not a read reply".into()));
@@ -290,7 +302,7 @@ pub fn parse_read(
         let len = u16::from_be_bytes([d[pos + 2], d[pos + 3]]) as usize;
         pos += 4;
         if ret != 0xFF {
-            out.push(Err(item_error(ret)));
+            out.push(Err(ItemError(ret)));
             continue;
         }
         // Bit and byte transport sizes count bits; octet strings (0x09) and reals count bytes.
@@ -340,7 +352,7 @@ pub fn write_request(pdu_ref: u16, items: &[(Item, Vec<u8>)]) -> Vec<u8> {
 }
 
 /// Each written item's outcome.
-pub fn parse_write(ack: &Ack<'_>, n: usize) -> Result<Vec<Result<(), String>>, ProtoError> {
+pub fn parse_write(ack: &Ack<'_>, n: usize) -> Result<Vec<Result<(), ItemError>>, ProtoError> {
     if ack.param.len() < 2 || ack.param[0] != FN_WRITE || ack.param[1] as usize != n {
         return Err(ProtoError::Malformed(
             "not a write reply for these items".into(),
@@ -351,13 +363,7 @@ pub fn parse_write(ack: &Ack<'_>, n: usize) -> Result<Vec<Result<(), String>>, P
     }
     Ok(ack.data[..n]
         .iter()
-        .map(|&c| {
-            if c == 0xFF {
-                Ok(())
-            } else {
-                Err(item_error(c))
-            }
-        })
+        .map(|&c| if c == 0xFF { Ok(()) } else { Err(ItemError(c)) })
         .collect())
 }
 
@@ -503,7 +509,11 @@ mod tests {
         reply[2..4].copy_from_slice(&len.to_be_bytes());
         let got = parse_read(&parse_ack(&reply, 9).unwrap(), &items).unwrap();
         assert_eq!(got[0], Ok(vec![0xAB]));
-        assert!(got[1].as_ref().unwrap_err().contains("does not exist"));
+        let e = got[1].as_ref().unwrap_err();
+        assert!(
+            e.to_string().contains("does not exist") && e.is_config(),
+            "{e}"
+        );
         assert_eq!(got[2], Ok(vec![0x12, 0x34]));
     }
 
@@ -558,7 +568,11 @@ mod tests {
         reply[2..4].copy_from_slice(&len.to_be_bytes());
         let got = parse_write(&parse_ack(&reply, 3).unwrap(), 2).unwrap();
         assert_eq!(got[0], Ok(()));
-        assert!(got[1].as_ref().unwrap_err().contains("out of range"));
+        assert!(got[1]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
     }
 
     #[test]
