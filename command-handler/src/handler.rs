@@ -530,7 +530,9 @@ impl Handler {
                         .await;
                 let read_back = match back {
                     Ok(Ok(r)) => r.into_iter().next().and_then(|(_, r)| match r {
-                        Reading::Good { value, .. } => Some(value),
+                        Reading::Good { value, .. } | Reading::Uncertain { value, .. } => {
+                            Some(value)
+                        }
                         Reading::Bad { .. } => None,
                     }),
                     _ => None,

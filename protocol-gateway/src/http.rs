@@ -1,9 +1,11 @@
-//! The gateway's device API: `GET /api/v1/devices` (config and live status) and
-//! `GET /api/v1/devices/{id}/tags` (last values).
+//! The gateway's device API: `GET /api/v1/devices` (config and live status),
+//! `GET /api/v1/devices/{id}/tags` (last values) and `GET /api/v1/devices/{id}/browse?node=`
+//! (an OPC UA device's address space, streamed as JSON lines).
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, State};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -11,12 +13,24 @@ use axum::{Json, Router};
 use nexus_common::codec::json::value_to_json;
 use serde_json::{json, Value};
 
+use crate::driver::opcua::BrowseEntry;
 use crate::poller::DeviceSet;
+use crate::pool::{PoolError, Pools};
 
 pub type SharedDevices = Arc<Mutex<DeviceSet>>;
 
-async fn devices(State(set): State<SharedDevices>) -> Json<Value> {
-    let views = set.lock().unwrap_or_else(|e| e.into_inner()).views();
+#[derive(Clone)]
+pub struct Api {
+    pub devices: SharedDevices,
+    pub pools: Arc<Pools>,
+}
+
+async fn devices_list(State(api): State<Api>) -> Json<Value> {
+    let views = api
+        .devices
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .views();
     let list: Vec<Value> = views
         .iter()
         .map(|(cfg, state, device)| {
@@ -39,8 +53,12 @@ async fn devices(State(set): State<SharedDevices>) -> Json<Value> {
     Json(json!({ "devices": list }))
 }
 
-async fn tags(State(set): State<SharedDevices>, Path(id): Path<String>) -> Response {
-    let views = set.lock().unwrap_or_else(|e| e.into_inner()).views();
+async fn tags(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let views = api
+        .devices
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .views();
     let Some((cfg, state, device)) = views.into_iter().find(|(c, _, _)| c.id.as_str() == id) else {
         return (
             StatusCode::NOT_FOUND,
@@ -73,9 +91,107 @@ async fn tags(State(set): State<SharedDevices>, Path(id): Path<String>) -> Respo
     Json(json!({ "device": id, "tags": list })).into_response()
 }
 
-pub fn routes(set: SharedDevices) -> Router {
+fn error(status: StatusCode, msg: String) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct BrowseQuery {
+    node: Option<String>,
+}
+
+fn line(v: &impl serde::Serialize) -> bytes::Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    b.into()
+}
+
+/// The children of `node` (default: the Objects folder), one JSON object a line, streamed as
+/// the server answers (browse continuation points), so a large address space never sits in
+/// memory. An error before the first child is a 4xx/5xx; one later ends the stream with an
+/// `{"error": ..}` line.
+async fn browse(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<BrowseQuery>,
+) -> Response {
+    let device = {
+        let views = api
+            .devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .views();
+        views
+            .into_iter()
+            .find(|(c, _, _)| c.id.as_str() == id)
+            .map(|(_, _, d)| d)
+    };
+    let Some(device) = device else {
+        return error(StatusCode::NOT_FOUND, format!("no device {id:?}"));
+    };
+    if device.cfg.protocol != nexus_common::config::Protocol::Opcua {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "device {id:?} is not an OPC UA device; only OPC UA has an address space to browse"
+            ),
+        );
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<BrowseEntry>(256);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let pools = api.pools.clone();
+    tokio::spawn(async move {
+        let r = pools.browse(&device, q.node, tx).await;
+        let _ = done_tx.send(r);
+    });
+    let outcome = |r: Result<Result<Result<(), String>, PoolError>, _>| match r {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(e))) => Some((StatusCode::BAD_REQUEST, e)),
+        Ok(Err(e)) => Some((StatusCode::BAD_GATEWAY, e.to_string())),
+        Err(_) => Some((StatusCode::INTERNAL_SERVER_ERROR, "browse ended".to_owned())),
+    };
+    let first = rx.recv().await;
+    let Some(first) = first else {
+        // Nothing came: either no children or an error.
+        return match outcome(done_rx.await) {
+            None => (
+                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                "",
+            )
+                .into_response(),
+            Some((status, e)) => error(status, e),
+        };
+    };
+    let stream = futures::stream::unfold(
+        (Some(first), rx, Some(done_rx)),
+        move |(pending, mut rx, done)| async move {
+            if let Some(e) = pending {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(line(&e)),
+                    (None, rx, done),
+                ));
+            }
+            if let Some(e) = rx.recv().await {
+                return Some((Ok(line(&e)), (None, rx, done)));
+            }
+            let done = done?;
+            match outcome(done.await) {
+                None => None,
+                Some((_, e)) => Some((Ok(line(&json!({ "error": e }))), (None, rx, None))),
+            }
+        },
+    );
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+pub fn routes(devices: SharedDevices, pools: Arc<Pools>) -> Router {
     Router::new()
-        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices", get(devices_list))
         .route("/api/v1/devices/{id}/tags", get(tags))
-        .with_state(set)
+        .route("/api/v1/devices/{id}/browse", get(browse))
+        .with_state(Api { devices, pools })
 }

@@ -68,14 +68,13 @@ impl Shared {
     pub fn new(cfg: &Config, registry: &prometheus::Registry) -> Shared {
         let directory = directory::DeviceDirectory::new();
         directory.apply(&cfg.devices);
-        Shared {
-            pools: Pools::new(
-                cfg.gateway.pool.clone(),
-                cfg.gateway.breaker.into(),
-                registry,
-            ),
-            directory,
-        }
+        let pools = Pools::new(
+            cfg.gateway.pool.clone(),
+            cfg.gateway.breaker.into(),
+            registry,
+        );
+        pools.set_opcua(cfg.gateway.opcua.clone());
+        Shared { pools, directory }
     }
 }
 
@@ -102,7 +101,7 @@ pub async fn run_shared(
     let set: http::SharedDevices = Arc::new(Mutex::new(DeviceSet::new(devices_token.clone())));
 
     let mut opts = ShellOptions::new(SERVICE, gw.http_listen);
-    opts.routes = http::routes(set.clone());
+    opts.routes = http::routes(set.clone(), shared.pools.clone());
     opts.telemetry = Some(telemetry);
     // The gateway's client carries bulk values: let the kernel coalesce them (commands have
     // their own, latency-first connection).

@@ -232,6 +232,11 @@ pub async fn run_device(
                     value,
                     source_ts_ms,
                 } => (Some(value), Quality::Good, source_ts_ms),
+                Reading::Uncertain {
+                    value,
+                    quality,
+                    source_ts_ms,
+                } => (Some(value), quality, source_ts_ms),
                 // A bad read keeps the last value, marked with the bad quality.
                 Reading::Bad { quality, .. } => (
                     memory[i].as_ref().and_then(|m| m.value.clone()),

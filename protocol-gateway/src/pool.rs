@@ -12,7 +12,7 @@ use std::time::Duration;
 use nexus_common::breaker::{
     BreakerConfig, BreakerMetrics, BreakerOpen, BreakerState, CircuitBreaker,
 };
-use nexus_common::config::{PoolConfig, Protocol};
+use nexus_common::config::{OpcUaClientConfig, PoolConfig, Protocol};
 use nexus_common::Value;
 use prometheus::{IntGaugeVec, Opts, Registry};
 use tokio::time::Instant;
@@ -39,6 +39,8 @@ pub struct Endpoint {
     last_used: Mutex<Instant>,
     /// A device on this endpoint, for health checks.
     probe: Mutex<Option<Arc<Device>>>,
+    /// The OPC UA client's certificates, for new OPC UA sessions.
+    opcua: OpcUaClientConfig,
 }
 
 impl Endpoint {
@@ -78,7 +80,7 @@ impl Endpoint {
         }
         let mut guard = self.session.lock().await;
         if guard.is_none() {
-            match driver_for(device) {
+            match driver_for(device, &self.opcua) {
                 Ok(d) => *guard = Some(d),
                 Err(e) => {
                     permit.failure();
@@ -133,6 +135,7 @@ pub struct Pools {
     breaker_metrics: BreakerMetrics,
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
     metrics: PoolMetrics,
+    opcua: Mutex<OpcUaClientConfig>,
 }
 
 fn proto_label(p: Protocol) -> &'static str {
@@ -169,7 +172,13 @@ impl Pools {
                 connections,
                 endpoints,
             },
+            opcua: Mutex::new(OpcUaClientConfig::default()),
         })
+    }
+
+    /// Set the OPC UA client's certificates (PKI directory, trust) for sessions opened later.
+    pub fn set_opcua(&self, cfg: OpcUaClientConfig) {
+        *self.opcua.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
     }
 
     fn max_for(&self, p: Protocol) -> usize {
@@ -203,6 +212,7 @@ impl Pools {
             session: tokio::sync::Mutex::new(None),
             last_used: Mutex::new(Instant::now()),
             probe: Mutex::new(None),
+            opcua: self.opcua.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         });
         map.insert(key, e.clone());
         self.metrics
@@ -222,6 +232,20 @@ impl Pools {
         let d = device.clone();
         ep.with_session(device, true, move |s| {
             Box::pin(async move { s.read(&d, tags.as_deref()).await })
+        })
+        .await
+    }
+
+    /// Stream the children of `node` in the device's address space into `out`.
+    pub async fn browse(
+        &self,
+        device: &Arc<Device>,
+        node: Option<String>,
+        out: tokio::sync::mpsc::Sender<crate::driver::opcua::BrowseEntry>,
+    ) -> Result<Result<(), String>, PoolError> {
+        let ep = self.endpoint(device)?;
+        ep.with_session(device, false, move |s| {
+            Box::pin(async move { s.browse(node.as_deref(), out).await })
         })
         .await
     }

@@ -139,7 +139,9 @@ impl Publisher {
         let run = move || f(&mut b.lock().unwrap_or_else(|e| e.into_inner()));
         match tokio::task::spawn_blocking(run).await {
             Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down and this task with it.
+            Err(_) => std::future::pending().await,
         }
     }
 

@@ -102,6 +102,12 @@ pub struct ConnectionConfig {
     pub security_policy: Option<String>,
     pub security_mode: Option<String>,
     pub auth: Option<OpcUaAuth>,
+    /// Subscription publishing interval and monitored-item sampling interval (default: the
+    /// device's poll_interval).
+    #[serde(default, deserialize_with = "opt_duration::deserialize")]
+    pub publishing_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration::deserialize")]
+    pub sampling_interval: Option<Duration>,
     // S7
     pub rack: Option<u16>,
     pub slot: Option<u16>,
@@ -468,6 +474,8 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
             not_for(c.auth.is_some(), "auth");
             not_for(c.rack.is_some(), "rack");
             not_for(c.slot.is_some(), "slot");
+            not_for(c.publishing_interval.is_some(), "publishing_interval");
+            not_for(c.sampling_interval.is_some(), "sampling_interval");
             match c.transport.unwrap_or_default() {
                 ModbusTransport::Tcp | ModbusTransport::RtuOverTcp => {
                     if c.host.as_deref().is_none_or(str::is_empty) {
@@ -519,6 +527,7 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
             }
             if let Some(sp) = &c.security_policy {
                 if ![
+                    "Auto",
                     "None",
                     "Basic256Sha256",
                     "Aes128_Sha256_RsaOaep",
@@ -528,7 +537,7 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
                 {
                     p.push(
                         format!("{at}.connection.security_policy"),
-                        format!("unknown policy {sp:?} (None, Basic256Sha256, Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss)"),
+                        format!("unknown policy {sp:?} (Auto, None, Basic256Sha256, Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss)"),
                     );
                 }
             }
@@ -556,6 +565,8 @@ fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
                 (c.serial_port.is_some(), "serial_port"),
                 (c.endpoint.is_some(), "endpoint"),
                 (c.auth.is_some(), "auth"),
+                (c.publishing_interval.is_some(), "publishing_interval"),
+                (c.sampling_interval.is_some(), "sampling_interval"),
                 (
                     c.max_registers_per_request.is_some(),
                     "max_registers_per_request",

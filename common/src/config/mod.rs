@@ -21,13 +21,13 @@ use serde_json::{Map, Value as Json};
 
 pub use alerts::{AlertRule, AlertsConfig, Condition, Severity, SuppressWhen, Webhook};
 pub use devices::{
-    Access, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress, ModbusTable,
-    ModbusTransport, Parity, Protocol, S7Address, S7Area, TagConfig,
+    Access, AcquisitionMode, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress,
+    ModbusTable, ModbusTransport, OpcUaAuth, Parity, Protocol, S7Address, S7Area, TagConfig,
 };
 pub use sections::{
     AclAction, AclPermission, AclRule, BreakerSettings, BrokerConfig, BrokerTls, BrokerUser,
     BufferConfig, CommandsConfig, GatewayConfig, IngestionConfig, LogFormat, MqttConfig, MqttTls,
-    MqttVersion, OrchestratorConfig, PoolConfig, Role, TelemetryConfig,
+    MqttVersion, OpcUaClientConfig, OrchestratorConfig, PoolConfig, Role, TelemetryConfig,
 };
 pub use types::{ByteSize, Secret, SecretUrl};
 use yaml::{Pos, Spans};

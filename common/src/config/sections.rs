@@ -369,6 +369,32 @@ pub struct GatewayConfig {
     pub pool: PoolConfig,
     /// Circuit breaker of each connection.
     pub breaker: BreakerSettings,
+    /// The OPC UA client's certificates.
+    pub opcua: OpcUaClientConfig,
+}
+
+/// `gateway.opcua`: the OPC UA client's identity and trust.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpcUaClientConfig {
+    /// PKI directory (default `nexus-data/pki`): the client certificate and key are created
+    /// in `own/` and `private/` at first start; server certificates in `trusted/` are trusted,
+    /// unknown ones are saved in `rejected/` (move them to `trusted/` to accept them).
+    pub pki_dir: PathBuf,
+    /// Trust every server certificate (default false; for commissioning only).
+    pub trust_server_certs: bool,
+    /// Application URI of the client certificate (default `urn:nexus:gateway`).
+    pub application_uri: String,
+}
+
+impl Default for OpcUaClientConfig {
+    fn default() -> Self {
+        OpcUaClientConfig {
+            pki_dir: PathBuf::from("nexus-data/pki"),
+            trust_server_certs: false,
+            application_uri: "urn:nexus:gateway".into(),
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -383,6 +409,7 @@ impl Default for GatewayConfig {
             buffer: BufferConfig::default(),
             pool: PoolConfig::default(),
             breaker: BreakerSettings::default(),
+            opcua: OpcUaClientConfig::default(),
         }
     }
 }

@@ -6,13 +6,14 @@
 //! OPC UA status) marks that tag bad and keeps the session.
 
 pub mod modbus;
+pub mod opcua;
 pub mod s7;
 pub mod value;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nexus_common::config::{DeviceConfig, Protocol};
+use nexus_common::config::{DeviceConfig, OpcUaClientConfig, Protocol};
 use nexus_common::{Quality, Topic, Value};
 
 /// The connection is unusable.
@@ -40,6 +41,12 @@ pub enum Reading {
         value: Value,
         source_ts_ms: Option<i64>,
     },
+    /// A value whose source says it is uncertain (OPC UA Uncertain* status codes).
+    Uncertain {
+        value: Value,
+        quality: Quality,
+        source_ts_ms: Option<i64>,
+    },
     Bad {
         quality: Quality,
         reason: String,
@@ -59,8 +66,7 @@ pub struct Device {
 pub enum Plan {
     Modbus(modbus::ModbusPlan),
     S7(s7::S7Plan),
-    /// Protocols whose driver is not built into this gateway yet.
-    Unsupported(Protocol),
+    OpcUa(opcua::OpcUaPlan),
 }
 
 impl Plan {
@@ -70,7 +76,7 @@ impl Plan {
         match self {
             Plan::Modbus(p) => p.requests.len(),
             Plan::S7(p) => p.requests_per_poll(),
-            Plan::Unsupported(_) => 0,
+            Plan::OpcUa(_) => 0,
         }
     }
 }
@@ -97,7 +103,7 @@ impl Device {
         let plan = match cfg.protocol {
             Protocol::Modbus => Plan::Modbus(modbus::ModbusPlan::new(&cfg).map_err(err)?),
             Protocol::S7 => Plan::S7(s7::S7Plan::new(&cfg).map_err(err)?),
-            other => Plan::Unsupported(other),
+            Protocol::Opcua => Plan::OpcUa(opcua::OpcUaPlan::new(&cfg).map_err(err)?),
         };
         Ok(Device { cfg, topics, plan })
     }
@@ -121,7 +127,23 @@ impl Device {
                     c.port.unwrap_or(502)
                 ),
             },
-            Protocol::Opcua => format!("opcua:{}", c.endpoint.as_deref().unwrap_or("")),
+            // Devices share a session only with the same security and identity.
+            Protocol::Opcua => format!(
+                "opcua:{}|{}/{}|{}",
+                c.endpoint.as_deref().unwrap_or(""),
+                c.security_policy.as_deref().unwrap_or("None"),
+                c.security_mode.as_deref().unwrap_or(""),
+                match &c.auth {
+                    // No password here: keys appear in logs and metric labels.
+                    Some(nexus_common::config::OpcUaAuth::User { username, .. }) => {
+                        format!("user:{username}")
+                    }
+                    Some(nexus_common::config::OpcUaAuth::Cert { cert, .. }) => {
+                        format!("cert:{}", cert.display())
+                    }
+                    _ => "anonymous".into(),
+                }
+            ),
             Protocol::S7 => format!(
                 "s7:{}:{}",
                 c.host.as_deref().unwrap_or(""),
@@ -155,17 +177,28 @@ pub trait Driver: Send {
         value: &Value,
     ) -> Result<Result<(), DeviceError>, TransportError>;
 
+    /// Stream the children of `node` (the protocol's root when `None`) into `out`; the inner
+    /// error is the device's refusal. Only OPC UA has an address space to browse.
+    async fn browse(
+        &mut self,
+        _node: Option<&str>,
+        _out: tokio::sync::mpsc::Sender<opcua::BrowseEntry>,
+    ) -> Result<Result<(), String>, TransportError> {
+        Ok(Err("this protocol has no address space to browse".into()))
+    }
+
     /// Close the session.
     async fn close(&mut self);
 }
 
-/// A driver for `device`'s endpoint.
-pub fn driver_for(device: &Device) -> Result<Box<dyn Driver>, TransportError> {
+/// A driver for `device`'s endpoint (`opcua`: the OPC UA client's certificates).
+pub fn driver_for(
+    device: &Device,
+    opcua: &OpcUaClientConfig,
+) -> Result<Box<dyn Driver>, TransportError> {
     match &device.plan {
         Plan::Modbus(_) => Ok(Box::new(modbus::ModbusDriver::new(&device.cfg))),
         Plan::S7(_) => Ok(Box::new(s7::S7Driver::new(&device.cfg))),
-        Plan::Unsupported(p) => Err(TransportError::Unsupported(format!(
-            "no {p:?} driver in this gateway yet"
-        ))),
+        Plan::OpcUa(_) => Ok(Box::new(opcua::OpcUaDriver::new(&device.cfg, opcua))),
     }
 }

@@ -1,3 +1,4 @@
 //! Simulated devices: `nexus simulate modbus` and the demo's devices.
 
 pub mod modbus;
+pub mod opcua;
