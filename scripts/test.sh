@@ -8,13 +8,13 @@ scripts/deps.sh
 
 # Independent protocol peers from PyPI, in a virtualenv under target/ (tests find it there).
 venv=target/test-venv
-if ! "$venv/bin/python" -c "import pymodbus, snap7" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import pymodbus, snap7, asyncua" >/dev/null 2>&1; then
   if ! python3 -m venv "$venv" >/dev/null 2>&1; then
     sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check pymodbus==3.16.1 python-snap7==3.3.0
+  "$venv/bin/pip" install --quiet --disable-pip-version-check pymodbus==3.16.1 python-snap7==3.3.0 asyncua==1.1.8
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then

@@ -68,9 +68,21 @@ pub enum Command {
     Simulate {
         #[arg(value_enum)]
         protocol: SimProtocol,
-        /// Port to serve on.
+        /// Port to serve on (Modbus 5020, OPC UA 4840).
         #[arg(long)]
         port: Option<u16>,
+        /// OPC UA: address to listen on and name in endpoint URLs.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// OPC UA: the server's PKI directory (certificate made at first start).
+        #[arg(long, default_value = "nexus-data/pki-simulator")]
+        pki_dir: PathBuf,
+        /// OPC UA: extra Bulk/TagNNNN variables, all changing every step (load tests).
+        #[arg(long, default_value_t = 0)]
+        bulk: usize,
+        /// OPC UA: milliseconds between value changes.
+        #[arg(long, default_value_t = 500)]
+        step_ms: u64,
     },
     /// Configuration tools.
     Config {
@@ -179,6 +191,19 @@ async fn simulate_modbus(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `nexus simulate opcua`: a moving OPC UA server until Ctrl-C.
+async fn simulate_opcua(
+    opts: nexus_protocol_gateway::simulator::opcua::OpcUaSimOptions,
+) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    cancel_on_signals(token.clone());
+    let sim = nexus_protocol_gateway::simulator::opcua::OpcUaSimulator::start(opts).await?;
+    println!("OPC UA simulator at {} (namespace urn:nexus:simulator, index {}; nodes under Objects/Simulator: Sine, Ramp, Counter, Toggle, Temperature, Status; writable Setpoint, Enable, Mode, Label). Stop with Ctrl-C.", sim.endpoint, sim.namespace);
+    token.cancelled().await;
+    drop(sim);
+    Ok(())
+}
+
 pub async fn main(cli: Cli) -> ExitCode {
     let with_config = |arg: &ConfigArg| -> Result<Config, ExitCode> {
         let cfg = load(arg)?;
@@ -228,6 +253,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Simulate {
             protocol: SimProtocol::Modbus,
             port,
+            ..
         } => {
             init_logging(
                 "info",
@@ -240,10 +266,29 @@ pub async fn main(cli: Cli) -> ExitCode {
         }
         Command::Simulate {
             protocol: SimProtocol::Opcua,
-            ..
+            port,
+            host,
+            pki_dir,
+            bulk,
+            step_ms,
         } => {
-            eprintln!("nexus simulate opcua: the OPC UA simulator ships with the OPC UA driver and is not in this build yet");
-            ExitCode::from(69)
+            init_logging(
+                "info",
+                match cli.log_format {
+                    Some(LogFormatArg::Json) => LogFormat::Json,
+                    _ => LogFormat::Pretty,
+                },
+            );
+            let opts = nexus_protocol_gateway::simulator::opcua::OpcUaSimOptions {
+                host: host.clone(),
+                port: port.unwrap_or(4840),
+                pki_dir: pki_dir.clone(),
+                user: None,
+                bulk: *bulk,
+                step: std::time::Duration::from_millis((*step_ms).max(10)),
+                max_nodes_per_call: 0,
+            };
+            done(simulate_opcua(opts).await)
         }
         Command::Config {
             action: ConfigAction::Check(arg),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::status;
 use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use nexus_protocol_gateway::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
 
 /// Name of the account `nexus up` creates for its own services on the embedded broker.
 pub const INTERNAL_USER: &str = "nexus-internal";
@@ -27,9 +28,18 @@ pub struct UpOptions {
 /// The demo's devices (deploy/examples/modbus-sim.yaml), pointed at the simulator's port.
 pub const DEMO_DEVICES: &str = include_str!("../../deploy/examples/modbus-sim.yaml");
 
-/// Start the demo's Modbus simulator (port 5020, or a free port if that is taken) and add its
-/// device to `cfg`.
-async fn start_demo_devices(cfg: &mut Config) -> anyhow::Result<ModbusSimulator> {
+/// The demo's OPC UA device (deploy/examples/opcua-sim.yaml).
+pub const DEMO_OPCUA_DEVICES: &str = include_str!("../../deploy/examples/opcua-sim.yaml");
+
+/// The demo's simulated devices.
+pub struct DemoSims {
+    pub modbus: ModbusSimulator,
+    pub opcua: OpcUaSimulator,
+}
+
+/// Start the demo's Modbus simulator (port 5020) and OPC UA simulator (port 4840), or free
+/// ports if those are taken, and add their devices to `cfg`.
+async fn start_demo_devices(cfg: &mut Config) -> anyhow::Result<DemoSims> {
     let tick = Some(std::time::Duration::from_millis(100));
     let sim = match ModbusSimulator::start("127.0.0.1:5020".parse()?, tick).await {
         Ok(s) => s,
@@ -44,7 +54,29 @@ async fn start_demo_devices(cfg: &mut Config) -> anyhow::Result<ModbusSimulator>
         d.connection.port = Some(sim.addr.port());
         cfg.devices.push(d);
     }
-    Ok(sim)
+    let ua_opts = |port| OpcUaSimOptions {
+        port,
+        pki_dir: "nexus-data/pki-simulator".into(),
+        step: std::time::Duration::from_millis(500),
+        ..OpcUaSimOptions::default()
+    };
+    let ua = match OpcUaSimulator::start(ua_opts(4840)).await {
+        Ok(s) => s,
+        Err(_) => OpcUaSimulator::start(ua_opts(0)).await?,
+    };
+    let demo = Config::from_str_with_env(DEMO_OPCUA_DEVICES, None, &[])
+        .map_err(|e| anyhow::anyhow!("demo OPC UA devices: {e}"))?;
+    for mut d in demo.devices {
+        if cfg.devices.iter().any(|x| x.id == d.id) {
+            continue;
+        }
+        d.connection.endpoint = Some(ua.endpoint.clone());
+        cfg.devices.push(d);
+    }
+    Ok(DemoSims {
+        modbus: sim,
+        opcua: ua,
+    })
 }
 
 fn shown(addr: SocketAddr) -> String {
@@ -147,7 +179,9 @@ pub async fn up(
         broker.as_ref(),
         with_ingestion,
         demo_login,
-        demo_sim.as_ref().map(|s| s.addr),
+        demo_sim
+            .as_ref()
+            .map(|s| (s.modbus.addr, s.opcua.endpoint.clone())),
     );
     let result = sup.wait(cfg.orchestrator.shutdown_grace).await;
     if let Some(b) = broker {
@@ -163,7 +197,7 @@ fn print_banner(
     broker: Option<&EmbeddedBroker>,
     ingestion: bool,
     demo: Option<(&str, &str)>,
-    sim: Option<SocketAddr>,
+    sim: Option<(SocketAddr, String)>,
 ) {
     let mut out = String::new();
     out.push_str(&format!(
@@ -229,9 +263,12 @@ fn print_banner(
         "  devices       {} configured\n",
         cfg.devices.len()
     ));
-    if let Some(addr) = sim {
+    if let Some((addr, ua)) = sim {
         out.push_str(&format!(
             "  simulator     Modbus TCP on {addr}: device sim-plc-1 -> demo/plant/packaging/line-1/sim-plc-1/<tag>\n"
+        ));
+        out.push_str(&format!(
+            "  simulator     OPC UA at {ua}: device sim-ua-1 -> demo/plant/packaging/line-2/sim-ua-1/<tag>\n"
         ));
     }
     if let Some((u, p)) = demo {

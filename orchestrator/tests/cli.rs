@@ -265,6 +265,31 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
     assert_eq!(demo.lines().count(), 5, "{demo}");
     assert!(demo.contains("\"q\":\"good\""), "{demo}");
 
+    // So are the OPC UA simulator's, through a subscription (the first start also creates the
+    // gateway's client certificate).
+    let ua = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "demo/plant/packaging/line-2/sim-ua-1/counter",
+            "-v",
+            "-C",
+            "3",
+            "-W",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    let ua = String::from_utf8_lossy(&ua.stdout).into_owned();
+    assert_eq!(ua.lines().count(), 3, "{ua}");
+    assert!(
+        ua.contains("\"q\":\"good\"") && ua.contains("\"src_ts\""),
+        "{ua}"
+    );
+
     // The demo operator writes a setpoint back to the simulated PLC and gets the answer.
     let answer = Command::new("mosquitto_sub")
         .args([

@@ -175,10 +175,7 @@ async fn browse(
                 return Some((Ok(line(&e)), (None, rx, done)));
             }
             let done = done?;
-            match outcome(done.await) {
-                None => None,
-                Some((_, e)) => Some((Ok(line(&json!({ "error": e }))), (None, rx, None))),
-            }
+            outcome(done.await).map(|(_, e)| (Ok(line(&json!({ "error": e }))), (None, rx, None)))
         },
     );
     (

@@ -189,7 +189,7 @@ impl OpcUaSimulator {
                     (node(ns, "Temperature"), dv(Variant::Float(temp))),
                     (
                         node(ns, "Status"),
-                        dv(Variant::from(if (n / 20) % 2 == 0 {
+                        dv(Variant::from(if (n / 20).is_multiple_of(2) {
                             "RUNNING"
                         } else {
                             "IDLE"
