@@ -7,6 +7,11 @@
 //!
 //! `cargo bench -p nexus-orchestrator --bench gateway`; BENCH_DEVICES (20), BENCH_TAGS (500),
 //! BENCH_POLL_MS (100), BENCH_QOS (1), BENCH_SECONDS (15).
+//!
+//! `BENCH_PROTOCOL=opcua` runs the same through OPC UA subscriptions: one OPC UA simulator
+//! (async-opcua server, in this process) per device with BENCH_TAGS variables that all change
+//! every BENCH_POLL_MS, each read by a subscribed device (publishing and sampling interval
+//! BENCH_POLL_MS).
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,10 +24,33 @@ use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port};
 use nexus_common::{Quality, Value};
 use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use nexus_protocol_gateway::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
 use support::{cpu_seconds, env, http_get, metric_sum, status_kib, Proc, NEXUS};
 use tokio_util::sync::CancellationToken;
 
 mod support;
+
+/// The simulated devices of a run.
+enum Sims {
+    Modbus(Vec<ModbusSimulator>),
+    OpcUa(Vec<OpcUaSimulator>),
+}
+
+/// Subscribed OPC UA devices reading every bulk variable of each simulator.
+fn opcua_devices(endpoints: &[String], tags: usize, poll_ms: u64) -> String {
+    let mut yaml = String::new();
+    for (d, ep) in endpoints.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - id: ua-{d}\n    protocol: opcua\n    uns_prefix: bench/site/area/line\n    poll_interval: {poll_ms}ms\n    mode: subscribe\n    connection: {{ endpoint: \"{ep}\", timeout: 5s }}\n    tags:\n"
+        ));
+        for t in 0..tags {
+            yaml.push_str(&format!(
+                "      - {{ id: t{t}, node_id: \"ns=2;s=Bulk.Tag{t:04}\", data_type: float64 }}\n"
+            ));
+        }
+    }
+    yaml
+}
 
 fn main() {
     let devices = env("BENCH_DEVICES", 20) as usize;
@@ -30,6 +58,7 @@ fn main() {
     let poll_ms = env("BENCH_POLL_MS", 100);
     let qos_n = env("BENCH_QOS", 1) as u8;
     let seconds = env("BENCH_SECONDS", 15);
+    let opcua = std::env::var("BENCH_PROTOCOL").is_ok_and(|p| p == "opcua");
     let qos = match qos_n {
         0 => QoS::AtMostOnce,
         _ => QoS::AtLeastOnce,
@@ -47,17 +76,36 @@ fn main() {
     let received = Arc::new(AtomicU64::new(0));
     let (sims, baseline_rate) = rt.block_on(async {
         // Simulators, every value changing at every poll.
-        let mut sims = Vec::new();
-        for _ in 0..devices {
-            let s = ModbusSimulator::start(
-                "127.0.0.1:0".parse().expect("addr"),
-                Some(Duration::from_millis(poll_ms)),
-            )
-            .await
-            .expect("simulator");
-            s.registers.lock().expect("lock").churn = 100..100 + tags;
-            sims.push(s);
-        }
+        let sims = if opcua {
+            let mut v = Vec::new();
+            for d in 0..devices {
+                v.push(
+                    OpcUaSimulator::start(OpcUaSimOptions {
+                        port: 0,
+                        pki_dir: dir.path().join(format!("sim-pki-{d}")),
+                        bulk: tags,
+                        step: Duration::from_millis(poll_ms),
+                        ..OpcUaSimOptions::default()
+                    })
+                    .await
+                    .expect("OPC UA simulator"),
+                );
+            }
+            Sims::OpcUa(v)
+        } else {
+            let mut v = Vec::new();
+            for _ in 0..devices {
+                let s = ModbusSimulator::start(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    Some(Duration::from_millis(poll_ms)),
+                )
+                .await
+                .expect("simulator");
+                s.registers.lock().expect("lock").churn = 100..100 + tags;
+                v.push(s);
+            }
+            Sims::Modbus(v)
+        };
         let mut c = testing::mqtt_config(mqtt_port);
         c.version = MqttVersion::V311;
         c.persistent_session = false;
@@ -126,15 +174,23 @@ fn main() {
 
     // The gateway process.
     let mut yaml = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, inflight: 1000 }}\ngateway:\n  qos: {qos_n}\n  heartbeat: 0s\n  workers: {}\n  buffer: {{ dir: {} }}\ntelemetry: {{ log_level: warn }}\ndevices:\n",
+        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, inflight: 1000 }}\ngateway:\n  qos: {qos_n}\n  heartbeat: 0s\n  workers: {}\n  buffer: {{ dir: {} }}\n  opcua: {{ pki_dir: {} }}\ntelemetry: {{ log_level: warn }}\ndevices:\n",
         devices.max(10),
-        dir.path().join("buffer").display()
+        dir.path().join("buffer").display(),
+        dir.path().join("gateway-pki").display()
     );
-    yaml.push_str(&support::load_devices(
-        &sims.iter().map(|s| s.addr.port()).collect::<Vec<_>>(),
-        tags,
-        poll_ms,
-    ));
+    yaml.push_str(&match &sims {
+        Sims::Modbus(v) => support::load_devices(
+            &v.iter().map(|s| s.addr.port()).collect::<Vec<_>>(),
+            tags,
+            poll_ms,
+        ),
+        Sims::OpcUa(v) => opcua_devices(
+            &v.iter().map(|s| s.endpoint.clone()).collect::<Vec<_>>(),
+            tags,
+            poll_ms,
+        ),
+    });
     let gw_cfg = dir.path().join("gateway.yaml");
     std::fs::write(&gw_cfg, yaml).expect("write");
     let http = free_port();
@@ -148,7 +204,8 @@ fn main() {
             .expect("nexus gateway"),
     );
     let pid = gw.0.id();
-    std::thread::sleep(Duration::from_secs(3)); // warm up
+    // Warm up (OPC UA: the client certificate is made and subscriptions created first).
+    std::thread::sleep(Duration::from_secs(if opcua { 8 } else { 3 }));
     let m0 = http_get(http, "/metrics");
     let (cpu0, rx0, t0) = (
         cpu_seconds(pid),
@@ -175,7 +232,10 @@ fn main() {
     let rx_rate = (rx1 - rx0) as f64 / elapsed;
     let cpu = cpu1 - cpu0;
     let target = (devices * tags) as f64 * 1000.0 / poll_ms as f64;
-    println!("gateway benchmark: {devices} devices x {tags} tags, poll {poll_ms} ms, QoS {qos_n}, {seconds} s measured");
+    println!(
+        "gateway benchmark ({}): {devices} devices x {tags} tags, poll {poll_ms} ms, QoS {qos_n}, {seconds} s measured",
+        if opcua { "OPC UA subscriptions" } else { "Modbus" }
+    );
     println!("  target rate (every value changes every poll)  {target:>10.0} points/s");
     println!(
         "  gateway published                            {rate:>10.0} points/s ({:.2} of target)",

@@ -44,6 +44,8 @@ use super::{Device, DeviceError, Driver, Plan, Reading, TransportError};
 
 /// Largest chunk when the server announces no limit.
 const DEFAULT_CHUNK: usize = 1000;
+/// Values the server may put in one publish response (the rest follow in the next).
+const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 20_000;
 
 /// How one tag is read.
 #[derive(Debug, Clone)]
@@ -388,6 +390,9 @@ impl OpcUaDriver {
     }
 
     fn client(&self) -> Result<Client, String> {
+        // Sessions opening at once must not each create the client certificate at first start.
+        static PKI: Mutex<()> = Mutex::new(());
+        let _pki = PKI.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(&self.settings.pki_dir)
             .map_err(|e| format!("PKI directory {}: {e}", self.settings.pki_dir.display()))?;
         ClientBuilder::new()
@@ -403,6 +408,11 @@ impl OpcUaDriver {
             .keep_alive_interval(Duration::from_secs(2).max(self.timeout))
             .max_failed_keep_alive_count(2)
             .session_timeout(60_000)
+            // A publish response of a large subscription carries thousands of values: the
+            // library's default decoding limits (1000 array elements) would drop the session.
+            .max_array_length(1_000_000)
+            .max_message_size(64 * 1024 * 1024)
+            .max_chunk_count(4096)
             .client()
             .map_err(|e| e.join("; "))
     }
@@ -617,7 +627,7 @@ impl OpcUaDriver {
                 plan.publishing,
                 keep_alive * 3,
                 keep_alive,
-                0,
+                MAX_NOTIFICATIONS_PER_PUBLISH,
                 0,
                 true,
                 callback,
