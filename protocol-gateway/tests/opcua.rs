@@ -23,12 +23,22 @@ use nexus_protocol_gateway::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
 use tokio_util::sync::CancellationToken;
 
 async fn simulator(dir: &Path, port: u16, bulk: usize, max: usize) -> OpcUaSimulator {
+    simulator_stepping(dir, port, bulk, max, 100).await
+}
+
+async fn simulator_stepping(
+    dir: &Path,
+    port: u16,
+    bulk: usize,
+    max: usize,
+    step_ms: u64,
+) -> OpcUaSimulator {
     OpcUaSimulator::start(OpcUaSimOptions {
         port,
         pki_dir: dir.join("server-pki"),
         user: Some(("operator".into(), "op-pw".into())),
         bulk,
-        step: Duration::from_millis(100),
+        step: Duration::from_millis(step_ms),
         max_nodes_per_call: max,
         ..OpcUaSimOptions::default()
     })
@@ -74,6 +84,30 @@ const SIM_TAGS: &str = "      - { id: sine, node_id: \"ns=2;s=Sine\", data_type:
       - { id: label, node_id: \"ns=2;s=Label\", data_type: string, access: readwrite }
       - { id: missing, node_id: \"ns=2;s=NoSuchNode\", data_type: float64 }
 ";
+
+type Msg = (String, serde_json::Value, bool);
+
+/// Messages until `done` holds for what arrived (or `limit` passes).
+async fn collect_until(
+    rx: &mut tokio::sync::mpsc::Receiver<nexus_common::mqtt::Message>,
+    limit: Duration,
+    done: impl Fn(&[Msg]) -> bool,
+) -> Vec<Msg> {
+    let mut out = Vec::new();
+    let end = tokio::time::Instant::now() + limit;
+    while !done(&out) {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(m)) => out.push((
+                m.topic().unwrap_or("").to_owned(),
+                serde_json::from_slice(m.payload()).unwrap_or(serde_json::Value::Null),
+                m.retain(),
+            )),
+            _ => break,
+        }
+    }
+    out
+}
 
 fn by_id(d: &Device, r: Vec<(usize, Reading)>) -> HashMap<String, Reading> {
     r.into_iter()
@@ -210,7 +244,9 @@ async fn reads_are_chunked_to_max_nodes_per_read() {
 async fn subscriptions_deliver_every_change_and_survive_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let sim = simulator(dir.path(), port, 0, 0).await;
+    // Values change every 250 ms, the server samples every 100 ms (its minimum), so every
+    // change is sampled even on a loaded machine; the gateway polls every 500 ms.
+    let sim = simulator_stepping(dir.path(), port, 0, 0, 250).await;
     let endpoint = sim.endpoint.clone();
     let broker = support::broker();
     let mport = broker.ports.tcp.port();
@@ -246,16 +282,25 @@ async fn subscriptions_deliver_every_change_and_survive_a_server_restart() {
     );
     cfg.gateway.opcua.pki_dir = dir.path().join("client-pki");
     let (stop, task) = support::start_gateway(cfg);
-    // The first start creates the client certificate (a few seconds); then 5 s of values.
-    let got = support::collect(&mut rx, Duration::from_secs(6), Duration::from_secs(8)).await;
+    // The first start creates the client certificate (seconds in a debug build).
+    let is_counter = |t: &str| t.ends_with("/ua-sub/counter");
+    let got = collect_until(&mut rx, Duration::from_secs(40), |got| {
+        got.iter().filter(|(t, _, _)| is_counter(t)).count() >= 14
+            && got
+                .iter()
+                .filter(|(t, _, _)| t.ends_with("/ua-sub/setpoint"))
+                .count()
+                >= 3
+    })
+    .await;
     let counter: Vec<(i64, Option<i64>)> = got
         .iter()
         .filter(|(t, _, _)| t.ends_with("/ua-sub/counter"))
         .map(|(_, v, _)| (v["v"].as_i64().unwrap(), v["src_ts"].as_i64()))
         .collect();
-    // Polls every 500 ms, the server changes the counter every 100 ms: every change arrives.
+    // Two or more changes per poll: every one arrives, in order.
     assert!(
-        counter.len() >= 20,
+        counter.len() >= 12,
         "{counter:?} {:?}",
         got.iter()
             .map(|(t, v, _)| format!("{t} {v}"))
@@ -278,7 +323,7 @@ async fn subscriptions_deliver_every_change_and_survive_a_server_restart() {
         setpoints >= 3,
         "heartbeat republished the setpoint {setpoints} times"
     );
-    // Sine moves by ~3 a step; the deadband of 5 holds back most steps.
+    // Sine moves by up to ~8 a step; the deadband of 5 holds back the smaller steps.
     let sines = got
         .iter()
         .filter(|(t, _, _)| t.ends_with("/ua-sub/sine"))
@@ -291,15 +336,31 @@ async fn subscriptions_deliver_every_change_and_survive_a_server_restart() {
 
     // The server restarts on the same port: offline, then back by itself.
     drop(sim);
-    let got = support::collect(&mut rx, Duration::from_secs(3), Duration::from_secs(3)).await;
+    let offline = |got: &[Msg]| {
+        got.iter()
+            .any(|(t, v, _)| t == "$nexus/status/device/ua-sub" && v["state"] == "offline")
+    };
+    let got = collect_until(&mut rx, Duration::from_secs(20), offline).await;
     let status: Vec<&serde_json::Value> = got
         .iter()
         .filter(|(t, _, _)| t == "$nexus/status/device/ua-sub")
         .map(|(_, v, _)| v)
         .collect();
     assert!(status.iter().any(|v| v["state"] == "offline"), "{status:?}");
-    let _sim2 = simulator(dir.path(), port, 0, 0).await;
-    let got = support::collect(&mut rx, Duration::from_secs(4), Duration::from_secs(10)).await;
+    let _sim2 = simulator_stepping(dir.path(), port, 0, 0, 250).await;
+    let got = collect_until(&mut rx, Duration::from_secs(40), |got| {
+        let online = got
+            .iter()
+            .rposition(|(t, _, _)| t == "$nexus/status/device/ua-sub")
+            .is_some_and(|i| got[i].1["state"] == "online");
+        online
+            && got
+                .iter()
+                .filter(|(t, v, _)| is_counter(t) && v["q"] == "good")
+                .count()
+                >= 3
+    })
+    .await;
     let last = got
         .iter()
         .rev()
@@ -311,7 +372,7 @@ async fn subscriptions_deliver_every_change_and_survive_a_server_restart() {
         .filter(|(t, v, _)| t.ends_with("/ua-sub/counter") && v["q"] == "good")
         .map(|(_, v, _)| v["v"].as_i64().unwrap())
         .collect();
-    assert!(after.len() >= 5, "the subscription came back: {after:?}");
+    assert!(after.len() >= 3, "the subscription came back: {after:?}");
 
     // Browse over HTTP, streamed as JSON lines.
     let top = support::http_get(http, "/api/v1/devices/ua-sub/browse");
