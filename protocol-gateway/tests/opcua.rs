@@ -435,6 +435,33 @@ async fn a_secured_endpoint_with_username_needs_a_trusted_server_certificate() {
     });
     let r = by_id(&d, fresh.read(&d, None).await.unwrap());
     assert_eq!(good(&r, "setpoint"), Value::Float(42.5));
+    // The other policies, and Auto (the most secure endpoint offered), each its own session.
+    for (n, security) in [
+        "security_policy: Aes128_Sha256_RsaOaep, security_mode: SignAndEncrypt",
+        "security_policy: Aes256_Sha256_RsaPss, security_mode: Sign",
+        "security_policy: Auto",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let other = compile(
+            &yaml
+                .replace(
+                    "security_policy: Basic256Sha256, security_mode: SignAndEncrypt",
+                    security,
+                )
+                .replace("ua-sec", &format!("ua-sec-{n}")),
+        );
+        let r = fresh
+            .read(&other, None)
+            .await
+            .unwrap_or_else(|e| panic!("{security}: {e}"));
+        assert_eq!(
+            good(&by_id(&other, r), "setpoint"),
+            Value::Float(42.5),
+            "{security}"
+        );
+    }
     // A wrong password is refused with the server's reason.
     let wrong = compile(
         &yaml
