@@ -191,6 +191,16 @@ pub trait Driver: Send {
     async fn close(&mut self);
 }
 
+/// The error of a driver handed a device of another protocol (`what`: "a Modbus", ...).
+pub(crate) fn wrong_protocol(device: &Device, what: &str) -> TransportError {
+    TransportError::Unsupported(format!("device {} is not {what} device", device.cfg.id))
+}
+
+/// Put readings in the order the tags were asked for.
+pub(crate) fn order_as_asked(out: &mut [(usize, Reading)], asked: &[usize]) {
+    out.sort_by_key(|(t, _)| asked.iter().position(|x| x == t).unwrap_or(usize::MAX));
+}
+
 /// A driver for `device`'s endpoint (`opcua`: the OPC UA client's certificates).
 pub fn driver_for(
     device: &Device,

@@ -40,7 +40,7 @@ use opcua::types::{
 use tokio::sync::mpsc;
 
 use super::value::widen;
-use super::{Device, DeviceError, Driver, Plan, Reading, TransportError};
+use super::{wrong_protocol, Device, DeviceError, Driver, Plan, Reading, TransportError};
 
 /// Largest chunk when the server announces no limit.
 const DEFAULT_CHUNK: usize = 1000;
@@ -997,10 +997,7 @@ impl Driver for OpcUaDriver {
         tags: Option<&[usize]>,
     ) -> Result<Vec<(usize, Reading)>, TransportError> {
         let Plan::OpcUa(plan) = &device.plan else {
-            return Err(TransportError::Unsupported(format!(
-                "device {} is not an OPC UA device",
-                device.cfg.id
-            )));
+            return Err(wrong_protocol(device, "an OPC UA"));
         };
         self.session()?;
         if let Some(list) = tags {
@@ -1041,10 +1038,7 @@ impl Driver for OpcUaDriver {
         value: &Value,
     ) -> Result<Result<(), DeviceError>, TransportError> {
         let Plan::OpcUa(plan) = &device.plan else {
-            return Err(TransportError::Unsupported(format!(
-                "device {} is not an OPC UA device",
-                device.cfg.id
-            )));
+            return Err(wrong_protocol(device, "an OPC UA"));
         };
         let session = self.session()?;
         let Some(spec) = plan.tags.get(tag) else {

@@ -16,7 +16,9 @@ use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
-use super::{Device, DeviceError, Driver, Plan, Reading, TransportError};
+use super::{
+    order_as_asked, wrong_protocol, Device, DeviceError, Driver, Plan, Reading, TransportError,
+};
 use plan::{PlanItem, PlanLimits, ReadRequest};
 
 /// How one tag is decoded.
@@ -319,10 +321,7 @@ impl Driver for ModbusDriver {
         tags: Option<&[usize]>,
     ) -> Result<Vec<(usize, Reading)>, TransportError> {
         let Plan::Modbus(plan) = &device.plan else {
-            return Err(TransportError::Unsupported(format!(
-                "device {} is not a Modbus device",
-                device.cfg.id
-            )));
+            return Err(wrong_protocol(device, "a Modbus"));
         };
         let subset;
         let requests: &[ReadRequest] = match tags {
@@ -377,8 +376,7 @@ impl Driver for ModbusDriver {
             }
         }
         if let Some(list) = tags {
-            // Answer in the order asked.
-            out.sort_by_key(|(t, _)| list.iter().position(|x| x == t).unwrap_or(usize::MAX));
+            order_as_asked(&mut out, list);
         }
         Ok(out)
     }
@@ -390,10 +388,7 @@ impl Driver for ModbusDriver {
         value: &Value,
     ) -> Result<Result<(), DeviceError>, TransportError> {
         let Plan::Modbus(plan) = &device.plan else {
-            return Err(TransportError::Unsupported(format!(
-                "device {} is not a Modbus device",
-                device.cfg.id
-            )));
+            return Err(wrong_protocol(device, "a Modbus"));
         };
         let Some(spec) = plan.tags.get(tag) else {
             return Ok(Err(DeviceError(format!("no tag {tag}"))));

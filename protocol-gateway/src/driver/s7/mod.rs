@@ -24,7 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::value::{self, CodecError};
-use super::{Device, DeviceError, Driver, Plan, Reading, TransportError};
+use super::{
+    order_as_asked, wrong_protocol, Device, DeviceError, Driver, Plan, Reading, TransportError,
+};
 use plan::{Chunk, Range};
 use proto::{Item, ProtoError};
 
@@ -319,10 +321,6 @@ fn fill(
     }
 }
 
-fn not_s7(device: &Device) -> TransportError {
-    TransportError::Unsupported(format!("device {} is not an S7 device", device.cfg.id))
-}
-
 #[async_trait]
 impl Driver for S7Driver {
     async fn connect(&mut self) -> Result<(), TransportError> {
@@ -377,7 +375,7 @@ impl Driver for S7Driver {
         tags: Option<&[usize]>,
     ) -> Result<Vec<(usize, Reading)>, TransportError> {
         let Plan::S7(plan) = &device.plan else {
-            return Err(not_s7(device));
+            return Err(wrong_protocol(device, "an S7"));
         };
         let subset;
         let ranges: &[Range] = match tags {
@@ -437,9 +435,7 @@ impl Driver for S7Driver {
             plan.sent.store(sent, Ordering::Relaxed);
         }
         match tags {
-            Some(list) => {
-                out.sort_by_key(|(t, _)| list.iter().position(|x| x == t).unwrap_or(usize::MAX))
-            }
+            Some(list) => order_as_asked(&mut out, list),
             None => out.sort_by_key(|(t, _)| *t),
         }
         Ok(out)
@@ -452,7 +448,7 @@ impl Driver for S7Driver {
         value: &Value,
     ) -> Result<Result<(), DeviceError>, TransportError> {
         let Plan::S7(plan) = &device.plan else {
-            return Err(not_s7(device));
+            return Err(wrong_protocol(device, "an S7"));
         };
         let Some(spec) = plan.tags.get(tag) else {
             return Ok(Err(DeviceError(format!("no tag {tag}"))));
