@@ -32,8 +32,7 @@ use nexus_common::config::{Config, MqttVersion};
 use nexus_common::mqtt::QoS;
 use nexus_common::service::{Shell, ShellOptions};
 use nexus_common::telemetry::Telemetry;
-use nexus_protocol_gateway::directory::DeviceDirectory;
-use nexus_protocol_gateway::pool::Pools;
+use nexus_devices::{watch_devices, DeviceDirectory, DeviceLayer, Pools};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "commands";
@@ -42,10 +41,10 @@ pub const SERVICE: &str = "commands";
 /// devices file).
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(SERVICE);
-    let shared = nexus_protocol_gateway::Shared::new(&cfg, &telemetry.registry);
+    let shared = DeviceLayer::new(&cfg, &telemetry.registry);
     let maintenance = tokio::spawn(shared.pools.clone().maintain(shutdown.clone()));
     let directory = shared.directory.clone();
-    let watcher = tokio::spawn(nexus_protocol_gateway::watch_devices(
+    let watcher = tokio::spawn(watch_devices(
         cfg.clone(),
         move |d| directory.apply(d),
         shutdown.clone(),

@@ -4,7 +4,7 @@
 
 use nexus_common::config::{DataType, TagConfig};
 use nexus_common::Value;
-use nexus_protocol_gateway::driver::Device;
+use nexus_devices::Device;
 
 /// Which rule refused a write (the `reason` label of `nexus_commands_rejected_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

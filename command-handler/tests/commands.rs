@@ -12,7 +12,7 @@ use bytes::Bytes;
 use nexus_common::config::{BrokerConfig, BrokerUser, Config, MqttVersion, Role, Secret};
 use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, PublishProps, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto};
-use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use nexus_devices::simulator::modbus::ModbusSimulator;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nexus_common::config::{MqttVersion, Secret};
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port};
-use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use nexus_devices::simulator::modbus::ModbusSimulator;
 use support::{env, http_get, metric_sum, Proc, NEXUS};
 use tokio_util::sync::CancellationToken;
 

@@ -23,8 +23,8 @@ use nexus_common::config::MqttVersion;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port};
 use nexus_common::{Quality, Value};
-use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
-use nexus_protocol_gateway::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
+use nexus_devices::simulator::modbus::ModbusSimulator;
+use nexus_devices::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
 use support::{cpu_seconds, env, http_get, metric_sum, status_kib, Proc, NEXUS};
 use tokio_util::sync::CancellationToken;
 

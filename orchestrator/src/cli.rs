@@ -180,7 +180,7 @@ async fn simulate_modbus(port: u16) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     cancel_on_signals(token.clone());
     let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
-    let sim = nexus_protocol_gateway::simulator::modbus::ModbusSimulator::start(
+    let sim = nexus_devices::simulator::modbus::ModbusSimulator::start(
         addr,
         Some(std::time::Duration::from_millis(100)),
     )
@@ -193,11 +193,11 @@ async fn simulate_modbus(port: u16) -> anyhow::Result<()> {
 
 /// `nexus simulate opcua`: a moving OPC UA server until Ctrl-C.
 async fn simulate_opcua(
-    opts: nexus_protocol_gateway::simulator::opcua::OpcUaSimOptions,
+    opts: nexus_devices::simulator::opcua::OpcUaSimOptions,
 ) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     cancel_on_signals(token.clone());
-    let sim = nexus_protocol_gateway::simulator::opcua::OpcUaSimulator::start(opts).await?;
+    let sim = nexus_devices::simulator::opcua::OpcUaSimulator::start(opts).await?;
     println!("OPC UA simulator at {} (namespace urn:nexus:simulator, index {}; nodes under Objects/Simulator: Sine, Ramp, Counter, Toggle, Temperature, Status; writable Setpoint, Enable, Mode, Label). Stop with Ctrl-C.", sim.endpoint, sim.namespace);
     token.cancelled().await;
     drop(sim);
@@ -279,7 +279,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                     _ => LogFormat::Pretty,
                 },
             );
-            let opts = nexus_protocol_gateway::simulator::opcua::OpcUaSimOptions {
+            let opts = nexus_devices::simulator::opcua::OpcUaSimOptions {
                 host: host.clone(),
                 port: port.unwrap_or(4840),
                 pki_dir: pki_dir.clone(),

@@ -12,8 +12,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::status;
-use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
-use nexus_protocol_gateway::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
+use nexus_devices::simulator::modbus::ModbusSimulator;
+use nexus_devices::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
 
 /// Name of the account `nexus up` creates for its own services on the embedded broker.
 pub const INTERNAL_USER: &str = "nexus-internal";

@@ -13,9 +13,10 @@ use axum::{Json, Router};
 use nexus_common::codec::json::value_to_json;
 use serde_json::{json, Value};
 
-use crate::driver::opcua::BrowseEntry;
+use nexus_devices::opcua::BrowseEntry;
+use nexus_devices::{BrowseError, Pools};
+
 use crate::poller::DeviceSet;
-use crate::pool::{PoolError, Pools};
 
 pub type SharedDevices = Arc<Mutex<DeviceSet>>;
 
@@ -129,14 +130,6 @@ async fn browse(
     let Some(device) = device else {
         return error(StatusCode::NOT_FOUND, format!("no device {id:?}"));
     };
-    if device.cfg.protocol != nexus_common::config::Protocol::Opcua {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "device {id:?} is not an OPC UA device; only OPC UA has an address space to browse"
-            ),
-        );
-    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<BrowseEntry>(256);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let pools = api.pools.clone();
@@ -144,10 +137,12 @@ async fn browse(
         let r = pools.browse(&device, q.node, tx).await;
         let _ = done_tx.send(r);
     });
-    let outcome = |r: Result<Result<Result<(), String>, PoolError>, _>| match r {
-        Ok(Ok(Ok(()))) => None,
-        Ok(Ok(Err(e))) => Some((StatusCode::BAD_REQUEST, e)),
-        Ok(Err(e)) => Some((StatusCode::BAD_GATEWAY, e.to_string())),
+    let outcome = |r: Result<Result<(), BrowseError>, _>| match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e @ (BrowseError::Refused(_) | BrowseError::NotBrowsable(_)))) => {
+            Some((StatusCode::BAD_REQUEST, e.to_string()))
+        }
+        Ok(Err(e @ BrowseError::Pool(_))) => Some((StatusCode::BAD_GATEWAY, e.to_string())),
         Err(_) => Some((StatusCode::INTERNAL_SERVER_ERROR, "browse ended".to_owned())),
     };
     let first = rx.recv().await;

@@ -16,18 +16,13 @@
 //! HTTP :4000: /healthz /readyz /metrics, GET /api/v1/devices, GET /api/v1/devices/{id}/tags
 //! ```
 //!
-//! - [`driver`]: the `Driver` trait (transport errors apart from device exceptions) and the
-//!   Modbus driver; OPC UA and S7 drivers plug in here.
-//! - [`simulator`]: `nexus simulate modbus` and the demo device.
+//! Devices, drivers, pools and breakers are the device layer's (`nexus-devices`), shared with
+//! the command handler; this crate polls them and publishes.
 
 pub mod buffer;
-pub mod directory;
-pub mod driver;
 pub mod http;
 pub mod poller;
-pub mod pool;
 pub mod publisher;
-pub mod simulator;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,49 +34,16 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use buffer::DiskBuffer;
+use nexus_devices::{watch_devices, DeviceLayer};
 use poller::{DeviceSet, PollContext, PollMetrics};
-use pool::Pools;
 use publisher::{PublishSettings, Publisher, PublisherMetrics};
 
 pub const SERVICE: &str = "gateway";
 
-/// Call `apply` with the new device list whenever the config file or the devices file
-/// changes on disk (checked every 2 s); see [`Config::watch`].
-pub async fn watch_devices<F: Fn(&[nexus_common::config::DeviceConfig])>(
-    cfg: Arc<Config>,
-    apply: F,
-    token: CancellationToken,
-) {
-    cfg.watch(Duration::from_secs(2), token, |new| apply(&new.devices))
-        .await
-}
-
-/// What the gateway shares with a command handler running beside it: the connection pools
-/// (one session per device endpoint, as small PLCs allow few) and the device directory.
-#[derive(Clone)]
-pub struct Shared {
-    pub pools: Arc<Pools>,
-    pub directory: Arc<directory::DeviceDirectory>,
-}
-
-impl Shared {
-    pub fn new(cfg: &Config, registry: &prometheus::Registry) -> Shared {
-        let directory = directory::DeviceDirectory::new();
-        directory.apply(&cfg.devices);
-        let pools = Pools::new(
-            cfg.gateway.pool.clone(),
-            cfg.gateway.breaker.into(),
-            registry,
-        );
-        pools.set_opcua(cfg.gateway.opcua.clone());
-        Shared { pools, directory }
-    }
-}
-
 /// Run the gateway until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(SERVICE);
-    let shared = Shared::new(&cfg, &telemetry.registry);
+    let shared = DeviceLayer::new(&cfg, &telemetry.registry);
     run_shared(cfg, telemetry, shared, shutdown).await
 }
 
@@ -90,7 +52,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
 pub async fn run_shared(
     cfg: Arc<Config>,
     telemetry: Telemetry,
-    shared: Shared,
+    shared: DeviceLayer,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let gw = &cfg.gateway;

@@ -20,8 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::driver::{Device, Reading};
-use crate::pool::{PoolError, Pools};
+use nexus_devices::{Device, PoolError, Pools, Reading};
 
 #[derive(Clone)]
 pub struct PollMetrics {

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nexus_common::breaker::BreakerConfig;
-use nexus_common::config::{Config, PoolConfig};
+use nexus_common::config::{Config, OpcUaClientConfig, PoolConfig};
 use nexus_common::testing::{self, free_port};
 use nexus_common::Value;
-use nexus_protocol_gateway::driver::{Device, Reading};
-use nexus_protocol_gateway::pool::Pools;
-use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use nexus_devices::simulator::modbus::ModbusSimulator;
+use nexus_devices::Pools;
+use nexus_devices::{Device, Reading};
 use tokio_util::sync::CancellationToken;
 
 fn device_yaml(id: &str, port: u16, prefix: &str, poll: &str, tags: &str) -> String {
@@ -125,6 +125,7 @@ async fn coalescing_issues_the_planned_number_of_requests() {
     let pools = Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
     );
     for (limit, want) in [("", 2u64), ("max_registers_per_request: 50, ", 4)] {
@@ -177,6 +178,7 @@ async fn writes_land_in_the_device() {
     let pools = Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
     );
     set(&sim, 330, &[0b1_0001]);
@@ -270,6 +272,7 @@ async fn a_device_exception_marks_only_its_tags_bad() {
     let pools = Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
     );
     for _ in 0..10 {

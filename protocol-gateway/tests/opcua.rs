@@ -17,9 +17,9 @@ use nexus_common::breaker::BreakerConfig;
 use nexus_common::config::{Config, OpcUaClientConfig, PoolConfig};
 use nexus_common::testing::{self, free_port};
 use nexus_common::Value;
-use nexus_protocol_gateway::driver::{Device, Reading};
-use nexus_protocol_gateway::pool::Pools;
-use nexus_protocol_gateway::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
+use nexus_devices::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
+use nexus_devices::Pools;
+use nexus_devices::{Device, Reading};
 use tokio_util::sync::CancellationToken;
 
 async fn simulator(dir: &Path, port: u16, bulk: usize, max: usize) -> OpcUaSimulator {
@@ -47,17 +47,16 @@ async fn simulator_stepping(
 }
 
 fn pools(dir: &Path, trust: bool) -> Arc<Pools> {
-    let p = Pools::new(
+    Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig {
+            pki_dir: dir.join("client-pki"),
+            trust_server_certs: trust,
+            ..OpcUaClientConfig::default()
+        },
         &prometheus::Registry::new(),
-    );
-    p.set_opcua(OpcUaClientConfig {
-        pki_dir: dir.join("client-pki"),
-        trust_server_certs: trust,
-        ..OpcUaClientConfig::default()
-    });
-    p
+    )
 }
 
 fn device_yaml(id: &str, endpoint: &str, extra: &str, prefix: &str, tags: &str) -> String {
@@ -420,6 +419,12 @@ async fn a_secured_endpoint_with_username_needs_a_trusted_server_certificate() {
         dir.path().join("client-pki/own/cert.der").exists(),
         "client certificate created at first start"
     );
+    // Its private key, and the simulator's, are readable by their owner only.
+    for key in ["client-pki/private/private.pem", "server-pki/private/private.pem"] {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(dir.path().join(key)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{key}");
+    }
     // The operator trusts it.
     let trusted = dir.path().join("client-pki/trusted");
     std::fs::create_dir_all(&trusted).unwrap();
@@ -427,12 +432,12 @@ async fn a_secured_endpoint_with_username_needs_a_trusted_server_certificate() {
     let fresh = Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig {
+            pki_dir: dir.path().join("client-pki"),
+            ..OpcUaClientConfig::default()
+        },
         &prometheus::Registry::new(),
     );
-    fresh.set_opcua(OpcUaClientConfig {
-        pki_dir: dir.path().join("client-pki"),
-        ..OpcUaClientConfig::default()
-    });
     let r = by_id(&d, fresh.read(&d, None).await.unwrap());
     assert_eq!(good(&r, "setpoint"), Value::Float(42.5));
     // The other policies, and Auto (the most secure endpoint offered), each its own session.

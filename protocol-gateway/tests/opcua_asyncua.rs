@@ -13,8 +13,8 @@ use nexus_common::breaker::BreakerConfig;
 use nexus_common::config::{Config, OpcUaClientConfig, PoolConfig};
 use nexus_common::testing::{self, free_port};
 use nexus_common::Value;
-use nexus_protocol_gateway::driver::{Device, Reading};
-use nexus_protocol_gateway::pool::Pools;
+use nexus_devices::Pools;
+use nexus_devices::{Device, Reading};
 
 fn peer(port: u16, dir: &Path) -> testing::PythonPeer {
     testing::PythonPeer::start(
@@ -48,17 +48,16 @@ fn device(port: u16, id: &str, mode: &str, security: &str) -> Arc<Device> {
 }
 
 fn pools(dir: &Path) -> Arc<Pools> {
-    let p = Pools::new(
+    Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig {
+            pki_dir: dir.join("client-pki"),
+            trust_server_certs: true,
+            ..OpcUaClientConfig::default()
+        },
         &prometheus::Registry::new(),
-    );
-    p.set_opcua(OpcUaClientConfig {
-        pki_dir: dir.join("client-pki"),
-        trust_server_certs: true,
-        ..OpcUaClientConfig::default()
-    });
-    p
+    )
 }
 
 fn by_id(d: &Device, r: Vec<(usize, Reading)>) -> HashMap<String, Reading> {
@@ -149,7 +148,7 @@ async fn read_write_browse_and_subscribe_against_python_asyncua() {
         v
     };
     let (res, top) = tokio::join!(browse, collect);
-    res.unwrap().unwrap();
+    res.unwrap();
     let line = top
         .iter()
         .find(|e| e.display_name == "Line")
@@ -164,7 +163,7 @@ async fn read_write_browse_and_subscribe_against_python_asyncua() {
         v
     };
     let (res, children) = tokio::join!(browse, collect);
-    res.unwrap().unwrap();
+    res.unwrap();
     for name in ["Counter", "Temperature", "Setpoint", "Mode", "Name"] {
         assert!(children.iter().any(|c| c == name), "{name}: {children:?}");
     }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use nexus_common::testing::{self, free_port};
-use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use nexus_devices::simulator::modbus::ModbusSimulator;
 use tokio_util::sync::CancellationToken;
 
 /// A device whose `ramp` changes every 100 ms (the simulator's tick), polled every 100 ms.

@@ -9,11 +9,11 @@ mod support;
 use std::sync::Arc;
 
 use nexus_common::breaker::BreakerConfig;
-use nexus_common::config::{Config, PoolConfig};
+use nexus_common::config::{Config, OpcUaClientConfig, PoolConfig};
 use nexus_common::testing::{self, free_port};
 use nexus_common::Value;
-use nexus_protocol_gateway::driver::{Device, Reading};
-use nexus_protocol_gateway::pool::Pools;
+use nexus_devices::Pools;
+use nexus_devices::{Device, Reading};
 
 fn start_pymodbus(framing: &str) -> (testing::PythonPeer, u16) {
     let port = free_port();
@@ -43,6 +43,7 @@ async fn check(framing: &str, transport: &str) {
     let pools = Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
     );
     let readings = pools.read(&d, None).await.unwrap();

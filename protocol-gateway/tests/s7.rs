@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nexus_common::breaker::BreakerConfig;
-use nexus_common::config::{Config, PoolConfig};
+use nexus_common::config::{Config, OpcUaClientConfig, PoolConfig};
 use nexus_common::testing::{self, free_port};
 use nexus_common::{Quality, Value};
-use nexus_protocol_gateway::driver::{Device, Reading};
-use nexus_protocol_gateway::pool::Pools;
+use nexus_devices::Pools;
+use nexus_devices::{Device, Reading};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,7 @@ fn pools() -> Arc<Pools> {
     Pools::new(
         PoolConfig::default(),
         BreakerConfig::default(),
+        OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
     )
 }

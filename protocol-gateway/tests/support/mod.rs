@@ -7,7 +7,7 @@ use std::time::Duration;
 use nexus_common::config::Config;
 use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, QoS};
 use nexus_common::testing;
-use nexus_protocol_gateway::simulator::modbus::ModbusSimulator;
+use nexus_devices::simulator::modbus::ModbusSimulator;
 use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
 

@@ -18,15 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nexus_common::config::{DataType, DeviceConfig, S7Address, S7Area};
+use nexus_common::config::{DataType, DeviceConfig, Protocol, S7Address, S7Area};
 use nexus_common::{Quality, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::value::{self, CodecError};
-use super::{
-    order_as_asked, wrong_protocol, Device, DeviceError, Driver, Plan, Reading, TransportError,
-};
+use crate::device::Device;
+use crate::driver::{order_as_asked, DeviceError, Driver, DriverSettings, Reading, TransportError};
+use crate::value::{self, CodecError};
 use plan::{Chunk, Range};
 use proto::{Item, ProtoError};
 
@@ -323,6 +322,13 @@ fn fill(
 
 #[async_trait]
 impl Driver for S7Driver {
+    type Plan = S7Plan;
+    const PROTOCOL: Protocol = Protocol::S7;
+
+    fn for_device(device: &DeviceConfig, _settings: &DriverSettings) -> S7Driver {
+        S7Driver::new(device)
+    }
+
     async fn connect(&mut self) -> Result<(), TransportError> {
         self.stream = None;
         let endpoint = format!("{}:{}", self.host, self.port);
@@ -371,12 +377,10 @@ impl Driver for S7Driver {
 
     async fn read(
         &mut self,
-        device: &Device,
+        _device: &Device,
+        plan: &S7Plan,
         tags: Option<&[usize]>,
     ) -> Result<Vec<(usize, Reading)>, TransportError> {
-        let Plan::S7(plan) = &device.plan else {
-            return Err(wrong_protocol(device, "an S7"));
-        };
         let subset;
         let ranges: &[Range] = match tags {
             None => &plan.ranges,
@@ -443,13 +447,11 @@ impl Driver for S7Driver {
 
     async fn write(
         &mut self,
-        device: &Device,
+        _device: &Device,
+        plan: &S7Plan,
         tag: usize,
         value: &Value,
     ) -> Result<Result<(), DeviceError>, TransportError> {
-        let Plan::S7(plan) = &device.plan else {
-            return Err(wrong_protocol(device, "an S7"));
-        };
         let Some(spec) = plan.tags.get(tag) else {
             return Ok(Err(DeviceError(format!("no tag {tag}"))));
         };

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use nexus_common::testing::{self, free_port};
-use nexus_protocol_gateway::driver::s7::proto::{self, Item, AREA_DB, AREA_INPUT, AREA_MERKER};
+use nexus_devices::s7::proto::{self, Item, AREA_DB, AREA_INPUT, AREA_MERKER};
 
 struct Conn {
     s: TcpStream,

@@ -10,15 +10,16 @@ pub mod plan;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nexus_common::config::{DeviceConfig, ModbusAddress, ModbusTable, ModbusTransport, Parity};
+use nexus_common::config::{
+    DeviceConfig, ModbusAddress, ModbusTable, ModbusTransport, Parity, Protocol,
+};
 use nexus_common::{Quality, Value};
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
-use super::{
-    order_as_asked, wrong_protocol, Device, DeviceError, Driver, Plan, Reading, TransportError,
-};
+use crate::device::Device;
+use crate::driver::{order_as_asked, DeviceError, Driver, DriverSettings, Reading, TransportError};
 use plan::{PlanItem, PlanLimits, ReadRequest};
 
 /// How one tag is decoded.
@@ -261,6 +262,13 @@ fn decode_slot(spec: &TagSpec, words: &[u16]) -> Reading {
 
 #[async_trait]
 impl Driver for ModbusDriver {
+    type Plan = ModbusPlan;
+    const PROTOCOL: Protocol = Protocol::Modbus;
+
+    fn for_device(device: &DeviceConfig, _settings: &DriverSettings) -> ModbusDriver {
+        ModbusDriver::new(device)
+    }
+
     async fn connect(&mut self) -> Result<(), TransportError> {
         let endpoint = self.endpoint();
         let err = |reason: String| TransportError::Connect {
@@ -317,12 +325,10 @@ impl Driver for ModbusDriver {
 
     async fn read(
         &mut self,
-        device: &Device,
+        _device: &Device,
+        plan: &ModbusPlan,
         tags: Option<&[usize]>,
     ) -> Result<Vec<(usize, Reading)>, TransportError> {
-        let Plan::Modbus(plan) = &device.plan else {
-            return Err(wrong_protocol(device, "a Modbus"));
-        };
         let subset;
         let requests: &[ReadRequest] = match tags {
             None => &plan.requests,
@@ -383,13 +389,11 @@ impl Driver for ModbusDriver {
 
     async fn write(
         &mut self,
-        device: &Device,
+        _device: &Device,
+        plan: &ModbusPlan,
         tag: usize,
         value: &Value,
     ) -> Result<Result<(), DeviceError>, TransportError> {
-        let Plan::Modbus(plan) = &device.plan else {
-            return Err(wrong_protocol(device, "a Modbus"));
-        };
         let Some(spec) = plan.tags.get(tag) else {
             return Ok(Err(DeviceError(format!("no tag {tag}"))));
         };

@@ -1,4 +1,4 @@
-//! The devices the gateway knows, compiled, by id: shared with the command handler, which
+//! The devices Nexus knows, compiled, by id: shared with the command handler, which
 //! writes through the same pools, and kept current when the device list is reloaded.
 
 use std::collections::HashMap;
@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use nexus_common::config::DeviceConfig;
 
-use crate::driver::Device;
+use crate::device::Device;
 
 #[derive(Default)]
 pub struct DeviceDirectory {

@@ -85,6 +85,7 @@ impl OpcUaSimulator {
         let port = listener.local_addr()?.port();
         let endpoint = format!("opc.tcp://{}:{port}/", opts.host);
         let mut tokens = vec![ANONYMOUS_USER_TOKEN_ID.to_owned()];
+        crate::opcua::pki::prepare(&opts.pki_dir)?;
         let mut builder = ServerBuilder::new()
             .application_name("Nexus OPC UA simulator")
             .application_uri("urn:nexus:simulator:server")
@@ -149,6 +150,7 @@ impl OpcUaSimulator {
         let ns = handle
             .get_namespace_index(NAMESPACE)
             .ok_or_else(|| anyhow::anyhow!("OPC UA simulator: namespace not registered"))?;
+        crate::opcua::pki::protect(&opts.pki_dir)?;
         build_address_space(&nm, ns, opts.bulk);
         let token = CancellationToken::new();
         let t = token.clone();

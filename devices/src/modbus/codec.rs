@@ -11,8 +11,8 @@
 use nexus_common::config::{ByteOrder, DataType};
 use nexus_common::Value;
 
-pub use crate::driver::value::{apply_scale, type_name, widen, CodecError};
-use crate::driver::value::{decode_be, encode_be};
+pub use crate::value::{apply_scale, type_name, widen, CodecError};
+use crate::value::{decode_be, encode_be};
 
 /// Move bytes between wire order (registers as sent, high byte first) and canonical order
 /// (the big-endian value). Every order is its own inverse, so one function serves both ways.

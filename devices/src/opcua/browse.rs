@@ -1,0 +1,103 @@
+//! Browsing the server's address space, streamed entry by entry and following continuation
+//! points, so a large address space never sits in memory.
+
+use opcua::types::{
+    BrowseDescription, BrowseDirection, BrowseResultMask, NodeClassMask, NodeId, ReferenceTypeId,
+};
+use tokio::sync::mpsc;
+
+use super::plan::resolve;
+use super::OpcUaDriver;
+use crate::driver::TransportError;
+
+/// One child node found by browsing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BrowseEntry {
+    pub node_id: String,
+    pub browse_name: String,
+    pub display_name: String,
+    pub node_class: String,
+    pub type_definition: String,
+}
+
+impl OpcUaDriver {
+    /// Stream the children of `node` (default: the Objects folder) into `out`.
+    pub async fn browse_into(
+        &mut self,
+        node: Option<&str>,
+        out: mpsc::Sender<BrowseEntry>,
+    ) -> Result<Result<(), String>, TransportError> {
+        let session = self.session()?;
+        let start = match node {
+            None | Some("") => NodeId::from(opcua::types::ObjectId::ObjectsFolder),
+            Some(n) => match resolve(n, &self.namespaces) {
+                Ok(id) => id,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        let desc = BrowseDescription {
+            node_id: start,
+            browse_direction: BrowseDirection::Forward,
+            reference_type_id: ReferenceTypeId::HierarchicalReferences.into(),
+            include_subtypes: true,
+            node_class_mask: NodeClassMask::all().bits(),
+            result_mask: BrowseResultMask::All as u32,
+        };
+        let timeout = self.timeout;
+        let first = tokio::time::timeout(timeout, session.browse(&[desc], 500, None)).await;
+        let mut result = match first {
+            Err(_) => return Err(TransportError::Timeout(timeout)),
+            Ok(Err(e)) => return Err(self.service_error("Browse", e)),
+            Ok(Ok(mut r)) => match r.pop() {
+                Some(r) => r,
+                None => return Ok(Ok(())),
+            },
+        };
+        loop {
+            if result.status_code.is_bad() {
+                return Ok(Err(format!(
+                    "the server refused to browse: {}",
+                    result.status_code
+                )));
+            }
+            for r in result.references.take().unwrap_or_default() {
+                let entry = BrowseEntry {
+                    node_id: r.node_id.node_id.to_string(),
+                    browse_name: format!(
+                        "{}:{}",
+                        r.browse_name.namespace_index,
+                        r.browse_name.name.as_ref()
+                    ),
+                    display_name: r.display_name.text.as_ref().to_owned(),
+                    node_class: format!("{:?}", r.node_class),
+                    type_definition: r.type_definition.node_id.to_string(),
+                };
+                if out.send(entry).await.is_err() {
+                    // The HTTP client went away: release the continuation point.
+                    if !result.continuation_point.is_null() {
+                        let _ = session
+                            .browse_next(true, &[result.continuation_point.clone()])
+                            .await;
+                    }
+                    return Ok(Ok(()));
+                }
+            }
+            if result.continuation_point.is_null() {
+                return Ok(Ok(()));
+            }
+            let next = tokio::time::timeout(
+                timeout,
+                session.browse_next(false, &[result.continuation_point.clone()]),
+            )
+            .await;
+            result = match next {
+                Err(_) => return Err(TransportError::Timeout(timeout)),
+                Ok(Err(e)) => return Err(self.service_error("BrowseNext", e)),
+                Ok(Ok(mut r)) => match r.pop() {
+                    Some(r) => r,
+                    None => return Ok(Ok(())),
+                },
+            };
+        }
+    }
+}
