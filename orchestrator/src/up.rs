@@ -149,13 +149,11 @@ pub async fn up(
     };
     let sup = Supervisor::new(shutdown.clone(), policy, &telemetry.registry);
     {
+        // The command handler runs beside the gateway on the same device sessions (small PLCs
+        // allow few connections); the two are supervised, and restarted, together.
         let c = cfg.clone();
         sup.spawn(nexus_protocol_gateway::SERVICE, move |tok| {
-            nexus_protocol_gateway::run(c.clone(), tok)
-        });
-        let c = cfg.clone();
-        sup.spawn(nexus_command_handler::SERVICE, move |tok| {
-            nexus_command_handler::run(c.clone(), tok)
+            crate::gateway_with_commands(c.clone(), tok)
         });
         let c = cfg.clone();
         sup.spawn(nexus_alert_service::SERVICE, move |tok| {
