@@ -1,5 +1,5 @@
-//! A circuit breaker with the seed's semantics, which failsafe's built-in policy does not give
-//! (FINDINGS.md): CLOSED -> OPEN when at least `failure_ratio` of the last `window` calls
+//! A circuit breaker with the semantics Nexus needs, which failsafe's built-in policy does not
+//! give (docs/adr/0002-circuit-breaker.md): CLOSED -> OPEN when at least `failure_ratio` of the last `window` calls
 //! failed and at least `min_requests` were made; OPEN refuses calls for `open_for`; then
 //! HALF_OPEN admits `half_open_trials` trial calls at once: all succeeding closes it, any
 //! failing opens it again.

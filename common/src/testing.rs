@@ -5,7 +5,7 @@
 //!   (PostgreSQL refuses root). [`PgServer::create_database`] gives each test its own database.
 //! - [`start_embedded_broker`]: the embedded broker on a free port.
 //! - [`Mosquitto`]: the system's Mosquitto as an external broker, configured on purpose
-//!   (in-flight and queue limits raised, see FINDINGS.md).
+//!   (in-flight and queue limits raised, see docs/adr/0001-embedded-broker.md).
 //! - [`unique`]: a unique name for databases and topic roots, so tests run in parallel.
 
 use std::net::{SocketAddr, TcpListener};
@@ -464,7 +464,7 @@ impl Mosquitto {
             "allow_anonymous true\n"
         };
         // Limits raised on purpose: the defaults (20 in flight, 1000 queued) drop or stall
-        // QoS 1 traffic under load (FINDINGS.md).
+        // QoS 1 traffic under load (docs/adr/0001-embedded-broker.md).
         let conf = format!(
             "listener {port} 127.0.0.1\n{anonymous}persistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
         );

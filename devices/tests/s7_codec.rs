@@ -125,8 +125,8 @@ fn the_codec_talks_to_python_snap7() {
     assert_eq!(c.write(&[(bit, vec![1])]), vec![Ok(())]);
     let back = c.read(&[db(10, 0, 4)]);
     assert_eq!(back[0].as_ref().unwrap()[..2], [0x12, 0x34]);
-    // python-snap7 stores a written bit's value into the whole byte (FINDINGS.md), so this
-    // checks that the bit write reached DB10.DBB3; the BIT transport size and the bit address
+    // python-snap7 stores a written bit's value into the whole byte
+    // (docs/adr/0006-own-s7comm-client.md), so this checks that the bit write reached DB10.DBB3; the BIT transport size and the bit address
     // of the request are checked byte by byte in proto.rs.
     assert_ne!(
         back[0].as_ref().unwrap()[3],

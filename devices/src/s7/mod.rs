@@ -1,7 +1,7 @@
 //! Siemens S7 (S7comm over ISO-on-TCP) for S7-300/400 (rack/slot) and S7-1200/1500 (PUT/GET
-//! enabled). No async S7 crate is usable today (FINDINGS.md: s7-client lacks PDU splitting
-//! and typed areas, snap7-client sends malformed writes, rust7 blocks and has no
-//! multi-variable read), so Nexus has its own client: [`proto`] holds the codec, [`plan`] packs
+//! enabled). No async S7 crate is usable today (s7-client lacks PDU splitting and typed
+//! areas, snap7-client sends malformed writes, rust7 blocks and has no multi-variable read;
+//! docs/adr/0006-own-s7comm-client.md), so Nexus has its own client: [`proto`] holds the codec, [`plan`] packs
 //! reads into the PDU the PLC grants, and [`S7Driver`] does the I/O.
 //!
 //! Reads go by bytes: bools are read as their byte and the bit taken out, so bits of one byte
