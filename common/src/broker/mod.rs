@@ -1,7 +1,7 @@
 //! The embedded MQTT broker: rmqtt configured in code from the `broker` section.
 //!
-//! rmqtt rather than rumqttd (which the seed names): rumqttd cannot subscribe or deliver `$`
-//! topics, has no ACL hook and keeps its log in RAM (docs/adr/0001-embedded-broker.md).
+//! rmqtt rather than rumqttd (which the first design named): rumqttd cannot subscribe or deliver
+//! `$` topics, has no ACL hook and keeps its log in RAM (docs/adr/0001-embedded-broker.md).
 //! rmqtt's defaults are set on purpose here: in-flight window 128 (not 16), per-client queue
 //! from config with drops counted, no message expiry unless configured, retained messages
 //! without TTL (rmqtt-retainer, RAM), `$share` groups (rmqtt-shared-subscription), and the
