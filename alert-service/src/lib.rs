@@ -65,12 +65,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     mcfg.mqtt.persistent_session = false;
     let mut shell = Shell::start(&mcfg, opts, shutdown.clone()).await?;
     alerts.set_mqtt(shell.mqtt.clone());
-    if let Some(url) = cfg.ingestion.database_url.clone() {
-        alerts.set_journal(service::start_journal(
-            url,
-            cfg.ingestion.database_ca_file.clone(),
-            shutdown.clone(),
-        ));
+    if let Some(db) = nexus_common::pg::Database::from_config(&cfg.database) {
+        alerts.set_journal(service::start_journal(db, shutdown.clone()));
     }
     let incoming = shell
         .incoming

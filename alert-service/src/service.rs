@@ -581,14 +581,12 @@ pub fn routes(a: Arc<Alerts>) -> Router {
 
 /// Start the `alarm_events` writer.
 pub fn start_journal(
-    url: nexus_common::config::SecretUrl,
-    ca_file: Option<std::path::PathBuf>,
+    db: nexus_common::pg::Database,
     token: CancellationToken,
 ) -> mpsc::Sender<JournalRow> {
     nexus_common::pg::spawn_writer(
         "alarm_events",
-        url,
-        ca_file,
+        db,
         JOURNAL_SCHEMA,
         10_000,
         |client, row: &JournalRow| {

@@ -340,7 +340,7 @@ async fn every_transition_is_journaled_in_postgres() {
         port,
         hp,
         &root,
-        &format!("ingestion:\n  database_url: \"{url}\"\n"),
+        &format!("database:\n  url: \"{url}\"\n"),
     );
     wait_ready(hp).await;
     let (svc, _) = client(port, "svc", &[]).await;
@@ -359,7 +359,7 @@ async fn every_transition_is_journaled_in_postgres() {
     )
     .await
     .unwrap();
-    let (db, _t) = nexus_common::pg::connect(&url, None).await.unwrap();
+    let (db, _t) = nexus_common::pg::connect(&nexus_common::pg::Database::at(&url)).await.unwrap();
     let start = Instant::now();
     let rows = loop {
         let rows = db

@@ -5,11 +5,10 @@
 //! counted in `nexus_commands_audit_dropped_total` by the handler (the log line exists for
 //! every command).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use nexus_common::codec::json::value_to_json;
-use nexus_common::config::SecretUrl;
+use nexus_common::pg::Database;
 use nexus_common::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -67,15 +66,10 @@ CREATE INDEX IF NOT EXISTS command_audit_time ON command_audit (time);
 CREATE INDEX IF NOT EXISTS command_audit_device ON command_audit (device_id, time);";
 
 /// Start the database writer; returns the queue to send rows to.
-pub fn start_writer(
-    url: SecretUrl,
-    ca_file: Option<PathBuf>,
-    token: CancellationToken,
-) -> mpsc::Sender<AuditRecord> {
+pub fn start_writer(db: Database, token: CancellationToken) -> mpsc::Sender<AuditRecord> {
     nexus_common::pg::spawn_writer(
         "command_audit",
-        url,
-        ca_file,
+        db,
         SCHEMA,
         10_000,
         |client, rec: &AuditRecord| {

@@ -74,13 +74,9 @@ pub async fn run_shared(
     let registry = telemetry.registry.clone();
     opts.telemetry = Some(telemetry);
     let mut shell = Shell::start(&mcfg, opts, shutdown.clone()).await?;
-    let audit = cfg.ingestion.database_url.clone().map(|url| {
-        audit::start_writer(
-            url,
-            cfg.ingestion.database_ca_file.clone(),
-            shutdown.clone(),
-        )
-    });
+    let db = nexus_common::pg::Database::from_config(&cfg.database);
+    let audit_db = db.is_some();
+    let audit = db.map(|db| audit::start_writer(db, shutdown.clone()));
     let handler = handler::Handler::new(
         cfg.commands.clone(),
         directory,
@@ -94,7 +90,7 @@ pub async fn run_shared(
         .take()
         .ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
     tracing::info!(
-        audit_db = cfg.ingestion.database_url.is_some(),
+        audit_db,
         "command handler listening on $nexus/cmd/#"
     );
     handler.run(incoming, shutdown).await;

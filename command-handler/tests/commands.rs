@@ -689,7 +689,7 @@ async fn every_command_is_audited_in_postgres() {
         Some(b),
         port,
         &device("plc", sim.addr.port(), ""),
-        &format!("ingestion:\n  database_url: \"{url}\""),
+        &format!("database:\n  url: \"{url}\""),
     )
     .await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
@@ -701,7 +701,7 @@ async fn every_command_is_audited_in_postgres() {
     .await;
     pubj(&op, "$nexus/cmd/plc/ro/set", "1").await;
     assert_eq!(responses(&mut rx, 2, Duration::from_secs(5)).await.len(), 2);
-    let (db, _task) = nexus_common::pg::connect(&url, None).await.unwrap();
+    let (db, _task) = nexus_common::pg::connect(&nexus_common::pg::Database::at(&url)).await.unwrap();
     let start = Instant::now();
     let rows = loop {
         let rows = db

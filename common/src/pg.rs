@@ -1,10 +1,17 @@
-//! PostgreSQL connections for every service: credentials from the URL (never logged: use
-//! [`crate::config::SecretUrl`]), and TLS through rustls when the URL's `sslmode` asks for it
-//! (`prefer` tries TLS first, `require` insists). Server certificates are always verified,
-//! against the webpki roots plus an optional CA file (`ingestion.database_ca_file`): Nexus
-//! does not offer libpq's unverified `require`.
+//! PostgreSQL connections for every service, from the `database` section: credentials from
+//! the URL (never logged: [`crate::config::SecretUrl`]), and TLS through rustls when the URL's
+//! `sslmode` asks for it (`prefer` tries TLS first, `require` insists). Server certificates are
+//! always verified, against the webpki roots plus an optional CA file (`database.ca_file`):
+//! Nexus does not offer libpq's unverified `require`.
+//!
+//! Every connection has a connect timeout, a server-side `statement_timeout`, TCP keepalives
+//! and a TCP user timeout, so a database that stops answering (or drops packets) fails calls
+//! within the timeouts instead of stalling them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{DatabaseConfig, SecretUrl};
 
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
@@ -44,16 +51,66 @@ fn tls(ca_file: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnec
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Where and how to connect: the `database` section with its URL present.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pub url: SecretUrl,
+    pub ca_file: Option<PathBuf>,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl Database {
+    /// The configured database, or `None` when `database.url` is not set.
+    pub fn from_config(cfg: &DatabaseConfig) -> Option<Database> {
+        Some(Database {
+            url: cfg.url.clone()?,
+            ca_file: cfg.ca_file.clone(),
+            pool_size: cfg.pool_size,
+            connect_timeout: cfg.connect_timeout,
+            statement_timeout: cfg.statement_timeout,
+        })
+    }
+
+    /// `url` with the section's defaults (tools and tests).
+    pub fn at(url: &str) -> Database {
+        let d = DatabaseConfig::default();
+        Database {
+            url: SecretUrl(crate::config::Secret::new(url)),
+            ca_file: None,
+            pool_size: d.pool_size,
+            connect_timeout: d.connect_timeout,
+            statement_timeout: d.statement_timeout,
+        }
+    }
+
+    pub fn with_ca_file(mut self, ca_file: &Path) -> Database {
+        self.ca_file = Some(ca_file.to_path_buf());
+        self
+    }
+}
+
 /// Connect; the returned task drives the connection (it ends when the client is dropped or
 /// the connection fails).
-pub async fn connect(
-    url: &str,
-    ca_file: Option<&Path>,
-) -> Result<(Client, JoinHandle<()>), PgError> {
+pub async fn connect(db: &Database) -> Result<(Client, JoinHandle<()>), PgError> {
+    let url = db.url.expose();
+    let ca_file = db.ca_file.as_deref();
     // The parser's message may quote the URL; keep the password out of it.
-    let config: tokio_postgres::Config = url
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|_| PgError::Url(crate::config::types::redact_url(url)))?;
+    let statement_ms = db.statement_timeout.as_millis();
+    let options = match config.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={statement_ms}"),
+        _ => format!("-c statement_timeout={statement_ms}"),
+    };
+    config
+        .options(&options)
+        .connect_timeout(db.connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(15))
+        .tcp_user_timeout(db.statement_timeout + db.connect_timeout);
     let log_err =
         |e: tokio_postgres::Error| tracing::warn!(error = %e, "database connection ended");
     if config.get_ssl_mode() == SslMode::Disable {
@@ -76,8 +133,7 @@ pub async fn connect(
 /// use `try_send` and count what does not fit.
 pub fn spawn_writer<T, F>(
     what: &'static str,
-    url: crate::config::SecretUrl,
-    ca_file: Option<std::path::PathBuf>,
+    db: Database,
     schema: &'static str,
     capacity: usize,
     insert: F,
@@ -102,10 +158,10 @@ where
             crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30), attempt)
         };
         'connect: loop {
-            let client = match connect(url.expose(), ca_file.as_deref()).await {
+            let client = match connect(&db).await {
                 Ok((c, _task)) => c,
                 Err(e) => {
-                    tracing::warn!(database = %url, error = %e, what, "database unreachable; rows wait in memory");
+                    tracing::warn!(database = %db.url, error = %e, what, "database unreachable; rows wait in memory");
                     tokio::select! {
                         _ = tokio::time::sleep(pause(attempt)) => {}
                         _ = token.cancelled() => break,
@@ -149,7 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_urls_do_not_leak_the_password() {
-        let e = connect("postgres://u:hunter2@h:notaport/db", None)
+        let e = connect(&Database::at("postgres://u:hunter2@h:notaport/db"))
             .await
             .unwrap_err()
             .to_string();
@@ -160,8 +216,8 @@ mod tests {
     #[tokio::test]
     async fn missing_ca_file_is_reported() {
         let e = connect(
-            "postgres://u@127.0.0.1:1/db?sslmode=require",
-            Some(Path::new("/nonexistent/ca.pem")),
+            &Database::at("postgres://u@127.0.0.1:1/db?sslmode=require")
+                .with_ca_file(Path::new("/nonexistent/ca.pem")),
         )
         .await
         .unwrap_err()

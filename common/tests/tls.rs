@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use nexus_common::pg::Database;
 use nexus_common::broker::{Acl, EmbeddedBroker};
 use nexus_common::config::{BrokerConfig, BrokerTls, MqttTls, MqttVersion};
 use nexus_common::mqtt::{self, ClientSettings, QoS};
@@ -145,7 +146,7 @@ async fn postgres_over_tls_with_verified_certificates() {
         "postgres://nexus@localhost:{}/postgres?sslmode=require",
         pg.port
     );
-    let (db, _task) = nexus_common::pg::connect(&url, Some(&pki.path("ca.pem")))
+    let (db, _task) = nexus_common::pg::connect(&Database::at(&url).with_ca_file(&pki.path("ca.pem")))
         .await
         .unwrap();
     let ssl: bool = db
@@ -158,7 +159,7 @@ async fn postgres_over_tls_with_verified_certificates() {
         .get(0);
     assert!(ssl, "the connection is encrypted");
     // A certificate from a CA the client does not trust is refused.
-    let e = nexus_common::pg::connect(&url, Some(&pki.path("other-ca.pem")))
+    let e = nexus_common::pg::connect(&Database::at(&url).with_ca_file(&pki.path("other-ca.pem")))
         .await
         .err()
         .unwrap()
@@ -169,5 +170,5 @@ async fn postgres_over_tls_with_verified_certificates() {
         "postgres://nexus@127.0.0.1:{}/postgres?sslmode=disable",
         pg.port
     );
-    assert!(nexus_common::pg::connect(&plain, None).await.is_ok());
+    assert!(nexus_common::pg::connect(&Database::at(&plain)).await.is_ok());
 }

@@ -22,38 +22,42 @@ use axum::{Json, Router};
 use serde_json::{json, Value as JsonValue};
 use tokio_postgres::{Client, Row};
 
-use nexus_common::config::SecretUrl;
+use nexus_common::pg::Database;
 use nexus_common::domain::Quality;
 use nexus_common::topic::{filter_matches, TopicFilter};
 
 use crate::schema::Storage;
 
-/// A lazily (re)connected client for the API's queries.
+/// Lazily (re)connected clients for the API's queries: `database.pool_size` of them, taken in
+/// turn, so one slow query does not queue every other request behind it.
 pub struct Db {
-    url: SecretUrl,
-    ca_file: Option<std::path::PathBuf>,
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+    database: Database,
+    clients: Vec<tokio::sync::Mutex<Option<Arc<Client>>>>,
+    next: std::sync::atomic::AtomicUsize,
     pub storage: RwLock<Option<Storage>>,
     max_points: usize,
 }
 
 impl Db {
-    pub fn new(url: SecretUrl, ca_file: Option<std::path::PathBuf>, max_points: usize) -> Db {
+    pub fn new(database: Database, max_points: usize) -> Db {
         Db {
-            url,
-            ca_file,
-            client: tokio::sync::Mutex::new(None),
+            clients: (0..database.pool_size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+            database,
             storage: RwLock::new(None),
             max_points,
         }
     }
 
     pub async fn client(&self) -> Result<Arc<Client>, ApiError> {
-        let mut c = self.client.lock().await;
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        let mut c = self.clients[i].lock().await;
         if let Some(client) = c.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let (client, _task) = nexus_common::pg::connect(self.url.expose(), self.ca_file.as_deref())
+        let (client, _task) = nexus_common::pg::connect(&self.database)
             .await
             .map_err(|e| ApiError::unavailable(format!("database unreachable: {e}")))?;
         let client = Arc::new(client);

@@ -130,10 +130,8 @@ fn subscriptions(cfg: &Config) -> Vec<(String, QoS)> {
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     nexus_common::install_tls_provider();
     let ic = cfg.ingestion.clone();
-    let Some(url) = ic.database_url.clone() else {
-        anyhow::bail!(
-            "ingestion needs a database: set ingestion.database_url or NEXUS_DATABASE_URL"
-        );
+    let Some(database) = nexus_common::pg::Database::from_config(&cfg.database) else {
+        anyhow::bail!("ingestion needs a database: set database.url or NEXUS_DATABASE_URL");
     };
     let telemetry = Telemetry::new(SERVICE);
     let registry = telemetry.registry.clone();
@@ -150,11 +148,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         .await?
         .map_err(|e| anyhow::anyhow!("cannot open the WAL in {}: {e}", ic.wal_dir.display()))?;
 
-    let db = Arc::new(Db::new(
-        url.clone(),
-        ic.database_ca_file.clone(),
-        ic.history_max_points,
-    ));
+    let db = Arc::new(Db::new(database.clone(), ic.history_max_points));
     let mut opts = ShellOptions::new(SERVICE, ic.http_listen);
     opts.routes = history::routes(db.clone());
     opts.subscriptions = subscriptions(&cfg);
@@ -178,8 +172,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         pipeline.clone(),
     ));
     let ctx = Arc::new(WriterCtx {
-        url: url.clone(),
-        ca_file: ic.database_ca_file.clone(),
+        db: database.clone(),
         tags: Arc::new(TagCache::default()),
         tracker: Arc::new(Tracker::new(wal.clone(), start)),
         breaker: CircuitBreaker::new(
@@ -198,12 +191,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
             let mut attempt = 0;
             let storage = loop {
                 let r = async {
-                    let (client, _task) = nexus_common::pg::connect(
-                        ic.database_url.as_ref().map_or("", |u| u.expose()),
-                        ic.database_ca_file.as_deref(),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    let (client, _task) = nexus_common::pg::connect(&ctx.db)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     schema::ensure(&client, &ic)
                         .await
                         .map_err(|e| e.to_string())
@@ -391,10 +381,9 @@ async fn retention(ctx: Arc<WriterCtx>, keep: Duration, token: CancellationToken
             _ = token.cancelled() => return,
         }
         let r = async {
-            let (client, _task) =
-                nexus_common::pg::connect(ctx.url.expose(), ctx.ca_file.as_deref())
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let (client, _task) = nexus_common::pg::connect(&ctx.db)
+                .await
+                .map_err(|e| e.to_string())?;
             schema::delete_expired(&client, keep)
                 .await
                 .map_err(|e| e.to_string())

@@ -28,7 +28,6 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use nexus_common::breaker::CircuitBreaker;
-use nexus_common::config::SecretUrl;
 
 use crate::model::{approx_bytes, Frame, Point, Reject};
 use crate::wal::Wal;
@@ -462,8 +461,7 @@ async fn write_rows(
 
 /// Everything a writer needs.
 pub struct WriterCtx {
-    pub url: SecretUrl,
-    pub ca_file: Option<std::path::PathBuf>,
+    pub db: nexus_common::pg::Database,
     pub tags: Arc<TagCache>,
     pub tracker: Arc<Tracker>,
     pub breaker: Arc<CircuitBreaker>,
@@ -507,7 +505,7 @@ pub async fn writer(
                 }
             };
             if conn.is_none() {
-                match nexus_common::pg::connect(ctx.url.expose(), ctx.ca_file.as_deref()).await {
+                match nexus_common::pg::connect(&ctx.db).await {
                     Ok((client, _task)) => {
                         conn = Some(Conn {
                             client,
@@ -520,7 +518,7 @@ pub async fn writer(
                         ctx.metrics.db_up.set(0);
                         ctx.metrics.errors.with_label_values(&["connection"]).inc();
                         if attempt == 0 {
-                            tracing::warn!(writer = id, database = %ctx.url, error = %e, "database unreachable; points wait in the WAL");
+                            tracing::warn!(writer = id, database = %ctx.db.url, error = %e, "database unreachable; points wait in the WAL");
                         }
                         attempt += 1;
                         tokio::select! {

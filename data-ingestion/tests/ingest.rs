@@ -46,7 +46,7 @@ fn start(port: u16, db: &str, wal: &std::path::Path, instance: &str, extra: &str
     let text = format!(
         "mqtt: {{ host: 127.0.0.1, port: {port}, version: {version}, username: svc, password: svc-pw, reconnect_min: 50ms }}\n\
          telemetry: {{ instance: {instance} }}\n\
-         ingestion:\n  database_url: \"{db}\"\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n  batch_timeout: 20ms\n{extra}",
+         database:\n  url: \"{db}\"\ningestion:\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n  batch_timeout: 20ms\n{extra}",
         wal.display()
     );
     let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));

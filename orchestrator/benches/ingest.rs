@@ -122,7 +122,7 @@ fn start_ingest(mqtt_yaml: &str, db: &str) -> Ingest {
         &cfg,
         format!(
             "mqtt: {{ {mqtt_yaml} }}\ntelemetry: {{ log_level: warn, instance: bench }}\n\
-             ingestion:\n  database_url: \"{db}\"\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n",
+             database:\n  url: \"{db}\"\ningestion:\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n",
             wal.path().join("wal").display()
         ),
     )

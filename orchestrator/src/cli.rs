@@ -301,7 +301,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                     cfg.devices.len(),
                     cfg.alerts.rules.len(),
                     if cfg.broker.enabled { "embedded" } else { "external" },
-                    if cfg.ingestion.database_url.is_some() { "on" } else { "off" },
+                    if cfg.database.url.is_some() { "on" } else { "off" },
                 );
                     ExitCode::SUCCESS
                 }

@@ -130,7 +130,7 @@ pub async fn up(
         cfg.mqtt.tls = None;
         broker = Some(b);
     }
-    let with_ingestion = cfg.ingestion.database_url.is_some();
+    let with_ingestion = cfg.database.url.is_some();
     let platform = json!({
         "mode": if opts.demo { "up --demo" } else { "up" },
         "config": cfg.source_name(),
@@ -243,14 +243,14 @@ fn print_banner(
         out.push_str(&format!(
             "  ingestion     {}  (/api/v1/history?topic=..., /api/v1/latest?filter=...; database {})\n",
             shown(cfg.ingestion.http_listen),
-            cfg.ingestion
-                .database_url
+            cfg.database
+                .url
                 .as_ref()
                 .map_or_else(String::new, |u| u.redacted())
         ));
     } else {
         out.push_str(
-            "  ingestion     off (no database: set NEXUS_DATABASE_URL or ingestion.database_url)\n",
+            "  ingestion     off (no database: set NEXUS_DATABASE_URL or database.url)\n",
         );
     }
     out.push_str(&format!(

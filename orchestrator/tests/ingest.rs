@@ -32,7 +32,7 @@ impl Proc {
             config,
             "mqtt: {{ {mqtt}, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
              telemetry: {{ instance: proc-test, log_level: warn }}\n\
-             ingestion:\n  database_url: \"{db}\"\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n",
+             database:\n  url: \"{db}\"\ningestion:\n  http_listen: 127.0.0.1:{http}\n  wal_dir: {}\n",
             wal.display()
         )
         .unwrap();

@@ -8,7 +8,13 @@
 
 pub mod alerts;
 pub mod devices;
-pub mod sections;
+pub mod broker;
+pub mod commands;
+pub mod database;
+pub mod gateway;
+pub mod ingestion;
+pub mod mqtt;
+pub mod service;
 pub mod types;
 pub mod yaml;
 
@@ -24,12 +30,14 @@ pub use devices::{
     Access, AcquisitionMode, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress,
     ModbusTable, ModbusTransport, OpcUaAuth, Parity, Protocol, S7Address, S7Area, TagConfig,
 };
-pub use sections::{
-    AclAction, AclPermission, AclRule, BreakerSettings, BrokerConfig, BrokerTls, BrokerUser,
-    BufferConfig, CommandsConfig, GatewayConfig, IngestionConfig, LogFormat, MqttConfig, MqttTls,
-    MqttVersion, OpcUaClientConfig, OrchestratorConfig, PoolConfig, Role, TelemetryConfig,
-};
-pub use types::{ByteSize, Secret, SecretUrl};
+pub use broker::{AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, Role};
+pub use commands::CommandsConfig;
+pub use database::DatabaseConfig;
+pub use gateway::{BufferConfig, GatewayConfig, OpcUaClientConfig, PoolConfig};
+pub use ingestion::IngestionConfig;
+pub use mqtt::{MqttConfig, MqttTls, MqttVersion};
+pub use service::{LogFormat, OrchestratorConfig, TelemetryConfig};
+pub use types::{BreakerSettings, ByteSize, Secret, SecretUrl};
 use yaml::{Pos, Spans};
 
 /// Exit code for a bad configuration (EX_USAGE... strictly EX_DATAERR is 65; the contract and
@@ -39,9 +47,10 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Default config file name, looked up in the working directory.
 pub const DEFAULT_FILE: &str = "nexus.yaml";
 
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "broker",
     "mqtt",
+    "database",
     "gateway",
     "devices",
     "devices_file",
@@ -61,6 +70,7 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// Devices loaded from this file instead of `devices` (relative to the config file).
     pub devices_file: Option<PathBuf>,
+    pub database: DatabaseConfig,
     pub ingestion: IngestionConfig,
     pub commands: CommandsConfig,
     pub alerts: AlertsConfig,
@@ -283,15 +293,13 @@ fn apply_env(
     env: &[(String, String)],
     errors: &mut Vec<ConfigError>,
 ) {
-    let explicit_db = env
-        .iter()
-        .any(|(k, _)| k == "NEXUS_INGESTION__DATABASE_URL");
+    let explicit_db = env.iter().any(|(k, _)| k == "NEXUS_DATABASE__URL");
     for (key, raw) in env {
         let segments: Vec<String> = if key == "NEXUS_DATABASE_URL" {
             if explicit_db {
                 continue;
             }
-            vec!["ingestion".into(), "database_url".into()]
+            vec!["database".into(), "url".into()]
         } else {
             let Some(rest) = key.strip_prefix("NEXUS_") else {
                 continue;
@@ -483,6 +491,7 @@ impl Config {
         take!(broker);
         take!(mqtt);
         take!(gateway);
+        take!(database);
         take!(ingestion);
         take!(commands);
         // Rules are deserialized one by one, like devices, so every bad rule is reported.
@@ -601,6 +610,7 @@ impl Config {
         self.gateway.validate(p);
         self.commands.validate(p);
         devices::validate_devices(&self.devices, device_index, p);
+        self.database.validate(p);
         self.ingestion.validate(p);
         self.alerts.validate(rule_index, p);
         self.telemetry.validate(p);

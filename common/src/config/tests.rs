@@ -151,7 +151,7 @@ fn env_overrides_any_key() {
     assert_eq!(c.gateway.http_listen.port(), 4444);
     assert_eq!(c.devices[0].poll_interval, Duration::from_millis(250));
     assert_eq!(
-        c.ingestion.database_url.as_ref().map(SecretUrl::expose),
+        c.database.url.as_ref().map(SecretUrl::expose),
         Some("postgres://u:pw@db/hist")
     );
 }
@@ -162,11 +162,63 @@ fn explicit_section_key_beats_short_database_url() {
         "",
         &[
             ("NEXUS_DATABASE_URL", "postgres://a/x"),
-            ("NEXUS_INGESTION__DATABASE_URL", "postgres://b/y"),
+            ("NEXUS_DATABASE__URL", "postgres://b/y"),
         ],
     )
     .unwrap();
-    assert_eq!(c.ingestion.database_url.unwrap().expose(), "postgres://b/y");
+    assert_eq!(c.database.url.unwrap().expose(), "postgres://b/y");
+}
+
+#[test]
+fn the_database_section_and_its_old_keys() {
+    let c = load_env(
+        "database:\n  url: postgres://nexus@db/h\n  ca_file: /etc/nexus/db-ca.pem\n  pool_size: 8\n  connect_timeout: 3s\n  statement_timeout: 1m\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.database.url.unwrap().expose(), "postgres://nexus@db/h");
+    assert_eq!(c.database.pool_size, 8);
+    assert_eq!(c.database.connect_timeout, Duration::from_secs(3));
+    assert_eq!(c.database.statement_timeout, Duration::from_secs(60));
+    let d = DatabaseConfig::default();
+    assert_eq!(
+        (d.pool_size, d.connect_timeout, d.statement_timeout),
+        (4, Duration::from_secs(10), Duration::from_secs(30))
+    );
+    // The keys of before name their new place, in the file and from the environment.
+    let errs: Vec<String> = load_env(
+        "ingestion:\n  database_url: postgres://nexus@db/h\n  database_ca_file: /ca.pem\n",
+        &[],
+    )
+    .unwrap_err()
+    .0
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert_has(&errs, "nexus.yaml:2:3: ingestion.database_url: moved: set database.url");
+    assert_has(&errs, "nexus.yaml:3:3: ingestion.database_ca_file: moved: set database.ca_file");
+    let errs: Vec<String> = load_env("", &[("NEXUS_INGESTION__DATABASE_URL", "postgres://b/y")])
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_has(
+        &errs,
+        "environment variable NEXUS_INGESTION__DATABASE_URL: ingestion.database_url: moved",
+    );
+    let errs: Vec<String> = load_env(
+        "database:\n  url: mysql://x\n  pool_size: 0\n  statement_timeout: 0s\n",
+        &[],
+    )
+    .unwrap_err()
+    .0
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert_has(&errs, "database.url: mysql://x is not a postgres:// URL");
+    assert_has(&errs, "database.pool_size: must be between 1 and 64");
+    assert_has(&errs, "database.statement_timeout: must be at least 100ms");
 }
 
 #[test]

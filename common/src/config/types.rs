@@ -223,3 +223,45 @@ mod tests {
             .contains("unknown unit"));
     }
 }
+
+/// `0.0.0.0:<port>`: the default listen address of every service's HTTP port.
+pub(crate) fn listen(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port)
+}
+
+/// A circuit breaker (`gateway.breaker`, `ingestion.breaker`): opens at `failure_ratio` of the last `window` calls (once
+/// `min_requests` were made), stays open `open_for`, then admits `half_open_trials` trials.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    pub window: usize,
+    pub min_requests: usize,
+    pub failure_ratio: f64,
+    #[serde(with = "duration")]
+    pub open_for: Duration,
+    pub half_open_trials: usize,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            window: 20,
+            min_requests: 5,
+            failure_ratio: 0.6,
+            open_for: Duration::from_secs(30),
+            half_open_trials: 3,
+        }
+    }
+}
+
+impl From<BreakerSettings> for crate::breaker::BreakerConfig {
+    fn from(b: BreakerSettings) -> Self {
+        crate::breaker::BreakerConfig {
+            window: b.window,
+            min_requests: b.min_requests,
+            failure_ratio: b.failure_ratio,
+            open_for: b.open_for,
+            half_open_trials: b.half_open_trials,
+        }
+    }
+}

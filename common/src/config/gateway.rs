@@ -1,0 +1,172 @@
+//! `gateway`: polling, publishing, the store-and-forward buffer, and the device layer's
+//! pools, breakers and OPC UA client settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::types::{duration, listen, BreakerSettings, ByteSize};
+use super::Problems;
+
+/// `gateway`: the protocol gateway service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// HTTP for health, metrics and the device API (default 0.0.0.0:4000).
+    pub http_listen: SocketAddr,
+    /// Polls running at once (default 10). A poll due while all are busy is skipped and
+    /// counted in `nexus_gateway_polls_skipped_total`, never queued.
+    pub workers: usize,
+    /// QoS of published values: 0, 1 or 2 (default 1).
+    pub qos: u8,
+    /// Publish values retained (default true), so a new subscriber sees the last value.
+    pub retain: bool,
+    /// Republish an unchanged value at least this often (default 60s; 0s: never).
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
+    /// Watch `devices_file` and apply changes without a restart (default true).
+    pub watch_devices_file: bool,
+    /// Store-and-forward buffer used while the broker is unreachable.
+    pub buffer: BufferConfig,
+    /// Connection pools.
+    pub pool: PoolConfig,
+    /// Circuit breaker of each connection.
+    pub breaker: BreakerSettings,
+    /// The OPC UA client's certificates.
+    pub opcua: OpcUaClientConfig,
+}
+
+/// `gateway.opcua`: the OPC UA client's identity and trust.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpcUaClientConfig {
+    /// PKI directory (default `nexus-data/pki`): the client certificate and key are created
+    /// in `own/` and `private/` at first start; server certificates in `trusted/` are trusted,
+    /// unknown ones are saved in `rejected/` (move them to `trusted/` to accept them).
+    pub pki_dir: PathBuf,
+    /// Trust every server certificate (default false; for commissioning only).
+    pub trust_server_certs: bool,
+    /// Application URI of the client certificate (default `urn:nexus:gateway`).
+    pub application_uri: String,
+}
+
+impl Default for OpcUaClientConfig {
+    fn default() -> Self {
+        OpcUaClientConfig {
+            pki_dir: PathBuf::from("nexus-data/pki"),
+            trust_server_certs: false,
+            application_uri: "urn:nexus:gateway".into(),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            http_listen: listen(4000),
+            workers: 10,
+            qos: 1,
+            retain: true,
+            heartbeat: Duration::from_secs(60),
+            watch_devices_file: true,
+            buffer: BufferConfig::default(),
+            pool: PoolConfig::default(),
+            breaker: BreakerSettings::default(),
+            opcua: OpcUaClientConfig::default(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub(crate) fn validate(&self, p: &mut Problems) {
+        if self.workers == 0 {
+            p.push("gateway.workers", "must be at least 1");
+        }
+        if self.qos > 2 {
+            p.push(
+                "gateway.qos",
+                format!("QoS {} does not exist (0, 1 or 2)", self.qos),
+            );
+        }
+        if self.buffer.max_size.0 < 64 * 1024 {
+            p.push("gateway.buffer.max_size", "must be at least 64KiB");
+        }
+        if self.buffer.replay_rate == 0 {
+            p.push(
+                "gateway.buffer.replay_rate",
+                "must be at least 1 point per second",
+            );
+        }
+        let b = &self.breaker;
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            p.push(
+                "gateway.breaker.failure_ratio",
+                "must be above 0 and at most 1",
+            );
+        }
+        if b.window == 0 || b.min_requests == 0 || b.min_requests > b.window {
+            p.push(
+                "gateway.breaker.min_requests",
+                "must be between 1 and window",
+            );
+        }
+        if b.half_open_trials == 0 {
+            p.push("gateway.breaker.half_open_trials", "must be at least 1");
+        }
+    }
+}
+
+/// `gateway.buffer`: values kept on disk while the broker is away.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferConfig {
+    /// Directory of the buffer's segment files (default `nexus-data/gateway-buffer`).
+    pub dir: PathBuf,
+    /// Largest size on disk (default 256MiB); past it the oldest values are dropped and
+    /// counted in `nexus_gateway_buffer_dropped_total`.
+    pub max_size: ByteSize,
+    /// Buffered values replayed per second once the broker is back (default 5000), after
+    /// live values.
+    pub replay_rate: u32,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            dir: PathBuf::from("nexus-data/gateway-buffer"),
+            max_size: ByteSize(256 * 1024 * 1024),
+            replay_rate: 5000,
+        }
+    }
+}
+
+/// `gateway.pool`: connections per protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most open connections per protocol (defaults 100 Modbus, 50 OPC UA, 100 S7).
+    pub modbus_max_connections: usize,
+    pub opcua_max_connections: usize,
+    pub s7_max_connections: usize,
+    /// How often idle connections are checked (default 30s).
+    #[serde(with = "duration")]
+    pub health_interval: Duration,
+    /// Connections unused this long are closed (default 5m).
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            modbus_max_connections: 100,
+            opcua_max_connections: 50,
+            s7_max_connections: 100,
+            health_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+

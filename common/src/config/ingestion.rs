@@ -1,0 +1,143 @@
+//! `ingestion`: the historian writer.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::types::{duration, listen, opt_duration, BreakerSettings, ByteSize};
+use super::Problems;
+use crate::topic::TopicFilter;
+
+/// `ingestion`: the historian writer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestionConfig {
+    /// Moved to `database.url`; still accepted by the parser only to say so.
+    #[doc(hidden)]
+    pub database_url: Option<serde_json::Value>,
+    /// Moved to `database.ca_file`; still accepted by the parser only to say so.
+    #[doc(hidden)]
+    pub database_ca_file: Option<serde_json::Value>,
+    /// HTTP for health, metrics and the history API (default 0.0.0.0:7000).
+    pub http_listen: SocketAddr,
+    /// Topic filters stored (default `["#"]`, which never matches `$` topics).
+    pub filters: Vec<String>,
+    /// Shared-subscription group: instances with the same group split the stream
+    /// (`$share/<group>/<filter>`). Empty: a plain subscription (default "nexus-ingest").
+    pub shared_group: String,
+    /// Directory of the write-ahead log (default `nexus-data/ingest-wal`).
+    pub wal_dir: PathBuf,
+    /// Largest WAL size on disk (default 2GiB). When full, acks to the broker stop
+    /// (back-pressure) until the database has taken enough; nothing is discarded.
+    pub wal_max_size: ByteSize,
+    /// Size at which a WAL segment file is closed and a new one begun (default 16MiB);
+    /// committed segments are deleted whole.
+    pub wal_segment_size: ByteSize,
+    /// Points per COPY batch (default 5000).
+    pub batch_size: usize,
+    /// Longest wait before a partial batch is written (default 100ms).
+    #[serde(with = "duration")]
+    pub batch_timeout: Duration,
+    /// Parallel COPY writers, one database connection each (default 4).
+    pub writers: usize,
+    /// Points older than this are deleted (default none: kept for ever).
+    #[serde(deserialize_with = "opt_duration::deserialize")]
+    pub retention: Option<Duration>,
+    /// TimescaleDB: chunk interval of the hypertable (default 1d).
+    #[serde(with = "duration")]
+    pub chunk_interval: Duration,
+    /// TimescaleDB: chunks older than this are compressed, segmented by tag (default 7d;
+    /// none turns compression off).
+    #[serde(deserialize_with = "opt_duration::deserialize")]
+    pub compress_after: Option<Duration>,
+    /// Most points a history response holds; `agg=auto` picks the finest aggregate that
+    /// fits (default 10000).
+    pub history_max_points: usize,
+    /// Ask a Sparkplug edge node for a rebirth when data arrives with aliases not seen in a
+    /// birth (default true).
+    pub request_rebirth: bool,
+    /// Circuit breaker on the database.
+    pub breaker: BreakerSettings,
+}
+
+impl Default for IngestionConfig {
+    fn default() -> Self {
+        IngestionConfig {
+            database_url: None,
+            database_ca_file: None,
+            http_listen: listen(7000),
+            filters: vec!["#".into()],
+            shared_group: "nexus-ingest".into(),
+            wal_dir: PathBuf::from("nexus-data/ingest-wal"),
+            wal_max_size: ByteSize(2 * 1024 * 1024 * 1024),
+            wal_segment_size: ByteSize(16 * 1024 * 1024),
+            batch_size: 5000,
+            batch_timeout: Duration::from_millis(100),
+            writers: 4,
+            retention: None,
+            chunk_interval: Duration::from_secs(86_400),
+            compress_after: Some(Duration::from_secs(7 * 86_400)),
+            history_max_points: 10_000,
+            request_rebirth: true,
+            breaker: BreakerSettings {
+                open_for: Duration::from_secs(5),
+                ..BreakerSettings::default()
+            },
+        }
+    }
+}
+
+impl IngestionConfig {
+    pub(crate) fn validate(&self, p: &mut Problems) {
+        // The database serves the audit and the alarm journal too: it has its own section.
+        if self.database_url.is_some() {
+            p.push(
+                "ingestion.database_url",
+                "moved: set database.url (or NEXUS_DATABASE_URL) instead",
+            );
+        }
+        if self.database_ca_file.is_some() {
+            p.push(
+                "ingestion.database_ca_file",
+                "moved: set database.ca_file instead",
+            );
+        }
+        if self.filters.is_empty() {
+            p.push("ingestion.filters", "must list at least one topic filter");
+        }
+        for (i, f) in self.filters.iter().enumerate() {
+            if let Err(e) = TopicFilter::parse(f) {
+                p.push(format!("ingestion.filters[{i}]"), format!("{f:?}: {e}"));
+            }
+        }
+        if self.shared_group.contains(['/', '+', '#']) {
+            p.push("ingestion.shared_group", "must not contain '/', '+' or '#'");
+        }
+        if self.wal_segment_size.0 < 64 * 1024 {
+            p.push("ingestion.wal_segment_size", "must be at least 64KiB");
+        }
+        if self.wal_max_size.0 < 2 * self.wal_segment_size.0 {
+            p.push(
+                "ingestion.wal_max_size",
+                "must be at least twice wal_segment_size",
+            );
+        }
+        if !(1..=1_000_000).contains(&self.batch_size) {
+            p.push("ingestion.batch_size", "must be between 1 and 1000000");
+        }
+        if self.batch_timeout.is_zero() {
+            p.push("ingestion.batch_timeout", "must be more than 0");
+        }
+        if !(1..=64).contains(&self.writers) {
+            p.push("ingestion.writers", "must be between 1 and 64");
+        }
+        if self.chunk_interval < Duration::from_secs(60) {
+            p.push("ingestion.chunk_interval", "must be at least 1m");
+        }
+        if self.history_max_points < 10 {
+            p.push("ingestion.history_max_points", "must be at least 10");
+        }
+    }
+}
