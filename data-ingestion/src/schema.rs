@@ -84,6 +84,9 @@ pub async fn ensure(
     client: &Client,
     cfg: &IngestionConfig,
 ) -> Result<Storage, tokio_postgres::Error> {
+    // `database.statement_timeout` guards service calls; a migration of a large table (or the
+    // wait for another instance's migration lock) may take longer on this one-off connection.
+    client.batch_execute("SET statement_timeout = 0").await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;
