@@ -26,6 +26,7 @@ pub mod breaker;
 pub mod broker;
 pub mod mqtt;
 pub mod ratelimit;
+pub mod seglog;
 pub mod service;
 pub mod supervise;
 pub mod telemetry;
