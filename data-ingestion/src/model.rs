@@ -1,5 +1,32 @@
 //! What flows through ingestion: points to store, rejects for the dead-letter table, and the
-//! WAL frames that carry both.
+//! WAL frames that carry both, with the size limits that keep every row loggable.
+
+use std::borrow::Cow;
+
+/// Longest topic of a stored point, in bytes: MQTT's own limit (a Sparkplug metric name can
+/// make a longer one, which is rejected).
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+/// Longest string value stored, in bytes; a longer one is rejected (`bad_value`).
+pub const MAX_VALUE_STR_BYTES: usize = 1024 * 1024;
+/// Longest reject reason, in bytes; a longer detail is shortened at a character boundary.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Most payload bytes kept with a reject; the reason says when the payload was longer.
+pub const MAX_REJECT_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// `s` in at most `max` bytes: whole if it fits, else cut at a character boundary and ended
+/// with `…` (when `max` leaves room for it).
+pub fn shorten(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    // No room for the ellipsis: just the characters that fit.
+    let more = if max >= "…".len() { "…" } else { "" };
+    let mut end = max - more.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}{more}", &s[..end]))
+}
 
 /// One stored point: a row of `points` (through the `metrics` view: time, topic, value,
 /// value_str, quality).
@@ -28,6 +55,35 @@ pub struct Reject {
 }
 
 impl Reject {
+    /// A reject with reason `label: detail`, its fields within the limits: the reason
+    /// shortened at a character boundary, the payload to its first
+    /// [`MAX_REJECT_PAYLOAD_BYTES`] (the reason says so).
+    pub fn new(ts_us: i64, topic: &str, label: &str, detail: &str, payload: &[u8]) -> Reject {
+        let (payload, note) = if payload.len() > MAX_REJECT_PAYLOAD_BYTES {
+            (
+                &payload[..MAX_REJECT_PAYLOAD_BYTES],
+                format!(
+                    " (payload of {} bytes, the first {MAX_REJECT_PAYLOAD_BYTES} kept)",
+                    payload.len()
+                ),
+            )
+        } else {
+            (payload, String::new())
+        };
+        let reason = if detail.is_empty() {
+            label.to_owned()
+        } else {
+            format!("{label}: {detail}")
+        };
+        let reason = shorten(&reason, MAX_REASON_BYTES - note.len()) + note.as_str();
+        Reject {
+            ts_us,
+            topic: shorten(topic, MAX_TOPIC_BYTES).into_owned(),
+            reason: reason.into_owned(),
+            payload: payload.to_vec(),
+        }
+    }
+
     /// The label part of `reason` (before the first `:`).
     pub fn label(&self) -> &str {
         self.reason.split(':').next().unwrap_or("")
@@ -69,4 +125,45 @@ pub fn now_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorten_cuts_at_a_character_boundary() {
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("abcdef", 5), "ab…");
+        // Every limit across two-byte characters gives valid UTF-8 within the limit.
+        let s = "é".repeat(50);
+        for max in 3..s.len() {
+            let got = shorten(&s, max);
+            assert!(got.len() <= max, "{max}");
+            assert!(got.ends_with('…'));
+        }
+        assert_eq!(shorten("éé", 2), "é", "no room for the ellipsis");
+        assert_eq!(shorten("é", 1), "");
+    }
+
+    #[test]
+    fn rejects_stay_within_the_limits() {
+        let quality = "é".repeat(700);
+        let r = Reject::new(5, "t/q", "bad_quality", &quality, b"{}");
+        assert!(r.reason.len() <= MAX_REASON_BYTES, "{}", r.reason.len());
+        assert!(r.reason.starts_with("bad_quality: éé"));
+        assert_eq!(r.label(), "bad_quality");
+        let big = vec![b'x'; MAX_REJECT_PAYLOAD_BYTES + 10];
+        let r = Reject::new(5, "t/p", "bad_json", &quality, &big);
+        assert_eq!(r.payload.len(), MAX_REJECT_PAYLOAD_BYTES);
+        assert!(r.reason.len() <= MAX_REASON_BYTES);
+        assert!(
+            r.reason
+                .ends_with(" (payload of 1048586 bytes, the first 1048576 kept)"),
+            "{}",
+            r.reason
+        );
+        let r = Reject::new(5, "t/s", "empty_payload", "", b"");
+        assert_eq!(r.reason, "empty_payload");
+    }
 }

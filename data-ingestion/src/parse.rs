@@ -14,7 +14,7 @@ use nexus_common::codec::json::decode_value_object;
 use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
 use nexus_common::domain::{Quality, Value};
 
-use crate::model::{Point, Reject};
+use crate::model::{Point, Reject, MAX_TOPIC_BYTES, MAX_VALUE_STR_BYTES};
 
 /// Latest time accepted (9999-12-31), in microseconds.
 const MAX_TS_US: i64 = 253_402_300_799_000_000;
@@ -45,25 +45,21 @@ pub struct Parser {
 }
 
 fn reject(topic: &str, recv_us: i64, reason: &str, detail: &str, payload: &[u8]) -> Reject {
-    Reject {
-        ts_us: recv_us,
-        topic: topic.to_owned(),
-        reason: if detail.is_empty() {
-            reason.to_owned()
-        } else {
-            format!("{reason}: {detail}")
-        },
-        payload: payload.to_vec(),
-    }
+    // Within the WAL's limits: the reason shortened at a character boundary (details quote
+    // client input, such as an unknown quality), the payload to its first MiB.
+    Reject::new(recv_us, topic, reason, detail, payload)
 }
 
-/// The stored columns of a value; `Err` names what the database cannot take.
+/// The stored columns of a value; `Err` names what the database (or the WAL) cannot take.
 fn columns(value: Option<Value>) -> Result<(Option<f64>, Option<String>), &'static str> {
     Ok(match value {
         None => (None, None),
         Some(Value::String(s)) => {
             if s.contains('\0') {
                 return Err("string value contains a NUL character");
+            }
+            if s.len() > MAX_VALUE_STR_BYTES {
+                return Err("string value longer than 1 MiB (1048576 bytes)");
             }
             (None, Some(s))
         }
@@ -245,9 +241,14 @@ impl Parser {
             } else {
                 Quality::Bad
             };
+            let topic = format!("{base}/{name}");
+            if topic.len() > MAX_TOPIC_BYTES {
+                bad = Some("a metric name makes a topic longer than 65535 bytes");
+                continue;
+            }
             match columns(value) {
                 Ok((value, value_str)) => out.points.push(Point {
-                    topic: format!("{base}/{name}"),
+                    topic,
                     ts_us,
                     value,
                     value_str,
@@ -387,6 +388,38 @@ mod tests {
         }
         let got = p.parse(None, b"x", NOW);
         assert_eq!(got.rejects[0].label(), "bad_topic");
+    }
+
+    #[test]
+    fn fields_too_long_to_log_are_rejects_with_whole_characters() {
+        let mut p = Parser::new();
+        // The quality ends up quoted in the reason: shortened at a character boundary.
+        let q = format!(r#"{{"v":1,"q":"{}"}}"#, "é".repeat(700));
+        let got = p.parse(Some("t/q"), q.as_bytes(), NOW);
+        assert!(got.points.is_empty());
+        let r = &got.rejects[0];
+        assert_eq!(r.label(), "bad_quality");
+        assert!(r.reason.len() <= crate::model::MAX_REASON_BYTES);
+        assert!(r.reason.ends_with('…'), "{}", r.reason);
+        assert_eq!(r.payload, q.as_bytes());
+        // A string value over the limit is a reject, not a point.
+        let v = format!(r#"{{"v":"{}"}}"#, "x".repeat(MAX_VALUE_STR_BYTES + 1));
+        let got = p.parse(Some("t/v"), v.as_bytes(), NOW);
+        assert!(got.points.is_empty());
+        assert_eq!(got.rejects[0].label(), "bad_value");
+        assert!(got.rejects[0].reason.contains("longer than 1 MiB"));
+        let v = format!(r#"{{"v":"{}"}}"#, "x".repeat(MAX_VALUE_STR_BYTES));
+        assert_eq!(p.parse(Some("t/v"), v.as_bytes(), NOW).points.len(), 1);
+        // A Sparkplug metric name that makes the topic too long.
+        let long = "m".repeat(MAX_TOPIC_BYTES);
+        let data = sp(vec![
+            metric(Some(&long), None, Value::Float(1.0)),
+            metric(Some("ok"), None, Value::Float(2.0)),
+        ]);
+        let got = p.parse(Some("spBv1.0/G/NDATA/E"), &data, NOW);
+        assert_eq!(got.points.len(), 1);
+        assert_eq!(got.points[0].topic, "spBv1.0/G/E/ok");
+        assert_eq!(got.rejects[0].label(), "sparkplug_metric");
     }
 
     #[test]
