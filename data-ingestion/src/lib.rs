@@ -7,7 +7,7 @@
 //! ```text
 //! MQTT $share/<group>/<filter> (QoS 1, persistent session, manual acks)
 //!   ──> parse: JSON value object / Sparkplug B           (parse.rs; rejects counted)
-//!   ──> write-ahead log, group-commit fsync               (wal.rs)
+//!   ──> write-ahead log, group-commit fsync               (wal/)
 //!   ──> ack to the broker, in order
 //!   ──> WAL reader ──> batcher (size or time) ──> N binary COPY writers (writer.rs)
 //!   ──> PostgreSQL / TimescaleDB (schema.rs); WAL trimmed below the committed frames
