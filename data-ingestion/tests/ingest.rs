@@ -643,3 +643,81 @@ async fn a_full_wal_with_the_database_down_holds_acks_and_still_stops_cleanly() 
     assert!(stopping.elapsed() < Duration::from_secs(15));
     publishing.abort();
 }
+
+/// A value object whose quality is 700 'é' (1,400 bytes, quoted in the reject reason) among
+/// good points, through the WAL as in service: the reason used to be cut mid-character, the
+/// frame it shared with other clients' points then failed to decode, and they were lost.
+/// Now the reject is counted and stored with a reason cut at a character boundary, and every
+/// good point is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_unicode_quality_is_one_reject_and_costs_no_other_point() {
+    let pg = PgServer::start();
+    let url = pg.create_database("unicode").await;
+    let b = testing::service_broker();
+    let port = b.ports.tcp.port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(port, &url, wal.path(), "ing-u", "");
+    ing.ready().await;
+    let p = publisher(port).await;
+    let db = sql(&url).await;
+
+    let bad = format!(r#"{{"v":1,"q":"{}","ts":{T0}}}"#, "é".repeat(700));
+    // Published back to back, so group commit puts the bad one in a frame with good ones.
+    for i in 0..400i64 {
+        if i == 200 {
+            p.publish("acme/u/a/l/d/bad", bad.clone(), QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
+        }
+        let topic = format!("acme/u/a/l/d/t{}", i % 5);
+        p.publish(
+            &topic,
+            format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    let n = wait_count(
+        &db,
+        "SELECT count(*) FROM metrics",
+        400,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(n, 400, "every good point stored");
+    let r = wait_count(
+        &db,
+        "SELECT count(*) FROM ingest_rejects",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r, 1);
+    let row = db
+        .query_one("SELECT topic, reason, payload FROM ingest_rejects", &[])
+        .await
+        .unwrap();
+    let (topic, reason, payload): (String, String, Vec<u8>) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(topic, "acme/u/a/l/d/bad");
+    assert!(reason.starts_with("bad_quality: "), "{reason}");
+    assert!(reason.len() <= 1024, "{}", reason.len());
+    assert!(reason.ends_with('…'), "shortened at a character: {reason}");
+    assert_eq!(payload, bad.as_bytes(), "the payload is kept whole");
+    assert_eq!(
+        ing.metric("nexus_ingest_rejected_total{reason=\"bad_quality\"}"),
+        1.0
+    );
+    assert_eq!(ing.metric("nexus_ingest_points_written_total"), 400.0);
+    assert_eq!(ing.metric("nexus_ingest_wal_corrupt_total"), 0.0);
+
+    // A restart reads the same log back without a cut or a skipped stretch.
+    ing.stop().await;
+    let ing = start(port, &url, wal.path(), "ing-u", "");
+    ing.ready().await;
+    assert_eq!(ing.metric("nexus_ingest_wal_torn_frames_total"), 0.0);
+    assert_eq!(ing.metric("nexus_ingest_wal_corrupt_total"), 0.0);
+    assert_eq!(count(&db, "SELECT count(*) FROM metrics").await, 400);
+    ing.stop().await;
+}
