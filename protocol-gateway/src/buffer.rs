@@ -1,16 +1,26 @@
 //! Store-and-forward: values that could not be published wait here, on disk, in order.
 //!
-//! Segment files `<n>.seg` hold records `[len u32][sum u32][topic len u16][topic][payload]`
-//! (`sum` is a checksum of the rest, so a torn write at the tail after a crash is detected and
-//! cut off). Appends go to the newest segment, which rolls at a quarter of the size limit; the
-//! read position (`segment, offset`) is kept in `position` so a restart resumes where replay
-//! stopped. Past `max_size` the oldest segment is deleted and its unread records counted as
-//! dropped: the only way data leaves the buffer without being published, and it is counted.
+//! The buffer is a segment log ([`nexus_common::seglog`]): files `<n>.seg` in a locked
+//! directory, one CRC-32C frame per record, the body `[topic][payload]` (each behind a u32
+//! length). Appends go to the newest segment, which rolls at a quarter of the size limit,
+//! and are fsynced per batch. The read position (`segment offset`) is kept in `position`,
+//! replaced atomically, so a restart resumes where replay stopped. At open every segment is
+//! read through and cut at its first bad frame (a torn tail after a crash); what was cut is
+//! logged and counted in [`DiskBuffer::lost`]. Past `max_size` the oldest segment is deleted
+//! and its unread records counted as dropped ([`DiskBuffer::dropped`]).
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use nexus_common::seglog::{
+    self, DecodeError, Decoder, Format, Options, Recovery, SegmentDir, SegmentWriter, Verify,
+};
+
+const FORMAT: Format = Format {
+    magic: u32::from_le_bytes(*b"NXB2"),
+    extension: "seg",
+    max_body: 64 * 1024 * 1024,
+};
 
 /// One buffered message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,129 +29,99 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+impl Record {
+    fn decode(body: &[u8]) -> Result<Record, DecodeError> {
+        let mut d = Decoder::new(body);
+        let topic = d.str()?.to_owned();
+        let payload = d.bytes()?.to_vec();
+        d.finish()?;
+        Ok(Record { topic, payload })
+    }
+}
+
+#[derive(Debug)]
 struct Segment {
-    id: u64,
+    base: u64,
     bytes: u64,
     /// Records in the segment not yet read.
     unread: u64,
 }
 
 pub struct DiskBuffer {
-    dir: PathBuf,
+    dir: SegmentDir,
     max_size: u64,
     segment_size: u64,
     segments: VecDeque<Segment>,
     /// Read position in the oldest segment.
     read_offset: u64,
-    writer: Option<File>,
+    /// The newest segment, open for appends.
+    writer: Option<SegmentWriter>,
+    next_base: u64,
     dropped: u64,
-}
-
-fn checksum(data: &[u8]) -> u32 {
-    // FNV-1a: enough to detect a torn or garbled tail record.
-    data.iter().fold(0x811c9dc5u32, |h, b| {
-        (h ^ *b as u32).wrapping_mul(0x01000193)
-    })
-}
-
-fn seg_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:016}.seg"))
-}
-
-/// Read records from `offset`; returns them, the offset after the last whole record, and
-/// whether the file ended cleanly (false: a torn record follows).
-fn scan(path: &Path, offset: u64, limit: usize) -> io::Result<(Vec<Record>, u64, bool)> {
-    let mut f = BufReader::new(File::open(path)?);
-    f.seek(SeekFrom::Start(offset))?;
-    let mut out = Vec::new();
-    let mut pos = offset;
-    loop {
-        if out.len() >= limit {
-            return Ok((out, pos, true));
-        }
-        let mut head = [0u8; 8];
-        match f.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((out, pos, true)),
-            Err(e) => return Err(e),
-        }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let sum = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if !(2..=64 * 1024 * 1024).contains(&len) {
-            return Ok((out, pos, false));
-        }
-        let mut body = vec![0u8; len];
-        if f.read_exact(&mut body).is_err() || checksum(&body) != sum {
-            return Ok((out, pos, false));
-        }
-        let tlen = u16::from_le_bytes([body[0], body[1]]) as usize;
-        if 2 + tlen > len {
-            return Ok((out, pos, false));
-        }
-        let topic = String::from_utf8_lossy(&body[2..2 + tlen]).into_owned();
-        out.push(Record {
-            topic,
-            payload: body[2 + tlen..].to_vec(),
-        });
-        pos += 8 + len as u64;
-    }
+    lost: u64,
+    recovery: Recovery,
 }
 
 impl DiskBuffer {
     /// Open (or create) the buffer in `dir`, recovering what a previous run left.
-    pub fn open(dir: &Path, max_size: u64) -> io::Result<DiskBuffer> {
-        fs::create_dir_all(dir)?;
-        let mut ids: Vec<u64> = fs::read_dir(dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
-            .collect();
-        ids.sort_unstable();
-        let (pos_seg, pos_off) = fs::read_to_string(dir.join("position"))
-            .ok()
+    pub fn open(dir: &Path, max_size: u64) -> Result<DiskBuffer, seglog::Error> {
+        let (sd, found, recovery) = SegmentDir::open(
+            dir,
+            Options {
+                format: FORMAT,
+                verify: Verify::All,
+                fsync: true,
+            },
+        )?;
+        for cut in &recovery.cuts {
+            tracing::warn!(segment = %sd.segment_path(cut.segment).display(), offset = cut.offset, bytes = cut.bytes, records = cut.frames(), error = %cut.error, "store-and-forward buffer: cut records that do not read back (a write a crash interrupted, or damage)");
+        }
+        let (pos_base, pos_off) = sd
+            .read_state("position")?
             .and_then(|s| {
                 let (a, b) = s.trim().split_once(' ')?;
                 Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
             })
             .unwrap_or((0, 0));
+        let next_base = found.last().map_or(1, |s| s.base + 1);
+        let mut replayed = Vec::new();
         let mut segments = VecDeque::new();
         let mut read_offset = 0;
-        for id in ids {
-            let path = seg_path(dir, id);
-            if id < pos_seg {
+        for s in found {
+            if s.base < pos_base {
                 // Fully replayed before the restart.
-                let _ = fs::remove_file(&path);
+                replayed.push(s.base);
                 continue;
             }
-            let start = if id == pos_seg { pos_off } else { 0 };
-            let (records, end, clean) = scan(&path, 0, usize::MAX)?;
-            if !clean {
-                // Cut a torn tail left by a crash.
-                OpenOptions::new().write(true).open(&path)?.set_len(end)?;
-            }
-            let unread = if start == 0 {
-                records.len() as u64
+            let (unread, from) = if s.base == pos_base && pos_off > 0 {
+                unread_after(&sd, s.base, pos_off)?
             } else {
-                let (after, _, _) = scan(&path, start.min(end), usize::MAX)?;
-                after.len() as u64
+                (s.frames.unwrap_or(0), 0)
             };
             if segments.is_empty() {
-                read_offset = start.min(end);
+                read_offset = from;
             }
             segments.push_back(Segment {
-                id,
-                bytes: end,
+                base: s.base,
+                bytes: s.bytes,
                 unread,
             });
         }
-        Ok(DiskBuffer {
-            dir: dir.to_path_buf(),
+        sd.remove(&replayed)?;
+        let mut b = DiskBuffer {
+            dir: sd,
             max_size,
             segment_size: (max_size / 4).max(16 * 1024),
             segments,
             read_offset,
             writer: None,
+            next_base,
             dropped: 0,
-        })
+            lost: recovery.frames(),
+            recovery,
+        };
+        b.drop_read()?;
+        Ok(b)
     }
 
     /// Records waiting.
@@ -163,136 +143,223 @@ impl DiskBuffer {
         self.dropped
     }
 
-    fn new_segment(&mut self) -> io::Result<()> {
-        let id = self.segments.back().map_or(1, |s| s.id + 1);
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(seg_path(&self.dir, id))?;
-        self.segments.push_back(Segment {
-            id,
-            bytes: 0,
-            unread: 0,
-        });
-        self.writer = Some(f);
-        Ok(())
+    /// Records lost to files that did not read back (since open): cut at open, see
+    /// [`recovery`](Self::recovery), or found damaged later.
+    pub fn lost(&self) -> u64 {
+        self.lost
     }
 
-    /// Append records and make them durable (one fsync per call).
-    pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let needs_new = match self.segments.back() {
-            None => true,
-            Some(s) => s.bytes >= self.segment_size || self.writer.is_none(),
-        };
-        if needs_new {
-            if let (Some(_), None) = (self.segments.back(), &self.writer) {
-                // Reopen the last segment after a restart if it still has room.
-                let last = self.segments.back().map(|s| (s.id, s.bytes));
-                if let Some((id, bytes)) = last {
-                    if bytes < self.segment_size {
-                        self.writer = Some(
-                            OpenOptions::new()
-                                .append(true)
-                                .open(seg_path(&self.dir, id))?,
-                        );
-                    }
+    /// What open cut off the segment files.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Append records and make them durable (one fsync per call). A record too large for a
+    /// frame (64 MiB) cannot be kept: it is counted as dropped.
+    pub fn append(&mut self, records: &[Record]) -> Result<(), seglog::Error> {
+        let mut buf = Vec::with_capacity(records.len() * 96);
+        let mut kept = 0;
+        for r in records {
+            let framed = FORMAT.encode(&mut buf, |e| {
+                e.str(&r.topic);
+                e.bytes(&r.payload);
+            });
+            match framed {
+                Ok(_) => kept += 1,
+                Err(e) => {
+                    tracing::warn!(topic = %r.topic, error = %e, "store-and-forward buffer: record too large to keep; dropped");
+                    self.dropped += 1;
                 }
             }
-            if self.writer.is_none()
-                || self
-                    .segments
-                    .back()
-                    .is_none_or(|s| s.bytes >= self.segment_size)
-            {
-                self.new_segment()?;
-            }
         }
-        let mut buf = Vec::with_capacity(records.len() * 96);
-        for r in records {
-            let tlen = r.topic.len().min(u16::MAX as usize);
-            let mut body = Vec::with_capacity(2 + tlen + r.payload.len());
-            body.extend_from_slice(&(tlen as u16).to_le_bytes());
-            body.extend_from_slice(&r.topic.as_bytes()[..tlen]);
-            body.extend_from_slice(&r.payload);
-            buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&checksum(&body).to_le_bytes());
-            buf.extend_from_slice(&body);
+        if kept == 0 {
+            return Ok(());
         }
-        if let Some(w) = self.writer.as_mut() {
-            w.write_all(&buf)?;
-            w.sync_data()?;
+        let w = self.writer_with_room()?;
+        if let Err(e) = w.append(&buf) {
+            // Reopened (after the last whole record) by the next append.
+            self.writer = None;
+            return Err(e);
         }
         if let Some(s) = self.segments.back_mut() {
             s.bytes += buf.len() as u64;
-            s.unread += records.len() as u64;
+            s.unread += kept;
         }
-        self.enforce_limit()?;
-        Ok(())
+        self.enforce_limit()
     }
 
-    fn enforce_limit(&mut self) -> io::Result<()> {
+    /// The newest segment's writer, a new segment when it is full or gone.
+    fn writer_with_room(&mut self) -> Result<&mut SegmentWriter, seglog::Error> {
+        let back = self
+            .segments
+            .back()
+            .map(|s| (s.base, s.bytes))
+            .filter(|(_, bytes)| *bytes < self.segment_size);
+        let reuse = matches!((&self.writer, back), (Some(w), Some((base, _))) if w.base() == base);
+        if !reuse {
+            self.writer = None;
+            let w = match back {
+                // After a restart (or a failed write): continue the newest if it has room.
+                Some((base, bytes)) => self.dir.append_to(base, bytes)?,
+                None => {
+                    let base = self.next_base;
+                    let w = self.dir.create(base)?;
+                    self.next_base += 1;
+                    self.segments.push_back(Segment {
+                        base,
+                        bytes: 0,
+                        unread: 0,
+                    });
+                    w
+                }
+            };
+            self.writer = Some(w);
+        }
+        self.writer.as_mut().ok_or_else(|| seglog::Error::Io {
+            path: self.dir.path().to_path_buf(),
+            source: std::io::Error::other("no open segment"),
+        })
+    }
+
+    fn enforce_limit(&mut self) -> Result<(), seglog::Error> {
         while self.bytes() > self.max_size && self.segments.len() > 1 {
             if let Some(old) = self.segments.pop_front() {
                 self.dropped += old.unread;
-                let _ = fs::remove_file(seg_path(&self.dir, old.id));
                 self.read_offset = 0;
+                // The position moves first: a crash in between leaves a file the next open
+                // sees as replayed.
                 self.save_position()?;
+                self.dir.remove(&[old.base])?;
             }
         }
         Ok(())
     }
 
-    /// The next records, up to `limit`, without consuming them.
-    pub fn peek(&self, limit: usize) -> io::Result<Vec<Record>> {
-        let Some(first) = self.segments.front() else {
-            return Ok(Vec::new());
-        };
-        let (records, _, _) = scan(&seg_path(&self.dir, first.id), self.read_offset, limit)?;
-        Ok(records)
+    /// The next records, up to `limit`, without consuming them (from the oldest segment).
+    pub fn peek(&mut self, limit: usize) -> Result<Vec<Record>, seglog::Error> {
+        loop {
+            let Some(first) = self.segments.front() else {
+                return Ok(Vec::new());
+            };
+            let mut r = self.dir.reader(first.base, self.read_offset)?;
+            let mut out = Vec::new();
+            let mut damaged = None;
+            while out.len() < limit {
+                match r.next_frame() {
+                    Ok(Some(body)) => match Record::decode(body) {
+                        Ok(rec) => out.push(rec),
+                        Err(e) => {
+                            damaged = Some(e.to_string());
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e @ seglog::Error::Frame { .. }) => {
+                        damaged = Some(e.to_string());
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match damaged {
+                // The records before the damage go out first; the next peek starts at it.
+                Some(_) if !out.is_empty() => return Ok(out),
+                Some(why) => self.skip_damaged(&why)?,
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The oldest segment does not read back from the read position on (checked at open, so
+    /// damaged since): its unread records are counted as lost and the segment deleted, so
+    /// replay goes on with the next.
+    fn skip_damaged(&mut self, why: &str) -> Result<(), seglog::Error> {
+        if let Some(s) = self.segments.pop_front() {
+            tracing::error!(segment = %self.dir.segment_path(s.base).display(), offset = self.read_offset, records = s.unread, error = why, "store-and-forward buffer: records that do not read back are lost");
+            self.lost += s.unread;
+            if self.segments.is_empty() {
+                self.writer = None;
+            }
+            self.read_offset = 0;
+            self.save_position()?;
+            self.dir.remove(&[s.base])?;
+        }
+        Ok(())
     }
 
     /// Mark the first `n` records (as returned by [`peek`](Self::peek)) as published.
-    pub fn consume(&mut self, n: usize) -> io::Result<()> {
+    pub fn consume(&mut self, n: usize) -> Result<(), seglog::Error> {
         let Some(first) = self.segments.front() else {
             return Ok(());
         };
-        let path = seg_path(&self.dir, first.id);
-        let (records, end, _) = scan(&path, self.read_offset, n)?;
-        self.read_offset = end;
+        let mut r = self.dir.reader(first.base, self.read_offset)?;
+        let mut done = 0;
+        while done < n && r.next_frame()?.is_some() {
+            done += 1;
+        }
+        self.read_offset = r.offset();
         if let Some(s) = self.segments.front_mut() {
-            s.unread = s.unread.saturating_sub(records.len() as u64);
+            s.unread = s.unread.saturating_sub(done as u64);
         }
-        let is_last = self.segments.len() == 1;
-        if let Some(s) = self.segments.front() {
-            if s.unread == 0 && self.read_offset >= s.bytes {
-                if is_last {
-                    // Keep writing into a fresh segment next time.
-                    self.writer = None;
-                }
-                self.segments.pop_front();
-                let _ = fs::remove_file(&path);
-                self.read_offset = 0;
-            }
-        }
+        self.drop_read()?;
         self.save_position()
     }
 
-    fn save_position(&self) -> io::Result<()> {
-        let (seg, off) = self
+    /// Delete the oldest segments while they hold nothing unread.
+    fn drop_read(&mut self) -> Result<(), seglog::Error> {
+        let mut gone = Vec::new();
+        while self.segments.front().is_some_and(|s| s.unread == 0) {
+            if let Some(s) = self.segments.pop_front() {
+                gone.push(s.base);
+            }
+            self.read_offset = 0;
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        if self.segments.is_empty() {
+            // Keep writing into a fresh segment next time.
+            self.writer = None;
+        }
+        self.save_position()?;
+        self.dir.remove(&gone)
+    }
+
+    fn save_position(&self) -> Result<(), seglog::Error> {
+        let (base, off) = self
             .segments
             .front()
-            .map_or((0, 0), |s| (s.id, self.read_offset));
-        let tmp = self.dir.join("position.tmp");
-        fs::write(&tmp, format!("{seg} {off}\n"))?;
-        fs::rename(tmp, self.dir.join("position"))
+            .map_or((0, 0), |s| (s.base, self.read_offset));
+        self.dir.write_state("position", &format!("{base} {off}\n"))
     }
+}
+
+/// Records at or after `offset` in a segment, and the frame boundary they start at (an
+/// offset inside a frame moves on to the next boundary).
+fn unread_after(dir: &SegmentDir, base: u64, offset: u64) -> Result<(u64, u64), seglog::Error> {
+    let mut r = dir.reader(base, 0)?;
+    let (mut unread, mut from) = (0, None);
+    loop {
+        let at = r.offset();
+        if at >= offset && from.is_none() {
+            from = Some(at);
+        }
+        // Open read the segment through and cut it at any bad frame: none is left.
+        if r.next_frame()?.is_none() {
+            break;
+        }
+        if from.is_some() {
+            unread += 1;
+        }
+    }
+    Ok((unread, from.unwrap_or(r.offset())))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{self, OpenOptions};
+    use std::io::Write;
+
     use super::*;
 
     fn rec(i: usize) -> Record {
@@ -328,6 +395,7 @@ mod tests {
         assert_eq!(got, (300..1000).map(rec).collect::<Vec<_>>());
         b.append(&[rec(5)]).unwrap();
         assert_eq!(b.peek(10).unwrap(), vec![rec(5)]);
+        assert_eq!((b.dropped(), b.lost()), (0, 0));
     }
 
     #[test]
@@ -346,25 +414,110 @@ mod tests {
         assert!(b.dropped() > 0);
         let first = b.peek(1).unwrap().remove(0);
         assert_eq!(first, rec(b.dropped() as usize), "the oldest go first");
+        // And after a restart.
+        let (len, dropped) = (b.len(), b.dropped());
+        drop(b);
+        let mut b = DiskBuffer::open(dir.path(), 64 * 1024).unwrap();
+        assert_eq!(b.len(), len);
+        assert_eq!(b.peek(1).unwrap()[0], rec(dropped as usize));
+    }
+
+    fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        v.sort();
+        v
     }
 
     #[test]
-    fn torn_tail_is_cut() {
+    fn torn_tail_is_cut_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut b = DiskBuffer::open(dir.path(), 1024 * 1024).unwrap();
             b.append(&[rec(1), rec(2)]).unwrap();
         }
-        let seg = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .find(|e| e.path().extension().is_some_and(|x| x == "seg"))
-            .unwrap();
-        let mut f = OpenOptions::new().append(true).open(seg.path()).unwrap();
+        let seg = segment_files(dir.path()).remove(0);
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
+        drop(f);
         let mut b = DiskBuffer::open(dir.path(), 1024 * 1024).unwrap();
         assert_eq!(b.len(), 2);
+        assert_eq!((b.recovery().bytes(), b.lost()), (10, 1));
         b.append(&[rec(3)]).unwrap();
         assert_eq!(b.peek(10).unwrap(), vec![rec(1), rec(2), rec(3)]);
+    }
+
+    #[test]
+    fn long_unicode_topics_are_kept_whole() {
+        // Past the old u16 topic length, in two-byte characters.
+        let dir = tempfile::tempdir().unwrap();
+        let r = Record {
+            topic: "é".repeat(40_000),
+            payload: vec![1, 2, 3],
+        };
+        {
+            let mut b = DiskBuffer::open(dir.path(), 1024 * 1024).unwrap();
+            b.append(std::slice::from_ref(&r)).unwrap();
+        }
+        let mut b = DiskBuffer::open(dir.path(), 1024 * 1024).unwrap();
+        assert_eq!(b.peek(1).unwrap(), vec![r]);
+    }
+
+    #[test]
+    fn a_directory_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _b = DiskBuffer::open(dir.path(), 1024 * 1024).unwrap();
+        let e = DiskBuffer::open(dir.path(), 1024 * 1024).err().unwrap();
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+    }
+
+    #[test]
+    fn damage_found_while_replaying_is_counted_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small segments: the first fills and a second starts.
+        let mut b = DiskBuffer::open(dir.path(), 64 * 1024).unwrap();
+        let mut n = 0;
+        while segment_files(dir.path()).len() < 2 {
+            b.append(&[rec(n)]).unwrap();
+            n += 1;
+        }
+        let first_seg = b.segments[0].unread;
+        // Damage the first segment after its first record, while open.
+        let seg = segment_files(dir.path()).remove(0);
+        let mut data = fs::read(&seg).unwrap();
+        let first_len = FORMAT
+            .encode(&mut Vec::new(), |e| {
+                e.str(&rec(0).topic);
+                e.bytes(&rec(0).payload);
+            })
+            .unwrap();
+        data[first_len + 20] ^= 0xff;
+        fs::write(&seg, &data).unwrap();
+        // The record before the damage, then the next segment's.
+        assert_eq!(b.peek(10).unwrap(), vec![rec(0)]);
+        b.consume(1).unwrap();
+        assert_eq!(b.peek(1).unwrap(), vec![rec(first_seg as usize)]);
+        assert_eq!(b.lost(), first_seg - 1);
+        assert_eq!(b.len(), n as u64 - first_seg);
+    }
+
+    #[test]
+    fn old_format_files_are_counted_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        // The previous format: `[len u32][fnv u32][topic len u16][topic][payload]`.
+        fs::write(
+            dir.path().join(format!("{:016}.seg", 3)),
+            [9, 0, 0, 0, 1, 2, 3, 4, 1, 0, b'a', 1, 2, 3, 4, 5, 6],
+        )
+        .unwrap();
+        fs::write(dir.path().join("position"), "3 0\n").unwrap();
+        let mut b = DiskBuffer::open(dir.path(), 1024 * 1024).unwrap();
+        assert_eq!((b.len(), b.lost()), (0, 1));
+        b.append(&[rec(1)]).unwrap();
+        assert_eq!(b.peek(5).unwrap(), vec![rec(1)]);
     }
 }
