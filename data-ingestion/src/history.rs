@@ -22,8 +22,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value as JsonValue};
 use tokio_postgres::{Client, Row};
 
-use nexus_common::pg::Database;
 use nexus_common::domain::Quality;
+use nexus_common::pg::Database;
 use nexus_common::topic::{filter_matches, TopicFilter};
 
 use crate::schema::Storage;
