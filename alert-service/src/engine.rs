@@ -85,6 +85,12 @@ fn limit_of(c: &Condition) -> Option<f64> {
     }
 }
 
+/// Whether a reloaded rule keeps the alarms of `old`: the same id, topic filter and condition
+/// (limits and deadband included); its message, severity, area, delays or suppression may change.
+fn keeps_alarms(old: &AlertRule, new: &AlertRule) -> bool {
+    old.id == new.id && old.topic == new.topic && old.condition == new.condition
+}
+
 fn equals(v: &Value, want: &serde_json::Value) -> bool {
     match (v, want) {
         (Value::Bool(b), serde_json::Value::Bool(w)) => b == w,
@@ -127,19 +133,11 @@ impl Engine {
     /// are dropped and returned as (rule id, topic) so their retained state can be cleared.
     pub fn replace_rules(&mut self, rules: &[AlertRule]) -> Vec<(String, String)> {
         let new = Engine::new(rules, self.max_shelve_ms);
-        let same = |old: &AlertRule, new: &AlertRule| {
-            old.topic == new.topic
-                && format!("{:?}", old.condition) == format!("{:?}", new.condition)
-        };
         let mut removed = Vec::new();
         let mut instances = HashMap::new();
         for ((ri, topic), inst) in self.instances.drain() {
             let old = &self.rules[ri];
-            match new
-                .rules
-                .iter()
-                .position(|r| r.id == old.id && same(old, r))
-            {
+            match new.rules.iter().position(|r| keeps_alarms(old, r)) {
                 Some(ni) => {
                     instances.insert((ni, topic), inst);
                 }
@@ -742,6 +740,54 @@ mod tests {
             "    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 85 } }\n",
         ));
         assert_eq!(removed.len(), 2);
+    }
+
+    #[test]
+    fn reload_sees_a_changed_condition_and_not_an_identical_rule() {
+        let hot = |cond: &str, extra: &str| {
+            rules(&format!(
+                "    - {{ id: hot, topic: \"t/+\", condition: {cond}, suppress_when: {{ topic: \"t/run\", equals: false }}{extra} }}\n"
+            ))
+            .remove(0)
+        };
+        let high = "{ type: high, limit: 80, deadband: 2 }";
+        let same = hot(high, "");
+        assert!(
+            keeps_alarms(&same, &hot(high, "")),
+            "parsed again, unchanged"
+        );
+        assert!(
+            keeps_alarms(
+                &same,
+                &hot(high, ", message: \"{topic} hot\", severity: 900")
+            ),
+            "only the text and severity changed"
+        );
+        for changed in [
+            "{ type: high, limit: 85, deadband: 2 }",
+            "{ type: high, limit: 80, deadband: 3 }",
+            "{ type: high_high, limit: 80, deadband: 2 }",
+            "{ type: stale, after: 10s }",
+        ] {
+            assert!(!keeps_alarms(&same, &hot(changed, "")), "{changed}");
+        }
+        let eq = |v: &str| hot(&format!("{{ type: equals, value: {v} }}"), "");
+        assert!(keeps_alarms(&eq("\"fault\""), &eq("\"fault\"")));
+        assert!(!keeps_alarms(&eq("\"fault\""), &eq("\"trip\"")));
+        assert!(!keeps_alarms(&eq("true"), &eq("\"true\"")));
+
+        // Through a reload: an identical rule keeps its alarm, a changed limit drops it.
+        let mut e = Engine::new(&[hot(high, "")], 3_600_000);
+        assert_eq!(e.on_value("t/x", &v(90.0), 0)[0].event, Event::Activated);
+        assert!(e.replace_rules(&[hot(high, "")]).is_empty());
+        assert!(
+            e.on_value("t/x", &v(91.0), 1).is_empty(),
+            "not raised again"
+        );
+        assert_eq!(e.alarms(2).len(), 1);
+        let removed = e.replace_rules(&[hot("{ type: high, limit: 95, deadband: 2 }", "")]);
+        assert_eq!(removed, vec![("hot".to_string(), "t/x".to_string())]);
+        assert!(e.alarms(3).is_empty());
     }
 
     #[test]

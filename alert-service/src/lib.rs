@@ -81,7 +81,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
             let last = std::sync::Mutex::new(cfg.alerts.rules.clone());
             cfg.watch(std::time::Duration::from_secs(2), token, |new| {
                 let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-                if format!("{:?}", *l) != format!("{:?}", new.alerts.rules) {
+                if *l != new.alerts.rules {
                     *l = new.alerts.rules.clone();
                     let _ = reload_tx.try_send(new.alerts.rules);
                 }
@@ -102,4 +102,37 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     reloader.abort();
     shell.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use nexus_common::config::{AlertRule, Config};
+
+    fn rules(yaml: &str) -> Vec<AlertRule> {
+        Config::from_str_with_env(&format!("alerts:\n  rules:\n{yaml}"), None, &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .alerts
+            .rules
+    }
+
+    /// The configuration watcher reloads the rules only when they differ from the last ones.
+    #[test]
+    fn a_reload_is_triggered_by_a_changed_rule_only() {
+        let two = "    - { id: hot, topic: \"t/x\", condition: { type: high, limit: 80, deadband: 1.5 }, on_delay: 2s, suppress_when: { topic: \"t/run\", equals: false } }\n    - { id: run, topic: \"t/state\", condition: { type: equals, value: \"fault\" }, severity: high }\n";
+        assert!(rules(two) == rules(two), "the same file read again");
+        for (from, to) in [
+            ("limit: 80", "limit: 81"),
+            ("deadband: 1.5", "deadband: 1.25"),
+            ("type: high,", "type: high_high,"),
+            ("\"fault\"", "\"trip\""),
+            ("equals: false", "equals: true"),
+            ("on_delay: 2s", "on_delay: 3s"),
+            ("severity: high", "severity: critical"),
+        ] {
+            assert!(
+                rules(two) != rules(&two.replace(from, to)),
+                "{from} -> {to}"
+            );
+        }
+    }
 }

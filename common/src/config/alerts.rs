@@ -10,7 +10,7 @@ use super::types::duration;
 use super::Problems;
 use crate::topic::TopicFilter;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
     /// HTTP for health, metrics and the alarm API (default 0.0.0.0:6000).
@@ -24,7 +24,7 @@ pub struct AlertsConfig {
 }
 
 /// An HTTP endpoint notified of alarm events.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhook {
     pub url: String,
@@ -101,7 +101,7 @@ impl<'de> Deserialize<'de> for Severity {
 }
 
 /// What makes an alarm active.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Condition {
     HighHigh {
@@ -149,7 +149,7 @@ pub enum Condition {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertRule {
     pub id: String,
@@ -176,7 +176,7 @@ pub struct AlertRule {
 }
 
 /// `suppress_when: { topic: acme/site/area/line-1/plc/running, equals: false }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SuppressWhen {
     pub topic: String,
