@@ -7,17 +7,26 @@
 //! MQTT: rule filters + setpoint topics ──> value object ──> condition with deadband
 //!   (high_high/high/low/low_low, deviation, rate_of_change, equals, bad_quality, stale)
 //!   ──> on/off delays ──> [state] ISA-18.2 machine (ack, shelve with a bound, out of service)
-//!   ──> [service] retained $nexus/alarms/<topic>/<rule> (cleared when normal and acked),
+//!   ──> [service] engine behind a lock, outbox task, flood/chattering metrics
+//!   ──> [topics] retained $nexus/alarms/<topic>/<rule> (cleared when normal and acked),
 //!       $nexus/alarms/events; acknowledge on $nexus/alarms/ack or REST
+//!   ──> [journal] alarm_events rows in PostgreSQL (queued, dropped and counted when full)
+//!   ──> [webhook] JSON POSTs per endpoint (rate limit, retries)
 //! start: retained $nexus/alarms/# read back first (clean session, so the broker sends them
 //!        again), so active alarms are neither raised again nor forgotten
-//! HTTP :6000: GET /api/v1/alarms (?severity=, ?topic=), POST /api/v1/alarms/{id}/ack|shelve|unshelve,
-//!             GET /api/v1/rules, /healthz /readyz /metrics
+//! HTTP :6000: [http] GET /api/v1/alarms (?severity=, ?topic=), GET /api/v1/rules,
+//!             POST /api/v1/alarms/{id}/ack|shelve|unshelve|out_of_service|in_service;
+//!             /healthz /readyz /metrics from the service shell
+//! rules reload: the configuration file is watched; changed rules replace the engine's, and
+//!        alarms of rules with the same id, topic filter and condition keep their state
 //! ```
 
 pub mod engine;
+pub mod http;
+pub mod journal;
 pub mod service;
 pub mod state;
+pub mod topics;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -55,7 +64,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         ));
     }
     let mut opts = ShellOptions::new(SERVICE, cfg.alerts.http_listen);
-    opts.routes = service::routes(alerts.clone());
+    opts.routes = http::routes(alerts.clone());
     opts.subscriptions = subscriptions;
     opts.incoming_capacity = 10_000;
     opts.telemetry = Some(telemetry);
@@ -66,7 +75,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     let mut shell = Shell::start(&mcfg, opts, shutdown.clone()).await?;
     alerts.set_mqtt(shell.mqtt.clone());
     if let Some(db) = nexus_common::pg::Database::from_config(&cfg.database) {
-        alerts.set_journal(service::start_journal(db, shutdown.clone()));
+        alerts.set_journal(journal::start(db, shutdown.clone()));
     }
     let incoming = shell
         .incoming

@@ -1,30 +1,26 @@
-//! The alert service around the engine: MQTT in and out, restore at start, REST, metrics.
+//! The service core: the engine behind a lock, fed by MQTT (values, acknowledges, and the
+//! retained states read back at start), with an outbox task that publishes each change's
+//! retained state and event, journals it and notifies webhooks. Flood and chattering are
+//! counted here; the HTTP API acts through the same engine and outbox.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State as AxState};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use nexus_common::codec::json::value_to_json;
 use nexus_common::codec::{decode_value_object, PayloadError};
 use nexus_common::mqtt::{Message, MqttHandle, QoS};
 use nexus_common::now_ms;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
-use serde::Deserialize;
-use serde_json::{json, Value as JValue};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{ActionError, Change, Engine};
-use crate::state::{Alarm, State};
-
-pub const ALARM_PREFIX: &str = "$nexus/alarms/";
-pub const ACK_TOPIC: &str = "$nexus/alarms/ack";
-pub const EVENTS_TOPIC: &str = "$nexus/alarms/events";
+use crate::engine::{Change, Engine};
+use crate::journal::JournalRow;
+use crate::state::State;
+use crate::topics::{
+    event_payload, parse_state, state_payload, state_topic, Ack, ACK_TOPIC, ALARM_PREFIX,
+    EVENTS_TOPIC,
+};
 
 #[derive(Clone)]
 pub struct AlertMetrics {
@@ -97,58 +93,6 @@ impl AlertMetrics {
     }
 }
 
-/// `$nexus/alarms/<topic>/<rule id>`.
-pub fn state_topic(topic: &str, rule_id: &str) -> String {
-    format!("{ALARM_PREFIX}{topic}/{rule_id}")
-}
-
-/// The id used by the REST API: `<rule id>:<topic>` (URL-encode it in paths).
-pub fn alarm_id(rule_id: &str, topic: &str) -> String {
-    format!("{rule_id}:{topic}")
-}
-
-pub fn state_payload(c: &Change, now: i64) -> JValue {
-    json!({
-        "id": alarm_id(&c.rule_id, &c.topic),
-        "rule_id": c.rule_id,
-        "topic": c.topic,
-        "state": c.alarm.state.as_str(),
-        "severity": c.severity,
-        "value": value_to_json(c.value.as_ref()),
-        "message": c.message,
-        "since": c.alarm.since_ms,
-        "ts": c.ts_ms,
-        "shelved_until": c.alarm.shelved_until_ms.filter(|t| *t > now),
-        "out_of_service": c.alarm.out_of_service,
-        "suppressed": c.alarm.suppressed,
-        "area": c.area,
-    })
-}
-
-/// The shared state of the service.
-/// A row of the `alarm_events` journal.
-#[derive(Debug, Clone)]
-pub struct JournalRow {
-    pub change: Change,
-}
-
-pub const JOURNAL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS alarm_events (
-    id bigserial PRIMARY KEY,
-    time timestamptz NOT NULL,
-    rule_id text NOT NULL,
-    topic text NOT NULL,
-    event text NOT NULL,
-    state text NOT NULL,
-    severity smallint NOT NULL,
-    value jsonb,
-    message text NOT NULL,
-    area text NOT NULL,
-    username text,
-    comment text
-);
-CREATE INDEX IF NOT EXISTS alarm_events_time ON alarm_events (time);
-CREATE INDEX IF NOT EXISTS alarm_events_alarm ON alarm_events (rule_id, topic, time);";
-
 /// Flood and chattering bookkeeping (ISA-18.2 performance metrics).
 #[derive(Default)]
 struct Rates {
@@ -158,6 +102,7 @@ struct Rates {
     by_alarm: HashMap<(String, String), std::collections::VecDeque<i64>>,
 }
 
+/// The shared state of the service.
 pub struct Alerts {
     pub engine: Mutex<Engine>,
     rates: Mutex<Rates>,
@@ -198,14 +143,14 @@ impl Alerts {
         let _ = self.mqtt.set(mqtt);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Engine> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Publish retained state and the event of each change.
     /// Hand changes to the outbox task (so a slow publish never stalls evaluation and the
     /// MQTT receive path), or publish them here when there is no outbox.
-    async fn publish(&self, changes: Vec<Change>) {
+    pub(crate) async fn publish(&self, changes: Vec<Change>) {
         if changes.is_empty() {
             return;
         }
@@ -254,10 +199,7 @@ impl Alerts {
             if let Err(e) = mqtt.publish(&topic, body, QoS::AtLeastOnce, true).await {
                 tracing::warn!(%topic, error = %e, "cannot publish alarm state");
             }
-            let mut ev = state_payload(c, now);
-            ev["event"] = json!(c.event.as_str());
-            ev["user"] = json!(c.user);
-            ev["comment"] = json!(c.comment);
+            let ev = event_payload(c, now);
             if let Some(n) = self.notifier.get() {
                 n.notify(c.event.as_str(), c.severity, &ev);
             }
@@ -344,13 +286,6 @@ impl Alerts {
     }
 
     async fn on_ack(&self, payload: &[u8]) {
-        #[derive(Deserialize)]
-        struct Ack {
-            rule_id: String,
-            topic: String,
-            user: Option<String>,
-            comment: Option<String>,
-        }
         match serde_json::from_slice::<Ack>(payload) {
             Ok(a) => {
                 let r = self
@@ -373,31 +308,10 @@ impl Alerts {
     /// Read retained `$nexus/alarms/<topic>/<rule>` states back into the engine.
     fn restore(&self, m: &Message) -> bool {
         let Some(topic) = m.topic() else { return false };
-        if topic == ACK_TOPIC
-            || topic == EVENTS_TOPIC
-            || !topic.starts_with(ALARM_PREFIX)
-            || m.payload().is_empty()
-        {
-            return false;
-        }
-        let Ok(v) = serde_json::from_slice::<JValue>(m.payload()) else {
+        let Some((rule, t, alarm)) = parse_state(topic, m.payload()) else {
             return false;
         };
-        let (Some(rule), Some(t), Some(state)) = (
-            v["rule_id"].as_str(),
-            v["topic"].as_str(),
-            v["state"].as_str().and_then(State::parse),
-        ) else {
-            return false;
-        };
-        let alarm = Alarm {
-            state,
-            since_ms: v["since"].as_i64().unwrap_or(0),
-            shelved_until_ms: v["shelved_until"].as_i64(),
-            suppressed: v["suppressed"].as_bool().unwrap_or(false),
-            out_of_service: v["out_of_service"].as_bool().unwrap_or(false),
-        };
-        self.lock().restore(rule, t, alarm)
+        self.lock().restore(&rule, &t, alarm)
     }
 
     /// Apply reloaded rules: keep the alarms of unchanged rules, clear the retained state of
@@ -479,130 +393,4 @@ impl Alerts {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = outbox.await;
     }
-}
-
-#[derive(Deserialize)]
-struct ListQuery {
-    severity: Option<u16>,
-    topic: Option<String>,
-}
-
-fn error(status: StatusCode, msg: String) -> Response {
-    (status, Json(json!({"error": msg}))).into_response()
-}
-
-async fn list(AxState(a): AxState<Arc<Alerts>>, Query(q): Query<ListQuery>) -> Response {
-    let now = now_ms();
-    let filter = match &q.topic {
-        Some(f) => match nexus_common::TopicFilter::parse(f) {
-            Ok(f) => Some(f),
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("topic: {e}")),
-        },
-        None => None,
-    };
-    let alarms: Vec<JValue> = a
-        .lock()
-        .alarms(now)
-        .iter()
-        .filter(|c| q.severity.is_none_or(|s| c.severity >= s))
-        .filter(|c| filter.as_ref().is_none_or(|f| f.matches(&c.topic)))
-        .map(|c| state_payload(c, now))
-        .collect();
-    Json(json!({ "alarms": alarms })).into_response()
-}
-
-async fn rules(AxState(a): AxState<Arc<Alerts>>) -> Json<JValue> {
-    let e = a.lock();
-    let list: Vec<JValue> = e
-        .rules()
-        .iter()
-        .map(|r| json!({"id": r.id, "topic": r.topic, "severity": r.severity.0, "condition": format!("{:?}", r.condition), "message": r.message, "on_delay_ms": r.on_delay.as_millis() as u64, "off_delay_ms": r.off_delay.as_millis() as u64}))
-        .collect();
-    Json(json!({ "rules": list }))
-}
-
-const ACTIONS: &str = "ack, shelve, unshelve, out_of_service, in_service";
-
-#[derive(Deserialize, Default)]
-struct ActionBody {
-    user: Option<String>,
-    comment: Option<String>,
-    duration_s: Option<u64>,
-}
-
-async fn action(
-    AxState(a): AxState<Arc<Alerts>>,
-    Path((id, op)): Path<(String, String)>,
-    body: Option<Json<ActionBody>>,
-) -> Response {
-    let Some((rule, topic)) = id.split_once(':') else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("alarm id {id:?} is not <rule id>:<topic>"),
-        );
-    };
-    let b = body.map(|Json(b)| b).unwrap_or_default();
-    let now = now_ms();
-    let r = {
-        let mut e = a.lock();
-        match op.as_str() {
-            "ack" => e.acknowledge(rule, topic, now, b.user.clone(), b.comment.clone()),
-            "shelve" => match b.duration_s {
-                Some(s) => e.shelve(rule, topic, s as i64 * 1000, now, b.user.clone()),
-                None => return error(StatusCode::BAD_REQUEST, "shelve needs duration_s".into()),
-            },
-            "unshelve" => e.unshelve(rule, topic, now, b.user.clone()),
-            "out_of_service" => e.set_out_of_service(rule, topic, true, now, b.user.clone()),
-            "in_service" => e.set_out_of_service(rule, topic, false, now, b.user.clone()),
-            other => {
-                let msg = format!("unknown action {other:?} ({ACTIONS})");
-                return error(StatusCode::NOT_FOUND, msg);
-            }
-        }
-    };
-    match r {
-        Ok(c) => {
-            let body = state_payload(&c, now);
-            a.publish(vec![c]).await;
-            Json(body).into_response()
-        }
-        Err(e @ ActionError::NotFound { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ ActionError::Refused(_)) => error(StatusCode::CONFLICT, e.to_string()),
-    }
-}
-
-pub fn routes(a: Arc<Alerts>) -> Router {
-    Router::new()
-        .route("/api/v1/alarms", get(list))
-        .route("/api/v1/rules", get(rules))
-        .route("/api/v1/alarms/{id}/{op}", post(action))
-        .with_state(a)
-}
-
-/// Start the `alarm_events` writer.
-pub fn start_journal(
-    db: nexus_common::pg::Database,
-    token: CancellationToken,
-) -> mpsc::Sender<JournalRow> {
-    nexus_common::pg::spawn_writer(
-        "alarm_events",
-        db,
-        JOURNAL_SCHEMA,
-        10_000,
-        |client, row: &JournalRow| {
-            Box::pin(async move {
-                let c = &row.change;
-                let time = std::time::UNIX_EPOCH + Duration::from_millis(c.ts_ms.max(0) as u64);
-                let value = c.value.as_ref().map(|v| value_to_json(Some(v)));
-                client
-                .execute(
-                    "INSERT INTO alarm_events (time, rule_id, topic, event, state, severity, value, message, area, username, comment) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
-                    &[&time, &c.rule_id, &c.topic, &c.event.as_str(), &c.alarm.state.as_str(), &(c.severity as i16), &value, &c.message, &c.area, &c.user, &c.comment],
-                )
-                .await
-                .map(|_| ())
-            })
-        },
-        token,
-    )
 }
