@@ -336,12 +336,7 @@ async fn every_transition_is_journaled_in_postgres() {
     let root = testing::unique("plant");
     let topic = format!("{root}/m2/temp");
     let hp = free_port();
-    let (token, task) = start_with(
-        port,
-        hp,
-        &root,
-        &format!("database:\n  url: \"{url}\"\n"),
-    );
+    let (token, task) = start_with(port, hp, &root, &format!("database:\n  url: \"{url}\"\n"));
     wait_ready(hp).await;
     let (svc, _) = client(port, "svc", &[]).await;
     for x in ["90", "70"] {
@@ -359,7 +354,9 @@ async fn every_transition_is_journaled_in_postgres() {
     )
     .await
     .unwrap();
-    let (db, _t) = nexus_common::pg::connect(&nexus_common::pg::Database::at(&url)).await.unwrap();
+    let (db, _t) = nexus_common::pg::connect(&nexus_common::pg::Database::at(&url))
+        .await
+        .unwrap();
     let start = Instant::now();
     let rows = loop {
         let rows = db
