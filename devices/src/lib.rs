@@ -25,7 +25,7 @@ pub mod s7;
 pub mod simulator;
 pub mod value;
 
-pub use device::{CompileError, Device, Plan};
+pub use device::{CompileError, Device, Plan, PlanError};
 pub use directory::DeviceDirectory;
 pub use driver::{DeviceError, Driver, Reading, TransportError};
 pub use pool::{BrowseError, PoolError, Pools};

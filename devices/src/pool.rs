@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::device::{Device, Plan};
 use crate::driver::{DeviceError, Driver, DriverSettings, Reading, TransportError};
 use crate::modbus::ModbusDriver;
-use crate::opcua::{BrowseEntry, OpcUaDriver};
+use crate::opcua::{BrowseEntry, BrowseRefused, OpcUaDriver};
 use crate::s7::S7Driver;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,9 +42,9 @@ pub enum PoolError {
 pub enum BrowseError {
     #[error(transparent)]
     Pool(#[from] PoolError),
-    /// The server refused (an unknown node, no access).
-    #[error("{0}")]
-    Refused(String),
+    /// The server refused (an unknown node, no access) or the node id is not one.
+    #[error(transparent)]
+    Refused(#[from] BrowseRefused),
     #[error("device {0} has no address space to browse (only OPC UA devices have one)")]
     NotBrowsable(String),
 }
@@ -296,7 +296,7 @@ impl Pool<OpcUaDriver> {
         device: &Arc<Device>,
         node: Option<String>,
         out: tokio::sync::mpsc::Sender<BrowseEntry>,
-    ) -> Result<Result<(), String>, PoolError> {
+    ) -> Result<Result<(), BrowseRefused>, PoolError> {
         let ep = self.endpoint(device)?;
         ep.with_session(device, None, &self.settings, move |s| {
             Box::pin(async move { s.browse_into(node.as_deref(), out).await })

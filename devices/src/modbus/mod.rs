@@ -18,7 +18,7 @@ use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
-use crate::device::Device;
+use crate::device::{Device, PlanError};
 use crate::driver::{order_as_asked, DeviceError, Driver, DriverSettings, Reading, TransportError};
 use plan::{PlanItem, PlanLimits, ReadRequest};
 
@@ -44,7 +44,7 @@ pub struct ModbusPlan {
 }
 
 impl ModbusPlan {
-    pub fn new(cfg: &DeviceConfig) -> Result<ModbusPlan, String> {
+    pub fn new(cfg: &DeviceConfig) -> Result<ModbusPlan, PlanError> {
         let c = &cfg.connection;
         let limits = PlanLimits {
             max_registers: c.max_registers_per_request.unwrap_or(125).clamp(1, 125),
@@ -56,8 +56,11 @@ impl ModbusPlan {
             let a = t
                 .address
                 .as_deref()
-                .ok_or_else(|| format!("tag {} has no address", t.id))?;
-            let address = ModbusAddress::parse(a).map_err(|e| format!("tag {}: {e}", t.id))?;
+                .ok_or_else(|| PlanError::NoAddress { tag: t.id.clone() })?;
+            let address = ModbusAddress::parse(a).map_err(|reason| PlanError::Address {
+                tag: t.id.clone(),
+                reason,
+            })?;
             let length = t.length.unwrap_or(0);
             let count = if address.is_bit_table() || address.bit.is_some() {
                 1

@@ -3,12 +3,24 @@
 
 use opcua::types::{
     BrowseDescription, BrowseDirection, BrowseResultMask, NodeClassMask, NodeId, ReferenceTypeId,
+    StatusCode,
 };
 use tokio::sync::mpsc;
 
-use super::plan::resolve;
+use super::plan::{resolve, NodeIdError};
 use super::OpcUaDriver;
 use crate::driver::TransportError;
+
+/// Why a browse was refused while the session stays usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrowseRefused {
+    /// The node to start from is not a node id (or names a namespace the server lacks).
+    #[error(transparent)]
+    Node(#[from] NodeIdError),
+    /// The server answered the Browse with a bad status (an unknown node, no access).
+    #[error("the server refused to browse: {0}")]
+    Status(StatusCode),
+}
 
 /// One child node found by browsing.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -26,13 +38,13 @@ impl OpcUaDriver {
         &mut self,
         node: Option<&str>,
         out: mpsc::Sender<BrowseEntry>,
-    ) -> Result<Result<(), String>, TransportError> {
+    ) -> Result<Result<(), BrowseRefused>, TransportError> {
         let session = self.session()?;
         let start = match node {
             None | Some("") => NodeId::from(opcua::types::ObjectId::ObjectsFolder),
             Some(n) => match resolve(n, &self.namespaces) {
                 Ok(id) => id,
-                Err(e) => return Ok(Err(e)),
+                Err(e) => return Ok(Err(e.into())),
             },
         };
         let desc = BrowseDescription {
@@ -55,10 +67,7 @@ impl OpcUaDriver {
         };
         loop {
             if result.status_code.is_bad() {
-                return Ok(Err(format!(
-                    "the server refused to browse: {}",
-                    result.status_code
-                )));
+                return Ok(Err(BrowseRefused::Status(result.status_code)));
             }
             for r in result.references.take().unwrap_or_default() {
                 let entry = BrowseEntry {
@@ -99,5 +108,28 @@ impl OpcUaDriver {
                 },
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_read_as_before() {
+        assert_eq!(
+            BrowseRefused::Status(StatusCode::BadNodeIdUnknown).to_string(),
+            "the server refused to browse: BadNodeIdUnknown"
+        );
+        let e: BrowseRefused = resolve("nonsense", &[]).unwrap_err().into();
+        assert_eq!(
+            e.to_string(),
+            r#""nonsense" is not a node id like ns=2;s=Name"#
+        );
+        let e = crate::BrowseError::from(e);
+        assert_eq!(
+            e.to_string(),
+            r#""nonsense" is not a node id like ns=2;s=Name"#
+        );
     }
 }

@@ -101,33 +101,58 @@ pub fn reading_of(spec: &TagSpec, dv: &DataValue) -> Reading {
     }
 }
 
+/// Why a written value cannot become the node's variant.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("a {got} value cannot be written to a numeric node")]
+    NotNumeric { got: &'static str },
+    #[error("value {value} is not a whole number for {node_type}")]
+    NotWhole {
+        value: Value,
+        node_type: &'static str,
+    },
+    #[error("value {value} does not fit {node_type}")]
+    OutOfRange {
+        value: Value,
+        node_type: &'static str,
+    },
+    #[error("a Boolean node takes true/false, not {value}")]
+    NotBoolean { value: Value },
+    #[error("a String node takes text, not {value}")]
+    NotText { value: Value },
+    /// The node's variant type (as the library names it) has no conversion.
+    #[error("writing to a node of type {variant_type} is not supported")]
+    UnsupportedType { variant_type: String },
+}
+
 /// Convert a value written by a user to the variant type `like` has (the node's current
 /// value), after the inverse of scale/offset. `like` = `None`: from the tag's data type.
 pub fn to_variant(
     value: &Value,
     like: Option<&Variant>,
     spec: &TagSpec,
-) -> Result<Variant, String> {
-    let engineering = |v: &Value| -> Result<f64, String> {
+) -> Result<Variant, ConvertError> {
+    let engineering = |v: &Value| -> Result<f64, ConvertError> {
         let x = v
             .as_f64()
             .filter(|_| !matches!(v, Value::Bool(_)))
-            .ok_or_else(|| {
-                format!(
-                    "a {} value cannot be written to a numeric node",
-                    v.type_name()
-                )
-            })?;
+            .ok_or(ConvertError::NotNumeric { got: v.type_name() })?;
         Ok((x - spec.offset.unwrap_or(0.0)) / spec.scale.unwrap_or(1.0))
     };
-    let int = |min: f64, max: f64, name: &str| -> Result<i64, String> {
+    let int = |min: f64, max: f64, node_type: &'static str| -> Result<i64, ConvertError> {
         let x = engineering(value)?;
         if x.fract() != 0.0 && spec.scale.is_none() && spec.offset.is_none() {
-            return Err(format!("value {value} is not a whole number for {name}"));
+            return Err(ConvertError::NotWhole {
+                value: value.clone(),
+                node_type,
+            });
         }
         let r = x.round();
         if !(min..=max).contains(&r) {
-            return Err(format!("value {value} does not fit {name}"));
+            return Err(ConvertError::OutOfRange {
+                value: value.clone(),
+                node_type,
+            });
         }
         Ok(r as i64)
     };
@@ -152,7 +177,7 @@ pub fn to_variant(
             Value::Bool(b) => *b,
             Value::Int(0) | Value::UInt(0) => false,
             Value::Int(1) | Value::UInt(1) => true,
-            v => return Err(format!("a Boolean node takes true/false, not {v}")),
+            v => return Err(ConvertError::NotBoolean { value: v.clone() }),
         }),
         Variant::SByte(_) => Variant::SByte(int(-128.0, 127.0, "SByte")? as i8),
         Variant::Byte(_) => Variant::Byte(int(0.0, 255.0, "Byte")? as u8),
@@ -174,20 +199,22 @@ pub fn to_variant(
         Variant::Float(_) => {
             let x = engineering(value)?;
             if x.is_finite() && x.abs() > f32::MAX as f64 {
-                return Err(format!("value {value} does not fit Float"));
+                return Err(ConvertError::OutOfRange {
+                    value: value.clone(),
+                    node_type: "Float",
+                });
             }
             Variant::Float(x as f32)
         }
         Variant::Double(_) => Variant::Double(engineering(value)?),
         Variant::String(_) | Variant::LocalizedText(_) => match value {
             Value::String(s) => Variant::from(s.as_str()),
-            v => return Err(format!("a String node takes text, not {v}")),
+            v => return Err(ConvertError::NotText { value: v.clone() }),
         },
         other => {
-            return Err(format!(
-                "writing to a node of type {:?} is not supported",
-                other.type_id()
-            ))
+            return Err(ConvertError::UnsupportedType {
+                variant_type: format!("{:?}", other.type_id()),
+            })
         }
     })
 }
@@ -262,14 +289,17 @@ mod tests {
             to_variant(&Value::Int(7), Some(&Variant::Int16(0)), &s).unwrap(),
             Variant::Int16(7)
         );
-        assert!(
-            to_variant(&Value::Int(70_000), Some(&Variant::Int16(0)), &s)
-                .unwrap_err()
-                .contains("does not fit Int16")
+        let e = to_variant(&Value::Int(70_000), Some(&Variant::Int16(0)), &s).unwrap_err();
+        assert_eq!(
+            e,
+            ConvertError::OutOfRange {
+                value: Value::Int(70_000),
+                node_type: "Int16"
+            }
         );
-        assert!(to_variant(&Value::Float(1.5), Some(&Variant::Int32(0)), &s)
-            .unwrap_err()
-            .contains("whole number"));
+        assert_eq!(e.to_string(), "value 70000 does not fit Int16");
+        let e = to_variant(&Value::Float(1.5), Some(&Variant::Int32(0)), &s).unwrap_err();
+        assert_eq!(e.to_string(), "value 1.5 is not a whole number for Int32");
         assert_eq!(
             to_variant(&Value::Float(1.5), Some(&Variant::Double(0.0)), &s).unwrap(),
             Variant::Double(1.5)
@@ -278,7 +308,12 @@ mod tests {
             to_variant(&Value::Bool(true), Some(&Variant::Boolean(false)), &s).unwrap(),
             Variant::Boolean(true)
         );
-        assert!(to_variant(&Value::String("x".into()), Some(&Variant::Double(0.0)), &s).is_err());
+        assert_eq!(
+            to_variant(&Value::String("x".into()), Some(&Variant::Double(0.0)), &s)
+                .unwrap_err()
+                .to_string(),
+            "a string value cannot be written to a numeric node"
+        );
         assert_eq!(
             to_variant(&Value::String("ok".into()), Some(&Variant::from("")), &s).unwrap(),
             Variant::from("ok")

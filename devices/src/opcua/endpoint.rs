@@ -1,6 +1,8 @@
 //! Opening a session: the client with its certificates (created in the PKI directory at
 //! first start), the identity, and the endpoint chosen among those the server offers.
 
+use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,6 +15,39 @@ use opcua::types::{EndpointDescription, MessageSecurityMode, UserTokenType, Vari
 
 use super::{OpcUaDriver, DEFAULT_CHUNK};
 use crate::driver::TransportError;
+
+/// Why a session cannot be opened on our side (client, identity) or no endpoint the server
+/// offers suits the configuration. It becomes a connect error's reason: the transport error is
+/// the driver contract's message.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SetupError {
+    #[error("PKI directory {}: {source}", .dir.display())]
+    Pki { dir: PathBuf, source: io::Error },
+    /// The library refused the client configuration (every problem it found).
+    #[error("{}", .problems.join("; "))]
+    Client { problems: Vec<String> },
+    #[error("user certificate {}: {source}", .cert.display())]
+    UserCertificate {
+        cert: PathBuf,
+        source: opcua::types::Error,
+    },
+    /// `Auto`: no endpoint takes the identity. `offered`: policy/mode of each endpoint.
+    #[error("no usable endpoint for {token:?} authentication among: {}", .offered.join(", "))]
+    NoUsableEndpoint {
+        token: UserTokenType,
+        offered: Vec<String>,
+    },
+    #[error(
+        "the server offers no {policy}/{mode} endpoint for {token:?} authentication (it offers: {})",
+        .offered.join(", ")
+    )]
+    NoMatchingEndpoint {
+        policy: String,
+        mode: String,
+        token: UserTokenType,
+        offered: Vec<String>,
+    },
+}
 
 fn policy_of(name: &str) -> SecurityPolicy {
     match name {
@@ -40,8 +75,9 @@ impl OpcUaDriver {
             endpoint: url.clone(),
             reason,
         };
-        let mut client = self.client().map_err(&err)?;
-        let (identity, token) = self.identity().map_err(&err)?;
+        let setup_err = |e: SetupError| err(e.to_string());
+        let mut client = self.client().map_err(setup_err)?;
+        let (identity, token) = self.identity().map_err(setup_err)?;
         let offered = tokio::time::timeout(
             self.timeout,
             client.get_server_endpoints_from_url(url.as_str()),
@@ -49,7 +85,7 @@ impl OpcUaDriver {
         .await
         .map_err(|_| err(format!("no answer within {:?}", self.timeout)))?
         .map_err(|e| err(format!("GetEndpoints: {e}")))?;
-        let endpoint = self.choose(&client, offered, token).map_err(&err)?;
+        let endpoint = self.choose(&client, offered, token).map_err(setup_err)?;
         let chosen = format!(
             "{}/{:?}",
             SecurityPolicy::from_uri(endpoint.security_policy_uri.as_ref()),
@@ -155,12 +191,15 @@ impl OpcUaDriver {
         Ok(())
     }
 
-    fn client(&self) -> Result<Client, String> {
+    fn client(&self) -> Result<Client, SetupError> {
         // Sessions opening at once must not each create the client certificate at first start.
         static PKI: Mutex<()> = Mutex::new(());
         let _pki = PKI.lock().unwrap_or_else(|e| e.into_inner());
         let pki = &self.settings.pki_dir;
-        let pki_error = |e: std::io::Error| format!("PKI directory {}: {e}", pki.display());
+        let pki_error = |source: io::Error| SetupError::Pki {
+            dir: pki.clone(),
+            source,
+        };
         super::pki::prepare(pki).map_err(pki_error)?;
         let client = ClientBuilder::new()
             .application_name("Nexus gateway")
@@ -181,12 +220,12 @@ impl OpcUaDriver {
             .max_message_size(64 * 1024 * 1024)
             .max_chunk_count(4096)
             .client()
-            .map_err(|e| e.join("; "))?;
+            .map_err(|problems| SetupError::Client { problems })?;
         super::pki::protect(pki).map_err(pki_error)?;
         Ok(client)
     }
 
-    fn identity(&self) -> Result<(IdentityToken, UserTokenType), String> {
+    fn identity(&self) -> Result<(IdentityToken, UserTokenType), SetupError> {
         Ok(match &self.auth {
             None => (IdentityToken::Anonymous, UserTokenType::Anonymous),
             Some(OpcUaAuth::Named(_)) => (IdentityToken::Anonymous, UserTokenType::Anonymous),
@@ -195,8 +234,12 @@ impl OpcUaDriver {
                 UserTokenType::UserName,
             ),
             Some(OpcUaAuth::Cert { cert, key }) => (
-                IdentityToken::new_x509_path(cert, key)
-                    .map_err(|e| format!("user certificate {}: {e}", cert.display()))?,
+                IdentityToken::new_x509_path(cert, key).map_err(|source| {
+                    SetupError::UserCertificate {
+                        cert: cert.clone(),
+                        source,
+                    }
+                })?,
                 UserTokenType::Certificate,
             ),
         })
@@ -208,7 +251,7 @@ impl OpcUaDriver {
         client: &Client,
         offered: Vec<EndpointDescription>,
         token: UserTokenType,
-    ) -> Result<EndpointDescription, String> {
+    ) -> Result<EndpointDescription, SetupError> {
         let takes_token = |e: &EndpointDescription| {
             e.user_identity_tokens
                 .as_ref()
@@ -224,7 +267,6 @@ impl OpcUaDriver {
                     )
                 })
                 .collect::<Vec<_>>()
-                .join(", ")
         };
         let mut candidates: Vec<EndpointDescription> = offered
             .iter()
@@ -233,12 +275,12 @@ impl OpcUaDriver {
             .collect();
         if self.policy == "Auto" {
             candidates.sort_by_key(|e| e.security_level);
-            return candidates.pop().ok_or_else(|| {
-                format!(
-                    "no usable endpoint for {token:?} authentication among: {}",
-                    list(&offered)
-                )
-            });
+            return candidates
+                .pop()
+                .ok_or_else(|| SetupError::NoUsableEndpoint {
+                    token,
+                    offered: list(&offered),
+                });
         }
         let (policy, mode) = (policy_of(&self.policy), mode_of(&self.mode));
         candidates
@@ -247,13 +289,53 @@ impl OpcUaDriver {
                 SecurityPolicy::from_uri(e.security_policy_uri.as_ref()) == policy
                     && e.security_mode == mode
             })
-            .ok_or_else(|| {
-                format!(
-                    "the server offers no {}/{} endpoint for {token:?} authentication (it offers: {})",
-                    self.policy,
-                    self.mode,
-                    list(&offered)
-                )
+            .ok_or_else(|| SetupError::NoMatchingEndpoint {
+                policy: self.policy.clone(),
+                mode: self.mode.clone(),
+                token,
+                offered: list(&offered),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn setup_errors_read_as_before_and_keep_their_cause() {
+        let e = SetupError::Pki {
+            dir: PathBuf::from("/var/pki"),
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "denied"),
+        };
+        assert_eq!(e.to_string(), "PKI directory /var/pki: denied");
+        assert!(e.source().is_some_and(|s| s.is::<io::Error>()));
+        let e = SetupError::Client {
+            problems: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(e.to_string(), "a; b");
+        let offered = vec!["None/None".to_owned(), "Basic256Sha256/Sign".to_owned()];
+        let e = SetupError::NoMatchingEndpoint {
+            policy: "Basic256Sha256".into(),
+            mode: "SignAndEncrypt".into(),
+            token: UserTokenType::UserName,
+            offered: offered.clone(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the server offers no Basic256Sha256/SignAndEncrypt endpoint for UserName \
+             authentication (it offers: None/None, Basic256Sha256/Sign)"
+        );
+        let e = SetupError::NoUsableEndpoint {
+            token: UserTokenType::Certificate,
+            offered,
+        };
+        assert_eq!(
+            e.to_string(),
+            "no usable endpoint for Certificate authentication among: None/None, \
+             Basic256Sha256/Sign"
+        );
     }
 }

@@ -40,9 +40,9 @@ pub mod pki;
 mod plan;
 mod subscription;
 
-pub use browse::BrowseEntry;
-pub use convert::{quality_of, reading_of, to_variant, value_of};
-pub use plan::{resolve, OpcUaPlan, TagSpec};
+pub use browse::{BrowseEntry, BrowseRefused};
+pub use convert::{quality_of, reading_of, to_variant, value_of, ConvertError};
+pub use plan::{resolve, NodeIdError, OpcUaPlan, TagSpec};
 use subscription::Subscription;
 
 /// Largest chunk when the server announces no limit.
@@ -52,7 +52,7 @@ const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 20_000;
 
 /// Per device, per session.
 struct DeviceSession {
-    nodes: Vec<Result<NodeId, String>>,
+    nodes: Vec<Result<NodeId, NodeIdError>>,
     subscription: Option<Subscription>,
 }
 
@@ -181,7 +181,7 @@ impl OpcUaDriver {
                     i,
                     Reading::Bad {
                         quality: Quality::BadConfigError,
-                        reason: e.clone(),
+                        reason: e.to_string(),
                     },
                 )),
                 None => {}
@@ -299,7 +299,7 @@ impl Driver for OpcUaDriver {
         };
         let node = match self.device_session(device, plan).nodes.get(tag) {
             Some(Ok(n)) => n.clone(),
-            Some(Err(e)) => return Ok(Err(DeviceError(e.clone()))),
+            Some(Err(e)) => return Ok(Err(DeviceError(e.to_string()))),
             None => return Ok(Err(DeviceError(format!("no tag {tag}")))),
         };
         // The node's current value tells its data type.
@@ -319,7 +319,7 @@ impl Driver for OpcUaDriver {
         };
         let variant = match to_variant(value, like.as_ref(), spec) {
             Ok(v) => v,
-            Err(e) => return Ok(Err(DeviceError(e))),
+            Err(e) => return Ok(Err(DeviceError(e.to_string()))),
         };
         let wv = WriteValue {
             node_id: node,

@@ -5,7 +5,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use nexus_common::config::{AcquisitionMode, DataType, DeviceConfig};
-use opcua::types::NodeId;
+use opcua::types::{NodeId, StatusCode};
+
+use crate::device::PlanError;
 
 /// How one tag is read.
 #[derive(Debug, Clone)]
@@ -28,14 +30,17 @@ pub struct OpcUaPlan {
 }
 
 impl OpcUaPlan {
-    pub fn new(cfg: &DeviceConfig) -> Result<OpcUaPlan, String> {
+    pub fn new(cfg: &DeviceConfig) -> Result<OpcUaPlan, PlanError> {
         let mut tags = Vec::with_capacity(cfg.tags.len());
         for t in &cfg.tags {
             let node = t
                 .node_id
                 .clone()
-                .ok_or_else(|| format!("tag {} has no node_id", t.id))?;
-            resolve(&node, &[]).map_err(|e| format!("tag {}: {e}", t.id))?;
+                .ok_or_else(|| PlanError::NoNodeId { tag: t.id.clone() })?;
+            resolve(&node, &[]).map_err(|source| PlanError::NodeId {
+                tag: t.id.clone(),
+                source,
+            })?;
             tags.push(TagSpec {
                 node,
                 data_type: t.data_type,
@@ -54,25 +59,48 @@ impl OpcUaPlan {
     }
 }
 
+/// Why a configured node id cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIdError {
+    #[error("{node:?} is not a node id like ns=2;s=Name")]
+    Syntax { node: String, source: StatusCode },
+    #[error("{node:?}: nsu=<uri>;<i|s|g|b>=<id> expected")]
+    NamespaceUriSyntax { node: String },
+    /// The identifier after `nsu=<uri>;` does not parse.
+    #[error("{node:?} is not a node id")]
+    Identifier { node: String, source: StatusCode },
+    #[error("{node:?}: the server has no namespace {uri:?}")]
+    UnknownNamespace { node: String, uri: String },
+}
+
 /// Parse a configured node id; `nsu=<uri>;...` is looked up in `namespaces` (the server's
 /// namespace array). With an empty array only the syntax is checked.
-pub fn resolve(node: &str, namespaces: &[String]) -> Result<NodeId, String> {
+pub fn resolve(node: &str, namespaces: &[String]) -> Result<NodeId, NodeIdError> {
     if let Some(rest) = node.strip_prefix("nsu=") {
         let (uri, id) = rest
             .split_once(';')
-            .ok_or_else(|| format!("{node:?}: nsu=<uri>;<i|s|g|b>=<id> expected"))?;
+            .ok_or_else(|| NodeIdError::NamespaceUriSyntax { node: node.into() })?;
         let index = if namespaces.is_empty() {
             0
         } else {
-            namespaces
-                .iter()
-                .position(|n| n == uri)
-                .ok_or_else(|| format!("{node:?}: the server has no namespace {uri:?}"))?
+            namespaces.iter().position(|n| n == uri).ok_or_else(|| {
+                NodeIdError::UnknownNamespace {
+                    node: node.into(),
+                    uri: uri.into(),
+                }
+            })?
         };
-        return NodeId::from_str(&format!("ns={index};{id}"))
-            .map_err(|_| format!("{node:?} is not a node id"));
+        return NodeId::from_str(&format!("ns={index};{id}")).map_err(|source| {
+            NodeIdError::Identifier {
+                node: node.into(),
+                source,
+            }
+        });
     }
-    NodeId::from_str(node).map_err(|_| format!("{node:?} is not a node id like ns=2;s=Name"))
+    NodeId::from_str(node).map_err(|source| NodeIdError::Syntax {
+        node: node.into(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -92,9 +120,28 @@ mod tests {
             "urn:b".into(),
         ];
         assert_eq!(resolve("nsu=urn:b;s=T", &ns).unwrap(), NodeId::new(2, "T"));
-        assert!(resolve("nsu=urn:zzz;s=T", &ns)
-            .unwrap_err()
-            .contains("no namespace"));
-        assert!(resolve("nonsense", &[]).is_err());
+        let e = resolve("nsu=urn:zzz;s=T", &ns).unwrap_err();
+        assert!(
+            matches!(&e, NodeIdError::UnknownNamespace { uri, .. } if uri == "urn:zzz"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            r#""nsu=urn:zzz;s=T": the server has no namespace "urn:zzz""#
+        );
+        let e = resolve("nonsense", &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#""nonsense" is not a node id like ns=2;s=Name"#
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(matches!(
+            resolve("nsu=urn:b", &ns),
+            Err(NodeIdError::NamespaceUriSyntax { .. })
+        ));
+        assert!(matches!(
+            resolve("nsu=urn:b;q=1", &ns),
+            Err(NodeIdError::Identifier { .. })
+        ));
     }
 }

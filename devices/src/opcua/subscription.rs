@@ -78,7 +78,7 @@ impl OpcUaDriver {
                     i,
                     Reading::Bad {
                         quality: Quality::BadConfigError,
-                        reason: e.clone(),
+                        reason: e.to_string(),
                     },
                 )),
             }

@@ -23,7 +23,7 @@ use nexus_common::{Quality, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::device::Device;
+use crate::device::{Device, PlanError};
 use crate::driver::{order_as_asked, DeviceError, Driver, DriverSettings, Reading, TransportError};
 use crate::value::{self, CodecError};
 use plan::{Chunk, Range};
@@ -57,23 +57,29 @@ pub struct S7Plan {
 }
 
 impl S7Plan {
-    pub fn new(cfg: &DeviceConfig) -> Result<S7Plan, String> {
+    pub fn new(cfg: &DeviceConfig) -> Result<S7Plan, PlanError> {
         let mut tags = Vec::with_capacity(cfg.tags.len());
         for t in &cfg.tags {
             let a = t
                 .address
                 .as_deref()
-                .ok_or_else(|| format!("tag {} has no address", t.id))?;
-            let address = S7Address::parse(a).map_err(|e| format!("tag {}: {e}", t.id))?;
+                .ok_or_else(|| PlanError::NoAddress { tag: t.id.clone() })?;
+            let address = S7Address::parse(a).map_err(|reason| PlanError::Address {
+                tag: t.id.clone(),
+                reason,
+            })?;
             address
                 .check_type(t.data_type)
-                .map_err(|e| format!("tag {}: {e}", t.id))?;
+                .map_err(|reason| PlanError::DataType {
+                    tag: t.id.clone(),
+                    reason,
+                })?;
             let length = t.length.unwrap_or(0);
             if t.data_type == DataType::String && !(1..=254).contains(&length) {
-                return Err(format!(
-                    "tag {}: an S7 string holds 1 to 254 characters",
-                    t.id
-                ));
+                return Err(PlanError::S7StringLength {
+                    tag: t.id.clone(),
+                    length,
+                });
             }
             tags.push(TagSpec {
                 address,
@@ -126,7 +132,7 @@ fn decode(spec: &TagSpec, bytes: &[u8]) -> Reading {
         }
         DataType::String => match decode_string(bytes) {
             Ok(s) => Value::String(s),
-            Err(e) => return bad(e),
+            Err(e) => return bad(e.to_string()),
         },
         dt => match value::decode_be(bytes, dt) {
             Ok(raw) => value::apply_scale(raw, spec.scale, spec.offset),
@@ -139,10 +145,15 @@ fn decode(spec: &TagSpec, bytes: &[u8]) -> Reading {
     }
 }
 
+/// Fewer bytes than an S7 string's header (a read answered short).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an S7 string needs its two header bytes")]
+pub struct StringHeaderMissing;
+
 /// An S7 string: maximum length, current length, then the characters (Latin-1).
-pub fn decode_string(b: &[u8]) -> Result<String, String> {
+pub fn decode_string(b: &[u8]) -> Result<String, StringHeaderMissing> {
     let [max, len, chars @ ..] = b else {
-        return Err("an S7 string needs its two header bytes".into());
+        return Err(StringHeaderMissing);
     };
     let n = usize::from(*len).min(usize::from(*max)).min(chars.len());
     Ok(chars[..n].iter().map(|&c| char::from(c)).collect())
