@@ -42,9 +42,12 @@ pub const SERVICE: &str = "alerts";
 /// Run the alert service until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(SERVICE);
-    let metrics = service::AlertMetrics::new(&telemetry.registry);
+    let metrics = service::AlertMetrics::new(&telemetry.registry)?;
     let engine = engine::Engine::new(&cfg.alerts.rules, cfg.alerts.max_shelve.as_millis() as i64);
-    let mut subscriptions = vec![("$nexus/alarms/#".to_owned(), QoS::AtLeastOnce)];
+    let mut subscriptions = vec![(
+        nexus_common::topic::sys::ALARMS_ALL.to_owned(),
+        QoS::AtLeastOnce,
+    )];
     // Many wildcard filters cost the broker a lot per message (measured with rmqtt: 1,000
     // filters cut delivery to this client several times over); past a few dozen, take the
     // whole namespace and match locally, where the per-topic rule cache makes it cheap.
@@ -61,7 +64,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
             &cfg.alerts.webhooks,
             &telemetry.registry,
             shutdown.clone(),
-        ));
+        )?);
     }
     let mut opts = ShellOptions::new(SERVICE, cfg.alerts.http_listen);
     opts.routes = http::routes(alerts.clone());

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nexus_common::codec::{decode_value_object, PayloadError};
+use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{Message, MqttHandle, QoS};
 use nexus_common::now_ms;
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -35,61 +36,55 @@ pub struct AlertMetrics {
 }
 
 impl AlertMetrics {
-    pub fn new(r: &Registry) -> AlertMetrics {
+    pub fn new(r: &Registry) -> Result<AlertMetrics, MetricError> {
         let m = AlertMetrics {
-            active: IntGaugeVec::new(
-                Opts::new(
-                    "nexus_alerts_active",
-                    "Alarms not in the normal state, by severity",
-                ),
+            active: metrics::gauge_vec(
+                r,
+                "nexus_alerts_active",
+                "Alarms not in the normal state, by severity",
                 &["severity"],
-            )
-            .expect("static metric definition"),
-            events: IntCounterVec::new(
-                Opts::new("nexus_alerts_events_total", "Alarm events by kind"),
+            )?,
+            events: metrics::counter_vec(
+                r,
+                "nexus_alerts_events_total",
+                "Alarm events by kind",
                 &["event"],
-            )
-            .expect("static metric definition"),
-            values: prometheus::IntCounter::new("nexus_alerts_values_total", "Values evaluated")
-                .expect("static metric definition"),
-            malformed: IntCounterVec::new(
-                Opts::new(
-                    "nexus_alerts_malformed_total",
-                    "Payloads on watched topics that could not be read, by reason",
-                ),
+            )?,
+            values: metrics::counter(r, "nexus_alerts_values_total", "Values evaluated")?,
+            malformed: metrics::counter_vec(
+                r,
+                "nexus_alerts_malformed_total",
+                "Payloads on watched topics that could not be read, by reason",
                 &["reason"],
-            )
-            .expect("static metric definition"),
-            journal_dropped: prometheus::IntCounter::new(
+            )?,
+            journal_dropped: metrics::counter(
+                r,
                 "nexus_alerts_journal_dropped_total",
                 "Alarm events not queued for the alarm_events table (queue full)",
-            )
-            .expect("static metric definition"),
-            rate_10m: IntGaugeVec::new(
-                Opts::new("nexus_alerts_rate_10m", "Alarms raised in the last 10 minutes, by operator area"),
+            )?,
+            rate_10m: metrics::gauge_vec(
+                r,
+                "nexus_alerts_rate_10m",
+                "Alarms raised in the last 10 minutes, by operator area",
                 &["area"],
-            )
-            .expect("static metric definition"),
-            flood: IntGaugeVec::new(
-                Opts::new("nexus_alerts_flood", "1 while an area is in an alarm flood (ISA-18.2: more than 10 alarms in 10 minutes)"),
+            )?,
+            flood: metrics::gauge_vec(
+                r,
+                "nexus_alerts_flood",
+                "1 while an area is in an alarm flood (ISA-18.2: more than 10 alarms in 10 minutes)",
                 &["area"],
-            )
-            .expect("static metric definition"),
-            chattering: prometheus::IntCounter::new(
+            )?,
+            chattering: metrics::counter(
+                r,
                 "nexus_alerts_chattering_total",
                 "Alarms that chattered: raised 3 times or more within 60 s",
-            )
-            .expect("static metric definition"),
+            )?,
         };
-        let _ = r.register(Box::new(m.active.clone()));
-        let _ = r.register(Box::new(m.events.clone()));
-        let _ = r.register(Box::new(m.values.clone()));
-        let _ = r.register(Box::new(m.malformed.clone()));
-        let _ = r.register(Box::new(m.journal_dropped.clone()));
-        let _ = r.register(Box::new(m.rate_10m.clone()));
-        let _ = r.register(Box::new(m.flood.clone()));
-        let _ = r.register(Box::new(m.chattering.clone()));
-        m
+        // Every reason's series from the start, at 0.
+        for reason in PayloadError::REASONS.iter().chain(&["bad_ack"]) {
+            m.malformed.with_label_values(&[reason]);
+        }
+        Ok(m)
     }
 }
 
@@ -245,9 +240,16 @@ impl Alerts {
     fn update_gauges(&self) {
         let now = now_ms();
         let mut by_sev: HashMap<u16, i64> = HashMap::new();
-        for c in self.lock().alarms(now) {
-            if c.alarm.state != State::Normal {
-                *by_sev.entry(c.severity).or_default() += 1;
+        {
+            let engine = self.lock();
+            // Every configured severity is shown, at 0 when none of its alarms is active.
+            for rule in engine.rules() {
+                by_sev.insert(rule.severity.0, 0);
+            }
+            for c in engine.alarms(now) {
+                if c.alarm.state != State::Normal {
+                    *by_sev.entry(c.severity).or_default() += 1;
+                }
             }
         }
         self.metrics.active.reset();

@@ -9,13 +9,13 @@ use serde_json::{json, Value as JValue};
 use crate::engine::Change;
 use crate::state::{Alarm, State};
 
-pub const ALARM_PREFIX: &str = "$nexus/alarms/";
-pub const ACK_TOPIC: &str = "$nexus/alarms/ack";
-pub const EVENTS_TOPIC: &str = "$nexus/alarms/events";
+pub use nexus_common::topic::sys::{
+    ALARMS_PREFIX as ALARM_PREFIX, ALARM_ACK as ACK_TOPIC, ALARM_EVENTS as EVENTS_TOPIC,
+};
 
 /// `$nexus/alarms/<topic>/<rule id>`.
 pub fn state_topic(topic: &str, rule_id: &str) -> String {
-    format!("{ALARM_PREFIX}{topic}/{rule_id}")
+    nexus_common::topic::sys::alarm_state(topic, rule_id)
 }
 
 /// The id used by the REST API: `<rule id>:<topic>` (URL-encode it in paths).

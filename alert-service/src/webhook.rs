@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use nexus_common::config::Webhook;
+use nexus_common::metrics::{self, MetricError};
 use nexus_common::ratelimit::{Rate, RateLimiter};
 use nexus_common::supervise::backoff;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Registry};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,27 +22,22 @@ pub struct WebhookMetrics {
 }
 
 impl WebhookMetrics {
-    pub fn new(r: &Registry) -> WebhookMetrics {
-        let c = |name: &str, help: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &["webhook"])
-                .expect("static metric definition");
-            let _ = r.register(Box::new(c.clone()));
-            c
-        };
-        WebhookMetrics {
+    pub fn new(r: &Registry) -> Result<WebhookMetrics, MetricError> {
+        let c = |name: &str, help: &str| metrics::counter_vec(r, name, help, &["webhook"]);
+        Ok(WebhookMetrics {
             delivered: c(
                 "nexus_alerts_webhook_delivered_total",
                 "Alarm events delivered to a webhook",
-            ),
+            )?,
             failed: c(
                 "nexus_alerts_webhook_failed_total",
                 "Alarm events given up after every attempt",
-            ),
+            )?,
             dropped: c(
                 "nexus_alerts_webhook_dropped_total",
                 "Alarm events not queued for a webhook (queue full)",
-            ),
-        }
+            )?,
+        })
     }
 }
 
@@ -52,9 +48,13 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn start(hooks: &[Webhook], registry: &Registry, token: CancellationToken) -> Notifier {
+    pub fn start(
+        hooks: &[Webhook],
+        registry: &Registry,
+        token: CancellationToken,
+    ) -> Result<Notifier, MetricError> {
         nexus_common::install_tls_provider();
-        let metrics = WebhookMetrics::new(registry);
+        let metrics = WebhookMetrics::new(registry)?;
         let hooks = hooks
             .iter()
             .map(|h| {
@@ -63,7 +63,7 @@ impl Notifier {
                 (h.clone(), tx)
             })
             .collect();
-        Notifier { hooks, metrics }
+        Ok(Notifier { hooks, metrics })
     }
 
     /// Queue an event for every webhook that wants it.

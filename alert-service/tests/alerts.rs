@@ -435,6 +435,8 @@ async fn chattering_and_flood_are_measured() {
                     .any(|l| l.starts_with("nexus_alerts_rate_10m{") && l.ends_with(" 15")),
                 "{m}"
             );
+            // Every metric docs/alerts.md names is served.
+            nexus_common::testing::assert_documented_metrics_served("alerts.md", &m);
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(5), "{m}");

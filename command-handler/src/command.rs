@@ -10,11 +10,9 @@
 //! (who claims to send it, recorded in the audit as claimed).
 
 use nexus_common::codec::json::decode_bare_value;
+use nexus_common::topic::sys;
 use nexus_common::Value;
 use serde_json::Value as Json;
-
-pub const PREFIX: &str = "$nexus/cmd/";
-pub const RESPONSE_PREFIX: &str = "$nexus/cmd/response/";
 
 /// Where a command was sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +68,7 @@ pub fn parse_topic(topic: &str) -> Result<CmdTopic, Rejection> {
         reason: "bad_topic",
         message,
     };
-    let Some(rest) = topic.strip_prefix(PREFIX) else {
+    let Some(rest) = topic.strip_prefix(sys::CMD_PREFIX) else {
         return Err(reject(None, format!("{topic:?} is not a command topic")));
     };
     let levels: Vec<&str> = rest.split('/').collect();

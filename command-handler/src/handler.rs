@@ -9,19 +9,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use nexus_common::codec::json::value_to_json;
 use nexus_common::config::CommandsConfig;
+use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{Message, MqttHandle, PublishProps, QoS};
 use nexus_common::ratelimit::{Rate, RateLimitMetrics, RateLimiter};
 use nexus_common::{now_ms, Value};
 use nexus_devices::{DeviceDirectory, PoolError, Pools, Reading};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 use serde_json::json;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditRecord;
-use crate::command::{self, CmdTopic, Command, Rejection, RESPONSE_PREFIX};
+use crate::command::{self, CmdTopic, Command, Rejection};
 use crate::validate;
+use nexus_common::topic::sys;
 
 #[derive(Clone)]
 pub struct CommandMetrics {
@@ -36,51 +38,49 @@ pub struct CommandMetrics {
 }
 
 impl CommandMetrics {
-    pub fn new(r: &Registry) -> CommandMetrics {
-        let m = CommandMetrics {
-            received: IntCounter::new("nexus_commands_received_total", "Command messages received")
-                .expect("static metric definition"),
-            succeeded: IntCounter::new("nexus_commands_succeeded_total", "Writes that succeeded")
-                .expect("static metric definition"),
-            failed: IntCounter::new(
+    pub fn new(r: &Registry) -> Result<CommandMetrics, MetricError> {
+        Ok(CommandMetrics {
+            received: metrics::counter(
+                r,
+                "nexus_commands_received_total",
+                "Command messages received",
+            )?,
+            succeeded: metrics::counter(
+                r,
+                "nexus_commands_succeeded_total",
+                "Writes that succeeded",
+            )?,
+            failed: metrics::counter(
+                r,
                 "nexus_commands_failed_total",
                 "Writes that reached the device and failed",
-            )
-            .expect("static metric definition"),
-            rejected: IntCounterVec::new(
-                Opts::new(
-                    "nexus_commands_rejected_total",
-                    "Commands or writes refused before device I/O, by reason",
-                ),
+            )?,
+            rejected: metrics::counter_vec(
+                r,
+                "nexus_commands_rejected_total",
+                "Commands or writes refused before device I/O, by reason",
                 &["reason"],
-            )
-            .expect("static metric definition"),
-            queue_depth: IntGauge::new("nexus_commands_queue_depth", "Commands waiting to run")
-                .expect("static metric definition"),
-            in_flight: IntGauge::new("nexus_commands_in_flight", "Writes running")
-                .expect("static metric definition"),
-            latency: Histogram::with_opts(
-                HistogramOpts::new("nexus_commands_latency_seconds", "From arrival to response")
-                    .buckets(vec![
-                        0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    ]),
-            )
-            .expect("static metric definition"),
-            audit_dropped: IntCounter::new(
+            )?,
+            queue_depth: metrics::gauge(
+                r,
+                "nexus_commands_queue_depth",
+                "Commands waiting to run",
+            )?,
+            in_flight: metrics::gauge(r, "nexus_commands_in_flight", "Writes running")?,
+            latency: metrics::histogram(
+                r,
+                "nexus_commands_latency_seconds",
+                "From arrival to response",
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            )?,
+            audit_dropped: metrics::counter(
+                r,
                 "nexus_commands_audit_dropped_total",
                 "Audit rows not queued for the database (queue full)",
-            )
-            .expect("static metric definition"),
-        };
-        let _ = r.register(Box::new(m.audit_dropped.clone()));
-        let _ = r.register(Box::new(m.received.clone()));
-        let _ = r.register(Box::new(m.succeeded.clone()));
-        let _ = r.register(Box::new(m.failed.clone()));
-        let _ = r.register(Box::new(m.rejected.clone()));
-        let _ = r.register(Box::new(m.queue_depth.clone()));
-        let _ = r.register(Box::new(m.in_flight.clone()));
-        let _ = r.register(Box::new(m.latency.clone()));
-        m
+            )?,
+        })
     }
 }
 
@@ -156,14 +156,14 @@ impl Handler {
         mqtt: MqttHandle,
         registry: &Registry,
         audit: Option<mpsc::Sender<AuditRecord>>,
-    ) -> Arc<Handler> {
+    ) -> Result<Arc<Handler>, MetricError> {
         let limiter = RateLimiter::new(
             "commands",
             Rate::new(cfg.rate_global, cfg.burst_global),
             Rate::new(cfg.rate_per_device, cfg.burst_per_device),
-            Some(RateLimitMetrics::new(registry)),
+            Some(RateLimitMetrics::new(registry)?),
         );
-        Arc::new(Handler {
+        Ok(Arc::new(Handler {
             inflight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
             cfg,
             directory,
@@ -171,17 +171,14 @@ impl Handler {
             mqtt,
             limiter,
             dedup: Mutex::new(HashMap::new()),
-            metrics: CommandMetrics::new(registry),
+            metrics: CommandMetrics::new(registry)?,
             audit,
-        })
+        }))
     }
 
     async fn send(&self, responses: &[Response], reply_to: &Option<(String, Option<Bytes>)>) {
         for r in responses {
-            let topic = match &r.tag {
-                Some(tag) => format!("{RESPONSE_PREFIX}{}/{tag}", r.device),
-                None => format!("{RESPONSE_PREFIX}{}", r.device),
-            };
+            let topic = sys::cmd_response(&r.device, r.tag.as_deref());
             let payload = r.body.to_string();
             if let Err(e) = self
                 .mqtt
@@ -226,7 +223,7 @@ impl Handler {
     /// Take one MQTT message: parse it and queue it, or answer at once.
     async fn accept(&self, msg: Message, queue: &mpsc::Sender<Job>) {
         let Some(topic) = msg.topic() else { return };
-        if topic.starts_with(RESPONSE_PREFIX) {
+        if topic.starts_with(sys::CMD_RESPONSE_PREFIX) {
             return;
         }
         self.metrics.received.inc();

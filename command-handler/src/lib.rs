@@ -41,7 +41,7 @@ pub const SERVICE: &str = "commands";
 /// devices file).
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(SERVICE);
-    let shared = DeviceLayer::new(&cfg, &telemetry.registry);
+    let shared = DeviceLayer::new(&cfg, &telemetry.registry)?;
     let maintenance = tokio::spawn(shared.pools.clone().maintain(shutdown.clone()));
     let directory = shared.directory.clone();
     let watcher = tokio::spawn(watch_devices(
@@ -69,7 +69,7 @@ pub async fn run_shared(
     }
     mcfg.mqtt.persistent_session = false;
     let mut opts = ShellOptions::new(SERVICE, cfg.commands.http_listen);
-    opts.subscriptions = vec![("$nexus/cmd/#".into(), QoS::AtLeastOnce)];
+    opts.subscriptions = vec![(nexus_common::topic::sys::CMD_ALL.into(), QoS::AtLeastOnce)];
     opts.incoming_capacity = 4096;
     let registry = telemetry.registry.clone();
     opts.telemetry = Some(telemetry);
@@ -84,15 +84,12 @@ pub async fn run_shared(
         shell.mqtt.clone(),
         &registry,
         audit,
-    );
+    )?;
     let incoming = shell
         .incoming
         .take()
         .ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
-    tracing::info!(
-        audit_db,
-        "command handler listening on $nexus/cmd/#"
-    );
+    tracing::info!(audit_db, "command handler listening on $nexus/cmd/#");
     handler.run(incoming, shutdown).await;
     shell.stop().await;
     Ok(())

@@ -315,6 +315,8 @@ async fn every_validation_rule_and_malformed_command_is_answered() {
         "nothing was written"
     );
     let m = http_get(r.http, "/metrics");
+    // Every metric docs/commands.md names is served.
+    testing::assert_documented_metrics_served("commands.md", &m);
     for reason in [
         "unknown_device",
         "unknown_tag",
@@ -701,7 +703,9 @@ async fn every_command_is_audited_in_postgres() {
     .await;
     pubj(&op, "$nexus/cmd/plc/ro/set", "1").await;
     assert_eq!(responses(&mut rx, 2, Duration::from_secs(5)).await.len(), 2);
-    let (db, _task) = nexus_common::pg::connect(&nexus_common::pg::Database::at(&url)).await.unwrap();
+    let (db, _task) = nexus_common::pg::connect(&nexus_common::pg::Database::at(&url))
+        .await
+        .unwrap();
     let start = Instant::now();
     let rows = loop {
         let rows = db

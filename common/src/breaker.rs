@@ -8,12 +8,13 @@
 //! a permit dropped without an outcome (its call was cancelled) counts as a failure, so a
 //! timeout must sit inside the permit, as [`CircuitBreaker::call`] does.
 
+use crate::metrics::{self, MetricError};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -79,39 +80,27 @@ pub struct BreakerMetrics {
 }
 
 impl BreakerMetrics {
-    pub fn new(registry: &Registry) -> BreakerMetrics {
-        let state = IntGaugeVec::new(
-            Opts::new(
+    pub fn new(r: &Registry) -> Result<BreakerMetrics, MetricError> {
+        Ok(BreakerMetrics {
+            state: metrics::gauge_vec(
+                r,
                 "nexus_breaker_state",
                 "Circuit breaker state: 0 closed, 1 open, 2 half open",
-            ),
-            &["breaker"],
-        )
-        .expect("static metric definition");
-        let transitions = IntCounterVec::new(
-            Opts::new(
+                &["breaker"],
+            )?,
+            transitions: metrics::counter_vec(
+                r,
                 "nexus_breaker_transitions_total",
                 "Circuit breaker state changes",
-            ),
-            &["breaker", "to"],
-        )
-        .expect("static metric definition");
-        let rejected = IntCounterVec::new(
-            Opts::new(
+                &["breaker", "to"],
+            )?,
+            rejected: metrics::counter_vec(
+                r,
                 "nexus_breaker_rejected_total",
                 "Calls refused by an open circuit breaker",
-            ),
-            &["breaker"],
-        )
-        .expect("static metric definition");
-        let _ = registry.register(Box::new(state.clone()));
-        let _ = registry.register(Box::new(transitions.clone()));
-        let _ = registry.register(Box::new(rejected.clone()));
-        BreakerMetrics {
-            state,
-            transitions,
-            rejected,
-        }
+                &["breaker"],
+            )?,
+        })
     }
 }
 
@@ -445,7 +434,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn metrics_follow_state() {
         let reg = Registry::new();
-        let m = BreakerMetrics::new(&reg);
+        let m = BreakerMetrics::new(&reg).unwrap();
         let b = CircuitBreaker::new("plc-1", cfg(), Some(m.clone()));
         for _ in 0..5 {
             b.try_acquire().unwrap().failure();

@@ -24,6 +24,7 @@ pub use domain::{now_ms, DataPoint, DeviceId, Quality, QualityClass, TagId, Valu
 pub use topic::{Topic, TopicFilter};
 pub mod breaker;
 pub mod broker;
+pub mod metrics;
 pub mod mqtt;
 pub mod ratelimit;
 pub mod seglog;

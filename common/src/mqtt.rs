@@ -14,12 +14,13 @@
 //! expiry, or nothing is redelivered. With `manual_acks`, a QoS 1/2 message is acked only
 //! when the consumer calls [`MqttHandle::ack`], so a crash before that means redelivery.
 
+use crate::metrics::{self, MetricError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use rumqttc::v5::mqttbytes::v5 as v5b;
 use rumqttc::v5::mqttbytes::QoS as V5QoS;
 use tokio::sync::{mpsc, watch, Mutex};
@@ -194,43 +195,34 @@ pub struct MqttMetrics {
 }
 
 impl MqttMetrics {
-    pub fn new(registry: &Registry) -> MqttMetrics {
-        let connected = prometheus::IntGaugeVec::new(
-            Opts::new("nexus_mqtt_connected", "1 while connected to the broker"),
-            &["client"],
-        )
-        .expect("static metric definition");
-        let reconnects = IntCounterVec::new(
-            Opts::new(
+    pub fn new(r: &Registry) -> Result<MqttMetrics, MetricError> {
+        let client = &["client"];
+        Ok(MqttMetrics {
+            connected: metrics::gauge_vec(
+                r,
+                "nexus_mqtt_connected",
+                "1 while connected to the broker",
+                client,
+            )?,
+            reconnects: metrics::counter_vec(
+                r,
                 "nexus_mqtt_reconnects_total",
                 "Connection attempts after a failure",
-            ),
-            &["client"],
-        )
-        .expect("static metric definition");
-        let received = IntCounterVec::new(
-            Opts::new("nexus_mqtt_received_total", "Publishes received"),
-            &["client"],
-        )
-        .expect("static metric definition");
-        let published = IntCounterVec::new(
-            Opts::new(
+                client,
+            )?,
+            received: metrics::counter_vec(
+                r,
+                "nexus_mqtt_received_total",
+                "Publishes received",
+                client,
+            )?,
+            published: metrics::counter_vec(
+                r,
                 "nexus_mqtt_published_total",
                 "Publishes handed to the client",
-            ),
-            &["client"],
-        )
-        .expect("static metric definition");
-        for c in [&reconnects, &received, &published] {
-            let _ = registry.register(Box::new(c.clone()));
-        }
-        let _ = registry.register(Box::new(connected.clone()));
-        MqttMetrics {
-            connected,
-            reconnects,
-            received,
-            published,
-        }
+                client,
+            )?,
+        })
     }
 }
 

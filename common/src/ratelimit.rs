@@ -2,12 +2,13 @@
 //! optional. Refusals are counted in `nexus_ratelimit_rejected_total{limiter,scope}`.
 //! Keyed state is pruned by [`RateLimiter::housekeeping`] (governor keeps every key otherwise).
 
+use crate::metrics::{self, MetricError};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Registry};
 
 /// `per_second` sustained, `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,17 +52,15 @@ pub struct RateLimitMetrics {
 }
 
 impl RateLimitMetrics {
-    pub fn new(registry: &Registry) -> RateLimitMetrics {
-        let rejected = IntCounterVec::new(
-            Opts::new(
+    pub fn new(registry: &Registry) -> Result<RateLimitMetrics, MetricError> {
+        Ok(RateLimitMetrics {
+            rejected: metrics::counter_vec(
+                registry,
                 "nexus_ratelimit_rejected_total",
                 "Requests refused by a rate limit",
-            ),
-            &["limiter", "scope"],
-        )
-        .expect("static metric definition");
-        let _ = registry.register(Box::new(rejected.clone()));
-        RateLimitMetrics { rejected }
+                &["limiter", "scope"],
+            )?,
+        })
     }
 }
 
@@ -79,8 +78,17 @@ impl RateLimiter {
         per_key: Option<Rate>,
         metrics: Option<RateLimitMetrics>,
     ) -> RateLimiter {
+        let name = name.into();
+        if let Some(m) = &metrics {
+            // Each configured scope's series exists from the start, at 0.
+            for (on, scope) in [(per_key.is_some(), "key"), (global.is_some(), "global")] {
+                if on {
+                    m.rejected.with_label_values(&[&name, scope]);
+                }
+            }
+        }
         RateLimiter {
-            name: name.into(),
+            name,
             global: global.map(|r| DefaultDirectRateLimiter::direct(r.quota())),
             keyed: per_key.map(|r| DefaultKeyedRateLimiter::keyed(r.quota())),
             metrics,
@@ -142,7 +150,7 @@ mod tests {
             "cmd",
             Rate::new(1, 5),
             Rate::new(1, 2),
-            Some(RateLimitMetrics::new(&reg)),
+            Some(RateLimitMetrics::new(&reg).unwrap()),
         );
         assert!(l.check("a").is_ok());
         assert!(l.check("a").is_ok());

@@ -18,11 +18,6 @@ use crate::telemetry::{self, Telemetry};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// `$nexus/status/service/<service>/<instance>`.
-pub fn status_topic(service: &str, instance: &str) -> String {
-    format!("$nexus/status/service/{service}/{instance}")
-}
-
 /// The service status payload of the contract.
 pub fn status_payload(state: &str) -> Vec<u8> {
     serde_json::json!({"state": state, "version": VERSION, "ts": now_ms()})
@@ -79,6 +74,8 @@ impl ShellOptions {
 pub enum ShellError {
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
+    #[error(transparent)]
+    Metric(#[from] crate::metrics::MetricError),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -96,8 +93,8 @@ impl Shell {
         let telemetry = opts
             .telemetry
             .unwrap_or_else(|| Telemetry::new(opts.service));
-        let mqtt_metrics = MqttMetrics::new(&telemetry.registry);
-        let topic = status_topic(opts.service, &instance);
+        let mqtt_metrics = MqttMetrics::new(&telemetry.registry)?;
+        let topic = crate::topic::sys::service_status(opts.service, &instance);
         let mut settings = ClientSettings::new(format!(
             "{}-{}-{}",
             cfg.mqtt.client_id_prefix, opts.service, instance
@@ -169,7 +166,7 @@ impl Shell {
     /// Publish "offline", disconnect cleanly and stop the HTTP server. Call after the
     /// shutdown token was cancelled and the service drained its own work.
     pub async fn stop(mut self) {
-        let topic = status_topic(self.service, &self.instance);
+        let topic = crate::topic::sys::service_status(self.service, &self.instance);
         if self.mqtt.is_connected() {
             let _ = self
                 .mqtt

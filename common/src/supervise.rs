@@ -7,12 +7,13 @@
 //! jittered exponential backoff. More than `max_restarts` crashes within `window` cancel the
 //! root token and make [`Supervisor::wait`] return an error, so the process exits non-zero.
 
+use crate::metrics::{self, MetricError};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Registry};
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -106,24 +107,25 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(root: CancellationToken, policy: RestartPolicy, registry: &Registry) -> Supervisor {
-        let restarts = IntCounterVec::new(
-            Opts::new(
-                "nexus_component_restarts_total",
-                "Crashed components restarted by the supervisor",
-            ),
+    pub fn new(
+        root: CancellationToken,
+        policy: RestartPolicy,
+        registry: &Registry,
+    ) -> Result<Supervisor, MetricError> {
+        let restarts = metrics::counter_vec(
+            registry,
+            "nexus_component_restarts_total",
+            "Crashed components restarted by the supervisor",
             &["component"],
-        )
-        .expect("static metric definition");
-        let _ = registry.register(Box::new(restarts.clone()));
-        Supervisor {
+        )?;
+        Ok(Supervisor {
             root,
             tracker: TaskTracker::new(),
             policy,
             fatal: Arc::new(Mutex::new(None)),
             failed: Arc::new(AtomicBool::new(false)),
             restarts,
-        }
+        })
     }
 
     pub fn token(&self) -> CancellationToken {
@@ -224,7 +226,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn crashed_component_is_restarted_then_stops_cleanly() {
         let token = CancellationToken::new();
-        let sup = Supervisor::new(token.clone(), RestartPolicy::default(), &Registry::new());
+        let sup =
+            Supervisor::new(token.clone(), RestartPolicy::default(), &Registry::new()).unwrap();
         let runs = Arc::new(AtomicU32::new(0));
         let r = runs.clone();
         sup.spawn("flaky", move |tok| {
@@ -251,7 +254,7 @@ mod tests {
             max_restarts: 3,
             ..RestartPolicy::default()
         };
-        let sup = Supervisor::new(token.clone(), policy, &Registry::new());
+        let sup = Supervisor::new(token.clone(), policy, &Registry::new()).unwrap();
         sup.spawn("broken", |_tok| async { panic!("always") });
         let err = sup.wait(Duration::from_secs(1)).await.unwrap_err();
         assert!(
@@ -263,7 +266,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn drain_is_bounded() {
         let token = CancellationToken::new();
-        let sup = Supervisor::new(token.clone(), RestartPolicy::default(), &Registry::new());
+        let sup =
+            Supervisor::new(token.clone(), RestartPolicy::default(), &Registry::new()).unwrap();
         sup.spawn("stuck", |_tok| async {
             std::future::pending::<()>().await;
             Ok(())

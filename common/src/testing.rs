@@ -68,6 +68,46 @@ pub fn metric_value(metrics: &str, sample: &str) -> Option<f64> {
     })
 }
 
+/// The metric names a document of `docs/` names (`nexus_...`; a name ending in `_` is a
+/// prefix and left out).
+pub fn documented_metrics(doc: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs")
+        .join(doc);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut names: Vec<String> = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("nexus_") {
+        let start = i + at;
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(text.len() - start);
+        let before_ok = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric());
+        let name = &text[start..end];
+        if before_ok && !name.ends_with('_') && !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+/// Panic unless every metric `docs/<doc>` names is a family in `metrics_text` (a `/metrics`
+/// response), listing the missing ones.
+pub fn assert_documented_metrics_served(doc: &str, metrics_text: &str) {
+    let documented = documented_metrics(doc);
+    assert!(!documented.is_empty(), "docs/{doc} names no metric");
+    let served = crate::metrics::families(metrics_text);
+    let missing: Vec<&String> = documented.iter().filter(|n| !served.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "docs/{doc} names metrics /metrics does not serve: {missing:?}\nserved: {served:?}"
+    );
+}
+
 /// MQTT settings for a broker on 127.0.0.1:`port`, reconnecting quickly.
 pub fn mqtt_config(port: u16) -> MqttConfig {
     MqttConfig {

@@ -255,6 +255,53 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Nexus's own topics, `$nexus/...` (docs/contract.md, Topics): every crate builds and
+/// recognises them here, so their shape is defined once.
+pub mod sys {
+    /// Retained status of services and devices.
+    pub const STATUS_PREFIX: &str = "$nexus/status/";
+    pub const STATUS_ALL: &str = "$nexus/status/#";
+    /// Write commands (`$nexus/cmd/<device>/write`, `$nexus/cmd/<device>/<tag>/set`).
+    pub const CMD_PREFIX: &str = "$nexus/cmd/";
+    pub const CMD_ALL: &str = "$nexus/cmd/#";
+    pub const CMD_WRITE: &str = "$nexus/cmd/+/write";
+    pub const CMD_SET: &str = "$nexus/cmd/+/+/set";
+    /// Command responses (`$nexus/cmd/response/<device>[/<tag>]`).
+    pub const CMD_RESPONSE_PREFIX: &str = "$nexus/cmd/response/";
+    /// Alarm states (`$nexus/alarms/<source topic>/<rule>`), acknowledgements and events.
+    pub const ALARMS_PREFIX: &str = "$nexus/alarms/";
+    pub const ALARMS_ALL: &str = "$nexus/alarms/#";
+    pub const ALARM_ACK: &str = "$nexus/alarms/ack";
+    pub const ALARM_EVENTS: &str = "$nexus/alarms/events";
+
+    /// `$nexus/status/service/<service>/<instance>`.
+    pub fn service_status(service: &str, instance: &str) -> String {
+        format!("{STATUS_PREFIX}service/{service}/{instance}")
+    }
+
+    /// `$nexus/status/device/<device>`.
+    pub fn device_status(device: &str) -> String {
+        format!("{STATUS_PREFIX}device/{device}")
+    }
+
+    /// `$nexus/cmd/response/<device>/<tag>`, or `$nexus/cmd/response/<device>` without a tag
+    /// (a command refused before its tag was known).
+    pub fn cmd_response(device: &str, tag: Option<&str>) -> String {
+        match tag {
+            Some(tag) => format!("{CMD_RESPONSE_PREFIX}{device}/{tag}"),
+            None => format!("{CMD_RESPONSE_PREFIX}{device}"),
+        }
+    }
+
+    /// `$nexus/alarms/<source topic>/<rule>`: the retained state of one rule on one topic.
+    pub fn alarm_state(source_topic: &str, rule: &str) -> String {
+        format!("{ALARMS_PREFIX}{source_topic}/{rule}")
+    }
+
+    /// Topics an operator may publish to: write commands and alarm acknowledgements.
+    pub const OPERATOR_PUBLISH: [&str; 3] = [CMD_WRITE, CMD_SET, ALARM_ACK];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +415,39 @@ mod tests {
             prop_assert!(TopicFilter::parse(&s).unwrap().matches(&s));
             prop_assert!(TopicFilter::parse("#").unwrap().matches(&s));
         }
+    }
+
+    #[test]
+    fn system_topics_are_valid_topics_and_filters() {
+        use super::sys;
+        for t in [
+            sys::service_status("gateway", "edge-1"),
+            sys::device_status("plc-1"),
+            sys::cmd_response("plc-1", Some("sp")),
+            sys::cmd_response("plc-1", None),
+            sys::alarm_state("acme/l1/plc-1/temp", "high"),
+            sys::ALARM_ACK.to_owned(),
+            sys::ALARM_EVENTS.to_owned(),
+        ] {
+            let parsed = Topic::parse_any(&t).unwrap();
+            assert!(parsed.is_system(), "{t}");
+        }
+        assert_eq!(sys::device_status("plc-1"), "$nexus/status/device/plc-1");
+        assert_eq!(
+            sys::cmd_response("plc-1", Some("sp")),
+            "$nexus/cmd/response/plc-1/sp"
+        );
+        for f in [
+            sys::STATUS_ALL,
+            sys::CMD_ALL,
+            sys::ALARMS_ALL,
+            sys::CMD_WRITE,
+            sys::CMD_SET,
+        ] {
+            TopicFilter::parse(f).unwrap();
+        }
+        assert!(filter_matches(sys::CMD_SET, "$nexus/cmd/plc-1/sp/set"));
+        assert!(filter_matches(sys::STATUS_ALL, &sys::device_status("x")));
+        assert!(sys::alarm_state("a/b", "r").starts_with(sys::ALARMS_PREFIX));
     }
 }

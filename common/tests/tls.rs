@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use nexus_common::pg::Database;
 use nexus_common::broker::{Acl, EmbeddedBroker};
 use nexus_common::config::{BrokerConfig, BrokerTls, MqttTls, MqttVersion};
 use nexus_common::mqtt::{self, ClientSettings, QoS};
+use nexus_common::pg::Database;
 use nexus_common::testing;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio_util::sync::CancellationToken;
@@ -146,9 +146,10 @@ async fn postgres_over_tls_with_verified_certificates() {
         "postgres://nexus@localhost:{}/postgres?sslmode=require",
         pg.port
     );
-    let (db, _task) = nexus_common::pg::connect(&Database::at(&url).with_ca_file(&pki.path("ca.pem")))
-        .await
-        .unwrap();
+    let (db, _task) =
+        nexus_common::pg::connect(&Database::at(&url).with_ca_file(&pki.path("ca.pem")))
+            .await
+            .unwrap();
     let ssl: bool = db
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -170,5 +171,7 @@ async fn postgres_over_tls_with_verified_certificates() {
         "postgres://nexus@127.0.0.1:{}/postgres?sslmode=disable",
         pg.port
     );
-    assert!(nexus_common::pg::connect(&Database::at(&plain)).await.is_ok());
+    assert!(nexus_common::pg::connect(&Database::at(&plain))
+        .await
+        .is_ok());
 }

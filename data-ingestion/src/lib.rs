@@ -178,7 +178,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         breaker: CircuitBreaker::new(
             "database",
             ic.breaker.into(),
-            Some(BreakerMetrics::new(&registry)),
+            Some(BreakerMetrics::new(&registry)?),
         ),
         metrics: wmetrics.clone(),
         recovered: tokio::sync::Notify::new(),

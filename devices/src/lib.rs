@@ -47,13 +47,16 @@ pub struct DeviceLayer {
 impl DeviceLayer {
     /// Pools with the `gateway` section's settings and a directory of `cfg.devices`; the pool
     /// metrics go to `registry`.
-    pub fn new(cfg: &Config, registry: &prometheus::Registry) -> DeviceLayer {
+    pub fn new(
+        cfg: &Config,
+        registry: &prometheus::Registry,
+    ) -> Result<DeviceLayer, nexus_common::metrics::MetricError> {
         let directory = DeviceDirectory::new();
         directory.apply(&cfg.devices);
-        DeviceLayer {
-            pools: Pools::from_config(&cfg.gateway, registry),
+        Ok(DeviceLayer {
+            pools: Pools::from_config(&cfg.gateway, registry)?,
             directory,
-        }
+        })
     }
 }
 

@@ -16,8 +16,9 @@ use nexus_common::breaker::{
     BreakerConfig, BreakerMetrics, BreakerOpen, BreakerState, CircuitBreaker,
 };
 use nexus_common::config::{GatewayConfig, OpcUaClientConfig, PoolConfig, Protocol};
+use nexus_common::metrics::{self, MetricError};
 use nexus_common::Value;
-use prometheus::{IntGaugeVec, Opts, Registry};
+use prometheus::{IntGaugeVec, Registry};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -324,7 +325,10 @@ pub struct Pools {
 impl Pools {
     /// Pools with the gateway section's settings (`gateway.pool`, `gateway.breaker`,
     /// `gateway.opcua`), shared by the gateway and the command handler.
-    pub fn from_config(cfg: &GatewayConfig, registry: &Registry) -> Arc<Pools> {
+    pub fn from_config(
+        cfg: &GatewayConfig,
+        registry: &Registry,
+    ) -> Result<Arc<Pools>, MetricError> {
         Pools::new(
             cfg.pool.clone(),
             cfg.breaker.into(),
@@ -338,27 +342,27 @@ impl Pools {
         breaker: BreakerConfig,
         opcua: OpcUaClientConfig,
         registry: &Registry,
-    ) -> Arc<Pools> {
-        let connections = IntGaugeVec::new(
-            Opts::new("nexus_gateway_pool_connections", "Open device sessions"),
-            &["protocol"],
-        )
-        .expect("static metric definition");
-        let endpoints = IntGaugeVec::new(
-            Opts::new(
+    ) -> Result<Arc<Pools>, MetricError> {
+        let metrics = PoolMetrics {
+            connections: metrics::gauge_vec(
+                registry,
+                "nexus_gateway_pool_connections",
+                "Open device sessions",
+                &["protocol"],
+            )?,
+            endpoints: metrics::gauge_vec(
+                registry,
                 "nexus_gateway_pool_endpoints",
                 "Endpoints known to the pool",
-            ),
-            &["protocol"],
-        )
-        .expect("static metric definition");
-        let _ = registry.register(Box::new(connections.clone()));
-        let _ = registry.register(Box::new(endpoints.clone()));
-        let metrics = PoolMetrics {
-            connections,
-            endpoints,
+                &["protocol"],
+            )?,
         };
-        let breaker_metrics = BreakerMetrics::new(registry);
+        // Every protocol from the start, so dashboards see 0 rather than nothing.
+        for p in [Protocol::Modbus, Protocol::S7, Protocol::Opcua] {
+            metrics.connections.with_label_values(&[proto_label(p)]);
+            metrics.endpoints.with_label_values(&[proto_label(p)]);
+        }
+        let breaker_metrics = BreakerMetrics::new(registry)?;
         fn pool<D: Driver>(
             max: usize,
             settings: &DriverSettings,
@@ -375,7 +379,7 @@ impl Pools {
                 metrics: metrics.clone(),
             }
         }
-        Arc::new(Pools {
+        Ok(Arc::new(Pools {
             modbus: pool(
                 cfg.modbus_max_connections,
                 &opcua,
@@ -398,7 +402,7 @@ impl Pools {
                 &metrics,
             ),
             cfg,
-        })
+        }))
     }
 
     /// Read tags of a device through its endpoint.

@@ -146,7 +146,7 @@ async fn one_service(cfg: Config, name: &'static str, run: Runner) -> anyhow::Re
         window: cfg.orchestrator.restart_window,
         ..RestartPolicy::default()
     };
-    let sup = Supervisor::new(token, policy, &prometheus::Registry::new());
+    let sup = Supervisor::new(token, policy, &prometheus::Registry::new())?;
     let c = cfg.clone();
     sup.spawn(name, move |tok| run(c.clone(), tok));
     sup.wait(cfg.orchestrator.shutdown_grace).await?;

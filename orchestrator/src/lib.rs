@@ -28,7 +28,7 @@ pub async fn gateway_with_commands(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let gw_telemetry = Telemetry::new(nexus_protocol_gateway::SERVICE);
-    let shared = nexus_devices::DeviceLayer::new(&cfg, &gw_telemetry.registry);
+    let shared = nexus_devices::DeviceLayer::new(&cfg, &gw_telemetry.registry)?;
     let commands = tokio::spawn(nexus_command_handler::run_shared(
         cfg.clone(),
         Telemetry::new(nexus_command_handler::SERVICE),

@@ -25,7 +25,7 @@ impl StatusBoard {
     /// Take one `$nexus/status/...` message; an empty payload removes the entry (a cleared
     /// retained topic); a payload that is not JSON is kept as text so it stays visible.
     pub fn update(&self, topic: &str, payload: &[u8]) {
-        let Some(key) = topic.strip_prefix("$nexus/status/") else {
+        let Some(key) = topic.strip_prefix(nexus_common::topic::sys::STATUS_PREFIX) else {
             return;
         };
         let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
@@ -82,7 +82,10 @@ pub async fn run_with(
         });
     let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
     opts.routes = routes;
-    opts.subscriptions = vec![("$nexus/status/#".into(), QoS::AtLeastOnce)];
+    opts.subscriptions = vec![(
+        nexus_common::topic::sys::STATUS_ALL.into(),
+        QoS::AtLeastOnce,
+    )];
     opts.telemetry = Some(telemetry);
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     let mut rx = shell

@@ -147,7 +147,7 @@ pub async fn up(
         window: cfg.orchestrator.restart_window,
         ..RestartPolicy::default()
     };
-    let sup = Supervisor::new(shutdown.clone(), policy, &telemetry.registry);
+    let sup = Supervisor::new(shutdown.clone(), policy, &telemetry.registry)?;
     {
         // The command handler runs beside the gateway on the same device sessions (small PLCs
         // allow few connections); the two are supervised, and restarted, together.
@@ -249,9 +249,7 @@ fn print_banner(
                 .map_or_else(String::new, |u| u.redacted())
         ));
     } else {
-        out.push_str(
-            "  ingestion     off (no database: set NEXUS_DATABASE_URL or database.url)\n",
-        );
+        out.push_str("  ingestion     off (no database: set NEXUS_DATABASE_URL or database.url)\n");
     }
     out.push_str(&format!(
         "  orchestrator  {}  (/api/v1/status)\n",

@@ -43,7 +43,7 @@ pub const SERVICE: &str = "gateway";
 /// Run the gateway until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(SERVICE);
-    let shared = DeviceLayer::new(&cfg, &telemetry.registry);
+    let shared = DeviceLayer::new(&cfg, &telemetry.registry)?;
     run_shared(cfg, telemetry, shared, shutdown).await
 }
 
@@ -57,8 +57,8 @@ pub async fn run_shared(
 ) -> anyhow::Result<()> {
     let gw = &cfg.gateway;
     let pools = shared.pools.clone();
-    let poll_metrics = PollMetrics::new(&telemetry.registry);
-    let pub_metrics = PublisherMetrics::new(&telemetry.registry);
+    let poll_metrics = PollMetrics::new(&telemetry.registry)?;
+    let pub_metrics = PublisherMetrics::new(&telemetry.registry)?;
     let devices_token = CancellationToken::new();
     let set: http::SharedDevices = Arc::new(Mutex::new(DeviceSet::new(devices_token.clone())));
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nexus_common::codec::{encode_value_object, ValueObject};
+use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{MqttHandle, QoS};
 use nexus_common::DataPoint;
 use prometheus::{IntCounter, IntGauge, Registry};
@@ -24,52 +25,40 @@ pub struct PublisherMetrics {
     pub buffer_points: IntGauge,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("static metric definition");
-    let _ = registry.register(Box::new(c.clone()));
-    c
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("static metric definition");
-    let _ = registry.register(Box::new(g.clone()));
-    g
-}
-
 impl PublisherMetrics {
-    pub fn new(r: &Registry) -> PublisherMetrics {
-        PublisherMetrics {
-            published: counter(
+    pub fn new(r: &Registry) -> Result<PublisherMetrics, MetricError> {
+        Ok(PublisherMetrics {
+            published: metrics::counter(
                 r,
                 "nexus_gateway_points_published_total",
                 "Values handed to the broker live",
-            ),
-            buffered: counter(
+            )?,
+            buffered: metrics::counter(
                 r,
                 "nexus_gateway_points_buffered_total",
                 "Values written to the store-and-forward buffer",
-            ),
-            replayed: counter(
+            )?,
+            replayed: metrics::counter(
                 r,
                 "nexus_gateway_points_replayed_total",
                 "Buffered values published after the broker came back",
-            ),
-            buffer_dropped: counter(
+            )?,
+            buffer_dropped: metrics::counter(
                 r,
                 "nexus_gateway_buffer_dropped_total",
                 "Buffered values dropped because the buffer was full",
-            ),
-            buffer_bytes: gauge(
+            )?,
+            buffer_bytes: metrics::gauge(
                 r,
                 "nexus_gateway_buffer_bytes",
                 "Size of the store-and-forward buffer on disk",
-            ),
-            buffer_points: gauge(
+            )?,
+            buffer_points: metrics::gauge(
                 r,
                 "nexus_gateway_buffer_points",
                 "Values waiting in the store-and-forward buffer",
-            ),
-        }
+            )?,
+        })
     }
 }
 

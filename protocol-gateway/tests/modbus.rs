@@ -127,7 +127,8 @@ async fn coalescing_issues_the_planned_number_of_requests() {
         BreakerConfig::default(),
         OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
-    );
+    )
+    .unwrap();
     for (limit, want) in [("", 2u64), ("max_registers_per_request: 50, ", 4)] {
         let yaml = format!(
             "devices:\n  - id: big\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ {limit}host: 127.0.0.1, port: {} }}\n    tags:\n{tags}",
@@ -180,7 +181,8 @@ async fn writes_land_in_the_device() {
         BreakerConfig::default(),
         OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
-    );
+    )
+    .unwrap();
     set(&sim, 330, &[0b1_0001]);
     for (tag, value) in [
         (0, Value::Float(72.5)),
@@ -274,7 +276,8 @@ async fn a_device_exception_marks_only_its_tags_bad() {
         BreakerConfig::default(),
         OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
-    );
+    )
+    .unwrap();
     for _ in 0..10 {
         let r = pools.read(&d, None).await.unwrap();
         assert_eq!(
@@ -373,6 +376,8 @@ async fn a_dead_device_goes_offline_others_keep_polling_and_it_recovers() {
         support::metric(&m1, "nexus_breaker_rejected_total") > 0.0,
         "an open breaker fails fast"
     );
+    // Every metric docs/gateway.md names is served.
+    testing::assert_documented_metrics_served("gateway.md", &m1);
     // B kept its rate: ~10 polls/s over the 3 s.
     let b_rate = (polls_b(&m1) - polls_b(&m0)) / 3.0;
     assert!(

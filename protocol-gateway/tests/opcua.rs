@@ -57,6 +57,7 @@ fn pools(dir: &Path, trust: bool) -> Arc<Pools> {
         },
         &prometheus::Registry::new(),
     )
+    .unwrap()
 }
 
 fn device_yaml(id: &str, endpoint: &str, extra: &str, prefix: &str, tags: &str) -> String {
@@ -420,7 +421,10 @@ async fn a_secured_endpoint_with_username_needs_a_trusted_server_certificate() {
         "client certificate created at first start"
     );
     // Its private key, and the simulator's, are readable by their owner only.
-    for key in ["client-pki/private/private.pem", "server-pki/private/private.pem"] {
+    for key in [
+        "client-pki/private/private.pem",
+        "server-pki/private/private.pem",
+    ] {
         use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::metadata(dir.path().join(key)).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{key}");
@@ -437,7 +441,8 @@ async fn a_secured_endpoint_with_username_needs_a_trusted_server_certificate() {
             ..OpcUaClientConfig::default()
         },
         &prometheus::Registry::new(),
-    );
+    )
+    .unwrap();
     let r = by_id(&d, fresh.read(&d, None).await.unwrap());
     assert_eq!(good(&r, "setpoint"), Value::Float(42.5));
     // The other policies, and Auto (the most secure endpoint offered), each its own session.

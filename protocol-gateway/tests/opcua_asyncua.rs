@@ -58,6 +58,7 @@ fn pools(dir: &Path) -> Arc<Pools> {
         },
         &prometheus::Registry::new(),
     )
+    .unwrap()
 }
 
 fn by_id(d: &Device, r: Vec<(usize, Reading)>) -> HashMap<String, Reading> {

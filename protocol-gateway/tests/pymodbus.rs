@@ -45,7 +45,8 @@ async fn check(framing: &str, transport: &str) {
         BreakerConfig::default(),
         OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
-    );
+    )
+    .unwrap();
     let readings = pools.read(&d, None).await.unwrap();
     let by_id: std::collections::HashMap<&str, &Reading> = readings
         .iter()

@@ -50,6 +50,7 @@ fn pools() -> Arc<Pools> {
         OpcUaClientConfig::default(),
         &prometheus::Registry::new(),
     )
+    .unwrap()
 }
 
 /// Every tag's reading by id.

@@ -172,13 +172,9 @@ impl Acl {
             }
         }
         if action == Action::Publish && topic.starts_with('$') {
-            let operator_topic = [
-                "$nexus/cmd/+/write",
-                "$nexus/cmd/+/+/set",
-                "$nexus/alarms/ack",
-            ]
-            .iter()
-            .any(|f| filter_matches(f, topic));
+            let operator_topic = crate::topic::sys::OPERATOR_PUBLISH
+                .iter()
+                .any(|f| filter_matches(f, topic));
             if operator_topic && role == Role::Operator {
                 return Ok(());
             }

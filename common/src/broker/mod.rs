@@ -11,13 +11,14 @@
 
 pub mod acl;
 
+use crate::metrics::{self, MetricError};
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, Registry};
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
@@ -41,6 +42,8 @@ pub enum BrokerError {
     Setup(String),
     #[error(transparent)]
     Password(#[from] acl::MissingPassword),
+    #[error(transparent)]
+    Metric(#[from] MetricError),
 }
 
 /// Where the broker listens (ports resolved when 0 was asked).
@@ -62,40 +65,31 @@ struct BrokerMetrics {
 }
 
 impl BrokerMetrics {
-    fn new(registry: &Registry) -> BrokerMetrics {
-        let m = BrokerMetrics {
-            connections: IntGauge::new(
+    fn new(r: &Registry) -> Result<BrokerMetrics, MetricError> {
+        Ok(BrokerMetrics {
+            connections: metrics::gauge(
+                r,
                 "nexus_broker_connections",
                 "Clients connected to the embedded broker",
-            )
-            .expect("static metric definition"),
-            dropped: IntCounterVec::new(
-                Opts::new(
-                    "nexus_broker_messages_dropped_total",
-                    "Messages the broker dropped",
-                ),
+            )?,
+            dropped: metrics::counter_vec(
+                r,
+                "nexus_broker_messages_dropped_total",
+                "Messages the broker dropped",
                 &["reason"],
-            )
-            .expect("static metric definition"),
-            denied: IntCounterVec::new(
-                Opts::new(
-                    "nexus_broker_acl_denied_total",
-                    "Publishes and subscriptions refused by the ACL",
-                ),
+            )?,
+            denied: metrics::counter_vec(
+                r,
+                "nexus_broker_acl_denied_total",
+                "Publishes and subscriptions refused by the ACL",
                 &["action"],
-            )
-            .expect("static metric definition"),
-            auth_failures: prometheus::IntCounter::new(
+            )?,
+            auth_failures: metrics::counter(
+                r,
                 "nexus_broker_auth_failures_total",
                 "Connections refused for bad credentials",
-            )
-            .expect("static metric definition"),
-        };
-        let _ = registry.register(Box::new(m.connections.clone()));
-        let _ = registry.register(Box::new(m.dropped.clone()));
-        let _ = registry.register(Box::new(m.denied.clone()));
-        let _ = registry.register(Box::new(m.auth_failures.clone()));
-        m
+            )?,
+        })
     }
 }
 
@@ -203,7 +197,7 @@ impl EmbeddedBroker {
         registry: &Registry,
     ) -> Result<EmbeddedBroker, BrokerError> {
         let cfg = cfg.clone();
-        let metrics = BrokerMetrics::new(registry);
+        let metrics = BrokerMetrics::new(registry)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<BrokerPorts, BrokerError>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()

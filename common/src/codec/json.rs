@@ -30,6 +30,9 @@ pub struct ValueObject {
 pub struct PayloadError(pub String);
 
 impl PayloadError {
+    /// Every value [`reason`](Self::reason) returns (to create metric series up front).
+    pub const REASONS: [&'static str; 4] = ["missing_field", "bad_type", "bad_quality", "bad_json"];
+
     /// A short stable reason for metrics labels and the dead-letter table.
     pub fn reason(&self) -> &'static str {
         let m = &self.0;

@@ -7,10 +7,10 @@
 //! does not hide the problems of the others -> semantic validation of the typed config.
 
 pub mod alerts;
-pub mod devices;
 pub mod broker;
 pub mod commands;
 pub mod database;
+pub mod devices;
 pub mod gateway;
 pub mod ingestion;
 pub mod mqtt;
@@ -26,13 +26,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 
 pub use alerts::{AlertRule, AlertsConfig, Condition, Severity, SuppressWhen, Webhook};
+pub use broker::{AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, Role};
+pub use commands::CommandsConfig;
+pub use database::DatabaseConfig;
 pub use devices::{
     Access, AcquisitionMode, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress,
     ModbusTable, ModbusTransport, OpcUaAuth, Parity, Protocol, S7Address, S7Area, TagConfig,
 };
-pub use broker::{AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, Role};
-pub use commands::CommandsConfig;
-pub use database::DatabaseConfig;
 pub use gateway::{BufferConfig, GatewayConfig, OpcUaClientConfig, PoolConfig};
 pub use ingestion::IngestionConfig;
 pub use mqtt::{MqttConfig, MqttTls, MqttVersion};

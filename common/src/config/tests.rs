@@ -195,8 +195,14 @@ fn the_database_section_and_its_old_keys() {
     .iter()
     .map(ToString::to_string)
     .collect();
-    assert_has(&errs, "nexus.yaml:2:3: ingestion.database_url: moved: set database.url");
-    assert_has(&errs, "nexus.yaml:3:3: ingestion.database_ca_file: moved: set database.ca_file");
+    assert_has(
+        &errs,
+        "nexus.yaml:2:3: ingestion.database_url: moved: set database.url",
+    );
+    assert_has(
+        &errs,
+        "nexus.yaml:3:3: ingestion.database_ca_file: moved: set database.ca_file",
+    );
     let errs: Vec<String> = load_env("", &[("NEXUS_INGESTION__DATABASE_URL", "postgres://b/y")])
         .unwrap_err()
         .0

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use nexus_common::breaker::BreakerState;
 use nexus_common::config::DeviceConfig;
+use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{MqttHandle, QoS};
-use nexus_common::{now_ms, DataPoint, Quality, Value};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use nexus_common::{now_ms, DataPoint, Quality};
+use prometheus::{HistogramVec, IntCounterVec, Registry};
 use rand::Rng;
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
@@ -21,6 +22,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use nexus_devices::{Device, PoolError, Pools, Reading};
+
+mod exception;
+mod health;
+
+use exception::Exceptions;
+use health::{Health, StatusSchedule};
 
 #[derive(Clone)]
 pub struct PollMetrics {
@@ -31,46 +38,47 @@ pub struct PollMetrics {
 }
 
 impl PollMetrics {
-    pub fn new(r: &Registry) -> PollMetrics {
-        let m = PollMetrics {
-            polls: IntCounterVec::new(
-                Opts::new("nexus_gateway_polls_total", "Polls by device and result"),
+    pub fn new(r: &Registry) -> Result<PollMetrics, MetricError> {
+        Ok(PollMetrics {
+            polls: metrics::counter_vec(
+                r,
+                "nexus_gateway_polls_total",
+                "Polls by device and result",
                 &["device", "result"],
-            )
-            .expect("static metric definition"),
-            skipped: IntCounterVec::new(
-                Opts::new(
-                    "nexus_gateway_polls_skipped_total",
-                    "Polls skipped because every worker was busy or the previous poll overran",
-                ),
+            )?,
+            skipped: metrics::counter_vec(
+                r,
+                "nexus_gateway_polls_skipped_total",
+                "Polls skipped because every worker was busy or the previous poll overran",
                 &["device"],
-            )
-            .expect("static metric definition"),
-            duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "nexus_gateway_poll_duration_seconds",
-                    "Time to read a device",
-                )
-                .buckets(vec![
+            )?,
+            duration: metrics::histogram_vec(
+                r,
+                "nexus_gateway_poll_duration_seconds",
+                "Time to read a device",
+                &["device"],
+                vec![
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]),
+                ],
+            )?,
+            requests: metrics::counter_vec(
+                r,
+                "nexus_gateway_read_requests_total",
+                "Protocol read requests sent",
                 &["device"],
-            )
-            .expect("static metric definition"),
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "nexus_gateway_read_requests_total",
-                    "Protocol read requests sent",
-                ),
-                &["device"],
-            )
-            .expect("static metric definition"),
-        };
-        let _ = r.register(Box::new(m.polls.clone()));
-        let _ = r.register(Box::new(m.skipped.clone()));
-        let _ = r.register(Box::new(m.duration.clone()));
-        let _ = r.register(Box::new(m.requests.clone()));
-        m
+            )?,
+        })
+    }
+
+    /// Create a device's series at 0, so `/metrics` shows a device before its first poll,
+    /// skip or failure.
+    fn init_device(&self, id: &str) {
+        for result in ["ok", "failed"] {
+            self.polls.with_label_values(&[id, result]);
+        }
+        self.skipped.with_label_values(&[id]);
+        self.duration.with_label_values(&[id]);
+        self.requests.with_label_values(&[id]);
     }
 }
 
@@ -105,24 +113,8 @@ pub struct PollContext {
     pub heartbeat: Duration,
 }
 
-struct TagMemory {
-    value: Option<Value>,
-    quality: Quality,
-    at: Instant,
-}
-
-fn changed(deadband: Option<f64>, old: &Option<Value>, new: &Option<Value>) -> bool {
-    match (old, new, deadband) {
-        (Some(a), Some(b), Some(db)) if db > 0.0 => match (a.as_f64(), b.as_f64()) {
-            (Some(x), Some(y)) => (x - y).abs() > db,
-            _ => a != b,
-        },
-        _ => old != new,
-    }
-}
-
-fn status_payload(state: &str, breaker: BreakerState, last_error: &Option<String>) -> String {
-    serde_json::json!({"state": state, "breaker": breaker.as_str(), "last_error": last_error, "ts": now_ms()}).to_string()
+fn status_payload(health: Health, breaker: BreakerState, last_error: &Option<String>) -> String {
+    serde_json::json!({"state": health.as_str(), "breaker": breaker.as_str(), "last_error": last_error, "ts": now_ms()}).to_string()
 }
 
 /// Poll one device until `token`.
@@ -135,11 +127,11 @@ pub async fn run_device(
     let cfg: &DeviceConfig = &device.cfg;
     let id = cfg.id.as_str().to_owned();
     let interval = cfg.poll_interval;
-    let status_topic = format!("$nexus/status/device/{id}");
-    let mut memory: Vec<Option<TagMemory>> = (0..cfg.tags.len()).map(|_| None).collect();
-    let mut last_status: Option<String> = None;
-    let mut last_status_at = Instant::now();
+    let status_topic = nexus_common::topic::sys::device_status(id.as_str());
+    let mut exceptions = Exceptions::new(cfg.tags.len(), ctx.heartbeat);
+    let mut status = StatusSchedule::new(ctx.heartbeat, Instant::now());
     let requests_per_poll = device.plan.requests_per_poll();
+    ctx.metrics.init_device(&id);
     {
         let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
         s.state = "unknown";
@@ -224,47 +216,20 @@ pub async fn run_device(
             .count();
         let mut out = Vec::new();
         let mut values = Vec::with_capacity(readings.len());
+        let now = Instant::now();
         for (i, reading) in readings {
             let tag = &cfg.tags[i];
-            let (value, quality, source_ts) = match reading {
-                Reading::Good {
-                    value,
-                    source_ts_ms,
-                } => (Some(value), Quality::Good, source_ts_ms),
-                Reading::Uncertain {
-                    value,
-                    quality,
-                    source_ts_ms,
-                } => (Some(value), quality, source_ts_ms),
-                // A bad read keeps the last value, marked with the bad quality.
-                Reading::Bad { quality, .. } => (
-                    memory[i].as_ref().and_then(|m| m.value.clone()),
-                    quality,
-                    None,
-                ),
-            };
-            let due = match &memory[i] {
-                None => true,
-                Some(m) => {
-                    m.quality != quality
-                        || changed(tag.deadband, &m.value, &value)
-                        || (!ctx.heartbeat.is_zero() && m.at.elapsed() >= ctx.heartbeat)
-                }
-            };
+            let sample = exceptions.sample(i, reading);
+            let due = exceptions.due(i, tag.deadband, &sample, now);
             let point = DataPoint {
                 topic: device.topics[i].clone(),
-                value: value.clone(),
-                quality,
+                value: sample.value,
+                quality: sample.quality,
                 ts_ms: ts,
-                source_ts_ms: source_ts,
+                source_ts_ms: sample.source_ts_ms,
                 unit: tag.unit.clone(),
             };
             if due {
-                memory[i] = Some(TagMemory {
-                    value,
-                    quality,
-                    at: Instant::now(),
-                });
                 out.push(point.clone());
             }
             values.push((i, point));
@@ -277,12 +242,7 @@ pub async fn run_device(
             }
         }
         let breaker = ctx.pools.breaker_state(&device);
-        let dev_state = match (&error, breaker) {
-            (Some(_), _) | (_, BreakerState::Open) => "offline",
-            (None, BreakerState::HalfOpen) => "degraded",
-            (None, _) if bad_tags > 0 => "degraded",
-            _ => "online",
-        };
+        let health = Health::after_poll(error.is_some(), breaker, bad_tags);
         let result_label = if error.is_some() { "failed" } else { "ok" };
         ctx.metrics
             .polls
@@ -296,15 +256,14 @@ pub async fn run_device(
             } else {
                 s.polls_ok += 1;
             }
-            s.state = dev_state;
+            s.state = health.as_str();
             s.breaker = breaker.as_str();
             s.polls_skipped = state.skipped.load(Ordering::Relaxed);
             s.last_duration_ms = elapsed.as_secs_f64() * 1000.0;
         }
         // Status on change, and again every heartbeat (a restarted broker forgets it).
-        let key = format!("{dev_state}/{}", breaker.as_str());
-        let stale = !ctx.heartbeat.is_zero() && last_status_at.elapsed() >= ctx.heartbeat;
-        if (last_status.as_deref() != Some(key.as_str()) || stale) && ctx.mqtt.is_connected() {
+        let now = Instant::now();
+        if status.due(health, breaker, now) && ctx.mqtt.is_connected() {
             let last_error = state
                 .status
                 .read()
@@ -315,18 +274,17 @@ pub async fn run_device(
                 .mqtt
                 .publish(
                     &status_topic,
-                    status_payload(dev_state, breaker, &last_error),
+                    status_payload(health, breaker, &last_error),
                     QoS::AtLeastOnce,
                     true,
                 )
                 .await
                 .is_ok()
             {
-                if last_status.as_deref() != Some(key.as_str()) {
-                    tracing::info!(device = %id, state = dev_state, breaker = breaker.as_str(), error = ?error, "device status changed");
+                if status.changed(health, breaker) {
+                    tracing::info!(device = %id, state = health.as_str(), breaker = breaker.as_str(), error = ?error, "device status changed");
                 }
-                last_status = Some(key);
-                last_status_at = Instant::now();
+                status.published(health, breaker, now);
             }
         }
         if !out.is_empty() && ctx.out.send(out).await.is_err() {
