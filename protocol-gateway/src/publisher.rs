@@ -21,6 +21,7 @@ pub struct PublisherMetrics {
     pub buffered: IntCounter,
     pub replayed: IntCounter,
     pub buffer_dropped: IntCounter,
+    pub buffer_lost: IntCounter,
     pub buffer_bytes: IntGauge,
     pub buffer_points: IntGauge,
 }
@@ -47,6 +48,11 @@ impl PublisherMetrics {
                 r,
                 "nexus_gateway_buffer_dropped_total",
                 "Buffered values dropped because the buffer was full",
+            )?,
+            buffer_lost: metrics::counter(
+                r,
+                "nexus_gateway_buffer_lost_total",
+                "Buffered values lost to damaged buffer files (a torn tail after a crash)",
             )?,
             buffer_bytes: metrics::gauge(
                 r,
@@ -118,6 +124,12 @@ impl Publisher {
         let b = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
         self.metrics.buffer_bytes.set(b.bytes() as i64);
         self.metrics.buffer_points.set(b.len() as i64);
+        // The buffer counts what its files lost (at open and while replaying); the counter
+        // follows it.
+        let seen = self.metrics.buffer_lost.get();
+        if b.lost() > seen {
+            self.metrics.buffer_lost.inc_by(b.lost() - seen);
+        }
     }
 
     async fn blocking<T: Send + 'static>(
