@@ -48,7 +48,7 @@ impl Default for OpcUaSimOptions {
         OpcUaSimOptions {
             host: "127.0.0.1".into(),
             port: 4840,
-            pki_dir: PathBuf::from("pki-simulator"),
+            pki_dir: PathBuf::from("nexus-data/pki-simulator"),
             user: None,
             bulk: 0,
             step: Duration::from_millis(500),
