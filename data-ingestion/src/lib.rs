@@ -30,13 +30,14 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{Gauge, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, Registry};
 use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use nexus_common::breaker::{BreakerMetrics, CircuitBreaker};
 use nexus_common::config::Config;
+use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::Message;
 use nexus_common::service::{Shell, ShellOptions};
 use nexus_common::telemetry::Telemetry;
@@ -61,52 +62,60 @@ pub struct IngestMetrics {
 }
 
 impl IngestMetrics {
-    pub fn new(registry: &Registry) -> IngestMetrics {
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("metric");
-            registry.register(Box::new(c.clone())).ok();
-            c
-        };
-        let vec = |name: &str, help: &str, label: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric");
-            registry.register(Box::new(c.clone())).ok();
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = Gauge::new(name, help).expect("metric");
-            registry.register(Box::new(g.clone())).ok();
-            g
-        };
-        IngestMetrics {
-            messages: counter("nexus_ingest_messages_received_total", "MQTT messages received"),
-            points: counter("nexus_ingest_points_received_total", "Points parsed from messages"),
-            rejected: vec(
+    /// Register the metrics in `registry`; the labelled ones start with a series at 0 for
+    /// every label the parser can give, so `/metrics` shows them before the first reject.
+    pub fn new(r: &Registry) -> Result<IngestMetrics, MetricError> {
+        let m = IngestMetrics {
+            messages: metrics::counter(
+                r,
+                "nexus_ingest_messages_received_total",
+                "MQTT messages received",
+            )?,
+            points: metrics::counter(
+                r,
+                "nexus_ingest_points_received_total",
+                "Points parsed from messages",
+            )?,
+            rejected: metrics::counter_vec(
+                r,
                 "nexus_ingest_rejected_total",
                 "Messages (or Sparkplug metrics) not stored as points, by reason; kept in ingest_rejects",
-                "reason",
-            ),
-            ignored: vec(
+                &["reason"],
+            )?,
+            ignored: metrics::counter_vec(
+                r,
                 "nexus_ingest_messages_ignored_total",
                 "Messages that carry no values (Sparkplug deaths, commands, host state), by kind",
-                "kind",
-            ),
-            rebirths: counter(
+                &["kind"],
+            )?,
+            rebirths: metrics::counter(
+                r,
                 "nexus_ingest_rebirth_requests_total",
                 "Sparkplug rebirth requests sent for unknown aliases",
-            ),
-            ack_errors: counter(
+            )?,
+            ack_errors: metrics::counter(
+                r,
                 "nexus_ingest_ack_errors_total",
                 "Acks that could not be handed to the MQTT client (the broker resends; duplicates are dropped)",
-            ),
-            oldest_age: gauge(
+            )?,
+            oldest_age: metrics::gauge_f64(
+                r,
                 "nexus_ingest_oldest_unwritten_age_seconds",
                 "Age of the oldest point durable in the WAL but not yet in the database",
-            ),
-            usage: gauge(
+            )?,
+            usage: metrics::gauge_f64(
+                r,
                 "nexus_ingest_buffer_usage_ratio",
                 "WAL size over wal_max_size (the autoscaling signal)",
-            ),
+            )?,
+        };
+        for reason in parse::reject_labels() {
+            m.rejected.with_label_values(&[reason]);
         }
+        for kind in parse::IGNORED_KINDS {
+            m.ignored.with_label_values(&[kind]);
+        }
+        Ok(m)
     }
 }
 
@@ -135,15 +144,15 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     };
     let telemetry = Telemetry::new(SERVICE);
     let registry = telemetry.registry.clone();
-    let metrics = IngestMetrics::new(&registry);
-    let wmetrics = WriterMetrics::new(&registry);
+    let metrics = IngestMetrics::new(&registry)?;
+    let wmetrics = WriterMetrics::new(&registry)?;
     let wal_opts = WalOptions {
         dir: ic.wal_dir.clone(),
         max_size: ic.wal_max_size.0,
         segment_size: ic.wal_segment_size.0,
         fsync: true,
     };
-    let wal_metrics = WalMetrics::new(&registry);
+    let wal_metrics = WalMetrics::new(&registry)?;
     let (wal, start) = tokio::task::spawn_blocking(move || Wal::open(wal_opts, Some(wal_metrics)))
         .await?
         .map_err(|e| anyhow::anyhow!("cannot open the WAL in {}: {e}", ic.wal_dir.display()))?;

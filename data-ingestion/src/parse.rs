@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use nexus_common::codec::json::decode_value_object;
+use nexus_common::codec::json::{decode_value_object, PayloadError};
 use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
 use nexus_common::domain::{Quality, Value};
 
@@ -19,6 +19,28 @@ use crate::model::{Point, Reject, MAX_TOPIC_BYTES, MAX_VALUE_STR_BYTES};
 /// Latest time accepted (9999-12-31), in microseconds.
 const MAX_TS_US: i64 = 253_402_300_799_000_000;
 const REBIRTH_EVERY: Duration = Duration::from_secs(10);
+
+/// Reject labels the parser gives besides the JSON codec's ([`PayloadError::REASONS`]).
+const OWN_REJECT_LABELS: [&str; 8] = [
+    "bad_value",
+    "bad_timestamp",
+    "empty_payload",
+    "bad_topic",
+    "sparkplug_topic",
+    "sparkplug_decode",
+    "sparkplug_metric",
+    "unknown_alias",
+];
+
+/// Every label a reject from the parser can have: the values of
+/// `nexus_ingest_rejected_total{reason}`, whose series start at 0.
+pub fn reject_labels() -> impl Iterator<Item = &'static str> {
+    PayloadError::REASONS.into_iter().chain(OWN_REJECT_LABELS)
+}
+
+/// Every kind of message the parser ignores ([`Parsed::ignored`]): the values of
+/// `nexus_ingest_messages_ignored_total{kind}`.
+pub const IGNORED_KINDS: [&str; 3] = ["sparkplug_state", "sparkplug_death", "sparkplug_command"];
 
 /// What one message gave.
 #[derive(Debug, Default, PartialEq)]
@@ -486,6 +508,61 @@ mod tests {
         assert_eq!(got.rejects[0].label(), "sparkplug_decode");
         let got = p.parse(Some("spBv1.0/G/BOGUS/E"), &sp(vec![]), NOW);
         assert_eq!(got.rejects[0].label(), "sparkplug_topic");
+    }
+
+    /// The label lists that create metric series up front are exactly what the parser gives.
+    #[test]
+    fn every_reject_label_and_ignored_kind_is_known_up_front() {
+        let mut p = Parser::new();
+        let nameless = SpMetric {
+            name: None,
+            alias: None,
+            timestamp: None,
+            datatype: Some(SpDataType::Double),
+            value: Some(Value::Float(1.0)),
+        };
+        let cases: Vec<(Option<&str>, Vec<u8>)> = vec![
+            (Some("t/1"), b"{\"v\":".to_vec()),
+            (Some("t/2"), b"{\"q\":\"good\"}".to_vec()),
+            (Some("t/3"), b"{\"v\":[1]}".to_vec()),
+            (Some("t/4"), b"{\"v\":1,\"q\":\"great\"}".to_vec()),
+            (Some("t/5"), b"{\"v\":\"a\\u0000b\"}".to_vec()),
+            (Some("t/6"), b"{\"v\":1,\"ts\":99999999999999999}".to_vec()),
+            (Some("t/7"), Vec::new()),
+            (None, b"{\"v\":1}".to_vec()),
+            (Some("spBv1.0/G/BOGUS/E"), sp(vec![])),
+            (Some("spBv1.0/G/DDATA/E/D"), b"\xff\xff\xff".to_vec()),
+            (Some("spBv1.0/G/NDATA/E"), sp(vec![nameless])),
+            (
+                Some("spBv1.0/G/NDATA/E"),
+                sp(vec![metric(None, Some(9), Value::Float(1.0))]),
+            ),
+        ];
+        let mut labels: Vec<String> = cases
+            .iter()
+            .flat_map(|(t, payload)| p.parse(*t, payload, NOW).rejects)
+            .map(|r| r.label().to_owned())
+            .collect();
+        labels.sort();
+        let mut known: Vec<&str> = reject_labels().collect();
+        known.sort_unstable();
+        assert_eq!(labels, known);
+
+        let mut kinds: Vec<&str> = [
+            "spBv1.0/STATE/host",
+            "spBv1.0/G/NDEATH/E",
+            "spBv1.0/G/DDEATH/E/D",
+            "spBv1.0/G/NCMD/E",
+            "spBv1.0/G/DCMD/E/D",
+        ]
+        .into_iter()
+        .filter_map(|t| p.parse(Some(t), &sp(vec![]), NOW).ignored)
+        .collect();
+        kinds.dedup();
+        kinds.sort_unstable();
+        let mut known = IGNORED_KINDS.to_vec();
+        known.sort_unstable();
+        assert_eq!(kinds, known);
     }
 
     proptest::proptest! {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::pin_mut;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::sync::mpsc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
@@ -28,6 +28,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use nexus_common::breaker::CircuitBreaker;
+use nexus_common::metrics::{self, MetricError};
 
 use crate::model::{approx_bytes, Frame, Point, Reject};
 use crate::wal::Wal;
@@ -55,64 +56,65 @@ pub struct WriterMetrics {
     pub db_up: IntGauge,
 }
 
+/// The kinds of failed write in `nexus_ingest_write_errors_total{kind}`.
+pub const WRITE_ERROR_KINDS: [&str; 3] = ["connection", "server", "data"];
+
 impl WriterMetrics {
-    pub fn new(registry: &Registry) -> WriterMetrics {
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("metric");
-            registry.register(Box::new(c.clone())).ok();
-            c
-        };
-        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("metric");
-            registry.register(Box::new(h.clone())).ok();
-            h
-        };
-        let errors = IntCounterVec::new(
-            Opts::new(
-                "nexus_ingest_write_errors_total",
-                "Failed batch writes by kind (connection, server, data)",
-            ),
-            &["kind"],
-        )
-        .expect("metric");
-        registry.register(Box::new(errors.clone())).ok();
-        let db_up = IntGauge::new("nexus_ingest_db_up", "1 while the database takes writes")
-            .expect("metric");
-        registry.register(Box::new(db_up.clone())).ok();
-        WriterMetrics {
-            written: counter("nexus_ingest_points_written_total", "Points committed to the database"),
-            duplicates: counter(
+    /// Register the metrics in `registry`, with a series at 0 for every kind of write error.
+    pub fn new(r: &Registry) -> Result<WriterMetrics, MetricError> {
+        let m = WriterMetrics {
+            written: metrics::counter(
+                r,
+                "nexus_ingest_points_written_total",
+                "Points committed to the database",
+            )?,
+            duplicates: metrics::counter(
+                r,
                 "nexus_ingest_points_duplicate_total",
                 "Points already stored (WAL replay or broker redelivery after a crash), not stored again",
-            ),
-            rejects_stored: counter(
+            )?,
+            rejects_stored: metrics::counter(
+                r,
                 "nexus_ingest_rejects_stored_total",
                 "Rejected messages written to ingest_rejects",
-            ),
-            refused: counter(
+            )?,
+            refused: metrics::counter(
+                r,
                 "nexus_ingest_points_refused_total",
                 "Points the database refused as data, moved to ingest_rejects",
-            ),
-            batches: counter("nexus_ingest_batches_total", "Batches committed"),
-            batch_rows: hist(
+            )?,
+            batches: metrics::counter(r, "nexus_ingest_batches_total", "Batches committed")?,
+            batch_rows: metrics::histogram(
+                r,
                 "nexus_ingest_batch_rows",
                 "Rows per committed batch",
                 vec![10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 20000.0, 50000.0],
-            ),
-            batch_bytes: hist(
+            )?,
+            batch_bytes: metrics::histogram(
+                r,
                 "nexus_ingest_batch_bytes",
                 "Approximate bytes per committed batch",
-                prometheus::exponential_buckets(1024.0, 4.0, 9).expect("buckets"),
-            ),
-            batch_seconds: hist(
+                // 1 KiB to 64 MiB, times 4 each.
+                (0..9).map(|i| 1024.0 * 4f64.powi(i)).collect(),
+            )?,
+            batch_seconds: metrics::histogram(
+                r,
                 "nexus_ingest_batch_seconds",
                 "Time to commit a batch",
                 vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0],
-            ),
-            errors,
-            db_up,
+            )?,
+            errors: metrics::counter_vec(
+                r,
+                "nexus_ingest_write_errors_total",
+                "Failed batch writes by kind (connection, server, data)",
+                &["kind"],
+            )?,
+            db_up: metrics::gauge(r, "nexus_ingest_db_up", "1 while the database takes writes")?,
+        };
+        for kind in WRITE_ERROR_KINDS {
+            m.errors.with_label_values(&[kind]);
         }
+        Ok(m)
     }
 }
 

@@ -146,7 +146,7 @@ async fn restart_replays_uncommitted_and_cuts_a_torn_tail() {
     drop(f);
 
     let registry = prometheus::Registry::new();
-    let metrics = WalMetrics::new(&registry);
+    let metrics = WalMetrics::new(&registry).unwrap();
     let (wal, start) =
         Wal::open(opts(dir.path(), 1 << 20, 64 * 1024), Some(metrics.clone())).unwrap();
     assert_eq!(start, 3);
@@ -193,7 +193,7 @@ fn reject(reason: String) -> crate::model::Reject {
 async fn a_long_unicode_reason_costs_no_other_row() {
     let dir = tempfile::tempdir().unwrap();
     let registry = prometheus::Registry::new();
-    let metrics = WalMetrics::new(&registry);
+    let metrics = WalMetrics::new(&registry).unwrap();
     let (wal, start) =
         Wal::open(opts(dir.path(), 1 << 20, 64 * 1024), Some(metrics.clone())).unwrap();
     let (atx, arx) = mpsc::channel(16);
@@ -255,7 +255,7 @@ async fn old_format_files_are_counted_not_fatal() {
     fs::write(dir.path().join(format!("{:020}.wal", 5)), &old).unwrap();
     fs::write(dir.path().join("committed"), "1\n").unwrap();
     let registry = prometheus::Registry::new();
-    let metrics = WalMetrics::new(&registry);
+    let metrics = WalMetrics::new(&registry).unwrap();
     let (wal, start) =
         Wal::open(opts(dir.path(), 1 << 20, 64 * 1024), Some(metrics.clone())).unwrap();
     assert_eq!(start, 1);
