@@ -91,6 +91,12 @@ impl From<tokio_postgres::Error> for ApiError {
     }
 }
 
+impl From<TimeError> for ApiError {
+    fn from(e: TimeError) -> Self {
+        ApiError::bad(e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
@@ -116,29 +122,55 @@ fn check_params(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), Api
     Ok(())
 }
 
+/// A `from`/`to` parameter that is not a time. The message names the parameter and the forms
+/// it takes.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {input:?} {problem}; use RFC 3339 in UTC (2026-01-02T03:04:05Z), unix milliseconds, now or now-<duration> (now-1h)")]
+pub struct TimeError {
+    pub name: String,
+    pub input: String,
+    #[source]
+    pub problem: TimeProblem,
+}
+
+/// What is wrong with a time parameter.
+#[derive(Debug, thiserror::Error)]
+pub enum TimeProblem {
+    #[error("is not a duration ({0})")]
+    Duration(#[source] humantime::DurationError),
+    #[error("is before 1970")]
+    Before1970,
+    #[error("is too large")]
+    TooLarge,
+    #[error("is not a time ({0})")]
+    Time(#[source] humantime::TimestampError),
+}
+
 /// Parse `from`/`to`.
-pub fn parse_time(name: &str, s: &str, now: SystemTime) -> Result<SystemTime, String> {
+pub fn parse_time(name: &str, s: &str, now: SystemTime) -> Result<SystemTime, TimeError> {
     let s = s.trim();
-    let bad = |why: String| {
-        format!("{name}: {s:?} {why}; use RFC 3339 in UTC (2026-01-02T03:04:05Z), unix milliseconds, now or now-<duration> (now-1h)")
+    let bad = |problem| TimeError {
+        name: name.to_owned(),
+        input: s.to_owned(),
+        problem,
     };
     if s == "now" {
         return Ok(now);
     }
     if let Some(d) = s.strip_prefix("now-") {
-        let d = humantime::parse_duration(d.trim())
-            .map_err(|e| bad(format!("is not a duration ({e})")))?;
+        let d = humantime::parse_duration(d.trim()).map_err(|e| bad(TimeProblem::Duration(e)))?;
         return now
             .checked_sub(d)
-            .ok_or_else(|| bad("is before 1970".into()));
+            .ok_or_else(|| bad(TimeProblem::Before1970));
     }
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        let ms: u64 = s.parse().map_err(|_| bad("is too large".into()))?;
+        // All digits: it can only fail by overflowing.
+        let ms: u64 = s.parse().map_err(|_| bad(TimeProblem::TooLarge))?;
         return UNIX_EPOCH
             .checked_add(Duration::from_millis(ms))
-            .ok_or_else(|| bad("is too large".into()));
+            .ok_or_else(|| bad(TimeProblem::TooLarge));
     }
-    humantime::parse_rfc3339_weak(s).map_err(|e| bad(format!("is not a time ({e})")))
+    humantime::parse_rfc3339_weak(s).map_err(|e| bad(TimeProblem::Time(e)))
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -190,11 +222,11 @@ async fn history(
     }
     let now = SystemTime::now();
     let to = match q.get("to") {
-        Some(s) => parse_time("to", s, now).map_err(ApiError::bad)?,
+        Some(s) => parse_time("to", s, now)?,
         None => now,
     };
     let from = match q.get("from") {
-        Some(s) => parse_time("from", s, now).map_err(ApiError::bad)?,
+        Some(s) => parse_time("from", s, now)?,
         None => to
             .checked_sub(Duration::from_secs(3600))
             .unwrap_or(UNIX_EPOCH),
@@ -388,9 +420,13 @@ mod tests {
             parse_time("to", "2023-11-14T22:13:20Z", now).unwrap(),
             UNIX_EPOCH + Duration::from_secs(1_700_000_000)
         );
-        let e = parse_time("to", "yesterday", now).unwrap_err();
-        assert!(e.starts_with("to: \"yesterday\""), "{e}");
+        let e = parse_time("to", "yesterday", now).unwrap_err().to_string();
+        assert!(e.starts_with("to: \"yesterday\" is not a time ("), "{e}");
+        assert!(e.ends_with("now or now-<duration> (now-1h)"), "{e}");
         let e = parse_time("from", "now-soon", now).unwrap_err();
-        assert!(e.contains("not a duration"), "{e}");
+        assert!(matches!(e.problem, TimeProblem::Duration(_)), "{e:?}");
+        assert!(e.to_string().contains("not a duration"), "{e}");
+        let e = parse_time("from", "99999999999999999999", now).unwrap_err();
+        assert!(matches!(e.problem, TimeProblem::TooLarge), "{e:?}");
     }
 }
