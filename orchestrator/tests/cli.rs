@@ -168,9 +168,9 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
         assert!(start.elapsed() < Duration::from_secs(10), "not ready");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(http_get(http, "/metrics")
-        .unwrap()
-        .contains("nexus_broker_connections"));
+    // Every metric docs/broker.md names is served.
+    let metrics = http_get(http, "/metrics").unwrap();
+    nexus_common::testing::assert_documented_metrics_served("broker.md", &metrics);
 
     // Real clients: every service's retained status, and a pub/sub round trip.
     let port = mqtt.to_string();

@@ -66,7 +66,7 @@ struct BrokerMetrics {
 
 impl BrokerMetrics {
     fn new(r: &Registry) -> Result<BrokerMetrics, MetricError> {
-        Ok(BrokerMetrics {
+        let m = BrokerMetrics {
             connections: metrics::gauge(
                 r,
                 "nexus_broker_connections",
@@ -89,7 +89,15 @@ impl BrokerMetrics {
                 "nexus_broker_auth_failures_total",
                 "Connections refused for bad credentials",
             )?,
-        })
+        };
+        // Every reason and action from the start, at 0.
+        for reason in DROP_REASONS {
+            m.dropped.with_label_values(&[reason]);
+        }
+        for action in ["publish", "subscribe"] {
+            m.denied.with_label_values(&[action]);
+        }
+        Ok(m)
     }
 }
 
@@ -97,6 +105,15 @@ struct Hooks {
     acl: Arc<Acl>,
     metrics: BrokerMetrics,
 }
+
+/// Every label [`drop_reason`] gives.
+const DROP_REASONS: [&str; 5] = [
+    "queue_full",
+    "inflight_full",
+    "expired",
+    "publish_refused",
+    "other",
+];
 
 fn drop_reason(r: &rmqtt::types::Reason) -> &'static str {
     use rmqtt::types::Reason as R;
