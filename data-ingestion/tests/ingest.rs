@@ -69,9 +69,12 @@ impl Ingest {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    fn metrics_text(&self) -> String {
+        testing::http(self.http, "GET", "/metrics", "").1
+    }
+
     fn metric(&self, sample: &str) -> f64 {
-        let (_, text) = testing::http(self.http, "GET", "/metrics", "");
-        testing::metric_value(&text, sample).unwrap_or(0.0)
+        testing::metric_value(&self.metrics_text(), sample).unwrap_or(0.0)
     }
 
     fn get(&self, path: &str) -> (u16, Json) {
@@ -324,6 +327,16 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
     let dup = ing.metric("nexus_ingest_points_duplicate_total");
     assert_eq!(dup, 1.0, "the repeated point is counted, not stored");
     assert_eq!(ing.metric("nexus_ingest_db_up"), 1.0);
+    // Every metric docs/ingestion.md names is served; labelled series whose labels are known
+    // are there from the start, at 0.
+    let text = ing.metrics_text();
+    testing::assert_documented_metrics_served("ingestion.md", &text);
+    for zero in [
+        "nexus_ingest_rejected_total{reason=\"unknown_alias\"}",
+        "nexus_ingest_messages_ignored_total{kind=\"sparkplug_death\"}",
+    ] {
+        assert_eq!(testing::metric_value(&text, zero), Some(0.0), "{zero}");
+    }
 
     // The aggregates have the contract's columns.
     let agg = db
