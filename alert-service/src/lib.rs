@@ -73,9 +73,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     opts.telemetry = Some(telemetry);
     // A clean session on purpose: every (re)connect subscribes again, so the broker sends the
     // retained alarm states (restore) and each topic's retained last value (a fresh snapshot).
-    let mut mcfg = (*cfg).clone();
-    mcfg.mqtt.persistent_session = false;
-    let mut shell = Shell::start(&mcfg, opts, shutdown.clone()).await?;
+    opts.clean_session = true;
+    let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     alerts.set_mqtt(shell.mqtt.clone());
     if let Some(db) = nexus_common::pg::Database::from_config(&cfg.database) {
         alerts.set_journal(journal::start(db, shutdown.clone()));

@@ -28,7 +28,7 @@ pub mod validate;
 
 use std::sync::Arc;
 
-use nexus_common::config::{Config, MqttVersion};
+use nexus_common::config::Config;
 use nexus_common::mqtt::QoS;
 use nexus_common::service::{Shell, ShellOptions};
 use nexus_common::telemetry::Telemetry;
@@ -63,17 +63,14 @@ pub async fn run_shared(
     directory: Arc<DeviceDirectory>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut mcfg = (*cfg).clone();
-    if cfg.commands.mqtt_v5 {
-        mcfg.mqtt.version = MqttVersion::V5;
-    }
-    mcfg.mqtt.persistent_session = false;
     let mut opts = ShellOptions::new(SERVICE, cfg.commands.http_listen);
+    opts.mqtt_v5 = cfg.commands.mqtt_v5;
+    opts.clean_session = true;
     opts.subscriptions = vec![(nexus_common::topic::sys::CMD_ALL.into(), QoS::AtLeastOnce)];
     opts.incoming_capacity = 4096;
     let registry = telemetry.registry.clone();
     opts.telemetry = Some(telemetry);
-    let mut shell = Shell::start(&mcfg, opts, shutdown.clone()).await?;
+    let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     let db = nexus_common::pg::Database::from_config(&cfg.database);
     let audit_db = db.is_some();
     let audit = db.map(|db| audit::start_writer(db, shutdown.clone()));

@@ -53,6 +53,10 @@ pub struct ShellOptions {
     pub telemetry: Option<Telemetry>,
     /// TCP_NODELAY on the MQTT connection (default true; see [`ClientSettings`]).
     pub tcp_nodelay: bool,
+    /// A clean MQTT session instead of `mqtt.persistent_session` (default false).
+    pub clean_session: bool,
+    /// MQTT 5 whatever `mqtt.version` says (default false).
+    pub mqtt_v5: bool,
 }
 
 impl ShellOptions {
@@ -66,6 +70,8 @@ impl ShellOptions {
             incoming_capacity: 1024,
             telemetry: None,
             tcp_nodelay: true,
+            clean_session: false,
+            mqtt_v5: false,
         }
     }
 }
@@ -111,8 +117,15 @@ impl Shell {
         settings.tcp_nodelay = opts.tcp_nodelay;
         // The client outlives `shutdown` so that "offline" can be published in `stop`.
         let mqtt_stop = CancellationToken::new();
+        let mut mqtt_cfg = std::borrow::Cow::Borrowed(&cfg.mqtt);
+        if opts.clean_session {
+            mqtt_cfg.to_mut().persistent_session = false;
+        }
+        if opts.mqtt_v5 {
+            mqtt_cfg.to_mut().version = crate::config::MqttVersion::V5;
+        }
         let (handle, incoming) =
-            mqtt::connect(&cfg.mqtt, settings, Some(&mqtt_metrics), mqtt_stop.clone())?;
+            mqtt::connect(&mqtt_cfg, settings, Some(&mqtt_metrics), mqtt_stop.clone())?;
 
         // Readiness follows the connection; every (re)connect republishes "online".
         let ready = telemetry.readiness.condition("broker");
