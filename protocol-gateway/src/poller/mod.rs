@@ -117,26 +117,25 @@ fn status_payload(health: Health, breaker: BreakerState, last_error: &Option<Str
     serde_json::json!({"state": health.as_str(), "breaker": breaker.as_str(), "last_error": last_error, "ts": now_ms()}).to_string()
 }
 
-/// Poll one device until `token`.
+/// Poll one device until `token`: wait for its turn, read it through the pools, publish what
+/// report by exception lets through, and keep its status (HTTP view, metrics, retained topic).
 pub async fn run_device(
     device: Arc<Device>,
     state: Arc<DeviceState>,
     ctx: PollContext,
     token: CancellationToken,
 ) {
-    let cfg: &DeviceConfig = &device.cfg;
-    let id = cfg.id.as_str().to_owned();
-    let interval = cfg.poll_interval;
-    let status_topic = nexus_common::topic::sys::device_status(id.as_str());
-    let mut exceptions = Exceptions::new(cfg.tags.len(), ctx.heartbeat);
+    let id = device.cfg.id.as_str().to_owned();
+    let interval = device.cfg.poll_interval;
+    let status_topic = nexus_common::topic::sys::device_status(&id);
+    let mut exceptions = Exceptions::new(device.cfg.tags.len(), ctx.heartbeat);
     let mut status = StatusSchedule::new(ctx.heartbeat, Instant::now());
-    let requests_per_poll = device.plan.requests_per_poll();
     ctx.metrics.init_device(&id);
     {
         let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
         s.state = "unknown";
         s.breaker = "closed";
-        s.requests_per_poll = requests_per_poll;
+        s.requests_per_poll = device.plan.requests_per_poll();
     }
     let jitter_max = interval.as_secs_f64() * 0.1;
     let mut base = Instant::now();
@@ -152,17 +151,10 @@ pub async fn run_device(
         if now > base + interval {
             let missed = ((now - base).as_secs_f64() / interval.as_secs_f64()) as u64;
             base += interval * missed as u32;
-            state.skipped.fetch_add(missed, Ordering::Relaxed);
-            ctx.metrics.skipped.with_label_values(&[&id]).inc_by(missed);
+            skipped(&state, &ctx, &id, missed);
         }
         let Ok(permit) = ctx.workers.clone().try_acquire_owned() else {
-            state.skipped.fetch_add(1, Ordering::Relaxed);
-            ctx.metrics.skipped.with_label_values(&[&id]).inc();
-            state
-                .status
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .polls_skipped = state.skipped.load(Ordering::Relaxed);
+            skipped(&state, &ctx, &id, 1);
             continue;
         };
         let started = Instant::now();
@@ -173,8 +165,7 @@ pub async fn run_device(
             .duration
             .with_label_values(&[&id])
             .observe(elapsed.as_secs_f64());
-        let ts = now_ms();
-        let (readings, error): (Vec<(usize, Reading)>, Option<String>) = match result {
+        let (readings, error) = match result {
             Ok(r) => {
                 let sent = device.plan.requests_per_poll();
                 ctx.metrics
@@ -188,79 +179,16 @@ pub async fn run_device(
                     .requests_per_poll = sent;
                 (r, None)
             }
-            Err(e) => {
-                let q = match e {
-                    PoolError::Open(_) => Quality::BadNotConnected,
-                    _ => Quality::BadCommFailure,
-                };
-                let reason = e.to_string();
-                (
-                    (0..cfg.tags.len())
-                        .map(|i| {
-                            (
-                                i,
-                                Reading::Bad {
-                                    quality: q,
-                                    reason: reason.clone(),
-                                },
-                            )
-                        })
-                        .collect(),
-                    Some(reason),
-                )
-            }
+            Err(e) => (all_bad(device.cfg.tags.len(), &e), Some(e.to_string())),
         };
         let bad_tags = readings
             .iter()
             .filter(|(_, r)| matches!(r, Reading::Bad { .. }))
             .count();
-        let mut out = Vec::new();
-        let mut values = Vec::with_capacity(readings.len());
-        let now = Instant::now();
-        for (i, reading) in readings {
-            let tag = &cfg.tags[i];
-            let sample = exceptions.sample(i, reading);
-            let due = exceptions.due(i, tag.deadband, &sample, now);
-            let point = DataPoint {
-                topic: device.topics[i].clone(),
-                value: sample.value,
-                quality: sample.quality,
-                ts_ms: ts,
-                source_ts_ms: sample.source_ts_ms,
-                unit: tag.unit.clone(),
-            };
-            if due {
-                out.push(point.clone());
-            }
-            values.push((i, point));
-        }
-        {
-            let mut v = state.values.write().unwrap_or_else(|e| e.into_inner());
-            v.resize(cfg.tags.len(), None);
-            for (i, p) in values {
-                v[i] = Some(p);
-            }
-        }
+        let out = to_points(&device, &mut exceptions, &state, readings, now_ms());
         let breaker = ctx.pools.breaker_state(&device);
         let health = Health::after_poll(error.is_some(), breaker, bad_tags);
-        let result_label = if error.is_some() { "failed" } else { "ok" };
-        ctx.metrics
-            .polls
-            .with_label_values(&[&id, result_label])
-            .inc();
-        {
-            let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
-            if error.is_some() {
-                s.polls_failed += 1;
-                s.last_error = error.clone();
-            } else {
-                s.polls_ok += 1;
-            }
-            s.state = health.as_str();
-            s.breaker = breaker.as_str();
-            s.polls_skipped = state.skipped.load(Ordering::Relaxed);
-            s.last_duration_ms = elapsed.as_secs_f64() * 1000.0;
-        }
+        record_poll(&state, &ctx, &id, health, breaker, &error, elapsed);
         // Status on change, and again every heartbeat (a restarted broker forgets it).
         let now = Instant::now();
         if status.due(health, breaker, now) && ctx.mqtt.is_connected() {
@@ -270,14 +198,10 @@ pub async fn run_device(
                 .unwrap_or_else(|e| e.into_inner())
                 .last_error
                 .clone();
+            let payload = status_payload(health, breaker, &last_error);
             if ctx
                 .mqtt
-                .publish(
-                    &status_topic,
-                    status_payload(health, breaker, &last_error),
-                    QoS::AtLeastOnce,
-                    true,
-                )
+                .publish(&status_topic, payload, QoS::AtLeastOnce, true)
                 .await
                 .is_ok()
             {
@@ -291,6 +215,101 @@ pub async fn run_device(
             break;
         }
     }
+}
+
+/// Count `n` skipped polls.
+fn skipped(state: &DeviceState, ctx: &PollContext, id: &str, n: u64) {
+    let total = state.skipped.fetch_add(n, Ordering::Relaxed) + n;
+    ctx.metrics.skipped.with_label_values(&[id]).inc_by(n);
+    state
+        .status
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .polls_skipped = total;
+}
+
+/// Every tag bad, as a failed read leaves them: not connected while the breaker is open,
+/// a communication failure otherwise.
+fn all_bad(tags: usize, e: &PoolError) -> Vec<(usize, Reading)> {
+    let quality = match e {
+        PoolError::Open(_) => Quality::BadNotConnected,
+        _ => Quality::BadCommFailure,
+    };
+    let reason = e.to_string();
+    (0..tags)
+        .map(|i| {
+            (
+                i,
+                Reading::Bad {
+                    quality,
+                    reason: reason.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The readings as points: every one becomes the tag's live value (HTTP view); those that
+/// report by exception lets through are returned, to be published.
+fn to_points(
+    device: &Device,
+    exceptions: &mut Exceptions,
+    state: &DeviceState,
+    readings: Vec<(usize, Reading)>,
+    ts_ms: i64,
+) -> Vec<DataPoint> {
+    let cfg = &device.cfg;
+    let mut out = Vec::new();
+    let mut values = Vec::with_capacity(readings.len());
+    let now = Instant::now();
+    for (i, reading) in readings {
+        let tag = &cfg.tags[i];
+        let sample = exceptions.sample(i, reading);
+        let due = exceptions.due(i, tag.deadband, &sample, now);
+        let point = DataPoint {
+            topic: device.topics[i].clone(),
+            value: sample.value,
+            quality: sample.quality,
+            ts_ms,
+            source_ts_ms: sample.source_ts_ms,
+            unit: tag.unit.clone(),
+        };
+        if due {
+            out.push(point.clone());
+        }
+        values.push((i, point));
+    }
+    let mut v = state.values.write().unwrap_or_else(|e| e.into_inner());
+    v.resize(cfg.tags.len(), None);
+    for (i, p) in values {
+        v[i] = Some(p);
+    }
+    out
+}
+
+/// The poll's outcome into the device's counters and live status.
+fn record_poll(
+    state: &DeviceState,
+    ctx: &PollContext,
+    id: &str,
+    health: Health,
+    breaker: BreakerState,
+    error: &Option<String>,
+    elapsed: Duration,
+) {
+    let result = if error.is_some() { "failed" } else { "ok" };
+    ctx.metrics.polls.with_label_values(&[id, result]).inc();
+    let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
+    if error.is_some() {
+        s.polls_failed += 1;
+        s.last_error = error.clone();
+    } else {
+        s.polls_ok += 1;
+    }
+    s.state = health.as_str();
+    s.breaker = breaker.as_str();
+    s.polls_skipped = state.skipped.load(Ordering::Relaxed);
+    s.last_duration_ms = elapsed.as_secs_f64() * 1000.0;
 }
 
 /// A running device: its config, stop token, task, live state and compiled form.
