@@ -435,7 +435,10 @@ fn a_killed_service_is_marked_offline_by_its_last_will() {
         ..BrokerConfig::default()
     });
     let port = broker.ports.tcp.port().to_string();
+    // Its runtime files (buffer, PKI) go to a temporary working directory.
+    let work = tempfile::tempdir().unwrap();
     let mut gw = Up(Command::new(NEXUS)
+        .current_dir(work.path())
         .args(["--log-format", "json", "gateway"])
         .env("NEXUS_MQTT__PORT", &port)
         .env("NEXUS_MQTT__USERNAME", "svc")
