@@ -68,6 +68,19 @@ pub enum ModbusTransport {
     RtuOverTcp,
 }
 
+/// How a Modbus device's register bits (`HR:10.3`) are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BitWrite {
+    /// Function 22, Mask Write Register: the device changes the one bit itself, so the other
+    /// bits of the register keep whatever the PLC wrote meanwhile.
+    #[default]
+    Mask,
+    /// Function 03 then 06 (read the register, write it back whole), for devices without
+    /// function 22. Not atomic: a bit the PLC changes between the two requests is lost.
+    ReadModifyWrite,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Parity {
@@ -97,6 +110,8 @@ pub struct ConnectionConfig {
     pub max_registers_per_request: Option<u16>,
     /// Largest gap of unused registers merged into one read (default 10).
     pub max_register_gap: Option<u16>,
+    /// How bits of holding registers are written (default `mask`).
+    pub bit_write: Option<BitWrite>,
     // OPC UA
     pub endpoint: Option<String>,
     pub security_policy: Option<String>,
@@ -251,6 +266,8 @@ pub struct TagConfig {
 }
 
 mod address;
+#[cfg(test)]
+mod tests;
 mod validate;
 
 pub use address::{ModbusAddress, ModbusTable, S7Address, S7Area};

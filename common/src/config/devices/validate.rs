@@ -60,6 +60,7 @@ pub(super) fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
                 (c.rack.is_some(), "rack"),
                 (c.slot.is_some(), "slot"),
                 (c.host.is_some(), "host"),
+                (c.bit_write.is_some(), "bit_write"),
             ] {
                 not_for(present, key);
             }
@@ -121,6 +122,7 @@ pub(super) fn check_connection(d: &DeviceConfig, at: &str, p: &mut Problems) {
                     "max_registers_per_request",
                 ),
                 (c.max_register_gap.is_some(), "max_register_gap"),
+                (c.bit_write.is_some(), "bit_write"),
             ] {
                 not_for(present, key);
             }
