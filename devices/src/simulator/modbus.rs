@@ -20,7 +20,13 @@
 //!
 //! Addresses at or above `illegal_from` (default 60000) answer IllegalDataAddress, so
 //! exception handling can be exercised. Every unit id is served by the same map.
+//!
+//! Function codes served: 01-06, 15, 16 and 22 (Mask Write Register). For tests,
+//! [`Registers`] counts requests per function code, can refuse 22 with IllegalFunction like
+//! a device without it (`refuse_mask_write`), and can run a hook after each request (a PLC
+//! that changes a register between a client's read and its write).
 
+use std::collections::BTreeMap;
 use std::future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,10 @@ use tokio_util::sync::CancellationToken;
 
 const SIZE: usize = 65536;
 
+/// Runs after each request is served, before the reply leaves, with the request's function
+/// code (3 for Read Holding Registers, ...).
+pub type AfterRequest = Box<dyn FnMut(u8, &mut Registers) + Send>;
+
 /// The register map.
 pub struct Registers {
     pub holding: Vec<u16>,
@@ -42,6 +52,13 @@ pub struct Registers {
     pub discrete: Vec<bool>,
     /// Requests served (for tests and benchmarks).
     pub requests: u64,
+    /// Requests received per function code, refused ones included.
+    pub function_codes: BTreeMap<u8, u64>,
+    /// Answer Mask Write Register (22) with IllegalFunction, as devices without it do.
+    pub refuse_mask_write: bool,
+    /// What the "PLC" does after each request (tests: change a bit between a client's read
+    /// and its write).
+    pub after_request: Option<AfterRequest>,
     pub illegal_from: u16,
     /// Holding registers incremented at every tick (benchmarks: every polled value changes).
     pub churn: std::ops::Range<usize>,
@@ -55,6 +72,9 @@ impl Registers {
             coils: vec![false; SIZE],
             discrete: vec![false; SIZE],
             requests: 0,
+            function_codes: BTreeMap::new(),
+            refuse_mask_write: false,
+            after_request: None,
             illegal_from: 60000,
             churn: 0..0,
         };
@@ -128,6 +148,54 @@ impl Registers {
     }
 }
 
+impl Registers {
+    fn serve(&mut self, req: Request<'static>) -> Result<Response, ExceptionCode> {
+        Ok(match req {
+            Request::ReadCoils(a, n) => {
+                Response::ReadCoils(self.coils[self.check(a, n as usize)?].to_vec())
+            }
+            Request::ReadDiscreteInputs(a, n) => {
+                Response::ReadDiscreteInputs(self.discrete[self.check(a, n as usize)?].to_vec())
+            }
+            Request::ReadHoldingRegisters(a, n) => {
+                Response::ReadHoldingRegisters(self.holding[self.check(a, n as usize)?].to_vec())
+            }
+            Request::ReadInputRegisters(a, n) => {
+                Response::ReadInputRegisters(self.input[self.check(a, n as usize)?].to_vec())
+            }
+            Request::WriteSingleCoil(a, v) => {
+                let range = self.check(a, 1)?;
+                self.coils[range.start] = v;
+                Response::WriteSingleCoil(a, v)
+            }
+            Request::WriteMultipleCoils(a, v) => {
+                let range = self.check(a, v.len())?;
+                self.coils[range].copy_from_slice(&v);
+                Response::WriteMultipleCoils(a, v.len() as u16)
+            }
+            Request::WriteSingleRegister(a, v) => {
+                let range = self.check(a, 1)?;
+                self.holding[range.start] = v;
+                Response::WriteSingleRegister(a, v)
+            }
+            Request::WriteMultipleRegisters(a, v) => {
+                let range = self.check(a, v.len())?;
+                self.holding[range].copy_from_slice(&v);
+                Response::WriteMultipleRegisters(a, v.len() as u16)
+            }
+            Request::MaskWriteRegister(_, _, _) if self.refuse_mask_write => {
+                return Err(ExceptionCode::IllegalFunction)
+            }
+            Request::MaskWriteRegister(a, and_mask, or_mask) => {
+                let i = self.check(a, 1)?.start;
+                self.holding[i] = (self.holding[i] & and_mask) | (or_mask & !and_mask);
+                Response::MaskWriteRegister(a, and_mask, or_mask)
+            }
+            _ => return Err(ExceptionCode::IllegalFunction),
+        })
+    }
+}
+
 #[derive(Clone)]
 struct Service {
     regs: Arc<Mutex<Registers>>,
@@ -137,41 +205,17 @@ impl Service {
     fn handle(&self, req: Request<'static>) -> Result<Response, ExceptionCode> {
         let mut r = self.regs.lock().unwrap_or_else(|e| e.into_inner());
         r.requests += 1;
-        Ok(match req {
-            Request::ReadCoils(a, n) => {
-                Response::ReadCoils(r.coils[r.check(a, n as usize)?].to_vec())
+        let fc = req.function_code().value();
+        *r.function_codes.entry(fc).or_default() += 1;
+        let result = r.serve(req);
+        if let Some(mut hook) = r.after_request.take() {
+            hook(fc, &mut r);
+            // Unless the hook installed another one.
+            if r.after_request.is_none() {
+                r.after_request = Some(hook);
             }
-            Request::ReadDiscreteInputs(a, n) => {
-                Response::ReadDiscreteInputs(r.discrete[r.check(a, n as usize)?].to_vec())
-            }
-            Request::ReadHoldingRegisters(a, n) => {
-                Response::ReadHoldingRegisters(r.holding[r.check(a, n as usize)?].to_vec())
-            }
-            Request::ReadInputRegisters(a, n) => {
-                Response::ReadInputRegisters(r.input[r.check(a, n as usize)?].to_vec())
-            }
-            Request::WriteSingleCoil(a, v) => {
-                let range = r.check(a, 1)?;
-                r.coils[range.start] = v;
-                Response::WriteSingleCoil(a, v)
-            }
-            Request::WriteMultipleCoils(a, v) => {
-                let range = r.check(a, v.len())?;
-                r.coils[range].copy_from_slice(&v);
-                Response::WriteMultipleCoils(a, v.len() as u16)
-            }
-            Request::WriteSingleRegister(a, v) => {
-                let range = r.check(a, 1)?;
-                r.holding[range.start] = v;
-                Response::WriteSingleRegister(a, v)
-            }
-            Request::WriteMultipleRegisters(a, v) => {
-                let range = r.check(a, v.len())?;
-                r.holding[range].copy_from_slice(&v);
-                Response::WriteMultipleRegisters(a, v.len() as u16)
-            }
-            _ => return Err(ExceptionCode::IllegalFunction),
-        })
+        }
+        result
     }
 }
 
@@ -255,6 +299,17 @@ impl ModbusSimulator {
             .requests
     }
 
+    /// Requests received with function code `fc` (refused ones included).
+    pub fn function_count(&self, fc: u8) -> u64 {
+        self.registers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .function_codes
+            .get(&fc)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Stop serving (open connections end too).
     pub fn stop(&self) {
         self.token.cancel();
@@ -264,5 +319,35 @@ impl ModbusSimulator {
 impl Drop for ModbusSimulator {
     fn drop(&mut self) {
         self.token.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_write_changes_only_the_masked_bits_or_is_refused() {
+        let mut r = Registers::new();
+        r.holding[7] = 0b10_0001;
+        assert_eq!(
+            r.serve(Request::MaskWriteRegister(7, !0b1000, 0b1000)),
+            Ok(Response::MaskWriteRegister(7, !0b1000, 0b1000))
+        );
+        assert_eq!(r.holding[7], 0b10_1001);
+        // The example of the Modbus Application Protocol (6.16): 0x12, AND 0xF2, OR 0x25.
+        r.holding[8] = 0x12;
+        r.serve(Request::MaskWriteRegister(8, 0xF2, 0x25)).unwrap();
+        assert_eq!(r.holding[8], 0x17);
+        assert_eq!(
+            r.serve(Request::MaskWriteRegister(60000, 0, 1)),
+            Err(ExceptionCode::IllegalDataAddress)
+        );
+        r.refuse_mask_write = true;
+        assert_eq!(
+            r.serve(Request::MaskWriteRegister(7, 0, 0)),
+            Err(ExceptionCode::IllegalFunction)
+        );
+        assert_eq!(r.holding[7], 0b10_1001, "a refused request changes nothing");
     }
 }
