@@ -406,3 +406,193 @@ async fn a_dead_device_goes_offline_others_keep_polling_and_it_recovers() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A device with bit tags of HR 400 and a whole-word tag of it; `extra` goes in `connection`.
+fn bit_device(id: &str, port: u16, extra: &str) -> Arc<Device> {
+    compile(&format!(
+        "devices:\n  - id: {id}\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ host: 127.0.0.1, port: {port}, timeout: 500ms{extra} }}\n    tags:\n      - {{ id: b3, address: \"HR:400.3\", data_type: bool, access: readwrite }}\n      - {{ id: word, address: \"HR:400\", data_type: uint16 }}\n"
+    ))
+}
+
+fn pools() -> Arc<Pools> {
+    Pools::new(
+        PoolConfig::default(),
+        BreakerConfig::default(),
+        OpcUaClientConfig::default(),
+        &prometheus::Registry::new(),
+    )
+    .unwrap()
+}
+
+/// Function codes the simulator received: 03 read, 06 write register, 16 write registers, 22
+/// mask write.
+fn codes(sim: &ModbusSimulator) -> [u64; 4] {
+    [3, 6, 16, 22].map(|fc| sim.function_count(fc))
+}
+
+/// The "PLC" sets bit 5 of HR 400 right after serving any read of holding registers.
+fn plc_sets_bit_5_after_each_read(sim: &ModbusSimulator) {
+    sim.registers.lock().unwrap().after_request = Some(Box::new(|fc, r| {
+        if fc == 3 {
+            r.holding[400] |= 1 << 5;
+        }
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bit_write_is_one_mask_write_and_keeps_bits_the_plc_changed() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    set(&sim, 400, &[0b1]);
+    plc_sets_bit_5_after_each_read(&sim);
+    let d = bit_device("mask", sim.addr.port(), "");
+    let pools = pools();
+    // The gateway polls (the PLC sets bit 5 after the reply), then a command sets bit 3.
+    pools.read(&d, None).await.unwrap();
+    assert_eq!(sim.registers.lock().unwrap().holding[400], 0b10_0001);
+    pools
+        .write(&d, 0, Value::Bool(true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sim.registers.lock().unwrap().holding[400],
+        0b10_1001,
+        "bits 0 and 5 of the PLC kept, bit 3 set"
+    );
+    assert_eq!(
+        codes(&sim),
+        [1, 0, 0, 1],
+        "the poll's read, then one Mask Write Register; the register was never written whole"
+    );
+    pools
+        .write(&d, 0, Value::Bool(false))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sim.registers.lock().unwrap().holding[400], 0b10_0001);
+    assert_eq!(codes(&sim), [1, 0, 0, 2]);
+    let back = pools.read(&d, None).await.unwrap();
+    assert_eq!(
+        back,
+        vec![
+            (
+                0,
+                Reading::Good {
+                    value: Value::Bool(false),
+                    source_ts_ms: None
+                }
+            ),
+            (
+                1,
+                Reading::Good {
+                    value: Value::Int(0b10_0001),
+                    source_ts_ms: None
+                }
+            )
+        ]
+    );
+    // A bit tag refuses what is not a bool before any request.
+    let e = pools
+        .write(&d, 0, Value::Int(1))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("takes a bool"), "{e}");
+    assert_eq!(codes(&sim), [2, 0, 0, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_modify_write_works_where_configured_and_loses_what_the_plc_changes_in_between() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    // A device without function 22: read_modify_write is its remedy.
+    sim.registers.lock().unwrap().refuse_mask_write = true;
+    set(&sim, 400, &[0b1]);
+    let d = bit_device("rmw", sim.addr.port(), ", bit_write: read_modify_write");
+    let pools = pools();
+    pools
+        .write(&d, 0, Value::Bool(true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sim.registers.lock().unwrap().holding[400], 0b1001);
+    assert_eq!(codes(&sim), [1, 1, 0, 0], "read, then the whole register");
+    pools
+        .write(&d, 0, Value::Bool(false))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sim.registers.lock().unwrap().holding[400], 0b1);
+
+    // The documented race: the PLC sets bit 5 between Nexus's read and its write, and the
+    // write puts back the word as it was read.
+    plc_sets_bit_5_after_each_read(&sim);
+    pools
+        .write(&d, 0, Value::Bool(true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sim.registers.lock().unwrap().holding[400],
+        0b1001,
+        "bit 5, set by the PLC in between, is lost"
+    );
+    assert_eq!(codes(&sim), [3, 3, 0, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_refusing_mask_write_is_a_device_error_naming_the_setting() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    sim.registers.lock().unwrap().refuse_mask_write = true;
+    set(&sim, 400, &[0b10_0001]);
+    let d = bit_device("old-plc", sim.addr.port(), "");
+    let pools = pools();
+    for _ in 0..8 {
+        let e = pools
+            .write(&d, 0, Value::Bool(true))
+            .await
+            .expect("a device exception, not a transport error")
+            .unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("HR:400.3"), "{e}");
+        assert!(e.contains("Mask Write Register (function 22"), "{e}");
+        assert!(e.contains("bit_write: read_modify_write"), "{e}");
+    }
+    assert_eq!(sim.registers.lock().unwrap().holding[400], 0b10_0001);
+    assert_eq!(
+        codes(&sim),
+        [0, 0, 0, 8],
+        "no fallback to a read and a write"
+    );
+    assert_eq!(
+        pools.breaker_state(&d),
+        nexus_common::breaker::BreakerState::Closed,
+        "refusals do not count against the breaker"
+    );
+    // The session is still good.
+    let r = pools.read(&d, Some(vec![1])).await.unwrap();
+    assert_eq!(
+        r[0].1,
+        Reading::Good {
+            value: Value::Int(0b10_0001),
+            source_ts_ms: None
+        }
+    );
+    // Another exception keeps its own message.
+    sim.registers.lock().unwrap().refuse_mask_write = false;
+    let far = compile(&format!(
+        "devices:\n  - id: far\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ host: 127.0.0.1, port: {} }}\n    tags:\n      - {{ id: b, address: \"HR:60010.1\", data_type: bool, access: readwrite }}\n",
+        sim.addr.port()
+    ));
+    let e = pools
+        .write(&far, 0, Value::Bool(true))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("IllegalDataAddress"), "{e}");
+}

@@ -1,5 +1,7 @@
 //! Modbus TCP, RTU (serial) and RTU-over-TCP on tokio-modbus: function codes 01/02/03/04 for
-//! reads (planned by [`plan`]), 05/06/15/16 for writes. Every call has a timeout; after a
+//! reads (planned by [`plan`]), 05/06/15/16 for writes, 22 (Mask Write Register) for a bit of
+//! a holding register, or 03 then 06 where a device lacks 22 and its `connection.bit_write`
+//! says `read_modify_write`. Every call has a timeout; after a
 //! timeout or any transport or framing error the connection is dropped, so a late reply can
 //! never be read as the answer to the next request (tokio-modbus would otherwise fail the
 //! next call with a transaction-id mismatch on TCP, and RTU has no transaction id at all).
@@ -10,6 +12,7 @@ pub mod plan;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use nexus_common::config::devices::BitWrite;
 use nexus_common::config::{
     DeviceConfig, ModbusAddress, ModbusTable, ModbusTransport, Parity, Protocol,
 };
@@ -38,6 +41,8 @@ pub struct TagSpec {
 #[derive(Debug, Clone)]
 pub struct ModbusPlan {
     pub unit_id: u8,
+    /// How bits of holding registers are written.
+    pub bit_write: BitWrite,
     pub limits: PlanLimits,
     pub tags: Vec<TagSpec>,
     pub requests: Vec<ReadRequest>,
@@ -96,11 +101,19 @@ impl ModbusPlan {
         );
         Ok(ModbusPlan {
             unit_id: c.unit_id.unwrap_or(1),
+            bit_write: c.bit_write.unwrap_or_default(),
             limits,
             tags,
             requests,
         })
     }
+}
+
+/// The AND and OR masks of a Mask Write Register (function 22) that set (`on`) or clear bit
+/// `bit` and keep the others: the device stores `(current & and) | (or & !and)`.
+fn bit_masks(bit: u8, on: bool) -> (u16, u16) {
+    let b = 1u16 << bit;
+    (!b, if on { b } else { 0 })
 }
 
 fn exception_quality(e: ExceptionCode) -> Quality {
@@ -426,7 +439,28 @@ impl Driver for ModbusDriver {
                     ))));
                 };
                 let on = *on;
-                // Read-modify-write of the register (FC 03 then FC 06).
+                if plan.bit_write == BitWrite::Mask {
+                    // One request: the device changes the bit itself, so a bit the PLC sets
+                    // meanwhile is kept (a read then a write would put back its old value).
+                    let (and_mask, or_mask) = bit_masks(bit, on);
+                    return match self
+                        .call(unit, move |c| {
+                            Box::pin(c.masked_write_register(addr, and_mask, or_mask))
+                        })
+                        .await?
+                    {
+                        Ok(()) => Ok(Ok(())),
+                        Err(ExceptionCode::IllegalFunction) => Ok(Err(DeviceError(format!(
+                            "HR:{addr}.{bit}: the device does not support Mask Write Register \
+                             (function 22, exception IllegalFunction); for such a device set \
+                             connection.bit_write: read_modify_write (function 03 then 06, \
+                             which overwrites bits the PLC changes in between)"
+                        )))),
+                        Err(e) => Ok(Err(exc(e))),
+                    };
+                }
+                // `bit_write: read_modify_write`, for devices without function 22: not atomic,
+                // a bit the PLC changes between the read and the write is lost.
                 let current = match self
                     .call(unit, move |c| Box::pin(c.read_holding_registers(addr, 1)))
                     .await?
@@ -482,5 +516,31 @@ impl Driver for ModbusDriver {
             )
             .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bit_masks;
+
+    /// What a device does with a Mask Write Register (Modbus Application Protocol 6.16).
+    fn apply(current: u16, and_mask: u16, or_mask: u16) -> u16 {
+        (current & and_mask) | (or_mask & !and_mask)
+    }
+
+    #[test]
+    fn bit_masks_change_only_their_bit() {
+        for current in [0u16, 0xFFFF, 0b10_0001, 0xA5A5, 0x8000] {
+            for bit in 0..16u8 {
+                let b = 1u16 << bit;
+                let (and_mask, or_mask) = bit_masks(bit, true);
+                assert_eq!(apply(current, and_mask, or_mask), current | b);
+                let (and_mask, or_mask) = bit_masks(bit, false);
+                assert_eq!(apply(current, and_mask, or_mask), current & !b);
+            }
+        }
+        // The bytes on the wire for bit 3: AND 0xFFF7, OR 0x0008 (set) or 0x0000 (clear).
+        assert_eq!(bit_masks(3, true), (0xFFF7, 0x0008));
+        assert_eq!(bit_masks(3, false), (0xFFF7, 0x0000));
     }
 }
