@@ -115,3 +115,57 @@ async fn reads_and_writes_against_pymodbus_tcp() {
 async fn reads_and_writes_against_pymodbus_rtu_framing_over_tcp() {
     check("rtu", "rtu_over_tcp").await;
 }
+
+/// Bits of HR 240 (0b1000 in the pymodbus server) written with Mask Write Register (function
+/// 22): each changes its own bit and keeps the others.
+async fn check_bits(framing: &str, transport: &str) {
+    let (_peer, port) = start_pymodbus(framing);
+    let yaml = format!(
+        "devices:\n  - id: py-bits\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ host: 127.0.0.1, port: {port}, transport: {transport}, timeout: 2s }}\n    tags:\n      - {{ id: word, address: \"HR:240\", data_type: uint16 }}\n      - {{ id: b0, address: \"HR:240.0\", data_type: bool, access: readwrite }}\n      - {{ id: b3, address: \"HR:240.3\", data_type: bool, access: readwrite }}\n      - {{ id: b15, address: \"HR:240.15\", data_type: bool, access: readwrite }}\n"
+    );
+    let cfg = Config::from_str_with_env(&yaml, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let d = Arc::new(Device::compile(cfg.devices[0].clone()).unwrap());
+    let pools = Pools::new(
+        PoolConfig::default(),
+        BreakerConfig::default(),
+        OpcUaClientConfig::default(),
+        &prometheus::Registry::new(),
+    )
+    .unwrap();
+    let word = |r: Vec<(usize, Reading)>| match &r[0].1 {
+        Reading::Good {
+            value: Value::Int(w),
+            ..
+        } => *w,
+        bad => panic!("{framing}: {bad:?}"),
+    };
+    assert_eq!(word(pools.read(&d, Some(vec![0])).await.unwrap()), 0b1000);
+    for (tag, on, want) in [
+        (1, true, 0b1001),
+        (3, true, 0x8009),
+        (2, false, 0x8001),
+        (1, false, 0x8000),
+        (2, true, 0x8008),
+    ] {
+        pools
+            .write(&d, tag, Value::Bool(on))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{framing}: tag {tag}: {e}"));
+        assert_eq!(
+            word(pools.read(&d, Some(vec![0])).await.unwrap()),
+            want,
+            "{framing}: tag {tag} set to {on}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_writes_keep_the_other_bits_in_pymodbus_tcp() {
+    check_bits("tcp", "tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_writes_keep_the_other_bits_in_pymodbus_rtu_framing_over_tcp() {
+    check_bits("rtu", "rtu_over_tcp").await;
+}
