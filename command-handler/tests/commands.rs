@@ -730,3 +730,78 @@ async fn every_command_is_audited_in_postgres() {
     r.token.cancel();
     r.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_bits_are_mask_written_and_a_device_without_it_names_the_setting() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    // An older PLC without Mask Write Register (function 22), configured twice: with the
+    // default and with the read-modify-write it needs.
+    let old = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    old.registers.lock().unwrap().refuse_mask_write = true;
+    for s in [&sim, &old] {
+        s.registers.lock().unwrap().holding[400] = 0b10_0001;
+    }
+    let bit_device = |id: &str, port: u16, extra: &str| {
+        format!("  - id: {id}\n    protocol: modbus\n    uns_prefix: acme/site\n    connection: {{ host: 127.0.0.1, port: {port}, timeout: 300ms{extra} }}\n    tags:\n      - {{ id: b3, address: \"HR:400.3\", data_type: bool, access: readwrite }}\n")
+    };
+    let devices = format!(
+        "{}{}{}",
+        bit_device("plc", sim.addr.port(), ""),
+        bit_device("old", old.addr.port(), ""),
+        bit_device("old-rmw", old.addr.port(), ", bit_write: read_modify_write")
+    );
+    let b = broker();
+    let port = b.ports.tcp.port();
+    let r = rig(Some(b), port, &devices, "").await;
+    let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"b3","value":true,"confirm":true}"#,
+    )
+    .await;
+    pubj(&op, "$nexus/cmd/old/b3/set", "true").await;
+    let got = responses(&mut rx, 2, Duration::from_secs(5)).await;
+    pubj(&op, "$nexus/cmd/old-rmw/b3/set", "true").await;
+    let got: Vec<(String, Value)> = got
+        .into_iter()
+        .chain(responses(&mut rx, 1, Duration::from_secs(5)).await)
+        .collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let by_device = |d: &str| {
+        got.iter()
+            .find(|(_, v)| v["device_id"] == d)
+            .unwrap()
+            .1
+            .clone()
+    };
+
+    let plc = by_device("plc");
+    assert_eq!(plc["success"], true, "{plc}");
+    assert_eq!(plc["read_back"], true, "{plc}");
+    assert_eq!(sim.registers.lock().unwrap().holding[400], 0b10_1001);
+    assert_eq!(sim.function_count(22), 1);
+    assert_eq!(
+        sim.function_count(6),
+        0,
+        "the register is never written whole"
+    );
+
+    let refused = by_device("old");
+    assert_eq!(refused["success"], false, "{refused}");
+    let e = refused["error"].as_str().unwrap();
+    assert!(
+        e.contains("Mask Write Register") && e.contains("bit_write: read_modify_write"),
+        "{e}"
+    );
+    let rmw = by_device("old-rmw");
+    assert_eq!(rmw["success"], true, "{rmw}");
+    assert_eq!(old.registers.lock().unwrap().holding[400], 0b10_1001);
+    assert_eq!((old.function_count(22), old.function_count(6)), (1, 1));
+    r.token.cancel();
+    r.task.await.unwrap().unwrap();
+}
