@@ -99,7 +99,7 @@ impl Shell {
         let telemetry = opts
             .telemetry
             .unwrap_or_else(|| Telemetry::new(opts.service));
-        let mqtt_metrics = MqttMetrics::new(&telemetry.registry)?;
+        let mqtt_metrics = telemetry.mqtt_metrics()?;
         let topic = crate::topic::sys::service_status(opts.service, &instance);
         let mut settings = ClientSettings::new(format!(
             "{}-{}-{}",

@@ -87,6 +87,9 @@ pub struct Telemetry {
     pub service: &'static str,
     pub registry: Registry,
     pub readiness: Readiness,
+    /// The MQTT client's metrics, registered once however often the service restarts with
+    /// this telemetry (a supervisor's restart).
+    mqtt: Arc<Mutex<Option<crate::mqtt::MqttMetrics>>>,
 }
 
 impl Telemetry {
@@ -95,7 +98,19 @@ impl Telemetry {
             service,
             registry: Registry::new(),
             readiness: Readiness::default(),
+            mqtt: Arc::default(),
         }
+    }
+
+    /// The MQTT metrics of this registry, created at the first call.
+    pub fn mqtt_metrics(&self) -> Result<crate::mqtt::MqttMetrics, crate::metrics::MetricError> {
+        let mut m = self.mqtt.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = m.as_ref() {
+            return Ok(m.clone());
+        }
+        let made = crate::mqtt::MqttMetrics::new(&self.registry)?;
+        *m = Some(made.clone());
+        Ok(made)
     }
 
     /// Prometheus text of this registry.
