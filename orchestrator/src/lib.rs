@@ -22,26 +22,43 @@ use tokio_util::sync::CancellationToken;
 
 /// The gateway with the command handler inside it, sharing its connection pools and device
 /// directory (`nexus gateway`, and the gateway of `nexus up`). Each keeps its own HTTP port and
-/// metrics (:4000 and :4100).
+/// metrics (:4000 and :4100). Whichever stops first stops the other, so the supervisor restarts
+/// them together: a handler that failed is never left dead beside a running gateway.
 pub async fn gateway_with_commands(
     cfg: Arc<Config>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let gw_telemetry = Telemetry::new(nexus_protocol_gateway::SERVICE);
     let shared = nexus_devices::DeviceLayer::new(&cfg, &gw_telemetry.registry)?;
-    let commands = tokio::spawn(nexus_command_handler::run_shared(
+    let mut commands = tokio::spawn(nexus_command_handler::run_shared(
         cfg.clone(),
         Telemetry::new(nexus_command_handler::SERVICE),
         shared.pools.clone(),
         shared.directory.clone(),
         shutdown.clone(),
     ));
-    let gateway =
-        nexus_protocol_gateway::run_shared(cfg, gw_telemetry, shared, shutdown.clone()).await;
-    // Whichever ends first takes the other down with it, so the supervisor restarts both.
+    let mut gateway = tokio::spawn(nexus_protocol_gateway::run_shared(
+        cfg,
+        gw_telemetry,
+        shared,
+        shutdown.clone(),
+    ));
+    let (first, first_result, other, other_name) = tokio::select! {
+        r = &mut gateway => ("gateway", r, commands, "command handler"),
+        r = &mut commands => ("command handler", r, gateway, "gateway"),
+    };
+    if !shutdown.is_cancelled() {
+        tracing::warn!(
+            component = first,
+            "stopped on its own; stopping the {other_name} too, so both restart"
+        );
+    }
     shutdown.cancel();
-    let commands = commands
+    let first_result = first_result.map_err(|e| anyhow::anyhow!("{first} task: {e}"));
+    let other_result = other
         .await
-        .map_err(|e| anyhow::anyhow!("command handler task: {e}"))?;
-    gateway.and(commands)
+        .map_err(|e| anyhow::anyhow!("{other_name} task: {e}"));
+    first_result
+        .and_then(|r| r.map_err(|e| e.context(first)))
+        .and(other_result.and_then(|r| r.map_err(|e| e.context(other_name))))
 }

@@ -500,3 +500,48 @@ fn a_killed_service_is_marked_offline_by_its_last_will() {
         );
     }
 }
+
+/// In `nexus gateway` the command handler runs beside the gateway: when the handler cannot
+/// start (its HTTP port is taken), the pair fails and is restarted together, and a handler
+/// that keeps failing stops the process, instead of a gateway running on without it.
+#[test]
+fn a_command_handler_that_cannot_start_takes_the_gateway_with_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut gw = Up(Command::new(NEXUS)
+        .current_dir(work.path())
+        .args(["gateway"])
+        .env("NEXUS_MQTT__PORT", free_port().to_string())
+        .env(
+            "NEXUS_GATEWAY__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env(
+            "NEXUS_COMMANDS__HTTP_LISTEN",
+            taken.local_addr().unwrap().to_string(),
+        )
+        .env("NEXUS_ORCHESTRATOR__MAX_RESTARTS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = gw.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the gateway kept running without its command handler"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let mut log = String::new();
+    gw.0.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("command handler"), "{log}");
+}
