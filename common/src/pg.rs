@@ -23,8 +23,16 @@ pub enum PgError {
     Url(String),
     #[error("cannot read the database CA file {path}: {reason}")]
     Ca { path: String, reason: String },
-    #[error("cannot connect to the database: {0}")]
+    #[error("cannot connect to the database: {}", describe(.0))]
     Connect(#[from] tokio_postgres::Error),
+}
+
+/// A PostgreSQL error with the server's message (tokio-postgres says only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 fn tls(ca_file: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
@@ -100,31 +108,40 @@ pub async fn connect(db: &Database) -> Result<(Client, JoinHandle<()>), PgError>
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|_| PgError::Url(crate::config::types::redact_url(url)))?;
-    let statement_ms = db.statement_timeout.as_millis();
-    let options = match config.get_options() {
-        Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={statement_ms}"),
-        _ => format!("-c statement_timeout={statement_ms}"),
-    };
     config
-        .options(&options)
         .connect_timeout(db.connect_timeout)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(15))
         .tcp_user_timeout(db.statement_timeout + db.connect_timeout);
+    // The statement timeout is set once connected, not as a startup parameter: poolers such
+    // as PgBouncer refuse `options`, and one the URL sets itself is left as it is.
+    let url_sets_timeout = config
+        .get_options()
+        .is_some_and(|o| o.contains("statement_timeout"));
     let log_err =
         |e: tokio_postgres::Error| tracing::warn!(error = %e, "database connection ended");
-    if config.get_ssl_mode() == SslMode::Disable {
+    let (client, task) = if config.get_ssl_mode() == SslMode::Disable {
         let (client, conn) = config.connect(NoTls).await?;
-        return Ok((
+        (
             client,
             tokio::spawn(async move { conn.await.unwrap_or_else(log_err) }),
-        ));
+        )
+    } else {
+        let (client, conn) = config.connect(tls(ca_file)?).await?;
+        (
+            client,
+            tokio::spawn(async move { conn.await.unwrap_or_else(log_err) }),
+        )
+    };
+    if !url_sets_timeout {
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                db.statement_timeout.as_millis()
+            ))
+            .await?;
     }
-    let (client, conn) = config.connect(tls(ca_file)?).await?;
-    Ok((
-        client,
-        tokio::spawn(async move { conn.await.unwrap_or_else(log_err) }),
-    ))
+    Ok((client, task))
 }
 
 /// A background writer of rows to PostgreSQL: rows queue in a bounded channel (`capacity`);
