@@ -88,7 +88,9 @@ fn wait<'a>(cv: &Condvar, st: MutexGuard<'a, State>, d: Duration) -> MutexGuard<
 fn report(dir: &SegmentDir, recovery: &Recovery, metrics: Option<&WalMetrics>) {
     for cut in &recovery.cuts {
         let segment = dir.segment_path(cut.segment);
-        if cut.whole_frames == 0 {
+        if cut.offset == 0 && matches!(cut.error, nexus_common::seglog::FrameError::BadMagic(_)) {
+            tracing::error!(segment = %segment.display(), bytes = cut.bytes, error = %cut.error, "WAL: a segment of an earlier format or not a WAL at all; cut, its rows are lost (drain the WAL before upgrading Nexus)");
+        } else if cut.whole_frames == 0 {
             tracing::warn!(segment = %segment.display(), offset = cut.offset, bytes = cut.bytes, error = %cut.error, "WAL: cut an unreadable tail (a write a crash interrupted was never acknowledged; the broker sends it again)");
         } else {
             tracing::error!(segment = %segment.display(), offset = cut.offset, bytes = cut.bytes, error = %cut.error, whole_frames = cut.whole_frames, "WAL: cut a damaged frame and the whole frames after it; their rows are lost");
