@@ -10,6 +10,7 @@
 //!   jittered reconnect) every service connects with.
 //! - [`broker`]: the embedded rmqtt broker with users, roles and ACL.
 //! - [`telemetry`]: logging, Prometheus registry, `/healthz` `/readyz` `/metrics`.
+//! - [`http`]: the guard of every HTTP port (panics caught, body limit, request timeout).
 //! - [`supervise`]: shutdown token, restart-with-backoff supervisor, bounded drain.
 //! - [`breaker`], [`ratelimit`]: resilience wrappers with metrics.
 //! - [`service`]: the shell every service runs in (status topic, HTTP, MQTT client).
@@ -24,6 +25,7 @@ pub use domain::{now_ms, DataPoint, DeviceId, Quality, QualityClass, TagId, Valu
 pub use topic::{Topic, TopicFilter};
 pub mod breaker;
 pub mod broker;
+pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod ratelimit;

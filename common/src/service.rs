@@ -1,7 +1,7 @@
 //! The shell every Nexus service runs in: its MQTT client (with a last will that marks the
 //! service offline), the retained `$nexus/status/service/<service>/<instance>` topic, readiness
 //! tied to the broker connection, and the HTTP server with `/healthz`, `/readyz`, `/metrics`
-//! plus the service's own routes.
+//! plus the service's own routes, behind the guard of [`crate::http`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::http::HttpLimits;
 use crate::mqtt::{self, ClientSettings, Message, MqttHandle, MqttMetrics, QoS, Will};
 use crate::now_ms;
 use crate::telemetry::{self, Telemetry};
@@ -57,6 +58,8 @@ pub struct ShellOptions {
     pub clean_session: bool,
     /// MQTT 5 whatever `mqtt.version` says (default false).
     pub mqtt_v5: bool,
+    /// Body limit and request timeout of the HTTP port (default: [`HttpLimits::default`]).
+    pub http_limits: HttpLimits,
 }
 
 impl ShellOptions {
@@ -72,6 +75,7 @@ impl ShellOptions {
             tcp_nodelay: true,
             clean_session: false,
             mqtt_v5: false,
+            http_limits: HttpLimits::default(),
         }
     }
 }
@@ -154,7 +158,7 @@ impl Shell {
             })
         };
 
-        let app = telemetry::router(&telemetry).merge(opts.routes);
+        let app = crate::http::service_router(&telemetry, opts.routes, opts.http_limits)?;
         let (http_addr, http) = telemetry::serve(opts.http_listen, app, shutdown.clone())
             .await
             .map_err(|source| ShellError::Http {

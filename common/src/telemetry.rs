@@ -5,7 +5,8 @@
 //! - [`Telemetry`]: a per-service Prometheus registry (metric names start with `nexus_`) and a
 //!   [`Readiness`] of named conditions.
 //! - [`router`] / [`serve`]: axum with `/healthz` (alive), `/readyz` (every condition met),
-//!   `/metrics` (Prometheus text).
+//!   `/metrics` (Prometheus text). A service serves them behind the guard of
+//!   [`crate::http::service_router`] (panics caught, body limit, request timeout).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -90,6 +91,8 @@ pub struct Telemetry {
     /// The MQTT client's metrics, registered once however often the service restarts with
     /// this telemetry (a supervisor's restart).
     mqtt: Arc<Mutex<Option<crate::mqtt::MqttMetrics>>>,
+    /// The HTTP guard's metrics, registered once in the same way.
+    http: Arc<Mutex<Option<crate::http::HttpMetrics>>>,
 }
 
 impl Telemetry {
@@ -99,6 +102,7 @@ impl Telemetry {
             registry: Registry::new(),
             readiness: Readiness::default(),
             mqtt: Arc::default(),
+            http: Arc::default(),
         }
     }
 
@@ -109,6 +113,17 @@ impl Telemetry {
             return Ok(m.clone());
         }
         let made = crate::mqtt::MqttMetrics::new(&self.registry)?;
+        *m = Some(made.clone());
+        Ok(made)
+    }
+
+    /// The HTTP guard's metrics of this registry, created at the first call.
+    pub fn http_metrics(&self) -> Result<crate::http::HttpMetrics, crate::metrics::MetricError> {
+        let mut m = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = m.as_ref() {
+            return Ok(m.clone());
+        }
+        let made = crate::http::HttpMetrics::new(&self.registry)?;
         *m = Some(made.clone());
         Ok(made)
     }
@@ -148,7 +163,8 @@ async fn metrics(State(t): State<Telemetry>) -> Response {
         .into_response()
 }
 
-/// `/healthz`, `/readyz`, `/metrics` for a service; merge its own routes into this.
+/// `/healthz`, `/readyz`, `/metrics` for a service; [`crate::http::service_router`] merges
+/// the service's own routes into this and puts the guard in front.
 pub fn router(t: &Telemetry) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
