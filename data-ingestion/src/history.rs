@@ -8,7 +8,11 @@
 //! * `GET /api/v1/latest?filter=F`: the newest point of every stored topic matching the MQTT
 //!   filter `F` (`+` and `#` wildcards).
 //!
-//! Parameters are checked and a 400 says which one is wrong and why.
+//! Parameters are checked and a 400 says which one is wrong and why; times end at
+//! 9999-12-31T23:59:59.999Z. Every answer holds at most `ingestion.history_max_points`
+//! points (history) or topics (latest) and says `"truncated": true` when there were more;
+//! `latest` reads the topic table a page at a time, so a filter matching every topic costs
+//! a page of memory, not the table.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -24,7 +28,7 @@ use tokio_postgres::{Client, Row};
 
 use nexus_common::domain::Quality;
 use nexus_common::pg::Database;
-use nexus_common::topic::{filter_matches, TopicFilter};
+use nexus_common::topic::{Topic, TopicFilter};
 
 use crate::schema::Storage;
 
@@ -74,9 +78,17 @@ impl Db {
     }
 }
 
+/// An answer other than 200: its status and the message of its `{"error": ..}` body.
+#[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
 impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+    pub fn message(&self) -> &str {
+        &self.1
+    }
     fn bad(msg: impl Into<String>) -> ApiError {
         ApiError(StatusCode::BAD_REQUEST, msg.into())
     }
@@ -140,13 +152,17 @@ pub enum TimeProblem {
     Duration(#[source] humantime::DurationError),
     #[error("is before 1970")]
     Before1970,
-    #[error("is too large")]
+    #[error("is after 9999-12-31T23:59:59.999Z, the latest time the API takes")]
     TooLarge,
     #[error("is not a time ({0})")]
     Time(#[source] humantime::TimestampError),
 }
 
-/// Parse `from`/`to`.
+/// The last millisecond `from`/`to` may name: 9999-12-31T23:59:59.999Z. Past it RFC 3339 has
+/// no four-digit year to print, and far past it PostgreSQL's microseconds overflow.
+pub const LATEST_MS: u64 = 253_402_300_799_999;
+
+/// Parse `from`/`to`: a time from 1970 to [`LATEST_MS`].
 pub fn parse_time(name: &str, s: &str, now: SystemTime) -> Result<SystemTime, TimeError> {
     let s = s.trim();
     let bad = |problem| TimeError {
@@ -154,28 +170,31 @@ pub fn parse_time(name: &str, s: &str, now: SystemTime) -> Result<SystemTime, Ti
         input: s.to_owned(),
         problem,
     };
-    if s == "now" {
-        return Ok(now);
-    }
-    if let Some(d) = s.strip_prefix("now-") {
+    let t = if s == "now" {
+        now
+    } else if let Some(d) = s.strip_prefix("now-") {
         let d = humantime::parse_duration(d.trim()).map_err(|e| bad(TimeProblem::Duration(e)))?;
-        return now
-            .checked_sub(d)
-            .ok_or_else(|| bad(TimeProblem::Before1970));
-    }
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        // All digits: it can only fail by overflowing.
+        now.checked_sub(d)
+            .ok_or_else(|| bad(TimeProblem::Before1970))?
+    } else if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        // All digits: it can only fail by being too large.
         let ms: u64 = s.parse().map_err(|_| bad(TimeProblem::TooLarge))?;
-        return UNIX_EPOCH
-            .checked_add(Duration::from_millis(ms))
-            .ok_or_else(|| bad(TimeProblem::TooLarge));
+        UNIX_EPOCH + Duration::from_millis(ms.min(LATEST_MS + 1))
+    } else {
+        humantime::parse_rfc3339_weak(s).map_err(|e| bad(TimeProblem::Time(e)))?
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Err(_) => Err(bad(TimeProblem::Before1970)),
+        Ok(d) if d > Duration::from_millis(LATEST_MS) => Err(bad(TimeProblem::TooLarge)),
+        Ok(_) => Ok(t),
     }
-    humantime::parse_rfc3339_weak(s).map_err(|e| bad(TimeProblem::Time(e)))
 }
 
+/// Unix milliseconds; 0 before 1970 and `i64::MAX` past its range (a stored point's time
+/// comes from the database, which holds years the API does not take).
 fn ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -206,47 +225,110 @@ fn bucket(agg: &str) -> Option<(&'static str, u64)> {
     }
 }
 
+/// The parameters of `GET /api/v1/history`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryQuery {
+    pub topic: Topic,
+    pub from: SystemTime,
+    pub to: SystemTime,
+    /// `auto`, `raw`, `1m`, `1h` or `1d`.
+    pub agg: &'static str,
+}
+
+impl HistoryQuery {
+    /// Check the query string's parameters: a 400 naming the first one that is wrong.
+    pub fn parse(q: &HashMap<String, String>, now: SystemTime) -> Result<HistoryQuery, ApiError> {
+        check_params(q, &["topic", "from", "to", "agg"])?;
+        let topic = q
+            .get("topic")
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::bad("topic: required (the full topic of one tag)"))?;
+        if topic.contains(['+', '#']) {
+            return Err(ApiError::bad(format!(
+                "topic: {topic:?} has wildcards; history takes one topic (use /api/v1/latest for filters)"
+            )));
+        }
+        let topic = Topic::parse_any(topic).map_err(|e| ApiError::bad(format!("topic: {e}")))?;
+        let from = q
+            .get("from")
+            .map(|s| parse_time("from", s, now))
+            .transpose()?;
+        let to = match q.get("to") {
+            Some(s) => parse_time("to", s, now)?,
+            None => now,
+        };
+        // The default is the hour before `to`, from 1970 at the earliest.
+        let from = from.unwrap_or_else(|| {
+            to.checked_sub(Duration::from_secs(3600))
+                .filter(|t| *t >= UNIX_EPOCH)
+                .unwrap_or(UNIX_EPOCH)
+        });
+        if from >= to {
+            return Err(ApiError::bad(format!(
+                "from ({}) must be before to ({})",
+                rfc3339(from),
+                rfc3339(to)
+            )));
+        }
+        let agg = q.get("agg").map_or("auto", String::as_str);
+        let agg = ["auto", "raw", "1m", "1h", "1d"]
+            .into_iter()
+            .find(|a| *a == agg)
+            .ok_or_else(|| {
+                ApiError::bad(format!("agg: {agg:?} is not one of auto, raw, 1m, 1h, 1d"))
+            })?;
+        Ok(HistoryQuery {
+            topic,
+            from,
+            to,
+            agg,
+        })
+    }
+}
+
+/// The parameters of `GET /api/v1/latest`, checked.
+#[derive(Debug, Clone)]
+pub struct LatestQuery {
+    pub filter: TopicFilter,
+}
+
+impl LatestQuery {
+    pub fn parse(q: &HashMap<String, String>) -> Result<LatestQuery, ApiError> {
+        check_params(q, &["filter"])?;
+        let filter = q.get("filter").ok_or_else(|| {
+            ApiError::bad("filter: required (an MQTT topic filter, e.g. acme/+/line-1/#)")
+        })?;
+        let filter = TopicFilter::parse(filter)
+            .map_err(|e| ApiError::bad(format!("filter: {filter:?}: {e}")))?;
+        if filter.as_str().starts_with("$share/") {
+            return Err(ApiError::bad(format!(
+                "filter: {:?} is a shared subscription; give the filter alone",
+                filter.as_str()
+            )));
+        }
+        Ok(LatestQuery { filter })
+    }
+}
+
+/// `LIMIT` of a query that fetches one row past the cap, to tell whether it cut.
+fn one_past(max: usize) -> i64 {
+    i64::try_from(max).map_or(i64::MAX, |m| m.saturating_add(1))
+}
+
 async fn history(
     State(db): State<Arc<Db>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<JsonValue>, ApiError> {
-    check_params(&q, &["topic", "from", "to", "agg"])?;
-    let topic = q
-        .get("topic")
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::bad("topic: required (the full topic of one tag)"))?;
-    if topic.contains(['+', '#']) {
-        return Err(ApiError::bad(format!(
-            "topic: {topic:?} has wildcards; history takes one topic (use /api/v1/latest for filters)"
-        )));
-    }
-    let now = SystemTime::now();
-    let to = match q.get("to") {
-        Some(s) => parse_time("to", s, now)?,
-        None => now,
-    };
-    let from = match q.get("from") {
-        Some(s) => parse_time("from", s, now)?,
-        None => to
-            .checked_sub(Duration::from_secs(3600))
-            .unwrap_or(UNIX_EPOCH),
-    };
-    if from >= to {
-        return Err(ApiError::bad(format!(
-            "from ({}) must be before to ({})",
-            rfc3339(from),
-            rfc3339(to)
-        )));
-    }
-    let agg = q.get("agg").map_or("auto", String::as_str);
-    if !matches!(agg, "auto" | "raw") && bucket(agg).is_none() {
-        return Err(ApiError::bad(format!(
-            "agg: {agg:?} is not one of auto, raw, 1m, 1h, 1d"
-        )));
-    }
+    let HistoryQuery {
+        topic,
+        from,
+        to,
+        agg,
+    } = HistoryQuery::parse(&q, SystemTime::now())?;
+    let topic = topic.as_str();
     let client = db.client().await?;
     let Some(row) = client
-        .query_opt("SELECT id FROM tags WHERE topic = $1", &[topic])
+        .query_opt("SELECT id FROM tags WHERE topic = $1", &[&topic])
         .await?
     else {
         return Err(ApiError(
@@ -262,7 +344,7 @@ async fn history(
             let n: i64 = client
                 .query_one(
                     "SELECT count(*) FROM (SELECT 1 FROM points WHERE tag_id = $1 AND time >= $2 AND time < $3 LIMIT $4) s",
-                    &[&tag, &from, &to, &(max as i64 + 1)],
+                    &[&tag, &from, &to, &one_past(max)],
                 )
                 .await?
                 .get(0);
@@ -277,7 +359,7 @@ async fn history(
         }
         a => a,
     };
-    let limit = max as i64 + 1;
+    let limit = one_past(max);
     let mut points: Vec<JsonValue> = if chosen == "raw" {
         client
             .query(
@@ -337,44 +419,52 @@ fn aggregate_json(r: &Row) -> JsonValue {
     })
 }
 
+/// Rows of `tags` read at a time by `latest`.
+const TAG_PAGE: i64 = 1000;
+
 async fn latest(
     State(db): State<Arc<Db>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<JsonValue>, ApiError> {
-    check_params(&q, &["filter"])?;
-    let filter = q.get("filter").ok_or_else(|| {
-        ApiError::bad("filter: required (an MQTT topic filter, e.g. acme/+/line-1/#)")
-    })?;
-    TopicFilter::parse(filter).map_err(|e| ApiError::bad(format!("filter: {filter:?}: {e}")))?;
+    let LatestQuery { filter } = LatestQuery::parse(&q)?;
     // The literal levels before the first wildcard narrow the scan of `tags`.
-    let prefix: String = filter
-        .split('/')
-        .take_while(|l| *l != "+" && *l != "#")
-        .map(|l| format!("{l}/"))
-        .collect();
-    let prefix = if filter.contains(['+', '#']) {
-        prefix
+    let prefix: String = if filter.has_wildcards() {
+        filter
+            .pattern()
+            .split('/')
+            .take_while(|l| *l != "+" && *l != "#")
+            .map(|l| format!("{l}/"))
+            .collect()
     } else {
-        filter.clone()
+        filter.pattern().to_owned()
     };
     let client = db.client().await?;
     let max = db.max_points;
     let mut ids = Vec::new();
     let mut truncated = false;
-    for r in client
-        .query(
-            "SELECT id, topic FROM tags WHERE left(topic, length($1)) = $1 ORDER BY topic",
-            &[&prefix],
-        )
-        .await?
-    {
-        let topic: &str = r.get(1);
-        if filter_matches(filter, topic) {
-            if ids.len() == max {
-                truncated = true;
-                break;
+    // A page at a time in topic order, from after the last topic of the page before (no
+    // topic is empty, so "" is before them all), until the cap is passed or the table ends.
+    let mut after = String::new();
+    'pages: loop {
+        let page = client
+            .query(
+                "SELECT id, topic FROM tags WHERE left(topic, length($1)) = $1 AND topic > $2
+                 ORDER BY topic LIMIT $3",
+                &[&prefix, &after, &TAG_PAGE],
+            )
+            .await?;
+        for r in &page {
+            if filter.matches(r.get(1)) {
+                if ids.len() == max {
+                    truncated = true;
+                    break 'pages;
+                }
+                ids.push(r.get::<_, i32>(0));
             }
-            ids.push(r.get::<_, i32>(0));
+        }
+        match page.last() {
+            Some(last) if page.len() as i64 == TAG_PAGE => after = last.get(1),
+            _ => break,
         }
     }
     let rows = client
@@ -396,7 +486,7 @@ async fn latest(
         })
         .collect();
     Ok(Json(
-        json!({ "filter": filter, "truncated": truncated, "values": values }),
+        json!({ "filter": filter.as_str(), "truncated": truncated, "values": values }),
     ))
 }
 
@@ -428,5 +518,149 @@ mod tests {
         assert!(e.to_string().contains("not a duration"), "{e}");
         let e = parse_time("from", "99999999999999999999", now).unwrap_err();
         assert!(matches!(e.problem, TimeProblem::TooLarge), "{e:?}");
+    }
+
+    #[test]
+    fn times_end_with_the_year_9999() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let last = parse_time("to", &LATEST_MS.to_string(), now).unwrap();
+        assert_eq!(rfc3339(last), "9999-12-31T23:59:59.999Z");
+        assert_eq!(
+            parse_time("to", "9999-12-31T23:59:59.999Z", now).unwrap(),
+            last
+        );
+        for past in [
+            (LATEST_MS + 1).to_string(),
+            u64::MAX.to_string(),
+            "18446744073709551616".to_owned(),
+        ] {
+            let e = parse_time("to", &past, now).unwrap_err();
+            assert!(matches!(e.problem, TimeProblem::TooLarge), "{e:?}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("to: {past:?} is after 9999-12-31T23:59:59.999Z")),
+                "{e}"
+            );
+        }
+        assert_eq!(parse_time("from", "0", now).unwrap(), UNIX_EPOCH);
+    }
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_history_query_is_checked_parameter_by_parameter() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let q = HistoryQuery::parse(&query(&[("topic", "a/b")]), now).unwrap();
+        assert_eq!(
+            (q.from, q.to, q.agg),
+            (now - Duration::from_secs(3600), now, "auto")
+        );
+        let bad = |pairs: &[(&str, &str)]| {
+            let e = HistoryQuery::parse(&query(pairs), now).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{e:?}");
+            e.1
+        };
+        // The default start an hour before a `to` in 1970's first hour is 1970 itself.
+        assert_eq!(
+            HistoryQuery::parse(&query(&[("topic", "a"), ("to", "1000")]), now)
+                .unwrap()
+                .from,
+            UNIX_EPOCH
+        );
+        assert!(bad(&[("topic", "a"), ("to", "0")])
+            .starts_with("from (1970-01-01T00:00:00.000Z) must be before to"));
+        assert!(bad(&[("topic", "a"), ("from", "253402300800000")]).starts_with("from: "));
+        assert!(
+            bad(&[("topic", "a"), ("from", "0"), ("to", "253402300800000")]).starts_with("to: ")
+        );
+        assert!(bad(&[("topic", "a/\0/b")]).starts_with("topic: "));
+        assert!(bad(&[("topic", "a//b")]).starts_with("topic: "));
+        assert!(bad(&[("topic", &"x".repeat(2000))]).starts_with("topic: "));
+        assert!(bad(&[("topic", "a"), ("agg", "5m")]).starts_with("agg: \"5m\""));
+        let e = LatestQuery::parse(&query(&[("filter", "$share/g/a/#")])).unwrap_err();
+        assert!(e.1.starts_with("filter: "), "{e:?}");
+        let e = LatestQuery::parse(&query(&[("filter", "a/\0")])).unwrap_err();
+        assert!(e.1.starts_with("filter: "), "{e:?}");
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[0-9]{0,24}",
+            "now(-[0-9]{0,22}[a-z ]{0,8})?",
+            "[0-9]{1,6}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?Z?",
+            "[a-z/+#$]{0,24}",
+            Just("auto".to_owned()),
+            Just("1m".to_owned()),
+        ]
+    }
+
+    fn params() -> impl Strategy<Value = HashMap<String, String>> {
+        let key = prop_oneof![
+            Just("topic".to_owned()),
+            Just("from".to_owned()),
+            Just("to".to_owned()),
+            Just("agg".to_owned()),
+            Just("filter".to_owned()),
+            any::<String>(),
+        ];
+        proptest::collection::hash_map(key, text(), 0..5)
+    }
+
+    /// A 400's message starts with the parameter it is about.
+    fn names_a_parameter(msg: &str, names: &[&str]) -> bool {
+        msg.starts_with("unknown parameter ")
+            || msg.starts_with("from (")
+            || names.iter().any(|n| msg.starts_with(&format!("{n}: ")))
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_history_query_parses_or_is_a_400_naming_the_parameter(
+            q in params(),
+            now_ms in 0u64..=LATEST_MS,
+        ) {
+            let now = UNIX_EPOCH + Duration::from_millis(now_ms);
+            match HistoryQuery::parse(&q, now) {
+                Ok(h) => {
+                    prop_assert!(h.from < h.to);
+                    prop_assert!(h.to <= UNIX_EPOCH + Duration::from_millis(LATEST_MS));
+                    prop_assert!(h.from >= UNIX_EPOCH);
+                    // What the answer prints of them.
+                    let _ = (rfc3339(h.from), rfc3339(h.to), ms(h.from), ms(h.to));
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+                    prop_assert!(names_a_parameter(&e.1, &["topic", "from", "to", "agg"]), "{}", e.1);
+                }
+            }
+        }
+
+        #[test]
+        fn any_latest_query_parses_or_is_a_400_naming_the_parameter(q in params()) {
+            if let Err(e) = LatestQuery::parse(&q) {
+                prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+                prop_assert!(names_a_parameter(&e.1, &["filter"]), "{}", e.1);
+            }
+        }
+
+        #[test]
+        fn any_time_text_parses_within_range_or_is_an_error_naming_it(s in text()) {
+            let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+            match parse_time("from", &s, now) {
+                Ok(t) => {
+                    prop_assert!(t >= UNIX_EPOCH);
+                    let _ = rfc3339(t);
+                }
+                Err(e) => prop_assert!(e.to_string().starts_with("from: "), "{}", e),
+            }
+        }
     }
 }
