@@ -181,7 +181,12 @@ impl Alarm {
                 max_ms / 1000
             )));
         }
-        self.shelved_until_ms = Some(now_ms + for_ms);
+        let Some(until) = now_ms.checked_add(for_ms) else {
+            return Err(Refused(
+                "the shelving would end past the latest time there is".into(),
+            ));
+        };
+        self.shelved_until_ms = Some(until);
         Ok(Event::Shelved)
     }
 
@@ -297,6 +302,12 @@ mod tests {
         );
         a.shelve(20_000, 1_000, 3_600_000).unwrap();
         assert_eq!(a.unshelve(20_500), Ok(Event::Unshelved));
+        // A bound as large as the clock: the deadline is checked, not wrapped.
+        assert_eq!(
+            a.shelve(i64::MAX - 5, 10, i64::MAX).unwrap_err().0,
+            "the shelving would end past the latest time there is"
+        );
+        assert!(!a.is_shelved(i64::MAX - 5));
     }
 
     #[test]

@@ -1,0 +1,310 @@
+//! The alarm API against hostile requests, through real HTTP to the real service: a shelve
+//! duration that overflows is a 400 naming `duration_s` instead of a dropped connection,
+//! bodies over the limit are a 413 (counted), and arbitrary paths, queries and bodies either
+//! work or get a 4xx with a JSON error.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nexus_common::config::{BrokerConfig, BrokerUser, Config, Role, Secret};
+use nexus_common::testing::{self, free_port};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+struct Alerts {
+    _broker: nexus_common::broker::EmbeddedBroker,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    http: u16,
+}
+
+impl Alerts {
+    async fn start() -> Alerts {
+        let broker = testing::start_embedded_broker(BrokerConfig {
+            users: vec![BrokerUser {
+                username: "svc".into(),
+                password: Some(Secret::new("svc-pw")),
+                password_env: None,
+                role: Role::Service,
+            }],
+            ..BrokerConfig::default()
+        });
+        let port = broker.ports.tcp.port();
+        let http = free_port();
+        let text = format!(
+            "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\ntelemetry: {{ instance: {} }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  max_shelve: 1h\n  rules:\n    - {{ id: hot, topic: \"{}/+/temp\", condition: {{ type: high, limit: 80 }} }}\n",
+            testing::unique("alerts"),
+            testing::unique("plant"),
+        );
+        let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let token = CancellationToken::new();
+        let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
+        let start = Instant::now();
+        while request(http, "GET", "/readyz", &[], b"").0 != 200 {
+            assert!(start.elapsed() < Duration::from_secs(10), "not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Alerts {
+            _broker: broker,
+            token,
+            task,
+            http,
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = request(self.http, "GET", "/metrics", &[], b"").1;
+        let text = String::from_utf8_lossy(&text);
+        testing::metric_value(&text, name).unwrap_or(-1.0)
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("alerts stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// An HTTP/1.1 request (one per connection) with `headers` as given (no Content-Length added) and `body` written
+/// from another thread while the answer is read, so a server that answers before reading
+/// the whole body is seen answering. Status 0: no answer within 5 s, or the connection
+/// closed without one.
+fn request(port: u16, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, Vec<u8>) {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, Vec::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    if s.write_all(head.as_bytes()).is_err() {
+        return (0, Vec::new());
+    }
+    let writer = {
+        let (mut w, body) = (s.try_clone().unwrap(), body.to_vec());
+        std::thread::spawn(move || {
+            let _ = w.write_all(&body);
+        })
+    };
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = match out.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => out[i + 4..].to_vec(),
+        None => Vec::new(),
+    };
+    (status, body)
+}
+
+/// A JSON request with its Content-Length.
+fn json(port: u16, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let len = format!("Content-Length: {}", body.len());
+    let (s, b) = request(
+        port,
+        method,
+        path,
+        &["Content-Type: application/json", &len],
+        body.as_bytes(),
+    );
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shelve_duration_that_overflows_is_a_400_naming_duration_s() {
+    let a = Alerts::start().await;
+    let path = "/api/v1/alarms/hot:plant%2Fm1%2Ftemp/shelve";
+    // 10^16 s is 10^19 ms, past i64; u64::MAX used to wrap to -1 s.
+    for d in [10u64.pow(16), i64::MAX as u64, u64::MAX] {
+        let (s, body) = json(a.http, "POST", path, &format!("{{\"duration_s\":{d}}}"));
+        assert_eq!(s, 400, "{d}: {body}");
+        let e = body["error"].as_str().unwrap();
+        assert!(e.starts_with("duration_s: "), "{d}: {e}");
+        assert!(e.contains(&d.to_string()), "{d}: {e}");
+    }
+    // Not a number at all: still a 4xx naming the field, as JSON.
+    let (s, body) = json(a.http, "POST", path, "{\"duration_s\":-5}");
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("duration_s"),
+        "{body}"
+    );
+    // Within bounds the request reaches the engine (no such alarm here).
+    let (s, body) = json(a.http, "POST", path, "{\"duration_s\":60}");
+    assert_eq!(s, 404, "{body}");
+    assert_eq!(a.metric("nexus_http_panics_total"), 0.0);
+    assert_eq!(json(a.http, "GET", "/api/v1/alarms", "").0, 200);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_one_mib_is_a_413_on_every_route() {
+    let a = Alerts::start().await;
+    let path = "/api/v1/alarms/hot:plant%2Fm1%2Ftemp/ack";
+    // Declared too large: answered from the header, before any of the body is read.
+    let (s, body) = request(
+        a.http,
+        "POST",
+        path,
+        &["Content-Type: application/json", "Content-Length: 2097152"],
+        b"",
+    );
+    assert_eq!(s, 413, "{}", String::from_utf8_lossy(&body));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("1048576"),
+        "{body}"
+    );
+    // A route that never reads its body is no way around it.
+    let (s, _) = request(
+        a.http,
+        "GET",
+        "/api/v1/alarms",
+        &["Content-Length: 2097152"],
+        b"",
+    );
+    assert_eq!(s, 413);
+    // Valid JSON of 1.5 MiB, sent in full: under axum's own 2 MB default, over ours.
+    let big = format!("{{\"comment\":\"{}\"}}", "x".repeat(1536 * 1024));
+    let (s, body) = json(a.http, "POST", path, &big);
+    assert_eq!(s, 413, "{body}");
+    // Streamed without a length: cut once it passes the limit.
+    let mut chunked = Vec::new();
+    for piece in big.as_bytes().chunks(64 * 1024) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (s, _) = request(
+        a.http,
+        "POST",
+        path,
+        &[
+            "Content-Type: application/json",
+            "Transfer-Encoding: chunked",
+        ],
+        &chunked,
+    );
+    assert_eq!(s, 413);
+    assert_eq!(a.metric("nexus_http_body_too_large_total"), 4.0);
+    // Just under the limit is an ordinary request.
+    let ok = format!("{{\"comment\":\"{}\"}}", "x".repeat(1000 * 1024));
+    assert_eq!(json(a.http, "POST", path, &ok).0, 404);
+    a.stop().await;
+}
+
+/// Every byte but the unreserved ones as `%XX`.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Anything that is not empty (an empty path segment matches no route, so it is a plain 404).
+fn segment() -> impl Strategy<Value = String> {
+    any::<String>().prop_filter("not empty", |s| !s.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arbitrary_paths_queries_and_bodies_either_work_or_get_a_4xx() {
+    let a = Alerts::start().await;
+    let port = a.http;
+    tokio::task::spawn_blocking(move || {
+        let number = prop_oneof![
+            any::<String>(),
+            "-?[0-9]{1,30}(\\.[0-9]{0,3})?(e[0-9]{1,3})?",
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+        ];
+        let action = (
+            prop_oneof![segment(), "[a-z]{1,6}:[a-z/]{1,12}"],
+            prop_oneof![
+                segment(),
+                Just("ack".to_owned()),
+                Just("shelve".to_owned()),
+                Just("unshelve".to_owned()),
+                Just("out_of_service".to_owned()),
+            ],
+            prop_oneof![
+                any::<String>(),
+                number.prop_map(|d| format!("{{\"duration_s\":{d}}}")),
+                "\\{\"(user|comment|duration_s)\":\"[^\"]{0,20}\"\\}",
+            ],
+        )
+            .prop_map(|(id, op, body)| {
+                (
+                    "POST",
+                    format!("/api/v1/alarms/{}/{}", encode(&id), encode(&op)),
+                    body,
+                )
+            });
+        let list = (
+            proptest::option::of(prop_oneof![any::<String>(), "-?[0-9]{1,8}"]),
+            proptest::option::of(prop_oneof![any::<String>(), "[a-z/+#$]{0,16}"]),
+        )
+            .prop_map(|(sev, topic)| {
+                let mut q = Vec::new();
+                if let Some(s) = sev {
+                    q.push(format!("severity={}", encode(&s)));
+                }
+                if let Some(t) = topic {
+                    q.push(format!("topic={}", encode(&t)));
+                }
+                (
+                    "GET",
+                    format!("/api/v1/alarms?{}", q.join("&")),
+                    String::new(),
+                )
+            });
+        let cases = prop_oneof![action, list];
+        let mut runner = TestRunner::new(ProptestConfig {
+            cases: 400,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(&cases, |(method, path, body)| {
+                let (s, answer) = json(port, method, &path, &body);
+                prop_assert!(
+                    (200..500).contains(&s),
+                    "{method} {path} {body:?}: {s} {answer}"
+                );
+                if s >= 400 {
+                    prop_assert!(
+                        answer["error"].is_string(),
+                        "{method} {path} {body:?}: {s} {answer}"
+                    );
+                }
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+    })
+    .await
+    .unwrap();
+    assert_eq!(a.metric("nexus_http_panics_total"), 0.0);
+    a.stop().await;
+}
