@@ -1,10 +1,12 @@
 //! The gateway's device API: `GET /api/v1/devices` (config and live status),
 //! `GET /api/v1/devices/{id}/tags` (last values) and `GET /api/v1/devices/{id}/browse?node=`
-//! (an OPC UA device's address space, streamed as JSON lines).
+//! (an OPC UA device's address space, streamed as JSON lines). A `node` longer than an OPC UA
+//! node id can be is a 400 before any device is asked.
 
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -101,6 +103,24 @@ struct BrowseQuery {
     node: Option<String>,
 }
 
+/// Longest `node` taken, in characters: OPC UA limits string identifiers to 4096 characters,
+/// and `ns=<index>;s=` comes on top.
+const MAX_NODE_CHARS: usize = 4096 + 32;
+
+/// The browse parameters, or the message of a 400 naming the one that is wrong.
+fn browse_query(q: Result<Query<BrowseQuery>, QueryRejection>) -> Result<BrowseQuery, String> {
+    let Query(q) = q.map_err(|e| e.body_text())?;
+    if let Some(n) = &q.node {
+        let chars = n.chars().count();
+        if chars > MAX_NODE_CHARS {
+            return Err(format!(
+                "node: {chars} characters, more than an OPC UA node id has ({MAX_NODE_CHARS})"
+            ));
+        }
+    }
+    Ok(q)
+}
+
 fn line(v: &impl serde::Serialize) -> bytes::Bytes {
     let mut b = serde_json::to_vec(v).unwrap_or_default();
     b.push(b'\n');
@@ -114,8 +134,12 @@ fn line(v: &impl serde::Serialize) -> bytes::Bytes {
 async fn browse(
     State(api): State<Api>,
     Path(id): Path<String>,
-    Query(q): Query<BrowseQuery>,
+    q: Result<Query<BrowseQuery>, QueryRejection>,
 ) -> Response {
+    let q = match browse_query(q) {
+        Ok(q) => q,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
     let device = {
         let views = api
             .devices
