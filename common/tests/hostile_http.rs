@@ -172,17 +172,19 @@ async fn a_handler_past_the_timeout_is_a_503_and_is_counted() {
 }
 
 #[test]
-fn the_guard_registers_its_metrics_once_per_telemetry() {
+fn the_guard_registers_its_metrics_once_per_telemetry_as_documented() {
     let t = Telemetry::new("twice");
     let _first = service_router(&t, Router::new(), HttpLimits::default()).unwrap();
     // A second assembly on the same telemetry (a restarted service) shares the counters.
     let _second = service_router(&t, Router::new(), HttpLimits::default()).unwrap();
-    let families = nexus_common::metrics::families(&t.render());
-    for name in [
-        "nexus_http_panics_total",
-        "nexus_http_timeouts_total",
-        "nexus_http_body_too_large_total",
-    ] {
-        assert!(families.contains(name), "{name}");
-    }
+    // Every metric docs/security.md names is served, and those are the guard's three.
+    testing::assert_documented_metrics_served("security.md", &t.render());
+    assert_eq!(
+        testing::documented_metrics("security.md"),
+        [
+            "nexus_http_panics_total",
+            "nexus_http_body_too_large_total",
+            "nexus_http_timeouts_total"
+        ]
+    );
 }
