@@ -12,10 +12,13 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_restarts_on_the_same_telemetry() {
     let broker = testing::service_broker();
-    let mut cfg = Config::default();
-    cfg.mqtt = testing::mqtt_config(broker.ports.tcp.port());
-    cfg.mqtt.username = Some("svc".into());
-    cfg.mqtt.password = Some(Secret::new("svc-pw"));
+    let mut mqtt = testing::mqtt_config(broker.ports.tcp.port());
+    mqtt.username = Some("svc".into());
+    mqtt.password = Some(Secret::new("svc-pw"));
+    let cfg = Config {
+        mqtt,
+        ..Config::default()
+    };
     let telemetry = Telemetry::new("restarts");
     for round in 0..3 {
         let mut opts = ShellOptions::new(

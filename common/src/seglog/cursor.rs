@@ -56,15 +56,6 @@ impl<'a> Encoder<'a> {
     pub fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
     }
-
-    /// Bytes of the body written so far.
-    pub fn len(&self) -> usize {
-        self.out.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.out.is_empty()
-    }
 }
 
 /// Why a body does not decode. Small and `Copy`: decoding runs on every frame read.
@@ -95,11 +86,6 @@ pub struct Decoder<'a> {
 impl<'a> Decoder<'a> {
     pub fn new(buf: &'a [u8]) -> Decoder<'a> {
         Decoder { buf, pos: 0 }
-    }
-
-    /// Offset of the next field in the body.
-    pub fn position(&self) -> usize {
-        self.pos
     }
 
     pub fn remaining(&self) -> usize {

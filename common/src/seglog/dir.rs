@@ -78,11 +78,6 @@ impl Recovery {
     pub fn frames(&self) -> u64 {
         self.cuts.iter().map(Cut::frames).sum()
     }
-
-    /// Whole frames lost behind a bad one (data that had been durable).
-    pub fn whole_frames(&self) -> u64 {
-        self.cuts.iter().map(|c| c.whole_frames).sum()
-    }
 }
 
 impl fmt::Display for Cut {
@@ -129,7 +124,15 @@ impl SegmentDir {
         path: &Path,
         options: Options,
     ) -> Result<(SegmentDir, Vec<Segment>, Recovery), Error> {
+        let existed = path.is_dir();
         fs::create_dir_all(path).map_err(io_at(path))?;
+        if !existed && options.fsync {
+            // A new directory's entry must be durable too, or a power loss could take the log
+            // (and what it acknowledged) with it.
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let lock_path = path.join("lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -256,24 +259,35 @@ impl SegmentDir {
         &self.path
     }
 
-    pub fn format(&self) -> Format {
-        self.options.format
-    }
-
     pub fn segment_path(&self, base: u64) -> PathBuf {
         self.path
             .join(format!("{base:020}.{}", self.options.format.extension))
     }
 
-    /// Start a new, empty segment (an error if one with that number exists).
+    /// Start a new, empty segment. An empty file of that number (left by a create whose
+    /// directory sync failed) is taken over; one with data is an error.
     pub fn create(&self, base: u64) -> Result<SegmentWriter, Error> {
         let path = self.segment_path(base);
-        let file = OpenOptions::new()
+        let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(io_at(&path))?;
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_at(&path))?;
+                if f.metadata().map_err(io_at(&path))?.len() != 0 {
+                    return Err(io_at(&path)(e));
+                }
+                f
+            }
+            Err(e) => return Err(io_at(&path)(e)),
+        };
         if self.options.fsync {
             sync_dir(&self.path)?;
         }
