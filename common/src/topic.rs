@@ -75,7 +75,8 @@ fn check_common(s: &str) -> Result<(), TopicError> {
 
 /// A concrete MQTT topic name that Nexus will publish or accept: no empty levels, no wildcards,
 /// no control characters (NUL included), within the length limits. UNS topics never start with
-/// `$`; system topics (`$nexus/...`) are built with [`Topic::system`].
+/// `$`; system topics (`$nexus/...`) are built by [`sys`] and checked with
+/// [`Topic::parse_any`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Topic(Arc<str>);
 
@@ -109,16 +110,6 @@ impl Topic {
             }
         }
         Ok(Topic(Arc::from(s)))
-    }
-
-    /// A system topic under `$nexus/`, e.g. `Topic::system(&["status", "device", "plc-1"])`.
-    pub fn system(levels: &[&str]) -> Result<Topic, TopicError> {
-        let mut s = String::from("$nexus");
-        for l in levels {
-            s.push('/');
-            s.push_str(l);
-        }
-        Self::parse_any(&s)
     }
 
     /// The UNS topic of a tag: `uns_prefix/device/tag`.
@@ -357,7 +348,7 @@ mod tests {
 
     #[test]
     fn system_topics() {
-        let t = Topic::system(&["status", "device", "plc-1"]).unwrap();
+        let t = Topic::parse_any(&sys::device_status("plc-1")).unwrap();
         assert_eq!(t.as_str(), "$nexus/status/device/plc-1");
         assert!(t.is_system());
         assert!(Topic::parse_any("$nexus/cmd/plc/write").is_ok());

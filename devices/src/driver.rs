@@ -54,19 +54,18 @@ pub enum Reading {
     },
 }
 
-/// What a driver needs besides its device's configuration (the OPC UA client's
-/// certificates, for instance).
-pub type DriverSettings = nexus_common::config::OpcUaClientConfig;
-
 /// A protocol session to one endpoint.
 #[async_trait]
 pub trait Driver: Send + Sized + 'static {
     /// The compiled read plan of one device of this protocol.
     type Plan: Send + Sync + 'static;
+    /// What the protocol's sessions need besides a device's configuration (the OPC UA
+    /// client's certificates; nothing for Modbus and S7).
+    type Settings: Clone + Send + Sync + 'static;
     const PROTOCOL: Protocol;
 
     /// A closed session to `device`'s endpoint.
-    fn for_device(device: &DeviceConfig, settings: &DriverSettings) -> Self;
+    fn for_device(device: &DeviceConfig, settings: &Self::Settings) -> Self;
 
     /// Open the session (also used to reconnect after a transport error).
     async fn connect(&mut self) -> Result<(), TransportError>;

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::device::{Device, Plan};
-use crate::driver::{DeviceError, Driver, DriverSettings, Reading, TransportError};
+use crate::driver::{DeviceError, Driver, Reading, TransportError};
 use crate::modbus::ModbusDriver;
 use crate::opcua::{BrowseEntry, BrowseRefused, OpcUaDriver};
 use crate::s7::S7Driver;
@@ -89,7 +89,7 @@ impl<D: Driver> Endpoint<D> {
         &self,
         device: &Arc<Device>,
         touch: Option<&Arc<D::Plan>>,
-        settings: &DriverSettings,
+        settings: &D::Settings,
         op: F,
     ) -> Result<T, PoolError>
     where
@@ -141,7 +141,7 @@ struct PoolMetrics {
 /// The sessions of one protocol, by endpoint.
 pub struct Pool<D: Driver> {
     max: usize,
-    settings: DriverSettings,
+    settings: D::Settings,
     breaker: BreakerConfig,
     breaker_metrics: BreakerMetrics,
     endpoints: Mutex<HashMap<String, Arc<Endpoint<D>>>>,
@@ -365,7 +365,7 @@ impl Pools {
         let breaker_metrics = BreakerMetrics::new(registry)?;
         fn pool<D: Driver>(
             max: usize,
-            settings: &DriverSettings,
+            settings: &D::Settings,
             breaker: BreakerConfig,
             breaker_metrics: &BreakerMetrics,
             metrics: &PoolMetrics,
@@ -382,14 +382,14 @@ impl Pools {
         Ok(Arc::new(Pools {
             modbus: pool(
                 cfg.modbus_max_connections,
-                &opcua,
+                &(),
                 breaker,
                 &breaker_metrics,
                 &metrics,
             ),
             s7: pool(
                 cfg.s7_max_connections,
-                &opcua,
+                &(),
                 breaker,
                 &breaker_metrics,
                 &metrics,

@@ -13,6 +13,7 @@ pub struct WalMetrics {
     pub corrupt: IntCounter,
     pub torn_frames: IntCounter,
     pub torn_bytes: IntCounter,
+    pub too_large: IntCounter,
 }
 
 impl WalMetrics {
@@ -50,6 +51,11 @@ impl WalMetrics {
                 r,
                 "nexus_ingest_wal_torn_bytes_total",
                 "Bytes cut off the end of the WAL at open",
+            )?,
+            too_large: metrics::counter(
+                r,
+                "nexus_ingest_wal_too_large_total",
+                "Rows that could not be encoded in a WAL frame and were dropped (the parser's limits keep this at 0)",
             )?,
         })
     }

@@ -93,7 +93,7 @@ impl Wal {
             // cannot be logged are dropped and counted rather than stalling the log.
             tracing::error!(error = %e, points = points.len(), rejects = rejects.len(), "WAL: rows too large for a frame are dropped");
             if let Some(m) = &self.shared.metrics {
-                m.corrupt.inc();
+                m.too_large.inc_by((points.len() + rejects.len()) as u64);
             }
             return Ok(true);
         }

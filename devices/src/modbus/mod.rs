@@ -22,7 +22,7 @@ use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::device::{Device, PlanError};
-use crate::driver::{order_as_asked, DeviceError, Driver, DriverSettings, Reading, TransportError};
+use crate::driver::{order_as_asked, DeviceError, Driver, Reading, TransportError};
 use plan::{PlanItem, PlanLimits, ReadRequest};
 
 /// How one tag is decoded.
@@ -279,9 +279,10 @@ fn decode_slot(spec: &TagSpec, words: &[u16]) -> Reading {
 #[async_trait]
 impl Driver for ModbusDriver {
     type Plan = ModbusPlan;
+    type Settings = ();
     const PROTOCOL: Protocol = Protocol::Modbus;
 
-    fn for_device(device: &DeviceConfig, _settings: &DriverSettings) -> ModbusDriver {
+    fn for_device(device: &DeviceConfig, _settings: &()) -> ModbusDriver {
         ModbusDriver::new(device)
     }
 

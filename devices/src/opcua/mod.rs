@@ -31,7 +31,7 @@ use opcua::types::{
 };
 
 use crate::device::Device;
-use crate::driver::{DeviceError, Driver, DriverSettings, Reading, TransportError};
+use crate::driver::{DeviceError, Driver, Reading, TransportError};
 
 mod browse;
 mod convert;
@@ -234,9 +234,10 @@ impl OpcUaDriver {
 #[async_trait]
 impl Driver for OpcUaDriver {
     type Plan = OpcUaPlan;
+    type Settings = OpcUaClientConfig;
     const PROTOCOL: Protocol = Protocol::Opcua;
 
-    fn for_device(device: &DeviceConfig, settings: &DriverSettings) -> OpcUaDriver {
+    fn for_device(device: &DeviceConfig, settings: &OpcUaClientConfig) -> OpcUaDriver {
         OpcUaDriver::new(device, settings)
     }
 

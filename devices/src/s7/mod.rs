@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::device::{Device, PlanError};
-use crate::driver::{order_as_asked, DeviceError, Driver, DriverSettings, Reading, TransportError};
+use crate::driver::{order_as_asked, DeviceError, Driver, Reading, TransportError};
 use crate::value::{self, CodecError};
 use plan::{Chunk, Range};
 use proto::{Item, ProtoError};
@@ -334,9 +334,10 @@ fn fill(
 #[async_trait]
 impl Driver for S7Driver {
     type Plan = S7Plan;
+    type Settings = ();
     const PROTOCOL: Protocol = Protocol::S7;
 
-    fn for_device(device: &DeviceConfig, _settings: &DriverSettings) -> S7Driver {
+    fn for_device(device: &DeviceConfig, _settings: &()) -> S7Driver {
         S7Driver::new(device)
     }
 

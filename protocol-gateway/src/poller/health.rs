@@ -104,8 +104,17 @@ mod tests {
             "changed"
         );
         assert!(st.changed(Health::Online, BreakerState::HalfOpen));
-        // A publish that failed is not recorded: still due.
-        assert!(st.due(Health::Offline, closed, t0 + s(2)));
+        // Only a publish that went out is recorded: until then the change stays due; after
+        // it, the same state is not due again before the heartbeat.
+        let open = BreakerState::Open;
+        assert!(st.due(Health::Offline, open, t0 + s(2)));
+        assert!(
+            st.due(Health::Offline, open, t0 + s(3)),
+            "not published yet"
+        );
+        st.published(Health::Offline, open, t0 + s(3));
+        assert!(!st.due(Health::Offline, open, t0 + s(4)));
+        assert!(!st.changed(Health::Offline, open));
         // No heartbeat: only changes.
         let mut quiet = StatusSchedule::new(Duration::ZERO, t0);
         quiet.published(Health::Online, closed, t0);
