@@ -373,6 +373,17 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
     assert!(code.success(), "{code}");
     let seen = String::from_utf8_lossy(&watcher.wait_with_output().unwrap().stdout).into_owned();
     assert!(seen.contains("\"state\":\"offline\""), "{seen}");
+    // Every runtime file of the demo (buffer, PKI of client and simulator) is under
+    // nexus-data/, which git ignores: a run from the repo root leaves the work tree clean.
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["nexus-data".to_owned()]);
+    assert!(std::fs::read_to_string(repo(".gitignore"))
+        .unwrap()
+        .lines()
+        .any(|l| l.trim() == "nexus-data/"));
 }
 
 fn repo(path: &str) -> std::path::PathBuf {
