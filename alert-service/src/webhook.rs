@@ -1,7 +1,8 @@
 //! Webhook notifications: each configured endpoint gets alarm events as JSON POSTs from its
 //! own task, rate-limited (`per_minute`), retried with exponential backoff and jitter up to
 //! `max_attempts`. Events wait in a queue of 1000 per endpoint; what does not fit, and what
-//! is given up after the last attempt, is counted and logged.
+//! is given up after the last attempt, is counted and logged. The URL is a secret (a token
+//! may sit in its path): logs name the webhook by its label and origin, metrics by its label.
 
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ impl WebhookMetrics {
 
 /// The senders of every webhook.
 pub struct Notifier {
-    hooks: Vec<(Webhook, mpsc::Sender<Value>)>,
+    hooks: Vec<(Webhook, String, mpsc::Sender<Value>)>,
     metrics: WebhookMetrics,
 }
 
@@ -57,10 +58,21 @@ impl Notifier {
         let metrics = WebhookMetrics::new(registry)?;
         let hooks = hooks
             .iter()
-            .map(|h| {
+            .enumerate()
+            .map(|(i, h)| {
+                let label = h.label(i);
+                for c in [&metrics.delivered, &metrics.failed, &metrics.dropped] {
+                    c.with_label_values(&[&label]);
+                }
                 let (tx, rx) = mpsc::channel(1000);
-                tokio::spawn(deliver(h.clone(), rx, metrics.clone(), token.clone()));
-                (h.clone(), tx)
+                tokio::spawn(deliver(
+                    h.clone(),
+                    label.clone(),
+                    rx,
+                    metrics.clone(),
+                    token.clone(),
+                ));
+                (h.clone(), label, tx)
             })
             .collect();
         Ok(Notifier { hooks, metrics })
@@ -68,13 +80,13 @@ impl Notifier {
 
     /// Queue an event for every webhook that wants it.
     pub fn notify(&self, event: &str, severity: u16, body: &Value) {
-        for (h, tx) in &self.hooks {
+        for (h, label, tx) in &self.hooks {
             if severity < h.min_severity || !h.events.iter().any(|e| e == event) {
                 continue;
             }
             if tx.try_send(body.clone()).is_err() {
-                self.metrics.dropped.with_label_values(&[&h.url]).inc();
-                tracing::error!(webhook = %h.url, "webhook queue full: alarm event dropped");
+                self.metrics.dropped.with_label_values(&[label]).inc();
+                tracing::error!(webhook = %label, origin = %h.origin(), "webhook queue full: alarm event dropped");
             }
         }
     }
@@ -82,6 +94,7 @@ impl Notifier {
 
 async fn deliver(
     hook: Webhook,
+    label: String,
     mut rx: mpsc::Receiver<Value>,
     metrics: WebhookMetrics,
     token: CancellationToken,
@@ -89,7 +102,7 @@ async fn deliver(
     let client = match reqwest::Client::builder().timeout(hook.timeout).build() {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(webhook = %hook.url, error = %e, "cannot build the webhook client");
+            tracing::error!(webhook = %label, error = %e.without_url(), "cannot build the webhook client");
             return;
         }
     };
@@ -100,6 +113,7 @@ async fn deliver(
         None,
         None,
     );
+    let origin = hook.origin();
     loop {
         let body = tokio::select! {
             b = rx.recv() => match b { Some(b) => b, None => return },
@@ -113,16 +127,16 @@ async fn deliver(
         }
         let mut delivered = false;
         for attempt in 0..hook.max_attempts {
-            match client.post(&hook.url).json(&body).send().await {
+            match client.post(hook.url.expose()).json(&body).send().await {
                 Ok(r) if r.status().is_success() => {
                     delivered = true;
                     break;
                 }
                 Ok(r) => {
-                    tracing::warn!(webhook = %hook.url, status = %r.status(), attempt = attempt + 1, "webhook refused an alarm event")
+                    tracing::warn!(webhook = %label, %origin, status = %r.status(), attempt = attempt + 1, "webhook refused an alarm event")
                 }
                 Err(e) => {
-                    tracing::warn!(webhook = %hook.url, error = %e, attempt = attempt + 1, "webhook unreachable")
+                    tracing::warn!(webhook = %label, %origin, error = %e.without_url(), attempt = attempt + 1, "webhook unreachable")
                 }
             }
             if attempt + 1 < hook.max_attempts {
@@ -133,10 +147,10 @@ async fn deliver(
             }
         }
         if delivered {
-            metrics.delivered.with_label_values(&[&hook.url]).inc();
+            metrics.delivered.with_label_values(&[&label]).inc();
         } else {
-            metrics.failed.with_label_values(&[&hook.url]).inc();
-            tracing::error!(webhook = %hook.url, attempts = hook.max_attempts, "alarm event not delivered");
+            metrics.failed.with_label_values(&[&label]).inc();
+            tracing::error!(webhook = %label, %origin, attempts = hook.max_attempts, "alarm event not delivered");
         }
     }
 }

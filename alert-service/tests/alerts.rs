@@ -454,8 +454,9 @@ async fn webhooks_are_delivered_with_retries() {
     let got: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
     let app = {
         let (calls, got) = (calls.clone(), got.clone());
+        // A Slack-style URL: the token is in the path.
         axum::Router::new().route(
-            "/hook",
+            "/services/T000/B000/SECRETTOKEN",
             axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
                 let (calls, got) = (calls.clone(), got.clone());
                 async move {
@@ -476,7 +477,7 @@ async fn webhooks_are_delivered_with_retries() {
     let port = b.ports.tcp.port();
     let root = testing::unique("plant");
     let hp = free_port();
-    let extra = format!("  webhooks:\n    - {{ url: \"http://127.0.0.1:{hook_port}/hook\", min_severity: 500, events: [activated], max_attempts: 5 }}\n");
+    let extra = format!("  webhooks:\n    - {{ url: \"http://127.0.0.1:{hook_port}/services/T000/B000/SECRETTOKEN\", min_severity: 500, events: [activated], max_attempts: 5 }}\n");
     let (token, task) = start_with(port, hp, &root, &extra);
     wait_ready(hp).await;
     let (svc, _) = client(port, "svc", &[]).await;
@@ -504,6 +505,24 @@ async fn webhooks_are_delivered_with_retries() {
         calls.load(Ordering::SeqCst),
         3,
         "two failures, then delivered"
+    );
+    // The URL is a secret: the metrics name the webhook by its label, never by its URL.
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", hp)).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(!metrics.contains("SECRETTOKEN"), "{metrics}");
+    assert!(
+        metrics.contains("nexus_alerts_webhook_delivered_total{webhook=\"webhook-1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nexus_alerts_webhook_failed_total{webhook=\"webhook-1\"} 0"),
+        "{metrics}"
     );
     token.cancel();
     task.await.unwrap().unwrap();

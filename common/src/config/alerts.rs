@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::types::duration;
+use super::types::{duration, Secret};
 use super::Problems;
 use crate::topic::TopicFilter;
 
@@ -27,7 +27,13 @@ pub struct AlertsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhook {
-    pub url: String,
+    /// The endpoint. A secret: Slack-style URLs carry their token in the path, so the URL is
+    /// never logged, printed in `Debug` or used as a metric label (see [`Webhook::label`]).
+    pub url: Secret,
+    /// The name in logs and in the `webhook` label of the metrics (default `webhook-<n>`,
+    /// its place in the list from 1).
+    #[serde(default)]
+    pub name: Option<String>,
     /// Only alarms of at least this severity (default 1: all).
     #[serde(default = "one")]
     pub min_severity: u16,
@@ -43,6 +49,25 @@ pub struct Webhook {
     /// Timeout of one request (default 5s).
     #[serde(with = "duration", default = "five_s")]
     pub timeout: Duration,
+}
+
+impl Webhook {
+    /// What logs and metric labels call webhook `index` (0-based) of the list.
+    pub fn label(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("webhook-{}", index + 1))
+    }
+
+    /// `scheme://host[:port]` of the URL: enough to find the endpoint in a log, without the
+    /// path and query that may carry a token, or a password.
+    pub fn origin(&self) -> String {
+        let url = self.url.expose();
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or("");
+        format!("{scheme}://{host}")
+    }
 }
 
 fn one() -> u16 {
@@ -210,11 +235,25 @@ impl AlertsConfig {
             "in_service",
         ];
         for (i, w) in self.webhooks.iter().enumerate() {
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+            let url = w.url.expose();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
                 p.push(
                     format!("alerts.webhooks[{i}].url"),
-                    format!("{:?} is not an http:// or https:// URL", w.url),
+                    "is not an http:// or https:// URL",
                 );
+            }
+            if let Some(name) = &w.name {
+                let ok = !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !ok {
+                    p.push(
+                        format!("alerts.webhooks[{i}].name"),
+                        format!("{name:?}: 1 to 64 letters, digits, '-' or '_'"),
+                    );
+                }
             }
             if w.per_minute == 0 || w.max_attempts == 0 {
                 p.push(

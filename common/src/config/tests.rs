@@ -628,3 +628,27 @@ fn s7_addresses_parse_and_bad_ones_say_why() {
     );
     assert_has(&errs, "max_register_gap");
 }
+
+#[test]
+fn webhook_urls_are_secrets() {
+    let c = load_env(
+        "alerts:\n  webhooks:\n    - { url: \"https://hooks.example.com/services/T0/B0/SECRETTOKEN?x=1\" }\n    - { url: \"https://u:pw@example.org:8443/h\", name: pager }\n",
+        &[],
+    )
+    .unwrap();
+    let hooks = &c.alerts.webhooks;
+    assert_eq!(hooks[0].label(0), "webhook-1");
+    assert_eq!(hooks[1].label(1), "pager");
+    assert_eq!(hooks[0].origin(), "https://hooks.example.com");
+    assert_eq!(hooks[1].origin(), "https://example.org:8443");
+    let dump = format!("{c:?}");
+    assert!(!dump.contains("SECRETTOKEN"), "{dump}");
+    let errs =
+        errors("alerts:\n  webhooks:\n    - { url: \"ftp://x/SECRETTOKEN\", name: \"a b\" }\n");
+    assert_has(
+        &errs,
+        "alerts.webhooks[0].url: is not an http:// or https:// URL",
+    );
+    assert_has(&errs, "alerts.webhooks[0].name: \"a b\"");
+    assert!(errs.iter().all(|e| !e.contains("SECRETTOKEN")), "{errs:?}");
+}
