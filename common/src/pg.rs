@@ -23,6 +23,8 @@ pub enum PgError {
     Url(String),
     #[error("cannot read the database CA file {path}: {reason}")]
     Ca { path: String, reason: String },
+    #[error("the database URL asks for no TLS (sslmode=disable) but database.require_tls is set")]
+    TlsRequired,
     #[error("cannot connect to the database: {}", describe(.0))]
     Connect(#[from] tokio_postgres::Error),
 }
@@ -67,6 +69,7 @@ pub struct Database {
     pub pool_size: usize,
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
+    pub require_tls: bool,
 }
 
 impl Database {
@@ -78,6 +81,7 @@ impl Database {
             pool_size: cfg.pool_size,
             connect_timeout: cfg.connect_timeout,
             statement_timeout: cfg.statement_timeout,
+            require_tls: cfg.require_tls,
         })
     }
 
@@ -90,6 +94,7 @@ impl Database {
             pool_size: d.pool_size,
             connect_timeout: d.connect_timeout,
             statement_timeout: d.statement_timeout,
+            require_tls: d.require_tls,
         }
     }
 
@@ -108,6 +113,15 @@ pub async fn connect(db: &Database) -> Result<(Client, JoinHandle<()>), PgError>
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|_| PgError::Url(crate::config::types::redact_url(url)))?;
+    if db.require_tls {
+        match config.get_ssl_mode() {
+            SslMode::Disable => return Err(PgError::TlsRequired),
+            // `prefer` would fall back to plain text when the server offers no TLS.
+            _ => {
+                config.ssl_mode(SslMode::Require);
+            }
+        }
+    }
     config
         .connect_timeout(db.connect_timeout)
         .keepalives(true)

@@ -175,3 +175,48 @@ async fn postgres_over_tls_with_verified_certificates() {
         .await
         .is_ok());
 }
+
+/// `database.require_tls`: a URL's `sslmode=prefer` (the default) is made `require`, so a
+/// server without TLS is refused instead of answering in plain text; `sslmode=disable` is
+/// an error naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_can_be_required() {
+    let pki = Pki::new();
+    let cert = std::fs::read_to_string(pki.path("server.pem")).unwrap();
+    let key = std::fs::read_to_string(pki.path("server.key")).unwrap();
+    let tls_pg = testing::PgServer::start_with_tls(&cert, &key);
+    let required = |url: String| {
+        let mut db = Database::at(&url).with_ca_file(&pki.path("ca.pem"));
+        db.require_tls = true;
+        db
+    };
+    let prefer = format!(
+        "postgres://nexus@localhost:{}/postgres?sslmode=prefer",
+        tls_pg.port
+    );
+    let (db, _task) = nexus_common::pg::connect(&required(prefer)).await.unwrap();
+    let ssl: bool = db
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+    let disable = format!(
+        "postgres://nexus@localhost:{}/postgres?sslmode=disable",
+        tls_pg.port
+    );
+    let e = nexus_common::pg::connect(&required(disable))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("database.require_tls"), "{e}");
+    // A server that offers no TLS: `prefer` would have fallen back to plain text.
+    let plain_pg = testing::PgServer::start();
+    let url = format!("postgres://nexus@localhost:{}/postgres", plain_pg.port);
+    assert!(nexus_common::pg::connect(&Database::at(&url)).await.is_ok());
+    assert!(nexus_common::pg::connect(&required(url)).await.is_err());
+}

@@ -28,6 +28,9 @@ pub struct DatabaseConfig {
     /// database cannot hold an API call or a writer for ever.
     #[serde(with = "duration")]
     pub statement_timeout: Duration,
+    /// Refuse a connection that is not encrypted (default false): `sslmode=prefer` (the
+    /// default) becomes `require`, and a URL with `sslmode=disable` is a configuration error.
+    pub require_tls: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -38,6 +41,7 @@ impl Default for DatabaseConfig {
             pool_size: 4,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(30),
+            require_tls: false,
         }
     }
 }
@@ -56,6 +60,16 @@ impl DatabaseConfig {
                         url.redacted()
                     ),
                 );
+            }
+        }
+        if self.require_tls {
+            if let Some(url) = &self.url {
+                if url.expose().contains("sslmode=disable") {
+                    p.push(
+                        "database.url",
+                        "sslmode=disable contradicts database.require_tls: true",
+                    );
+                }
             }
         }
         if !(1..=64).contains(&self.pool_size) {

@@ -652,3 +652,18 @@ fn webhook_urls_are_secrets() {
     assert_has(&errs, "alerts.webhooks[0].name: \"a b\"");
     assert!(errs.iter().all(|e| !e.contains("SECRETTOKEN")), "{errs:?}");
 }
+
+#[test]
+fn required_database_tls_refuses_a_url_without_it() {
+    let errs =
+        errors("database:\n  url: postgres://nexus@db/h?sslmode=disable\n  require_tls: true\n");
+    assert_has(
+        &errs,
+        "database.url: sslmode=disable contradicts database.require_tls: true",
+    );
+    assert!(load_env(
+        "database:\n  url: postgres://nexus@db/h\n  require_tls: true\n",
+        &[]
+    )
+    .is_ok());
+}
