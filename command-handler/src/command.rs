@@ -52,6 +52,69 @@ pub struct Command {
     pub claimed_user: Option<String>,
 }
 
+/// An MQTT 5 Response Topic the handler may publish to as the service user: a plain topic
+/// outside `$` (so never `$nexus/...`, where the service user may publish commands), without
+/// wildcards and within MQTT's limits. The service user bypasses the broker's ACL, so a
+/// requester who could name any topic here could make the handler publish where the
+/// requester may not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTopic(String);
+
+/// MQTT's limit on a topic name: a UTF-8 string of at most 65,535 bytes.
+const MAX_TOPIC_LEN: usize = 65_535;
+
+impl ReplyTopic {
+    /// Why a topic is refused, in a few words (for the log).
+    pub fn parse(topic: &str) -> Result<ReplyTopic, &'static str> {
+        if topic.is_empty() {
+            return Err("empty");
+        }
+        if topic.starts_with('$') {
+            return Err("a $ topic (broker or system topics)");
+        }
+        if topic.len() > MAX_TOPIC_LEN {
+            return Err("longer than 65535 bytes");
+        }
+        if topic.contains(['+', '#']) {
+            return Err("contains a wildcard");
+        }
+        // MQTT forbids U+0000 and advises against other control characters (a receiver may
+        // close the connection over them).
+        if topic.chars().any(char::is_control) {
+            return Err("contains a control character");
+        }
+        Ok(ReplyTopic(topic.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A topic cut to its first two levels (each at most 32 characters) for the log, so a
+/// refused Response Topic does not put what a requester chose, whole, into the log.
+pub fn redact_topic(topic: &str) -> String {
+    const LEVELS: usize = 2;
+    const LEVEL_CHARS: usize = 32;
+    let mut out = Vec::with_capacity(LEVELS);
+    let mut cut = false;
+    for (i, level) in topic.split('/').enumerate() {
+        if i == LEVELS {
+            cut = true;
+            break;
+        }
+        if level.chars().count() > LEVEL_CHARS {
+            cut = true;
+        }
+        out.push(level.chars().take(LEVEL_CHARS).collect::<String>());
+    }
+    let mut s = out.join("/");
+    if cut {
+        s.push_str("/...");
+    }
+    s
+}
+
 fn level_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
@@ -160,6 +223,21 @@ pub fn parse(topic: &CmdTopic, payload: &[u8], max_len: usize) -> Result<Command
         }
     };
     rej.request_id = opt_str(&obj, "request_id").ok().flatten();
+    // The handler never acts on an answer of its own. Every answer it publishes is an object
+    // with `success` and `duration_ms` (built by the handler, so a requester cannot take them
+    // out), and no command carries either; a payload with one is refused. The mark is in the
+    // payload rather than in an MQTT 5 user property because a payload crosses every broker,
+    // bridge and protocol version unchanged, where a 3.1.1 hop drops properties. Forging the
+    // mark only gets the forger's own command refused.
+    if let Some(k) = ["success", "duration_ms"]
+        .into_iter()
+        .find(|k| obj.contains_key(*k))
+    {
+        rej.message = format!(
+            "this is a command response (it has {k:?}), not a command; the handler never acts on its own answers"
+        );
+        return Err(rej);
+    }
     let fail = |rej: &Rejection, m: String| Rejection {
         message: m,
         ..rej.clone()
@@ -379,7 +457,61 @@ mod tests {
         assert_eq!(e.reason, "too_large");
     }
 
+    #[test]
+    fn reply_topics() {
+        for ok in ["replies/op/1", "a", "acme/site/x y", "a//b"] {
+            assert_eq!(ReplyTopic::parse(ok).unwrap().as_str(), ok);
+        }
+        let long = "a".repeat(MAX_TOPIC_LEN + 1);
+        for (bad, why) in [
+            ("", "empty"),
+            ("$nexus/cmd/plc/sp/set", "a $ topic"),
+            ("$nexus/cmd/plc/write", "a $ topic"),
+            ("$nexus/cmd/response/plc/sp", "a $ topic"),
+            ("$SYS/x", "a $ topic"),
+            ("$", "a $ topic"),
+            ("replies/+", "wildcard"),
+            ("replies/#", "wildcard"),
+            ("a\u{0}b", "control"),
+            ("a\nb", "control"),
+            (long.as_str(), "longer than"),
+        ] {
+            let e = ReplyTopic::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn redaction_keeps_two_levels() {
+        assert_eq!(redact_topic("$nexus/cmd/plc-a/sp/set"), "$nexus/cmd/...");
+        assert_eq!(redact_topic("replies/op"), "replies/op");
+        assert_eq!(redact_topic("x"), "x");
+        let long = "é".repeat(40);
+        assert_eq!(redact_topic(&long), format!("{}/...", "é".repeat(32)));
+    }
+
+    #[test]
+    fn a_response_body_is_not_a_command() {
+        for p in [
+            &br#"{"tag_id":"a","value":1,"success":true}"#[..],
+            br#"{"tag_id":"a","value":1,"duration_ms":0.3}"#,
+        ] {
+            let e = parse(&write(), p, 1024).unwrap_err();
+            assert_eq!(e.reason, "bad_payload");
+            assert!(e.message.contains("command response"), "{}", e.message);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn redaction_and_reply_topics_never_panic(t in "\\PC{0,80}") {
+            let r = redact_topic(&t);
+            prop_assert!(r.split('/').count() <= 3);
+            if let Ok(rt) = ReplyTopic::parse(&t) {
+                prop_assert!(!rt.as_str().starts_with('$'));
+            }
+        }
+
         #[test]
         fn arbitrary_input_never_panics(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = parse_topic(&topic);

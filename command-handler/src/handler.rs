@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditRecord;
-use crate::command::{self, CmdTopic, Command, Rejection};
+use crate::command::{self, CmdTopic, Command, Rejection, ReplyTopic};
 use crate::validate;
 use nexus_common::topic::sys;
 
@@ -35,6 +35,7 @@ pub struct CommandMetrics {
     pub in_flight: IntGauge,
     pub latency: Histogram,
     pub audit_dropped: IntCounter,
+    pub response_topic_refused: IntCounter,
 }
 
 impl CommandMetrics {
@@ -80,6 +81,11 @@ impl CommandMetrics {
                 "nexus_commands_audit_dropped_total",
                 "Audit rows not queued for the database (queue full)",
             )?,
+            response_topic_refused: metrics::counter(
+                r,
+                "nexus_commands_response_topic_refused_total",
+                "MQTT 5 Response Topics not published to (a $ topic, a wildcard, or not a valid topic)",
+            )?,
         })
     }
 }
@@ -97,7 +103,7 @@ pub struct Response {
 struct Job {
     cmd: Command,
     arrived: Instant,
-    reply_to: Option<(String, Option<Bytes>)>,
+    reply_to: Option<(ReplyTopic, Option<Bytes>)>,
 }
 
 enum Dedup {
@@ -176,7 +182,7 @@ impl Handler {
         }))
     }
 
-    async fn send(&self, responses: &[Response], reply_to: &Option<(String, Option<Bytes>)>) {
+    async fn send(&self, responses: &[Response], reply_to: &Option<(ReplyTopic, Option<Bytes>)>) {
         for r in responses {
             let topic = sys::cmd_response(&r.device, r.tag.as_deref());
             let payload = r.body.to_string();
@@ -194,10 +200,10 @@ impl Handler {
                 };
                 if let Err(e) = self
                     .mqtt
-                    .publish_with(rt, payload, QoS::AtLeastOnce, false, Some(props))
+                    .publish_with(rt.as_str(), payload, QoS::AtLeastOnce, false, Some(props))
                     .await
                 {
-                    tracing::warn!(topic = %rt, error = %e, "cannot publish to the command's response topic");
+                    tracing::warn!(topic = rt.as_str(), error = %e, "cannot publish to the command's response topic");
                 }
             }
         }
@@ -229,7 +235,21 @@ impl Handler {
         self.metrics.received.inc();
         let reply_to = msg
             .response_topic()
-            .map(|t| (t.to_owned(), msg.correlation_data().cloned()));
+            .and_then(|t| match ReplyTopic::parse(t) {
+                Ok(rt) => Some((rt, msg.correlation_data().cloned())),
+                Err(why) => {
+                    // Refused, not answered there: the standard answer on $nexus/cmd/response/
+                    // still goes out. The requester's topic is logged cut to its first levels.
+                    self.metrics.response_topic_refused.inc();
+                    tracing::warn!(
+                        topic,
+                        response_topic = ?command::redact_topic(t),
+                        why,
+                        "response topic refused; answering on $nexus/cmd/response/ only"
+                    );
+                    None
+                }
+            });
         let parsed = command::parse_topic(topic).and_then(|t: CmdTopic| {
             command::parse(&t, msg.payload(), self.cfg.max_payload.0 as usize)
         });
@@ -615,5 +635,32 @@ impl Handler {
         }
         drop(tx);
         let _ = dispatcher.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a requester puts in a command, the answer the handler builds from it is
+        /// refused if it comes back as a command, on either topic shape.
+        #[test]
+        fn an_answer_never_parses_as_a_command(
+            request_id in proptest::option::of("\\PC{0,40}"),
+            tag in "[a-z0-9_.-]{1,20}",
+            value in prop_oneof![any::<i64>().prop_map(Value::Int), any::<bool>().prop_map(Value::Bool), "\\PC{0,20}".prop_map(Value::String)],
+            success in any::<bool>(),
+            error in proptest::option::of("\\PC{0,40}"),
+        ) {
+            let body = response_body(&request_id, "plc", Some(&tag), success, error, Some(&value), Duration::from_micros(1234));
+            let payload = body.to_string();
+            for topic in [CmdTopic::Write { device: "plc".into() }, CmdTopic::Set { device: "plc".into(), tag: tag.clone() }] {
+                let e = command::parse(&topic, payload.as_bytes(), 1 << 20).unwrap_err();
+                prop_assert_eq!(e.reason, "bad_payload");
+            }
+        }
     }
 }

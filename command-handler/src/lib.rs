@@ -13,7 +13,8 @@
 //!   ──> [validate] device, enabled, tag, writable, type, range, min/max
 //!   ──> rate limits (per device, global) ──> Pools::write with a timeout, breaker fast-fail
 //!   ──> optional read-back ──> response on $nexus/cmd/response/<device>/<tag> and on the
-//!       MQTT 5 Response Topic with its Correlation Data
+//!       MQTT 5 Response Topic with its Correlation Data (only a plain topic outside `$`:
+//!       the service user is not bound by the broker's ACL; see command::ReplyTopic)
 //!   ──> [audit] structured log always; command_audit table when a database is configured
 //! ```
 //!

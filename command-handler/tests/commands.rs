@@ -1,7 +1,7 @@
 //! The command handler through a real broker against the tokio-modbus simulator and pymodbus:
 //! writes land, every validation rule, malformed commands, queue full, rate limits, TTL,
-//! duplicates, a dead device, MQTT 5 response topics, and the ACLs of the embedded broker and
-//! of Mosquitto.
+//! duplicates, a dead device, MQTT 5 response topics (and a hostile one aimed at a denied
+//! device), and the ACLs of the embedded broker and of Mosquitto.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nexus_common::config::{BrokerConfig, BrokerUser, Config, MqttVersion, Role, Secret};
+use nexus_common::config::{
+    AclAction, AclPermission, AclRule, BrokerConfig, BrokerUser, Config, MqttVersion, Role, Secret,
+};
 use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, PublishProps, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto};
 use nexus_devices::simulator::modbus::ModbusSimulator;
@@ -557,6 +559,111 @@ async fn mqtt5_response_topic_and_correlation_data() {
     );
     let v: Value = serde_json::from_slice(m.payload()).unwrap();
     assert_eq!(v["success"], true);
+    r.token.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+/// The hostile requester: an operator denied device `plc-a` by a `broker.acl` rule sends a
+/// legal command for `plc-b` and names `plc-a`'s command topics as its Response Topic, hoping
+/// the handler (whose service user the ACL does not bind) publishes its answer there and then
+/// executes that answer as a command for `plc-a`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
+    let sim_a = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let sim_b = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let b = testing::start_embedded_broker(BrokerConfig {
+        users: vec![user("svc", Role::Service), user("op", Role::Operator)],
+        acl: vec![AclRule {
+            permission: AclPermission::Deny,
+            action: AclAction::Publish,
+            topic: "$nexus/cmd/plc-a/#".into(),
+            users: vec!["op".into()],
+            roles: vec![],
+        }],
+        ..BrokerConfig::default()
+    });
+    let port = b.ports.tcp.port();
+    let devices = format!(
+        "{}{}",
+        device("plc-a", sim_a.addr.port(), ""),
+        device("plc-b", sim_b.addr.port(), "")
+    );
+    let r = rig(Some(b), port, &devices, "").await;
+    let (op, mut rx) = client(r.port, "op", MqttVersion::V5, &["$nexus/cmd/response/#"]).await;
+    let a_before = {
+        let regs = sim_a.registers.lock().unwrap();
+        (regs.holding[10], regs.get_f32(300))
+    };
+    // The ACL holds for the operator's own publishes to plc-a.
+    pubj(&op, "$nexus/cmd/plc-a/sp/set", "11").await;
+    let hostile = [
+        (
+            "$nexus/cmd/plc-b/sp/set",
+            r#"{"value":42,"request_id":"h-1"}"#,
+            "$nexus/cmd/plc-a/sp/set",
+        ),
+        (
+            "$nexus/cmd/plc-b/write",
+            r#"{"tag_id":"f","value":7.5,"request_id":"h-2"}"#,
+            "$nexus/cmd/plc-a/write",
+        ),
+        (
+            "$nexus/cmd/plc-b/write",
+            r#"{"tag_id":"n","value":99,"request_id":"h-3"}"#,
+            "$nexus/cmd/response/plc-a/n",
+        ),
+    ];
+    for (topic, body, reply) in hostile {
+        let props = PublishProps {
+            response_topic: Some(reply.into()),
+            correlation_data: Some(Bytes::from_static(b"c")),
+        };
+        op.publish_with(topic, body, QoS::AtLeastOnce, false, Some(props))
+            .await
+            .unwrap();
+    }
+    // Wait for everything that may come, not only for the three expected answers, so that an
+    // answer executed as a command for plc-a would have time to land.
+    let got = responses(&mut rx, 10, Duration::from_secs(3)).await;
+    {
+        let regs = sim_a.registers.lock().unwrap();
+        assert_eq!(
+            (regs.holding[10], regs.get_f32(300)),
+            a_before,
+            "plc-a, denied to the operator, is unchanged"
+        );
+    }
+    {
+        let regs = sim_b.registers.lock().unwrap();
+        assert_eq!(regs.holding[10], 420, "plc-b was written");
+        assert_eq!(regs.get_f32(300), 7.5);
+        assert_eq!(regs.holding[310], 99);
+    }
+    let mut topics: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+    topics.sort_unstable();
+    assert_eq!(
+        topics,
+        [
+            "$nexus/cmd/response/plc-b/f",
+            "$nexus/cmd/response/plc-b/n",
+            "$nexus/cmd/response/plc-b/sp"
+        ],
+        "the standard answers go out, and nothing ever answers for plc-a: {got:?}"
+    );
+    for (t, v) in &got {
+        assert_eq!(v["success"], true, "{t}: {v}");
+    }
+    let m = http_get(r.http, "/metrics");
+    assert_eq!(
+        metric(&m, "nexus_commands_response_topic_refused_total"),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "nexus_commands_received_total"), 3.0, "{m}");
     r.token.cancel();
     r.task.await.unwrap().unwrap();
 }
