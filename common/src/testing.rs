@@ -69,13 +69,33 @@ pub fn metric_value(metrics: &str, sample: &str) -> Option<f64> {
 }
 
 /// The metric names a document of `docs/` names (`nexus_...`; a name ending in `_` is a
-/// prefix and left out).
+/// prefix and left out). `doc` may name one section: `security.md#HTTP robustness` reads
+/// only the text under `## HTTP robustness`, up to the next `## ` heading.
 pub fn documented_metrics(doc: &str) -> Vec<String> {
+    let (file, section) = match doc.split_once('#') {
+        Some((f, s)) => (f, Some(s)),
+        None => (doc, None),
+    };
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../docs")
-        .join(doc);
-    let text = std::fs::read_to_string(&path)
+        .join(file);
+    let whole = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = match section {
+        None => whole,
+        Some(name) => {
+            let heading = format!("## {name}");
+            let mut lines = whole.lines().skip_while(|l| l.trim_end() != heading);
+            assert!(
+                lines.next().is_some(),
+                "docs/{file} has no section {heading:?}"
+            );
+            lines
+                .take_while(|l| !l.starts_with("## "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
     let mut names: Vec<String> = Vec::new();
     let bytes = text.as_bytes();
     let mut i = 0;

@@ -16,7 +16,12 @@ fn load_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
 }
 
 fn errors(text: &str) -> Vec<String> {
-    load(text)
+    env_errors(text, &[])
+}
+
+/// Every problem of `text` with the environment `env`, as printed.
+fn env_errors(text: &str, env: &[(&str, &str)]) -> Vec<String> {
+    load_env(text, env)
         .unwrap_err()
         .0
         .iter()
@@ -186,15 +191,10 @@ fn the_database_section_and_its_old_keys() {
         (4, Duration::from_secs(10), Duration::from_secs(30))
     );
     // The keys of before name their new place, in the file and from the environment.
-    let errs: Vec<String> = load_env(
+    let errs = env_errors(
         "ingestion:\n  database_url: postgres://nexus@db/h\n  database_ca_file: /ca.pem\n",
         &[],
-    )
-    .unwrap_err()
-    .0
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    );
     assert_has(
         &errs,
         "nexus.yaml:2:3: ingestion.database_url: moved: set database.url",
@@ -203,25 +203,15 @@ fn the_database_section_and_its_old_keys() {
         &errs,
         "nexus.yaml:3:3: ingestion.database_ca_file: moved: set database.ca_file",
     );
-    let errs: Vec<String> = load_env("", &[("NEXUS_INGESTION__DATABASE_URL", "postgres://b/y")])
-        .unwrap_err()
-        .0
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let errs = env_errors("", &[("NEXUS_INGESTION__DATABASE_URL", "postgres://b/y")]);
     assert_has(
         &errs,
         "environment variable NEXUS_INGESTION__DATABASE_URL: ingestion.database_url: moved",
     );
-    let errs: Vec<String> = load_env(
+    let errs = env_errors(
         "database:\n  url: mysql://x\n  pool_size: 0\n  statement_timeout: 0s\n",
         &[],
-    )
-    .unwrap_err()
-    .0
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    );
     assert_has(&errs, "database.url: mysql://x is not a postgres:// URL");
     assert_has(&errs, "database.pool_size: must be between 1 and 64");
     assert_has(&errs, "database.statement_timeout: must be at least 100ms");
@@ -229,12 +219,7 @@ fn the_database_section_and_its_old_keys() {
 
 #[test]
 fn env_errors_name_the_variable() {
-    let errs: Vec<String> = load_env("", &[("NEXUS_MQTT__PORT", "lots"), ("NEXUS_FROB__X", "1")])
-        .unwrap_err()
-        .0
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let errs = env_errors("", &[("NEXUS_MQTT__PORT", "lots"), ("NEXUS_FROB__X", "1")]);
     assert_has(
         &errs,
         "environment variable NEXUS_MQTT__PORT: mqtt.port: invalid type: string \"lots\"",
