@@ -139,6 +139,15 @@ pub fn mqtt_config(port: u16) -> MqttConfig {
     }
 }
 
+/// [`mqtt_config`] logged in as the `svc` account of [`service_broker`].
+pub fn service_mqtt_config(port: u16) -> MqttConfig {
+    MqttConfig {
+        username: Some("svc".into()),
+        password: Some(crate::config::Secret::new("svc-pw".to_owned())),
+        ..mqtt_config(port)
+    }
+}
+
 /// The embedded broker on a free port of 127.0.0.1 (no WebSocket listener), with `cfg`'s
 /// other settings.
 pub fn start_embedded_broker(mut cfg: BrokerConfig) -> EmbeddedBroker {

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use nexus_common::config::{Config, Secret};
+use nexus_common::config::Config;
 use nexus_common::service::{Shell, ShellOptions};
 use nexus_common::telemetry::Telemetry;
 use nexus_common::testing;
@@ -12,11 +12,8 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_restarts_on_the_same_telemetry() {
     let broker = testing::service_broker();
-    let mut mqtt = testing::mqtt_config(broker.ports.tcp.port());
-    mqtt.username = Some("svc".into());
-    mqtt.password = Some(Secret::new("svc-pw"));
     let cfg = Config {
-        mqtt,
+        mqtt: testing::service_mqtt_config(broker.ports.tcp.port()),
         ..Config::default()
     };
     let telemetry = Telemetry::new("restarts");

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_common::config::{Config, Secret};
+use nexus_common::config::Config;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port, PgServer};
 use proptest::prelude::*;
@@ -68,9 +68,7 @@ impl Ingest {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
 
-        let mut c = testing::mqtt_config(port);
-        c.username = Some("svc".into());
-        c.password = Some(Secret::new("svc-pw".to_owned()));
+        let c = testing::service_mqtt_config(port);
         let (p, _rx) = mqtt::connect(
             &c,
             ClientSettings::new(testing::unique("pub")),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nexus_common::codec::sparkplug::{self, SpDataType, SpMetric, SpPayload};
-use nexus_common::config::{Config, Secret};
+use nexus_common::config::Config;
 use nexus_common::domain::Value;
 use nexus_common::mqtt::{self, ClientSettings, MqttHandle, QoS};
 use nexus_common::testing::{self, free_port, PgServer};
@@ -16,9 +16,7 @@ use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
 async fn publisher(port: u16) -> MqttHandle {
-    let mut c = testing::mqtt_config(port);
-    c.username = Some("svc".into());
-    c.password = Some(Secret::new("svc-pw".to_owned()));
+    let mut c = testing::service_mqtt_config(port);
     c.inflight = 1000;
     let (h, _rx) = mqtt::connect(
         &c,
@@ -501,9 +499,7 @@ async fn sparkplug_data_with_unknown_aliases_is_dead_lettered_and_a_rebirth_requ
     let ing = start(port, &url, wal.path(), "ing-sp", "");
     ing.ready().await;
     // The edge node listens for its commands.
-    let mut c = testing::mqtt_config(port);
-    c.username = Some("svc".into());
-    c.password = Some(Secret::new("svc-pw".to_owned()));
+    let c = testing::service_mqtt_config(port);
     let mut s = ClientSettings::new(testing::unique("edge"));
     s.subscriptions = vec![("spBv1.0/G2/NCMD/edge2".into(), QoS::AtLeastOnce)];
     let (edge, mut cmds) = mqtt::connect(&c, s, None, CancellationToken::new()).unwrap();
