@@ -13,6 +13,7 @@
 //! - [`http`]: the guard of every HTTP port (panics caught, body limit, request timeout).
 //! - [`supervise`]: shutdown token, restart-with-backoff supervisor, bounded drain.
 //! - [`breaker`], [`ratelimit`]: resilience wrappers with metrics.
+//! - [`bounded`]: maps keyed by what clients choose, bounded, with counted evictions.
 //! - [`service`]: the shell every service runs in (status topic, HTTP, MQTT client).
 //! - `testing` (feature `test-utils`): throwaway PostgreSQL, brokers and Mosquitto for tests.
 
@@ -23,6 +24,7 @@ pub mod topic;
 
 pub use domain::{now_ms, DataPoint, DeviceId, Quality, QualityClass, TagId, Value};
 pub use topic::{Topic, TopicFilter};
+pub mod bounded;
 pub mod breaker;
 pub mod broker;
 pub mod http;
