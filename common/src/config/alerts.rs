@@ -18,6 +18,16 @@ pub struct AlertsConfig {
     /// Longest an operator may shelve an alarm (default 8h).
     #[serde(with = "duration")]
     pub max_shelve: Duration,
+    /// Most alarm instances (one per rule and matching topic) held at once (default 100000).
+    /// A topic longer than 256 bytes counts once per started 256 bytes. When full, a normal
+    /// instance idle the longest is forgotten for a new one; an alarm that is active,
+    /// unacknowledged, shelved, out of service or about to activate never is, and when only
+    /// those are left a new topic is not evaluated (`nexus_alerts_state_*{map="instances"}`).
+    /// Also the bound of the per-topic rule cache and of the chattering windows.
+    pub max_instances: usize,
+    /// Most operator areas with a flood rate (`nexus_alerts_rate_10m{area}`) at once (default
+    /// 1000); the area with the oldest alarm is forgotten for a new one.
+    pub max_areas: usize,
     /// Where alarm events are POSTed (JSON), with retries and a rate limit.
     pub webhooks: Vec<Webhook>,
     pub rules: Vec<AlertRule>,
@@ -91,6 +101,8 @@ impl Default for AlertsConfig {
         AlertsConfig {
             http_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 6000),
             max_shelve: Duration::from_secs(8 * 3600),
+            max_instances: 100_000,
+            max_areas: 1000,
             webhooks: Vec::new(),
             rules: Vec::new(),
         }
@@ -234,6 +246,14 @@ impl AlertsConfig {
             "out_of_service",
             "in_service",
         ];
+        for (key, v) in [
+            ("max_instances", self.max_instances),
+            ("max_areas", self.max_areas),
+        ] {
+            if v == 0 {
+                p.push(format!("alerts.{key}"), "must be at least 1");
+            }
+        }
         for (i, w) in self.webhooks.iter().enumerate() {
             let url = w.url.expose();
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -404,5 +424,31 @@ impl AlertsConfig {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use crate::config::Config;
+
+    fn problems(text: &str) -> String {
+        match Config::from_str_with_env(text, None, &[]) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn state_bounds_have_defaults_and_refuse_zero() {
+        let c = Config::from_str_with_env("alerts:\n  max_instances: 50\n", None, &[]).unwrap();
+        assert_eq!((c.alerts.max_instances, c.alerts.max_areas), (50, 1000));
+        let d = super::AlertsConfig::default();
+        assert_eq!((d.max_instances, d.max_areas), (100_000, 1000));
+        let e = problems("alerts:\n  max_instances: 0\n  max_areas: 0\n");
+        assert!(
+            e.contains("alerts.max_instances: must be at least 1"),
+            "{e}"
+        );
+        assert!(e.contains("alerts.max_areas: must be at least 1"), "{e}");
     }
 }

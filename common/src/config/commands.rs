@@ -34,6 +34,10 @@ pub struct CommandsConfig {
     /// A repeated `request_id` within this window is answered from the first result (default 60s).
     #[serde(with = "duration")]
     pub dedup_window: Duration,
+    /// Most answered `request_id`s kept for `dedup_window` (default 10000; an id and its answer
+    /// count once per started 256 bytes). The oldest answer is forgotten for a new one, so a
+    /// repeat of it runs again (`nexus_commands_state_*{map="dedup"}`).
+    pub dedup_max_entries: usize,
     /// Largest command payload (default 64KiB).
     pub max_payload: ByteSize,
     /// Speak MQTT 5 so Response Topic and Correlation Data are honoured (default true).
@@ -53,6 +57,7 @@ impl Default for CommandsConfig {
             ttl: Duration::from_secs(10),
             write_timeout: Duration::from_secs(5),
             dedup_window: Duration::from_secs(60),
+            dedup_max_entries: 10_000,
             max_payload: ByteSize(64 * 1024),
             mqtt_v5: true,
         }
@@ -68,6 +73,7 @@ impl CommandsConfig {
             ("burst_per_device", self.burst_per_device as usize),
             ("rate_global", self.rate_global as usize),
             ("burst_global", self.burst_global as usize),
+            ("dedup_max_entries", self.dedup_max_entries),
         ] {
             if v == 0 {
                 p.push(format!("commands.{key}"), "must be at least 1");
@@ -76,5 +82,28 @@ impl CommandsConfig {
         if self.write_timeout.is_zero() {
             p.push("commands.write_timeout", "must be positive");
         }
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use crate::config::Config;
+
+    fn problems(text: &str) -> String {
+        match Config::from_str_with_env(text, None, &[]) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_dedup_bound_has_a_default_and_refuses_zero() {
+        let c = Config::from_str_with_env("{}", None, &[]).unwrap();
+        assert_eq!(c.commands.dedup_max_entries, 10_000);
+        let e = problems("commands:\n  dedup_max_entries: 0\n");
+        assert!(
+            e.contains("commands.dedup_max_entries: must be at least 1"),
+            "{e}"
+        );
     }
 }

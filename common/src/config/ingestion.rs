@@ -58,6 +58,18 @@ pub struct IngestionConfig {
     /// Ask a Sparkplug edge node for a rebirth when data arrives with aliases not seen in a
     /// birth (default true).
     pub request_rebirth: bool,
+    /// Most topics whose tag id is kept in memory (default 200000; a topic longer than 256
+    /// bytes counts once per started 256 bytes). The least recently written is forgotten for
+    /// a new one and read from the `tags` table again when it comes back
+    /// (`nexus_ingest_state_*{map="tag_ids"}`).
+    pub max_tags_cached: usize,
+    /// Most Sparkplug aliases remembered from births, all edge nodes together (default
+    /// 1000000; each node counts one more, and a name longer than 256 bytes once per started
+    /// 256 bytes). The node heard from least recently is forgotten for a new one: its data is
+    /// then an unknown alias (rejected, counted, a rebirth asked for). A birth with more
+    /// aliases than fit is stored, but its extra aliases are not remembered
+    /// (`nexus_ingest_state_*{map="sparkplug_aliases"}`).
+    pub sparkplug_max_aliases: usize,
     /// Circuit breaker on the database.
     pub breaker: BreakerSettings,
 }
@@ -81,6 +93,8 @@ impl Default for IngestionConfig {
             compress_after: Some(Duration::from_secs(7 * 86_400)),
             history_max_points: 10_000,
             request_rebirth: true,
+            max_tags_cached: 200_000,
+            sparkplug_max_aliases: 1_000_000,
             breaker: BreakerSettings {
                 open_for: Duration::from_secs(5),
                 ..BreakerSettings::default()
@@ -139,5 +153,42 @@ impl IngestionConfig {
         if self.history_max_points < 10 {
             p.push("ingestion.history_max_points", "must be at least 10");
         }
+        for (key, v) in [
+            ("max_tags_cached", self.max_tags_cached),
+            ("sparkplug_max_aliases", self.sparkplug_max_aliases),
+        ] {
+            if v == 0 {
+                p.push(format!("ingestion.{key}"), "must be at least 1");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use crate::config::Config;
+
+    fn problems(text: &str) -> String {
+        match Config::from_str_with_env(text, None, &[]) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn state_bounds_have_defaults_and_refuse_zero() {
+        let c = Config::from_str_with_env("ingestion:\n  max_tags_cached: 7\n", None, &[]).unwrap();
+        assert_eq!(c.ingestion.max_tags_cached, 7);
+        assert_eq!(c.ingestion.sparkplug_max_aliases, 1_000_000);
+        assert_eq!(super::IngestionConfig::default().max_tags_cached, 200_000);
+        let e = problems("ingestion:\n  max_tags_cached: 0\n  sparkplug_max_aliases: 0\n");
+        assert!(
+            e.contains("ingestion.max_tags_cached: must be at least 1"),
+            "{e}"
+        );
+        assert!(
+            e.contains("ingestion.sparkplug_max_aliases: must be at least 1"),
+            "{e}"
+        );
     }
 }
