@@ -6,15 +6,21 @@
 //! clear, that long), then drives the [`Alarm`] state machine. Time is passed in (unix ms), so
 //! every rule is testable without clocks; [`Engine::tick`] advances delays, stale checks and
 //! shelf expiry.
+//!
+//! Instances and the per-topic rule cache grow with the topics clients publish, so both are
+//! bounded ([`Limits`], `alerts.max_instances`). A full table forgets the normal instance idle
+//! the longest; an alarm an operator must still see or act on is never forgotten, and when only
+//! those are left a new topic is not evaluated. Both are counted.
 
 use std::collections::HashMap;
 
+use nexus_common::bounded::{text_weight, BoundedMap, MapStats};
 use nexus_common::codec::ValueObject;
-use nexus_common::config::{AlertRule, Condition};
+use nexus_common::config::{AlertRule, AlertsConfig, Condition};
 use nexus_common::topic::filter_matches;
 use nexus_common::{QualityClass, Value};
 
-use crate::state::{Alarm, Event, Refused};
+use crate::state::{Alarm, Event, Refused, State};
 
 /// A change to publish: a state change or an operator action.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +52,47 @@ struct Instance {
     prev: Option<(f64, i64)>,
 }
 
+/// Whether an instance may be forgotten to make room: normal (so acknowledged), no shelf (a
+/// shelf still to expire has a retained state to clear), in service, and its condition clear
+/// (no on-delay running). Its retained state is already cleared, so nothing is lost but the
+/// previous sample of a rate of change and, for a stale rule, the watch of a quiet topic.
+fn idle(inst: &Instance) -> bool {
+    inst.alarm.state == State::Normal
+        && !inst.process
+        && inst.alarm.shelved_until_ms.is_none()
+        && !inst.alarm.out_of_service
+}
+
+/// The bounds of the engine's per-topic state: alarm instances and the per-topic rule cache,
+/// each of `alerts.max_instances` units (a topic counts once per started 256 bytes).
+#[derive(Clone)]
+pub struct Limits {
+    /// Alarm instances; a refused one is a value not evaluated by a rule.
+    pub instances: MapStats,
+    /// Rule indices per topic; evicting one only costs matching the topic again.
+    pub topics: MapStats,
+}
+
+impl Limits {
+    /// `max_instances` with counters registered nowhere (tests, benchmarks).
+    pub fn detached(max_instances: usize) -> Limits {
+        Limits {
+            instances: MapStats::detached("instances", max_instances),
+            topics: MapStats::detached("topics", max_instances),
+        }
+    }
+}
+
+/// What became of a retained alarm state read back at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore {
+    Restored,
+    /// Its rule is not (or no longer) configured.
+    UnknownRule,
+    /// The instance table is full of alarms that may not be forgotten (counted).
+    Refused,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ActionError {
     #[error("no alarm of rule {rule} on topic {topic}")]
@@ -56,15 +103,16 @@ pub enum ActionError {
 
 pub struct Engine {
     rules: Vec<AlertRule>,
-    instances: HashMap<(usize, String), Instance>,
+    instances: BoundedMap<(usize, String), Instance>,
     /// Rule indices matching a topic, computed once per topic.
-    matches: HashMap<String, Vec<usize>>,
-    /// Latest value of each setpoint topic of deviation rules.
+    matches: BoundedMap<String, Vec<usize>>,
+    /// Latest value of each setpoint topic of deviation rules (keys: configured topics only).
     setpoints: HashMap<String, f64>,
     setpoint_topics: Vec<String>,
-    /// Whether each rule is suppressed now (by its `suppress_when` topic).
+    /// Whether each rule is suppressed now (by its `suppress_when` topic; keys: rule indices).
     suppressed: HashMap<usize, bool>,
     max_shelve_ms: i64,
+    limits: Limits,
 }
 
 fn area_of(rule: &AlertRule, topic: &str) -> String {
@@ -103,25 +151,52 @@ fn equals(v: &Value, want: &serde_json::Value) -> bool {
     }
 }
 
+/// The enabled rules, and the setpoint topics of their deviation conditions.
+fn enabled(rules: &[AlertRule]) -> (Vec<AlertRule>, Vec<String>) {
+    let rules: Vec<AlertRule> = rules.iter().filter(|r| r.enabled).cloned().collect();
+    let setpoint_topics = rules
+        .iter()
+        .filter_map(|r| match &r.condition {
+            Condition::Deviation { setpoint_topic, .. } => Some(setpoint_topic.clone()),
+            _ => None,
+        })
+        .collect();
+    (rules, setpoint_topics)
+}
+
 impl Engine {
+    /// An engine with the default bounds, counted nowhere (tests, benchmarks).
     pub fn new(rules: &[AlertRule], max_shelve_ms: i64) -> Engine {
-        let rules: Vec<AlertRule> = rules.iter().filter(|r| r.enabled).cloned().collect();
-        let setpoint_topics = rules
-            .iter()
-            .filter_map(|r| match &r.condition {
-                Condition::Deviation { setpoint_topic, .. } => Some(setpoint_topic.clone()),
-                _ => None,
-            })
-            .collect();
+        let max = AlertsConfig::default().max_instances;
+        Engine::with_limits(rules, max_shelve_ms, Limits::detached(max))
+    }
+
+    pub fn with_limits(rules: &[AlertRule], max_shelve_ms: i64, limits: Limits) -> Engine {
+        let (rules, setpoint_topics) = enabled(rules);
         Engine {
             rules,
-            instances: HashMap::new(),
-            matches: HashMap::new(),
+            instances: BoundedMap::new(limits.instances.capacity()),
+            matches: BoundedMap::new(limits.topics.capacity()),
             setpoints: HashMap::new(),
             setpoint_topics,
             suppressed: HashMap::new(),
             max_shelve_ms,
+            limits,
         }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Alarm instances held now.
+    pub fn instance_count(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Topics in the rule cache now.
+    pub fn cached_topics(&self) -> usize {
+        self.matches.len()
     }
 
     pub fn rules(&self) -> &[AlertRule] {
@@ -132,15 +207,18 @@ impl Engine {
     /// same id, topic filter and condition keep their state; alarms of removed or changed rules
     /// are dropped and returned as (rule id, topic) so their retained state can be cleared.
     pub fn replace_rules(&mut self, rules: &[AlertRule]) -> Vec<(String, String)> {
-        let new = Engine::new(rules, self.max_shelve_ms);
+        let (new_rules, setpoint_topics) = enabled(rules);
         let mut removed = Vec::new();
-        let mut instances = HashMap::new();
-        for ((ri, topic), inst) in self.instances.drain() {
+        let mut instances = BoundedMap::new(self.instances.capacity());
+        // Least recently used first, so the order carries over.
+        for ((ri, topic), inst, weight) in self.instances.drain() {
             let old = &self.rules[ri];
-            match new.rules.iter().position(|r| keeps_alarms(old, r)) {
-                Some(ni) => {
-                    instances.insert((ni, topic), inst);
-                }
+            match new_rules.iter().position(|r| keeps_alarms(old, r)) {
+                // Fits: the same entries or fewer, in a table of the same size.
+                Some(ni) => match instances.insert((ni, topic), inst, weight) {
+                    Ok(s) => self.limits.instances.evicted(s.evicted.len()),
+                    Err(_) => self.limits.instances.refused(),
+                },
                 None => removed.push((old.id.clone(), topic)),
             }
         }
@@ -149,17 +227,19 @@ impl Engine {
             .suppressed
             .iter()
             .filter_map(|(ri, on)| {
-                new.rules
+                new_rules
                     .iter()
                     .position(|r| r.id == self.rules[*ri].id)
                     .map(|ni| (ni, *on))
             })
             .collect();
-        self.rules = new.rules;
-        self.setpoint_topics = new.setpoint_topics;
+        self.rules = new_rules;
+        self.setpoint_topics = setpoint_topics;
         self.instances = instances;
         self.suppressed = suppressed;
         self.matches.clear();
+        self.limits.instances.size(&self.instances);
+        self.limits.topics.size(&self.matches);
         removed
     }
 
@@ -192,11 +272,38 @@ impl Engine {
             .filter(|(_, r)| filter_matches(&r.topic, topic))
             .map(|(i, _)| i)
             .collect();
-        // Bounded: topics seen are bounded by the plant; stop caching past a million.
-        if self.matches.len() < 1_000_000 {
-            self.matches.insert(topic.to_owned(), m.clone());
+        let weight = text_weight(topic.len() + m.len() * std::mem::size_of::<usize>());
+        match self.matches.insert(topic.to_owned(), m.clone(), weight) {
+            Ok(s) => self.limits.topics.evicted(s.evicted.len()),
+            // Longer than the whole cache: matched again next time.
+            Err(_) => self.limits.topics.refused(),
         }
+        self.limits.topics.size(&self.matches);
         m
+    }
+
+    /// Make the instance `key` (rule index, topic) if there is none, evicting an idle one when
+    /// the table is full. False when it cannot be made: the table is full of alarms that may
+    /// not be forgotten (counted).
+    fn ensure_instance(&mut self, key: &(usize, String)) -> bool {
+        if self.instances.contains_key(key) {
+            return true;
+        }
+        let mut inst = Instance::default();
+        inst.alarm.suppressed = self.suppressed.get(&key.0).copied().unwrap_or(false);
+        let weight = text_weight(key.1.len());
+        match self
+            .instances
+            .insert_evicting(key.clone(), inst, weight, |_, i| idle(i))
+        {
+            Ok(s) => self.limits.instances.evicted(s.evicted.len()),
+            Err(_) => {
+                self.limits.instances.refused();
+                return false;
+            }
+        }
+        self.limits.instances.size(&self.instances);
+        true
     }
 
     fn message(rule: &AlertRule, topic: &str, value: &Option<Value>) -> String {
@@ -294,7 +401,7 @@ impl Engine {
             self.rules[ri].on_delay.as_millis() as i64,
             self.rules[ri].off_delay.as_millis() as i64,
         );
-        let inst = self.instances.get_mut(&(ri, topic.to_owned()))?;
+        let inst = self.instances.peek_mut(&(ri, topic.to_owned()))?;
         if inst.alarm.out_of_service {
             return None;
         }
@@ -306,7 +413,7 @@ impl Engine {
         } else {
             None
         };
-        let inst = self.instances.get(&(ri, topic.to_owned()))?;
+        let inst = self.instances.peek(&(ri, topic.to_owned()))?;
         event.map(|e| self.change(ri, topic, inst, e, now_ms))
     }
 
@@ -326,15 +433,13 @@ impl Engine {
                 _ => None,
             };
             let ts = obj.ts_ms.unwrap_or(now_ms);
-            let suppressed = self.suppressed.get(&ri).copied().unwrap_or(false);
-            let inst = self
-                .instances
-                .entry((ri, topic.to_owned()))
-                .or_insert_with(|| {
-                    let mut i = Instance::default();
-                    i.alarm.suppressed = suppressed;
-                    i
-                });
+            let key = (ri, topic.to_owned());
+            if !self.ensure_instance(&key) {
+                continue;
+            }
+            let Some(inst) = self.instances.get_mut(&key) else {
+                continue;
+            };
             inst.value = obj.value.clone();
             inst.last_update_ms = now_ms;
             if let Some(now) = Self::evaluate(
@@ -390,9 +495,9 @@ impl Engine {
             for key in keys {
                 let event = self
                     .instances
-                    .get_mut(&key)
+                    .peek_mut(&key)
                     .and_then(|i| i.alarm.set_suppressed(on));
-                if let (Some(e), Some(inst)) = (event, self.instances.get(&key)) {
+                if let (Some(e), Some(inst)) = (event, self.instances.peek(&key)) {
                     out.push(self.change(ri, &key.1, inst, e, now_ms));
                 }
             }
@@ -406,7 +511,7 @@ impl Engine {
         let mut out = Vec::new();
         for (ri, topic) in keys {
             if let Condition::Stale { after } = self.rules[ri].condition {
-                if let Some(inst) = self.instances.get_mut(&(ri, topic.clone())) {
+                if let Some(inst) = self.instances.peek_mut(&(ri, topic.clone())) {
                     let stale = now_ms - inst.last_update_ms > after.as_millis() as i64;
                     if stale != inst.process {
                         inst.process = stale;
@@ -419,9 +524,9 @@ impl Engine {
             }
             let expired = self
                 .instances
-                .get_mut(&(ri, topic.clone()))
+                .peek_mut(&(ri, topic.clone()))
                 .and_then(|i| i.alarm.expire_shelf(now_ms));
-            if let (Some(e), Some(inst)) = (expired, self.instances.get(&(ri, topic.clone()))) {
+            if let (Some(e), Some(inst)) = (expired, self.instances.peek(&(ri, topic.clone()))) {
                 out.push(self.change(ri, &topic, inst, e, now_ms));
             }
         }
@@ -457,13 +562,19 @@ impl Engine {
         let key = (ri, topic.to_owned());
         let inst = self
             .instances
-            .get_mut(&key)
+            .peek_mut(&key)
             .ok_or_else(|| ActionError::NotFound {
                 rule: rule.to_owned(),
                 topic: topic.to_owned(),
             })?;
         let event = f(&mut inst.alarm)?;
-        let inst = &self.instances[&key];
+        let inst = self
+            .instances
+            .peek(&key)
+            .ok_or_else(|| ActionError::NotFound {
+                rule: rule.to_owned(),
+                topic: topic.to_owned(),
+            })?;
         let mut c = self.change(ri, topic, inst, event, now_ms);
         c.user = user;
         c.comment = comment;
@@ -521,16 +632,23 @@ impl Engine {
     }
 
     /// Restore an alarm found in a retained state topic after a restart, so an active alarm
-    /// is neither raised again nor forgotten.
-    pub fn restore(&mut self, rule: &str, topic: &str, alarm: Alarm) -> bool {
+    /// is neither raised again nor forgotten (unless the table is full of alarms that may not
+    /// be forgotten, which is counted).
+    pub fn restore(&mut self, rule: &str, topic: &str, alarm: Alarm) -> Restore {
         let Some(ri) = self.rules.iter().position(|r| r.id == rule) else {
-            return false;
+            return Restore::UnknownRule;
         };
-        let inst = self.instances.entry((ri, topic.to_owned())).or_default();
+        let key = (ri, topic.to_owned());
+        if !self.ensure_instance(&key) {
+            return Restore::Refused;
+        }
+        let Some(inst) = self.instances.peek_mut(&key) else {
+            return Restore::Refused;
+        };
         inst.process = alarm.state.is_active();
         inst.since_change_ms = alarm.since_ms;
         inst.alarm = alarm;
-        true
+        Restore::Restored
     }
 
     /// Every alarm that is not normal (or is shelved or out of service), as changes.
@@ -539,7 +657,7 @@ impl Engine {
             .instances
             .iter()
             .filter(|(_, i)| {
-                i.alarm.state != crate::state::State::Normal
+                i.alarm.state != State::Normal
                     || i.alarm.is_shelved(now_ms)
                     || i.alarm.out_of_service
             })
@@ -698,8 +816,11 @@ mod tests {
             since_ms: 100,
             ..Alarm::default()
         };
-        assert!(e.restore("hot", "t/x", alarm));
-        assert!(!e.restore("gone", "t/x", Alarm::default()));
+        assert_eq!(e.restore("hot", "t/x", alarm), Restore::Restored);
+        assert_eq!(
+            e.restore("gone", "t/x", Alarm::default()),
+            Restore::UnknownRule
+        );
         assert!(
             e.on_value("t/x", &v(90.0), 200).is_empty(),
             "still active: not raised again"
@@ -818,6 +939,87 @@ mod tests {
             (Event::Unsuppressed, false)
         );
         assert!(c[0].alarm.annunciates(2));
+    }
+
+    /// A client publishing to ever new topics: the table stays at its bound, the normal
+    /// instances idle the longest go first, and alarms an operator must see are never
+    /// forgotten; when only those are left, new topics are refused and counted.
+    #[test]
+    fn a_flood_of_topics_keeps_the_instance_table_at_its_bound() {
+        let rules = rules(
+            "    - { id: hot, topic: \"f/+\", condition: { type: high, limit: 80 }, on_delay: 5s }\n",
+        );
+        let mut e = Engine::with_limits(&rules, 3_600_000, Limits::detached(4));
+        for i in 0..1000 {
+            assert!(e.on_value(&format!("f/t{i}"), &v(20.0), i).is_empty());
+        }
+        assert_eq!(e.instance_count(), 4);
+        assert_eq!(e.limits().instances.evicted_total(), 996);
+        assert_eq!(e.cached_topics(), 4);
+        assert_eq!(e.limits().topics.evicted_total(), 996);
+        // Two alarms raised, one acknowledged; one topic past its limit, its on-delay running.
+        for t in ["f/a", "f/b", "f/c"] {
+            e.on_value(t, &v(90.0), 2000);
+        }
+        assert_eq!(e.tick(7000).len(), 3, "raised after the on-delay");
+        e.acknowledge("hot", "f/a", 7001, None, None).unwrap();
+        e.on_value("f/pending", &v(90.0), 7002);
+        assert_eq!(e.instance_count(), 4);
+        // The table now holds only what may not be forgotten: new topics are refused.
+        for i in 0..50 {
+            assert!(e.on_value(&format!("f/n{i}"), &v(95.0), 7003).is_empty());
+        }
+        assert_eq!(e.limits().instances.refused_total(), 50);
+        let active: Vec<String> = e.alarms(7004).into_iter().map(|c| c.topic).collect();
+        assert_eq!(active, vec!["f/a", "f/b", "f/c"]);
+        let c = e.tick(7003 + 5000);
+        assert_eq!(c[0].topic, "f/pending", "its on-delay was kept");
+        // "a" clears while acknowledged: normal, and the one that may go.
+        e.on_value("f/a", &v(10.0), 13_000);
+        assert!(e.on_value("f/new", &v(10.0), 13_001).is_empty());
+        assert!(e.find("hot", "f/new").is_ok());
+        assert!(
+            e.find("hot", "f/a").is_err(),
+            "the normal one was forgotten"
+        );
+        assert_eq!(e.limits().instances.refused_total(), 50);
+        // Shelved and out-of-service alarms are kept too.
+        e.on_value("f/new", &v(90.0), 13_002);
+        e.acknowledge("hot", "f/b", 13_003, None, None).unwrap();
+        e.on_value("f/b", &v(10.0), 13_004);
+        e.shelve("hot", "f/b", 60_000, 13_005, None).unwrap();
+        e.acknowledge("hot", "f/c", 13_006, None, None).unwrap();
+        e.on_value("f/c", &v(10.0), 13_007);
+        e.set_out_of_service("hot", "f/c", true, 13_008, None)
+            .unwrap();
+        assert!(e.on_value("f/other", &v(10.0), 13_009).is_empty());
+        assert_eq!(e.limits().instances.refused_total(), 51);
+        assert_eq!(e.instance_count(), 4);
+    }
+
+    #[test]
+    fn a_restore_past_the_bound_is_refused_and_counted() {
+        let mut e = Engine::with_limits(
+            &rules("    - { id: hot, topic: \"r/+\", condition: { type: high, limit: 80 } }\n"),
+            3_600_000,
+            Limits::detached(2),
+        );
+        let active = Alarm {
+            state: State::ActiveUnacked,
+            since_ms: 1,
+            ..Alarm::default()
+        };
+        assert_eq!(e.restore("hot", "r/1", active.clone()), Restore::Restored);
+        assert_eq!(e.restore("hot", "r/2", active.clone()), Restore::Restored);
+        assert_eq!(e.restore("hot", "r/3", active), Restore::Refused);
+        assert_eq!(e.limits().instances.refused_total(), 1);
+        assert_eq!(e.alarms(2).len(), 2);
+        // A reload keeps them within the same bound.
+        let removed = e.replace_rules(&rules(
+            "    - { id: hot, topic: \"r/+\", condition: { type: high, limit: 80 } }\n",
+        ));
+        assert!(removed.is_empty());
+        assert_eq!(e.instance_count(), 2);
     }
 
     #[test]

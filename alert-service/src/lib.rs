@@ -8,6 +8,7 @@
 //!   (high_high/high/low/low_low, deviation, rate_of_change, equals, bad_quality, stale)
 //!   ──> on/off delays ──> [state] ISA-18.2 machine (ack, shelve with a bound, out of service)
 //!   ──> [service] engine behind a lock, outbox task, flood/chattering metrics
+//!   (instances, rule cache, areas and chattering windows are bounded tables: alerts.max_*)
 //!   ──> [topics] retained $nexus/alarms/<topic>/<rule> (cleared when normal and acked),
 //!       $nexus/alarms/events; acknowledge on $nexus/alarms/ack or REST
 //!   ──> [journal] alarm_events rows in PostgreSQL (queued, dropped and counted when full)
@@ -43,7 +44,11 @@ pub const SERVICE: &str = "alerts";
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(SERVICE);
     let metrics = service::AlertMetrics::new(&telemetry.registry)?;
-    let engine = engine::Engine::new(&cfg.alerts.rules, cfg.alerts.max_shelve.as_millis() as i64);
+    let engine = engine::Engine::with_limits(
+        &cfg.alerts.rules,
+        cfg.alerts.max_shelve.as_millis() as i64,
+        metrics.engine_limits(cfg.alerts.max_instances),
+    );
     let mut subscriptions = vec![(
         nexus_common::topic::sys::ALARMS_ALL.to_owned(),
         QoS::AtLeastOnce,
@@ -58,7 +63,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         subscriptions.extend(filters.into_iter().map(|f| (f, QoS::AtLeastOnce)));
     }
     let rules = engine.rules().len();
-    let alerts = service::Alerts::new(engine, metrics);
+    let alerts = service::Alerts::new(engine, metrics, cfg.alerts.max_areas);
     if !cfg.alerts.webhooks.is_empty() {
         alerts.set_notifier(webhook::Notifier::start(
             &cfg.alerts.webhooks,

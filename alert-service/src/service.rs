@@ -1,12 +1,14 @@
 //! The service core: the engine behind a lock, fed by MQTT (values, acknowledges, and the
 //! retained states read back at start), with an outbox task that publishes each change's
 //! retained state and event, journals it and notifies webhooks. Flood and chattering are
-//! counted here; the HTTP API acts through the same engine and outbox.
+//! counted here, in windows bounded per area and per alarm and in tables of bounded size; the
+//! HTTP API acts through the same engine and outbox.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nexus_common::bounded::{text_weight, BoundedMap, MapStats, StateMetrics};
 use nexus_common::codec::{decode_value_object, PayloadError};
 use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{Message, MqttHandle, QoS};
@@ -15,7 +17,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Change, Engine};
+use crate::engine::{Change, Engine, Limits, Restore};
 use crate::journal::JournalRow;
 use crate::state::State;
 use crate::topics::{
@@ -33,6 +35,8 @@ pub struct AlertMetrics {
     rate_10m: IntGaugeVec,
     flood: IntGaugeVec,
     chattering: prometheus::IntCounter,
+    /// `nexus_alerts_state_*{map}`: the bounded tables.
+    state: StateMetrics,
 }
 
 impl AlertMetrics {
@@ -79,6 +83,7 @@ impl AlertMetrics {
                 "nexus_alerts_chattering_total",
                 "Alarms that chattered: raised 3 times or more within 60 s",
             )?,
+            state: StateMetrics::new(r, "nexus_alerts")?,
         };
         // Every reason's series from the start, at 0.
         for reason in PayloadError::REASONS.iter().chain(&["bad_ack"]) {
@@ -86,15 +91,102 @@ impl AlertMetrics {
         }
         Ok(m)
     }
+
+    /// The engine's bounds, counted in `nexus_alerts_state_*`: `max_instances` units each for
+    /// the alarm instances and the per-topic rule cache.
+    pub fn engine_limits(&self, max_instances: usize) -> Limits {
+        Limits {
+            instances: self.state.map("instances", max_instances, true),
+            topics: self.state.map("topics", max_instances, false),
+        }
+    }
 }
 
-/// Flood and chattering bookkeeping (ISA-18.2 performance metrics).
-#[derive(Default)]
+/// The flood window of an area: activations per second of the last 10 minutes, so an area
+/// holds at most 601 buckets however many alarms it raises.
+const AREA_WINDOW_S: i64 = 600;
+/// Chattering: 3 activations within 60 s. A window keeps the last 4, which tells 3 from more.
+const CHATTER_WINDOW_MS: i64 = 60_000;
+const CHATTER_KEEP: usize = 4;
+
+/// Flood and chattering bookkeeping (ISA-18.2 performance metrics), in bounded tables: an area
+/// or alarm heard from least recently is forgotten for a new one (counted).
 struct Rates {
-    /// Activation times per operator area, last 10 minutes.
-    by_area: HashMap<String, std::collections::VecDeque<i64>>,
-    /// Activation times per alarm, last 60 s.
-    by_alarm: HashMap<(String, String), std::collections::VecDeque<i64>>,
+    /// Activations per operator area and second, last 10 minutes: (unix second, count).
+    by_area: BoundedMap<String, VecDeque<(i64, u32)>>,
+    /// Activation times per alarm (rule id, topic), last 60 s, at most 4.
+    by_alarm: BoundedMap<(String, String), VecDeque<i64>>,
+    areas: MapStats,
+    chatter: MapStats,
+}
+
+impl Rates {
+    fn new(areas: MapStats, chatter: MapStats) -> Rates {
+        Rates {
+            by_area: BoundedMap::new(areas.capacity()),
+            by_alarm: BoundedMap::new(chatter.capacity()),
+            areas,
+            chatter,
+        }
+    }
+
+    /// Count an activation of `area` at `ts_ms`: the activations of the last 10 minutes, or
+    /// `None` when the area cannot be tracked (a name longer than the whole table). Areas
+    /// forgotten to make room are pushed to `evicted`.
+    fn area(&mut self, area: &str, ts_ms: i64, evicted: &mut Vec<String>) -> Option<u32> {
+        if !self.by_area.contains_key(area) {
+            match self
+                .by_area
+                .insert(area.to_owned(), VecDeque::new(), text_weight(area.len()))
+            {
+                Ok(s) => {
+                    self.areas.evicted(s.evicted.len());
+                    evicted.extend(s.evicted.into_iter().map(|(a, _)| a));
+                }
+                Err(_) => {
+                    self.areas.refused();
+                    return None;
+                }
+            }
+            self.areas.size(&self.by_area);
+        }
+        let w = self.by_area.get_mut(area)?;
+        let sec = ts_ms.div_euclid(1000);
+        match w.back_mut() {
+            // Times out of order (a clock step) join the newest second.
+            Some((last, n)) if *last >= sec => *n = n.saturating_add(1),
+            _ => w.push_back((sec, 1)),
+        }
+        while w.front().is_some_and(|(t, _)| sec - t > AREA_WINDOW_S) {
+            w.pop_front();
+        }
+        Some(w.iter().map(|(_, n)| n).sum())
+    }
+
+    /// Count an activation of alarm (`rule`, `topic`): true when it has now been raised 3
+    /// times within 60 s (once per such run).
+    fn chattering(&mut self, rule: &str, topic: &str, ts_ms: i64) -> bool {
+        let key = (rule.to_owned(), topic.to_owned());
+        if !self.by_alarm.contains_key(&key) {
+            let weight = text_weight(rule.len() + topic.len());
+            match self.by_alarm.insert(key.clone(), VecDeque::new(), weight) {
+                Ok(s) => self.chatter.evicted(s.evicted.len()),
+                Err(_) => {
+                    self.chatter.refused();
+                    return false;
+                }
+            }
+            self.chatter.size(&self.by_alarm);
+        }
+        let Some(w) = self.by_alarm.get_mut(&key) else {
+            return false;
+        };
+        w.push_back(ts_ms);
+        while w.len() > CHATTER_KEEP || w.front().is_some_and(|t| ts_ms - t > CHATTER_WINDOW_MS) {
+            w.pop_front();
+        }
+        w.len() == 3
+    }
 }
 
 /// The shared state of the service.
@@ -111,11 +203,18 @@ pub struct Alerts {
 }
 
 impl Alerts {
-    pub fn new(engine: Engine, metrics: AlertMetrics) -> Arc<Alerts> {
+    /// The service around `engine`; the flood rates keep `max_areas` areas, and the chattering
+    /// windows as many alarms as the engine holds instances.
+    pub fn new(engine: Engine, metrics: AlertMetrics, max_areas: usize) -> Arc<Alerts> {
+        let chatter = engine.limits().instances.capacity();
+        let rates = Rates::new(
+            metrics.state.map("areas", max_areas, false),
+            metrics.state.map("chattering", chatter, false),
+        );
         Arc::new(Alerts {
             engine: Mutex::new(engine),
             journal: std::sync::OnceLock::new(),
-            rates: Mutex::new(Rates::default()),
+            rates: Mutex::new(rates),
             outbox: Mutex::new(None),
             gauges_stale: std::sync::atomic::AtomicBool::new(false),
             notifier: std::sync::OnceLock::new(),
@@ -212,26 +311,21 @@ impl Alerts {
 
     fn count_activation(&self, c: &Change) {
         let mut r = self.rates.lock().unwrap_or_else(|e| e.into_inner());
-        let area = r.by_area.entry(c.area.clone()).or_default();
-        area.push_back(c.ts_ms);
-        while area.front().is_some_and(|t| c.ts_ms - t > 600_000) {
-            area.pop_front();
+        let mut forgotten = Vec::new();
+        if let Some(n) = r.area(&c.area, c.ts_ms, &mut forgotten) {
+            let n = i64::from(n);
+            self.metrics.rate_10m.with_label_values(&[&c.area]).set(n);
+            self.metrics
+                .flood
+                .with_label_values(&[&c.area])
+                .set(i64::from(n > 10));
         }
-        let n = area.len() as i64;
-        self.metrics.rate_10m.with_label_values(&[&c.area]).set(n);
-        self.metrics
-            .flood
-            .with_label_values(&[&c.area])
-            .set(i64::from(n > 10));
-        let alarm = r
-            .by_alarm
-            .entry((c.rule_id.clone(), c.topic.clone()))
-            .or_default();
-        alarm.push_back(c.ts_ms);
-        while alarm.front().is_some_and(|t| c.ts_ms - t > 60_000) {
-            alarm.pop_front();
+        // A forgotten area's series go too, so the label sets stay as bounded as the table.
+        for area in &forgotten {
+            let _ = self.metrics.rate_10m.remove_label_values(&[area]);
+            let _ = self.metrics.flood.remove_label_values(&[area]);
         }
-        if alarm.len() == 3 {
+        if r.chattering(&c.rule_id, &c.topic, c.ts_ms) {
             self.metrics.chattering.inc();
             tracing::warn!(rule = %c.rule_id, topic = %c.topic, "alarm is chattering: raised 3 times within 60 s");
         }
@@ -313,7 +407,14 @@ impl Alerts {
         let Some((rule, t, alarm)) = parse_state(topic, m.payload()) else {
             return false;
         };
-        self.lock().restore(&rule, &t, alarm)
+        match self.lock().restore(&rule, &t, alarm) {
+            Restore::Restored => true,
+            Restore::UnknownRule => false,
+            Restore::Refused => {
+                tracing::warn!(%rule, topic = %t, "alarm state not restored: the instance table (alerts.max_instances) is full of alarms that may not be forgotten");
+                false
+            }
+        }
     }
 
     /// Apply reloaded rules: keep the alarms of unchanged rules, clear the retained state of
@@ -394,5 +495,61 @@ impl Alerts {
         // Drain the outbox before returning.
         self.outbox.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = outbox.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rates(areas: usize, alarms: usize) -> Rates {
+        Rates::new(
+            MapStats::detached("areas", areas),
+            MapStats::detached("chattering", alarms),
+        )
+    }
+
+    #[test]
+    fn flood_windows_are_bounded_per_area_and_in_number() {
+        let mut r = rates(2, 10);
+        let mut gone = Vec::new();
+        // 100,000 activations in one area within a minute: at most 61 buckets, exact count.
+        for i in 0..100_000 {
+            assert_eq!(
+                r.area("a", i * 60_000 / 100_000, &mut gone),
+                Some(i as u32 + 1)
+            );
+        }
+        assert!(r.by_area.peek("a").is_some_and(|w| w.len() <= 61));
+        // At 630 s those of the first 30 s have left the window.
+        assert_eq!(r.area("a", 630_500, &mut gone), Some(1 + 50_000));
+        // New areas push the least recent out, and say which.
+        r.area("b", 700_000, &mut gone);
+        r.area("c", 700_001, &mut gone);
+        assert_eq!(gone, vec!["a".to_string()]);
+        assert_eq!(r.by_area.len(), 2);
+        assert_eq!(r.areas.evicted_total(), 1);
+    }
+
+    #[test]
+    fn chattering_is_three_within_a_minute_once_per_run() {
+        let mut r = rates(2, 2);
+        let hits: Vec<bool> = [0, 10_000, 20_000, 30_000, 40_000, 200_000, 201_000, 202_000]
+            .into_iter()
+            .map(|t| r.chattering("hot", "t/x", t))
+            .collect();
+        assert_eq!(
+            hits,
+            vec![false, false, true, false, false, false, false, true]
+        );
+        assert!(r
+            .by_alarm
+            .peek(&("hot".to_owned(), "t/x".to_owned()))
+            .is_some_and(|w| w.len() <= CHATTER_KEEP));
+        // Alarms beyond the bound push the least recent out.
+        r.chattering("hot", "t/y", 0);
+        r.chattering("hot", "t/z", 0);
+        assert_eq!(r.by_alarm.len(), 2);
+        assert_eq!(r.chatter.evicted_total(), 1);
     }
 }
