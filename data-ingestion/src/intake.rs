@@ -7,6 +7,8 @@ use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use nexus_common::bounded::StateMetrics;
+use nexus_common::config::IngestionConfig;
 use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{Message, MqttHandle};
 
@@ -24,6 +26,8 @@ pub struct IngestMetrics {
     pub ack_errors: IntCounter,
     pub oldest_age: Gauge,
     pub usage: Gauge,
+    /// `nexus_ingest_state_*{map}`: the tag-id cache and the Sparkplug alias table.
+    pub state: StateMetrics,
 }
 
 impl IngestMetrics {
@@ -73,6 +77,7 @@ impl IngestMetrics {
                 "nexus_ingest_buffer_usage_ratio",
                 "WAL size over wal_max_size (the autoscaling signal)",
             )?,
+            state: StateMetrics::new(r, "nexus_ingest")?,
         };
         for reason in parse::reject_labels() {
             m.rejected.with_label_values(&[reason]);
@@ -94,12 +99,16 @@ pub struct Intake {
 }
 
 impl Intake {
-    pub fn new(metrics: IngestMetrics, mqtt: MqttHandle, request_rebirth: bool) -> Intake {
+    /// Its Sparkplug alias table holds `cfg.sparkplug_max_aliases` units.
+    pub fn new(metrics: IngestMetrics, mqtt: MqttHandle, cfg: &IngestionConfig) -> Intake {
+        let aliases = metrics
+            .state
+            .map("sparkplug_aliases", cfg.sparkplug_max_aliases, true);
         Intake {
-            parser: Parser::new(),
+            parser: Parser::with_limit(aliases),
             metrics,
             mqtt,
-            request_rebirth,
+            request_rebirth: cfg.request_rebirth,
         }
     }
 

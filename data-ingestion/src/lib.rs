@@ -6,10 +6,12 @@
 //!
 //! ```text
 //! MQTT $share/<group>/<filter> (QoS 1, persistent session, manual acks)
-//!   ──> parse: JSON value object / Sparkplug B           (intake.rs, parse.rs; rejects counted)
+//!   ──> parse: JSON value object / Sparkplug B           (intake.rs, parse.rs; rejects counted;
+//!       Sparkplug aliases in a bounded table: ingestion.sparkplug_max_aliases)
 //!   ──> write-ahead log, group-commit fsync               (wal/)
 //!   ──> ack to the broker, in order                      (intake.rs)
-//!   ──> WAL reader ──> batcher (size or time) ──> N binary COPY writers (store.rs, writer.rs)
+//!   ──> WAL reader ──> batcher (size or time) ──> N binary COPY writers (store.rs, writer.rs;
+//!       tag ids from a bounded cache of the tags table: ingestion.max_tags_cached)
 //!   ──> PostgreSQL / TimescaleDB (schema.rs); WAL trimmed below the committed frames
 //! HTTP :7000  /api/v1/history, /api/v1/latest (history.rs), /healthz, /readyz, /metrics
 //!             (database readiness and the WAL gauges: monitor.rs)
@@ -106,7 +108,11 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     // Storing: WAL reader -> batcher -> writers.
     let writers = Arc::new(WriterCtx {
         db: database,
-        tags: Arc::new(TagCache::default()),
+        tags: Arc::new(TagCache::new(metrics.state.map(
+            "tag_ids",
+            ic.max_tags_cached,
+            false,
+        ))),
         tracker: Arc::new(Tracker::new(wal.clone(), start)),
         breaker: CircuitBreaker::new(
             "database",
@@ -144,7 +150,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         .incoming
         .take()
         .ok_or_else(|| anyhow::anyhow!("no incoming messages"))?;
-    Intake::new(metrics, shell.mqtt.clone(), ic.request_rebirth)
+    Intake::new(metrics, shell.mqtt.clone(), &ic)
         .run(&mut incoming, append_tx, &shutdown)
         .await;
 

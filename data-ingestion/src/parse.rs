@@ -6,10 +6,17 @@
 //! whose aliases were never announced cannot be named: the message goes to `ingest_rejects`
 //! (`unknown_alias`) and the edge node is asked for a rebirth (`Node Control/Rebirth` on its
 //! NCMD topic), at most once per 10 s per node.
+//!
+//! The alias tables grow with the node and device ids clients publish under, so they are
+//! bounded (`ingestion.sparkplug_max_aliases`, all nodes together): the node heard from least
+//! recently is forgotten for a new one, and its next data is then an unknown alias, rejected
+//! and counted like any other. A birth with more aliases than fit is stored, but the aliases
+//! past the bound are not remembered (counted as refused).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use nexus_common::bounded::{text_weight, BoundedMap, MapStats};
 use nexus_common::codec::json::{decode_value_object, PayloadError};
 use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
 use nexus_common::domain::{Quality, Value};
@@ -53,17 +60,45 @@ pub struct Parsed {
     pub rebirth: Option<(String, Vec<u8>)>,
 }
 
-#[derive(Default)]
 struct Node {
     /// Aliases of the node (device `""`) and its devices: alias -> (name, datatype).
     aliases: HashMap<(String, u64), (String, Option<SpDataType>)>,
     last_rebirth: Option<Instant>,
+    /// Units of the alias table this node takes: one for itself, one per alias (more for
+    /// names longer than 256 bytes).
+    weight: usize,
 }
 
-/// Parser state: the Sparkplug births seen, per `(group, edge node)`.
-#[derive(Default)]
+impl Node {
+    fn new(key: &(String, String)) -> Node {
+        Node {
+            aliases: HashMap::new(),
+            last_rebirth: None,
+            weight: node_weight(key),
+        }
+    }
+}
+
+fn node_weight((group, edge_node): &(String, String)) -> usize {
+    text_weight(group.len() + edge_node.len())
+}
+
+fn alias_weight(device: &str, name: &str) -> usize {
+    text_weight(device.len() + name.len())
+}
+
+/// Parser state: the Sparkplug births seen, per `(group, edge node)`, in a table of
+/// `ingestion.sparkplug_max_aliases` units.
 pub struct Parser {
-    nodes: HashMap<(String, String), Node>,
+    nodes: BoundedMap<(String, String), Node>,
+    stats: MapStats,
+}
+
+impl Default for Parser {
+    fn default() -> Parser {
+        let max = nexus_common::config::IngestionConfig::default().sparkplug_max_aliases;
+        Parser::with_limit(MapStats::detached("sparkplug_aliases", max))
+    }
 }
 
 fn reject(topic: &str, recv_us: i64, reason: &str, detail: &str, payload: &[u8]) -> Reject {
@@ -95,8 +130,84 @@ fn ms_to_us(ms: i64) -> Option<i64> {
 }
 
 impl Parser {
+    /// A parser with the default bound, counted nowhere.
     pub fn new() -> Parser {
         Parser::default()
+    }
+
+    /// A parser whose alias table holds `stats.capacity()` units, counted in `stats`.
+    pub fn with_limit(stats: MapStats) -> Parser {
+        Parser {
+            nodes: BoundedMap::new(stats.capacity()),
+            stats,
+        }
+    }
+
+    /// Edge nodes whose births are remembered now.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The node `key`, made (and marked as heard from now) if needed; false when it cannot be
+    /// tracked (its ids alone are longer than the whole table).
+    fn touch_node(&mut self, key: &(String, String)) -> bool {
+        if self.nodes.get(key).is_some() {
+            return true;
+        }
+        let node = Node::new(key);
+        let weight = node.weight;
+        match self.nodes.insert(key.clone(), node, weight) {
+            Ok(s) => self.stats.evicted(s.evicted.len()),
+            Err(_) => {
+                self.stats.refused();
+                return false;
+            }
+        }
+        self.stats.size(&self.nodes);
+        true
+    }
+
+    fn forget_node(&mut self, key: &(String, String)) {
+        if self.nodes.remove(key).is_some() {
+            self.stats.size(&self.nodes);
+        }
+    }
+
+    /// Remember alias `alias` of `device` on node `key` from a birth, making room by
+    /// forgetting other nodes; an alias that does not fit is not remembered (counted).
+    fn remember(
+        &mut self,
+        key: &(String, String),
+        device: &str,
+        alias: u64,
+        name: &str,
+        dt: Option<SpDataType>,
+    ) {
+        let alias_key = (device.to_owned(), alias);
+        let Some(node) = self.nodes.peek_mut(key) else {
+            return;
+        };
+        // A repeated alias replaces the earlier one.
+        if let Some((old, _)) = node.aliases.remove(&alias_key) {
+            node.weight -= alias_weight(device, &old);
+        }
+        let without = node.weight;
+        let with = without + alias_weight(device, name);
+        match self.nodes.reweigh(key, with, |_, _| true) {
+            Ok(evicted) => {
+                self.stats.evicted(evicted.len());
+                if let Some(node) = self.nodes.peek_mut(key) {
+                    node.weight = with;
+                    node.aliases.insert(alias_key, (name.to_owned(), dt));
+                }
+            }
+            Err(()) => {
+                // Shrinking always succeeds: the table keeps what the node holds.
+                let _ = self.nodes.reweigh(key, without, |_, _| true);
+                self.stats.refused();
+            }
+        }
+        self.stats.size(&self.nodes);
     }
 
     /// Parse one message received at `recv_us` (unix microseconds).
@@ -182,7 +293,7 @@ impl Parser {
             }
             MessageType::NDeath => {
                 // Aliases are void until the next birth.
-                self.nodes.remove(&(t.group.clone(), t.edge_node.clone()));
+                self.forget_node(&(t.group.clone(), t.edge_node.clone()));
                 out.ignored = Some("sparkplug_death");
                 return;
             }
@@ -212,11 +323,25 @@ impl Parser {
         let is_birth = matches!(kind, MessageType::NBirth | MessageType::DBirth);
         if kind == MessageType::NBirth {
             // A node birth starts the node's alias table over.
-            self.nodes.remove(&node_key);
+            self.forget_node(&node_key);
         }
-        let node = self.nodes.entry(node_key).or_default();
+        let tracked = self.touch_node(&node_key);
         if kind == MessageType::DBirth {
-            node.aliases.retain(|(d, _), _| *d != device);
+            if let Some(node) = self.nodes.peek_mut(&node_key) {
+                let mut freed = 0;
+                node.aliases.retain(|(d, _), (name, _)| {
+                    let keep = *d != device;
+                    if !keep {
+                        freed += alias_weight(d, name);
+                    }
+                    keep
+                });
+                node.weight -= freed;
+                let weight = node.weight;
+                // Shrinking always succeeds.
+                let _ = self.nodes.reweigh(&node_key, weight, |_, _| true);
+                self.stats.size(&self.nodes);
+            }
         }
         let base = match &t.device {
             Some(d) => format!("spBv1.0/{}/{}/{}", t.group, t.edge_node, d),
@@ -227,13 +352,16 @@ impl Parser {
         for m in p.metrics {
             let (name, dt) = match (&m.name, m.alias) {
                 (Some(n), alias) => {
-                    if let (true, Some(a)) = (is_birth, alias) {
-                        node.aliases
-                            .insert((device.clone(), a), (n.clone(), m.datatype));
+                    if let (true, true, Some(a)) = (is_birth, tracked, alias) {
+                        self.remember(&node_key, &device, a, n, m.datatype);
                     }
                     (n.clone(), m.datatype)
                 }
-                (None, Some(a)) => match node.aliases.get(&(device.clone(), a)) {
+                (None, Some(a)) => match self
+                    .nodes
+                    .peek(&node_key)
+                    .and_then(|node| node.aliases.get(&(device.clone(), a)))
+                {
                     Some((n, dt)) => (n.clone(), m.datatype.or(*dt)),
                     None => {
                         unknown.push(a);
@@ -291,11 +419,21 @@ impl Parser {
                 &format!("aliases {unknown:?} were not announced in a birth"),
                 payload,
             ));
-            if node
-                .last_rebirth
-                .is_none_or(|t| t.elapsed() >= REBIRTH_EVERY)
-            {
-                node.last_rebirth = Some(Instant::now());
+            // A node that cannot be tracked (its ids alone are longer than the whole table)
+            // could not remember a rebirth's aliases either: it is not asked.
+            let due = match self.nodes.peek_mut(&node_key) {
+                Some(node) => {
+                    let due = node
+                        .last_rebirth
+                        .is_none_or(|t| t.elapsed() >= REBIRTH_EVERY);
+                    if due {
+                        node.last_rebirth = Some(Instant::now());
+                    }
+                    due
+                }
+                None => false,
+            };
+            if due {
                 out.rebirth = rebirth_request(&t.group, &t.edge_node);
             }
         }
@@ -490,6 +628,80 @@ mod tests {
         assert_eq!(cmd.metrics[0].value, Some(Value::Bool(true)));
         let again = p.parse(Some("spBv1.0/G/NDATA/E"), &data, NOW);
         assert!(again.rebirth.is_none(), "not again within 10 s");
+    }
+
+    /// A client inventing edge nodes: the alias table stays at its bound, the node heard from
+    /// least recently is forgotten, and its data is then rejected as unknown aliases (counted
+    /// with a rebirth request), never stored under a wrong name.
+    #[test]
+    fn the_alias_table_is_bounded_and_a_forgotten_node_is_an_unknown_alias() {
+        // Each node: 1 unit for itself and 1 per alias.
+        let mut p = Parser::with_limit(MapStats::detached("sparkplug_aliases", 10));
+        let birth = sp(vec![
+            metric(Some("Temp"), Some(1), Value::Float(20.0)),
+            metric(Some("Count"), Some(2), Value::Int(3)),
+        ]);
+        for i in 0..100 {
+            let got = p.parse(Some(&format!("spBv1.0/G/NBIRTH/E{i}")), &birth, NOW);
+            assert_eq!(got.points.len(), 2, "a birth's values are stored");
+        }
+        assert_eq!(p.nodes(), 3, "3 units each in 10");
+        assert_eq!(p.stats.evicted_total(), 97);
+        assert!(p.nodes.used() <= 10);
+        let data = sp(vec![metric(None, Some(1), Value::Float(21.0))]);
+        let got = p.parse(Some("spBv1.0/G/NDATA/E99"), &data, NOW);
+        assert_eq!(got.points[0].topic, "spBv1.0/G/E99/Temp");
+        let got = p.parse(Some("spBv1.0/G/NDATA/E0"), &data, NOW);
+        assert!(got.points.is_empty());
+        assert_eq!(got.rejects[0].label(), "unknown_alias");
+        assert!(got.rebirth.is_some());
+        // Data naming its metrics needs no birth, bound or not.
+        let named = sp(vec![metric(Some("Speed"), None, Value::UInt(5))]);
+        assert_eq!(
+            p.parse(Some("spBv1.0/G/NDATA/E0"), &named, NOW)
+                .points
+                .len(),
+            1
+        );
+
+        // One node with more aliases than fit: all values stored, the aliases past the bound
+        // not remembered (counted), their data rejected.
+        let mut p = Parser::with_limit(MapStats::detached("sparkplug_aliases", 4));
+        let big = sp((0..6)
+            .map(|a| metric(Some(&format!("m{a}")), Some(a), Value::Float(a as f64)))
+            .collect());
+        let got = p.parse(Some("spBv1.0/G/DBIRTH/E/D"), &big, NOW);
+        assert_eq!(got.points.len(), 6);
+        assert_eq!(
+            p.stats.refused_total(),
+            3,
+            "the node and 3 aliases fit in 4"
+        );
+        let got = p.parse(
+            Some("spBv1.0/G/DDATA/E/D"),
+            &sp(vec![
+                metric(None, Some(0), Value::Float(1.0)),
+                metric(None, Some(5), Value::Float(2.0)),
+            ]),
+            NOW,
+        );
+        assert_eq!(got.points.len(), 1);
+        assert_eq!(got.points[0].topic, "spBv1.0/G/E/D/m0");
+        assert_eq!(got.rejects[0].label(), "unknown_alias");
+        // A new birth of the device frees its aliases again.
+        let small = sp(vec![metric(Some("x"), Some(7), Value::Float(1.0))]);
+        p.parse(Some("spBv1.0/G/DBIRTH/E/D"), &small, NOW);
+        assert_eq!(p.nodes.used(), 2);
+        // Long names weigh more: 600 bytes is 3 units.
+        let long = "n".repeat(600);
+        let named = sp(vec![metric(Some(&long), Some(8), Value::Float(1.0))]);
+        p.parse(Some("spBv1.0/G/NBIRTH/F"), &named, NOW);
+        assert_eq!(
+            p.nodes
+                .peek(&("G".to_owned(), "F".to_owned()))
+                .map(|n| n.weight),
+            Some(4)
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //!   position to the first frame not yet committed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::pin_mut;
@@ -27,6 +27,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use nexus_common::bounded::{text_weight, BoundedMap, MapStats};
 use nexus_common::breaker::CircuitBreaker;
 use nexus_common::metrics::{self, MetricError};
 
@@ -118,44 +119,56 @@ impl WriterMetrics {
     }
 }
 
-/// Tag ids by topic, shared by the writers.
-#[derive(Default)]
+/// Tag ids by topic, shared by the writers: a cache of the `tags` table holding
+/// `ingestion.max_tags_cached` units (a topic counts once per started 256 bytes). The topic
+/// written least recently is evicted for a new one (counted), and read from the table again
+/// when it comes back; a batch works on the ids it resolved, so an eviction by another writer
+/// in the meantime changes nothing.
 pub struct TagCache {
-    ids: RwLock<HashMap<String, i32>>,
+    ids: Mutex<BoundedMap<String, i32>>,
+    stats: MapStats,
 }
 
 impl TagCache {
-    fn get(&self, topic: &str) -> Option<i32> {
-        self.ids
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(topic)
-            .copied()
+    pub fn new(stats: MapStats) -> TagCache {
+        TagCache {
+            ids: Mutex::new(BoundedMap::new(stats.capacity())),
+            stats,
+        }
     }
 
-    /// Make sure every topic of `points` has an id.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<String, i32>> {
+        self.ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The tag id of each of `points`, in order: from the cache, else from the `tags` table,
+    /// where new topics are inserted first.
     async fn resolve(
         &self,
         client: &Client,
         points: &[Point],
-    ) -> Result<(), tokio_postgres::Error> {
-        let missing: Vec<&str> = {
-            let ids = self
-                .ids
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut m: Vec<&str> = points
+    ) -> Result<Vec<i32>, tokio_postgres::Error> {
+        let mut ids: Vec<Option<i32>> = {
+            let mut cache = self.lock();
+            points
                 .iter()
-                .map(|p| p.topic.as_str())
-                .filter(|t| !ids.contains_key(*t))
-                .collect();
-            m.sort_unstable();
-            m.dedup();
-            m
+                .map(|p| cache.get(p.topic.as_str()).copied())
+                .collect()
         };
+        let mut missing: Vec<&str> = points
+            .iter()
+            .zip(&ids)
+            .filter(|(_, id)| id.is_none())
+            .map(|(p, _)| p.topic.as_str())
+            .collect();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(ids.into_iter().map(|id| id.unwrap_or(0)).collect());
         }
+        missing.sort_unstable();
+        missing.dedup();
+        let mut found: HashMap<String, i32> = HashMap::with_capacity(missing.len());
         for chunk in missing.chunks(10_000) {
             client
                 .execute(
@@ -169,20 +182,43 @@ impl TagCache {
                     &[&chunk],
                 )
                 .await?;
-            let mut ids = self
-                .ids
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for r in rows {
-                ids.insert(r.get(1), r.get(0));
+            found.extend(rows.into_iter().map(|r| (r.get(1), r.get(0))));
+        }
+        {
+            let mut cache = self.lock();
+            let mut evicted = 0;
+            for (topic, id) in &found {
+                let weight = text_weight(topic.len());
+                match cache.insert(topic.clone(), *id, weight) {
+                    Ok(s) => evicted += s.evicted.len(),
+                    // Longer than the whole cache: read from the table each time.
+                    Err(_) => self.stats.refused(),
+                }
+            }
+            self.stats.evicted(evicted);
+            self.stats.size(&cache);
+        }
+        for (id, p) in ids.iter_mut().zip(points) {
+            if id.is_none() {
+                *id = found.get(&p.topic).copied();
             }
         }
-        Ok(())
+        // Every topic was inserted just before; one without an id would be a bug, not data.
+        Ok(ids.into_iter().map(|id| id.unwrap_or(0)).collect())
     }
 
-    /// The cached id of a topic, if known.
+    /// The cached id of a topic, if known (its place in the cache unchanged).
     pub fn id(&self, topic: &str) -> Option<i32> {
-        self.get(topic)
+        self.lock().peek(topic).copied()
+    }
+
+    /// Topics cached now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 }
 
@@ -308,10 +344,11 @@ const COPY_TYPES: [Type; 5] = [
     Type::INT2,
 ];
 
+/// COPY `points` into `table`, with `ids[i]` the tag id of `points[i]`.
 async fn copy_points(
     client: &Client,
     table: &str,
-    tags: &TagCache,
+    ids: &[i32],
     points: &[Point],
 ) -> Result<(), tokio_postgres::Error> {
     let sink = client
@@ -321,9 +358,7 @@ async fn copy_points(
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     pin_mut!(writer);
-    for p in points {
-        // Resolved just before; a topic without an id would be a bug, not data.
-        let id = tags.get(&p.topic).unwrap_or(0);
+    for (p, &id) in points.iter().zip(ids) {
         let time = to_time(p.ts_us);
         writer
             .as_mut()
@@ -366,11 +401,11 @@ async fn write_batch(
     tags: &TagCache,
     batch: &Batch,
 ) -> Result<(u64, u64), tokio_postgres::Error> {
-    tags.resolve(&conn.client, &batch.points).await?;
+    let ids = tags.resolve(&conn.client, &batch.points).await?;
     let client = &conn.client;
     client.batch_execute("BEGIN").await?;
     let fast = async {
-        copy_points(client, "points", tags, &batch.points).await?;
+        copy_points(client, "points", &ids, &batch.points).await?;
         insert_rejects(client, &batch.rejects).await?;
         client.batch_execute("COMMIT").await
     }
@@ -395,7 +430,7 @@ async fn write_batch(
     }
     client.batch_execute("BEGIN").await?;
     let slow = async {
-        copy_points(client, "points_stage", tags, &batch.points).await?;
+        copy_points(client, "points_stage", &ids, &batch.points).await?;
         let n = client
             .execute(
                 "INSERT INTO points SELECT * FROM points_stage ON CONFLICT (tag_id, time) DO NOTHING",
@@ -425,6 +460,7 @@ async fn write_rows(
     m: &WriterMetrics,
 ) -> Result<(), tokio_postgres::Error> {
     let client = &conn.client;
+    let ids = tags.resolve(client, &batch.points).await?;
     let stmt = client
         .prepare(
             "INSERT INTO points (time, tag_id, value, value_str, quality) VALUES ($1, $2, $3, $4, $5)
@@ -432,8 +468,7 @@ async fn write_rows(
         )
         .await?;
     let mut refused = Vec::new();
-    for p in &batch.points {
-        let id = tags.get(&p.topic).unwrap_or(0);
+    for (p, &id) in batch.points.iter().zip(&ids) {
         let time = to_time(p.ts_us);
         let params: [&(dyn ToSql + Sync); 5] = [&time, &id, &p.value, &p.value_str, &p.quality];
         match client.execute(&stmt, &params).await {
