@@ -1,12 +1,16 @@
 //! The command path: receive, parse, queue (bounded; full = answered at once), run with a
 //! concurrency limit, TTL, duplicate request ids, validation, rate limits, the write through
 //! the gateway's pools with a timeout, optional read-back, response and audit.
+//!
+//! The duplicate table is keyed by request ids requesters choose, so it is bounded
+//! (`commands.dedup_max_entries`): when full, the oldest answer is forgotten for a new one
+//! (counted); a command still running never is.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use nexus_common::bounded::{text_weight, BoundedMap, MapStats, StateMetrics};
 use nexus_common::codec::json::value_to_json;
 use nexus_common::config::CommandsConfig;
 use nexus_common::metrics::{self, MetricError};
@@ -36,6 +40,8 @@ pub struct CommandMetrics {
     pub latency: Histogram,
     pub audit_dropped: IntCounter,
     pub response_topic_refused: IntCounter,
+    /// `nexus_commands_state_*{map}`: the duplicate table.
+    pub state: StateMetrics,
 }
 
 impl CommandMetrics {
@@ -86,6 +92,7 @@ impl CommandMetrics {
                 "nexus_commands_response_topic_refused_total",
                 "MQTT 5 Response Topics not published to (a $ topic, a wildcard, or not a valid topic)",
             )?,
+            state: StateMetrics::new(r, "nexus_commands")?,
         })
     }
 }
@@ -111,6 +118,19 @@ enum Dedup {
     Done(Arc<Vec<Response>>, Instant),
 }
 
+impl Dedup {
+    /// A run whose task is gone (it never answers): as good as absent.
+    fn abandoned(&self) -> bool {
+        matches!(self, Dedup::Running(rx) if rx.has_changed().is_err())
+    }
+
+    /// Whether it may be forgotten to make room: an answer, or an abandoned run; never a
+    /// command still running, whose duplicates wait for it.
+    fn evictable(&self) -> bool {
+        matches!(self, Dedup::Done(..)) || self.abandoned()
+    }
+}
+
 pub struct Handler {
     cfg: CommandsConfig,
     directory: Arc<DeviceDirectory>,
@@ -118,7 +138,9 @@ pub struct Handler {
     mqtt: MqttHandle,
     limiter: RateLimiter,
     inflight: Arc<Semaphore>,
-    dedup: Mutex<HashMap<String, Dedup>>,
+    /// (device, request id) -> the run or its answer, oldest first.
+    dedup: Mutex<BoundedMap<String, Dedup>>,
+    dedup_stats: MapStats,
     metrics: CommandMetrics,
     audit: Option<mpsc::Sender<AuditRecord>>,
 }
@@ -169,15 +191,18 @@ impl Handler {
             Rate::new(cfg.rate_per_device, cfg.burst_per_device),
             Some(RateLimitMetrics::new(registry)?),
         );
+        let metrics = CommandMetrics::new(registry)?;
+        let dedup_stats = metrics.state.map("dedup", cfg.dedup_max_entries, true);
         Ok(Arc::new(Handler {
             inflight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+            dedup: Mutex::new(BoundedMap::new(cfg.dedup_max_entries)),
+            dedup_stats,
             cfg,
             directory,
             pools,
             mqtt,
             limiter,
-            dedup: Mutex::new(HashMap::new()),
-            metrics: CommandMetrics::new(registry)?,
+            metrics,
             audit,
         }))
     }
@@ -344,15 +369,25 @@ impl Handler {
         if let Some(k) = &key {
             let existing = {
                 let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
-                match d.get(k) {
+                match d.peek(k.as_str()) {
                     Some(Dedup::Done(r, at)) if at.elapsed() < self.cfg.dedup_window => {
                         Some(Ok(r.clone()))
                     }
-                    Some(Dedup::Running(rx)) => Some(Err(rx.clone())),
+                    Some(run @ Dedup::Running(rx)) if !run.abandoned() => Some(Err(rx.clone())),
                     _ => {
                         let (tx, rx) = watch::channel(None);
-                        d.insert(k.clone(), Dedup::Running(rx));
-                        publish_done = Some(tx);
+                        let weight = text_weight(k.len());
+                        match d.insert_evicting(k.clone(), Dedup::Running(rx), weight, |_, v| {
+                            v.evictable()
+                        }) {
+                            Ok(s) => {
+                                self.dedup_stats.evicted(s.evicted.len());
+                                publish_done = Some(tx);
+                            }
+                            // Full of commands still running: this one runs unprotected.
+                            Err(_) => self.dedup_stats.refused(),
+                        }
+                        self.dedup_stats.size(&d);
                         None
                     }
                 }
@@ -400,11 +435,20 @@ impl Handler {
             .latency
             .observe(job.arrived.elapsed().as_secs_f64());
         if let (Some(k), Some(tx)) = (key, publish_done) {
+            // The answer is kept as well as the key: it counts in the table's bound.
+            let bytes: usize = responses.iter().map(|r| r.body.to_string().len()).sum();
+            let weight = text_weight(k.len() + bytes);
             let shared = Arc::new(responses);
-            self.dedup
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(k, Dedup::Done(shared.clone(), Instant::now()));
+            {
+                let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+                let done = Dedup::Done(shared.clone(), Instant::now());
+                match d.insert_evicting(k, done, weight, |_, v| v.evictable()) {
+                    Ok(s) => self.dedup_stats.evicted(s.evicted.len()),
+                    // Not kept (the run's entry is gone too): a repeat runs again.
+                    Err(_) => self.dedup_stats.refused(),
+                }
+                self.dedup_stats.size(&d);
+            }
             let _ = tx.send(Some(shared));
         }
     }
@@ -590,14 +634,21 @@ impl Handler {
 
     fn housekeeping(&self) {
         let window = self.cfg.dedup_window;
-        self.dedup
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, d| match d {
+        {
+            let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+            // Expired answers and abandoned runs go; they are not evictions.
+            d.retain(|_, v| match v {
                 Dedup::Done(_, at) => at.elapsed() < window,
-                Dedup::Running(_) => true,
+                run @ Dedup::Running(_) => !run.abandoned(),
             });
+            self.dedup_stats.size(&d);
+        }
         self.limiter.housekeeping();
+    }
+
+    /// Request ids remembered now (running or answered).
+    pub fn dedup_entries(&self) -> usize {
+        self.dedup.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Run until `incoming` closes or `token` is cancelled; queued commands are answered
