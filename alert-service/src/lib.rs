@@ -79,6 +79,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     // A clean session on purpose: every (re)connect subscribes again, so the broker sends the
     // retained alarm states (restore) and each topic's retained last value (a fresh snapshot).
     opts.clean_session = true;
+    // MQTT 5, so an acknowledgement carries the user the broker authenticated (nexus-user).
+    opts.mqtt_v5 = true;
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     alerts.set_mqtt(shell.mqtt.clone());
     if let Some(db) = nexus_common::pg::Database::from_config(&cfg.database) {

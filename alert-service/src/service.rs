@@ -358,7 +358,8 @@ impl Alerts {
     async fn on_message(&self, m: &Message) {
         let Some(topic) = m.topic() else { return };
         if topic == ACK_TOPIC {
-            self.on_ack(m.payload()).await;
+            let stamped = m.user_property(nexus_common::broker::USER_PROPERTY);
+            self.on_ack(m.payload(), stamped).await;
             return;
         }
         if topic.starts_with(ALARM_PREFIX) {
@@ -381,12 +382,15 @@ impl Alerts {
         self.publish(changes).await;
     }
 
-    async fn on_ack(&self, payload: &[u8]) {
+    /// An acknowledgement over MQTT. The journal's user is the one the broker authenticated
+    /// (`stamped`); the payload's `user` counts only where no broker says (an external broker).
+    async fn on_ack(&self, payload: &[u8], stamped: Option<&str>) {
         match serde_json::from_slice::<Ack>(payload) {
             Ok(a) => {
+                let user = stamped.map(str::to_owned).or(a.user);
                 let r = self
                     .lock()
-                    .acknowledge(&a.rule_id, &a.topic, now_ms(), a.user, a.comment);
+                    .acknowledge(&a.rule_id, &a.topic, now_ms(), user, a.comment);
                 match r {
                     Ok(c) => self.publish(vec![c]).await,
                     Err(e) => {

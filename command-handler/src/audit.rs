@@ -19,7 +19,9 @@ pub struct AuditRecord {
     pub device: String,
     pub tag: String,
     pub request_id: Option<String>,
-    /// Who the command says sent it (MQTT does not tell subscribers the publisher).
+    /// Who sent it, as the broker authenticated them (the `nexus-user` property it stamps).
+    pub user: Option<String>,
+    /// Who the command's payload says sent it: a claim, never proof.
     pub claimed_user: Option<String>,
     pub value: Option<Value>,
     pub old_value: Option<Value>,
@@ -36,7 +38,8 @@ impl AuditRecord {
             device = %self.device,
             tag = %self.tag,
             request_id = ?self.request_id,
-            user = ?self.claimed_user,
+            user = ?self.user,
+            claimed_user = ?self.claimed_user,
             value = %value_to_json(self.value.as_ref()),
             old_value = %value_to_json(self.old_value.as_ref()),
             read_back = %value_to_json(self.read_back.as_ref()),
@@ -54,6 +57,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS command_audit (
     device_id text NOT NULL,
     tag_id text NOT NULL,
     request_id text,
+    user_name text,
     claimed_user text,
     value jsonb,
     old_value jsonb,
@@ -63,7 +67,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS command_audit (
     duration_ms double precision NOT NULL
 );
 CREATE INDEX IF NOT EXISTS command_audit_time ON command_audit (time);
-CREATE INDEX IF NOT EXISTS command_audit_device ON command_audit (device_id, time);";
+CREATE INDEX IF NOT EXISTS command_audit_device ON command_audit (device_id, time);
+ALTER TABLE command_audit ADD COLUMN IF NOT EXISTS user_name text;";
 
 /// Start the database writer; returns the queue to send rows to.
 pub fn start_writer(db: Database, token: CancellationToken) -> mpsc::Sender<AuditRecord> {
@@ -78,8 +83,8 @@ pub fn start_writer(db: Database, token: CancellationToken) -> mpsc::Sender<Audi
                 let time = std::time::UNIX_EPOCH + Duration::from_millis(rec.ts_ms.max(0) as u64);
                 client
                 .execute(
-                    "INSERT INTO command_audit (time, device_id, tag_id, request_id, claimed_user, value, old_value, read_back, success, error, duration_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
-                    &[&time, &rec.device, &rec.tag, &rec.request_id, &rec.claimed_user, &j(&rec.value), &j(&rec.old_value), &j(&rec.read_back), &rec.success, &rec.error, &rec.duration_ms],
+                    "INSERT INTO command_audit (time, device_id, tag_id, request_id, user_name, claimed_user, value, old_value, read_back, success, error, duration_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+                    &[&time, &rec.device, &rec.tag, &rec.request_id, &rec.user, &rec.claimed_user, &j(&rec.value), &j(&rec.old_value), &j(&rec.read_back), &rec.success, &rec.error, &rec.duration_ms],
                 )
                 .await
                 .map(|_| ())

@@ -49,7 +49,11 @@ pub struct Command {
     pub confirm: Option<bool>,
     pub ttl_ms: Option<u64>,
     pub sent_ts_ms: Option<i64>,
+    /// The `user` the payload names: a claim, kept for the audit beside [`Command::user`].
     pub claimed_user: Option<String>,
+    /// Who sent it, as the broker authenticated them (its `nexus-user` property); None when
+    /// the broker did not say (an external broker, MQTT 3.1.1 between them).
+    pub user: Option<String>,
 }
 
 /// An MQTT 5 Response Topic the handler may publish to as the service user: a plain topic
@@ -214,6 +218,7 @@ pub fn parse(topic: &CmdTopic, payload: &[u8], max_len: usize) -> Result<Command
                 ttl_ms: None,
                 sent_ts_ms: None,
                 claimed_user: None,
+                user: None,
             });
         }
         (_, None) => {
@@ -319,6 +324,7 @@ pub fn parse(topic: &CmdTopic, payload: &[u8], max_len: usize) -> Result<Command
         ttl_ms,
         sent_ts_ms,
         claimed_user,
+        user: None,
     })
 }
 

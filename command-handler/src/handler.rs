@@ -221,7 +221,7 @@ impl Handler {
             if let Some((rt, corr)) = reply_to {
                 let props = PublishProps {
                     correlation_data: corr.clone(),
-                    response_topic: None,
+                    ..PublishProps::default()
                 };
                 if let Err(e) = self
                     .mqtt
@@ -260,7 +260,15 @@ impl Handler {
         self.metrics.received.inc();
         let reply_to = msg
             .response_topic()
-            .and_then(|t| match ReplyTopic::parse(t) {
+            .and_then(|t| match ReplyTopic::parse(t).map_err(str::to_owned).and_then(|rt| {
+                // The handler publishes as the service user, which may write a device's
+                // values: a Response Topic in a device's namespace would let a requester
+                // write there through it.
+                match self.directory.uns_prefix_holding(rt.as_str()) {
+                    Some(p) => Err(format!("it is in the namespace of configured devices ({p})")),
+                    None => Ok(rt),
+                }
+            }) {
                 Ok(rt) => Some((rt, msg.correlation_data().cloned())),
                 Err(why) => {
                     // Refused, not answered there: the standard answer on $nexus/cmd/response/
@@ -269,7 +277,7 @@ impl Handler {
                     tracing::warn!(
                         topic,
                         response_topic = ?command::redact_topic(t),
-                        why,
+                        why = %why,
                         "response topic refused; answering on $nexus/cmd/response/ only"
                     );
                     None
@@ -279,7 +287,12 @@ impl Handler {
             command::parse(&t, msg.payload(), self.cfg.max_payload.0 as usize)
         });
         let cmd = match parsed {
-            Ok(c) => c,
+            Ok(mut c) => {
+                c.user = msg
+                    .user_property(nexus_common::broker::USER_PROPERTY)
+                    .map(str::to_owned);
+                c
+            }
             Err(r) => {
                 if let Some(resp) = self.reject_parse(&r) {
                     self.send(&[resp], &reply_to).await;
@@ -467,6 +480,7 @@ impl Handler {
             device: device_id.to_owned(),
             tag: tag.to_owned(),
             request_id: cmd.request_id.clone(),
+            user: cmd.user.clone(),
             claimed_user: cmd.claimed_user.clone(),
             value: Some(value.clone()),
             old_value: None,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nexus_common::config::{
-    AclAction, AclPermission, AclRule, BrokerConfig, BrokerUser, Config, MqttVersion, Role, Secret,
+    AclAction, AclPermission, AclRule, BrokerConfig, Config, MqttVersion, Secret,
 };
 use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, PublishProps, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto};
@@ -19,24 +19,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
 
-fn user(n: &str, role: Role) -> BrokerUser {
-    BrokerUser {
-        username: n.into(),
-        password: Some(Secret::new(format!("{n}-pw"))),
-        password_env: None,
-        role,
-    }
-}
-
 fn broker() -> nexus_common::broker::EmbeddedBroker {
-    testing::start_embedded_broker(BrokerConfig {
-        users: vec![
-            user("svc", Role::Service),
-            user("op", Role::Operator),
-            user("view", Role::Viewer),
-        ],
-        ..BrokerConfig::default()
-    })
+    testing::service_broker()
 }
 
 const TAGS: &str = r#"      - { id: sp, address: "HR:10", data_type: int16, scale: 0.1, access: readwrite, min: 0, max: 100, unit: degC }
@@ -162,7 +146,7 @@ async fn writes_land_and_responses_say_so() {
         .await
         .unwrap();
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "").await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     pubj(&op, "$nexus/cmd/plc/sp/set", "72.5").await;
@@ -212,7 +196,7 @@ async fn every_validation_rule_and_malformed_command_is_answered() {
         .await
         .unwrap();
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let r = rig(
         Some(b),
         port,
@@ -352,7 +336,7 @@ async fn ttl_duplicates_and_rate_limits() {
         .await
         .unwrap();
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let r = rig(
         Some(b),
         port,
@@ -460,7 +444,7 @@ async fn queue_full_and_a_dead_device_answer_fast() {
     });
     let dead_port = free_port(); // nothing listens: connection refused
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let devices = format!(
         "{}{}",
         device("slow", silent_port, ""),
@@ -531,13 +515,14 @@ async fn mqtt5_response_topic_and_correlation_data() {
         .await
         .unwrap();
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "").await;
     let reply = testing::unique("replies/op");
     let (op, mut rx) = client(r.port, "op", MqttVersion::V5, &[&reply]).await;
     let props = PublishProps {
         response_topic: Some(reply.clone()),
         correlation_data: Some(Bytes::from_static(b"corr-42")),
+        ..PublishProps::default()
     };
     op.publish_with(
         "$nexus/cmd/plc/sp/set",
@@ -576,7 +561,6 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
         .await
         .unwrap();
     let b = testing::start_embedded_broker(BrokerConfig {
-        users: vec![user("svc", Role::Service), user("op", Role::Operator)],
         acl: vec![AclRule {
             permission: AclPermission::Deny,
             action: AclAction::Publish,
@@ -586,7 +570,7 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
         }],
         ..BrokerConfig::default()
     });
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let devices = format!(
         "{}{}",
         device("plc-a", sim_a.addr.port(), ""),
@@ -616,11 +600,20 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
             r#"{"tag_id":"n","value":99,"request_id":"h-3"}"#,
             "$nexus/cmd/response/plc-a/n",
         ),
+        // The handler publishes as the service user, which alone may write a device's
+        // values: an answer there would be a forged value of plc-a's setpoint.
+        (
+            "$nexus/cmd/plc-b/write",
+            r#"{"tag_id":"n","value":99,"request_id":"h-4"}"#,
+            "acme/site/plc-a/sp",
+        ),
     ];
+    let (_w, mut uns) = client(r.port, "view", MqttVersion::V5, &["acme/#"]).await;
     for (topic, body, reply) in hostile {
         let props = PublishProps {
             response_topic: Some(reply.into()),
             correlation_data: Some(Bytes::from_static(b"c")),
+            ..PublishProps::default()
         };
         op.publish_with(topic, body, QoS::AtLeastOnce, false, Some(props))
             .await
@@ -650,20 +643,25 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
         [
             "$nexus/cmd/response/plc-b/f",
             "$nexus/cmd/response/plc-b/n",
+            "$nexus/cmd/response/plc-b/n",
             "$nexus/cmd/response/plc-b/sp"
         ],
         "the standard answers go out, and nothing ever answers for plc-a: {got:?}"
     );
+    let forged: Vec<_> = std::iter::from_fn(|| uns.try_recv().ok())
+        .filter(|m| m.topic() == Some("acme/site/plc-a/sp"))
+        .collect();
+    assert!(forged.is_empty(), "an answer landed on plc-a's value topic");
     for (t, v) in &got {
         assert_eq!(v["success"], true, "{t}: {v}");
     }
     let m = http_get(r.http, "/metrics");
     assert_eq!(
         metric(&m, "nexus_commands_response_topic_refused_total"),
-        3.0,
+        4.0,
         "{m}"
     );
-    assert_eq!(metric(&m, "nexus_commands_received_total"), 3.0, "{m}");
+    assert_eq!(metric(&m, "nexus_commands_received_total"), 4.0, "{m}");
     r.token.cancel();
     r.task.await.unwrap().unwrap();
 }
@@ -674,7 +672,7 @@ async fn only_operators_can_command_through_the_embedded_broker() {
         .await
         .unwrap();
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let r = rig(Some(b), port, &device("plc", sim.addr.port(), ""), "").await;
     let (view, _) = client(r.port, "view", MqttVersion::V311, &[]).await;
     let (_watch, mut rx) =
@@ -768,7 +766,7 @@ async fn writes_land_in_pymodbus() {
         py_port,
     );
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let r = rig(Some(b), port, &device("py", py_port, ""), "").await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V5, &["$nexus/cmd/response/#"]).await;
     pubj(&op, "$nexus/cmd/py/write", r#"{"writes":[{"tag_id":"sp","value":42.5},{"tag_id":"f","value":6.5},{"tag_id":"run","value":true}],"confirm":true,"request_id":"py-1"}"#).await;
@@ -792,7 +790,7 @@ async fn every_command_is_audited_in_postgres() {
         .await
         .unwrap();
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     // `rig` puts these lines under `commands:`; the database goes in `ingestion`.
     let r = rig(
         Some(b),
@@ -816,7 +814,7 @@ async fn every_command_is_audited_in_postgres() {
     let start = Instant::now();
     let rows = loop {
         let rows = db
-            .query("SELECT device_id, tag_id, request_id, claimed_user, value::text, old_value::text, read_back::text, success, error FROM command_audit ORDER BY tag_id DESC", &[])
+            .query("SELECT device_id, tag_id, request_id, user_name, claimed_user, value::text, old_value::text, read_back::text, success, error FROM command_audit ORDER BY tag_id DESC", &[])
             .await
             .unwrap_or_default();
         if rows.len() >= 2 || start.elapsed() > Duration::from_secs(10) {
@@ -826,12 +824,15 @@ async fn every_command_is_audited_in_postgres() {
     };
     assert_eq!(rows.len(), 2);
     let row = &rows[0];
-    let texts: Vec<Option<String>> = (0..7).map(|i| row.get(i)).collect();
-    let want = ["plc", "sp", "a-1", "ann", "21.5", "50.0", "21.5"].map(|s| Some(s.to_owned()));
+    let texts: Vec<Option<String>> = (0..8).map(|i| row.get(i)).collect();
+    // The payload claims ann; the broker authenticated op (an MQTT 3.1.1 client: the broker
+    // stamps it all the same), and the audit keeps both, each in its own column.
+    let want = ["plc", "sp", "a-1", "op", "ann", "21.5", "50.0", "21.5"].map(|s| Some(s.to_owned()));
     assert_eq!(texts, want);
-    assert!(row.get::<_, bool>(7));
-    let second_ok: bool = rows[1].get(7);
-    let second_err: Option<String> = rows[1].get(8);
+    assert!(row.get::<_, bool>(8));
+    let second_ok: bool = rows[1].get(8);
+    let second_err: Option<String> = rows[1].get(9);
+    assert_eq!(rows[1].get::<_, Option<String>>(3).as_deref(), Some("op"));
     assert!(!second_ok);
     assert!(second_err.unwrap().contains("read-only"));
     r.token.cancel();
@@ -862,7 +863,7 @@ async fn register_bits_are_mask_written_and_a_device_without_it_names_the_settin
         bit_device("old-rmw", old.addr.port(), ", bit_write: read_modify_write")
     );
     let b = broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let r = rig(Some(b), port, &devices, "").await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
     pubj(

@@ -8,7 +8,8 @@
 //! - [`config`]: `nexus.yaml` with environment overrides and located validation errors.
 //! - [`mqtt`]: the rumqttc helper (3.1.1 and 5, TLS, persistent sessions, last will,
 //!   jittered reconnect) every service connects with.
-//! - [`broker`]: the embedded rmqtt broker with users, roles and ACL.
+//! - [`auth`]: users, API tokens and roles, for the broker and every HTTP port.
+//! - [`broker`]: the embedded rmqtt broker with its ACL.
 //! - [`telemetry`]: logging, Prometheus registry, `/healthz` `/readyz` `/metrics`.
 //! - [`http`]: the guard of every HTTP port (panics caught, body limit, request timeout).
 //! - [`supervise`]: shutdown token, restart-with-backoff supervisor, bounded drain.
@@ -24,6 +25,7 @@ pub mod topic;
 
 pub use domain::{now_ms, DataPoint, DeviceId, Quality, QualityClass, TagId, Value};
 pub use topic::{Topic, TopicFilter};
+pub mod auth;
 pub mod bounded;
 pub mod breaker;
 pub mod broker;

@@ -154,6 +154,35 @@ impl Message {
         }
     }
 
+    /// The value of the MQTT 5 user property `key` (the first, if the sender repeated it).
+    pub fn user_property(&self, key: &str) -> Option<&str> {
+        match &self.raw {
+            Raw::V4(_) => None,
+            Raw::V5(p) => p
+                .properties
+                .as_ref()?
+                .user_properties
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str()),
+        }
+    }
+
+    /// Every value of the MQTT 5 user property `key`.
+    pub fn user_properties(&self, key: &str) -> Vec<&str> {
+        match &self.raw {
+            Raw::V4(_) => Vec::new(),
+            Raw::V5(p) => p.properties.as_ref().map_or_else(Vec::new, |props| {
+                props
+                    .user_properties
+                    .iter()
+                    .filter(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+                    .collect()
+            }),
+        }
+    }
+
     /// A message built in code (tests, loopback).
     pub fn new_v4(topic: &str, payload: impl Into<Bytes>, qos: QoS, retain: bool) -> Message {
         let mut p = rumqttc::Publish::new(topic, qos, payload.into());
@@ -167,6 +196,7 @@ impl Message {
 pub struct PublishProps {
     pub correlation_data: Option<Bytes>,
     pub response_topic: Option<String>,
+    pub user_properties: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -276,6 +306,7 @@ impl MqttHandle {
                     let props = v5b::PublishProperties {
                         correlation_data: p.correlation_data,
                         response_topic: p.response_topic,
+                        user_properties: p.user_properties,
                         ..Default::default()
                     };
                     c.publish_bytes_with_properties(topic, v5_qos(qos), retain, payload, props)

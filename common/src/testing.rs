@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::broker::{Acl, EmbeddedBroker};
-use crate::config::{BrokerConfig, MqttConfig};
+use crate::config::{AuthConfig, BrokerConfig, MqttConfig};
 
 /// A free TCP port on 127.0.0.1 (bound and released; a small race is accepted in tests).
 pub fn free_port() -> u16 {
@@ -142,34 +142,84 @@ pub fn mqtt_config(port: u16) -> MqttConfig {
 /// [`mqtt_config`] logged in as the `svc` account of [`service_broker`].
 pub fn service_mqtt_config(port: u16) -> MqttConfig {
     MqttConfig {
-        username: Some("svc".into()),
-        password: Some(crate::config::Secret::new("svc-pw".to_owned())),
+        username: Some(SERVICE_USER.0.into()),
+        password: Some(crate::config::Secret::new(SERVICE_USER.1.to_owned())),
         ..mqtt_config(port)
     }
 }
 
-/// The embedded broker on a free port of 127.0.0.1 (no WebSocket listener), with `cfg`'s
-/// other settings.
-pub fn start_embedded_broker(mut cfg: BrokerConfig) -> EmbeddedBroker {
-    cfg.bind = "127.0.0.1".parse().expect("literal address");
-    cfg.port = 0;
-    cfg.ws_port = None;
-    let acl = Acl::new(&cfg).expect("test broker users");
-    EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).expect("embedded broker starts")
+/// The service account of the test brokers: `svc` / `svc-pw`.
+pub const SERVICE_USER: (&str, &str) = ("svc", "svc-pw");
+/// A publisher account of the test brokers, `pub` / `pub-pw`, that may publish any topic
+/// outside `$` (test data, as a third-party publisher would send it).
+pub const PUBLISHER_USER: (&str, &str) = ("pub", "pub-pw");
+/// An operator account of the test brokers: `op` / `op-pw`.
+pub const OPERATOR_USER: (&str, &str) = ("op", "op-pw");
+/// A viewer account of the test brokers: `view` / `view-pw`.
+pub const VIEWER_USER: (&str, &str) = ("view", "view-pw");
+
+/// The users of the test brokers: [`SERVICE_USER`], [`PUBLISHER_USER`], [`OPERATOR_USER`],
+/// [`VIEWER_USER`]; anonymous clients from 127.0.0.1 are viewers (the defaults).
+pub fn test_auth() -> AuthConfig {
+    use crate::config::{Role, UserConfig};
+    AuthConfig {
+        users: vec![
+            UserConfig::with_password(SERVICE_USER.0, SERVICE_USER.1, Role::Service),
+            UserConfig {
+                publish: vec!["#".into()],
+                ..UserConfig::with_password(PUBLISHER_USER.0, PUBLISHER_USER.1, Role::Publisher)
+            },
+            UserConfig::with_password(OPERATOR_USER.0, OPERATOR_USER.1, Role::Operator),
+            UserConfig::with_password(VIEWER_USER.0, VIEWER_USER.1, Role::Viewer),
+        ],
+        ..AuthConfig::default()
+    }
 }
 
-/// The embedded broker with one user, `svc` / `svc-pw`, in the service role (what Nexus's
-/// services log in as).
+/// [`mqtt_config`] logged in as the publisher account of [`test_auth`].
+pub fn publisher_mqtt_config(port: u16) -> MqttConfig {
+    MqttConfig {
+        username: Some(PUBLISHER_USER.0.into()),
+        password: Some(crate::config::Secret::new(PUBLISHER_USER.1.to_owned())),
+        ..mqtt_config(port)
+    }
+}
+
+/// The embedded broker on a free port of 127.0.0.1 (no WebSocket listener), with the users of
+/// [`test_auth`] and `cfg`'s other settings.
+pub fn start_embedded_broker(cfg: BrokerConfig) -> EmbeddedBroker {
+    start_broker(cfg, &test_auth(), &[], &prometheus::Registry::new())
+}
+
+/// The embedded broker on a free port of 127.0.0.1 (no WebSocket listener), with `auth`'s
+/// users, the UNS prefixes of `devices` reserved for the service role, and its metrics in
+/// `registry`.
+pub fn start_broker(
+    mut cfg: BrokerConfig,
+    auth: &AuthConfig,
+    devices: &[crate::config::DeviceConfig],
+    registry: &prometheus::Registry,
+) -> EmbeddedBroker {
+    cfg.bind = "127.0.0.1".parse().expect("literal address");
+    cfg.port = Some(0);
+    cfg.ws_port = None;
+    let ids = crate::auth::Identities::new(auth).expect("test broker users");
+    let acl = Acl::new(std::sync::Arc::new(ids), &cfg, devices);
+    EmbeddedBroker::start(&cfg, acl, registry).expect("embedded broker starts")
+}
+
+/// `registry`'s metrics as `/metrics` serves them (read a sample with [`metric_value`]).
+pub fn registry_text(registry: &prometheus::Registry) -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The embedded broker with the users of [`test_auth`]; Nexus's services log in as
+/// [`SERVICE_USER`] ([`service_mqtt_config`]).
 pub fn service_broker() -> EmbeddedBroker {
-    start_embedded_broker(BrokerConfig {
-        users: vec![crate::config::BrokerUser {
-            username: "svc".into(),
-            password: Some(crate::config::Secret::new("svc-pw".to_owned())),
-            password_env: None,
-            role: crate::config::Role::Service,
-        }],
-        ..BrokerConfig::default()
-    })
+    start_embedded_broker(BrokerConfig::default())
 }
 
 fn which(name: &str) -> Option<PathBuf> {

@@ -249,6 +249,8 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 /// Nexus's own topics, `$nexus/...` (docs/contract.md, Topics): every crate builds and
 /// recognises them here, so their shape is defined once.
 pub mod sys {
+    /// Every Nexus topic starts with this.
+    pub const NEXUS_PREFIX: &str = "$nexus/";
     /// Retained status of services and devices.
     pub const STATUS_PREFIX: &str = "$nexus/status/";
     pub const STATUS_ALL: &str = "$nexus/status/#";

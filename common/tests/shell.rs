@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 async fn a_shell_restarts_on_the_same_telemetry() {
     let broker = testing::service_broker();
     let cfg = Config {
-        mqtt: testing::service_mqtt_config(broker.ports.tcp.port()),
+        mqtt: testing::service_mqtt_config(broker.ports.tcp().port()),
         ..Config::default()
     };
     let telemetry = Telemetry::new("restarts");

@@ -1,12 +1,15 @@
-//! TLS end to end: the embedded broker's TLS listener with a certificate from a test CA, and
-//! the MQTT helper (rustls) trusting that CA, for MQTT 3.1.1 and 5; an untrusted CA is refused.
+//! TLS end to end: a TLS-only embedded broker (plain listener off) with a certificate from a
+//! test CA, MQTT over TLS and over secure WebSocket, and the MQTT helper (rustls) trusting that
+//! CA, for MQTT 3.1.1 and 5; an untrusted CA is refused. PostgreSQL over verified TLS.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use nexus_common::auth::Identities;
 use nexus_common::broker::{Acl, EmbeddedBroker};
-use nexus_common::config::{BrokerConfig, BrokerTls, MqttTls, MqttVersion};
+use nexus_common::config::{BrokerConfig, BrokerTls, MqttConfig, MqttTls, MqttVersion, Secret};
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::pg::Database;
 use nexus_common::testing;
@@ -44,24 +47,85 @@ impl Pki {
     }
 }
 
+/// MQTT over secure WebSocket, byte by byte: a TLS handshake that trusts the test CA, the
+/// WebSocket upgrade on `/mqtt`, an MQTT 3.1.1 CONNECT in a masked binary frame, and the
+/// broker's CONNACK (accepted: an anonymous viewer from this machine).
+async fn wss_connack(pki: &Pki, port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    nexus_common::install_tls_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await.unwrap();
+    s.write_all(
+        b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // CONNECT: protocol MQTT level 4, clean session, keep-alive 30 s, client id "wss-1".
+    let connect: &[u8] = &[
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 5, b'w', b's', b's', b'-', b'1',
+    ];
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x82, 0x80 | connect.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(connect.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).await.unwrap();
+    let mut reply = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    // A binary frame holding CONNACK, session present 0, return code 0 (accepted).
+    assert_eq!(reply, [0x82, 4, 0x20, 2, 0, 0]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_listener_and_client() {
+async fn tls_only_broker_and_client() {
     let pki = Pki::new();
     let cfg = BrokerConfig {
         bind: "127.0.0.1".parse().unwrap(),
-        port: 0,
+        port: None,
         ws_port: None,
         tls: Some(BrokerTls {
             port: 0,
+            ws_port: Some(0),
             cert_file: pki.path("server.pem"),
             key_file: pki.path("server.key"),
             client_ca_file: None,
         }),
         ..BrokerConfig::default()
     };
-    let broker =
-        EmbeddedBroker::start(&cfg, Acl::new(&cfg).unwrap(), &prometheus::Registry::new()).unwrap();
+    let ids = Identities::new(&testing::test_auth()).unwrap();
+    let acl = Acl::new(Arc::new(ids), &cfg, &[]);
+    let broker = EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).unwrap();
+    assert!(
+        broker.ports.tcp.is_none(),
+        "broker.port: null binds no plain listener"
+    );
     let tls_port = broker.ports.tls.expect("TLS listener").port();
+    let wss_port = broker.ports.wss.expect("secure WebSocket listener").port();
+    wss_connack(&pki, wss_port).await;
     let token = CancellationToken::new();
 
     for version in [MqttVersion::V311, MqttVersion::V5] {
@@ -77,8 +141,13 @@ async fn tls_listener_and_client() {
         let mut s = ClientSettings::new(testing::unique("tls-sub"));
         s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
         let (_sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).unwrap();
+        let publisher_cfg = MqttConfig {
+            username: Some(testing::PUBLISHER_USER.0.into()),
+            password: Some(Secret::new(testing::PUBLISHER_USER.1)),
+            ..c.clone()
+        };
         let (publisher, _) = mqtt::connect(
-            &c,
+            &publisher_cfg,
             ClientSettings::new(testing::unique("tls-pub")),
             None,
             token.clone(),

@@ -40,7 +40,7 @@ impl Ingest {
         let pg = PgServer::start();
         let url = pg.create_database("hostile").await;
         let broker = testing::service_broker();
-        let port = broker.ports.tcp.port();
+        let port = broker.ports.tcp().port();
         let wal = tempfile::tempdir().unwrap();
         let http = free_port();
         let text = format!(

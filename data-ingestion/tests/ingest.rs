@@ -120,7 +120,7 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
     let pg = PgServer::start();
     let url = pg.create_database("hist").await;
     let b = testing::service_broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let wal = tempfile::tempdir().unwrap();
     let ing = start(port, &url, wal.path(), "ing-a", "");
     ing.ready().await;
@@ -444,7 +444,7 @@ async fn two_instances_on_a_shared_subscription_split_the_load_and_store_everyth
     let pg = PgServer::start();
     let url = pg.create_database("shared").await;
     let b = testing::service_broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let (w1, w2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start(port, &url, w1.path(), "ing-1", "");
     // The second instance speaks MQTT 5 (clean_start=false with a session expiry).
@@ -494,7 +494,7 @@ async fn sparkplug_data_with_unknown_aliases_is_dead_lettered_and_a_rebirth_requ
     let pg = PgServer::start();
     let url = pg.create_database("spb").await;
     let b = testing::service_broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let wal = tempfile::tempdir().unwrap();
     let ing = start(port, &url, wal.path(), "ing-sp", "");
     ing.ready().await;
@@ -556,7 +556,7 @@ async fn timescaledb_storage_when_the_server_has_it() {
         return;
     }
     let b = testing::service_broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let wal = tempfile::tempdir().unwrap();
     let ing = start(
         port,
@@ -605,7 +605,7 @@ async fn timescaledb_storage_when_the_server_has_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_wal_with_the_database_down_holds_acks_and_still_stops_cleanly() {
     let b = testing::service_broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let wal = tempfile::tempdir().unwrap();
     // Nothing listens on the database port.
     let db = format!("postgres://nexus@127.0.0.1:{}/none", free_port());
@@ -663,7 +663,7 @@ async fn a_long_unicode_quality_is_one_reject_and_costs_no_other_point() {
     let pg = PgServer::start();
     let url = pg.create_database("unicode").await;
     let b = testing::service_broker();
-    let port = b.ports.tcp.port();
+    let port = b.ports.tcp().port();
     let wal = tempfile::tempdir().unwrap();
     let ing = start(port, &url, wal.path(), "ing-u", "");
     ing.ready().await;

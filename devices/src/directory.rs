@@ -41,6 +41,23 @@ impl DeviceDirectory {
             .cloned()
     }
 
+    /// The UNS prefix (`enterprise/site/area/line`) of a device whose namespace holds `topic`,
+    /// if any: Nexus's services publish as the service user, which may publish there, so a
+    /// topic a client names (a Response Topic) must not be one of these.
+    pub fn uns_prefix_holding(&self, topic: &str) -> Option<String> {
+        self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|d| d.cfg.uns_prefix.as_str())
+            .find(|p| {
+                topic
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .map(str::to_owned)
+    }
+
     pub fn len(&self) -> usize {
         self.devices.read().unwrap_or_else(|e| e.into_inner()).len()
     }

@@ -158,7 +158,8 @@ async fn broker_only(cfg: Config) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     cancel_on_signals(token.clone());
     let t = Telemetry::new("broker");
-    let acl = Acl::new(&cfg.broker)?;
+    let ids = nexus_common::auth::Identities::new(&cfg.auth)?;
+    let acl = Acl::new(std::sync::Arc::new(ids), &cfg.broker, &cfg.devices);
     let (bcfg, reg) = (cfg.broker.clone(), t.registry.clone());
     let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &reg)).await??;
     t.readiness.condition("listeners").set(true);
@@ -168,7 +169,10 @@ async fn broker_only(cfg: Config) -> anyhow::Result<()> {
         token.clone(),
     )
     .await?;
-    println!("Nexus broker listening on {} (WebSocket {:?}, TLS {:?}); health and metrics on http://{http}", b.ports.tcp, b.ports.ws, b.ports.tls);
+    println!(
+        "Nexus broker listening on {:?} (WebSocket {:?}, TLS {:?}, secure WebSocket {:?}); health and metrics on http://{http}",
+        b.ports.tcp, b.ports.ws, b.ports.tls, b.ports.wss
+    );
     token.cancelled().await;
     let _ = task.await;
     tokio::task::spawn_blocking(move || b.stop()).await?;

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use nexus_common::broker::{Acl, EmbeddedBroker};
-use nexus_common::config::{BrokerUser, Config, Role, Secret};
+use nexus_common::auth::Identities;
+use nexus_common::config::{Config, Role, Secret, UserConfig};
 use nexus_common::supervise::{RestartPolicy, Supervisor};
 use nexus_common::telemetry::Telemetry;
 use rand::distr::{Alphanumeric, SampleString};
@@ -103,31 +104,49 @@ pub async fn up(
     };
     let mut broker = None;
     if cfg.broker.enabled {
-        if opts.demo && cfg.broker.users.is_empty() {
-            cfg.broker.users.push(BrokerUser {
-                username: DEMO_OPERATOR.0.into(),
-                password: Some(Secret::new(DEMO_OPERATOR.1)),
-                password_env: None,
-                role: Role::Operator,
-            });
+        if opts.demo && cfg.auth.users.is_empty() {
+            let (user, password) = DEMO_OPERATOR;
+            cfg.auth
+                .users
+                .push(UserConfig::with_password(user, password, Role::Operator));
             demo_login = Some(DEMO_OPERATOR);
         }
-        let mut acl = Acl::new(&cfg.broker)?;
         if cfg.mqtt.username.is_none() {
             // The services reach the embedded broker with a random service credential, so
-            // only they may publish status, responses and other system topics.
+            // only they may publish device values, status, responses and other system topics.
             let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
-            acl.add_user(INTERNAL_USER, &password, Role::Service);
+            cfg.auth.users.push(UserConfig::with_password(
+                INTERNAL_USER,
+                &password,
+                Role::Service,
+            ));
             cfg.mqtt.username = Some(INTERNAL_USER.into());
             cfg.mqtt.password = Some(Secret::new(password));
         }
+        let acl = Acl::new(
+            Arc::new(Identities::new(&cfg.auth)?),
+            &cfg.broker,
+            &cfg.devices,
+        );
         let bcfg = cfg.broker.clone();
         let registry = telemetry.registry.clone();
         let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &registry))
             .await??;
-        cfg.mqtt.host = "127.0.0.1".into();
-        cfg.mqtt.port = Some(b.ports.tcp.port());
-        cfg.mqtt.tls = None;
+        match (b.ports.tcp, b.ports.tls) {
+            (Some(tcp), _) => {
+                cfg.mqtt.host = "127.0.0.1".into();
+                cfg.mqtt.port = Some(tcp.port());
+                cfg.mqtt.tls = None;
+            }
+            // A TLS-only broker: the services connect over TLS too, with `mqtt.tls` (the CA
+            // that signed the broker's certificate) and `mqtt.host` (a name the certificate
+            // holds).
+            (None, Some(tls)) if cfg.mqtt.tls.is_some() => cfg.mqtt.port = Some(tls.port()),
+            (None, _) => anyhow::bail!(
+                "broker.port is null (TLS only): set mqtt.tls.ca_file and mqtt.host so that \
+                 Nexus's services can reach the embedded broker over TLS"
+            ),
+        }
         broker = Some(b);
     }
     let with_ingestion = cfg.database.url.is_some();
@@ -135,7 +154,7 @@ pub async fn up(
         "mode": if opts.demo { "up --demo" } else { "up" },
         "config": cfg.source_name(),
         "broker": broker.as_ref().map(|b| json!({
-            "tcp": b.ports.tcp.to_string(),
+            "tcp": b.ports.tcp.map(|a| a.to_string()),
             "websocket": b.ports.ws.map(|a| a.to_string()),
             "tls": b.ports.tls.map(|a| a.to_string()),
         })),
@@ -215,10 +234,22 @@ fn print_banner(
                 .tls
                 .map(|a| format!("mqtts://127.0.0.1:{}", a.port()))
                 .unwrap_or_else(|| "off".into());
+            let wss = b
+                .ports
+                .wss
+                .map(|a| format!("; secure WebSocket wss://127.0.0.1:{}/mqtt", a.port()))
+                .unwrap_or_default();
+            let plain = match b.ports.tcp {
+                Some(a) => format!("mqtt://127.0.0.1:{}  (listening on {a}", a.port()),
+                None => "plain MQTT off  (".to_owned(),
+            };
             out.push_str(&format!(
-                "  MQTT broker   mqtt://127.0.0.1:{}  (listening on {}; WebSocket {ws}; TLS {tls})\n",
-                b.ports.tcp.port(),
-                b.ports.tcp
+                "  MQTT broker   {plain}; WebSocket {ws}; TLS {tls}{wss}; anonymous: {})\n",
+                match cfg.auth.anonymous {
+                    nexus_common::config::Anonymous::Off => "off",
+                    nexus_common::config::Anonymous::Loopback => "read-only from this machine",
+                    nexus_common::config::Anonymous::Any => "read-only from anywhere",
+                }
             ));
         }
         None => out.push_str(&format!(
@@ -272,14 +303,14 @@ fn print_banner(
             "  demo login    {u} / {p}  (operator: may publish $nexus/cmd/#)\n"
         ));
     }
-    if let Some(b) = broker {
+    if let Some(tcp) = broker.and_then(|b| b.ports.tcp) {
         out.push_str(&format!(
             "Watch the namespace:  mosquitto_sub -h 127.0.0.1 -p {} -t '#' -v\n",
-            b.ports.tcp.port()
+            tcp.port()
         ));
         out.push_str(&format!(
             "Watch system topics:  mosquitto_sub -h 127.0.0.1 -p {} -t '$nexus/#' -v\n",
-            b.ports.tcp.port()
+            tcp.port()
         ));
     }
     out.push_str("Stop with Ctrl-C.\n");

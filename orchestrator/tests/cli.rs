@@ -435,17 +435,8 @@ fn shipped_configurations_are_valid() {
 
 #[test]
 fn a_killed_service_is_marked_offline_by_its_last_will() {
-    use nexus_common::config::{BrokerConfig, BrokerUser, Role, Secret};
-    let broker = nexus_common::testing::start_embedded_broker(BrokerConfig {
-        users: vec![BrokerUser {
-            username: "svc".into(),
-            password: Some(Secret::new("svc-pw")),
-            password_env: None,
-            role: Role::Service,
-        }],
-        ..BrokerConfig::default()
-    });
-    let port = broker.ports.tcp.port().to_string();
+    let broker = nexus_common::testing::service_broker();
+    let port = broker.ports.tcp().port().to_string();
     // Its runtime files (buffer, PKI) go to a temporary working directory.
     let work = tempfile::tempdir().unwrap();
     let mut gw = Up(Command::new(NEXUS)

@@ -224,7 +224,7 @@ async fn a_60s_database_outage_under_load_loses_nothing_and_the_wal_drains() {
     let mut pg = PgServer::start();
     let url = pg.create_database("outage").await;
     let broker = testing::service_broker();
-    let port = broker.ports.tcp.port();
+    let port = broker.ports.tcp().port();
     let wal = tempfile::tempdir().unwrap();
     let ing = Proc::start(
         &format!("host: 127.0.0.1, port: {port}, username: svc, password: svc-pw"),

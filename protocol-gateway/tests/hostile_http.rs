@@ -35,7 +35,7 @@ async fn oversized_bodies_and_overlong_nodes_are_refused_and_counted() {
     let broker = support::broker();
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
-    let cfg = support::config(broker.ports.tcp.port(), http, dir.path(), "");
+    let cfg = support::config(broker.ports.tcp().port(), http, dir.path(), "");
     let (stop, task) = support::start_gateway(cfg);
     let start = Instant::now();
     while request(http, "GET /readyz HTTP/1.0\r\n\r\n").0 != 200 {

@@ -40,7 +40,7 @@ async fn publishes_every_type_and_byte_order_to_the_uns() {
         .unwrap();
     support::load_typed_values(&sim);
     let broker = support::broker();
-    let port = broker.ports.tcp.port();
+    let port = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let root = testing::unique("acme");
     let prefix = format!("{root}/site/area/line");
@@ -311,7 +311,7 @@ async fn a_dead_device_goes_offline_others_keep_polling_and_it_recovers() {
         .unwrap();
     let port_a = sim_a.addr.port();
     let broker = support::broker();
-    let mport = broker.ports.tcp.port();
+    let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let root = testing::unique("fault");
     let (_s, mut rx) = support::subscriber(

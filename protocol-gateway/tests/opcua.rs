@@ -249,7 +249,7 @@ async fn subscriptions_deliver_every_change_and_survive_a_server_restart() {
     let sim = simulator_stepping(dir.path(), port, 0, 0, 250).await;
     let endpoint = sim.endpoint.clone();
     let broker = support::broker();
-    let mport = broker.ports.tcp.port();
+    let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let root = testing::unique("ua");
     let (_s, mut rx) = support::subscriber(

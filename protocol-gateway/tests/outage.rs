@@ -39,7 +39,7 @@ async fn a_broker_outage_loses_nothing() {
     .await
     .unwrap();
     let broker = support::broker();
-    let mport = broker.ports.tcp.port();
+    let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let root = testing::unique("outage");
     let topic = format!("{root}/ramp-dev/ramp");
@@ -168,7 +168,7 @@ async fn a_gateway_restart_during_an_outage_keeps_the_buffer() {
 
     // Restart with a broker now present: the buffered values are published.
     let broker = support::broker();
-    let mport = broker.ports.tcp.port();
+    let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let (_s, mut rx) = support::subscriber(mport, &[&format!("{root}/#")], &token).await;
     let http2 = free_port();
@@ -196,7 +196,7 @@ async fn a_changed_devices_file_is_applied_without_restart() {
         .await
         .unwrap();
     let broker = support::broker();
-    let mport = broker.ports.tcp.port();
+    let mport = broker.ports.tcp().port();
     let dir = tempfile::tempdir().unwrap();
     let root = testing::unique("reload");
     let dev = |id: &str, tag: &str| {
@@ -299,7 +299,7 @@ async fn a_torn_buffer_is_replayed_up_to_the_tear_and_the_loss_counted() {
     drop(f);
 
     let broker = support::broker();
-    let mport = broker.ports.tcp.port();
+    let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let (_s, mut rx) = support::subscriber(mport, &[&format!("{root}/#")], &token).await;
     let http = free_port();

@@ -348,7 +348,7 @@ async fn a_dead_plc_goes_offline_others_keep_polling_and_it_recovers() {
     let (peer_a, port_a) = start_snap7();
     let (_peer_b, port_b) = start_snap7();
     let broker = support::broker();
-    let mport = broker.ports.tcp.port();
+    let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let root = testing::unique("s7fault");
     let (_s, mut rx) = support::subscriber(

@@ -1,24 +1,42 @@
-//! Authentication and access control of the embedded broker, as plain logic (no I/O) so every
-//! rule is unit-tested. The rmqtt hooks in [`super`] call into it.
+//! Who may connect to the embedded broker and what each client may publish and subscribe to,
+//! as plain logic (no I/O) so every rule is unit-tested. The rmqtt hooks in [`super`] call into
+//! it. docs/security.md has the same rules as a table.
 //!
-//! Order of rules: the configured `broker.acl` rules first (first match wins), then the
-//! built-in ones:
-//! 1. operators may publish `$nexus/cmd/+/write`, `$nexus/cmd/+/+/set` and `$nexus/alarms/ack`;
-//! 2. nobody else (but service and admin users, who bypass the ACL) may publish any other
-//!    `$nexus/...` topic, commands included;
-//! 3. everything else is allowed.
+//! Connecting: a user name and password from `auth.users`, or no user name from where
+//! `auth.anonymous` allows it (a read-only viewer). A client id starting with `nexus-` and a
+//! last will to a topic the client may not publish are refused at CONNECT.
+//!
+//! Publishing and subscribing, in this order:
+//! 1. the service role may do everything;
+//! 2. reserved for the service role, whatever `broker.acl` says: publishing under a configured
+//!    device's UNS prefix, publishing `$nexus/...` other than the operator's topics, joining a
+//!    `$share/nexus-*` group;
+//! 3. the `broker.acl` rules, first match wins;
+//! 4. each role's defaults: everyone may subscribe to anything; operators and admins may
+//!    publish write commands and alarm acknowledgements; a publisher may publish under its
+//!    `publish` filters; nothing else may be published.
 
-use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
 
-use crate::config::{AclAction, AclPermission, AclRule, BrokerConfig, Role};
-use crate::topic::filter_matches;
+use crate::auth::{Identities, Identity};
+use crate::config::{AclAction, AclPermission, AclRule, BrokerConfig, DeviceConfig, Role};
+use crate::topic::{filter_matches, sys};
 
-/// Result of a CONNECT's credentials.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Client ids that only Nexus's services may use.
+pub const RESERVED_CLIENT_ID_PREFIX: &str = "nexus-";
+/// Shared-subscription groups that only Nexus's services may join (`$share/nexus-ingest/...`).
+pub const RESERVED_SHARE_PREFIX: &str = "$share/nexus-";
+
+/// Result of a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthDecision {
-    Allow { superuser: bool },
+    Allow(Identity),
+    /// Unknown user or wrong password.
     BadCredentials,
-    NotAuthorized,
+    /// No credentials where they are required, or a reserved client id, or a will the client
+    /// may not publish; the reason is logged, never sent.
+    NotAuthorized(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,31 +45,22 @@ pub enum Action {
     Subscribe,
 }
 
-struct User {
-    password: String,
-    role: Role,
+/// What a CONNECT carries that the broker checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Connect<'a> {
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    pub peer: Option<IpAddr>,
+    pub will_topic: Option<&'a str>,
 }
 
-/// Users and rules, resolved at start (passwords from `password_env` read then).
+/// Identities, rules and the UNS prefixes of the configured devices.
 pub struct Acl {
-    users: HashMap<String, User>,
+    ids: Arc<Identities>,
     rules: Vec<AclRule>,
-    allow_anonymous: bool,
-    anonymous_role: Role,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("broker user {user}: environment variable {var} is not set")]
-pub struct MissingPassword {
-    pub user: String,
-    pub var: String,
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    /// `<uns_prefix>/<device id>/#` of every configured device.
+    device_filters: Vec<String>,
 }
 
 /// Do the filters `a` and `b` have a topic in common?
@@ -68,86 +77,115 @@ fn filters_intersect(a: &str, b: &str) -> bool {
     }
 }
 
+/// `$share/<group>/<filter>` -> (`Some(group)`, filter); a plain filter -> (None, filter).
+fn split_share(filter: &str) -> (Option<&str>, &str) {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, f)) => (Some(group), f),
+            None => (Some(rest), ""),
+        },
+        None => (None, filter),
+    }
+}
+
 impl Acl {
-    pub fn new(cfg: &BrokerConfig) -> Result<Acl, MissingPassword> {
-        Self::with_env(cfg, |k| std::env::var(k).ok())
-    }
-
-    pub fn with_env(
-        cfg: &BrokerConfig,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Acl, MissingPassword> {
-        let mut users = HashMap::new();
-        for u in &cfg.users {
-            let password = match (&u.password, &u.password_env) {
-                (Some(p), _) => p.expose().to_owned(),
-                (None, Some(var)) => env(var).ok_or_else(|| MissingPassword {
-                    user: u.username.clone(),
-                    var: var.clone(),
-                })?,
-                (None, None) => String::new(),
-            };
-            users.insert(
-                u.username.clone(),
-                User {
-                    password,
-                    role: u.role,
-                },
-            );
-        }
-        Ok(Acl {
-            users,
+    pub fn new(ids: Arc<Identities>, cfg: &BrokerConfig, devices: &[DeviceConfig]) -> Acl {
+        Acl {
+            ids,
             rules: cfg.acl.clone(),
-            allow_anonymous: cfg.allow_anonymous,
-            anonymous_role: cfg.anonymous_role,
-        })
-    }
-
-    /// Add a user at start (the internal service account of `nexus up`).
-    pub fn add_user(&mut self, username: &str, password: &str, role: Role) {
-        self.users.insert(
-            username.to_owned(),
-            User {
-                password: password.to_owned(),
-                role,
-            },
-        );
-    }
-
-    pub fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> AuthDecision {
-        let Some(name) = username else {
-            return if self.allow_anonymous {
-                AuthDecision::Allow { superuser: false }
-            } else {
-                AuthDecision::NotAuthorized
-            };
-        };
-        match self.users.get(name) {
-            Some(u) if constant_time_eq(u.password.as_bytes(), password.unwrap_or_default()) => {
-                AuthDecision::Allow {
-                    superuser: matches!(u.role, Role::Service | Role::Admin),
-                }
-            }
-            _ => AuthDecision::BadCredentials,
+            device_filters: devices
+                .iter()
+                .map(|d| format!("{}/{}/#", d.uns_prefix, d.id))
+                .collect(),
         }
     }
 
-    pub fn role_of(&self, username: Option<&str>) -> Role {
-        username
-            .and_then(|n| self.users.get(n))
-            .map_or(self.anonymous_role, |u| u.role)
+    pub fn identities(&self) -> &Arc<Identities> {
+        &self.ids
     }
 
-    /// May this client publish to / subscribe to `topic`? `Err` carries the reason.
-    pub fn check(&self, username: Option<&str>, action: Action, topic: &str) -> Result<(), String> {
-        let role = self.role_of(username);
-        if matches!(role, Role::Service | Role::Admin) {
+    /// The identity of a connected client from the user name it authenticated with.
+    pub fn identity(&self, username: Option<&str>) -> Identity {
+        username
+            .and_then(|n| self.ids.user(n))
+            .unwrap_or_else(Identity::anonymous)
+    }
+
+    pub async fn authenticate(&self, c: Connect<'_>) -> AuthDecision {
+        let who = match c.username {
+            Some(name) => match self.ids.login(name, c.password.unwrap_or_default()).await {
+                Some(id) => id,
+                None => return AuthDecision::BadCredentials,
+            },
+            None => match self.ids.anonymous(c.peer) {
+                Some(id) => id,
+                None => {
+                    return AuthDecision::NotAuthorized(format!(
+                        "anonymous access is {} (auth.anonymous)",
+                        match self.ids.anonymous_policy() {
+                            crate::config::Anonymous::Off => "off",
+                            _ => "only from this machine",
+                        }
+                    ))
+                }
+            },
+        };
+        if c.client_id.starts_with(RESERVED_CLIENT_ID_PREFIX) && who.role != Role::Service {
+            return AuthDecision::NotAuthorized(format!(
+                "client ids starting with {RESERVED_CLIENT_ID_PREFIX} are reserved for Nexus's services"
+            ));
+        }
+        if let Some(will) = c.will_topic {
+            if let Err(reason) = self.check(&who, Action::Publish, will) {
+                return AuthDecision::NotAuthorized(format!("last will to {will}: {reason}"));
+            }
+        }
+        AuthDecision::Allow(who)
+    }
+
+    /// May `who` publish to / subscribe to `topic`? `Err` carries the reason.
+    pub fn check(&self, who: &Identity, action: Action, topic: &str) -> Result<(), String> {
+        if who.role == Role::Service {
             return Ok(());
+        }
+        let (group, filter) = match action {
+            Action::Subscribe => split_share(topic),
+            Action::Publish => (None, topic),
+        };
+        if let Some(group) = group {
+            if topic.starts_with(RESERVED_SHARE_PREFIX) {
+                return Err(format!(
+                    "shared group {group} is reserved for Nexus's services"
+                ));
+            }
+            if filter.is_empty() {
+                return Err("a shared subscription needs a filter after its group".into());
+            }
+        }
+        if action == Action::Publish {
+            if let Some(dev) = self
+                .device_filters
+                .iter()
+                .find(|f| filter_matches(f, filter))
+            {
+                return Err(format!(
+                    "{topic} is under a configured device ({}); only the gateway publishes there",
+                    dev.trim_end_matches("/#")
+                ));
+            }
+            let operator_topic = sys::OPERATOR_PUBLISH
+                .iter()
+                .any(|f| filter_matches(f, filter));
+            if filter.starts_with('$') && !operator_topic {
+                return Err(format!(
+                    "{topic} is a system topic; only Nexus services may publish it"
+                ));
+            }
         }
         for (i, r) in self.rules.iter().enumerate() {
             let applies_to_client = (r.users.is_empty() && r.roles.is_empty())
-                || username.is_some_and(|n| r.users.iter().any(|u| u == n))
-                || r.roles.contains(&role);
+                || r.users.iter().any(|u| *u == who.name)
+                || r.roles.contains(&who.role);
             let applies_to_action = matches!(
                 (r.action, action),
                 (AclAction::All, _)
@@ -160,9 +198,10 @@ impl Acl {
             // Publish: the topic falls under the rule. Subscribe: an allow rule must cover the
             // whole filter; a deny rule applies as soon as the filter reaches into it.
             let hit = match (action, r.permission) {
-                (Action::Publish, _) => filter_matches(&r.topic, topic),
-                (Action::Subscribe, AclPermission::Allow) => filter_matches(&r.topic, topic),
-                (Action::Subscribe, AclPermission::Deny) => filters_intersect(&r.topic, topic),
+                (Action::Publish, _) | (Action::Subscribe, AclPermission::Allow) => {
+                    filter_matches(&r.topic, filter)
+                }
+                (Action::Subscribe, AclPermission::Deny) => filters_intersect(&r.topic, filter),
             };
             if hit {
                 return match r.permission {
@@ -171,178 +210,259 @@ impl Acl {
                 };
             }
         }
-        if action == Action::Publish && topic.starts_with('$') {
-            let operator_topic = crate::topic::sys::OPERATOR_PUBLISH
-                .iter()
-                .any(|f| filter_matches(f, topic));
-            if operator_topic && role == Role::Operator {
-                return Ok(());
+        match action {
+            Action::Subscribe => Ok(()),
+            Action::Publish => {
+                if filter.starts_with('$') {
+                    return if who.role.includes(Role::Operator) {
+                        Ok(())
+                    } else {
+                        Err(format!("publishing {topic} needs the operator role"))
+                    };
+                }
+                if who.role == Role::Publisher
+                    && who.publish.iter().any(|f| filter_matches(f, filter))
+                {
+                    return Ok(());
+                }
+                Err(match who.role {
+                    Role::Publisher => format!("{topic} is outside this publisher's topics"),
+                    role => format!(
+                        "{role}s may not publish data; grant the publisher role with topics (auth.users[].publish)"
+                    ),
+                })
             }
-            return Err(if operator_topic {
-                format!("publishing {topic} needs the operator role")
-            } else {
-                format!("{topic} is a system topic; only Nexus services may publish it")
-            });
         }
-        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BrokerUser, Secret};
+    use crate::config::{AuthConfig, UserConfig};
 
-    fn cfg() -> BrokerConfig {
-        let user = |n: &str, p: &str, role| BrokerUser {
-            username: n.into(),
-            password: Some(Secret::new(p)),
-            password_env: None,
-            role,
-        };
-        BrokerConfig {
+    fn device(id: &str, prefix: &str) -> DeviceConfig {
+        let yaml = format!(
+            "devices:\n  - id: {id}\n    protocol: modbus\n    uns_prefix: {prefix}\n    connection: {{ host: 127.0.0.1 }}\n    tags:\n      - {{ id: t, address: \"HR:1\", data_type: int16 }}\n"
+        );
+        let mut cfg = crate::config::Config::from_str_with_env(&yaml, None, &[]).expect("device");
+        cfg.devices.remove(0)
+    }
+
+    fn acl(rules: Vec<AclRule>) -> Acl {
+        let user = UserConfig::with_password;
+        let auth = AuthConfig {
             users: vec![
                 user("op", "op-pass", Role::Operator),
                 user("view", "view-pass", Role::Viewer),
+                user("admin", "admin-pass", Role::Admin),
                 user("svc", "svc-pass", Role::Service),
-                BrokerUser {
-                    username: "env".into(),
-                    password: None,
-                    password_env: Some("OP_PW".into()),
-                    role: Role::Operator,
+                UserConfig {
+                    publish: vec!["acme/erp/#".into(), "acme/plant/#".into()],
+                    ..user("bridge", "bridge-pass", Role::Publisher)
                 },
             ],
+            ..AuthConfig::default()
+        };
+        let ids = Arc::new(Identities::with_env(&auth, |_| None).expect("identities"));
+        let broker = BrokerConfig {
+            acl: rules,
             ..BrokerConfig::default()
+        };
+        Acl::new(
+            ids,
+            &broker,
+            &[device("plc-1", "acme/plant/packaging/line-1")],
+        )
+    }
+
+    fn connect<'a>(user: Option<&'a str>, pass: &'a [u8], peer: &str) -> Connect<'a> {
+        Connect {
+            client_id: "client-1",
+            username: user,
+            password: Some(pass),
+            peer: peer.parse().ok(),
+            will_topic: None,
         }
     }
 
-    #[test]
-    fn authentication() {
-        let acl = Acl::with_env(&cfg(), |k| (k == "OP_PW").then(|| "from-env".to_owned())).unwrap();
+    #[tokio::test]
+    async fn connecting() {
+        let acl = acl(vec![]);
+        assert!(matches!(
+            acl.authenticate(connect(Some("op"), b"op-pass", "10.0.0.9"))
+                .await,
+            AuthDecision::Allow(Identity {
+                role: Role::Operator,
+                ..
+            })
+        ));
         assert_eq!(
-            acl.authenticate(Some("op"), Some(b"op-pass")),
-            AuthDecision::Allow { superuser: false }
-        );
-        assert_eq!(
-            acl.authenticate(Some("svc"), Some(b"svc-pass")),
-            AuthDecision::Allow { superuser: true }
-        );
-        assert_eq!(
-            acl.authenticate(Some("op"), Some(b"wrong")),
+            acl.authenticate(connect(Some("op"), b"wrong", "127.0.0.1"))
+                .await,
             AuthDecision::BadCredentials
         );
-        assert_eq!(
-            acl.authenticate(Some("op"), None),
-            AuthDecision::BadCredentials
-        );
-        assert_eq!(
-            acl.authenticate(Some("ghost"), Some(b"x")),
-            AuthDecision::BadCredentials
-        );
-        assert_eq!(
-            acl.authenticate(Some("env"), Some(b"from-env")),
-            AuthDecision::Allow { superuser: false }
-        );
-        assert_eq!(
-            acl.authenticate(None, None),
-            AuthDecision::Allow { superuser: false }
-        );
-        let closed = Acl::new(&BrokerConfig {
-            allow_anonymous: false,
-            ..cfg()
-        });
-        assert!(closed.is_err(), "OP_PW is not set in the test environment");
-        let e = closed.err().unwrap().to_string();
-        assert!(
-            e.contains("broker user env: environment variable OP_PW is not set"),
-            "{e}"
-        );
+        assert!(matches!(
+            acl.authenticate(connect(None, b"", "127.0.0.1")).await,
+            AuthDecision::Allow(Identity {
+                role: Role::Viewer,
+                ..
+            })
+        ));
+        let AuthDecision::NotAuthorized(why) =
+            acl.authenticate(connect(None, b"", "10.0.0.9")).await
+        else {
+            panic!("anonymous from the network must be refused by default")
+        };
+        assert!(why.contains("only from this machine"), "{why}");
+        let reserved = Connect {
+            client_id: "nexus-ingestion-local",
+            ..connect(Some("op"), b"op-pass", "127.0.0.1")
+        };
+        let AuthDecision::NotAuthorized(why) = acl.authenticate(reserved).await else {
+            panic!("a reserved client id must be refused")
+        };
+        assert!(why.contains("reserved"), "{why}");
+        let svc = Connect {
+            client_id: "nexus-ingestion-local",
+            ..connect(Some("svc"), b"svc-pass", "127.0.0.1")
+        };
+        assert!(matches!(
+            acl.authenticate(svc).await,
+            AuthDecision::Allow(_)
+        ));
+        let will = Connect {
+            will_topic: Some("acme/plant/packaging/line-1/plc-1/temperature"),
+            ..connect(None, b"", "127.0.0.1")
+        };
+        let AuthDecision::NotAuthorized(why) = acl.authenticate(will).await else {
+            panic!("a will to a device topic must be refused")
+        };
+        assert!(why.contains("configured device"), "{why}");
+    }
+
+    fn who(acl: &Acl, name: Option<&str>) -> Identity {
+        acl.identity(name)
     }
 
     #[test]
-    fn only_operators_command() {
-        let acl = Acl::with_env(&cfg(), |_| Some("x".into())).unwrap();
+    fn publishing() {
+        let acl = acl(vec![]);
+        let (op, view, admin, svc, bridge, anon) = (
+            who(&acl, Some("op")),
+            who(&acl, Some("view")),
+            who(&acl, Some("admin")),
+            who(&acl, Some("svc")),
+            who(&acl, Some("bridge")),
+            who(&acl, None),
+        );
+        let pubs = |w: &Identity, t: &str| acl.check(w, Action::Publish, t);
         let cmd = "$nexus/cmd/plc-1/write";
-        assert!(acl.check(Some("op"), Action::Publish, cmd).is_ok());
-        assert!(acl
-            .check(Some("op"), Action::Publish, "$nexus/cmd/plc-1/setpoint/set")
-            .is_ok());
-        assert!(acl
-            .check(Some("op"), Action::Publish, "$nexus/alarms/ack")
-            .is_ok());
-        assert!(acl
-            .check(Some("view"), Action::Publish, cmd)
+        assert!(pubs(&op, cmd).is_ok());
+        assert!(pubs(&op, "$nexus/cmd/plc-1/setpoint/set").is_ok());
+        assert!(pubs(&op, "$nexus/alarms/ack").is_ok());
+        assert!(pubs(&admin, cmd).is_ok());
+        assert!(pubs(&view, cmd)
             .unwrap_err()
             .contains("needs the operator role"));
-        assert!(
-            acl.check(None, Action::Publish, cmd).is_err(),
-            "anonymous is a viewer"
-        );
-        assert!(acl.check(Some("svc"), Action::Publish, cmd).is_ok());
-        assert!(acl
-            .check(Some("op"), Action::Publish, "$nexus/status/device/x")
+        assert!(pubs(&anon, cmd).is_err());
+        assert!(pubs(&op, "$nexus/status/device/x")
             .unwrap_err()
             .contains("only Nexus services"));
-        assert!(acl
-            .check(Some("op"), Action::Publish, "$nexus/cmd/response/plc-1/t")
-            .is_err());
-        assert!(acl
-            .check(None, Action::Publish, "acme/site/line/dev/tag")
-            .is_ok());
-        assert!(acl.check(None, Action::Subscribe, "#").is_ok());
-        assert!(acl.check(None, Action::Subscribe, "$nexus/#").is_ok());
+        assert!(pubs(&op, "$nexus/cmd/response/plc-1/t").is_err());
+        // Data: only publishers, only under their filters, never a device's values.
+        let device_topic = "acme/plant/packaging/line-1/plc-1/temperature";
+        for w in [&anon, &view, &op, &admin] {
+            assert!(pubs(w, "acme/erp/orders").is_err(), "{}", w.name);
+            assert!(pubs(w, device_topic).is_err(), "{}", w.name);
+        }
+        assert!(pubs(&bridge, "acme/erp/orders").is_ok());
+        assert!(pubs(&bridge, "acme/plant/packaging/line-1/scale/weight").is_ok());
+        assert!(pubs(&bridge, device_topic)
+            .unwrap_err()
+            .contains("only the gateway publishes there"));
+        assert!(pubs(&bridge, "other/x")
+            .unwrap_err()
+            .contains("outside this publisher's topics"));
+        assert!(pubs(&svc, device_topic).is_ok());
+        assert!(pubs(&svc, "$nexus/status/device/x").is_ok());
     }
 
     #[test]
-    fn configured_rules_come_first() {
-        let mut c = cfg();
-        c.acl = vec![
-            AclRule {
-                permission: AclPermission::Deny,
-                action: AclAction::Subscribe,
-                topic: "secret/#".into(),
-                users: vec![],
-                roles: vec![Role::Viewer],
-            },
-            AclRule {
-                permission: AclPermission::Allow,
-                action: AclAction::Publish,
-                topic: "$nexus/cmd/#".into(),
-                users: vec!["view".into()],
-                roles: vec![],
-            },
-            AclRule {
-                permission: AclPermission::Deny,
-                action: AclAction::Publish,
-                topic: "$nexus/cmd/reactor/#".into(),
-                users: vec![],
-                roles: vec![Role::Operator],
-            },
-        ];
-        let acl = Acl::with_env(&c, |_| Some("x".into())).unwrap();
-        assert!(acl
-            .check(Some("view"), Action::Subscribe, "secret/a")
-            .is_err());
+    fn subscribing() {
+        let acl = acl(vec![]);
+        let view = who(&acl, Some("view"));
+        let anon = who(&acl, None);
+        let svc = who(&acl, Some("svc"));
+        let subs = |w: &Identity, t: &str| acl.check(w, Action::Subscribe, t);
+        assert!(subs(&anon, "#").is_ok());
+        assert!(subs(&anon, "$nexus/#").is_ok());
+        assert!(subs(&view, "$share/dashboards/acme/#").is_ok());
+        assert!(subs(&anon, "$share/nexus-ingest/#")
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(subs(&view, "$share/nexus-x/a").is_err());
+        assert!(subs(&view, "$share/lonely").is_err());
+        assert!(subs(&svc, "$share/nexus-ingest/#").is_ok());
+    }
+
+    #[test]
+    fn configured_rules_come_after_the_reserved_ones() {
+        let rule = |permission, action, topic: &str, users: &[&str], roles: Vec<Role>| AclRule {
+            permission,
+            action,
+            topic: topic.into(),
+            users: users.iter().map(|u| (*u).to_owned()).collect(),
+            roles,
+        };
+        use AclAction::*;
+        use AclPermission::*;
+        let acl = acl(vec![
+            rule(Deny, Subscribe, "secret/#", &[], vec![Role::Viewer]),
+            rule(Allow, Publish, "$nexus/cmd/#", &["view"], vec![]),
+            rule(
+                Deny,
+                Publish,
+                "$nexus/cmd/reactor/#",
+                &[],
+                vec![Role::Operator],
+            ),
+            rule(Allow, Publish, "#", &["view"], vec![]),
+        ]);
+        let view = who(&acl, Some("view"));
+        let op = who(&acl, Some("op"));
+        assert!(acl.check(&view, Action::Subscribe, "secret/a").is_err());
         assert!(
-            acl.check(Some("view"), Action::Subscribe, "#")
+            acl.check(&view, Action::Subscribe, "#")
                 .unwrap_err()
                 .contains("broker.acl[0]"),
             "# reaches into secret/#"
         );
         assert!(acl
-            .check(Some("view"), Action::Subscribe, "public/#")
-            .is_ok());
-        assert!(
-            acl.check(Some("view"), Action::Publish, "$nexus/cmd/plc/write")
-                .is_ok(),
-            "allowed by rule 1"
-        );
+            .check(&view, Action::Subscribe, "$share/g/secret/x")
+            .is_err());
+        assert!(acl.check(&view, Action::Subscribe, "public/#").is_ok());
         assert!(acl
-            .check(Some("op"), Action::Publish, "$nexus/cmd/reactor/write")
+            .check(&view, Action::Publish, "$nexus/cmd/plc/write")
+            .is_ok());
+        assert!(acl
+            .check(&op, Action::Publish, "$nexus/cmd/reactor/write")
             .is_err());
         assert!(acl
-            .check(Some("op"), Action::Publish, "$nexus/cmd/pump/write")
+            .check(&op, Action::Publish, "$nexus/cmd/pump/write")
             .is_ok());
+        // An allow-all rule opens data topics, but never a device's or Nexus's own.
+        assert!(acl.check(&view, Action::Publish, "lab/x").is_ok());
+        assert!(acl
+            .check(
+                &view,
+                Action::Publish,
+                "acme/plant/packaging/line-1/plc-1/temperature"
+            )
+            .is_err());
+        assert!(acl
+            .check(&view, Action::Publish, "$nexus/status/service/x/y")
+            .is_err());
     }
 
     #[test]

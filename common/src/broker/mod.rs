@@ -23,10 +23,10 @@ use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::{AuthResult, PublishAclResult, SubscribeAclResult};
+use rmqtt::types::{AuthResult, Publish, PublishAclResult, SubscribeAclResult};
 use tokio::sync::oneshot;
 
-pub use acl::{Acl, Action, AuthDecision};
+pub use acl::{Acl, Action, AuthDecision, Connect};
 
 use crate::config::BrokerConfig;
 
@@ -41,27 +41,45 @@ pub enum BrokerError {
     #[error("broker setup failed: {0}")]
     Setup(String),
     #[error(transparent)]
-    Password(#[from] acl::MissingPassword),
-    #[error(transparent)]
     Metric(#[from] MetricError),
 }
 
 /// Where the broker listens (ports resolved when 0 was asked).
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerPorts {
-    pub tcp: SocketAddr,
+    /// Plain MQTT (None when `broker.port` is null).
+    pub tcp: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
+    /// MQTT over secure WebSocket.
+    pub wss: Option<SocketAddr>,
 }
 
-/// Broker metrics: `nexus_broker_connections`, `nexus_broker_messages_dropped_total{reason}`,
-/// `nexus_broker_acl_denied_total{action}`, `nexus_broker_auth_failures_total`.
+impl BrokerPorts {
+    /// The plain MQTT address of a broker started with one (tests, benches).
+    ///
+    /// # Panics
+    /// When `broker.port` was null.
+    pub fn tcp(&self) -> SocketAddr {
+        self.tcp
+            .expect("the broker was started without a plain MQTT listener")
+    }
+}
+
+/// Broker metrics (docs/broker.md lists them).
 #[derive(Clone)]
 struct BrokerMetrics {
     connections: IntGauge,
+    sessions: IntGauge,
+    sessions_refused: prometheus::IntCounter,
     dropped: IntCounterVec,
     denied: IntCounterVec,
     auth_failures: prometheus::IntCounter,
+    connects_refused: IntCounterVec,
+    retained: IntGauge,
+    retained_bytes: IntGauge,
+    retained_refused: prometheus::IntCounter,
+    stripped: prometheus::IntCounter,
 }
 
 impl BrokerMetrics {
@@ -71,6 +89,16 @@ impl BrokerMetrics {
                 r,
                 "nexus_broker_connections",
                 "Clients connected to the embedded broker",
+            )?,
+            sessions: metrics::gauge(
+                r,
+                "nexus_broker_sessions",
+                "Sessions held, connected or kept for a disconnected client",
+            )?,
+            sessions_refused: metrics::counter(
+                r,
+                "nexus_broker_sessions_refused_total",
+                "Connections refused because broker.max_sessions sessions are held",
             )?,
             dropped: metrics::counter_vec(
                 r,
@@ -89,6 +117,32 @@ impl BrokerMetrics {
                 "nexus_broker_auth_failures_total",
                 "Connections refused for bad credentials",
             )?,
+            connects_refused: metrics::counter_vec(
+                r,
+                "nexus_broker_connects_refused_total",
+                "Connections refused with good or no credentials: anonymous not allowed, a reserved client id, a forbidden last will",
+                &["reason"],
+            )?,
+            retained: metrics::gauge(
+                r,
+                "nexus_broker_retained_messages",
+                "Retained messages held",
+            )?,
+            retained_bytes: metrics::gauge(
+                r,
+                "nexus_broker_retained_bytes",
+                "Bytes of retained payloads held",
+            )?,
+            retained_refused: metrics::counter(
+                r,
+                "nexus_broker_retained_refused_total",
+                "Retained publishes delivered but not retained: broker.max_retained or max_retained_bytes reached",
+            )?,
+            stripped: metrics::counter(
+                r,
+                "nexus_broker_user_property_stripped_total",
+                "Publishes that carried a client-set nexus-user property, removed by the broker",
+            )?,
         };
         // Every reason and action from the start, at 0.
         for reason in DROP_REASONS {
@@ -97,13 +151,114 @@ impl BrokerMetrics {
         for action in ["publish", "subscribe"] {
             m.denied.with_label_values(&[action]);
         }
+        for reason in REFUSE_REASONS {
+            m.connects_refused.with_label_values(&[reason]);
+        }
         Ok(m)
     }
+}
+
+/// Every label of `nexus_broker_connects_refused_total`.
+const REFUSE_REASONS: [&str; 3] = ["anonymous", "client_id", "will"];
+
+/// The MQTT 5 user property the broker sets to the publishing client's authenticated user
+/// name on `$nexus/...` publishes (commands, alarm acknowledgements), and removes from every
+/// publish that a client sent with it.
+pub const USER_PROPERTY: &str = "nexus-user";
+
+/// Retained topics and payload sizes, to hold them within the configured limits.
+#[derive(Default)]
+struct Retained {
+    sizes: std::collections::HashMap<String, usize>,
+    bytes: usize,
 }
 
 struct Hooks {
     acl: Arc<Acl>,
     metrics: BrokerMetrics,
+    retained: std::sync::Mutex<Retained>,
+    /// Client id -> sessions held under it (two while one takes over from the other).
+    sessions: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    max_retained: usize,
+    max_retained_bytes: usize,
+    max_sessions: usize,
+}
+
+/// Sessions held, from the per-client-id counts.
+fn held(sessions: &std::collections::HashMap<String, u32>) -> i64 {
+    sessions.values().map(|n| i64::from(*n)).sum()
+}
+
+impl Hooks {
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn identity(&self, session: Option<&rmqtt::session::Session>) -> crate::auth::Identity {
+        self.acl
+            .identity(session.and_then(|s| s.id.username.as_deref()))
+    }
+
+    /// Strip a client-set user property, stamp the authenticated user on `$nexus/` topics,
+    /// and hold retained messages within their limits. `None`: the publish goes on unchanged.
+    fn rewrite(&self, who: &crate::auth::Identity, p: &Publish) -> Option<Publish> {
+        let mut out: Option<Publish> = None;
+        let forged = p.properties.as_ref().is_some_and(|props| {
+            props
+                .user_properties
+                .iter()
+                .any(|(k, _)| &**k == USER_PROPERTY)
+        });
+        if forged {
+            self.metrics.stripped.inc();
+            let q = out.get_or_insert_with(|| p.clone());
+            if let Some(props) = q.inner.properties.as_mut() {
+                props.user_properties.retain(|(k, _)| &**k != USER_PROPERTY);
+            }
+        }
+        if p.topic.starts_with(crate::topic::sys::NEXUS_PREFIX) {
+            let q = out.get_or_insert_with(|| p.clone());
+            q.inner
+                .properties
+                .get_or_insert_with(Default::default)
+                .user_properties
+                .push((USER_PROPERTY.into(), who.name.as_str().into()));
+        }
+        if p.retain
+            && self.acl.check(who, Action::Publish, &p.topic).is_ok()
+            && !self.retain(who, p)
+        {
+            out.get_or_insert_with(|| p.clone()).inner.retain = false;
+        }
+        out
+    }
+
+    /// Account for a retained publish; false when it may not be retained.
+    fn retain(&self, who: &crate::auth::Identity, p: &Publish) -> bool {
+        let mut r = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        let len = p.payload.len();
+        let old = r.sizes.get(&*p.topic).copied();
+        if len == 0 {
+            // An empty retained payload deletes the topic's retained message.
+            if let Some(old) = old {
+                r.sizes.remove(&*p.topic);
+                r.bytes -= old;
+            }
+        } else {
+            let bytes = r.bytes - old.unwrap_or(0) + len;
+            let count = r.sizes.len() + usize::from(old.is_none());
+            let service = who.role == crate::config::Role::Service;
+            if !service && (count > self.max_retained || bytes > self.max_retained_bytes) {
+                self.metrics.retained_refused.inc();
+                return false;
+            }
+            r.sizes.insert(p.topic.to_string(), len);
+            r.bytes = bytes;
+        }
+        self.metrics.retained.set(r.sizes.len() as i64);
+        self.metrics.retained_bytes.set(r.bytes as i64);
+        true
+    }
 }
 
 /// Every label [`drop_reason`] gives.
@@ -132,24 +287,52 @@ impl Handler for Hooks {
         match param {
             Parameter::ClientAuthenticate(info) => {
                 let user = info.username().map(|u| &**u);
-                let pass = info.password().map(|p| p.as_ref());
-                let result = match self.acl.authenticate(user, pass) {
-                    AuthDecision::Allow { superuser } => AuthResult::Allow(superuser, None),
+                let will_topic = info.last_will().map(|w| match w {
+                    rmqtt::types::LastWill::V3(w) => w.topic.to_string(),
+                    rmqtt::types::LastWill::V5(w) => w.topic.to_string(),
+                });
+                let connect = acl::Connect {
+                    client_id: info.client_id(),
+                    username: user,
+                    password: info.password().map(|p| p.as_ref()),
+                    peer: info.id().remote_addr.map(|a| a.ip()),
+                    will_topic: will_topic.as_deref(),
+                };
+                let result = match self.acl.authenticate(connect).await {
+                    AuthDecision::Allow(_) => AuthResult::Allow(false, None),
                     AuthDecision::BadCredentials => {
                         self.metrics.auth_failures.inc();
                         tracing::warn!(client_id = %info.client_id(), username = user.unwrap_or(""), "broker refused bad credentials");
                         AuthResult::BadUsernameOrPassword
                     }
-                    AuthDecision::NotAuthorized => {
-                        self.metrics.auth_failures.inc();
+                    AuthDecision::NotAuthorized(reason) => {
+                        let label = if reason.starts_with("anonymous") {
+                            "anonymous"
+                        } else if reason.starts_with("last will") {
+                            "will"
+                        } else {
+                            "client_id"
+                        };
+                        self.metrics
+                            .connects_refused
+                            .with_label_values(&[label])
+                            .inc();
+                        tracing::warn!(client_id = %info.client_id(), username = user.unwrap_or(""), %reason, "broker refused a connection");
                         AuthResult::NotAuthorized
                     }
                 };
                 (false, Some(HookResult::AuthResult(result)))
             }
+            Parameter::MessagePublish(session, _from, publish) => {
+                let who = self.identity(*session);
+                match self.rewrite(&who, publish) {
+                    Some(p) => (true, Some(HookResult::Publish(p))),
+                    None => (true, acc),
+                }
+            }
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                let user = session.id.username.as_deref();
-                match self.acl.check(user, Action::Publish, &publish.topic) {
+                let who = self.identity(Some(session));
+                match self.acl.check(&who, Action::Publish, &publish.topic) {
                     Ok(()) => (true, acc),
                     Err(reason) => {
                         self.metrics.denied.with_label_values(&["publish"]).inc();
@@ -165,18 +348,53 @@ impl Handler for Hooks {
                 }
             }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
-                let user = session.id.username.as_deref();
-                match self.acl.check(user, Action::Subscribe, &sub.topic_filter) {
+                let who = self.identity(Some(session));
+                // rmqtt hands over `$share/<group>/<filter>` split in two; the ACL sees it whole.
+                let filter = match sub.opts.shared_group() {
+                    Some(group) => format!("$share/{group}/{}", sub.topic_filter),
+                    None => sub.topic_filter.to_string(),
+                };
+                match self.acl.check(&who, Action::Subscribe, &filter) {
                     Ok(()) => (true, acc),
                     Err(reason) => {
                         self.metrics.denied.with_label_values(&["subscribe"]).inc();
-                        tracing::warn!(client_id = %session.id.client_id, filter = %&*sub.topic_filter, %reason, "broker refused a subscription");
+                        tracing::warn!(client_id = %session.id.client_id, %filter, %reason, "broker refused a subscription");
                         let refused = SubscribeAclResult::new_failure(
                             rmqtt::codec::v5::SubscribeAckReason::NotAuthorized,
                         );
                         (false, Some(HookResult::SubscribeAclResult(refused)))
                     }
                 }
+            }
+            Parameter::SessionCreated(s) => {
+                let mut sessions = self.lock_sessions();
+                *sessions.entry(s.id.client_id.to_string()).or_default() += 1;
+                self.metrics.sessions.set(held(&sessions));
+                (true, acc)
+            }
+            Parameter::SessionTerminated(s, _) => {
+                let mut sessions = self.lock_sessions();
+                let id = s.id.client_id.to_string();
+                if let Some(n) = sessions.get_mut(&id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        sessions.remove(&id);
+                    }
+                }
+                self.metrics.sessions.set(held(&sessions));
+                (true, acc)
+            }
+            Parameter::ClientConnect(info) => {
+                // rmqtt refuses a new client at broker.max_sessions right after this hook,
+                // without calling another: count it here.
+                let sessions = self.lock_sessions();
+                if held(&sessions) >= self.max_sessions as i64
+                    && !sessions.contains_key(&**info.client_id())
+                {
+                    self.metrics.sessions_refused.inc();
+                    tracing::warn!(client_id = %info.client_id(), max_sessions = self.max_sessions, "broker refused a new session: broker.max_sessions reached");
+                }
+                (true, acc)
             }
             Parameter::MessageDropped(_to, _from, _publish, reason) => {
                 self.metrics
@@ -298,6 +516,10 @@ type Built = (
     Box<dyn rmqtt::hook::Register>,
 );
 
+/// Longest client id accepted (MQTT's 23 is a floor servers may raise; 128 fits instance
+/// names and UUIDs).
+const MAX_CLIENT_ID_LEN: usize = 128;
+
 fn listener_builder(cfg: &BrokerConfig, name: &str, port: u16) -> Builder {
     let inflight = NonZeroU16::new(cfg.max_inflight).unwrap_or(NonZeroU16::MIN);
     Builder::new()
@@ -306,27 +528,29 @@ fn listener_builder(cfg: &BrokerConfig, name: &str, port: u16) -> Builder {
         .max_connections(cfg.max_connections)
         .max_inflight(inflight)
         .max_mqueue_len(cfg.max_mqueue_len)
+        .max_clientid_len(MAX_CLIENT_ID_LEN)
         .max_packet_size(cfg.max_packet_size.0.min(u32::MAX as u64) as u32)
         .message_expiry_interval(cfg.message_expiry)
         .session_expiry_interval(cfg.session_expiry)
-        .max_session_expiry_interval(
-            cfg.session_expiry
-                .max(std::time::Duration::from_secs(7 * 24 * 3600)),
-        )
-        .allow_anonymous(cfg.allow_anonymous)
+        .max_session_expiry_interval(cfg.max_session_expiry)
+        // rmqtt would let a client without a user name in before the authentication hook
+        // runs; off, the hook decides every CONNECT (auth.anonymous, client ids, wills).
+        .allow_anonymous(false)
         .nodelay(true)
         .reuseaddr(Some(true))
 }
 
 async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<Built, BrokerError> {
     let setup = |e: rmqtt::Error| BrokerError::Setup(e.to_string());
+    // The retainer's own count limit would also refuse updates of topics it already holds once
+    // full (a device's value would freeze); the limits are enforced in the hooks instead.
     let retainer = format!(
-        "storage.type = \"ram\"\nmax_retained_messages = {}\nmax_payload_size = \"{}B\"\nretained_message_ttl = \"0s\"\n",
-        cfg.max_retained,
+        "storage.type = \"ram\"\nmax_retained_messages = 0\nmax_payload_size = \"{}B\"\nretained_message_ttl = \"0s\"\n",
         cfg.max_packet_size.0
     );
     let scx = ServerContext::new()
         .busy_check_enable(false)
+        .mqtt_max_sessions(isize::try_from(cfg.max_sessions).unwrap_or(isize::MAX))
         .plugins_config_map_add("rmqtt-retainer", retainer)
         .plugins_config_map_add("rmqtt-shared-subscription", "")
         .build()
@@ -337,18 +561,32 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
     rmqtt_shared_subscription::register(&scx, true, false)
         .await
         .map_err(setup)?;
+    let acl = Arc::new(acl);
+    *scx.extends.fitter_mgr_mut().await = Box::new(Fitters {
+        acl: acl.clone(),
+        service_mqueue_len: cfg.service_mqueue_len,
+    });
     let hooks = Hooks {
-        acl: Arc::new(acl),
+        acl,
         metrics,
+        retained: Default::default(),
+        sessions: Default::default(),
+        max_retained: cfg.max_retained,
+        max_retained_bytes: usize::try_from(cfg.max_retained_bytes.0).unwrap_or(usize::MAX),
+        max_sessions: cfg.max_sessions,
     };
     let register = scx.extends.hook_mgr().register();
     // Above the default priority so these decide before anything else.
     let shared = Arc::new(hooks);
     for typ in [
         Type::ClientAuthenticate,
+        Type::ClientConnect,
+        Type::MessagePublish,
         Type::MessagePublishCheckAcl,
         Type::ClientSubscribeCheckAcl,
         Type::MessageDropped,
+        Type::SessionCreated,
+        Type::SessionTerminated,
         Type::ClientConnected,
         Type::ClientDisconnected,
     ] {
@@ -366,19 +604,23 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
             reason: e.to_string(),
         }
     };
-    let tcp = listener_builder(cfg, "tcp", cfg.port)
-        .bind()
-        .and_then(|l| l.tcp())
-        .map_err(bind_err("tcp", cfg.port))?;
-    let tcp_addr = tcp.local_addr().map_err(bind_err("tcp", cfg.port))?;
     // Listener ids must be unique; rmqtt derives them from the configured port (0 for an
     // ephemeral port) and panics on a repeat, so give fixed ids.
-    let mut server = MqttServer::new(scx.clone()).listener_by_id(tcp, 1);
+    let mut server = MqttServer::new(scx.clone());
     let mut ports = BrokerPorts {
-        tcp: tcp_addr,
+        tcp: None,
         ws: None,
         tls: None,
+        wss: None,
     };
+    if let Some(port) = cfg.port {
+        let tcp = listener_builder(cfg, "tcp", port)
+            .bind()
+            .and_then(|l| l.tcp())
+            .map_err(bind_err("tcp", port))?;
+        ports.tcp = Some(tcp.local_addr().map_err(bind_err("tcp", port))?);
+        server = server.listener_by_id(tcp, 1);
+    }
     if let Some(ws_port) = cfg.ws_port {
         let ws = listener_builder(cfg, "ws", ws_port)
             .bind()
@@ -389,19 +631,60 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
     }
     if let Some(tls) = &cfg.tls {
         crate::install_tls_provider();
-        let b = listener_builder(cfg, "tls", tls.port)
-            .tls_cert(Some(tls.cert_file.display().to_string()))
-            .tls_key(Some(tls.key_file.display().to_string()))
-            .tls_client_ca_certs(tls.client_ca_file.as_ref().map(|p| p.display().to_string()))
-            .tls_cross_certificate(tls.client_ca_file.is_some());
-        let l = b
+        let secure = |name: &str, port: u16| {
+            listener_builder(cfg, name, port)
+                .tls_cert(Some(tls.cert_file.display().to_string()))
+                .tls_key(Some(tls.key_file.display().to_string()))
+                .tls_client_ca_certs(tls.client_ca_file.as_ref().map(|p| p.display().to_string()))
+                .tls_cross_certificate(tls.client_ca_file.is_some())
+        };
+        let l = secure("tls", tls.port)
             .bind()
             .and_then(|l| l.tls())
             .map_err(bind_err("tls", tls.port))?;
         ports.tls = Some(l.local_addr().map_err(bind_err("tls", tls.port))?);
         server = server.listener_by_id(l, 3);
+        if let Some(wss_port) = tls.ws_port {
+            let l = secure("wss", wss_port)
+                .bind()
+                .and_then(|l| l.wss())
+                .map_err(bind_err("secure websocket", wss_port))?;
+            ports.wss = Some(
+                l.local_addr()
+                    .map_err(bind_err("secure websocket", wss_port))?,
+            );
+            server = server.listener_by_id(l, 4);
+        }
     }
     Ok((server.build(), ports, register))
+}
+
+/// Per-client settings rmqtt asks for at each connection: a Nexus service's session may queue
+/// `broker.service_mqueue_len` messages, every other client `broker.max_mqueue_len`.
+struct Fitters {
+    acl: Arc<Acl>,
+    service_mqueue_len: usize,
+}
+
+impl rmqtt::fitter::FitterManager for Fitters {
+    fn create(
+        &self,
+        conn: Arc<rmqtt::types::ConnectInfo>,
+        id: rmqtt::types::Id,
+        cfg: rmqtt::types::ListenerConfig,
+    ) -> rmqtt::types::FitterType {
+        // The fitter is made after authentication: the user name here is the proven one.
+        let service =
+            self.acl.identity(conn.username().map(|u| &**u)).role == crate::config::Role::Service;
+        let cfg = if service {
+            let mut own = (*cfg).clone();
+            own.max_mqueue_len = self.service_mqueue_len;
+            Arc::new(own)
+        } else {
+            cfg
+        };
+        Arc::new(rmqtt::fitter::DefaultFitter::new(conn, id, cfg))
+    }
 }
 
 struct SharedHooks(Arc<Hooks>);

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::types::{duration, ByteSize, Secret};
+use super::auth::Role;
+use super::types::{duration, ByteSize};
 use super::Problems;
 use crate::topic::TopicFilter;
 
-/// `broker`: the embedded MQTT broker (`nexus broker`, and part of `nexus up`).
+/// `broker`: the embedded MQTT broker (`nexus broker`, and part of `nexus up`). Who may connect
+/// is in `auth`; the limits below bound what clients can make the broker hold.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
@@ -19,30 +21,40 @@ pub struct BrokerConfig {
     pub enabled: bool,
     /// Address the listeners bind (default 0.0.0.0).
     pub bind: IpAddr,
-    /// MQTT over TCP, 3.1.1 and 5 on one port (default 1883).
-    pub port: u16,
+    /// MQTT over TCP, 3.1.1 and 5 on one port (default 1883; null turns plain MQTT off, for a
+    /// TLS-only broker).
+    pub port: Option<u16>,
     /// MQTT over WebSocket (default 8083; null disables).
     pub ws_port: Option<u16>,
     /// MQTT over TLS (default off; set cert_file and key_file to enable, port 8883).
     pub tls: Option<BrokerTls>,
-    /// Let clients connect without a username (default true). Anonymous clients get
-    /// `anonymous_role`.
-    pub allow_anonymous: bool,
-    /// Role of anonymous clients (default viewer: may read everything, publish UNS data, and
-    /// not publish commands or other `$nexus` topics).
-    pub anonymous_role: Role,
-    /// Users with passwords and roles.
-    pub users: Vec<BrokerUser>,
-    /// Access rules checked in order before the built-in ones (first match wins).
+    /// Moved to `auth.users`; still accepted by the parser only to say so.
+    #[doc(hidden)]
+    pub users: Option<serde_json::Value>,
+    /// Moved to `auth.anonymous`; still accepted by the parser only to say so.
+    #[doc(hidden)]
+    pub allow_anonymous: Option<serde_json::Value>,
+    /// Gone: anonymous clients are viewers; still accepted by the parser only to say so.
+    #[doc(hidden)]
+    pub anonymous_role: Option<serde_json::Value>,
+    /// Access rules checked in order before each role's defaults (first match wins). They
+    /// cannot open what is reserved for Nexus's services (docs/security.md).
     pub acl: Vec<AclRule>,
     /// Most concurrent connections per listener (default 10000).
     pub max_connections: usize,
+    /// Most sessions, connected or kept for a disconnected client (default 10000). A new
+    /// client beyond it is refused (CONNACK "server unavailable"), counted in
+    /// `nexus_broker_sessions_refused_total`.
+    pub max_sessions: usize,
     /// Unacknowledged QoS 1/2 messages in flight per client (default 128; rmqtt's 16 makes
     /// clients with a larger window loop).
     pub max_inflight: u16,
-    /// Messages queued per client beyond the in-flight window (default 100000). Overflow is
-    /// counted in `nexus_broker_messages_dropped_total`.
+    /// Messages queued per client beyond the in-flight window (default 1000, as Mosquitto).
+    /// Overflow is counted in `nexus_broker_messages_dropped_total{reason="queue_full"}`.
     pub max_mqueue_len: usize,
+    /// Messages queued for a Nexus service's session (default 100000: a historian that
+    /// restarts must not lose what arrived meanwhile).
+    pub service_mqueue_len: usize,
     /// Largest packet accepted (default 1MiB).
     pub max_packet_size: ByteSize,
     /// How long a queued or retained message lives without a client-set expiry (default 0s:
@@ -52,8 +64,15 @@ pub struct BrokerConfig {
     /// How long a persistent session is kept after its client disconnects (default 2h).
     #[serde(with = "duration")]
     pub session_expiry: Duration,
-    /// Most retained messages (default 0: unlimited).
+    /// Longest session expiry an MQTT 5 client may ask for (default 1d).
+    #[serde(with = "duration")]
+    pub max_session_expiry: Duration,
+    /// Most retained topics (default 100000). A retained publish to a new topic beyond it is
+    /// delivered but not retained, counted in `nexus_broker_retained_refused_total`; Nexus's
+    /// services are never refused.
     pub max_retained: usize,
+    /// Most bytes of retained payloads (default 256MiB), the same way.
+    pub max_retained_bytes: ByteSize,
 }
 
 impl Default for BrokerConfig {
@@ -61,20 +80,24 @@ impl Default for BrokerConfig {
         BrokerConfig {
             enabled: true,
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            port: 1883,
+            port: Some(1883),
             ws_port: Some(8083),
             tls: None,
-            allow_anonymous: true,
-            anonymous_role: Role::Viewer,
-            users: Vec::new(),
+            users: None,
+            allow_anonymous: None,
+            anonymous_role: None,
             acl: Vec::new(),
             max_connections: 10_000,
+            max_sessions: 10_000,
             max_inflight: 128,
-            max_mqueue_len: 100_000,
+            max_mqueue_len: 1000,
+            service_mqueue_len: 100_000,
             max_packet_size: ByteSize(1024 * 1024),
             message_expiry: Duration::ZERO,
             session_expiry: Duration::from_secs(2 * 3600),
-            max_retained: 0,
+            max_session_expiry: Duration::from_secs(24 * 3600),
+            max_retained: 100_000,
+            max_retained_bytes: ByteSize(256 * 1024 * 1024),
         }
     }
 }
@@ -85,6 +108,9 @@ pub struct BrokerTls {
     /// TLS port (default 8883).
     #[serde(default = "default_tls_port")]
     pub port: u16,
+    /// MQTT over secure WebSocket (wss) on this port (default off).
+    #[serde(default)]
+    pub ws_port: Option<u16>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     /// Require client certificates signed by this CA (default off).
@@ -94,49 +120,6 @@ pub struct BrokerTls {
 
 fn default_tls_port() -> u16 {
     8883
-}
-
-/// What a broker user may do. `service` and `admin` bypass the ACL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Read everything, publish UNS data; no commands, no `$nexus` topics.
-    Viewer,
-    /// A viewer that may also send write commands and acknowledge alarms.
-    Operator,
-    /// Nexus services: everything.
-    Service,
-    /// Everything.
-    Admin,
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerUser {
-    pub username: String,
-    /// The password, or leave it out and set `password_env`.
-    #[serde(default)]
-    pub password: Option<Secret>,
-    /// Name of an environment variable holding the password.
-    #[serde(default)]
-    pub password_env: Option<String>,
-    #[serde(default = "default_role")]
-    pub role: Role,
-}
-
-impl std::fmt::Debug for BrokerUser {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerUser")
-            .field("username", &self.username)
-            .field("password", &self.password)
-            .field("password_env", &self.password_env)
-            .field("role", &self.role)
-            .finish()
-    }
-}
-
-fn default_role() -> Role {
-    Role::Viewer
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -171,31 +154,25 @@ pub struct AclRule {
 
 impl BrokerConfig {
     pub(crate) fn validate(&self, p: &mut Problems) {
-        let mut names = std::collections::HashSet::new();
-        for (i, u) in self.users.iter().enumerate() {
-            let at = format!("broker.users[{i}]");
-            if u.username.is_empty() {
-                p.push(format!("{at}.username"), "username is empty");
-            }
-            if !names.insert(u.username.as_str()) {
-                p.push(
-                    format!("{at}.username"),
-                    format!("user {:?} is listed twice", u.username),
-                );
-            }
-            match (&u.password, &u.password_env) {
-                (None, None) => p.push(
-                    at,
-                    format!("user {:?} needs password or password_env", u.username),
-                ),
-                (Some(_), Some(_)) => p.push(
-                    at,
-                    format!(
-                        "user {:?}: give password or password_env, not both",
-                        u.username
-                    ),
-                ),
-                _ => {}
+        for (key, given, msg) in [
+            (
+                "broker.users",
+                self.users.is_some(),
+                "moved: list users in auth.users (for MQTT and HTTP alike)",
+            ),
+            (
+                "broker.allow_anonymous",
+                self.allow_anonymous.is_some(),
+                "moved: set auth.anonymous (off, loopback or any)",
+            ),
+            (
+                "broker.anonymous_role",
+                self.anonymous_role.is_some(),
+                "gone: anonymous clients are read-only viewers (auth.anonymous)",
+            ),
+        ] {
+            if given {
+                p.push(key, msg);
             }
         }
         for (i, r) in self.acl.iter().enumerate() {
@@ -206,15 +183,43 @@ impl BrokerConfig {
         if self.max_inflight == 0 {
             p.push("broker.max_inflight", "must be at least 1");
         }
-        if self.max_mqueue_len == 0 {
-            p.push("broker.max_mqueue_len", "must be at least 1");
+        for (key, v) in [
+            ("max_mqueue_len", self.max_mqueue_len),
+            ("service_mqueue_len", self.service_mqueue_len),
+            ("max_sessions", self.max_sessions),
+            ("max_connections", self.max_connections),
+        ] {
+            if v == 0 {
+                p.push(format!("broker.{key}"), "must be at least 1");
+            }
         }
-        let mut ports = vec![("port", self.port)];
+        if self.session_expiry > self.max_session_expiry {
+            p.push(
+                "broker.session_expiry",
+                format!(
+                    "longer than broker.max_session_expiry ({})",
+                    humantime::format_duration(self.max_session_expiry)
+                ),
+            );
+        }
+        let mut ports = Vec::new();
+        if let Some(port) = self.port {
+            ports.push(("port", port));
+        }
         if let Some(ws) = self.ws_port {
             ports.push(("ws_port", ws));
         }
         if let Some(tls) = &self.tls {
             ports.push(("tls.port", tls.port));
+            if let Some(wss) = tls.ws_port {
+                ports.push(("tls.ws_port", wss));
+            }
+        }
+        if ports.is_empty() {
+            p.push(
+                "broker.port",
+                "every listener is off: keep port, ws_port or tls",
+            );
         }
         for (i, (name, port)) in ports.iter().enumerate() {
             if *port != 0 && ports[..i].iter().any(|(_, other)| other == port) {

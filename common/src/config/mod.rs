@@ -7,6 +7,7 @@
 //! does not hide the problems of the others -> semantic validation of the typed config.
 
 pub mod alerts;
+pub mod auth;
 pub mod broker;
 pub mod commands;
 pub mod database;
@@ -26,7 +27,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 
 pub use alerts::{AlertRule, AlertsConfig, Condition, Severity, SuppressWhen, Webhook};
-pub use broker::{AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls, BrokerUser, Role};
+pub use auth::{
+    Anonymous, AuthConfig, MetricsAccess, Role, TokenConfig, UserConfig, MIN_TOKEN_LEN,
+};
+pub use broker::{AclAction, AclPermission, AclRule, BrokerConfig, BrokerTls};
 pub use commands::CommandsConfig;
 pub use database::DatabaseConfig;
 pub use devices::{
@@ -47,7 +51,8 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Default config file name, looked up in the working directory.
 pub const DEFAULT_FILE: &str = "nexus.yaml";
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
+    "auth",
     "broker",
     "mqtt",
     "database",
@@ -64,6 +69,7 @@ const SECTIONS: [&str; 11] = [
 /// The whole configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
+    pub auth: AuthConfig,
     pub broker: BrokerConfig,
     pub mqtt: MqttConfig,
     pub gateway: GatewayConfig,
@@ -488,6 +494,7 @@ impl Config {
                 }
             };
         }
+        take!(auth);
         take!(broker);
         take!(mqtt);
         take!(gateway);
@@ -605,6 +612,7 @@ impl Config {
 
     /// `device_index[i]` / `rule_index[i]`: the position in the file of `devices[i]` / rule i.
     fn validate_parts(&self, p: &mut Problems, device_index: &[usize], rule_index: &[usize]) {
+        self.auth.validate(p);
         self.broker.validate(p);
         self.mqtt.validate(p);
         self.gateway.validate(p);

@@ -62,7 +62,7 @@ devices:
 fn defaults_without_a_file() {
     let c = Config::from_str_with_env("", None, &[]).unwrap();
     assert!(c.broker.enabled);
-    assert_eq!(c.broker.port, 1883);
+    assert_eq!(c.broker.port, Some(1883));
     assert_eq!(c.broker.ws_port, Some(8083));
     assert_eq!(c.broker.max_inflight, 128);
     assert_eq!(c.mqtt.host, "127.0.0.1");
@@ -416,25 +416,59 @@ fn yaml_syntax_errors_are_located() {
 }
 
 #[test]
-fn broker_users_and_acl_are_checked() {
+fn users_tokens_and_acl_are_checked() {
     let errs = errors(
-        "broker:\n  users:\n    - { username: op }\n    - { username: op, password: x, role: operator }\n  acl:\n    - { permission: allow, action: publish, topic: \"a/#/b\" }\n",
+        "auth:\n  users:\n    - { username: op }\n    - { username: op, password_env: OP_PW, role: operator }\n    - { username: plain, password: hunter2 }\n    - { username: weak, password_hash: \"md5:abc\" }\n    - { username: bridge, password_env: B, role: publisher }\n    - { username: viewer2, password_env: V, publish: [\"a/#\"] }\n    - { username: sys, password_env: S, role: publisher, publish: [\"$nexus/#\"] }\n  tokens:\n    - { name: grafana, sha256: abc }\n    - { name: svc, token_env: T, role: service }\n  max_sessions: 0\nbroker:\n  acl:\n    - { permission: allow, action: publish, topic: \"a/#/b\" }\n",
     );
+    for expected in [
+        "auth.users[0]: user \"op\" needs password_hash or password_env",
+        "auth.users[1].username: user \"op\" is listed twice",
+        "auth.users[2].password: plain passwords are not accepted in the file",
+        "auth.users[3].password_hash: not a password hash in PHC form",
+        "auth.users[4].publish: a publisher needs the topic filters it may publish to",
+        "auth.users[5].publish: only the publisher role takes publish filters (this user is viewer)",
+        "auth.users[6].publish[0]: a publisher may not publish $ topics",
+        "auth.tokens[0].sha256: must be 64 hex digits",
+        "auth.tokens[1].role: the service role belongs to Nexus's own services",
+        "auth.max_sessions: must be at least 1",
+        "broker.acl[0].topic: filter \"a/#/b\"",
+    ] {
+        assert_has(&errs, expected);
+    }
+    assert!(
+        !errs.iter().any(|e| e.contains("hunter2")),
+        "a refused plain password is never echoed: {errs:?}"
+    );
+}
+
+#[test]
+fn moved_broker_keys_say_where_they_went() {
+    let errs = errors(
+        "broker:\n  users: []\n  allow_anonymous: true\n  anonymous_role: viewer\n  port: null\n  ws_port: null\n",
+    );
+    assert_has(&errs, "broker.users: moved: list users in auth.users");
+    assert_has(&errs, "broker.allow_anonymous: moved: set auth.anonymous");
     assert_has(
         &errs,
-        "broker.users[0]: user \"op\" needs password or password_env",
+        "broker.anonymous_role: gone: anonymous clients are read-only",
     );
-    assert_has(
-        &errs,
-        "broker.users[1].username: user \"op\" is listed twice",
+    assert_has(&errs, "broker.port: every listener is off");
+    let c = load_env(
+        "broker:\n  port: null\n  tls: { cert_file: c.pem, key_file: k.pem, ws_port: 8884 }\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.broker.port, None);
+    assert_eq!(
+        c.broker.tls.map(|t| (t.port, t.ws_port)),
+        Some((8883, Some(8884)))
     );
-    assert_has(&errs, "broker.acl[0].topic: filter \"a/#/b\"");
 }
 
 #[test]
 fn secrets_never_show_in_debug() {
     let c = load_env(
-        "mqtt:\n  username: svc\n  password: hunter2\nbroker:\n  users:\n    - { username: op, password: opsecret, role: operator }\n",
+        "mqtt:\n  username: svc\n  password: hunter2\nauth:\n  users:\n    - { username: op, password_hash: \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$opsecretopsecretopsecretopsecretopsecretops\", role: operator }\n",
         &[("NEXUS_DATABASE_URL", "postgres://nexus:dbsecret@db/h")],
     )
     .unwrap();

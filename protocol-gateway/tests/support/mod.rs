@@ -11,7 +11,7 @@ use nexus_devices::simulator::modbus::ModbusSimulator;
 use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
 
-/// The embedded broker with a `service` account for the gateway (`svc` / `svc-pw`); anonymous
+/// The embedded broker with the test accounts (`svc` / `svc-pw` for the gateway); anonymous
 /// clients are viewers, as in production.
 pub fn broker() -> nexus_common::broker::EmbeddedBroker {
     broker_on(0)
@@ -19,20 +19,14 @@ pub fn broker() -> nexus_common::broker::EmbeddedBroker {
 
 /// The same on a given port (0: a free one), e.g. to bring a broker back after an outage.
 pub fn broker_on(port: u16) -> nexus_common::broker::EmbeddedBroker {
-    use nexus_common::config::{BrokerConfig, BrokerUser, Role, Secret};
-    let cfg = BrokerConfig {
+    let cfg = nexus_common::config::BrokerConfig {
         bind: "127.0.0.1".parse().unwrap(),
-        port,
+        port: Some(port),
         ws_port: None,
-        users: vec![BrokerUser {
-            username: "svc".into(),
-            password: Some(Secret::new("svc-pw")),
-            password_env: None,
-            role: Role::Service,
-        }],
-        ..BrokerConfig::default()
+        ..Default::default()
     };
-    let acl = nexus_common::broker::Acl::new(&cfg).unwrap();
+    let ids = nexus_common::auth::Identities::new(&testing::test_auth()).unwrap();
+    let acl = nexus_common::broker::Acl::new(Arc::new(ids), &cfg, &[]);
     nexus_common::broker::EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).unwrap()
 }
 

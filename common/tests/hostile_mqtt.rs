@@ -1,0 +1,517 @@
+//! Hostile MQTT clients against the embedded broker, each finding of the security review as a
+//! test through a real broker and real clients (docs/security.md lists which test covers
+//! which finding). Every one of these failed on the broker before the review: anonymous
+//! clients could publish device values and join the historian's shared group, anyone could
+//! take a service's client id, a last will bypassed the ACL, client-set user properties went
+//! through, and retained messages, sessions and queues had no bound.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::time::Duration;
+
+use nexus_common::config::{
+    Anonymous, AuthConfig, BrokerConfig, Config, DeviceConfig, MqttConfig, MqttVersion, Secret,
+};
+use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, PublishProps, QoS, Will};
+use nexus_common::testing::{self, metric_value, OPERATOR_USER, PUBLISHER_USER, SERVICE_USER};
+use prometheus::Registry;
+use tokio::sync::mpsc::Receiver;
+use tokio_util::sync::CancellationToken;
+
+const PREFIX: &str = "acme/plant/packaging/line-1";
+const DEVICE_TOPIC: &str = "acme/plant/packaging/line-1/plc-1/temperature";
+
+fn devices() -> Vec<DeviceConfig> {
+    let yaml = format!(
+        "devices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: {PREFIX}\n    connection: {{ host: 127.0.0.1 }}\n    tags:\n      - {{ id: temperature, address: \"HR:1\", data_type: int16 }}\n"
+    );
+    Config::from_str_with_env(&yaml, None, &[]).unwrap().devices
+}
+
+struct Rig {
+    broker: nexus_common::broker::EmbeddedBroker,
+    registry: Registry,
+    token: CancellationToken,
+}
+
+impl Rig {
+    fn new(cfg: BrokerConfig, auth: AuthConfig) -> Rig {
+        let registry = Registry::new();
+        let broker = testing::start_broker(cfg, &auth, &devices(), &registry);
+        Rig {
+            broker,
+            registry,
+            token: CancellationToken::new(),
+        }
+    }
+
+    fn default() -> Rig {
+        Rig::new(BrokerConfig::default(), testing::test_auth())
+    }
+
+    fn port(&self) -> u16 {
+        self.broker.ports.tcp().port()
+    }
+
+    /// A sample's value, 0 when it is not there yet; `labels` as written (`reason="will"`).
+    fn metric(&self, name: &str, labels: &str) -> f64 {
+        let sample = if labels.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{name}{{{labels}}}")
+        };
+        metric_value(&testing::registry_text(&self.registry), &sample).unwrap_or(0.0)
+    }
+
+    fn cfg(&self, user: Option<(&str, &str)>, version: MqttVersion) -> MqttConfig {
+        let mut c = testing::mqtt_config(self.port());
+        c.version = version;
+        c.persistent_session = false;
+        if let Some((u, p)) = user {
+            c.username = Some(u.into());
+            c.password = Some(Secret::new(p));
+        }
+        c
+    }
+
+    /// A connected client, or None when the broker refuses it within 3 s.
+    async fn client(
+        &self,
+        cfg: &MqttConfig,
+        settings: ClientSettings,
+    ) -> Option<(MqttHandle, Receiver<Message>)> {
+        let (h, rx) = mqtt::connect(cfg, settings, None, self.token.clone()).unwrap();
+        h.wait_connected(Duration::from_secs(3)).await.ok()?;
+        // Let SUBSCRIBEs reach the broker before anyone publishes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((h, rx))
+    }
+
+    async fn subscriber(
+        &self,
+        user: Option<(&str, &str)>,
+        version: MqttVersion,
+        filters: &[&str],
+    ) -> (MqttHandle, Receiver<Message>) {
+        let mut s = ClientSettings::new(testing::unique("sub"));
+        s.subscriptions = filters
+            .iter()
+            .map(|f| (f.to_string(), QoS::AtLeastOnce))
+            .collect();
+        s.incoming_capacity = 10_000;
+        self.client(&self.cfg(user, version), s)
+            .await
+            .expect("subscriber connects")
+    }
+
+    async fn publisher(&self, user: Option<(&str, &str)>, version: MqttVersion) -> MqttHandle {
+        self.client(
+            &self.cfg(user, version),
+            ClientSettings::new(testing::unique("pub")),
+        )
+        .await
+        .expect("publisher connects")
+        .0
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Messages received until `quiet` passes without one.
+async fn drain(rx: &mut Receiver<Message>, quiet: Duration) -> Vec<Message> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(quiet, rx.recv()).await {
+        out.push(m);
+    }
+    out
+}
+
+fn topics(ms: &[Message]) -> Vec<String> {
+    ms.iter()
+        .map(|m| m.topic().unwrap_or("").to_owned())
+        .collect()
+}
+
+const Q: Duration = Duration::from_millis(400);
+
+/// A non-loopback address of this machine, if it has one.
+fn lan_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_cannot_connect_anonymously() {
+    // `auth.anonymous: off`: not even this machine gets in without credentials.
+    let rig = Rig::new(
+        BrokerConfig::default(),
+        AuthConfig {
+            anonymous: Anonymous::Off,
+            ..testing::test_auth()
+        },
+    );
+    let anon = rig
+        .client(
+            &rig.cfg(None, MqttVersion::V311),
+            ClientSettings::new(testing::unique("anon")),
+        )
+        .await;
+    assert!(anon.is_none(), "anonymous client accepted with anonymous: off");
+    assert!(rig.metric("nexus_broker_connects_refused_total", "reason=\"anonymous\"") >= 1.0);
+    assert!(rig
+        .client(
+            &rig.cfg(Some(PUBLISHER_USER), MqttVersion::V5),
+            ClientSettings::new(testing::unique("pub"))
+        )
+        .await
+        .is_some());
+
+    // The default (`loopback`): a client from the network is refused, this machine is not.
+    if let Some(ip) = lan_address() {
+        let mut cfg = BrokerConfig::default();
+        let rig = Rig::new(
+            BrokerConfig {
+                bind: "0.0.0.0".parse().unwrap(),
+                ..std::mem::take(&mut cfg)
+            },
+            testing::test_auth(),
+        );
+        let mut from_lan = rig.cfg(None, MqttVersion::V311);
+        from_lan.host = ip.to_string();
+        let refused = rig
+            .client(&from_lan, ClientSettings::new(testing::unique("lan")))
+            .await;
+        assert!(refused.is_none(), "anonymous client from {ip} accepted");
+        assert!(rig
+            .client(
+                &rig.cfg(None, MqttVersion::V311),
+                ClientSettings::new(testing::unique("lo"))
+            )
+            .await
+            .is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_gateway_writes_device_values_and_viewers_write_nothing() {
+    let rig = Rig::default();
+    let (_s, mut seen) = rig
+        .subscriber(Some(SERVICE_USER), MqttVersion::V5, &["#"])
+        .await;
+    // Anonymous, a viewer, an operator and a publisher each try to overwrite a device's
+    // retained value, and to publish plain UNS data (a rule's suppress_when topic, say).
+    let attackers = [
+        None,
+        Some(testing::VIEWER_USER),
+        Some(OPERATOR_USER),
+        Some(PUBLISHER_USER),
+    ];
+    for who in attackers {
+        let p = rig.publisher(who, MqttVersion::V311).await;
+        p.publish(DEVICE_TOPIC, r#"{"v":999,"q":"good"}"#, QoS::AtLeastOnce, true)
+            .await
+            .unwrap();
+        if who != Some(PUBLISHER_USER) {
+            p.publish("acme/plant/utilities/suppress", "1", QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
+        }
+    }
+    let got = drain(&mut seen, Q).await;
+    assert!(got.is_empty(), "refused publishes were delivered: {:?}", topics(&got));
+    assert!(rig.metric("nexus_broker_acl_denied_total", "action=\"publish\"") >= 7.0);
+    // No forged retained value is there for the next subscriber either.
+    let (_l, mut late) = rig.subscriber(None, MqttVersion::V311, &[DEVICE_TOPIC]).await;
+    assert!(drain(&mut late, Q).await.is_empty());
+
+    // The gateway (service role) writes the device's value; a publisher writes under its
+    // own topics, which are not a configured device's.
+    let gw = rig.publisher(Some(SERVICE_USER), MqttVersion::V311).await;
+    gw.publish(DEVICE_TOPIC, r#"{"v":21.5,"q":"good"}"#, QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
+    p.publish("acme/plant/packaging/line-1/scale/weight", "12", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let got = topics(&drain(&mut seen, Q).await);
+    assert_eq!(
+        got,
+        vec![DEVICE_TOPIC.to_owned(), "acme/plant/packaging/line-1/scale/weight".to_owned()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_historian_stream_cannot_be_joined_or_its_client_id_taken() {
+    let rig = Rig::default();
+    let group = "$share/nexus-ingest/acme/#";
+    let (_m, mut member) = rig
+        .subscriber(Some(SERVICE_USER), MqttVersion::V311, &[group])
+        .await;
+    for who in [None, Some(testing::VIEWER_USER), Some(OPERATOR_USER)] {
+        let (_t, mut thief) = rig.subscriber(who, MqttVersion::V5, &[group]).await;
+        let gw = rig.publisher(Some(SERVICE_USER), MqttVersion::V311).await;
+        for i in 0..20 {
+            gw.publish("acme/plant/x/y/z", i.to_string(), QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(drain(&mut member, Q).await.len(), 20, "{who:?}");
+        assert!(drain(&mut thief, Q).await.is_empty(), "{who:?} joined the group");
+    }
+    assert!(rig.metric("nexus_broker_acl_denied_total", "action=\"subscribe\"") >= 3.0);
+
+    // A service's client id: the service keeps its session, the impostor is refused.
+    let id = "nexus-ingestion-plant1";
+    let mut svc_cfg = rig.cfg(Some(SERVICE_USER), MqttVersion::V311);
+    svc_cfg.persistent_session = true;
+    let mut s = ClientSettings::new(id);
+    s.subscriptions = vec![("acme/#".into(), QoS::AtLeastOnce)];
+    let (_svc, mut svc_rx) = rig.client(&svc_cfg, s).await.expect("service connects");
+    for who in [None, Some(OPERATOR_USER), Some(PUBLISHER_USER)] {
+        let impostor = rig
+            .client(&rig.cfg(who, MqttVersion::V5), ClientSettings::new(id))
+            .await;
+        assert!(impostor.is_none(), "{who:?} took the client id {id}");
+    }
+    assert!(rig.metric("nexus_broker_connects_refused_total", "reason=\"client_id\"") >= 3.0);
+    let gw = rig.publisher(Some(SERVICE_USER), MqttVersion::V311).await;
+    gw.publish("acme/after", "1", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    assert_eq!(topics(&drain(&mut svc_rx, Q).await), vec!["acme/after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_will_is_checked_like_a_publish() {
+    let rig = Rig::default();
+    let (_s, mut seen) = rig
+        .subscriber(Some(SERVICE_USER), MqttVersion::V311, &["#", "$nexus/#"])
+        .await;
+    for (topic, who) in [
+        (DEVICE_TOPIC, None),
+        (DEVICE_TOPIC, Some(PUBLISHER_USER)),
+        ("$nexus/status/service/ingestion/local", Some(OPERATOR_USER)),
+    ] {
+        let mut s = ClientSettings::new(testing::unique("will"));
+        s.will = Some(Will {
+            topic: topic.into(),
+            payload: r#"{"v":-1,"q":"good"}"#.into(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        });
+        let c = rig.client(&rig.cfg(who, MqttVersion::V311), s).await;
+        assert!(c.is_none(), "{who:?} connected with a will to {topic}");
+    }
+    assert!(rig.metric("nexus_broker_connects_refused_total", "reason=\"will\"") >= 3.0);
+    assert!(drain(&mut seen, Q).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_stamps_who_sent_a_command() {
+    let rig = Rig::default();
+    let (_s, mut seen) = rig
+        .subscriber(Some(SERVICE_USER), MqttVersion::V5, &["$nexus/cmd/#", "acme/#"])
+        .await;
+    let forged = || PublishProps {
+        user_properties: vec![
+            ("nexus-user".into(), "admin".into()),
+            ("site".into(), "kept".into()),
+        ],
+        ..PublishProps::default()
+    };
+    let op = rig.publisher(Some(OPERATOR_USER), MqttVersion::V5).await;
+    op.publish_with(
+        "$nexus/cmd/plc-1/write",
+        r#"{"writes":[]}"#,
+        QoS::AtLeastOnce,
+        false,
+        Some(forged()),
+    )
+    .await
+    .unwrap();
+    let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V5).await;
+    p.publish_with("acme/erp/order", "1", QoS::AtLeastOnce, false, Some(forged()))
+        .await
+        .unwrap();
+    // MQTT 3.1.1 clients cannot send properties; they are stamped all the same.
+    let op3 = rig.publisher(Some(OPERATOR_USER), MqttVersion::V311).await;
+    op3.publish("$nexus/cmd/plc-1/t/set", "1", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let got = drain(&mut seen, Q).await;
+    assert_eq!(got.len(), 3, "{:?}", topics(&got));
+    assert_eq!(got[0].user_properties("nexus-user"), vec!["op"]);
+    assert_eq!(got[0].user_property("site"), Some("kept"));
+    assert!(got[1].user_properties("nexus-user").is_empty());
+    assert_eq!(got[2].user_properties("nexus-user"), vec!["op"]);
+    assert_eq!(rig.metric("nexus_broker_user_property_stripped_total", ""), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_bounded() {
+    let rig = Rig::new(
+        BrokerConfig {
+            max_retained: 5,
+            max_retained_bytes: nexus_common::config::ByteSize(200),
+            ..BrokerConfig::default()
+        },
+        testing::test_auth(),
+    );
+    let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
+    for i in 0..10 {
+        p.publish(&format!("lab/r/{i}"), "x", QoS::AtLeastOnce, true)
+            .await
+            .unwrap();
+    }
+    // An update of a topic already held still replaces it at the limit.
+    p.publish("lab/r/0", "updated", QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_l, mut late) = rig.subscriber(None, MqttVersion::V311, &["lab/r/#"]).await;
+    let got = drain(&mut late, Q).await;
+    assert_eq!(got.len(), 5, "{:?}", topics(&got));
+    let first = got.iter().find(|m| m.topic() == Some("lab/r/0")).unwrap();
+    assert_eq!(first.payload().as_ref(), b"updated");
+    assert_eq!(rig.metric("nexus_broker_retained_refused_total", ""), 5.0);
+    assert_eq!(rig.metric("nexus_broker_retained_messages", ""), 5.0);
+    // Deleting one makes room; bytes are bounded too.
+    p.publish("lab/r/1", Vec::<u8>::new(), QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    p.publish("lab/big", vec![b'x'; 300], QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    p.publish("lab/small", "s", QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    // Nexus's own services are never refused.
+    let gw = rig.publisher(Some(SERVICE_USER), MqttVersion::V311).await;
+    gw.publish(DEVICE_TOPIC, "21", QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_l2, mut later) = rig
+        .subscriber(None, MqttVersion::V311, &["lab/#", DEVICE_TOPIC])
+        .await;
+    let mut got = topics(&drain(&mut later, Q).await);
+    got.sort();
+    assert!(got.contains(&"lab/small".to_owned()), "{got:?}");
+    assert!(!got.contains(&"lab/big".to_owned()), "{got:?}");
+    assert!(got.contains(&DEVICE_TOPIC.to_owned()), "{got:?}");
+    assert_eq!(rig.metric("nexus_broker_retained_refused_total", ""), 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_queues_are_bounded() {
+    let rig = Rig::new(
+        BrokerConfig {
+            max_sessions: 4,
+            max_mqueue_len: 5,
+            service_mqueue_len: 1000,
+            ..BrokerConfig::default()
+        },
+        testing::test_auth(),
+    );
+    // Two persistent sessions subscribed to q/#, a viewer's and a service's, then offline.
+    let persistent = |user, id: &str| {
+        let mut c = rig.cfg(Some(user), MqttVersion::V311);
+        c.persistent_session = true;
+        let mut s = ClientSettings::new(id);
+        s.subscriptions = vec![("q/#".into(), QoS::AtLeastOnce)];
+        s.incoming_capacity = 10_000;
+        (c, s)
+    };
+    let viewer_id = testing::unique("viewer");
+    let (c, s) = persistent(testing::VIEWER_USER, &viewer_id);
+    let tok = CancellationToken::new();
+    let (h, _) = mqtt::connect(&c, s, None, tok.clone()).unwrap();
+    h.wait_connected(Duration::from_secs(3)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tok.cancel();
+    let svc_id = "nexus-ingestion-q";
+    let (c, s) = persistent(SERVICE_USER, svc_id);
+    let tok = CancellationToken::new();
+    let (h, _) = mqtt::connect(&c, s, None, tok.clone()).unwrap();
+    h.wait_connected(Duration::from_secs(3)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tok.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
+    for i in 0..100 {
+        p.publish("q/x", i.to_string(), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sessions held: the two offline ones and the publisher's; one more fits, then no more.
+    assert_eq!(rig.metric("nexus_broker_sessions", ""), 3.0);
+    let fourth = rig
+        .client(&rig.cfg(None, MqttVersion::V311), ClientSettings::new("fourth"))
+        .await;
+    assert!(fourth.is_some());
+    let fifth = rig
+        .client(&rig.cfg(None, MqttVersion::V5), ClientSettings::new("fifth"))
+        .await;
+    assert!(fifth.is_none(), "a fifth session beyond broker.max_sessions: 4");
+    assert!(rig.metric("nexus_broker_sessions_refused_total", "") >= 1.0);
+
+    // Back online (their sessions are there, so the cap does not stop them): the viewer gets
+    // at most its queue, the service everything.
+    let (c, s) = persistent(testing::VIEWER_USER, &viewer_id);
+    let (_v, mut vrx) = rig.client(&c, s).await.expect("viewer resumes");
+    let (c, s) = persistent(SERVICE_USER, svc_id);
+    let (_s, mut srx) = rig.client(&c, s).await.expect("service resumes");
+    let viewer_got = drain(&mut vrx, Q).await.len();
+    let service_got = drain(&mut srx, Q).await.len();
+    assert!(viewer_got <= 5, "viewer queue held {viewer_got}");
+    assert_eq!(service_got, 100);
+    assert!(rig.metric("nexus_broker_messages_dropped_total", "reason=\"queue_full\"") >= 95.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_keep_its_session_past_the_cap() {
+    let rig = Rig::new(
+        BrokerConfig {
+            session_expiry: Duration::from_secs(1),
+            max_session_expiry: Duration::from_secs(1),
+            ..BrokerConfig::default()
+        },
+        testing::test_auth(),
+    );
+    // An MQTT 5 client asks for a day.
+    let id = testing::unique("long");
+    let mut c = rig.cfg(None, MqttVersion::V5);
+    c.persistent_session = true;
+    c.session_expiry = Duration::from_secs(86_400);
+    let settings = || {
+        let mut s = ClientSettings::new(id.clone());
+        s.subscriptions = vec![("cap/#".into(), QoS::AtLeastOnce)];
+        s
+    };
+    let tok = CancellationToken::new();
+    let (h, _) = mqtt::connect(&c, settings(), None, tok.clone()).unwrap();
+    h.wait_connected(Duration::from_secs(3)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tok.cancel();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(rig.metric("nexus_broker_sessions", ""), 0.0, "session expired after 1 s");
+    let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
+    p.publish("cap/x", "1", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    // Its subscription went with the session: a client that resumes without subscribing
+    // again gets nothing.
+    let mut s = settings();
+    s.subscriptions.clear();
+    let (_h, mut rx) = rig.client(&c, s).await.unwrap();
+    assert!(drain(&mut rx, Q).await.is_empty());
+}
