@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nexus_common::bounded::{text_weight, BoundedMap, MapStats, StateMetrics};
+use nexus_common::broker::{Acl, Action};
 use nexus_common::codec::json::value_to_json;
 use nexus_common::config::CommandsConfig;
 use nexus_common::metrics::{self, MetricError};
@@ -143,6 +144,9 @@ pub struct Handler {
     dedup_stats: MapStats,
     metrics: CommandMetrics,
     audit: Option<mpsc::Sender<AuditRecord>>,
+    /// What the requesters may subscribe to: a Response Topic is published to only where its
+    /// requester may.
+    acl: Acl,
 }
 
 fn response_body(
@@ -184,6 +188,7 @@ impl Handler {
         mqtt: MqttHandle,
         registry: &Registry,
         audit: Option<mpsc::Sender<AuditRecord>>,
+        acl: Acl,
     ) -> Result<Arc<Handler>, MetricError> {
         let limiter = RateLimiter::new(
             "commands",
@@ -204,6 +209,7 @@ impl Handler {
             limiter,
             metrics,
             audit,
+            acl,
         }))
     }
 
@@ -258,16 +264,24 @@ impl Handler {
             return;
         }
         self.metrics.received.inc();
+        let user = msg.user_property(nexus_common::broker::USER_PROPERTY);
         let reply_to = msg
             .response_topic()
             .and_then(|t| match ReplyTopic::parse(t).map_err(str::to_owned).and_then(|rt| {
                 // The handler publishes as the service user, which may write a device's
                 // values: a Response Topic in a device's namespace would let a requester
                 // write there through it.
-                match self.directory.uns_prefix_holding(rt.as_str()) {
-                    Some(p) => Err(format!("it is in the namespace of configured devices ({p})")),
-                    None => Ok(rt),
+                if let Some(p) = self.directory.uns_prefix_holding(rt.as_str()) {
+                    return Err(format!("it is in the namespace of configured devices ({p})"));
                 }
+                // Only where the requester (as the broker authenticated it) may subscribe.
+                if let Some(name) = user {
+                    let who = self.acl.identity(Some(name));
+                    self.acl
+                        .check(&who, Action::Subscribe, rt.as_str())
+                        .map_err(|why| format!("{name} may not subscribe there: {why}"))?;
+                }
+                Ok(rt)
             }) {
                 Ok(rt) => Some((rt, msg.correlation_data().cloned())),
                 Err(why) => {
@@ -288,9 +302,7 @@ impl Handler {
         });
         let cmd = match parsed {
             Ok(mut c) => {
-                c.user = msg
-                    .user_property(nexus_common::broker::USER_PROPERTY)
-                    .map(str::to_owned);
+                c.user = user.map(str::to_owned);
                 c
             }
             Err(r) => {

@@ -82,6 +82,11 @@ pub async fn run_shared(
         shell.mqtt.clone(),
         &registry,
         audit,
+        nexus_common::broker::Acl::new(
+            Arc::new(nexus_common::auth::Identities::roles_only(&cfg.auth)),
+            &cfg.broker,
+            &cfg.devices,
+        ),
     )?;
     let incoming = shell
         .incoming

@@ -560,14 +560,15 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
     let sim_b = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
         .await
         .unwrap();
+    let acl = format!(
+        "auth:\n  users:\n    - {{ username: op, password_hash: \"{}\", role: operator }}\nbroker:\n  acl:\n    - {{ permission: deny, action: publish, topic: \"$nexus/cmd/plc-a/#\", users: [op] }}\n    - {{ permission: deny, action: subscribe, topic: \"secret/#\", users: [op] }}\n",
+        nexus_common::auth::hash_password("op-pw")
+    );
     let b = testing::start_embedded_broker(BrokerConfig {
-        acl: vec![AclRule {
-            permission: AclPermission::Deny,
-            action: AclAction::Publish,
-            topic: "$nexus/cmd/plc-a/#".into(),
-            users: vec!["op".into()],
-            roles: vec![],
-        }],
+        acl: Config::from_str_with_env(&acl, None, &[])
+            .unwrap()
+            .broker
+            .acl,
         ..BrokerConfig::default()
     });
     let port = b.ports.tcp().port();
@@ -576,7 +577,8 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
         device("plc-a", sim_a.addr.port(), ""),
         device("plc-b", sim_b.addr.port(), "")
     );
-    let r = rig(Some(b), port, &devices, "").await;
+    // The handler reads the same users and rules (one configuration file in production).
+    let r = rig(Some(b), port, &devices, &acl).await;
     let (op, mut rx) = client(r.port, "op", MqttVersion::V5, &["$nexus/cmd/response/#"]).await;
     let a_before = {
         let regs = sim_a.registers.lock().unwrap();
@@ -607,8 +609,15 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
             r#"{"tag_id":"n","value":99,"request_id":"h-4"}"#,
             "acme/site/plc-a/sp",
         ),
+        // A topic the operator may not subscribe to: the answer would be published where
+        // the operator could not read it, and others could.
+        (
+            "$nexus/cmd/plc-b/write",
+            r#"{"tag_id":"n","value":99,"request_id":"h-5"}"#,
+            "secret/replies",
+        ),
     ];
-    let (_w, mut uns) = client(r.port, "view", MqttVersion::V5, &["acme/#"]).await;
+    let (_w, mut uns) = client(r.port, "svc", MqttVersion::V5, &["acme/#", "secret/#"]).await;
     for (topic, body, reply) in hostile {
         let props = PublishProps {
             response_topic: Some(reply.into()),
@@ -644,24 +653,25 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
             "$nexus/cmd/response/plc-b/f",
             "$nexus/cmd/response/plc-b/n",
             "$nexus/cmd/response/plc-b/n",
+            "$nexus/cmd/response/plc-b/n",
             "$nexus/cmd/response/plc-b/sp"
         ],
         "the standard answers go out, and nothing ever answers for plc-a: {got:?}"
     );
     let forged: Vec<_> = std::iter::from_fn(|| uns.try_recv().ok())
-        .filter(|m| m.topic() == Some("acme/site/plc-a/sp"))
+        .filter(|m| matches!(m.topic(), Some("acme/site/plc-a/sp" | "secret/replies")))
         .collect();
-    assert!(forged.is_empty(), "an answer landed on plc-a's value topic");
+    assert!(forged.is_empty(), "an answer landed where the operator may not write or read");
     for (t, v) in &got {
         assert_eq!(v["success"], true, "{t}: {v}");
     }
     let m = http_get(r.http, "/metrics");
     assert_eq!(
         metric(&m, "nexus_commands_response_topic_refused_total"),
-        4.0,
+        5.0,
         "{m}"
     );
-    assert_eq!(metric(&m, "nexus_commands_received_total"), 4.0, "{m}");
+    assert_eq!(metric(&m, "nexus_commands_received_total"), 5.0, "{m}");
     r.token.cancel();
     r.task.await.unwrap().unwrap();
 }

@@ -225,6 +225,31 @@ impl Identities {
         Ok(ids)
     }
 
+    /// The users' roles and publish filters, without their credentials (nobody can log in):
+    /// what a service needs to decide what a user the broker authenticated may do, without
+    /// the passwords' environment variables.
+    pub fn roles_only(cfg: &AuthConfig) -> Identities {
+        let mut ids = Identities {
+            users: HashMap::new(),
+            tokens: Vec::new(),
+            anonymous: cfg.anonymous,
+            key: [0; 32],
+            verified: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(VERIFY_SLOTS),
+        };
+        for u in &cfg.users {
+            ids.users.insert(
+                u.username.clone(),
+                StoredUser {
+                    credential: Credential::Hash(String::new()),
+                    role: u.role,
+                    publish: Arc::from(u.publish.clone()),
+                },
+            );
+        }
+        ids
+    }
+
     /// Add (or replace) a user: the generated service account of `nexus up`, the demo login.
     pub fn add_user(
         &mut self,

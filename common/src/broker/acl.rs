@@ -104,11 +104,18 @@ impl Acl {
         &self.ids
     }
 
-    /// The identity of a connected client from the user name it authenticated with.
+    /// The identity of a client from the user name it authenticated with. A name this
+    /// configuration does not list (a service reading another's stamp) is a viewer by that
+    /// name, so rules naming it still apply.
     pub fn identity(&self, username: Option<&str>) -> Identity {
-        username
-            .and_then(|n| self.ids.user(n))
-            .unwrap_or_else(Identity::anonymous)
+        match username {
+            None | Some("anonymous") => Identity::anonymous(),
+            Some(n) => self.ids.user(n).unwrap_or_else(|| Identity {
+                name: n.to_owned(),
+                via: crate::auth::Via::Password,
+                ..Identity::anonymous()
+            }),
+        }
     }
 
     pub async fn authenticate(&self, c: Connect<'_>) -> AuthDecision {

@@ -204,6 +204,11 @@ impl AuthConfig {
                     format!("{at}.username"),
                     "a username may not hold ':' or control characters",
                 );
+            } else if u.username == "anonymous" {
+                p.push(
+                    format!("{at}.username"),
+                    "\"anonymous\" names clients without credentials; choose another name",
+                );
             }
             if !names.insert(u.username.as_str()) {
                 p.push(
