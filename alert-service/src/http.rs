@@ -1,6 +1,10 @@
 //! The alarm REST API: list alarms and rules, and operator actions (acknowledge, shelve,
 //! unshelve, out of service, in service), published like any other change.
 //!
+//! Roles: reading needs `viewer`, an action `operator`. The user an action is journaled and
+//! published under is the authenticated caller; a body's `user` that names anyone else is a
+//! 400 (it used to decide the name, so a client still sending it learns it no longer does).
+//!
 //! Every refusal is `{"error": ..}` naming what is wrong: a path, query or body that does not
 //! parse is a 4xx saying which field, and a `duration_s` too large to be a deadline in unix
 //! milliseconds is a 400 before it reaches the engine (which bounds it by `alerts.max_shelve`).
@@ -12,8 +16,9 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+use nexus_common::auth::http::{Caller, Routes};
+use nexus_common::config::Role;
 use nexus_common::now_ms;
 use serde::Deserialize;
 use serde_json::{json, Value as JValue};
@@ -115,8 +120,19 @@ fn shelve_ms(duration_s: u64, now_ms: i64) -> Result<i64, String> {
         })
 }
 
+/// The name an action is recorded under: the caller's. A body's `user` may only repeat it.
+fn acting_user(caller: &str, body_user: Option<&str>) -> Result<String, String> {
+    match body_user {
+        Some(u) if u != caller => Err(format!(
+            "user: actions are recorded under the authenticated user ({caller}), not {u:?}; leave user out"
+        )),
+        _ => Ok(caller.to_owned()),
+    }
+}
+
 async fn action(
     AxState(a): AxState<Arc<Alerts>>,
+    Caller(caller): Caller,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Bytes,
@@ -135,6 +151,10 @@ async fn action(
         Ok(b) => b,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
+    let user = match acting_user(&caller.name, b.user.as_deref()) {
+        Ok(u) => Some(u),
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
     let now = now_ms();
     let shelve_for = match (op.as_str(), b.duration_s) {
         ("shelve", None) => {
@@ -149,11 +169,11 @@ async fn action(
     let r = {
         let mut e = a.lock();
         match op.as_str() {
-            "ack" => e.acknowledge(rule, topic, now, b.user.clone(), b.comment.clone()),
-            "shelve" => e.shelve(rule, topic, shelve_for, now, b.user.clone()),
-            "unshelve" => e.unshelve(rule, topic, now, b.user.clone()),
-            "out_of_service" => e.set_out_of_service(rule, topic, true, now, b.user.clone()),
-            "in_service" => e.set_out_of_service(rule, topic, false, now, b.user.clone()),
+            "ack" => e.acknowledge(rule, topic, now, user, b.comment.clone()),
+            "shelve" => e.shelve(rule, topic, shelve_for, now, user),
+            "unshelve" => e.unshelve(rule, topic, now, user),
+            "out_of_service" => e.set_out_of_service(rule, topic, true, now, user),
+            "in_service" => e.set_out_of_service(rule, topic, false, now, user),
             other => {
                 let msg = format!("unknown action {other:?} ({ACTIONS})");
                 return error(StatusCode::NOT_FOUND, msg);
@@ -171,11 +191,11 @@ async fn action(
     }
 }
 
-pub fn routes(a: Arc<Alerts>) -> Router {
-    Router::new()
-        .route("/api/v1/alarms", get(list))
-        .route("/api/v1/rules", get(rules))
-        .route("/api/v1/alarms/{id}/{op}", post(action))
+pub fn routes(a: Arc<Alerts>) -> Routes {
+    Routes::new()
+        .get("/api/v1/alarms", Role::Viewer, list)
+        .get("/api/v1/rules", Role::Viewer, rules)
+        .post("/api/v1/alarms/{id}/{op}", Role::Operator, action)
         .with_state(a)
 }
 
@@ -218,6 +238,17 @@ mod tests {
         assert!(e.starts_with("body: trailing characters"), "{e}");
         let e = action_body(&h, b"[").unwrap_err();
         assert!(e.starts_with("body: "), "{e}");
+    }
+
+    #[test]
+    fn the_acting_user_is_the_caller() {
+        assert_eq!(acting_user("op", None), Ok("op".to_owned()));
+        assert_eq!(acting_user("op", Some("op")), Ok("op".to_owned()));
+        let e = acting_user("op", Some("ann")).unwrap_err();
+        assert!(
+            e.starts_with("user: ") && e.contains("(op)") && e.contains("\"ann\""),
+            "{e}"
+        );
     }
 
     #[test]

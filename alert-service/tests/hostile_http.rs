@@ -1,7 +1,8 @@
-//! The alarm API against hostile requests, through real HTTP to the real service: a shelve
-//! duration that overflows is a 400 naming `duration_s` instead of a dropped connection,
-//! bodies over the limit are a 413 (counted), and arbitrary paths, queries and bodies either
-//! work or get a 4xx with a JSON error.
+//! The alarm API against hostile requests, through real HTTP to the real service: only an
+//! operator acts on an alarm, and the event names the authenticated caller whatever the body
+//! says; a shelve duration that overflows is a 400 naming `duration_s` instead of a dropped
+//! connection, bodies over the limit are a 413 (counted), and arbitrary paths, queries and
+//! bodies either work or get a 4xx with a JSON error.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,11 +10,13 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_common::config::{BrokerConfig, BrokerUser, Config, Role, Secret};
+use nexus_common::auth::token_sha256;
+use nexus_common::config::{AuthConfig, Config, Role, TokenConfig, UserConfig};
+use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, QoS};
 use nexus_common::testing::{self, free_port};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 struct Alerts {
@@ -21,27 +24,45 @@ struct Alerts {
     token: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     http: u16,
+    mqtt: u16,
+    /// The UNS root of this test's topics: the rule `hot` watches `<root>/+/temp`.
+    root: String,
 }
+
+/// An operator's API token (acts as `token:ops`).
+const OPS_TOKEN: &str = "nxs_5e1f0a3b7c9d2e4f6a8b0c1d3e5f7a9b5e1f0a3b7c9d2e4f6a8b0c1d3e5f7a9b";
+
+/// The users of `testing::test_auth` (`op` / `op-pw` is the operator, `pub` / `pub-pw` a
+/// publisher), a viewer `ann` / `ann-pw` and the operator token [`OPS_TOKEN`].
+fn auth() -> AuthConfig {
+    let mut a = testing::test_auth();
+    a.users
+        .push(UserConfig::with_password("ann", "ann-pw", Role::Viewer));
+    a.tokens.push(TokenConfig {
+        name: "ops".into(),
+        sha256: Some(token_sha256(OPS_TOKEN)),
+        token_env: None,
+        role: Role::Operator,
+    });
+    a
+}
+
+const OPERATOR: &str = "Authorization: Basic b3A6b3AtcHc="; // op:op-pw
+const VIEWER: &str = "Authorization: Basic YW5uOmFubi1wdw=="; // ann:ann-pw
+const PUBLISHER: &str = "Authorization: Basic cHViOnB1Yi1wdw=="; // pub:pub-pw
 
 impl Alerts {
     async fn start() -> Alerts {
-        let broker = testing::start_embedded_broker(BrokerConfig {
-            users: vec![BrokerUser {
-                username: "svc".into(),
-                password: Some(Secret::new("svc-pw")),
-                password_env: None,
-                role: Role::Service,
-            }],
-            ..BrokerConfig::default()
-        });
-        let port = broker.ports.tcp.port();
+        let broker = testing::service_broker();
+        let port = broker.ports.tcp().port();
         let http = free_port();
+        let root = testing::unique("plant");
         let text = format!(
-            "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\ntelemetry: {{ instance: {} }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  max_shelve: 1h\n  rules:\n    - {{ id: hot, topic: \"{}/+/temp\", condition: {{ type: high, limit: 80 }} }}\n",
+            "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\ntelemetry: {{ instance: {} }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  max_shelve: 1h\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80 }} }}\n",
             testing::unique("alerts"),
-            testing::unique("plant"),
         );
-        let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        cfg.auth = auth();
         let token = CancellationToken::new();
         let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
         let start = Instant::now();
@@ -54,7 +75,23 @@ impl Alerts {
             token,
             task,
             http,
+            mqtt: port,
+            root,
         }
+    }
+
+    /// A service-account MQTT client subscribed to `subs`.
+    async fn client(&self, subs: &[&str]) -> (MqttHandle, tokio::sync::mpsc::Receiver<Message>) {
+        let mut c = testing::service_mqtt_config(self.mqtt);
+        c.persistent_session = false;
+        let mut s = ClientSettings::new(testing::unique("t"));
+        s.subscriptions = subs
+            .iter()
+            .map(|f| (f.to_string(), QoS::AtLeastOnce))
+            .collect();
+        let (h, rx) = mqtt::connect(&c, s, None, CancellationToken::new()).unwrap();
+        h.wait_connected(Duration::from_secs(10)).await.unwrap();
+        (h, rx)
     }
 
     fn metric(&self, name: &str) -> f64 {
@@ -114,17 +151,125 @@ fn request(port: u16, method: &str, path: &str, headers: &[&str], body: &[u8]) -
     (status, body)
 }
 
-/// A JSON request with its Content-Length.
+/// A JSON request with its Content-Length, as the operator `op`.
 fn json(port: u16, method: &str, path: &str, body: &str) -> (u16, Value) {
+    json_as(port, Some(OPERATOR), method, path, body)
+}
+
+/// A JSON request with its Content-Length, with the `Authorization` header `auth`.
+fn json_as(port: u16, auth: Option<&str>, method: &str, path: &str, body: &str) -> (u16, Value) {
     let len = format!("Content-Length: {}", body.len());
-    let (s, b) = request(
-        port,
-        method,
-        path,
-        &["Content-Type: application/json", &len],
-        body.as_bytes(),
-    );
+    let mut headers = vec!["Content-Type: application/json", len.as_str()];
+    headers.extend(auth);
+    let (s, b) = request(port, method, path, &headers, body.as_bytes());
     (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+/// The next event on `$nexus/alarms/events`.
+async fn next_event(rx: &mut tokio::sync::mpsc::Receiver<Message>) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an alarm event within 10 s")
+            .unwrap();
+        if m.topic() == Some("$nexus/alarms/events") {
+            return serde_json::from_slice(m.payload()).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_operator_acts_on_an_alarm_and_the_event_names_the_caller() {
+    let a = Alerts::start().await;
+    let (svc, mut rx) = a.client(&["$nexus/alarms/events"]).await;
+    let topic = format!("{}/m1/temp", a.root);
+    svc.publish(&topic, "{\"v\":90}", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut rx).await["event"], "activated");
+    let path = |op: &str| format!("/api/v1/alarms/hot:{}/{op}", encode(&topic));
+    let state = || {
+        let (s, list) = json_as(a.http, None, "GET", "/api/v1/alarms", "");
+        assert_eq!(s, 200, "{list}");
+        list["alarms"][0]["state"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(state(), "active_unacked");
+
+    // Anyone on this machine reads; acting needs an operator. These were all 200 once.
+    for (who, auth) in [
+        ("anonymous", None),
+        ("ann", Some(VIEWER)),
+        ("pub", Some(PUBLISHER)),
+    ] {
+        for op in ["ack", "shelve", "out_of_service"] {
+            // Naming the operator in the body, as the old API let anyone do.
+            let body = "{\"user\":\"op\",\"duration_s\":60}";
+            let (s, e) = json_as(a.http, auth, "POST", &path(op), body);
+            assert_eq!(s, 403, "{who} {op}: {e}");
+            let e = e["error"].as_str().unwrap();
+            assert!(e.starts_with("this needs the operator role"), "{e}");
+            assert!(e.contains(who), "{e}");
+        }
+    }
+    let (s, _) = json_as(
+        a.http,
+        Some("Authorization: Basic b3A6d3Jvbmc="),
+        "POST",
+        &path("ack"),
+        "{}",
+    );
+    assert_eq!(s, 401, "op with a wrong password");
+    assert_eq!(state(), "active_unacked");
+
+    // An operator naming someone else in the body: refused, nothing done.
+    let (s, e) = json(
+        a.http,
+        "POST",
+        &path("ack"),
+        "{\"user\":\"ann\",\"comment\":\"x\"}",
+    );
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(
+        e["error"],
+        "user: actions are recorded under the authenticated user (op), not \"ann\"; leave user out"
+    );
+    assert_eq!(state(), "active_unacked");
+
+    // The operator acts; the event (journal, webhooks) names the operator.
+    let (s, body) = json(a.http, "POST", &path("ack"), "{\"comment\":\"on it\"}");
+    assert_eq!(
+        (s, body["state"].as_str()),
+        (200, Some("active_acked")),
+        "{body}"
+    );
+    let ev = next_event(&mut rx).await;
+    assert_eq!(
+        (&ev["event"], &ev["user"], &ev["comment"]),
+        (&json!("acknowledged"), &json!("op"), &json!("on it"))
+    );
+    // A token acts under its name; a body repeating the caller's own name is fine.
+    let auth = format!("Authorization: Bearer {OPS_TOKEN}");
+    let (s, _) = json_as(
+        a.http,
+        Some(&auth),
+        "POST",
+        &path("shelve"),
+        "{\"duration_s\":60}",
+    );
+    assert_eq!(s, 200);
+    let ev = next_event(&mut rx).await;
+    assert_eq!(
+        (&ev["event"], &ev["user"]),
+        (&json!("shelved"), &json!("token:ops"))
+    );
+    let (s, _) = json(a.http, "POST", &path("unshelve"), "{\"user\":\"op\"}");
+    assert_eq!(s, 200);
+    let ev = next_event(&mut rx).await;
+    assert_eq!(
+        (&ev["event"], &ev["user"]),
+        (&json!("unshelved"), &json!("op"))
+    );
+    a.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +330,8 @@ async fn a_body_over_one_mib_is_a_413_on_every_route() {
     let big = format!("{{\"comment\":\"{}\"}}", "x".repeat(1536 * 1024));
     let (s, body) = json(a.http, "POST", path, &big);
     assert_eq!(s, 413, "{body}");
-    // Streamed without a length: cut once it passes the limit.
+    // Streamed without a length by an operator (anyone else is refused unread): cut once it
+    // passes the limit.
     let mut chunked = Vec::new();
     for piece in big.as_bytes().chunks(64 * 1024) {
         chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
@@ -200,6 +346,7 @@ async fn a_body_over_one_mib_is_a_413_on_every_route() {
         &[
             "Content-Type: application/json",
             "Transfer-Encoding: chunked",
+            OPERATOR,
         ],
         &chunked,
     );

@@ -5,12 +5,14 @@
 //!         ─> [413 as JSON + nexus_http_body_too_large_total]
 //!         ─> [catch panic: 500 JSON + nexus_http_panics_total, logged with method and path]
 //!         ─> [body limit: Content-Length checked up front, streamed bodies cut at the limit]
-//!         ─> /healthz /readyz /metrics + the service's routes
+//!         ─> [authentication: who is asking, 401/403 (crate::auth::http)]
+//!         ─> /healthz /readyz /metrics, login/logout/whoami + the service's routes, each
+//!            with the role it needs (crate::auth::http::Routes)
 //! ```
 //!
 //! [`service_router`] is the one assembly the service shell serves; tests build a router
 //! with it too, so what they exercise is what runs. The limits and metrics are listed in
-//! `docs/security.md` (HTTP robustness).
+//! `docs/security.md` (HTTP robustness, HTTP authentication).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -25,6 +27,9 @@ use prometheus::{IntCounter, Registry};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
+use crate::auth::http::{self as auth_http, AuthMetrics, HttpAuth, Routes};
+use crate::auth::Identities;
+use crate::config::AuthConfig;
 use crate::metrics::{self, MetricError};
 use crate::telemetry::{self, Telemetry};
 
@@ -58,6 +63,8 @@ pub struct HttpMetrics {
     pub panics: IntCounter,
     pub timeouts: IntCounter,
     pub body_too_large: IntCounter,
+    /// Authentication: refused credentials and sessions.
+    pub auth: AuthMetrics,
 }
 
 impl HttpMetrics {
@@ -78,6 +85,23 @@ impl HttpMetrics {
                 "nexus_http_body_too_large_total",
                 "HTTP requests with a body over the limit (answered 413)",
             )?,
+            auth: AuthMetrics {
+                failures: metrics::counter(
+                    r,
+                    "nexus_http_auth_failures_total",
+                    "HTTP requests with credentials that do not check: wrong password, unknown token or session (answered 401)",
+                )?,
+                sessions_evicted: metrics::counter(
+                    r,
+                    "nexus_http_sessions_evicted_total",
+                    "HTTP login sessions logged out to make room for a new login (auth.max_sessions)",
+                )?,
+                sessions: metrics::gauge(
+                    r,
+                    "nexus_http_sessions",
+                    "HTTP login sessions held now",
+                )?,
+            },
         })
     }
 }
@@ -87,22 +111,32 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
-/// The health endpoints of `t` and the service's `routes`, behind the guard; the guard's
-/// metrics go into `t`'s registry (once, however often the service restarts with `t`).
+/// The health endpoints of `t`, the session routes and the service's `routes`, behind
+/// authentication (`ids` and `auth`'s policy, with a session store of this port's own) and
+/// the guard; the guard's metrics go into `t`'s registry (once, however often the service
+/// restarts with `t`).
 pub fn service_router(
     t: &Telemetry,
-    routes: Router,
+    routes: Routes,
     limits: HttpLimits,
+    ids: Arc<Identities>,
+    auth: &AuthConfig,
 ) -> Result<Router, MetricError> {
-    Ok(guard(
-        telemetry::router(t).merge(routes),
-        limits,
-        t.http_metrics()?,
-    ))
+    let metrics = t.http_metrics()?;
+    let port_auth = Arc::new(HttpAuth::new(ids, auth, metrics.auth.clone()));
+    let app = telemetry::router(t)
+        .merge(auth_http::session_routes(port_auth.clone()))
+        .merge(routes.into_router())
+        // Innermost: a refused request is still bounded by the guard (time, body, panics).
+        .layer(middleware::from_fn_with_state(
+            port_auth,
+            auth_http::authenticate,
+        ));
+    Ok(guard(app, limits, metrics))
 }
 
 /// `app` behind the limits of `limits`, counted in `metrics`.
-pub fn guard(app: Router, limits: HttpLimits, metrics: HttpMetrics) -> Router {
+fn guard(app: Router, limits: HttpLimits, metrics: HttpMetrics) -> Router {
     let outer = Arc::new(Outer { limits, metrics });
     // The last layer added is the outermost.
     app.layer(DefaultBodyLimit::max(limits.max_body))

@@ -1,16 +1,19 @@
 //! The shell every Nexus service runs in: its MQTT client (with a last will that marks the
 //! service offline), the retained `$nexus/status/service/<service>/<instance>` topic, readiness
 //! tied to the broker connection, and the HTTP server with `/healthz`, `/readyz`, `/metrics`
-//! plus the service's own routes, behind the guard of [`crate::http`].
+//! plus the service's own routes, behind the guard of [`crate::http`] and the authentication
+//! of [`crate::auth::http`] (users and tokens of `auth`, resolved once per shell).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::http::Routes;
+use crate::auth::{AuthSetupError, Identities};
 use crate::config::Config;
 use crate::http::HttpLimits;
 use crate::mqtt::{self, ClientSettings, Message, MqttHandle, MqttMetrics, QoS, Will};
@@ -46,7 +49,8 @@ pub struct Shell {
 pub struct ShellOptions {
     pub service: &'static str,
     pub http_listen: SocketAddr,
-    pub routes: Router,
+    /// The service's routes, each with the role it needs.
+    pub routes: Routes,
     pub subscriptions: Vec<(String, QoS)>,
     pub manual_acks: bool,
     pub incoming_capacity: usize,
@@ -67,7 +71,7 @@ impl ShellOptions {
         ShellOptions {
             service,
             http_listen,
-            routes: Router::new(),
+            routes: Routes::new(),
             subscriptions: Vec::new(),
             manual_acks: false,
             incoming_capacity: 1024,
@@ -86,6 +90,9 @@ pub enum ShellError {
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
     Metric(#[from] crate::metrics::MetricError),
+    /// A user or token of `auth` cannot be set up (e.g. its environment variable is unset).
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -100,6 +107,8 @@ impl Shell {
         shutdown: CancellationToken,
     ) -> Result<Shell, ShellError> {
         let instance = cfg.telemetry.instance_name();
+        // First: a missing password variable stops the service before it connects anywhere.
+        let ids = Arc::new(Identities::new(&cfg.auth)?);
         let telemetry = opts
             .telemetry
             .unwrap_or_else(|| Telemetry::new(opts.service));
@@ -158,7 +167,8 @@ impl Shell {
             })
         };
 
-        let app = crate::http::service_router(&telemetry, opts.routes, opts.http_limits)?;
+        let app =
+            crate::http::service_router(&telemetry, opts.routes, opts.http_limits, ids, &cfg.auth)?;
         let (http_addr, http) = telemetry::serve(opts.http_listen, app, shutdown.clone())
             .await
             .map_err(|source| ShellError::Http {

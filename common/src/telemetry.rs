@@ -174,7 +174,8 @@ pub fn router(t: &Telemetry) -> Router {
 }
 
 /// Bind `addr` (port 0 picks a free port) and serve `app` until `shutdown`. Returns the bound
-/// address and the server task.
+/// address and the server task. Handlers and middleware see the peer's address
+/// (`ConnectInfo<SocketAddr>`: anonymous access depends on it).
 pub async fn serve(
     addr: SocketAddr,
     app: Router,
@@ -183,9 +184,12 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
     });
     Ok((local, task))
 }

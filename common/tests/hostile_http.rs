@@ -7,8 +7,11 @@
 
 use std::time::Duration;
 
-use axum::routing::{get, post};
-use axum::Router;
+use std::sync::Arc;
+
+use nexus_common::auth::http::Routes;
+use nexus_common::auth::Identities;
+use nexus_common::config::{AuthConfig, Role};
 use nexus_common::http::{service_router, HttpLimits, DEFAULT_MAX_BODY};
 use nexus_common::telemetry::{self, Telemetry};
 use nexus_common::testing;
@@ -16,42 +19,40 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-fn routes() -> Router {
-    Router::new()
-        .route(
-            "/panic",
-            get(|| async {
-                let v: Vec<u8> = Vec::new();
-                // An index out of bounds, as a real bug would be.
-                v[usize::from(v.is_empty())].to_string()
-            }),
-        )
-        .route(
-            "/panic-str",
-            get(|| async {
-                if true {
-                    panic!("a static message");
-                }
-                "unreachable"
-            }),
-        )
-        .route(
-            "/echo",
-            post(|body: String| async move { body.len().to_string() }),
-        )
-        .route(
-            "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                "late"
-            }),
-        )
+/// Open to the anonymous viewers of 127.0.0.1 (the default `auth`), as the guard must hold
+/// before anyone is authenticated.
+fn routes() -> Routes {
+    Routes::new()
+        .get("/panic", Role::Viewer, || async {
+            let v: Vec<u8> = Vec::new();
+            // An index out of bounds, as a real bug would be.
+            v[usize::from(v.is_empty())].to_string()
+        })
+        .get("/panic-str", Role::Viewer, || async {
+            if true {
+                panic!("a static message");
+            }
+            "unreachable"
+        })
+        .post("/echo", Role::Viewer, |body: String| async move {
+            body.len().to_string()
+        })
+        .get("/slow", Role::Viewer, || async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "late"
+        })
+}
+
+fn assemble(t: &Telemetry, routes: Routes, limits: HttpLimits) -> axum::Router {
+    let auth = AuthConfig::default();
+    let ids = Arc::new(Identities::new(&auth).unwrap());
+    service_router(t, routes, limits, ids, &auth).unwrap()
 }
 
 /// Serve `routes` behind the guard with `limits`; the address and telemetry.
 async fn serve(limits: HttpLimits) -> (std::net::SocketAddr, Telemetry, CancellationToken) {
     let t = Telemetry::new("guarded");
-    let app = service_router(&t, routes(), limits).unwrap();
+    let app = assemble(&t, routes(), limits);
     let token = CancellationToken::new();
     let (addr, _task) = telemetry::serve("127.0.0.1:0".parse().unwrap(), app, token.clone())
         .await
@@ -174,9 +175,9 @@ async fn a_handler_past_the_timeout_is_a_503_and_is_counted() {
 #[test]
 fn the_guard_registers_its_metrics_once_per_telemetry_as_documented() {
     let t = Telemetry::new("twice");
-    let _first = service_router(&t, Router::new(), HttpLimits::default()).unwrap();
+    let _first = assemble(&t, Routes::new(), HttpLimits::default());
     // A second assembly on the same telemetry (a restarted service) shares the counters.
-    let _second = service_router(&t, Router::new(), HttpLimits::default()).unwrap();
+    let _second = assemble(&t, Routes::new(), HttpLimits::default());
     // Every metric the HTTP section of docs/security.md names is served, and those are the
     // guard's three.
     testing::assert_documented_metrics_served("security.md#HTTP robustness", &t.render());

@@ -8,6 +8,8 @@
 //! * `GET /api/v1/latest?filter=F`: the newest point of every stored topic matching the MQTT
 //!   filter `F` (`+` and `#` wildcards).
 //!
+//! Both need the `viewer` role (anonymous clients have it where `auth.anonymous` allows them).
+//!
 //! Parameters are checked and a 400 says which one is wrong and why; times end at
 //! 9999-12-31T23:59:59.999Z. Every answer holds at most `ingestion.history_max_points`
 //! points (history) or topics (latest) and says `"truncated": true` when there were more;
@@ -21,8 +23,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use nexus_common::auth::http::Routes;
+use nexus_common::config::Role;
 use serde_json::{json, Value as JsonValue};
 use tokio_postgres::{Client, Row};
 
@@ -116,10 +119,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn routes(db: Arc<Db>) -> Router {
-    Router::new()
-        .route("/api/v1/history", get(history))
-        .route("/api/v1/latest", get(latest))
+pub fn routes(db: Arc<Db>) -> Routes {
+    Routes::new()
+        .get("/api/v1/history", Role::Viewer, history)
+        .get("/api/v1/latest", Role::Viewer, latest)
         .with_state(db)
 }
 

@@ -1,14 +1,15 @@
 //! The history API against hostile requests, through real HTTP to the real service (real
 //! PostgreSQL and broker): times past the year 9999 are a 400 naming the parameter instead
 //! of a dropped connection, every query shape stays within `ingestion.history_max_points`
-//! and says when it cut, and arbitrary parameters either work or get a 4xx.
+//! and says when it cut, arbitrary parameters either work or get a 4xx, and without anonymous
+//! access the history is a viewer's.
 
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_common::config::Config;
+use nexus_common::config::{Anonymous, Config, Role, UserConfig};
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port, PgServer};
 use proptest::prelude::*;
@@ -35,8 +36,14 @@ struct Ingest {
 
 impl Ingest {
     /// Ingestion with `history_max_points: 10`, holding `DENSE` and 15 one-point topics
-    /// `acme/s/a/l/d/t<i>`.
+    /// `acme/s/a/l/d/t<i>`; anonymous viewers from loopback (the default).
     async fn start() -> Ingest {
+        Ingest::start_with(Anonymous::Loopback).await
+    }
+
+    /// [`Ingest::start`] with `auth.anonymous: anonymous` and the users of
+    /// `testing::test_auth` plus a viewer ann / ann-pw.
+    async fn start_with(anonymous: Anonymous) -> Ingest {
         let pg = PgServer::start();
         let url = pg.create_database("hostile").await;
         let broker = testing::service_broker();
@@ -50,7 +57,12 @@ impl Ingest {
             testing::unique("ing"),
             wal.path().display()
         );
-        let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        cfg.auth = testing::test_auth();
+        cfg.auth
+            .users
+            .push(UserConfig::with_password("ann", "ann-pw", Role::Viewer));
+        cfg.auth.anonymous = anonymous;
         let token = CancellationToken::new();
         let task = tokio::spawn(nexus_data_ingestion::run(Arc::new(cfg), token.clone()));
         let ing = Ingest {
@@ -114,6 +126,24 @@ impl Ingest {
     fn get(&self, path: &str) -> (u16, Json) {
         let (status, body) = testing::http(self.http, "GET", path, "");
         (status, serde_json::from_str(&body).unwrap_or(Json::Null))
+    }
+
+    /// `GET path` with the header `auth` (none: no credentials); the status and JSON body.
+    fn get_as(&self, path: &str, auth: Option<&str>) -> (u16, Json) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let auth = auth.map_or(String::new(), |a| format!("{a}\r\n"));
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (status, serde_json::from_str(body).unwrap_or(Json::Null))
     }
 
     fn panics(&self) -> f64 {
@@ -298,5 +328,45 @@ async fn arbitrary_parameters_either_work_or_get_a_4xx() {
     .await
     .unwrap();
     assert_eq!(ing.panics(), 0.0);
+    ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_anonymous_access_history_and_latest_need_a_viewer() {
+    let ing = Ingest::start_with(Anonymous::Off).await;
+    let history = format!(
+        "/api/v1/history?topic={DENSE}&from={T0}&to={}&agg=raw",
+        T0 + 3 * 60_000
+    );
+    for path in [history.as_str(), "/api/v1/latest?filter=acme/%23"] {
+        // Both were open to anyone once.
+        let (s, body) = ing.get_as(path, None);
+        assert_eq!(s, 401, "{path}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("authentication required"),
+            "{body}"
+        );
+        let (s, body) = ing.get_as(path, Some("Authorization: Basic YW5uOndyb25n")); // ann:wrong
+        assert_eq!(
+            (s, &body["error"]),
+            (401, &Json::from("the user name or password is wrong"))
+        );
+        // A viewer, and a publisher (a viewer over HTTP), read.
+        for who in [
+            "Authorization: Basic YW5uOmFubi1wdw==", // ann:ann-pw
+            "Authorization: Basic cHViOnB1Yi1wdw==", // pub:pub-pw
+        ] {
+            let (s, body) = ing.get_as(path, Some(who));
+            assert_eq!(s, 200, "{path} {who}: {body}");
+        }
+    }
+    let (_, h) = ing.get_as(&history, Some("Authorization: Basic YW5uOmFubi1wdw=="));
+    // The points of [from, to): the answer is the data, not only a 200.
+    assert_eq!(h["points"].as_array().map(Vec::len), Some(3), "{h}");
+    // Health stays open for probes.
+    assert_eq!(ing.get_as("/healthz", None).0, 200);
     ing.stop().await;
 }

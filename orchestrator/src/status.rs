@@ -1,12 +1,13 @@
-//! The orchestrator service: the platform's status, from the retained status topics.
+//! The orchestrator service: the platform's status, from the retained status topics
+//! (`GET /api/v1/status`, role `viewer`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use nexus_common::config::Config;
+use axum::Json;
+use nexus_common::auth::http::Routes;
+use nexus_common::config::{Config, Role};
 use nexus_common::mqtt::QoS;
 use nexus_common::service::{Shell, ShellOptions};
 use nexus_common::telemetry::Telemetry;
@@ -74,8 +75,8 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let board = StatusBoard::default();
-    let routes = Router::new()
-        .route("/api/v1/status", get(status))
+    let routes = Routes::new()
+        .get("/api/v1/status", Role::Viewer, status)
         .with_state(AppState {
             board: board.clone(),
             platform,

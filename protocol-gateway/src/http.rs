@@ -2,6 +2,10 @@
 //! `GET /api/v1/devices/{id}/tags` (last values) and `GET /api/v1/devices/{id}/browse?node=`
 //! (an OPC UA device's address space, streamed as JSON lines). A `node` longer than an OPC UA
 //! node id can be is a 400 before any device is asked.
+//!
+//! Roles: the list and the tags need `viewer`; browsing needs `operator`, since it opens a
+//! session on the plant's OPC UA server and walks its address space, work a read-only client
+//! should not be able to put on a controller.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,9 +14,10 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use nexus_common::auth::http::Routes;
 use nexus_common::codec::json::value_to_json;
+use nexus_common::config::Role;
 use serde_json::{json, Value};
 
 use nexus_devices::opcua::BrowseEntry;
@@ -204,10 +209,10 @@ async fn browse(
         .into_response()
 }
 
-pub fn routes(devices: SharedDevices, pools: Arc<Pools>) -> Router {
-    Router::new()
-        .route("/api/v1/devices", get(devices_list))
-        .route("/api/v1/devices/{id}/tags", get(tags))
-        .route("/api/v1/devices/{id}/browse", get(browse))
+pub fn routes(devices: SharedDevices, pools: Arc<Pools>) -> Routes {
+    Routes::new()
+        .get("/api/v1/devices", Role::Viewer, devices_list)
+        .get("/api/v1/devices/{id}/tags", Role::Viewer, tags)
+        .get("/api/v1/devices/{id}/browse", Role::Operator, browse)
         .with_state(Api { devices, pools })
 }

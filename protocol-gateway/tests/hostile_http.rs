@@ -1,6 +1,7 @@
 //! The gateway's HTTP port against hostile requests, through the real service: a body over
 //! the limit is a 413 even on routes that never read one, a browse `node` longer than OPC UA
-//! allows is a 400 naming it, and the HTTP guard's metrics are served from the start.
+//! allows is a 400 naming it, the HTTP guard's metrics are served from the start, the device
+//! list is a viewer's and browsing a plant server an operator's.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,7 +10,9 @@ mod support;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use nexus_common::config::{Anonymous, Role, UserConfig};
 use nexus_common::testing::free_port;
+use support::OPERATOR;
 
 /// `head` sent as is; the status (0: nothing listens, or no answer within 5 s) and body.
 fn request(port: u16, head: &str) -> (u16, String) {
@@ -69,7 +72,9 @@ async fn oversized_bodies_and_overlong_nodes_are_refused_and_counted() {
     let node = "s".repeat(5000);
     let (s, body) = request(
         http,
-        &format!("GET /api/v1/devices/any/browse?node=ns%3D2%3Bs%3D{node} HTTP/1.0\r\n\r\n"),
+        &format!(
+            "GET /api/v1/devices/any/browse?node=ns%3D2%3Bs%3D{node} HTTP/1.0\r\n{OPERATOR}\r\n\r\n"
+        ),
     );
     assert_eq!(s, 400, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -80,9 +85,56 @@ async fn oversized_bodies_and_overlong_nodes_are_refused_and_counted() {
     // An ordinary one goes on to the device lookup.
     let (s, _) = request(
         http,
-        "GET /api/v1/devices/any/browse?node=ns%3D2%3Bs%3Dx HTTP/1.0\r\n\r\n",
+        &format!(
+            "GET /api/v1/devices/any/browse?node=ns%3D2%3Bs%3Dx HTTP/1.0\r\n{OPERATOR}\r\n\r\n"
+        ),
     );
     assert_eq!(s, 404);
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("gateway stops")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_a_viewers_and_browsing_an_operators() {
+    let broker = support::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut cfg = support::config(broker.ports.tcp().port(), http, dir.path(), "");
+    cfg.auth.anonymous = Anonymous::Off;
+    cfg.auth
+        .users
+        .push(UserConfig::with_password("ann", "ann-pw", Role::Viewer));
+    let (stop, task) = support::start_gateway(cfg);
+    let start = Instant::now();
+    while request(http, "GET /readyz HTTP/1.0\r\n\r\n").0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let get = |path: &str, auth: &str| request(http, &format!("GET {path} HTTP/1.0\r\n{auth}\r\n"));
+    let viewer = "Authorization: Basic YW5uOmFubi1wdw==\r\n"; // ann:ann-pw
+    let operator = format!("{OPERATOR}\r\n");
+    let browse = "/api/v1/devices/any/browse?node=ns%3D2%3Bs%3Dx";
+    // No credentials, and no anonymous access: nothing but health. All three were open once.
+    for path in ["/api/v1/devices", "/api/v1/devices/any/tags", browse] {
+        let (s, body) = get(path, "");
+        assert_eq!(s, 401, "{path}: {body}");
+    }
+    assert_eq!(get("/healthz", "").0, 200);
+    // A viewer lists devices and tags, and may not make the gateway browse a plant server.
+    let (s, body) = get("/api/v1/devices", viewer);
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(get("/api/v1/devices/any/tags", viewer).0, 404);
+    let (s, body) = get(browse, viewer);
+    assert_eq!(s, 403, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "this needs the operator role; ann is viewer");
+    // An operator gets as far as the device lookup.
+    assert_eq!(get(browse, &operator).0, 404);
 
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(10), task)

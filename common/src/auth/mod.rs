@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Anonymous, AuthConfig, Role, UserConfig, MIN_TOKEN_LEN};
 
+pub mod http;
 
 /// Argon2 checks that may run at once.
 pub const VERIFY_SLOTS: usize = 2;

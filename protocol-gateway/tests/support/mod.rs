@@ -41,6 +41,8 @@ pub fn config(mqtt_port: u16, http_port: u16, dir: &std::path::Path, extra: &str
         Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
     cfg.gateway.http_listen = format!("127.0.0.1:{http_port}").parse().unwrap();
     cfg.gateway.buffer.dir = dir.join("buffer");
+    // The HTTP calls of these tests log in as the operator op ([`http_get`]).
+    cfg.auth = testing::test_auth();
     cfg
 }
 
@@ -99,12 +101,16 @@ pub async fn collect(
     out
 }
 
+/// `Authorization` of the operator `op` / `op-pw` of `testing::test_auth`.
+pub const OPERATOR: &str = "Authorization: Basic b3A6b3AtcHc=";
+
+/// The body of `GET path`, as the operator op (browsing needs the operator role).
 pub fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
     };
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{OPERATOR}\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
