@@ -89,6 +89,138 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Credentials for the `auth` section: password hashes and API tokens.
+    Auth {
+        #[command(subcommand)]
+        action: AuthAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthAction {
+    /// Read a password (typed without echo on a terminal, else the first line of stdin) and
+    /// print its argon2 hash, for `auth.users[].password_hash`.
+    HashPassword,
+    /// Make a random API token: print it (line 1; it is not stored anywhere) and the
+    /// `auth.tokens` entry holding its SHA-256 (line 2).
+    NewToken {
+        /// The token's name in logs and the audit (`token:<name>`).
+        #[arg(long, default_value = "api")]
+        name: String,
+        /// What the token may do over HTTP.
+        #[arg(long, value_enum, default_value_t = TokenRole::Viewer)]
+        role: TokenRole,
+    },
+}
+
+/// The roles a token may have (the service role belongs to Nexus's own services).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TokenRole {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl TokenRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Viewer => "viewer",
+            TokenRole::Operator => "operator",
+            TokenRole::Admin => "admin",
+        }
+    }
+}
+
+/// Turns the terminal's echo off until dropped (`stty`, so no terminal code of our own).
+struct NoEcho;
+
+impl NoEcho {
+    fn new() -> anyhow::Result<NoEcho> {
+        let off = std::process::Command::new("stty")
+            .arg("-echo")
+            .stdin(std::process::Stdio::inherit())
+            .status();
+        match off {
+            Ok(s) if s.success() => Ok(NoEcho),
+            _ => anyhow::bail!(
+                "cannot turn off the terminal's echo (stty -echo failed); pipe the password in instead: \
+                 printf '%s\\n' \"$PASSWORD\" | nexus auth hash-password"
+            ),
+        }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty")
+            .arg("echo")
+            .stdin(std::process::Stdio::inherit())
+            .status();
+    }
+}
+
+/// One line of stdin without its line end; `None` at end of input.
+fn read_line() -> anyhow::Result<Option<String>> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let end = line.trim_end_matches(['\n', '\r']).len();
+    line.truncate(end);
+    Ok(Some(line))
+}
+
+fn read_hidden(prompt: &str) -> anyhow::Result<String> {
+    use std::io::Write;
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let line = {
+        let _no_echo = NoEcho::new()?;
+        read_line()
+    };
+    eprintln!();
+    line?.ok_or_else(|| anyhow::anyhow!("no password given"))
+}
+
+/// The password to hash: asked twice on a terminal, else the first line of stdin.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let first = read_hidden("Password: ")?;
+        if read_hidden("Again: ")? != first {
+            anyhow::bail!("the two passwords differ");
+        }
+        first
+    } else {
+        read_line()?.ok_or_else(|| anyhow::anyhow!("no password on stdin"))?
+    };
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    Ok(password)
+}
+
+fn auth_command(action: &AuthAction) -> anyhow::Result<()> {
+    match action {
+        AuthAction::HashPassword => {
+            let password = read_password()?;
+            println!("{}", nexus_common::auth::hash_password(&password));
+            eprintln!("put it in nexus.yaml as auth.users[].password_hash");
+        }
+        AuthAction::NewToken { name, role } => {
+            let (token, sha256) = nexus_common::auth::new_token();
+            // A JSON string is a YAML scalar, whatever the name holds.
+            let name = serde_json::Value::from(name.as_str());
+            println!("{token}");
+            println!(
+                "- {{ name: {name}, sha256: {sha256}, role: {} }}",
+                role.as_str()
+            );
+            eprintln!("line 1 is the token, shown once: give it to the client (Authorization: Bearer <token>); line 2 goes under auth.tokens in nexus.yaml");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -294,6 +426,13 @@ pub async fn main(cli: Cli) -> ExitCode {
             };
             done(simulate_opcua(opts).await)
         }
+        Command::Auth { action } => match auth_command(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Config {
             action: ConfigAction::Check(arg),
         } => {
