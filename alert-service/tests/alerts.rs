@@ -66,7 +66,9 @@ fn start_with(
     let text = format!(
         "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\ntelemetry: {{ instance: alerts-test }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  max_shelve: 1h\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80, deadband: 2 }}, severity: 700, message: \"{{topic}} is {{value}} above {{limit}}\" }}\n{extra}"
     );
-    let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    // The REST calls below log in as the operator op.
+    cfg.auth = testing::test_auth();
     let token = CancellationToken::new();
     let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
     (token, task)
@@ -88,7 +90,8 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, Value) {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return (0, Value::Null);
     };
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    // As the operator op (op:op-pw).
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Basic b3A6b3AtcHc=\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out
@@ -211,7 +214,7 @@ async fn alarms_raise_clear_ack_shelve_and_survive_a_restart() {
         hp,
         "POST",
         &format!("/api/v1/alarms/{id}/shelve"),
-        "{\"duration_s\":60,\"user\":\"ann\"}",
+        "{\"duration_s\":60}",
     );
     assert_eq!(code, 200, "{shelved}");
     assert!(shelved["shelved_until"].as_i64().unwrap() > nexus_common::now_ms());
@@ -223,7 +226,7 @@ async fn alarms_raise_clear_ack_shelve_and_survive_a_restart() {
         hp,
         "POST",
         &format!("/api/v1/alarms/{id}/out_of_service"),
-        "{\"user\":\"ann\"}",
+        "{\"user\":\"op\"}",
     );
     assert_eq!(code, 200);
     assert_eq!(
