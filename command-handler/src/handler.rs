@@ -265,14 +265,15 @@ impl Handler {
         }
         self.metrics.received.inc();
         let user = msg.user_property(nexus_common::broker::USER_PROPERTY);
-        let reply_to = msg
-            .response_topic()
-            .and_then(|t| match ReplyTopic::parse(t).map_err(str::to_owned).and_then(|rt| {
+        let reply_to = msg.response_topic().and_then(|t| {
+            match ReplyTopic::parse(t).map_err(str::to_owned).and_then(|rt| {
                 // The handler publishes as the service user, which may write a device's
                 // values: a Response Topic in a device's namespace would let a requester
                 // write there through it.
                 if let Some(p) = self.directory.uns_prefix_holding(rt.as_str()) {
-                    return Err(format!("it is in the namespace of configured devices ({p})"));
+                    return Err(format!(
+                        "it is in the namespace of configured devices ({p})"
+                    ));
                 }
                 // Only where the requester (as the broker authenticated it) may subscribe.
                 if let Some(name) = user {
@@ -296,7 +297,8 @@ impl Handler {
                     );
                     None
                 }
-            });
+            }
+        });
         let parsed = command::parse_topic(topic).and_then(|t: CmdTopic| {
             command::parse(&t, msg.payload(), self.cfg.max_payload.0 as usize)
         });

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nexus_common::config::{
-    AclAction, AclPermission, AclRule, BrokerConfig, Config, MqttVersion, Secret,
-};
+use nexus_common::config::{BrokerConfig, Config, MqttVersion, Secret};
 use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, PublishProps, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto};
 use nexus_devices::simulator::modbus::ModbusSimulator;
@@ -661,7 +659,10 @@ async fn a_response_topic_cannot_steer_the_handler_into_a_denied_device() {
     let forged: Vec<_> = std::iter::from_fn(|| uns.try_recv().ok())
         .filter(|m| matches!(m.topic(), Some("acme/site/plc-a/sp" | "secret/replies")))
         .collect();
-    assert!(forged.is_empty(), "an answer landed where the operator may not write or read");
+    assert!(
+        forged.is_empty(),
+        "an answer landed where the operator may not write or read"
+    );
     for (t, v) in &got {
         assert_eq!(v["success"], true, "{t}: {v}");
     }
@@ -837,7 +838,8 @@ async fn every_command_is_audited_in_postgres() {
     let texts: Vec<Option<String>> = (0..8).map(|i| row.get(i)).collect();
     // The payload claims ann; the broker authenticated op (an MQTT 3.1.1 client: the broker
     // stamps it all the same), and the audit keeps both, each in its own column.
-    let want = ["plc", "sp", "a-1", "op", "ann", "21.5", "50.0", "21.5"].map(|s| Some(s.to_owned()));
+    let want =
+        ["plc", "sp", "a-1", "op", "ann", "21.5", "50.0", "21.5"].map(|s| Some(s.to_owned()));
     assert_eq!(texts, want);
     assert!(row.get::<_, bool>(8));
     let second_ok: bool = rows[1].get(8);

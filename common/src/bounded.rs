@@ -515,7 +515,7 @@ mod tests {
     #[test]
     fn pinned_entries_are_stepped_over_and_a_full_map_of_them_refuses() {
         // Odd values may not be evicted.
-        let odd = |_: &String, v: &u32| v % 2 == 0;
+        let odd = |_: &String, v: &u32| v.is_multiple_of(2);
         let mut m = BoundedMap::new(3);
         for (k, v) in [("p1", 1), ("e", 2), ("p2", 3)] {
             let _ = m.insert(k.to_owned(), v, 1).ok().unwrap();

@@ -122,8 +122,32 @@ pub fn service_router(
     ids: Arc<Identities>,
     auth: &AuthConfig,
 ) -> Result<Router, MetricError> {
+    assemble(t, routes, limits, ids, auth, false)
+}
+
+/// [`service_router`] for a port served as `cfg.http` says: with `http.tls` the session
+/// cookie is marked `Secure`, so a browser never sends it over plain HTTP.
+pub fn service_router_for(
+    t: &Telemetry,
+    routes: Routes,
+    limits: HttpLimits,
+    ids: Arc<Identities>,
+    cfg: &crate::config::Config,
+) -> Result<Router, MetricError> {
+    assemble(t, routes, limits, ids, &cfg.auth, cfg.http.tls.is_some())
+}
+
+fn assemble(
+    t: &Telemetry,
+    routes: Routes,
+    limits: HttpLimits,
+    ids: Arc<Identities>,
+    auth: &AuthConfig,
+    https: bool,
+) -> Result<Router, MetricError> {
     let metrics = t.http_metrics()?;
-    let port_auth = Arc::new(HttpAuth::new(ids, auth, metrics.auth.clone()));
+    let port_auth =
+        Arc::new(HttpAuth::new(ids, auth, metrics.auth.clone()).with_secure_cookies(https));
     let app = telemetry::router(t)
         .merge(auth_http::session_routes(port_auth.clone()))
         .merge(routes.into_router())

@@ -30,6 +30,7 @@ pub mod bounded;
 pub mod breaker;
 pub mod broker;
 pub mod http;
+pub mod http_tls;
 pub mod metrics;
 pub mod mqtt;
 pub mod ratelimit;

@@ -168,8 +168,8 @@ impl Shell {
         };
 
         let app =
-            crate::http::service_router(&telemetry, opts.routes, opts.http_limits, ids, &cfg.auth)?;
-        let (http_addr, http) = telemetry::serve(opts.http_listen, app, shutdown.clone())
+            crate::http::service_router_for(&telemetry, opts.routes, opts.http_limits, ids, cfg)?;
+        let (http_addr, http) = telemetry::serve_as(opts.http_listen, app, &cfg.http, shutdown.clone())
             .await
             .map_err(|source| ShellError::Http {
                 addr: opts.http_listen,

@@ -181,16 +181,38 @@ pub async fn serve(
     app: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    serve_as(addr, app, &crate::config::HttpConfig::default(), shutdown).await
+}
+
+/// [`serve`] as `http` says: HTTPS only when `http.tls` is set (docs/security.md, TLS only).
+pub async fn serve_as(
+    addr: SocketAddr,
+    app: Router,
+    http: &crate::config::HttpConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    });
+    let stop = async move { shutdown.cancelled().await };
+    let task = match &http.tls {
+        None => tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }),
+        Some(tls) => {
+            let acceptor = crate::http_tls::acceptor(tls)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+            let listener = crate::http_tls::TlsListener::new(listener, acceptor)?;
+            tokio::spawn(async move {
+                let app = app.into_make_service_with_connect_info::<crate::http_tls::TlsPeer>();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            })
+        }
+    };
     Ok((local, task))
 }
 

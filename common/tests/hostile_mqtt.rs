@@ -162,8 +162,16 @@ async fn outsiders_cannot_connect_anonymously() {
             ClientSettings::new(testing::unique("anon")),
         )
         .await;
-    assert!(anon.is_none(), "anonymous client accepted with anonymous: off");
-    assert!(rig.metric("nexus_broker_connects_refused_total", "reason=\"anonymous\"") >= 1.0);
+    assert!(
+        anon.is_none(),
+        "anonymous client accepted with anonymous: off"
+    );
+    assert!(
+        rig.metric(
+            "nexus_broker_connects_refused_total",
+            "reason=\"anonymous\""
+        ) >= 1.0
+    );
     assert!(rig
         .client(
             &rig.cfg(Some(PUBLISHER_USER), MqttVersion::V5),
@@ -214,36 +222,65 @@ async fn only_the_gateway_writes_device_values_and_viewers_write_nothing() {
     ];
     for who in attackers {
         let p = rig.publisher(who, MqttVersion::V311).await;
-        p.publish(DEVICE_TOPIC, r#"{"v":999,"q":"good"}"#, QoS::AtLeastOnce, true)
+        p.publish(
+            DEVICE_TOPIC,
+            r#"{"v":999,"q":"good"}"#,
+            QoS::AtLeastOnce,
+            true,
+        )
+        .await
+        .unwrap();
+        if who != Some(PUBLISHER_USER) {
+            p.publish(
+                "acme/plant/utilities/suppress",
+                "1",
+                QoS::AtLeastOnce,
+                false,
+            )
             .await
             .unwrap();
-        if who != Some(PUBLISHER_USER) {
-            p.publish("acme/plant/utilities/suppress", "1", QoS::AtLeastOnce, false)
-                .await
-                .unwrap();
         }
     }
     let got = drain(&mut seen, Q).await;
-    assert!(got.is_empty(), "refused publishes were delivered: {:?}", topics(&got));
+    assert!(
+        got.is_empty(),
+        "refused publishes were delivered: {:?}",
+        topics(&got)
+    );
     assert!(rig.metric("nexus_broker_acl_denied_total", "action=\"publish\"") >= 7.0);
     // No forged retained value is there for the next subscriber either.
-    let (_l, mut late) = rig.subscriber(None, MqttVersion::V311, &[DEVICE_TOPIC]).await;
+    let (_l, mut late) = rig
+        .subscriber(None, MqttVersion::V311, &[DEVICE_TOPIC])
+        .await;
     assert!(drain(&mut late, Q).await.is_empty());
 
     // The gateway (service role) writes the device's value; a publisher writes under its
     // own topics, which are not a configured device's.
     let gw = rig.publisher(Some(SERVICE_USER), MqttVersion::V311).await;
-    gw.publish(DEVICE_TOPIC, r#"{"v":21.5,"q":"good"}"#, QoS::AtLeastOnce, true)
-        .await
-        .unwrap();
+    gw.publish(
+        DEVICE_TOPIC,
+        r#"{"v":21.5,"q":"good"}"#,
+        QoS::AtLeastOnce,
+        true,
+    )
+    .await
+    .unwrap();
     let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
-    p.publish("acme/plant/packaging/line-1/scale/weight", "12", QoS::AtLeastOnce, false)
-        .await
-        .unwrap();
+    p.publish(
+        "acme/plant/packaging/line-1/scale/weight",
+        "12",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
     let got = topics(&drain(&mut seen, Q).await);
     assert_eq!(
         got,
-        vec![DEVICE_TOPIC.to_owned(), "acme/plant/packaging/line-1/scale/weight".to_owned()]
+        vec![
+            DEVICE_TOPIC.to_owned(),
+            "acme/plant/packaging/line-1/scale/weight".to_owned()
+        ]
     );
 }
 
@@ -263,7 +300,10 @@ async fn the_historian_stream_cannot_be_joined_or_its_client_id_taken() {
                 .unwrap();
         }
         assert_eq!(drain(&mut member, Q).await.len(), 20, "{who:?}");
-        assert!(drain(&mut thief, Q).await.is_empty(), "{who:?} joined the group");
+        assert!(
+            drain(&mut thief, Q).await.is_empty(),
+            "{who:?} joined the group"
+        );
     }
     assert!(rig.metric("nexus_broker_acl_denied_total", "action=\"subscribe\"") >= 3.0);
 
@@ -280,7 +320,12 @@ async fn the_historian_stream_cannot_be_joined_or_its_client_id_taken() {
             .await;
         assert!(impostor.is_none(), "{who:?} took the client id {id}");
     }
-    assert!(rig.metric("nexus_broker_connects_refused_total", "reason=\"client_id\"") >= 3.0);
+    assert!(
+        rig.metric(
+            "nexus_broker_connects_refused_total",
+            "reason=\"client_id\""
+        ) >= 3.0
+    );
     let gw = rig.publisher(Some(SERVICE_USER), MqttVersion::V311).await;
     gw.publish("acme/after", "1", QoS::AtLeastOnce, false)
         .await
@@ -317,7 +362,11 @@ async fn a_last_will_is_checked_like_a_publish() {
 async fn the_broker_stamps_who_sent_a_command() {
     let rig = Rig::default();
     let (_s, mut seen) = rig
-        .subscriber(Some(SERVICE_USER), MqttVersion::V5, &["$nexus/cmd/#", "acme/#"])
+        .subscriber(
+            Some(SERVICE_USER),
+            MqttVersion::V5,
+            &["$nexus/cmd/#", "acme/#"],
+        )
         .await;
     let forged = || PublishProps {
         user_properties: vec![
@@ -337,9 +386,15 @@ async fn the_broker_stamps_who_sent_a_command() {
     .await
     .unwrap();
     let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V5).await;
-    p.publish_with("acme/erp/order", "1", QoS::AtLeastOnce, false, Some(forged()))
-        .await
-        .unwrap();
+    p.publish_with(
+        "acme/erp/order",
+        "1",
+        QoS::AtLeastOnce,
+        false,
+        Some(forged()),
+    )
+    .await
+    .unwrap();
     // MQTT 3.1.1 clients cannot send properties; they are stamped all the same.
     let op3 = rig.publisher(Some(OPERATOR_USER), MqttVersion::V311).await;
     op3.publish("$nexus/cmd/plc-1/t/set", "1", QoS::AtLeastOnce, false)
@@ -351,7 +406,10 @@ async fn the_broker_stamps_who_sent_a_command() {
     assert_eq!(got[0].user_property("site"), Some("kept"));
     assert!(got[1].user_properties("nexus-user").is_empty());
     assert_eq!(got[2].user_properties("nexus-user"), vec!["op"]);
-    assert_eq!(rig.metric("nexus_broker_user_property_stripped_total", ""), 2.0);
+    assert_eq!(
+        rig.metric("nexus_broker_user_property_stripped_total", ""),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,13 +513,22 @@ async fn sessions_and_queues_are_bounded() {
     // Sessions held: the two offline ones and the publisher's; one more fits, then no more.
     assert_eq!(rig.metric("nexus_broker_sessions", ""), 3.0);
     let fourth = rig
-        .client(&rig.cfg(None, MqttVersion::V311), ClientSettings::new("fourth"))
+        .client(
+            &rig.cfg(None, MqttVersion::V311),
+            ClientSettings::new("fourth"),
+        )
         .await;
     assert!(fourth.is_some());
     let fifth = rig
-        .client(&rig.cfg(None, MqttVersion::V5), ClientSettings::new("fifth"))
+        .client(
+            &rig.cfg(None, MqttVersion::V5),
+            ClientSettings::new("fifth"),
+        )
         .await;
-    assert!(fifth.is_none(), "a fifth session beyond broker.max_sessions: 4");
+    assert!(
+        fifth.is_none(),
+        "a fifth session beyond broker.max_sessions: 4"
+    );
     assert!(rig.metric("nexus_broker_sessions_refused_total", "") >= 1.0);
 
     // Back online (their sessions are there, so the cap does not stop them): the viewer gets
@@ -474,7 +541,12 @@ async fn sessions_and_queues_are_bounded() {
     let service_got = drain(&mut srx, Q).await.len();
     assert!(viewer_got <= 5, "viewer queue held {viewer_got}");
     assert_eq!(service_got, 100);
-    assert!(rig.metric("nexus_broker_messages_dropped_total", "reason=\"queue_full\"") >= 95.0);
+    assert!(
+        rig.metric(
+            "nexus_broker_messages_dropped_total",
+            "reason=\"queue_full\""
+        ) >= 95.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,7 +575,11 @@ async fn a_client_cannot_keep_its_session_past_the_cap() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     tok.cancel();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(rig.metric("nexus_broker_sessions", ""), 0.0, "session expired after 1 s");
+    assert_eq!(
+        rig.metric("nexus_broker_sessions", ""),
+        0.0,
+        "session expired after 1 s"
+    );
     let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
     p.publish("cap/x", "1", QoS::AtLeastOnce, false)
         .await

@@ -289,3 +289,56 @@ async fn postgres_tls_can_be_required() {
     assert!(nexus_common::pg::connect(&Database::at(&url)).await.is_ok());
     assert!(nexus_common::pg::connect(&required(url)).await.is_err());
 }
+
+/// `http.tls`: a service's HTTP port answers HTTPS with the configured certificate (a client
+/// trusting the test CA gets `/healthz`), and a plain-HTTP request gets no HTTP answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_on_a_service_port() {
+    use nexus_common::config::HttpTls;
+    use nexus_common::service::{Shell, ShellOptions};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let broker = testing::service_broker();
+    let mut cfg = nexus_common::config::Config {
+        mqtt: testing::service_mqtt_config(broker.ports.tcp().port()),
+        ..Default::default()
+    };
+    cfg.http.tls = Some(HttpTls {
+        cert_file: pki.path("server.pem"),
+        key_file: pki.path("server.key"),
+    });
+    let port = testing::free_port();
+    let token = CancellationToken::new();
+    let opts = ShellOptions::new("https", format!("127.0.0.1:{port}").parse().unwrap());
+    let shell = Shell::start(&cfg, opts, token.clone()).await.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    // Plain HTTP on the same port: the TLS server never answers it as HTTP.
+    let (status, _) =
+        tokio::task::spawn_blocking(move || testing::http(port, "GET", "/healthz", ""))
+            .await
+            .unwrap();
+    assert_eq!(status, 0, "plain HTTP was answered on an HTTPS port");
+    token.cancel();
+    shell.stop().await;
+}

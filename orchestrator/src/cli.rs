@@ -290,20 +290,28 @@ async fn broker_only(cfg: Config) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     cancel_on_signals(token.clone());
     let t = Telemetry::new("broker");
-    let ids = nexus_common::auth::Identities::new(&cfg.auth)?;
-    let acl = Acl::new(std::sync::Arc::new(ids), &cfg.broker, &cfg.devices);
+    let ids = std::sync::Arc::new(nexus_common::auth::Identities::new(&cfg.auth)?);
+    let acl = Acl::new(ids.clone(), &cfg.broker, &cfg.devices);
     let (bcfg, reg) = (cfg.broker.clone(), t.registry.clone());
     let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &reg)).await??;
     t.readiness.condition("listeners").set(true);
-    let (http, task) = telemetry::serve(
-        cfg.orchestrator.http_listen,
-        telemetry::router(&t),
-        token.clone(),
-    )
-    .await?;
+    // Health and metrics behind the same guard, authentication and TLS as every service port.
+    let app = nexus_common::http::service_router_for(
+        &t,
+        nexus_common::auth::http::Routes::new(),
+        nexus_common::http::HttpLimits::default(),
+        ids,
+        &cfg,
+    )?;
+    let (http, task) =
+        telemetry::serve_as(cfg.orchestrator.http_listen, app, &cfg.http, token.clone()).await?;
     println!(
-        "Nexus broker listening on {:?} (WebSocket {:?}, TLS {:?}, secure WebSocket {:?}); health and metrics on http://{http}",
-        b.ports.tcp, b.ports.ws, b.ports.tls, b.ports.wss
+        "Nexus broker listening on {:?} (WebSocket {:?}, TLS {:?}, secure WebSocket {:?}); health and metrics on {}://{http}",
+        b.ports.tcp,
+        b.ports.ws,
+        b.ports.tls,
+        b.ports.wss,
+        if cfg.http.tls.is_some() { "https" } else { "http" }
     );
     token.cancelled().await;
     let _ = task.await;

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use nexus_common::broker::{Acl, EmbeddedBroker};
 use nexus_common::auth::Identities;
+use nexus_common::broker::{Acl, EmbeddedBroker};
 use nexus_common::config::{Config, Role, Secret, UserConfig};
 use nexus_common::supervise::{RestartPolicy, Supervisor};
 use nexus_common::telemetry::Telemetry;

@@ -206,6 +206,8 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
             "services not online: {text}"
         );
     }
+    // An anonymous client on this machine reads, but cannot write into the namespace: its
+    // publish (MQTT 5, so the refusal is answered) never reaches a subscriber.
     let sub = Command::new("mosquitto_sub")
         .args([
             "-h",
@@ -218,31 +220,36 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
             "-C",
             "1",
             "-W",
-            "10",
+            "3",
         ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(Command::new("mosquitto_pub")
+    let forged = Command::new("mosquitto_pub")
         .args([
             "-h",
             "127.0.0.1",
             "-p",
             &port,
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
             "-t",
             "acme/site/x",
             "-m",
-            "{\"v\":1}"
+            "{\"v\":1}",
         ])
-        .status()
-        .unwrap()
-        .success());
-    let out = sub.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "acme/site/x {\"v\":1}"
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&forged.stderr).to_lowercase();
+    assert!(
+        !forged.status.success() || said.contains("not authorized"),
+        "anonymous publish accepted: {said}"
     );
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
 
     // The demo device's values are in the namespace within seconds.
     let demo = Command::new("mosquitto_sub")

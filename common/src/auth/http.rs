@@ -220,6 +220,8 @@ pub struct HttpAuth {
     metrics_open: bool,
     metrics: AuthMetrics,
     log: LogLimit,
+    /// Mark the session cookie `Secure` (the port serves HTTPS).
+    secure_cookies: bool,
 }
 
 impl HttpAuth {
@@ -232,7 +234,14 @@ impl HttpAuth {
             metrics_open: cfg.metrics == MetricsAccess::Open,
             metrics,
             log: LogLimit::default(),
+            secure_cookies: false,
         }
+    }
+
+    /// Mark session cookies `Secure`: for a port that serves HTTPS (`http.tls`).
+    pub fn with_secure_cookies(mut self, on: bool) -> HttpAuth {
+        self.secure_cookies = on;
+        self
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
@@ -378,6 +387,10 @@ fn peer_ip(req: &Request) -> Option<IpAddr> {
     let ext = req.extensions();
     ext.get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
+        .or_else(|| {
+            ext.get::<ConnectInfo<crate::http_tls::TlsPeer>>()
+                .map(|c| c.0 .0.ip())
+        })
         .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
 }
 
@@ -419,7 +432,7 @@ pub async fn authenticate(
     let mut resp = next.run(req).await;
     if let Some(cookie) = r.refresh_cookie {
         let ttl = a.sessions().ttl;
-        if let Ok(v) = HeaderValue::from_str(&set_cookie(&cookie, ttl)) {
+        if let Ok(v) = HeaderValue::from_str(&set_cookie(&cookie, ttl, a.secure_cookies)) {
             if !resp.headers().contains_key(header::SET_COOKIE) {
                 resp.headers_mut().insert(header::SET_COOKIE, v);
             }
@@ -510,7 +523,7 @@ async fn login(State(a): State<Arc<HttpAuth>>, req: Request) -> Response {
     let ttl = a.sessions().ttl;
     let mut r =
         Json(json!({"name": identity.name, "role": identity.role.as_str()})).into_response();
-    if let Ok(v) = HeaderValue::from_str(&set_cookie(&cookie, ttl)) {
+    if let Ok(v) = HeaderValue::from_str(&set_cookie(&cookie, ttl, a.secure_cookies)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -545,10 +558,11 @@ async fn whoami(Caller(id): Caller) -> Json<serde_json::Value> {
     Json(json!({"name": id.name, "role": id.role.as_str(), "via": via}))
 }
 
-fn set_cookie(value: &str, ttl: Duration) -> String {
+fn set_cookie(value: &str, ttl: Duration, secure: bool) -> String {
     format!(
-        "{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        ttl.as_secs().max(1)
+        "{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        ttl.as_secs().max(1),
+        if secure { "; Secure" } else { "" }
     )
 }
 

@@ -310,31 +310,43 @@ impl Identities {
 
     /// Check a user name and password; `None` when either is wrong.
     pub async fn login(&self, username: &str, password: &[u8]) -> Option<Identity> {
-        let u = self.users.get(username)?;
+        let Some(u) = self.users.get(username) else {
+            // As long as for a user who exists: the time must not tell which names do.
+            self.check_slowly(dummy_hash().to_owned(), password).await;
+            return None;
+        };
         let given = self.digest(password);
         match &u.credential {
             Credential::Digest(d) => {
-                constant_time_eq(d, &given).then(|| self.identity(username, u, Via::Password))
+                if constant_time_eq(d, &given) {
+                    return Some(self.identity(username, u, Via::Password));
+                }
+                // A wrong password takes an argon2 check's time whatever the user's kind.
+                self.check_slowly(dummy_hash().to_owned(), password).await;
+                None
             }
             Credential::Hash(hash) => {
                 if self.remembered(username, &given) {
                     return Some(self.identity(username, u, Via::Password));
                 }
-                let ok = {
-                    let _slot = self.slots.acquire().await.ok()?;
-                    let hash = hash.clone();
-                    let password = password.to_vec();
-                    tokio::task::spawn_blocking(move || verify(&hash, &password))
-                        .await
-                        .unwrap_or(false)
-                };
-                if !ok {
+                if !self.check_slowly(hash.clone(), password).await {
                     return None;
                 }
                 self.lock_verified().insert(username.to_owned(), given);
                 Some(self.identity(username, u, Via::Password))
             }
         }
+    }
+
+    /// An argon2 check in a blocking thread, at most [`VERIFY_SLOTS`] at once.
+    async fn check_slowly(&self, hash: String, password: &[u8]) -> bool {
+        let Ok(_slot) = self.slots.acquire().await else {
+            return false;
+        };
+        let password = password.to_vec();
+        tokio::task::spawn_blocking(move || verify(&hash, &password))
+            .await
+            .unwrap_or(false)
     }
 
     fn lock_verified(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
@@ -373,6 +385,18 @@ impl Identities {
     pub fn anonymous_policy(&self) -> Anonymous {
         self.anonymous
     }
+}
+
+/// A hash of a random password, with the default cost: what an unknown user's password is
+/// checked against.
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| {
+        use rand::RngCore;
+        let mut raw = [0u8; 16];
+        rand::rng().fill_bytes(&mut raw);
+        hash_password(&hex(&raw))
+    })
 }
 
 fn verify(hash: &str, password: &[u8]) -> bool {

@@ -191,7 +191,7 @@ impl Acl {
         }
         for (i, r) in self.rules.iter().enumerate() {
             let applies_to_client = (r.users.is_empty() && r.roles.is_empty())
-                || r.users.iter().any(|u| *u == who.name)
+                || r.users.contains(&who.name)
                 || r.roles.contains(&who.role);
             let applies_to_action = matches!(
                 (r.action, action),

@@ -21,7 +21,8 @@ pub struct AuthConfig {
     /// clients on this machine only) or `any`.
     pub anonymous: Anonymous,
     /// Who may read `/metrics`: `open` (default: Prometheus scrapes without credentials; no
-    /// metric carries a secret) or `viewer` (any authenticated user or token).
+    /// metric carries a secret) or `viewer` (the viewer role: a user, a token, or an anonymous
+    /// client where `anonymous` lets one in).
     pub metrics: MetricsAccess,
     /// How long a web login lasts without use (default 8h).
     #[serde(with = "duration")]
@@ -97,14 +98,14 @@ impl Role {
     /// Does this role include everything `needed` may do?
     pub fn includes(self, needed: Role) -> bool {
         use Role::*;
-        match (self, needed) {
-            (Service, _) => true,
-            (Admin, Viewer | Operator | Admin) => true,
-            (Operator, Viewer | Operator) => true,
-            (Publisher, Viewer | Publisher) => true,
-            (Viewer, Viewer) => true,
-            _ => false,
-        }
+        matches!(
+            (self, needed),
+            (Service, _)
+                | (Admin, Viewer | Operator | Admin)
+                | (Operator, Viewer | Operator)
+                | (Publisher, Viewer | Publisher)
+                | (Viewer, Viewer)
+        )
     }
 
     pub fn as_str(self) -> &'static str {

@@ -13,6 +13,7 @@ pub mod commands;
 pub mod database;
 pub mod devices;
 pub mod gateway;
+pub mod http;
 pub mod ingestion;
 pub mod mqtt;
 pub mod service;
@@ -38,6 +39,7 @@ pub use devices::{
     ModbusTable, ModbusTransport, OpcUaAuth, Parity, Protocol, S7Address, S7Area, TagConfig,
 };
 pub use gateway::{BufferConfig, GatewayConfig, OpcUaClientConfig, PoolConfig};
+pub use http::{HttpConfig, HttpTls};
 pub use ingestion::IngestionConfig;
 pub use mqtt::{MqttConfig, MqttTls, MqttVersion};
 pub use service::{LogFormat, OrchestratorConfig, TelemetryConfig};
@@ -51,8 +53,9 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Default config file name, looked up in the working directory.
 pub const DEFAULT_FILE: &str = "nexus.yaml";
 
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "auth",
+    "http",
     "broker",
     "mqtt",
     "database",
@@ -70,6 +73,7 @@ const SECTIONS: [&str; 12] = [
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub auth: AuthConfig,
+    pub http: HttpConfig,
     pub broker: BrokerConfig,
     pub mqtt: MqttConfig,
     pub gateway: GatewayConfig,
@@ -495,6 +499,7 @@ impl Config {
             };
         }
         take!(auth);
+        take!(http);
         take!(broker);
         take!(mqtt);
         take!(gateway);
@@ -613,6 +618,7 @@ impl Config {
     /// `device_index[i]` / `rule_index[i]`: the position in the file of `devices[i]` / rule i.
     fn validate_parts(&self, p: &mut Problems, device_index: &[usize], rule_index: &[usize]) {
         self.auth.validate(p);
+        self.http.validate(p);
         self.broker.validate(p);
         self.mqtt.validate(p);
         self.gateway.validate(p);
