@@ -6,6 +6,11 @@ use std::borrow::Cow;
 /// Longest topic of a stored point, in bytes: MQTT's own limit (a Sparkplug metric name can
 /// make a longer one, which is rejected).
 pub const MAX_TOPIC_BYTES: usize = 65_535;
+/// Longest topic stored as a point, in bytes: the UNS limit of the contract. `tags.topic` is
+/// indexed, and PostgreSQL refuses an index entry over about 2.7 kB (SQLSTATE 54000); a longer
+/// topic is rejected (`bad_topic`) instead of stalling the writer on a batch it can never
+/// store.
+pub const MAX_STORED_TOPIC_BYTES: usize = nexus_common::topic::MAX_TOPIC_LEN;
 /// Longest string value stored, in bytes; a longer one is rejected (`bad_value`).
 pub const MAX_VALUE_STR_BYTES: usize = 1024 * 1024;
 /// Longest reject reason, in bytes; a longer detail is shortened at a character boundary.

@@ -21,7 +21,7 @@ use nexus_common::codec::json::{decode_value_object, PayloadError};
 use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
 use nexus_common::domain::{Quality, Value};
 
-use crate::model::{Point, Reject, MAX_TOPIC_BYTES, MAX_VALUE_STR_BYTES};
+use crate::model::{Point, Reject, MAX_STORED_TOPIC_BYTES, MAX_VALUE_STR_BYTES};
 
 /// Latest time accepted (9999-12-31), in microseconds.
 const MAX_TS_US: i64 = 253_402_300_799_000_000;
@@ -227,6 +227,19 @@ impl Parser {
             self.sparkplug(topic, payload, recv_us, &mut out);
             return out;
         }
+        if topic.len() > MAX_STORED_TOPIC_BYTES {
+            out.rejects.push(reject(
+                topic,
+                recv_us,
+                "bad_topic",
+                &format!(
+                    "topic of {} bytes, longer than the {MAX_STORED_TOPIC_BYTES} a UNS topic may have",
+                    topic.len()
+                ),
+                payload,
+            ));
+            return out;
+        }
         if payload.is_empty() {
             out.rejects.push(reject(
                 topic,
@@ -392,8 +405,8 @@ impl Parser {
                 Quality::Bad
             };
             let topic = format!("{base}/{name}");
-            if topic.len() > MAX_TOPIC_BYTES {
-                bad = Some("a metric name makes a topic longer than 65535 bytes");
+            if topic.len() > MAX_STORED_TOPIC_BYTES {
+                bad = Some("a metric name makes a topic longer than the 1024 bytes a UNS topic may have");
                 continue;
             }
             match columns(value) {
@@ -571,7 +584,7 @@ mod tests {
         let v = format!(r#"{{"v":"{}"}}"#, "x".repeat(MAX_VALUE_STR_BYTES));
         assert_eq!(p.parse(Some("t/v"), v.as_bytes(), NOW).points.len(), 1);
         // A Sparkplug metric name that makes the topic too long.
-        let long = "m".repeat(MAX_TOPIC_BYTES);
+        let long = "m".repeat(MAX_STORED_TOPIC_BYTES);
         let data = sp(vec![
             metric(Some(&long), None, Value::Float(1.0)),
             metric(Some("ok"), None, Value::Float(2.0)),
@@ -580,6 +593,15 @@ mod tests {
         assert_eq!(got.points.len(), 1);
         assert_eq!(got.points[0].topic, "spBv1.0/G/E/ok");
         assert_eq!(got.rejects[0].label(), "sparkplug_metric");
+        // A UNS topic past the limit is rejected, never handed to the writer (whose index on
+        // tags.topic would refuse it and stall the batch).
+        let long = format!("t/{}", "x".repeat(MAX_STORED_TOPIC_BYTES));
+        let got = p.parse(Some(&long), br#"{"v":1}"#, NOW);
+        assert!(got.points.is_empty());
+        assert_eq!(got.rejects[0].label(), "bad_topic");
+        assert!(got.rejects[0].reason.contains("longer than the 1024"), "{}", got.rejects[0].reason);
+        let edge = format!("t/{}", "x".repeat(MAX_STORED_TOPIC_BYTES - 2));
+        assert_eq!(p.parse(Some(&edge), br#"{"v":1}"#, NOW).points.len(), 1);
     }
 
     #[test]

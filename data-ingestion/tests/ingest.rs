@@ -730,3 +730,67 @@ async fn a_long_unicode_quality_is_one_reject_and_costs_no_other_point() {
     assert_eq!(count(&db, "SELECT count(*) FROM metrics").await, 400);
     ing.stop().await;
 }
+
+/// A topic a client makes too long for the `tags` index (6 kB of random text: PostgreSQL
+/// cannot compress it into an index entry) used to stall the writer: the batch failed with
+/// SQLSTATE 54000, was retried as a transient error, and nothing after it was stored. It is
+/// a reject now, and the points around it are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_too_long_to_index_is_a_reject_and_stalls_nothing() {
+    let pg = PgServer::start();
+    let url = pg.create_database("longtopic").await;
+    let b = testing::service_broker();
+    let port = b.ports.tcp().port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(port, &url, wal.path(), "ing-long", "");
+    ing.ready().await;
+    let p = publisher(port).await;
+    let db = sql(&url).await;
+    // Letters from a xorshift generator: no repeats for pglz to compress.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let noise: String = (0..6000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let long = format!("acme/long/{noise}");
+    for i in 0..50i64 {
+        if i == 25 {
+            p.publish(&long, format!(r#"{{"v":1,"ts":{T0}}}"#), QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
+        }
+        p.publish(
+            "acme/long/ok",
+            format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    let n = wait_count(
+        &db,
+        "SELECT count(*) FROM metrics",
+        50,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(n, 50, "every point around the long topic stored");
+    let r = wait_count(
+        &db,
+        "SELECT count(*) FROM ingest_rejects WHERE reason LIKE 'bad_topic:%'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r, 1);
+    assert_eq!(
+        ing.metric("nexus_ingest_rejected_total{reason=\"bad_topic\"}"),
+        1.0
+    );
+    ing.stop().await;
+}
