@@ -169,12 +169,13 @@ impl Shell {
 
         let app =
             crate::http::service_router_for(&telemetry, opts.routes, opts.http_limits, ids, cfg)?;
-        let (http_addr, http) = telemetry::serve_as(opts.http_listen, app, &cfg.http, shutdown.clone())
-            .await
-            .map_err(|source| ShellError::Http {
-                addr: opts.http_listen,
-                source,
-            })?;
+        let (http_addr, http) =
+            telemetry::serve_as(opts.http_listen, app, &cfg.http, shutdown.clone())
+                .await
+                .map_err(|source| ShellError::Http {
+                    addr: opts.http_listen,
+                    source,
+                })?;
         tracing::info!(service = opts.service, %instance, http = %http_addr, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.effective_port()), "service started");
         Ok(Shell {
             service: opts.service,

@@ -202,8 +202,9 @@ pub async fn serve_as(
                 .await
         }),
         Some(tls) => {
-            let acceptor = crate::http_tls::acceptor(tls)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+            let acceptor = crate::http_tls::acceptor(tls).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            })?;
             let listener = crate::http_tls::TlsListener::new(listener, acceptor)?;
             tokio::spawn(async move {
                 let app = app.into_make_service_with_connect_info::<crate::http_tls::TlsPeer>();

@@ -406,7 +406,9 @@ impl Parser {
             };
             let topic = format!("{base}/{name}");
             if topic.len() > MAX_STORED_TOPIC_BYTES {
-                bad = Some("a metric name makes a topic longer than the 1024 bytes a UNS topic may have");
+                bad = Some(
+                    "a metric name makes a topic longer than the 1024 bytes a UNS topic may have",
+                );
                 continue;
             }
             match columns(value) {
@@ -599,7 +601,11 @@ mod tests {
         let got = p.parse(Some(&long), br#"{"v":1}"#, NOW);
         assert!(got.points.is_empty());
         assert_eq!(got.rejects[0].label(), "bad_topic");
-        assert!(got.rejects[0].reason.contains("longer than the 1024"), "{}", got.rejects[0].reason);
+        assert!(
+            got.rejects[0].reason.contains("longer than the 1024"),
+            "{}",
+            got.rejects[0].reason
+        );
         let edge = format!("t/{}", "x".repeat(MAX_STORED_TOPIC_BYTES - 2));
         assert_eq!(p.parse(Some(&edge), br#"{"v":1}"#, NOW).points.len(), 1);
     }

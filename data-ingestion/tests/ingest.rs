@@ -759,9 +759,14 @@ async fn a_topic_too_long_to_index_is_a_reject_and_stalls_nothing() {
     let long = format!("acme/long/{noise}");
     for i in 0..50i64 {
         if i == 25 {
-            p.publish(&long, format!(r#"{{"v":1,"ts":{T0}}}"#), QoS::AtLeastOnce, false)
-                .await
-                .unwrap();
+            p.publish(
+                &long,
+                format!(r#"{{"v":1,"ts":{T0}}}"#),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .unwrap();
         }
         p.publish(
             "acme/long/ok",
