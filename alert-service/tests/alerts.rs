@@ -532,10 +532,12 @@ async fn rules_reload_without_restart() {
     let hp = free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("nexus.yaml");
+    // The operator `http` logs in as (op / op-pw).
+    let op = nexus_common::auth::hash_password("op-pw");
     let write = |extra: &str| {
         std::fs::write(
             &file,
-            format!("mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw }}\ntelemetry: {{ instance: reload-test }}\nalerts:\n  http_listen: 127.0.0.1:{hp}\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80 }} }}\n{extra}"),
+            format!("mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw }}\nauth:\n  users:\n    - {{ username: op, password_hash: \"{op}\", role: operator }}\ntelemetry: {{ instance: reload-test }}\nalerts:\n  http_listen: 127.0.0.1:{hp}\n  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80 }} }}\n{extra}"),
         )
         .unwrap()
     };
