@@ -214,6 +214,8 @@ async fn a_changed_devices_file_is_applied_without_restart() {
     let main = dir.path().join("nexus.yaml");
     std::fs::write(&main, format!("mqtt: {{ host: 127.0.0.1, port: {mport}, username: svc, password: svc-pw }}\ndevices_file: devices.yaml\n")).unwrap();
     let mut cfg = nexus_common::config::Config::load_with_env(Some(&main), &[]).unwrap();
+    // The users `support::http_get` logs in as.
+    cfg.auth = testing::test_auth();
     let http = free_port();
     cfg.gateway.http_listen = format!("127.0.0.1:{http}").parse().unwrap();
     cfg.gateway.buffer.dir = dir.path().join("buffer");
