@@ -30,6 +30,23 @@ impl Value {
         }
     }
 
+    /// The type the historian stores and the APIs return the value as.
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            Value::Bool(_) => ValueType::Bool,
+            Value::Int(_) | Value::UInt(_) => ValueType::Integer,
+            Value::Float(_) => ValueType::Float,
+            Value::String(_) => ValueType::String,
+        }
+    }
+
+    /// A single-precision value as the double with the same shortest decimal form (60.75294,
+    /// not 60.7529411315918): what a person reading the device expects, and no more digits
+    /// than the device has.
+    pub fn from_f32(f: f32) -> Value {
+        Value::Float(widen_f32(f))
+    }
+
     /// The name of the variant, for error messages.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -39,6 +56,70 @@ impl Value {
             Value::Float(_) => "float",
             Value::String(_) => "string",
         }
+    }
+}
+
+/// The f64 whose shortest decimal form is the f32's (`f32::to_string` is the shortest form
+/// that reads back as the same f32). Not finite: the plain conversion.
+pub fn widen_f32(f: f32) -> f64 {
+    if !f.is_finite() {
+        return f64::from(f);
+    }
+    f.to_string().parse().unwrap_or(f64::from(f))
+}
+
+/// The four types a value has in the historian and its APIs. Every source type maps to one:
+/// the gateway's tag data types, JSON values and Sparkplug B datatypes (docs/ingestion.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValueType {
+    /// `true`/`false`; stored as 0/1 in `metrics.value`.
+    Bool,
+    /// Signed or unsigned integers of any width; stored in `metrics.value` as a double, exact
+    /// within ±2^53.
+    Integer,
+    /// Single and double precision.
+    Float,
+    /// Text; stored in `metrics.value_str`.
+    String,
+}
+
+impl ValueType {
+    pub const ALL: [ValueType; 4] = [
+        ValueType::Bool,
+        ValueType::Integer,
+        ValueType::Float,
+        ValueType::String,
+    ];
+
+    /// The name in the `metrics` view's `value_type` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValueType::Bool => "bool",
+            ValueType::Integer => "integer",
+            ValueType::Float => "float",
+            ValueType::String => "string",
+        }
+    }
+
+    /// The code stored in `points.value_type`.
+    pub fn code(self) -> i16 {
+        match self {
+            ValueType::Bool => 1,
+            ValueType::Integer => 2,
+            ValueType::Float => 3,
+            ValueType::String => 4,
+        }
+    }
+
+    /// Inverse of [`ValueType::code`]; `None` for a code no version has written.
+    pub fn from_code(code: i16) -> Option<ValueType> {
+        ValueType::ALL.into_iter().find(|t| t.code() == code)
+    }
+}
+
+impl fmt::Display for ValueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -403,6 +484,45 @@ mod tests {
         assert!(e.contains("tag id \"a/b\" contains '/'"), "{e}");
         assert!(TagId::new("a+b").is_err());
         assert!(TagId::new("x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn value_types_and_their_codes() {
+        assert_eq!(Value::Bool(false).value_type(), ValueType::Bool);
+        assert_eq!(Value::Int(-1).value_type(), ValueType::Integer);
+        assert_eq!(Value::UInt(u64::MAX).value_type(), ValueType::Integer);
+        assert_eq!(Value::Float(2.0).value_type(), ValueType::Float);
+        assert_eq!(Value::from("x").value_type(), ValueType::String);
+        for t in ValueType::ALL {
+            assert_eq!(ValueType::from_code(t.code()), Some(t));
+        }
+        assert_eq!(ValueType::from_code(0), None);
+        let names: Vec<&str> = ValueType::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(names, ["bool", "integer", "float", "string"]);
+    }
+
+    #[test]
+    fn single_precision_keeps_its_own_digits() {
+        assert_eq!(widen_f32(21.2), 21.2);
+        assert_eq!(f64::from(21.2f32), 21.200000762939453);
+        assert_eq!(Value::from_f32(60.75294), Value::Float(60.75294));
+        assert_eq!(widen_f32(f32::MAX) as f32, f32::MAX);
+        assert!(widen_f32(f32::NAN).is_nan());
+        assert_eq!(widen_f32(f32::NEG_INFINITY), f64::NEG_INFINITY);
+    }
+
+    proptest::proptest! {
+        /// The widened value reads back as the same f32 and prints as the f32 does.
+        #[test]
+        fn widened_f32_is_the_same_number_in_its_own_digits(bits in proptest::prelude::any::<u32>()) {
+            let f = f32::from_bits(bits);
+            if f.is_finite() {
+                let w = widen_f32(f);
+                proptest::prop_assert_eq!(w as f32, f);
+                proptest::prop_assert_eq!(w.to_string().parse::<f32>().ok(), Some(f));
+                proptest::prop_assert!(w.to_string().len() <= f.to_string().len());
+            }
+        }
     }
 
     #[test]

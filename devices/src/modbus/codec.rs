@@ -11,7 +11,7 @@
 use nexus_common::config::{ByteOrder, DataType};
 use nexus_common::Value;
 
-pub use crate::value::{apply_scale, type_name, widen, CodecError};
+pub use crate::value::{apply_scale, type_name, widen, CodecError, FloatWidth};
 use crate::value::{decode_be, encode_be};
 
 /// Move bytes between wire order (registers as sent, high byte first) and canonical order
@@ -247,8 +247,8 @@ mod tests {
     fn scale_and_offset_both_ways() {
         let raw = decode(&[215], DataType::Int16, ByteOrder::ABCD, 0).unwrap();
         assert_eq!(
-            apply_scale(raw, Some(0.1), Some(-1.0)),
-            Value::Float(215.0 * 0.1 - 1.0)
+            apply_scale(raw, FloatWidth::of(DataType::Int16), Some(0.1), Some(-1.0)),
+            Value::Float(20.5)
         );
         // 20.5 degC with scale 0.1, offset -1 -> raw 215
         assert_eq!(
@@ -264,7 +264,7 @@ mod tests {
             vec![215]
         );
         assert_eq!(
-            apply_scale(Value::Bool(true), Some(2.0), None),
+            apply_scale(Value::Bool(true), FloatWidth::Double, Some(2.0), None),
             Value::Bool(true)
         );
     }

@@ -266,7 +266,12 @@ fn decode_slot(spec: &TagSpec, words: &[u16]) -> Reading {
     }
     match codec::decode(words, spec.data_type, spec.byte_order, spec.length) {
         Ok(raw) => Reading::Good {
-            value: codec::apply_scale(raw, spec.scale, spec.offset),
+            value: codec::apply_scale(
+                raw,
+                codec::FloatWidth::of(spec.data_type),
+                spec.scale,
+                spec.offset,
+            ),
             source_ts_ms: None,
         },
         Err(e) => Reading::Bad {

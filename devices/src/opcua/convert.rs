@@ -7,7 +7,7 @@ use opcua::types::{DataValue, StatusCode, SubStatusCode, Variant};
 
 use super::plan::TagSpec;
 use crate::driver::Reading;
-use crate::value::widen;
+use crate::value::{widen, FloatWidth};
 
 /// The gateway's quality for an OPC UA status code.
 pub fn quality_of(status: StatusCode) -> Quality {
@@ -86,7 +86,11 @@ pub fn reading_of(spec: &TagSpec, dv: &DataValue) -> Reading {
             ),
         };
     };
-    let value = crate::value::apply_scale(raw, spec.scale, spec.offset);
+    let width = match dv.value {
+        Some(Variant::Float(_)) => FloatWidth::Single,
+        _ => FloatWidth::Double,
+    };
+    let value = crate::value::apply_scale(raw, width, spec.scale, spec.offset);
     if status.is_uncertain() {
         Reading::Uncertain {
             value,

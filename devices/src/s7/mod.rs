@@ -135,7 +135,7 @@ fn decode(spec: &TagSpec, bytes: &[u8]) -> Reading {
             Err(e) => return bad(e.to_string()),
         },
         dt => match value::decode_be(bytes, dt) {
-            Ok(raw) => value::apply_scale(raw, spec.scale, spec.offset),
+            Ok(raw) => value::apply_scale(raw, value::FloatWidth::of(dt), spec.scale, spec.offset),
             Err(e) => return bad(e.to_string()),
         },
     };
