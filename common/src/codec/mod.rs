@@ -1,6 +1,7 @@
 //! Payload codecs: the contract's JSON value object and Sparkplug B protobuf.
 
 pub mod json;
+pub mod payload;
 pub mod sparkplug;
 
 pub use json::{

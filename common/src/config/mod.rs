@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod http;
 pub mod ingestion;
 pub mod mqtt;
+pub mod payloads;
 pub mod service;
 pub mod types;
 pub mod yaml;
@@ -42,6 +43,7 @@ pub use gateway::{BufferConfig, GatewayConfig, OpcUaClientConfig, PoolConfig};
 pub use http::{HttpConfig, HttpTls};
 pub use ingestion::IngestionConfig;
 pub use mqtt::{MqttConfig, MqttTls, MqttVersion};
+pub use payloads::{PayloadFormat, PayloadRule, PayloadsConfig, TimestampUnit};
 pub use service::{LogFormat, OrchestratorConfig, TelemetryConfig};
 pub use types::{BreakerSettings, ByteSize, Secret, SecretUrl};
 use yaml::{Pos, Spans};
@@ -53,7 +55,7 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Default config file name, looked up in the working directory.
 pub const DEFAULT_FILE: &str = "nexus.yaml";
 
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "auth",
     "http",
     "broker",
@@ -63,6 +65,7 @@ const SECTIONS: [&str; 13] = [
     "devices",
     "devices_file",
     "ingestion",
+    "payloads",
     "commands",
     "alerts",
     "orchestrator",
@@ -82,6 +85,8 @@ pub struct Config {
     pub devices_file: Option<PathBuf>,
     pub database: DatabaseConfig,
     pub ingestion: IngestionConfig,
+    /// How ingestion and the alert service read each topic's payloads.
+    pub payloads: PayloadsConfig,
     pub commands: CommandsConfig,
     pub alerts: AlertsConfig,
     pub orchestrator: OrchestratorConfig,
@@ -505,6 +510,7 @@ impl Config {
         take!(gateway);
         take!(database);
         take!(ingestion);
+        take!(payloads);
         take!(commands);
         // Rules are deserialized one by one, like devices, so every bad rule is reported.
         let mut rule_index = Vec::new();
@@ -626,6 +632,7 @@ impl Config {
         devices::validate_devices(&self.devices, device_index, p);
         self.database.validate(p);
         self.ingestion.validate(p);
+        self.payloads.validate(p);
         self.alerts.validate(rule_index, p);
         self.telemetry.validate(p);
     }
