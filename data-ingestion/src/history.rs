@@ -29,7 +29,7 @@ use nexus_common::config::Role;
 use serde_json::{json, Value as JsonValue};
 use tokio_postgres::{Client, Row};
 
-use nexus_common::domain::Quality;
+use nexus_common::domain::{Quality, ValueType};
 use nexus_common::pg::Database;
 use nexus_common::topic::TopicFilter;
 
@@ -205,19 +205,59 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn point_json(
-    time: SystemTime,
+/// A stored value as JSON in its type: a bool as `true`/`false`, an integer as an integer, a
+/// float as a float (`2.0`, never `2`), a string as a string. Rows stored before values had a
+/// type (`value_type` NULL) come back as they were stored: a number or a string.
+pub fn stored_value(
     value: Option<f64>,
     value_str: Option<String>,
-    quality: i16,
+    value_type: Option<i16>,
 ) -> JsonValue {
-    let v = match (value_str, value) {
-        (Some(s), _) => JsonValue::String(s),
-        (None, Some(f)) => json!(f),
-        (None, None) => JsonValue::Null,
+    let float = |f: f64| {
+        serde_json::Number::from_f64(f)
+            .map(JsonValue::Number)
+            .unwrap_or(JsonValue::Null)
     };
-    json!({ "ts": ms(time), "v": v, "q": Quality::from_code(quality).as_str() })
+    match (value_type.and_then(ValueType::from_code), value_str, value) {
+        (Some(ValueType::String) | None, Some(s), _) => JsonValue::String(s),
+        (Some(ValueType::Bool), _, Some(f)) => JsonValue::Bool(f != 0.0),
+        // Exact within ±2^53, which is what a double holds; `as` saturates past i64/u64.
+        (Some(ValueType::Integer), _, Some(f)) if f.fract() == 0.0 => {
+            if f >= i64::MAX as f64 {
+                JsonValue::from(f as u64)
+            } else {
+                JsonValue::from(f as i64)
+            }
+        }
+        (_, _, Some(f)) => float(f),
+        (_, _, None) => JsonValue::Null,
+    }
 }
+
+/// Unix milliseconds of an optional time.
+fn opt_ms(t: Option<SystemTime>) -> Option<i64> {
+    t.map(ms)
+}
+
+/// A stored point as the APIs return it: `{"ts", "v", "q"}`, plus `"u"` and `"src_ts"` when
+/// the point has them (the value object's fields).
+fn point_json(r: &Row) -> JsonValue {
+    let mut p = json!({
+        "ts": ms(r.get("time")),
+        "v": stored_value(r.get("value"), r.get("value_str"), r.get("value_type")),
+        "q": Quality::from_code(r.get("quality")).as_str(),
+    });
+    if let Some(u) = r.get::<_, Option<String>>("unit") {
+        p["u"] = JsonValue::String(u);
+    }
+    if let Some(src) = opt_ms(r.get("source_time")) {
+        p["src_ts"] = JsonValue::from(src);
+    }
+    p
+}
+
+/// The columns of `points` a raw point is answered from ([`point_json`] reads them by name).
+const POINT_COLUMNS: &str = "time, value, value_str, quality, value_type, unit, source_time";
 
 /// Aggregate widths by `agg` name.
 fn bucket(agg: &str) -> Option<(&'static str, u64)> {
@@ -380,13 +420,15 @@ async fn history(
     let mut points: Vec<JsonValue> = if chosen == "raw" {
         client
             .query(
-                "SELECT time, value, value_str, quality FROM points
-                 WHERE tag_id = $1 AND time >= $2 AND time < $3 ORDER BY time LIMIT $4",
+                &format!(
+                    "SELECT {POINT_COLUMNS} FROM points
+                     WHERE tag_id = $1 AND time >= $2 AND time < $3 ORDER BY time LIMIT $4"
+                ),
                 &[&tag, &from, &to, &limit],
             )
             .await?
             .iter()
-            .map(|r| point_json(r.get(0), r.get(1), r.get(2), r.get(3)))
+            .map(point_json)
             .collect()
     } else {
         let (name, width) = bucket(chosen).unwrap_or(("1day", 86_400));
@@ -486,19 +528,21 @@ async fn latest(
     }
     let rows = client
         .query(
-            "SELECT t.topic, l.time, l.value, l.value_str, l.quality
-             FROM unnest($1::int[]) AS u(id) JOIN tags t ON t.id = u.id
-             CROSS JOIN LATERAL (SELECT time, value, value_str, quality FROM points p
-                                 WHERE p.tag_id = u.id ORDER BY time DESC LIMIT 1) l
-             ORDER BY t.topic",
+            &format!(
+                "SELECT t.topic, l.*
+                 FROM unnest($1::int[]) AS u(id) JOIN tags t ON t.id = u.id
+                 CROSS JOIN LATERAL (SELECT {POINT_COLUMNS} FROM points p
+                                     WHERE p.tag_id = u.id ORDER BY time DESC LIMIT 1) l
+                 ORDER BY t.topic"
+            ),
             &[&ids],
         )
         .await?;
     let values: Vec<JsonValue> = rows
         .iter()
         .map(|r| {
-            let mut p = point_json(r.get(1), r.get(2), r.get(3), r.get(4));
-            p["topic"] = JsonValue::String(r.get(0));
+            let mut p = point_json(r);
+            p["topic"] = JsonValue::String(r.get("topic"));
             p
         })
         .collect();
@@ -535,6 +579,66 @@ mod tests {
         assert!(e.to_string().contains("not a duration"), "{e}");
         let e = parse_time("from", "99999999999999999999", now).unwrap_err();
         assert!(matches!(e.problem, TimeProblem::TooLarge), "{e:?}");
+    }
+
+    #[test]
+    fn stored_values_come_back_in_their_type() {
+        let t = |t: ValueType| Some(t.code());
+        let text = |v: JsonValue| v.to_string();
+        assert_eq!(
+            text(stored_value(Some(0.0), None, t(ValueType::Bool))),
+            "false"
+        );
+        assert_eq!(
+            text(stored_value(Some(1.0), None, t(ValueType::Bool))),
+            "true"
+        );
+        assert_eq!(
+            text(stored_value(Some(42.0), None, t(ValueType::Integer))),
+            "42"
+        );
+        assert_eq!(
+            text(stored_value(Some(-5.0), None, t(ValueType::Integer))),
+            "-5"
+        );
+        assert_eq!(
+            text(stored_value(
+                Some(9_007_199_254_740_992.0),
+                None,
+                t(ValueType::Integer)
+            )),
+            "9007199254740992"
+        );
+        assert_eq!(
+            text(stored_value(
+                Some(u64::MAX as f64),
+                None,
+                t(ValueType::Integer)
+            )),
+            u64::MAX.to_string()
+        );
+        assert_eq!(
+            text(stored_value(Some(2.0), None, t(ValueType::Float))),
+            "2.0"
+        );
+        assert_eq!(
+            text(stored_value(Some(21.2), None, t(ValueType::Float))),
+            "21.2"
+        );
+        assert_eq!(
+            text(stored_value(None, Some("on".into()), t(ValueType::String))),
+            "\"on\""
+        );
+        assert_eq!(
+            text(stored_value(None, None, t(ValueType::Integer))),
+            "null"
+        );
+        // Rows stored before values had a type: as they were stored.
+        assert_eq!(text(stored_value(Some(1.0), None, None)), "1.0");
+        assert_eq!(text(stored_value(None, Some("x".into()), None)), "\"x\"");
+        assert_eq!(text(stored_value(None, None, None)), "null");
+        // A code no version writes is read as the stored number.
+        assert_eq!(text(stored_value(Some(3.0), None, Some(99))), "3.0");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use std::borrow::Cow;
 
+use nexus_common::domain::{Value, ValueType};
+
 /// Longest topic of a stored point, in bytes: MQTT's own limit (a Sparkplug metric name can
 /// make a longer one, which is rejected).
 pub const MAX_TOPIC_BYTES: usize = 65_535;
@@ -13,6 +15,8 @@ pub const MAX_TOPIC_BYTES: usize = 65_535;
 pub const MAX_STORED_TOPIC_BYTES: usize = nexus_common::topic::MAX_TOPIC_LEN;
 /// Longest string value stored, in bytes; a longer one is rejected (`bad_value`).
 pub const MAX_VALUE_STR_BYTES: usize = 1024 * 1024;
+/// Longest unit (`u`) stored, in bytes; a longer one is rejected (`bad_value`).
+pub const MAX_UNIT_BYTES: usize = 256;
 /// Longest reject reason, in bytes; a longer detail is shortened at a character boundary.
 pub const MAX_REASON_BYTES: usize = 1024;
 /// Most payload bytes kept with a reject; the reason says when the payload was longer.
@@ -34,7 +38,7 @@ pub fn shorten(s: &str, max: usize) -> Cow<'_, str> {
 }
 
 /// One stored point: a row of `points` (through the `metrics` view: time, topic, value,
-/// value_str, quality).
+/// value_str, quality, value_type, unit, source_time).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     pub topic: String,
@@ -46,6 +50,36 @@ pub struct Point {
     pub value_str: Option<String>,
     /// OPC DA quality code (192 good).
     pub quality: i16,
+    /// The value's type; `None` for a null whose type nobody declared, and for points of the
+    /// WAL's first format.
+    pub value_type: Option<ValueType>,
+    /// Engineering unit (`u` of the value object).
+    pub unit: Option<String>,
+    /// The time the source gave the value (`src_ts`, e.g. OPC UA's source timestamp), unix
+    /// microseconds.
+    pub source_ts_us: Option<i64>,
+}
+
+impl Point {
+    /// A point of `value` without unit or source time; its type is the value's.
+    pub fn new(topic: impl Into<String>, ts_us: i64, value: Option<Value>, quality: i16) -> Point {
+        let value_type = value.as_ref().map(Value::value_type);
+        let (value_f64, value_str) = match value {
+            Some(Value::String(s)) => (None, Some(s)),
+            Some(v) => (v.as_f64(), None),
+            None => (None, None),
+        };
+        Point {
+            topic: topic.into(),
+            ts_us,
+            value: value_f64,
+            value_str,
+            quality,
+            value_type,
+            unit: None,
+            source_ts_us: None,
+        }
+    }
 }
 
 /// A message that could not be stored as points, kept in `ingest_rejects`.
@@ -117,7 +151,11 @@ impl Frame {
 pub fn approx_bytes(points: &[Point], rejects: &[Reject]) -> usize {
     points
         .iter()
-        .map(|p| 32 + p.topic.len() + p.value_str.as_ref().map_or(0, String::len))
+        .map(|p| {
+            48 + p.topic.len()
+                + p.value_str.as_ref().map_or(0, String::len)
+                + p.unit.as_ref().map_or(0, String::len)
+        })
         .sum::<usize>()
         + rejects
             .iter()

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use nexus_common::bounded::{text_weight, BoundedMap, MapStats};
 use nexus_common::codec::json::{decode_value_object, PayloadError};
 use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
-use nexus_common::domain::{Quality, Value};
+use nexus_common::domain::{Quality, Value, ValueType};
 
-use crate::model::{Point, Reject, MAX_STORED_TOPIC_BYTES, MAX_VALUE_STR_BYTES};
+use crate::model::{Point, Reject, MAX_STORED_TOPIC_BYTES, MAX_UNIT_BYTES, MAX_VALUE_STR_BYTES};
 
 /// Latest time accepted (9999-12-31), in microseconds.
 const MAX_TS_US: i64 = 253_402_300_799_000_000;
@@ -107,21 +107,47 @@ fn reject(topic: &str, recv_us: i64, reason: &str, detail: &str, payload: &[u8])
     Reject::new(recv_us, topic, reason, detail, payload)
 }
 
-/// The stored columns of a value; `Err` names what the database (or the WAL) cannot take.
-fn columns(value: Option<Value>) -> Result<(Option<f64>, Option<String>), &'static str> {
-    Ok(match value {
-        None => (None, None),
-        Some(Value::String(s)) => {
-            if s.contains('\0') {
-                return Err("string value contains a NUL character");
-            }
-            if s.len() > MAX_VALUE_STR_BYTES {
-                return Err("string value longer than 1 MiB (1048576 bytes)");
-            }
-            (None, Some(s))
+/// A point of `value`, typed by the value (or by `declared` for a null); `Err` names what the
+/// database (or the WAL) cannot take.
+fn stored_point(
+    topic: String,
+    ts_us: i64,
+    value: Option<Value>,
+    declared: Option<ValueType>,
+    quality: Quality,
+) -> Result<Point, &'static str> {
+    if let Some(Value::String(s)) = &value {
+        if s.contains('\0') {
+            return Err("string value contains a NUL character");
         }
-        Some(v) => (v.as_f64(), None),
-    })
+        if s.len() > MAX_VALUE_STR_BYTES {
+            return Err("string value longer than 1 MiB (1048576 bytes)");
+        }
+    }
+    let mut p = Point::new(topic, ts_us, value, quality.code());
+    p.value_type = p.value_type.or(declared);
+    Ok(p)
+}
+
+/// The type a Sparkplug datatype's values have in the historian (docs/ingestion.md). A
+/// metric's value decodes to this type; a null metric is stored with it.
+fn sparkplug_type(dt: SpDataType) -> ValueType {
+    use SpDataType as S;
+    match dt {
+        S::Boolean => ValueType::Bool,
+        // DateTime is unix milliseconds.
+        S::Int8
+        | S::Int16
+        | S::Int32
+        | S::Int64
+        | S::UInt8
+        | S::UInt16
+        | S::UInt32
+        | S::UInt64
+        | S::DateTime => ValueType::Integer,
+        S::Float | S::Double => ValueType::Float,
+        S::String | S::Text => ValueType::String,
+    }
 }
 
 fn ms_to_us(ms: i64) -> Option<i64> {
@@ -269,14 +295,35 @@ impl Parser {
                     ));
                     return out;
                 };
-                match columns(obj.value) {
-                    Ok((value, value_str)) => out.points.push(Point {
-                        topic: topic.to_owned(),
-                        ts_us,
-                        value,
-                        value_str,
-                        quality: obj.quality.code(),
-                    }),
+                let source_ts_us = match obj.source_ts_ms.map(ms_to_us) {
+                    Some(None) => {
+                        out.rejects.push(reject(
+                            topic,
+                            recv_us,
+                            "bad_timestamp",
+                            "src_ts is negative or past the year 9999",
+                            payload,
+                        ));
+                        return out;
+                    }
+                    other => other.flatten(),
+                };
+                let point = stored_point(topic.to_owned(), ts_us, obj.value, None, obj.quality)
+                    .and_then(|mut p| {
+                        if let Some(u) = &obj.unit {
+                            if u.contains('\0') {
+                                return Err("unit contains a NUL character");
+                            }
+                            if u.len() > MAX_UNIT_BYTES {
+                                return Err("unit longer than 256 bytes");
+                            }
+                        }
+                        p.unit = obj.unit;
+                        p.source_ts_us = source_ts_us;
+                        Ok(p)
+                    });
+                match point {
+                    Ok(p) => out.points.push(p),
                     Err(why) => out
                         .rejects
                         .push(reject(topic, recv_us, "bad_value", why, payload)),
@@ -387,6 +434,8 @@ impl Parser {
                 }
             };
             let value = match (m.value, dt) {
+                // A Float metric's value in its own digits (21.2, not 21.200000762939453).
+                (Some(Value::Float(x)), Some(SpDataType::Float)) => Some(Value::from_f32(x as f32)),
                 (Some(v), Some(dt)) => Some(sparkplug::retype(&v, dt)),
                 (v, _) => v,
             };
@@ -411,14 +460,8 @@ impl Parser {
                 );
                 continue;
             }
-            match columns(value) {
-                Ok((value, value_str)) => out.points.push(Point {
-                    topic,
-                    ts_us,
-                    value,
-                    value_str,
-                    quality: quality.code(),
-                }),
+            match stored_point(topic, ts_us, value, dt.map(sparkplug_type), quality) {
+                Ok(p) => out.points.push(p),
                 Err(why) => bad = Some(why),
             }
         }
@@ -521,6 +564,9 @@ mod tests {
                 value: Some(21.5),
                 value_str: None,
                 quality: 64,
+                value_type: Some(ValueType::Float),
+                unit: None,
+                source_ts_us: None,
             }]
         );
         let s = p.parse(Some("t/s"), br#"{"v":"on"}"#, NOW).points;
@@ -534,6 +580,140 @@ mod tests {
             (n[0].value, n[0].value_str.clone(), n[0].quality),
             (None, None, 0)
         );
+    }
+
+    #[test]
+    fn value_objects_keep_their_type_unit_and_source_time() {
+        let mut p = Parser::new();
+        let one = |p: &mut Parser, payload: &str| {
+            let got = p.parse(Some("a/t"), payload.as_bytes(), NOW);
+            assert!(got.rejects.is_empty(), "{payload}: {:?}", got.rejects);
+            got.points.into_iter().next().unwrap()
+        };
+        let cases: [(&str, Option<f64>, Option<&str>, Option<ValueType>); 7] = [
+            (r#"{"v":false}"#, Some(0.0), None, Some(ValueType::Bool)),
+            (r#"{"v":42}"#, Some(42.0), None, Some(ValueType::Integer)),
+            (r#"{"v":-42}"#, Some(-42.0), None, Some(ValueType::Integer)),
+            (r#"{"v":42.0}"#, Some(42.0), None, Some(ValueType::Float)),
+            (r#"{"v":21.2}"#, Some(21.2), None, Some(ValueType::Float)),
+            (r#"{"v":"on"}"#, None, Some("on"), Some(ValueType::String)),
+            (r#"{"v":null,"q":"bad"}"#, None, None, None),
+        ];
+        for (payload, value, value_str, value_type) in cases {
+            let got = one(&mut p, payload);
+            assert_eq!(
+                (got.value, got.value_str.as_deref(), got.value_type),
+                (value, value_str, value_type),
+                "{payload}"
+            );
+            assert_eq!((got.unit, got.source_ts_us), (None, None), "{payload}");
+        }
+        let got = one(
+            &mut p,
+            r#"{"v":60.75,"q":"good","ts":1700000000100,"u":"degC","src_ts":1700000000050}"#,
+        );
+        assert_eq!(got.unit.as_deref(), Some("degC"));
+        assert_eq!(got.source_ts_us, Some(1_700_000_000_050_000));
+        assert_eq!(got.ts_us, 1_700_000_000_100_000);
+        // What the historian cannot keep is a reject, with the reason.
+        let long_unit = format!(r#"{{"v":1,"u":"{}"}}"#, "m".repeat(MAX_UNIT_BYTES + 1));
+        let fitting_unit = format!(r#"{{"v":1,"u":"{}"}}"#, "m".repeat(MAX_UNIT_BYTES));
+        assert_eq!(one(&mut p, &fitting_unit).unit.map(|u| u.len()), Some(256));
+        for (payload, label, says) in [
+            (
+                long_unit.as_str(),
+                "bad_value",
+                "unit longer than 256 bytes",
+            ),
+            (
+                r#"{"v":1,"u":"a\u0000"}"#,
+                "bad_value",
+                "unit contains a NUL",
+            ),
+            (r#"{"v":1,"src_ts":-1}"#, "bad_timestamp", "src_ts"),
+            (
+                r#"{"v":1,"src_ts":99999999999999999}"#,
+                "bad_timestamp",
+                "src_ts",
+            ),
+        ] {
+            let got = p.parse(Some("a/t"), payload.as_bytes(), NOW);
+            assert!(got.points.is_empty(), "{payload}");
+            assert_eq!(got.rejects[0].label(), label, "{payload}");
+            assert!(
+                got.rejects[0].reason.contains(says),
+                "{}",
+                got.rejects[0].reason
+            );
+        }
+    }
+
+    /// Every Sparkplug datatype Nexus takes stores its values as the type of the mapping, in
+    /// births and in data by alias, and a null metric keeps its declared type.
+    #[test]
+    fn sparkplug_datatypes_map_to_value_types() {
+        use SpDataType as S;
+        let cases: [(S, Value, ValueType); 14] = [
+            (S::Boolean, Value::Bool(true), ValueType::Bool),
+            (S::Int8, Value::Int(-8), ValueType::Integer),
+            (S::Int16, Value::Int(-16), ValueType::Integer),
+            (S::Int32, Value::Int(-32), ValueType::Integer),
+            (S::Int64, Value::Int(-64), ValueType::Integer),
+            (S::UInt8, Value::UInt(8), ValueType::Integer),
+            (S::UInt16, Value::UInt(16), ValueType::Integer),
+            (S::UInt32, Value::UInt(32), ValueType::Integer),
+            (S::UInt64, Value::UInt(u64::MAX), ValueType::Integer),
+            (
+                S::DateTime,
+                Value::UInt(1_700_000_000_000),
+                ValueType::Integer,
+            ),
+            (S::Float, Value::Float(21.2), ValueType::Float),
+            (S::Double, Value::Float(0.1), ValueType::Float),
+            (S::String, Value::from("s"), ValueType::String),
+            (S::Text, Value::from("t"), ValueType::String),
+        ];
+        let mut p = Parser::new();
+        let typed = |dt, alias, v: Option<Value>, named: bool| SpMetric {
+            name: named.then(|| format!("m{alias}")),
+            alias: Some(alias),
+            timestamp: Some(1_700_000_000_500 + alias),
+            datatype: named.then_some(dt),
+            value: v,
+        };
+        let birth: Vec<SpMetric> = cases
+            .iter()
+            .zip(0..)
+            .map(|((dt, v, _), a)| typed(*dt, a, Some(v.clone()), true))
+            .collect();
+        let got = p.parse(Some("spBv1.0/G/DBIRTH/E/D"), &sp(birth), NOW);
+        assert!(got.rejects.is_empty(), "{:?}", got.rejects);
+        // Data by alias: the datatype comes from the birth; then the same metrics as nulls.
+        let data: Vec<SpMetric> = cases
+            .iter()
+            .zip(0..)
+            .map(|((dt, v, _), a)| typed(*dt, a, Some(v.clone()), false))
+            .collect();
+        let by_alias = p.parse(Some("spBv1.0/G/DDATA/E/D"), &sp(data), NOW);
+        assert!(by_alias.rejects.is_empty(), "{:?}", by_alias.rejects);
+        let nulls: Vec<SpMetric> = cases
+            .iter()
+            .zip(0..)
+            .map(|((dt, _, _), a)| typed(*dt, a, None, true))
+            .collect();
+        let nulls = p.parse(Some("spBv1.0/G/DDATA/E/D"), &sp(nulls), NOW);
+        for (i, (dt, v, want)) in cases.iter().enumerate() {
+            assert_eq!(sparkplug_type(*dt), *want, "{dt:?}");
+            for point in [&got.points[i], &by_alias.points[i]] {
+                assert_eq!(point.value_type, Some(*want), "{dt:?}");
+                assert_eq!(point.value, v.as_f64(), "{dt:?}");
+            }
+            let null = &nulls.points[i];
+            assert_eq!((null.value, null.value_type), (None, Some(*want)), "{dt:?}");
+        }
+        // A Float metric shows its own digits, not 21.200000762939453.
+        assert_eq!(got.points[10].value, Some(21.2));
+        assert_eq!(by_alias.points[10].value, Some(21.2));
     }
 
     #[test]

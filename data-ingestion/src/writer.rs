@@ -336,13 +336,51 @@ fn classify(e: &tokio_postgres::Error) -> Failure {
     }
 }
 
-const COPY_TYPES: [Type; 5] = [
+/// The columns of `points` a writer fills, in COPY order, and their types.
+const COLUMNS: &str = "time, tag_id, value, value_str, quality, value_type, unit, source_time";
+const COPY_TYPES: [Type; 8] = [
     Type::TIMESTAMPTZ,
     Type::INT4,
     Type::FLOAT8,
     Type::TEXT,
     Type::INT2,
+    Type::INT2,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
 ];
+
+/// A point's row (after its time and tag id): value, value_str, quality, value_type, unit,
+/// source_time.
+struct Row<'a> {
+    time: SystemTime,
+    value_type: Option<i16>,
+    source_time: Option<SystemTime>,
+    p: &'a Point,
+}
+
+impl<'a> Row<'a> {
+    fn of(p: &'a Point) -> Row<'a> {
+        Row {
+            time: to_time(p.ts_us),
+            value_type: p.value_type.map(|t| t.code()),
+            source_time: p.source_ts_us.map(to_time),
+            p,
+        }
+    }
+
+    fn params<'b>(&'b self, id: &'b i32) -> [&'b (dyn ToSql + Sync); 8] {
+        [
+            &self.time,
+            id,
+            &self.p.value,
+            &self.p.value_str,
+            &self.p.quality,
+            &self.value_type,
+            &self.p.unit,
+            &self.source_time,
+        ]
+    }
+}
 
 /// COPY `points` into `table`, with `ids[i]` the tag id of `points[i]`.
 async fn copy_points(
@@ -353,17 +391,13 @@ async fn copy_points(
 ) -> Result<(), tokio_postgres::Error> {
     let sink = client
         .copy_in(&format!(
-            "COPY {table} (time, tag_id, value, value_str, quality) FROM STDIN (FORMAT binary)"
+            "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
         ))
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     pin_mut!(writer);
-    for (p, &id) in points.iter().zip(ids) {
-        let time = to_time(p.ts_us);
-        writer
-            .as_mut()
-            .write(&[&time, &id, &p.value, &p.value_str, &p.quality])
-            .await?;
+    for (p, id) in points.iter().zip(ids) {
+        writer.as_mut().write(&Row::of(p).params(id)).await?;
     }
     writer.finish().await?;
     Ok(())
@@ -433,7 +467,10 @@ async fn write_batch(
         copy_points(client, "points_stage", &ids, &batch.points).await?;
         let n = client
             .execute(
-                "INSERT INTO points SELECT * FROM points_stage ON CONFLICT (tag_id, time) DO NOTHING",
+                &format!(
+                    "INSERT INTO points ({COLUMNS}) SELECT {COLUMNS} FROM points_stage
+                     ON CONFLICT (tag_id, time) DO NOTHING"
+                ),
                 &[],
             )
             .await?;
@@ -462,16 +499,14 @@ async fn write_rows(
     let client = &conn.client;
     let ids = tags.resolve(client, &batch.points).await?;
     let stmt = client
-        .prepare(
-            "INSERT INTO points (time, tag_id, value, value_str, quality) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (tag_id, time) DO NOTHING",
-        )
+        .prepare(&format!(
+            "INSERT INTO points ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (tag_id, time) DO NOTHING"
+        ))
         .await?;
     let mut refused = Vec::new();
-    for (p, &id) in batch.points.iter().zip(&ids) {
-        let time = to_time(p.ts_us);
-        let params: [&(dyn ToSql + Sync); 5] = [&time, &id, &p.value, &p.value_str, &p.quality];
-        match client.execute(&stmt, &params).await {
+    for (p, id) in batch.points.iter().zip(&ids) {
+        match client.execute(&stmt, &Row::of(p).params(id)).await {
             Ok(1) => m.written.inc(),
             Ok(_) => m.duplicates.inc(),
             Err(e) if classify(&e) == Failure::Data => {
@@ -657,13 +692,7 @@ mod tests {
             first_id: id,
             last_id: id,
             points: (0..n)
-                .map(|i| Point {
-                    topic: "t".into(),
-                    ts_us: i as i64,
-                    value: None,
-                    value_str: None,
-                    quality: 192,
-                })
+                .map(|i| Point::new("t", i as i64, None, 192))
                 .collect(),
             ..Frame::default()
         };

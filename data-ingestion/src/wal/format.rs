@@ -4,13 +4,27 @@
 //! [id u64][written unix ms i64][points u32][rejects u32]
 //! point:  [ts µs i64][quality i16][flags u8: 1 value, 2 value_str][value f64]?[topic][value_str]?
 //! reject: [ts µs i64][topic][reason][payload]
+//! version 2 on: [version u8] and, for each point in order,
+//! typed:  [flags u8: 1 type, 2 unit, 4 source time][type u8]?[unit]?[source time µs i64]?
 //! ```
 //!
 //! Strings and the payload are `[len u32][bytes]`, written whole: a frame that passes its
 //! checksum always decodes.
+//!
+//! **Versions.** The body is versioned by what follows the rejects, so the magic (and the
+//! segment log's recovery, which knows nothing of bodies) stays the same and a log holding
+//! frames of both versions reads through:
+//! * 1 (Nexus 0.1.0): the body ends after the rejects. Its points read back without type,
+//!   unit or source time, as that version stored them.
+//! * 2: a version byte, then each point's type, unit and source time.
+//!
+//! A later version appends after the version byte and keeps reading the earlier ones. An
+//! earlier Nexus cannot read a later version's frames (it counts them as corrupt): drain the
+//! WAL before a downgrade.
 
 use std::ops::Range;
 
+use nexus_common::domain::ValueType;
 use nexus_common::seglog::{DecodeError, Decoder, Encoder, Format, FrameError};
 
 use crate::model::{Frame, Point, Reject};
@@ -31,17 +45,32 @@ pub(super) const FRAME_TARGET: usize = 32 * 1024 * 1024;
 /// Rows gathered into one frame at most.
 pub(super) const MAX_FRAME_ROWS: usize = 20_000;
 
+/// The body version the writer makes (module docs).
+pub(super) const VERSION: u8 = 2;
+
 const POINT_MIN: usize = 8 + 2 + 1 + 4;
 const REJECT_MIN: usize = 8 + 4 + 4 + 4;
 const HAS_VALUE: u8 = 1;
 const HAS_STR: u8 = 2;
+const HAS_TYPE: u8 = 1;
+const HAS_UNIT: u8 = 2;
+const HAS_SOURCE_TS: u8 = 4;
 
-/// Encoded size of a point.
+/// Encoded size of a point (with its version 2 fields).
 pub(super) fn point_size(p: &Point) -> usize {
     POINT_MIN
         + p.value.map_or(0, |_| 8)
         + p.topic.len()
         + p.value_str.as_ref().map_or(0, |s| 4 + s.len())
+        + 1
+        + p.value_type.map_or(0, |_| 1)
+        + p.unit.as_ref().map_or(0, |u| 4 + u.len())
+        + p.source_ts_us.map_or(0, |_| 8)
+}
+
+fn type_code(t: ValueType) -> u8 {
+    // Codes 1-4, as in `points.value_type`.
+    u8::try_from(t.code()).unwrap_or(0)
 }
 
 /// Encoded size of a reject.
@@ -92,6 +121,26 @@ pub(super) fn encode(
             e.str(&r.reason);
             e.bytes(&r.payload);
         }
+        e.u8(VERSION);
+        for p in points {
+            let flags = if p.value_type.is_some() { HAS_TYPE } else { 0 }
+                | if p.unit.is_some() { HAS_UNIT } else { 0 }
+                | if p.source_ts_us.is_some() {
+                    HAS_SOURCE_TS
+                } else {
+                    0
+                };
+            e.u8(flags);
+            if let Some(t) = p.value_type {
+                e.u8(type_code(t));
+            }
+            if let Some(u) = &p.unit {
+                e.str(u);
+            }
+            if let Some(ts) = p.source_ts_us {
+                e.i64(ts);
+            }
+        }
     })
 }
 
@@ -127,6 +176,9 @@ pub(super) fn decode(body: &[u8]) -> Result<Frame, DecodeError> {
             value,
             value_str,
             quality,
+            value_type: None,
+            unit: None,
+            source_ts_us: None,
         });
     }
     let mut rejects = Vec::with_capacity(nr);
@@ -137,6 +189,32 @@ pub(super) fn decode(body: &[u8]) -> Result<Frame, DecodeError> {
             reason: d.str()?.to_owned(),
             payload: d.bytes()?.to_vec(),
         });
+    }
+    // Version 1 ends here.
+    if d.remaining() > 0 {
+        let version = d.u8()?;
+        if version != VERSION {
+            return Err(d.invalid("body version", 1, version.into()));
+        }
+        for p in &mut points {
+            let flags = d.u8()?;
+            if flags & !(HAS_TYPE | HAS_UNIT | HAS_SOURCE_TS) != 0 {
+                return Err(d.invalid("point type flags", 1, flags.into()));
+            }
+            if flags & HAS_TYPE != 0 {
+                let code = d.u8()?;
+                p.value_type = Some(
+                    ValueType::from_code(code.into())
+                        .ok_or_else(|| d.invalid("value type", 1, code.into()))?,
+                );
+            }
+            if flags & HAS_UNIT != 0 {
+                p.unit = Some(d.str()?.to_owned());
+            }
+            if flags & HAS_SOURCE_TS != 0 {
+                p.source_ts_us = Some(d.i64()?);
+            }
+        }
     }
     d.finish()?;
     Ok(Frame {
@@ -183,10 +261,27 @@ pub(super) fn chunks(
     out
 }
 
+/// A frame as Nexus 0.1.0 wrote it (body version 1, no version byte), id 7: three points (a
+/// number, a string, a null) and a reject.
+#[cfg(test)]
+pub(super) fn frame_v1() -> Vec<u8> {
+    const HEX: &str = "4e5857327a000000c5d63ca707000000000000007b68e5cf8b01000003000000\
+        0100000000401e18240a0600c00001000000000080354003000000612f7401401e18240a06004000020300\
+        0000612f73020000006f6e02401e18240a060018000003000000612f6e0500000000000000010000007808\
+        0000006261645f6a736f6e010000007b";
+    (0..HEX.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&HEX[i..i + 2], 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Bytes of a body besides its rows: the four header fields and the version.
+    const BODY_FIXED: usize = 8 + 8 + 4 + 4 + 1;
 
     fn point(i: usize) -> Point {
         Point {
@@ -195,6 +290,15 @@ mod tests {
             value: (!i.is_multiple_of(3)).then_some(i as f64 * 0.5),
             value_str: i.is_multiple_of(3).then(|| format!("s{i}")),
             quality: 192,
+            value_type: Some(if i.is_multiple_of(3) {
+                ValueType::String
+            } else {
+                ValueType::Float
+            }),
+            unit: i.is_multiple_of(2).then(|| "degC".to_owned()),
+            source_ts_us: i
+                .is_multiple_of(4)
+                .then_some(1_700_000_000_000_000 - i as i64),
         }
     }
 
@@ -204,7 +308,7 @@ mod tests {
         assert_eq!(size, buf.len());
         assert_eq!(
             size,
-            nexus_common::seglog::HEADER + 24 + rows_size(points, rejects)
+            nexus_common::seglog::HEADER + BODY_FIXED + rows_size(points, rejects)
         );
         let (body, len) = FORMAT.decode(&buf).unwrap().unwrap();
         assert_eq!(len, buf.len());
@@ -252,6 +356,72 @@ mod tests {
     }
 
     #[test]
+    fn frames_of_the_first_version_read_back() {
+        let buf = frame_v1();
+        let (body, len) = FORMAT.decode(&buf).unwrap().unwrap();
+        assert_eq!(len, buf.len());
+        let f = decode(body).unwrap();
+        assert_eq!(
+            (f.first_id, f.last_id, f.written_ms),
+            (7, 7, 1_700_000_000_123)
+        );
+        let untyped = |topic: &str, us: i64, value, value_str: Option<&str>, quality| Point {
+            topic: topic.into(),
+            ts_us: us,
+            value,
+            value_str: value_str.map(str::to_owned),
+            quality,
+            value_type: None,
+            unit: None,
+            source_ts_us: None,
+        };
+        assert_eq!(
+            f.points,
+            vec![
+                untyped("a/t", 1_700_000_000_000_000, Some(21.5), None, 192),
+                untyped("a/s", 1_700_000_000_000_001, None, Some("on"), 64),
+                untyped("a/n", 1_700_000_000_000_002, None, None, 24),
+            ]
+        );
+        assert_eq!(
+            f.rejects,
+            vec![Reject {
+                ts_us: 5,
+                topic: "x".into(),
+                reason: "bad_json".into(),
+                payload: b"{".to_vec(),
+            }]
+        );
+        // The same rows written now: the version-1 bytes, then the version and the typed part.
+        let mut now = Vec::new();
+        encode(&mut now, 7, 1_700_000_000_123, &f.points, &f.rejects).unwrap();
+        let old_body = &buf[nexus_common::seglog::HEADER..];
+        let new_body = &now[nexus_common::seglog::HEADER..];
+        assert_eq!(&new_body[..old_body.len()], old_body);
+        assert_eq!(&new_body[old_body.len()..], [VERSION, 0, 0, 0]);
+    }
+
+    #[test]
+    fn typed_points_round_trip() {
+        let mut p = point(4);
+        p.value = Some(1.0);
+        p.value_str = None;
+        p.value_type = Some(ValueType::Bool);
+        let mut q = point(1);
+        q.value = None;
+        q.value_type = None;
+        q.unit = Some("m³/h".into());
+        q.source_ts_us = Some(-1);
+        let f = round_trip(&[p.clone(), q.clone(), point(2)], &[]);
+        assert_eq!(f.points, vec![p, q, point(2)]);
+        for t in ValueType::ALL {
+            let mut p = point(5);
+            p.value_type = Some(t);
+            assert_eq!(round_trip(std::slice::from_ref(&p), &[]).points, vec![p]);
+        }
+    }
+
+    #[test]
     fn undecodable_bodies_are_errors() {
         let mut buf = Vec::new();
         encode(&mut buf, 1, 2, &[point(1)], &[]).unwrap();
@@ -265,6 +435,27 @@ mod tests {
         bad[16] = 0xff;
         assert!(matches!(decode(&bad), Err(DecodeError::Short { .. })));
         assert!(decode(&body[..body.len() - 1]).is_err());
+        // point(1) has a type and no unit or source time: its typed part is [flags 1, type].
+        let typed = body.len() - 3;
+        assert_eq!(&body[typed..], [VERSION, HAS_TYPE, 3]);
+        // An unknown version, unknown typed flags, an unknown type code.
+        for (at, byte, field) in [
+            (typed, 3, "body version"),
+            (typed + 1, 0x80, "point type flags"),
+            (typed + 2, 9, "value type"),
+        ] {
+            let mut bad = body.to_vec();
+            bad[at] = byte;
+            assert!(
+                matches!(decode(&bad), Err(DecodeError::Invalid { field: f, .. }) if f == field),
+                "{field}: {:?}",
+                decode(&bad)
+            );
+        }
+        // Bytes after the typed part.
+        let mut bad = body.to_vec();
+        bad.push(0);
+        assert!(matches!(decode(&bad), Err(DecodeError::Trailing(1))));
     }
 
     #[test]
@@ -301,10 +492,12 @@ mod tests {
         #[test]
         fn arbitrary_rows_round_trip(
             rows in prop::collection::vec((any::<String>(), any::<Option<String>>(), any::<Option<f64>>(), any::<i16>(), any::<i64>()), 0..20),
+            typed in prop::collection::vec((prop::option::of(prop::sample::select(ValueType::ALL.to_vec())), any::<Option<String>>(), any::<Option<i64>>()), 20),
             reasons in prop::collection::vec((any::<String>(), prop::collection::vec(any::<u8>(), 0..50)), 0..5),
         ) {
-            let points: Vec<Point> = rows.into_iter().map(|(topic, value_str, value, quality, ts_us)| Point {
+            let points: Vec<Point> = rows.into_iter().zip(typed).map(|((topic, value_str, value, quality, ts_us), (value_type, unit, source_ts_us))| Point {
                 topic, ts_us, value: value.filter(|v| !v.is_nan()), value_str, quality,
+                value_type, unit, source_ts_us,
             }).collect();
             let rejects: Vec<Reject> = reasons.into_iter().map(|(reason, payload)| Reject {
                 ts_us: 1, topic: reason.chars().rev().collect(), reason, payload,

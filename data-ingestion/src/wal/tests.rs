@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use super::format;
 use super::*;
 use crate::model::{Frame, Point};
+use nexus_common::domain::ValueType;
 
 fn point(i: usize) -> Point {
     Point {
@@ -19,6 +20,13 @@ fn point(i: usize) -> Point {
         value: (!i.is_multiple_of(3)).then_some(i as f64 * 0.5),
         value_str: i.is_multiple_of(3).then(|| format!("s{i}")),
         quality: 192,
+        value_type: Some(if i.is_multiple_of(3) {
+            ValueType::String
+        } else {
+            ValueType::Float
+        }),
+        unit: i.is_multiple_of(2).then(|| "bar".to_owned()),
+        source_ts_us: None,
     }
 }
 
@@ -90,6 +98,62 @@ async fn appends_are_acked_in_order_read_back_and_trimmed() {
     // A restart starts after what was committed.
     let (_wal, start) = Wal::open(opts(dir.path(), 1 << 20, 16 * 1024), None).unwrap();
     assert_eq!(start, last + 1);
+}
+
+/// A log the previous version left (a frame of body version 1) reads through after the
+/// upgrade, and new frames follow it in the same segment.
+#[tokio::test]
+async fn frames_of_the_previous_version_are_read_after_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join(format!("{:020}.wal", 7)),
+        format::frame_v1(),
+    )
+    .unwrap();
+    let registry = prometheus::Registry::new();
+    let metrics = WalMetrics::new(&registry).unwrap();
+    let (wal, start) =
+        Wal::open(opts(dir.path(), 1 << 20, 64 * 1024), Some(metrics.clone())).unwrap();
+    assert_eq!(start, 7);
+    let (atx, arx) = mpsc::channel(16);
+    let (ktx, mut krx) = mpsc::unbounded_channel();
+    let (ftx, mut frx) = mpsc::channel(4);
+    let w = wal.spawn_writer(arx, ktx).unwrap();
+    let r = wal.spawn_reader(start, ftx).unwrap();
+    atx.send(Append {
+        points: vec![point(2)],
+        rejects: vec![],
+        token: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(krx.recv().await.unwrap(), vec![0]);
+    let frames = collect(&mut frx, 5).await;
+    assert_eq!(
+        frames.iter().map(|f| f.first_id).collect::<Vec<_>>(),
+        [7, 8]
+    );
+    let old: Vec<(&str, Option<f64>, Option<ValueType>)> = frames[0]
+        .points
+        .iter()
+        .map(|p| (p.topic.as_str(), p.value, p.value_type))
+        .collect();
+    assert_eq!(
+        old,
+        [
+            ("a/t", Some(21.5), None),
+            ("a/s", None, None),
+            ("a/n", None, None)
+        ]
+    );
+    assert_eq!(frames[0].rejects.len(), 1);
+    assert_eq!(frames[1].points, vec![point(2)]);
+    assert_eq!(metrics.corrupt.get(), 0);
+    assert_eq!(metrics.torn_frames.get(), 0);
+    drop(atx);
+    w.join().unwrap();
+    wal.close();
+    r.join().unwrap();
 }
 
 #[test]
