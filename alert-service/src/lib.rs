@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! alerts.rules ──> [engine] rule index by topic filter (cached per topic)
-//! MQTT: rule filters + setpoint topics ──> value object ──> condition with deadband
+//! MQTT: rule filters + setpoint topics ──> payloads (value object, or a `payloads` format)
+//!   ──> condition with deadband
 //!   (high_high/high/low/low_low, deviation, rate_of_change, equals, bad_quality, stale)
 //!   ──> on/off delays ──> [state] ISA-18.2 machine (ack, shelve with a bound, out of service)
 //!   ──> [service] engine behind a lock, outbox task, flood/chattering metrics
@@ -56,7 +57,16 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     // Many wildcard filters cost the broker a lot per message (measured with rmqtt: 1,000
     // filters cut delivery to this client several times over); past a few dozen, take the
     // whole namespace and match locally, where the per-topic rule cache makes it cheap.
-    let filters = engine.filters();
+    let payloads = nexus_common::codec::payload::Decoder::new(&cfg.payloads)
+        .map_err(|e| anyhow::anyhow!("payloads: {e}"))?;
+    let mut filters = engine.filters();
+    // A UMH message holds the values of topics below its own (`<topic>/<key>`), which a
+    // rule's filter may match while the message's topic does not: take those messages too.
+    if !filters.is_empty() {
+        filters.extend(payloads.splitting_filters());
+        filters.sort();
+        filters.dedup();
+    }
     if filters.len() > 32 {
         subscriptions.push(("#".to_owned(), QoS::AtLeastOnce));
     } else {
@@ -64,6 +74,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     }
     let rules = engine.rules().len();
     let alerts = service::Alerts::new(engine, metrics, cfg.alerts.max_areas);
+    alerts.set_payloads(payloads);
     if !cfg.alerts.webhooks.is_empty() {
         alerts.set_notifier(webhook::Notifier::start(
             &cfg.alerts.webhooks,

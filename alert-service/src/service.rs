@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nexus_common::bounded::{text_weight, BoundedMap, MapStats, StateMetrics};
-use nexus_common::codec::{decode_value_object, PayloadError};
+use nexus_common::codec::payload::{self, Decoder};
 use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{Message, MqttHandle, QoS};
 use nexus_common::now_ms;
@@ -86,7 +86,7 @@ impl AlertMetrics {
             state: StateMetrics::new(r, "nexus_alerts")?,
         };
         // Every reason's series from the start, at 0.
-        for reason in PayloadError::REASONS.iter().chain(&["bad_ack"]) {
+        for reason in payload::REASONS.iter().chain(&["bad_ack"]) {
             m.malformed.with_label_values(&[reason]);
         }
         Ok(m)
@@ -199,6 +199,8 @@ pub struct Alerts {
     journal: std::sync::OnceLock<mpsc::Sender<JournalRow>>,
     /// Set once the service's MQTT client exists (the HTTP routes are built before it).
     mqtt: std::sync::OnceLock<MqttHandle>,
+    /// How each topic's payloads are read (`payloads`); value objects until set.
+    payloads: std::sync::OnceLock<Decoder>,
     metrics: AlertMetrics,
 }
 
@@ -219,8 +221,14 @@ impl Alerts {
             gauges_stale: std::sync::atomic::AtomicBool::new(false),
             notifier: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
+            payloads: std::sync::OnceLock::new(),
             metrics,
         })
+    }
+
+    /// Read payloads with `d` (the `payloads` rules) instead of as value objects only.
+    pub fn set_payloads(&self, d: Decoder) {
+        let _ = self.payloads.set(d);
     }
 
     /// Send alarm events to webhooks.
@@ -365,20 +373,31 @@ impl Alerts {
         if topic.starts_with(ALARM_PREFIX) {
             return; // our own state and events
         }
-        self.metrics.values.inc();
-        let obj = match decode_value_object(m.payload()) {
-            Ok(o) => o,
-            Err(e) => {
-                let e: PayloadError = e;
-                self.metrics
-                    .malformed
-                    .with_label_values(&[e.reason()])
-                    .inc();
-                tracing::debug!(%topic, error = %e, "value not evaluated");
-                return;
-            }
+        let decoded = match self.payloads.get() {
+            Some(d) => d.decode(topic, m.payload()),
+            None => Decoder::default().decode(topic, m.payload()),
         };
-        let changes = self.lock().on_value(topic, &obj, now_ms());
+        // One count per message, whatever part of it was refused (the reason says why).
+        if let Some(e) = &decoded.error {
+            self.metrics
+                .malformed
+                .with_label_values(&[e.reason()])
+                .inc();
+            tracing::debug!(%topic, error = %e, "value not evaluated");
+        }
+        if decoded.samples.is_empty() {
+            return;
+        }
+        self.metrics.values.inc_by(decoded.samples.len() as u64);
+        let now = now_ms();
+        let changes = {
+            let mut engine = self.lock();
+            let mut changes = Vec::new();
+            for s in &decoded.samples {
+                changes.extend(engine.on_value(s.topic(topic), &s.value, now));
+            }
+            changes
+        };
         self.publish(changes).await;
     }
 
@@ -424,11 +443,15 @@ impl Alerts {
     /// Apply reloaded rules: keep the alarms of unchanged rules, clear the retained state of
     /// the others, subscribe to new filters.
     pub async fn reload(&self, rules: &[nexus_common::config::AlertRule]) {
-        let (removed, filters) = {
+        let (removed, mut filters) = {
             let mut e = self.lock();
             let removed = e.replace_rules(rules);
             (removed, e.filters())
         };
+        // As at start: messages that may hold values of topics below their own (UMH).
+        if let (Some(d), false) = (self.payloads.get(), filters.is_empty()) {
+            filters.extend(d.splitting_filters());
+        }
         if let Some(mqtt) = self.mqtt.get() {
             for (rule, topic) in &removed {
                 let _ = mqtt
