@@ -554,3 +554,170 @@ fn a_command_handler_that_cannot_start_takes_the_gateway_with_it() {
         .unwrap();
     assert!(log.contains("command handler"), "{log}");
 }
+
+/// Decimals in the shortest form of `x` (`21.2` has 1).
+fn decimals(x: f64) -> usize {
+    let s = format!("{x:e}");
+    let (mantissa, exp) = s.split_once('e').unwrap();
+    let frac = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i64;
+    (frac - exp.parse::<i64>().unwrap()).max(0) as usize
+}
+
+/// `nexus up --demo` with a historian: the demo's values reach the namespace, the database and
+/// the history and latest APIs in their types, without float noise: `door-open` a bool,
+/// `parts` an integer, `ambient` (an int16 with a scale of 0.1) with at most one decimal, the
+/// float32 `temperature` in single-precision digits.
+#[test]
+fn up_demo_keeps_value_types_from_the_device_to_the_history_api() {
+    let pg = nexus_common::testing::PgServer::start();
+    let url = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(pg.create_database("demo"));
+    let mqtt = free_port();
+    let ingest = free_port();
+    let mut cmd = Command::new(NEXUS);
+    cmd.args(["up", "--demo"])
+        .env("NEXUS_DATABASE_URL", &url)
+        .env("NEXUS_BROKER__PORT", mqtt.to_string())
+        .env("NEXUS_BROKER__WS_PORT", "null")
+        .env("NEXUS_TELEMETRY__INSTANCE", "typed")
+        .env(
+            "NEXUS_INGESTION__HTTP_LISTEN",
+            format!("127.0.0.1:{ingest}"),
+        );
+    for key in [
+        "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
+        "NEXUS_GATEWAY__HTTP_LISTEN",
+        "NEXUS_COMMANDS__HTTP_LISTEN",
+        "NEXUS_ALERTS__HTTP_LISTEN",
+    ] {
+        cmd.env(key, format!("127.0.0.1:{}", free_port()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _up = Up(cmd
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let plc = "demo/plant/packaging/line-1/sim-plc-1";
+
+    // The namespace: the retained ambient value, scaled without noise.
+    let start = Instant::now();
+    let ambient_payload = loop {
+        let out = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &mqtt.to_string()])
+            .args(["-t", &format!("{plc}/ambient"), "-C", "1", "-W", "5"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !text.is_empty() {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no ambient value"
+        );
+    };
+    let published: serde_json::Value = serde_json::from_str(&ambient_payload).unwrap();
+    let v = published["v"].as_f64().unwrap();
+    assert!(decimals(v) <= 1, "{ambient_payload}");
+
+    // Latest, once ingestion has stored the device's tags.
+    let latest_path = format!("/api/v1/latest?filter={plc}/%23");
+    let start = Instant::now();
+    let latest: serde_json::Value = loop {
+        let (status, body) = nexus_common::testing::http(ingest, "GET", &latest_path, "");
+        if status == 200 {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let have = |tag: &str| {
+                json["values"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["topic"] == format!("{plc}/{tag}"))
+            };
+            if ["door-open", "parts", "ambient", "temperature"]
+                .into_iter()
+                .all(have)
+            {
+                break json;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "latest never held the demo's tags: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let value = |tag: &str| {
+        latest["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["topic"] == format!("{plc}/{tag}"))
+            .unwrap()
+            .clone()
+    };
+    assert!(value("door-open")["v"].is_boolean(), "{latest}");
+    assert!(value("parts")["v"].is_u64(), "{latest}");
+    let ambient = value("ambient");
+    assert!(ambient["v"].is_f64(), "{latest}");
+    assert!(decimals(ambient["v"].as_f64().unwrap()) <= 1, "{latest}");
+    assert_eq!(ambient["u"], "degC");
+    let temperature = value("temperature")["v"].as_f64().unwrap();
+    assert_eq!(
+        temperature,
+        nexus_common::domain::widen_f32(temperature as f32),
+        "float32 digits only: {latest}"
+    );
+
+    // The writable setpoint (int16, scale 0.1) set to 21.2 by the demo operator: register 212,
+    // read back and published as 21.2, where plain floats give 21.200000000000003.
+    let sent = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.to_string()])
+        .args(["-u", "operator", "-P", "nexus-demo"])
+        .args(["-t", "$nexus/cmd/sim-plc-1/setpoint/set", "-m", "21.2"])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let setpoint_path = format!("/api/v1/latest?filter={plc}/setpoint");
+    let start = Instant::now();
+    loop {
+        let (_, body) = nexus_common::testing::http(ingest, "GET", &setpoint_path, "");
+        if body.contains(r#""v":21.2,"#) || body.contains(r#""v":21.2}"#) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the setpoint never read back as 21.2: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // History: every stored point in its type.
+    let history = |tag: &str| {
+        let (status, body) = nexus_common::testing::http(
+            ingest,
+            "GET",
+            &format!("/api/v1/history?topic={plc}/{tag}&from=now-1h&agg=raw"),
+            "",
+        );
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        json["points"].as_array().unwrap().clone()
+    };
+    let door = history("door-open");
+    assert!(!door.is_empty());
+    assert!(door.iter().all(|p| p["v"].is_boolean()), "{door:?}");
+    let parts = history("parts");
+    assert!(parts.iter().all(|p| p["v"].is_u64()), "{parts:?}");
+    let ambient = history("ambient");
+    assert!(!ambient.is_empty());
+    assert!(
+        ambient
+            .iter()
+            .all(|p| p["v"].as_f64().is_some_and(|v| decimals(v) <= 1)),
+        "{ambient:?}"
+    );
+}
