@@ -112,6 +112,12 @@ impl Intake {
         }
     }
 
+    /// Read UNS payloads by the `payloads` rules of `d` (value objects until set).
+    pub fn with_payloads(mut self, d: nexus_common::codec::payload::Decoder) -> Intake {
+        self.parser.set_payloads(d);
+        self
+    }
+
     /// Hand every message of `incoming` to the WAL writer (`to_wal`), until `shutdown`, the
     /// end of `incoming`, or the WAL writer is gone. Messages still in `incoming` then are
     /// not acknowledged: the broker sends them again.

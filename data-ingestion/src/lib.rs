@@ -7,6 +7,7 @@
 //! ```text
 //! MQTT $share/<group>/<filter> (QoS 1, persistent session, manual acks)
 //!   ──> parse: JSON value object / Sparkplug B           (intake.rs, parse.rs; rejects counted;
+//!       other publishers' payloads by the `payloads` rules: bare scalars, text, UMH, mappings;
 //!       Sparkplug aliases in a bounded table: ingestion.sparkplug_max_aliases)
 //!   ──> write-ahead log, group-commit fsync               (wal/)
 //!   ──> ack to the broker, in order                      (intake.rs)
@@ -91,6 +92,8 @@ fn shell_options(cfg: &Config, api: Arc<Db>, telemetry: &Telemetry) -> ShellOpti
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     nexus_common::install_tls_provider();
     let ic = cfg.ingestion.clone();
+    let payloads = nexus_common::codec::payload::Decoder::new(&cfg.payloads)
+        .map_err(|e| anyhow::anyhow!("payloads: {e}"))?;
     let Some(database) = nexus_common::pg::Database::from_config(&cfg.database) else {
         anyhow::bail!("ingestion needs a database: set database.url or NEXUS_DATABASE_URL");
     };
@@ -151,6 +154,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         .take()
         .ok_or_else(|| anyhow::anyhow!("no incoming messages"))?;
     Intake::new(metrics, shell.mqtt.clone(), &ic)
+        .with_payloads(payloads)
         .run(&mut incoming, append_tx, &shutdown)
         .await;
 

@@ -1,5 +1,8 @@
-//! From MQTT messages to points: the JSON value object on UNS topics, and Sparkplug B
-//! births and data (`spBv1.0/...`) with aliases resolved from the births seen.
+//! From MQTT messages to points: UNS payloads in the format the `payloads` rules give their
+//! topic (the JSON value object by default; bare scalars, text, UMH, JSON-pointer mappings:
+//! `nexus_common::codec::payload`), and Sparkplug B births and data (`spBv1.0/...`) with
+//! aliases resolved from the births seen. A message of many values (UMH) is one reject at
+//! most, whatever part of it was not stored, so it costs one copy of its payload.
 //!
 //! Sparkplug metrics are stored under `spBv1.0/<group>/<edge node>[/<device>]/<metric name>`
 //! (the message type left out, so a birth's value and later data land on one topic). Data
@@ -17,7 +20,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use nexus_common::bounded::{text_weight, BoundedMap, MapStats};
-use nexus_common::codec::json::{decode_value_object, PayloadError};
+use nexus_common::codec::json::ValueObject;
+use nexus_common::codec::payload::{self, Decoder, Sample};
 use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
 use nexus_common::domain::{Quality, Value, ValueType};
 
@@ -27,7 +31,7 @@ use crate::model::{Point, Reject, MAX_STORED_TOPIC_BYTES, MAX_UNIT_BYTES, MAX_VA
 const MAX_TS_US: i64 = 253_402_300_799_000_000;
 const REBIRTH_EVERY: Duration = Duration::from_secs(10);
 
-/// Reject labels the parser gives besides the JSON codec's ([`PayloadError::REASONS`]).
+/// Reject labels the parser gives besides the payload decoders' ([`payload::REASONS`]).
 const OWN_REJECT_LABELS: [&str; 8] = [
     "bad_value",
     "bad_timestamp",
@@ -42,7 +46,11 @@ const OWN_REJECT_LABELS: [&str; 8] = [
 /// Every label a reject from the parser can have: the values of
 /// `nexus_ingest_rejected_total{reason}`, whose series start at 0.
 pub fn reject_labels() -> impl Iterator<Item = &'static str> {
-    PayloadError::REASONS.into_iter().chain(OWN_REJECT_LABELS)
+    payload::REASONS.into_iter().chain(
+        OWN_REJECT_LABELS
+            .into_iter()
+            .filter(|l| !payload::REASONS.contains(l)),
+    )
 }
 
 /// Every kind of message the parser ignores ([`Parsed::ignored`]): the values of
@@ -92,6 +100,8 @@ fn alias_weight(device: &str, name: &str) -> usize {
 pub struct Parser {
     nodes: BoundedMap<(String, String), Node>,
     stats: MapStats,
+    /// The format of each UNS topic's payloads (`payloads`).
+    payloads: Decoder,
 }
 
 impl Default for Parser {
@@ -155,6 +165,43 @@ fn ms_to_us(ms: i64) -> Option<i64> {
         .filter(|us| (0..=MAX_TS_US).contains(us))
 }
 
+/// The point of one value of a UNS message; `Err` is the reject label and why.
+fn value_point(
+    topic: &str,
+    obj: ValueObject,
+    recv_us: i64,
+) -> Result<Point, (&'static str, &'static str)> {
+    let ts_us = match obj.ts_ms {
+        None => Some(recv_us),
+        Some(ms) => ms_to_us(ms),
+    };
+    let Some(ts_us) = ts_us else {
+        return Err((
+            "bad_timestamp",
+            "ts is past the year 9999 (seconds or microseconds instead of ms?)",
+        ));
+    };
+    let source_ts_us = match obj.source_ts_ms.map(ms_to_us) {
+        Some(None) => return Err(("bad_timestamp", "src_ts is negative or past the year 9999")),
+        other => other.flatten(),
+    };
+    stored_point(topic.to_owned(), ts_us, obj.value, None, obj.quality)
+        .and_then(|mut p| {
+            if let Some(u) = &obj.unit {
+                if u.contains('\0') {
+                    return Err("unit contains a NUL character");
+                }
+                if u.len() > MAX_UNIT_BYTES {
+                    return Err("unit longer than 256 bytes");
+                }
+            }
+            p.unit = obj.unit;
+            p.source_ts_us = source_ts_us;
+            Ok(p)
+        })
+        .map_err(|why| ("bad_value", why))
+}
+
 impl Parser {
     /// A parser with the default bound, counted nowhere.
     pub fn new() -> Parser {
@@ -166,7 +213,13 @@ impl Parser {
         Parser {
             nodes: BoundedMap::new(stats.capacity()),
             stats,
+            payloads: Decoder::default(),
         }
+    }
+
+    /// Read UNS payloads by the `payloads` rules of `d` (value objects until set).
+    pub fn set_payloads(&mut self, d: Decoder) {
+        self.payloads = d;
     }
 
     /// Edge nodes whose births are remembered now.
@@ -276,59 +329,40 @@ impl Parser {
             ));
             return out;
         }
-        match decode_value_object(payload) {
-            Err(e) => out
-                .rejects
-                .push(reject(topic, recv_us, e.reason(), &e.0, payload)),
-            Ok(obj) => {
-                let ts_us = match obj.ts_ms {
-                    None => Some(recv_us),
-                    Some(ms) => ms_to_us(ms),
-                };
-                let Some(ts_us) = ts_us else {
-                    out.rejects.push(reject(
-                        topic,
-                        recv_us,
-                        "bad_timestamp",
-                        "ts is past the year 9999 (seconds or microseconds instead of ms?)",
-                        payload,
-                    ));
-                    return out;
-                };
-                let source_ts_us = match obj.source_ts_ms.map(ms_to_us) {
-                    Some(None) => {
-                        out.rejects.push(reject(
-                            topic,
-                            recv_us,
-                            "bad_timestamp",
-                            "src_ts is negative or past the year 9999",
-                            payload,
-                        ));
-                        return out;
-                    }
-                    other => other.flatten(),
-                };
-                let point = stored_point(topic.to_owned(), ts_us, obj.value, None, obj.quality)
-                    .and_then(|mut p| {
-                        if let Some(u) = &obj.unit {
-                            if u.contains('\0') {
-                                return Err("unit contains a NUL character");
-                            }
-                            if u.len() > MAX_UNIT_BYTES {
-                                return Err("unit longer than 256 bytes");
-                            }
-                        }
-                        p.unit = obj.unit;
-                        p.source_ts_us = source_ts_us;
-                        Ok(p)
-                    });
-                match point {
-                    Ok(p) => out.points.push(p),
-                    Err(why) => out
-                        .rejects
-                        .push(reject(topic, recv_us, "bad_value", why, payload)),
+        let decoded = self.payloads.decode(topic, payload);
+        let total = decoded.samples.len();
+        // The first value not stored and how many were not: with the decoder's error, they
+        // make the message's one reject.
+        let mut bad: Option<(&'static str, &'static str)> = None;
+        let mut not_stored = 0;
+        for Sample { topic: own, value } in decoded.samples {
+            match value_point(own.as_deref().unwrap_or(topic), value, recv_us) {
+                Ok(p) => out.points.push(p),
+                Err(why) => {
+                    not_stored += 1;
+                    bad = bad.or(Some(why));
                 }
             }
+        }
+        let refused = match (decoded.error, bad) {
+            (None, None) => None,
+            (Some(e), None) => Some((e.reason(), e.detail)),
+            (None, Some((label, why))) if total == 1 => Some((label, why.to_owned())),
+            (None, Some((label, why))) => Some((
+                label,
+                format!("{not_stored} of {total} values not stored: {why}"),
+            )),
+            (Some(e), Some((label, why))) => Some((
+                e.reason(),
+                format!(
+                    "{}; of the {total} values taken, {not_stored} not stored ({label}: {why})",
+                    e.detail
+                ),
+            )),
+        };
+        if let Some((label, detail)) = refused {
+            out.rejects
+                .push(reject(topic, recv_us, label, &detail, payload));
         }
         out
     }
@@ -930,6 +964,148 @@ mod tests {
         assert_eq!(got.rejects[0].label(), "sparkplug_topic");
     }
 
+    /// A parser reading `u/#` as UMH, `s/#` as bare scalars and `m/#` by a mapping, at most
+    /// `max_values` values per message.
+    fn umh_parser(max_values: usize) -> Parser {
+        let cfg = nexus_common::config::Config::from_str_with_env(
+            &format!(
+                "payloads:\n  max_values: {max_values}\n  rules:\n    - {{ filter: \"u/#\", format: umh }}\n    - {{ filter: \"s/#\", format: scalar }}\n    - {{ filter: \"m/#\", format: mapping, value: /d/v, timestamp: /d/t, timestamp_unit: s, quality: /d/q }}\n"
+            ),
+            None,
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut p = Parser::new();
+        p.set_payloads(Decoder::new(&cfg.payloads).unwrap());
+        p
+    }
+
+    #[test]
+    fn other_publishers_payloads_become_points() {
+        let mut p = umh_parser(100);
+        let got = p.parse(Some("s/answer"), b"42", NOW);
+        assert_eq!(
+            got.points,
+            vec![Point::new("s/answer", NOW, Some(Value::Int(42)), 192)]
+        );
+        let got = p.parse(Some("s/run"), b"true", NOW);
+        assert_eq!(got.points[0].value, Some(1.0));
+        let got = p.parse(
+            Some("u/cell/_historian"),
+            br#"{"timestamp_ms":1700000000000,"temp":21.5,"head":{"x":1}}"#,
+            NOW,
+        );
+        assert!(got.rejects.is_empty(), "{:?}", got.rejects);
+        let at = |t: &str, v| Point::new(t, 1_700_000_000_000_000, Some(v), 192);
+        assert_eq!(
+            got.points,
+            vec![
+                at("u/cell/_historian/temp", Value::Float(21.5)),
+                at("u/cell/_historian/head/x", Value::Int(1)),
+            ]
+        );
+        let got = p.parse(
+            Some("u/level"),
+            br#"{"timestamp_ms":1700000000000,"value":7}"#,
+            NOW,
+        );
+        assert_eq!(got.points, vec![at("u/level", Value::Int(7))]);
+        let got = p.parse(
+            Some("m/x"),
+            br#"{"d":{"v":"on","t":1700000000,"q":"uncertain"}}"#,
+            NOW,
+        );
+        assert_eq!(
+            got.points,
+            vec![Point::new(
+                "m/x",
+                1_700_000_000_000_000,
+                Some(Value::String("on".into())),
+                64
+            )]
+        );
+        // Other topics stay value objects.
+        assert_eq!(
+            p.parse(Some("t/x"), b"42", NOW).rejects[0].label(),
+            "bad_type"
+        );
+        for (topic, payload, label) in [
+            ("s/x", &b"forty-two"[..], "bad_json"),
+            ("u/x", br#"{"temp":1}"#, "missing_field"),
+            ("m/x", br#"{"d":{"v":[1]}}"#, "bad_type"),
+            ("m/x", br#"{"d":{"v":1,"t":-1}}"#, "bad_timestamp"),
+        ] {
+            let got = p.parse(Some(topic), payload, NOW);
+            assert!(got.points.is_empty());
+            assert_eq!(got.rejects.len(), 1);
+            assert_eq!(got.rejects[0].label(), label);
+            assert_eq!(
+                (
+                    got.rejects[0].topic.as_str(),
+                    got.rejects[0].payload.as_slice()
+                ),
+                (topic, payload)
+            );
+        }
+    }
+
+    /// However many of a message's values are refused, the message is one reject: one copy of
+    /// its payload, with a reason that counts them.
+    #[test]
+    fn a_message_of_many_values_is_one_reject_at_most() {
+        let mut p = umh_parser(1000);
+        let payload =
+            br#"{"timestamp_ms":1700000000000,"a":1,"b":"x\u0000","c":2,"d":"\u0000","e/f":3}"#;
+        let got = p.parse(Some("u/h"), payload, NOW);
+        let topics: Vec<&str> = got.points.iter().map(|p| p.topic.as_str()).collect();
+        assert_eq!(topics, ["u/h/a", "u/h/c"]);
+        assert_eq!(got.rejects.len(), 1);
+        let r = &got.rejects[0];
+        assert_eq!(r.label(), "bad_topic");
+        assert!(
+            r.reason.contains("1 of 5 values not taken: key \"e/f\""),
+            "{}",
+            r.reason
+        );
+        assert!(
+            r.reason.contains(
+                "of the 4 values taken, 2 not stored (bad_value: string value contains a NUL"
+            ),
+            "{}",
+            r.reason
+        );
+        let got = p.parse(
+            Some("u/h"),
+            br#"{"timestamp_ms":1,"a":"\u0000","b":"\u0000"}"#,
+            NOW,
+        );
+        assert_eq!(got.rejects.len(), 1);
+        assert!(
+            got.rejects[0]
+                .reason
+                .starts_with("bad_value: 2 of 2 values not stored: string value contains a NUL"),
+            "{}",
+            got.rejects[0].reason
+        );
+        // 100,000 values in one message: 1,000 points and one reject.
+        let mut body = String::from("{\"timestamp_ms\":1700000000000");
+        for i in 0..100_000 {
+            body.push_str(&format!(",\"k{i}\":{i}"));
+        }
+        body.push('}');
+        let got = p.parse(Some("u/h"), body.as_bytes(), NOW);
+        assert_eq!(got.points.len(), 1000);
+        assert_eq!(got.rejects.len(), 1);
+        assert_eq!(got.rejects[0].label(), "too_many_values");
+        assert!(
+            got.rejects[0]
+                .reason
+                .contains("99000 of 100000 values not taken"),
+            "{}",
+            got.rejects[0].reason
+        );
+    }
+
     /// The label lists that create metric series up front are exactly what the parser gives.
     #[test]
     fn every_reject_label_and_ignored_kind_is_known_up_front() {
@@ -963,6 +1139,10 @@ mod tests {
             .flat_map(|(t, payload)| p.parse(*t, payload, NOW).rejects)
             .map(|r| r.label().to_owned())
             .collect();
+        // More values in a message than payloads.max_values.
+        let mut umh = umh_parser(1);
+        let many = umh.parse(Some("u/h"), br#"{"timestamp_ms":1,"a":1,"b":2}"#, NOW);
+        labels.extend(many.rejects.iter().map(|r| r.label().to_owned()));
         labels.sort();
         let mut known: Vec<&str> = reject_labels().collect();
         known.sort_unstable();
@@ -994,6 +1174,17 @@ mod tests {
                 // Anything else is exactly one point or one reject.
                 proptest::prop_assert_eq!(got.points.len() + got.rejects.len(), 1);
             }
+        }
+
+        /// Any bytes in any format: at most max_values points, at most one reject, and
+        /// something for every message.
+        #[test]
+        fn arbitrary_payloads_never_panic_in_any_format(topic in "(u|s|m|t)/[a-z]{1,3}", payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut p = umh_parser(3);
+            let got = p.parse(Some(&topic), &payload, NOW);
+            proptest::prop_assert!(got.points.len() <= 3);
+            proptest::prop_assert!(got.rejects.len() <= 1);
+            proptest::prop_assert!(got.points.len() + got.rejects.len() >= 1);
         }
     }
 }
