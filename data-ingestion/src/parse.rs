@@ -624,7 +624,8 @@ mod tests {
             assert!(got.rejects.is_empty(), "{payload}: {:?}", got.rejects);
             got.points.into_iter().next().unwrap()
         };
-        let cases: [(&str, Option<f64>, Option<&str>, Option<ValueType>); 7] = [
+        type Case<'a> = (&'a str, Option<f64>, Option<&'a str>, Option<ValueType>);
+        let cases: [Case; 7] = [
             (r#"{"v":false}"#, Some(0.0), None, Some(ValueType::Bool)),
             (r#"{"v":42}"#, Some(42.0), None, Some(ValueType::Integer)),
             (r#"{"v":-42}"#, Some(-42.0), None, Some(ValueType::Integer)),

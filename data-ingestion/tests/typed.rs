@@ -501,7 +501,8 @@ async fn a_database_and_wal_of_the_previous_version_are_taken_over_in_place() {
         versions,
         (1..=nexus_data_ingestion::schema::SCHEMA_VERSION).collect::<Vec<_>>()
     );
-    let frame_rows: Vec<(String, Option<f64>, Option<String>, i16, Option<String>)> = db
+    type FrameRow = (String, Option<f64>, Option<String>, i16, Option<String>);
+    let frame_rows: Vec<FrameRow> = db
         .query(
             "SELECT topic, value, value_str, quality, value_type FROM metrics
              WHERE topic LIKE 'a/_' ORDER BY time",
