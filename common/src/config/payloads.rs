@@ -318,6 +318,41 @@ mod tests {
         );
     }
 
+    /// The example of docs/configuration.md is a valid configuration that means what the
+    /// page says.
+    #[test]
+    fn the_documented_example_loads() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+        )
+        .unwrap_or_else(|e| panic!("docs/configuration.md: {e}"));
+        let section = doc
+            .split("### `payloads`")
+            .nth(1)
+            .expect("a payloads section");
+        let yaml = section
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|s| s.split("```").next())
+            .expect("a yaml example");
+        let c = Config::from_str_with_env(yaml, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let formats: Vec<_> = c.payloads.rules.iter().map(|r| r.format).collect();
+        assert_eq!(
+            formats,
+            [
+                PayloadFormat::Umh,
+                PayloadFormat::Text,
+                PayloadFormat::Scalar,
+                PayloadFormat::Auto,
+                PayloadFormat::Mapping
+            ]
+        );
+        assert_eq!(
+            c.payloads.rules[4].timestamp_unit,
+            Some(TimestampUnit::Rfc3339)
+        );
+    }
+
     #[test]
     fn pointers_follow_rfc_6901() {
         for ok in ["", "/", "/a", "/a/0/b", "/a~0b", "/a~1b", "/ü/é", "//"] {
