@@ -54,9 +54,6 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         nexus_common::topic::sys::ALARMS_ALL.to_owned(),
         QoS::AtLeastOnce,
     )];
-    // Many wildcard filters cost the broker a lot per message (measured with rmqtt: 1,000
-    // filters cut delivery to this client several times over); past a few dozen, take the
-    // whole namespace and match locally, where the per-topic rule cache makes it cheap.
     let payloads = nexus_common::codec::payload::Decoder::new(&cfg.payloads)
         .map_err(|e| anyhow::anyhow!("payloads: {e}"))?;
     let mut filters = engine.filters();
@@ -67,6 +64,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         filters.sort();
         filters.dedup();
     }
+    // Many wildcard filters cost the broker a lot per message (measured with rmqtt: 1,000
+    // filters cut delivery to this client several times over); past a few dozen, take the
+    // whole namespace and match locally, where the per-topic rule cache makes it cheap.
     if filters.len() > 32 {
         subscriptions.push(("#".to_owned(), QoS::AtLeastOnce));
     } else {
