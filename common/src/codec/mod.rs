@@ -1,4 +1,5 @@
-//! Payload codecs: the contract's JSON value object and Sparkplug B protobuf.
+//! Payload codecs: the contract's JSON value object, Sparkplug B protobuf, and the formats of
+//! other publishers (bare scalars, text, UMH, JSON-pointer mappings) chosen per topic filter.
 
 pub mod json;
 pub mod payload;
