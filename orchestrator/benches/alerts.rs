@@ -2,7 +2,8 @@
 //! evaluates values published through `nexus broker` by a client in this process; about 1% of
 //! the values cross a limit (each an alarm raised and cleared, two retained publishes each). Reports the
 //! values/s the service evaluated and, as the baseline measured in the same run, the rate a
-//! bare subscriber receives the same stream at through the same broker.
+//! bare subscriber receives the same stream at through the same broker. The values come from
+//! a `publisher`, the service logs in as the service account, the subscriber as a `viewer`.
 //!
 //! `cargo bench -p nexus-orchestrator --bench alerts`; BENCH_VALUES (300,000), BENCH_QOS (0).
 
@@ -11,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_common::config::{MqttVersion, Secret};
+use nexus_common::config::MqttVersion;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
-use nexus_common::testing::{self, free_port};
-use support::{cpu_seconds, env, http_get, metric_sum, Proc, NEXUS};
+use nexus_common::testing::{free_port, PUBLISHER_USER, VIEWER_USER};
+use support::{cpu_seconds, env, http_get, metric_sum, mqtt_as, Proc, NEXUS};
 use tokio_util::sync::CancellationToken;
 
 mod support;
@@ -32,10 +33,11 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_broker, port) = support::start_broker(dir.path());
+    let (_broker, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
     let http = free_port();
     let mut yaml = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw }}\ntelemetry: {{ log_level: warn, instance: bench }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  rules:\n"
+        "mqtt: {{ {} }}\ntelemetry: {{ log_level: warn, instance: bench }}\nalerts:\n  http_listen: 127.0.0.1:{http}\n  rules:\n",
+        support::service_mqtt_yaml(port)
     );
     for k in 0..1000 {
         yaml.push_str(&format!("    - {{ id: r{k}, topic: \"acme/+/+/line{}/dev{}/+\", condition: {{ type: high, limit: 90, deadband: 1 }} }}\n", k % 10, k / 10));
@@ -65,17 +67,19 @@ fn main() {
         })
         .collect();
     let (baseline, evaluated, cpu) = rt.block_on(async {
-        let mut c = testing::mqtt_config(port);
-        c.version = MqttVersion::V311;
-        c.persistent_session = false;
-        c.username = Some("svc".into());
-        c.password = Some(Secret::new("svc-pw"));
-        c.inflight = 1000;
+        let client = |user| {
+            let mut c = mqtt_as(port, Some(user));
+            c.version = MqttVersion::V311;
+            c.persistent_session = false;
+            c.inflight = 1000;
+            c
+        };
         let received = Arc::new(AtomicU64::new(0));
         let mut s = ClientSettings::new("bench-alerts-sub");
         s.subscriptions = vec![("acme/#".into(), qos)];
         s.incoming_capacity = 100_000;
-        let (_sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("sub");
+        let (_sub, mut rx) =
+            mqtt::connect(&client(VIEWER_USER), s, None, token.clone()).expect("sub");
         let r = received.clone();
         tokio::spawn(async move {
             while rx.recv().await.is_some() {
@@ -83,7 +87,7 @@ fn main() {
             }
         });
         let (p, _) = mqtt::connect(
-            &c,
+            &client(PUBLISHER_USER),
             ClientSettings::new("bench-alerts-pub"),
             None,
             token.clone(),

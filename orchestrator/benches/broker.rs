@@ -2,17 +2,18 @@
 //! (configured for throughput by the test harness) in the same run. One publisher and one
 //! subscriber (rumqttc through nexus-common's helper), UNS-style ~100-byte JSON payloads, QoS 0
 //! and QoS 1. Reports msgs/s end to end, messages lost, the broker's peak RSS, and the
-//! embedded/Mosquitto ratios.
+//! embedded/Mosquitto ratios. On the embedded broker the publisher logs in as a `publisher`
+//! and the subscriber as a `viewer` (what a third-party data source and a dashboard would be);
+//! Mosquitto lets both in anonymously.
 //!
 //! `cargo bench -p nexus-orchestrator --bench broker` (BENCH_MESSAGES=N to change the count).
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nexus_common::config::MqttVersion;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
-use nexus_common::testing::{self, free_port, Mosquitto};
-use support::{status_kib, NEXUS};
+use nexus_common::testing::{self, Mosquitto, PUBLISHER_USER, VIEWER_USER};
+use support::{mqtt_as, status_kib, Proc};
 use tokio_util::sync::CancellationToken;
 
 mod support;
@@ -22,23 +23,28 @@ struct Result {
     received: usize,
 }
 
-async fn run(port: u16, qos: QoS, n: usize) -> Result {
+/// One run through the broker on `port`; `auth`: log in as the bench's publisher and viewer.
+async fn run(port: u16, auth: bool, qos: QoS, n: usize) -> Result {
     let token = CancellationToken::new();
-    let mut cfg = testing::mqtt_config(port);
-    cfg.version = MqttVersion::V311;
-    cfg.persistent_session = false;
-    cfg.inflight = 1000;
+    let client = |user| {
+        let mut cfg = mqtt_as(port, auth.then_some(user));
+        cfg.version = MqttVersion::V311;
+        cfg.persistent_session = false;
+        cfg.inflight = 1000;
+        cfg
+    };
     let topic_root = testing::unique("bench");
     let mut s = ClientSettings::new(testing::unique("bench-sub"));
     s.subscriptions = vec![(format!("{topic_root}/#"), qos)];
     s.incoming_capacity = 100_000;
-    let (sub, mut rx) = mqtt::connect(&cfg, s, None, token.clone()).expect("subscriber");
+    let (sub, mut rx) =
+        mqtt::connect(&client(VIEWER_USER), s, None, token.clone()).expect("subscriber");
     sub.wait_connected(Duration::from_secs(10))
         .await
         .expect("subscriber connects");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (publisher, _) = mqtt::connect(
-        &cfg,
+        &client(PUBLISHER_USER),
         ClientSettings::new(testing::unique("bench-pub")),
         None,
         token.clone(),
@@ -94,38 +100,21 @@ struct Broker {
     name: &'static str,
     port: u16,
     pid: u32,
-    _child: Option<Child>,
+    /// Clients log in (the embedded broker refuses anonymous publishers).
+    auth: bool,
+    _child: Option<(Proc, tempfile::TempDir)>,
     _mosq: Option<Mosquitto>,
 }
 
 fn start_embedded() -> Broker {
-    let port = free_port();
-    let child = Command::new(NEXUS)
-        .arg("broker")
-        .env("NEXUS_BROKER__PORT", port.to_string())
-        .env("NEXUS_BROKER__WS_PORT", "null")
-        .env(
-            "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env("NEXUS_TELEMETRY__LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nexus broker");
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "nexus broker did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (child, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
     Broker {
         name: "embedded (rmqtt)",
         port,
-        pid: child.id(),
-        _child: Some(child),
+        pid: child.0.id(),
+        auth: true,
+        _child: Some((child, dir)),
         _mosq: None,
     }
 }
@@ -136,17 +125,9 @@ fn start_mosquitto() -> Broker {
         name: "mosquitto",
         port: m.port,
         pid: m.pid(),
+        auth: false,
         _child: None,
         _mosq: Some(m),
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self._child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -173,7 +154,7 @@ fn main() {
         let b = start();
         let idle = status_kib(b.pid, "VmRSS:");
         for (qos, label) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 1)] {
-            let r = rt.block_on(run(b.port, qos, n));
+            let r = rt.block_on(run(b.port, b.auth, qos, n));
             let peak = status_kib(b.pid, "VmHWM:");
             println!(
                 "{:<18} {:>4} {:>12.0} {:>10} {:>9.1}MiB {:>9.1}MiB",

@@ -3,17 +3,19 @@
 //! simulated Modbus device; p50/p99/max latency, idle and while the same gateway publishes
 //! 100K points/s (20 devices x 500 tags every 100 ms, QoS 0). Baseline in the same run: an
 //! MQTT round trip alone (publish to a topic the client itself subscribes to).
+//! The command client logs in as an `operator`, the gateway as the service account, and the
+//! baseline's echo client as a `publisher` (an operator may publish only commands).
 //!
 //! `cargo bench -p nexus-orchestrator --bench commands`; BENCH_COMMANDS (1000).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nexus_common::config::{MqttVersion, Secret};
+use nexus_common::config::MqttVersion;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
-use nexus_common::testing::{self, free_port};
+use nexus_common::testing::{self, free_port, OPERATOR_USER, PUBLISHER_USER};
 use nexus_devices::simulator::modbus::ModbusSimulator;
-use support::{env, http_get, metric_sum, Proc, NEXUS};
+use support::{env, http_get, metric_sum, mqtt_as, Proc, NEXUS};
 use tokio_util::sync::CancellationToken;
 
 mod support;
@@ -64,16 +66,19 @@ fn main() {
         (w, load)
     });
 
-    let mut c = testing::mqtt_config(mqtt_port);
-    c.version = MqttVersion::V311;
-    c.persistent_session = false;
-    c.username = Some("op".into());
-    c.password = Some(Secret::new("op-pw"));
+    let client = |user| {
+        let mut c = mqtt_as(mqtt_port, Some(user));
+        c.version = MqttVersion::V311;
+        c.persistent_session = false;
+        c
+    };
+    let c = client(OPERATOR_USER);
 
     let run_gateway = |with_load: bool| -> (Proc, u16) {
         let http = free_port();
         let mut yaml = format!(
-            "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, inflight: 1000 }}\ngateway:\n  qos: 0\n  heartbeat: 0s\n  workers: 20\n  buffer: {{ dir: {} }}\n  http_listen: 127.0.0.1:{http}\ncommands:\n  http_listen: 127.0.0.1:{}\n  rate_per_device: 100000\n  burst_per_device: 100000\n  rate_global: 100000\n  burst_global: 100000\ntelemetry: {{ log_level: warn, instance: bench-{with_load} }}\ndevices:\n  - id: target\n    protocol: modbus\n    uns_prefix: bench/site/area/cmd\n    connection: {{ host: 127.0.0.1, port: {}, timeout: 2s }}\n    tags:\n      - {{ id: sp, address: \"HR:10\", data_type: uint16, access: readwrite }}\n",
+            "mqtt: {{ {}, inflight: 1000 }}\ngateway:\n  qos: 0\n  heartbeat: 0s\n  workers: 20\n  buffer: {{ dir: {} }}\n  http_listen: 127.0.0.1:{http}\ncommands:\n  http_listen: 127.0.0.1:{}\n  rate_per_device: 100000\n  burst_per_device: 100000\n  rate_global: 100000\n  burst_global: 100000\ntelemetry: {{ log_level: warn, instance: bench-{with_load} }}\ndevices:\n  - id: target\n    protocol: modbus\n    uns_prefix: bench/site/area/cmd\n    connection: {{ host: 127.0.0.1, port: {}, timeout: 2s }}\n    tags:\n      - {{ id: sp, address: \"HR:10\", data_type: uint16, access: readwrite }}\n",
+            support::service_mqtt_yaml(mqtt_port),
             dir.path().join(format!("buffer-{with_load}")).display(),
             free_port(),
             write_sim.addr.port()
@@ -134,7 +139,8 @@ fn main() {
         let topic = testing::unique("bench/echo");
         let mut s = ClientSettings::new(testing::unique("bench-echo"));
         s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
-        let (h, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("client");
+        let (h, mut rx) =
+            mqtt::connect(&client(PUBLISHER_USER), s, None, token.clone()).expect("client");
         h.wait_connected(Duration::from_secs(10))
             .await
             .expect("connect");

@@ -4,6 +4,8 @@
 //! CPU seconds per 100K points, its RSS, and read requests per poll. Baseline in the same run:
 //! a bare rumqttc client publishing the same value objects through the same broker as fast as
 //! it can, so the gateway's rate is also given as a share of what the broker path carries.
+//! The gateway logs in as the service account, the baseline client as a `publisher`, the
+//! counting subscriber as a `viewer`.
 //!
 //! `cargo bench -p nexus-orchestrator --bench gateway`; BENCH_DEVICES (20), BENCH_TAGS (500),
 //! BENCH_POLL_MS (100), BENCH_QOS (1), BENCH_SECONDS (15).
@@ -21,11 +23,11 @@ use std::time::{Duration, Instant};
 use nexus_common::codec::{encode_value_object, ValueObject};
 use nexus_common::config::MqttVersion;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
-use nexus_common::testing::{self, free_port};
+use nexus_common::testing::{free_port, PUBLISHER_USER, VIEWER_USER};
 use nexus_common::{Quality, Value};
 use nexus_devices::simulator::modbus::ModbusSimulator;
 use nexus_devices::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
-use support::{cpu_seconds, env, http_get, metric_sum, status_kib, Proc, NEXUS};
+use support::{cpu_seconds, env, http_get, metric_sum, mqtt_as, status_kib, Proc, NEXUS};
 use tokio_util::sync::CancellationToken;
 
 mod support;
@@ -70,7 +72,7 @@ fn main() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
 
-    let (broker, mqtt_port) = support::start_broker(dir.path());
+    let (broker, mqtt_port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
 
     let token = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
@@ -106,16 +108,18 @@ fn main() {
             }
             Sims::Modbus(v)
         };
-        let mut c = testing::mqtt_config(mqtt_port);
-        c.version = MqttVersion::V311;
-        c.persistent_session = false;
-        c.username = Some("svc".into());
-        c.password = Some(nexus_common::config::Secret::new("svc-pw"));
-        c.inflight = 1000;
+        let client = |user| {
+            let mut c = mqtt_as(mqtt_port, Some(user));
+            c.version = MqttVersion::V311;
+            c.persistent_session = false;
+            c.inflight = 1000;
+            c
+        };
         let mut s = ClientSettings::new("bench-sub");
         s.subscriptions = vec![("bench/#".into(), qos)];
         s.incoming_capacity = 100_000;
-        let (sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("subscriber");
+        let (sub, mut rx) =
+            mqtt::connect(&client(VIEWER_USER), s, None, token.clone()).expect("subscriber");
         sub.wait_connected(Duration::from_secs(10))
             .await
             .expect("connect");
@@ -129,7 +133,7 @@ fn main() {
 
         // Baseline: a bare client publishing value objects through the same broker.
         let (p, _) = mqtt::connect(
-            &c,
+            &client(PUBLISHER_USER),
             ClientSettings::new("bench-baseline"),
             None,
             token.clone(),
@@ -174,7 +178,8 @@ fn main() {
 
     // The gateway process.
     let mut yaml = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, inflight: 1000 }}\ngateway:\n  qos: {qos_n}\n  heartbeat: 0s\n  workers: {}\n  buffer: {{ dir: {} }}\n  opcua: {{ pki_dir: {} }}\ntelemetry: {{ log_level: warn }}\ndevices:\n",
+        "mqtt: {{ {}, inflight: 1000 }}\ngateway:\n  qos: {qos_n}\n  heartbeat: 0s\n  workers: {}\n  buffer: {{ dir: {} }}\n  opcua: {{ pki_dir: {} }}\ntelemetry: {{ log_level: warn }}\ndevices:\n",
+        support::service_mqtt_yaml(mqtt_port),
         devices.max(10),
         dir.path().join("buffer").display(),
         dir.path().join("gateway-pki").display()

@@ -2,7 +2,9 @@
 //! over 10,000 topics, QoS 1, through a broker (`nexus broker`, then Mosquitto configured for
 //! throughput) to `nexus ingest` (its own process, default settings: 4 writers, 5,000-point
 //! batches, fsync'd WAL), and the points/s committed to PostgreSQL are measured, with the
-//! ingest process's CPU and peak RSS.
+//! ingest process's CPU and peak RSS. On the embedded broker the points come from a
+//! `publisher`, ingestion logs in as the service account and the bare subscriber as a
+//! `viewer`; Mosquitto lets them in anonymously.
 //!
 //! Baselines in the same run, on the same PostgreSQL and schema:
 //! * raw binary COPY of the same rows, 4 connections, 5,000-row transactions (the storage
@@ -16,10 +18,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::pin_mut;
-use nexus_common::config::{IngestionConfig, Secret};
+use nexus_common::config::IngestionConfig;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
-use nexus_common::testing::{self, free_port, Mosquitto, PgServer};
-use support::{cpu_seconds, env, http_get, metric_sum, status_kib, Proc, NEXUS};
+use nexus_common::testing::{self, free_port, Mosquitto, PgServer, PUBLISHER_USER, VIEWER_USER};
+use support::{cpu_seconds, env, http_get, metric_sum, mqtt_as, status_kib, Proc, NEXUS};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +46,11 @@ async fn client(url: &str) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("connect");
-    tokio::spawn(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            eprintln!("postgres connection: {e}");
+        }
+    });
     c
 }
 
@@ -199,14 +205,12 @@ impl Ingest {
     }
 }
 
-async fn publish(port: u16, user: Option<&str>, n: usize, token: &CancellationToken) -> f64 {
-    let mut c = testing::mqtt_config(port);
+/// Publish `n` points; `auth`: as the bench's publisher (the embedded broker), else
+/// anonymously (Mosquitto).
+async fn publish(port: u16, auth: bool, n: usize, token: &CancellationToken) -> f64 {
+    let mut c = mqtt_as(port, auth.then_some(PUBLISHER_USER));
     c.persistent_session = false;
     c.inflight = 1000;
-    if let Some(u) = user {
-        c.username = Some(u.into());
-        c.password = Some(Secret::new(format!("{u}-pw")));
-    }
     let mut s = ClientSettings::new(testing::unique("bench-pub"));
     s.tcp_nodelay = false;
     let (p, _) = mqtt::connect(&c, s, None, token.clone()).expect("publisher");
@@ -229,14 +233,10 @@ async fn publish(port: u16, user: Option<&str>, n: usize, token: &CancellationTo
 }
 
 /// Baseline through the same broker: a bare QoS 1 subscriber receiving the same stream.
-async fn bare_subscriber(port: u16, user: Option<&str>, n: usize) -> f64 {
+async fn bare_subscriber(port: u16, auth: bool, n: usize) -> f64 {
     let token = CancellationToken::new();
-    let mut c = testing::mqtt_config(port);
+    let mut c = mqtt_as(port, auth.then_some(VIEWER_USER));
     c.persistent_session = false;
-    if let Some(u) = user {
-        c.username = Some(u.into());
-        c.password = Some(Secret::new(format!("{u}-pw")));
-    }
     let mut s = ClientSettings::new(testing::unique("bench-sub"));
     s.subscriptions = vec![("acme/#".into(), QoS::AtLeastOnce)];
     s.incoming_capacity = 10_000;
@@ -259,7 +259,7 @@ async fn bare_subscriber(port: u16, user: Option<&str>, n: usize) -> f64 {
         }
         got as f64 / first.map_or(1.0, |f| f.elapsed().as_secs_f64())
     });
-    publish(port, user, n, &token).await;
+    publish(port, auth, n, &token).await;
     let rate = counter.await.expect("counter");
     token.cancel();
     rate
@@ -278,18 +278,18 @@ fn end_to_end(
     rt: &tokio::runtime::Runtime,
     name: &'static str,
     port: u16,
-    user: Option<&str>,
+    auth: bool,
     mqtt_yaml: &str,
     db: &str,
     n: usize,
 ) -> Run {
-    let bare = rt.block_on(bare_subscriber(port, user, n));
+    let bare = rt.block_on(bare_subscriber(port, auth, n));
     let ing = start_ingest(mqtt_yaml, db);
     let pid = ing.proc.0.id();
     let token = CancellationToken::new();
     let cpu0 = cpu_seconds(pid);
     let start = Instant::now();
-    let published = rt.block_on(publish(port, user, n, &token));
+    let published = rt.block_on(publish(port, auth, n, &token));
     let (_, done) = ing.wait_written(n as f64);
     let elapsed = done.duration_since(start).as_secs_f64();
     let written = ing.written();
@@ -327,15 +327,14 @@ fn main() {
     let mut runs = Vec::new();
     {
         // The queue per client holds the whole run: the publisher outruns the historian.
-        let (_broker, port) =
-            support::start_broker_with(dir.path(), &[("NEXUS_BROKER__MAX_MQUEUE_LEN", "10000000")]);
+        let (_broker, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
         let db = rt.block_on(pg.create_database("e2e_embedded"));
         runs.push(end_to_end(
             &rt,
             "embedded broker (nexus broker)",
             port,
-            Some("svc"),
-            &format!("host: 127.0.0.1, port: {port}, username: svc, password: svc-pw"),
+            true,
+            &support::service_mqtt_yaml(port),
             &db,
             n,
         ));
@@ -350,7 +349,7 @@ fn main() {
             &rt,
             "Mosquitto",
             port,
-            None,
+            false,
             &format!("host: 127.0.0.1, port: {port}"),
             &db,
             n,
@@ -359,16 +358,12 @@ fn main() {
 
     // Storage side alone: fill the WAL while PostgreSQL is down, then time the drain.
     let drain = {
-        let (_broker, port) =
-            support::start_broker_with(dir.path(), &[("NEXUS_BROKER__MAX_MQUEUE_LEN", "10000000")]);
+        let (_broker, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
         let db = rt.block_on(pg.create_database("drain"));
-        let ing = start_ingest(
-            &format!("host: 127.0.0.1, port: {port}, username: svc, password: svc-pw"),
-            &db,
-        );
+        let ing = start_ingest(&support::service_mqtt_yaml(port), &db);
         pg.stop();
         let token = CancellationToken::new();
-        rt.block_on(publish(port, Some("svc"), n, &token));
+        rt.block_on(publish(port, true, n, &token));
         // Everything durable in the WAL before the database returns.
         let start = Instant::now();
         while metric_sum(

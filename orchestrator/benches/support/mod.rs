@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nexus_common::testing::free_port;
+use nexus_common::config::{MqttConfig, Secret};
+use nexus_common::testing::{
+    self, free_port, OPERATOR_USER, PUBLISHER_USER, SERVICE_USER, VIEWER_USER,
+};
 
 pub const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
 
@@ -71,25 +74,87 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// `nexus broker` on a free port with users `svc` (service) and `op` (operator).
+/// The accounts of [`start_broker`]: the test harness's names and passwords, each password
+/// handed to the broker process in its own environment variable (a plain password in the
+/// file is refused).
+pub const USERS: [(&str, &str, &str); 4] = [
+    (SERVICE_USER.0, SERVICE_USER.1, "role: service"),
+    (
+        PUBLISHER_USER.0,
+        PUBLISHER_USER.1,
+        "role: publisher, publish: [\"#\"]",
+    ),
+    (OPERATOR_USER.0, OPERATOR_USER.1, "role: operator"),
+    (VIEWER_USER.0, VIEWER_USER.1, "role: viewer"),
+];
+
+/// The environment variable holding `user`'s password for the broker process.
+fn password_env(user: &str) -> String {
+    format!("NEXUS_BENCH_PW_{}", user.to_uppercase())
+}
+
+/// MQTT settings for a broker on 127.0.0.1:`port` logged in as `user` (`(name, password)`,
+/// e.g. [`PUBLISHER_USER`]), or anonymous with `None` (Mosquitto).
+pub fn mqtt_as(port: u16, user: Option<(&str, &str)>) -> MqttConfig {
+    let mut c = testing::mqtt_config(port);
+    if let Some((name, password)) = user {
+        c.username = Some(name.into());
+        c.password = Some(Secret::new(password));
+    }
+    c
+}
+
+/// The `mqtt` section (YAML flow mapping, without braces) of a Nexus service logging in to
+/// the broker on `port` as the service account.
+pub fn service_mqtt_yaml(port: u16) -> String {
+    format!(
+        "host: 127.0.0.1, port: {port}, username: {}, password: {}",
+        SERVICE_USER.0, SERVICE_USER.1
+    )
+}
+
+/// Broker queues that hold a whole run, for clients and Nexus's services alike: a throughput
+/// bench's publisher outruns its subscribers, and the default bounds (1,000 per client,
+/// 100,000 per service) would drop QoS 1 messages, which is what they are for, but not what
+/// these benches measure. The harness's Mosquitto lifts its queue limit the same way.
+pub const QUEUES_HOLD_THE_RUN: &[(&str, &str)] = &[
+    ("NEXUS_BROKER__MAX_MQUEUE_LEN", "10000000"),
+    ("NEXUS_BROKER__SERVICE_MQUEUE_LEN", "10000000"),
+];
+
+/// `nexus broker` on a free port with the accounts of [`USERS`]: `svc` (service), `pub`
+/// (publisher of any topic outside `$`), `op` (operator), `view` (viewer).
 pub fn start_broker(dir: &Path) -> (Proc, u16) {
     start_broker_with(dir, &[])
 }
 
 /// [`start_broker`] with extra environment overrides (`NEXUS_BROKER__...`).
 pub fn start_broker_with(dir: &Path, env: &[(&str, &str)]) -> (Proc, u16) {
+    start_broker_http(dir, env, free_port())
+}
+
+/// [`start_broker_with`], serving its health and metrics on 127.0.0.1:`http`.
+pub fn start_broker_http(dir: &Path, env: &[(&str, &str)], http: u16) -> (Proc, u16) {
     let port = free_port();
-    let cfg = dir.join("broker.yaml");
-    std::fs::write(&cfg, "broker:\n  users:\n    - { username: svc, password: svc-pw, role: service }\n    - { username: op, password: op-pw, role: operator }\n").expect("write");
-    let p = Proc(
+    let cfg = dir.join(format!("broker-{port}.yaml"));
+    let mut yaml = String::from("auth:\n  users:\n");
+    for (user, _, role) in USERS {
+        yaml.push_str(&format!(
+            "    - {{ username: {user}, password_env: {}, {role} }}\n",
+            password_env(user)
+        ));
+    }
+    std::fs::write(&cfg, yaml).expect("write");
+    let mut p = Proc(
         Command::new(NEXUS)
             .args(["broker", "--config"])
             .arg(&cfg)
+            .envs(USERS.map(|(user, pw, _)| (password_env(user), pw)))
             .env("NEXUS_BROKER__PORT", port.to_string())
             .env("NEXUS_BROKER__WS_PORT", "null")
             .env(
                 "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{http}"),
             )
             .env("NEXUS_TELEMETRY__LOG_LEVEL", "warn")
             .envs(env.iter().copied())
@@ -97,7 +162,15 @@ pub fn start_broker_with(dir: &Path, env: &[(&str, &str)]) -> (Proc, u16) {
             .spawn()
             .expect("nexus broker"),
     );
+    let start = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = p.0.try_wait() {
+            panic!("nexus broker exited with {status} (its errors are above)");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nexus broker did not listen on {port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (p, port)
