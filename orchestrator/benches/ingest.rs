@@ -58,7 +58,8 @@ async fn client(url: &str) -> tokio_postgres::Client {
 /// transactions. Rows/s.
 async fn raw_copy(url: &str, n: usize) -> f64 {
     let c = client(url).await;
-    nexus_data_ingestion::schema::ensure(&c, &IngestionConfig::default())
+    // As ingestion sets it up: TimescaleDB when the server has it loaded.
+    nexus_data_ingestion::schema::ensure(&c, &IngestionConfig::default(), true)
         .await
         .expect("schema");
     let topics: Vec<String> = (0..TAGS).map(topic).collect();
