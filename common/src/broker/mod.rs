@@ -552,7 +552,7 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         .busy_check_enable(false)
         .mqtt_max_sessions(isize::try_from(cfg.max_sessions).unwrap_or(isize::MAX))
         .plugins_config_map_add("rmqtt-retainer", retainer)
-        .plugins_config_map_add("rmqtt-shared-subscription", "")
+        .plugins_config_map_add("rmqtt-shared-subscription", "strategy = \"round_robin\"\n")
         .build()
         .await;
     rmqtt_retainer::register(&scx, true, false)
