@@ -47,14 +47,14 @@ impl Pki {
     }
 }
 
-/// MQTT over secure WebSocket, byte by byte: a TLS handshake that trusts the test CA, the
-/// WebSocket upgrade on `/mqtt`, an MQTT 3.1.1 CONNECT in a masked binary frame, and the
-/// broker's CONNACK (accepted: an anonymous viewer from this machine).
-async fn wss_connack(pki: &Pki, port: u16) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A TLS connection to 127.0.0.1:`port` as `localhost`, trusting the test CA.
+async fn tls_connect(
+    pki: &Pki,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
     nexus_common::install_tls_provider();
     let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
@@ -66,7 +66,15 @@ async fn wss_connack(pki: &Pki, port: u16) {
         .await
         .unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = connector.connect(name, tcp).await.unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// MQTT over secure WebSocket, byte by byte: a TLS handshake that trusts the test CA, the
+/// WebSocket upgrade on `/mqtt`, an MQTT 3.1.1 CONNECT in a masked binary frame, and the
+/// broker's CONNACK (accepted: an anonymous viewer from this machine).
+async fn wss_connack(pki: &Pki, port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_connect(pki, port).await;
     s.write_all(
         b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
@@ -312,20 +320,7 @@ async fn https_on_a_service_port() {
     let opts = ShellOptions::new("https", format!("127.0.0.1:{port}").parse().unwrap());
     let shell = Shell::start(&cfg, opts, token.clone()).await.unwrap();
 
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = connector.connect(name, tcp).await.unwrap();
+    let mut s = tls_connect(&pki, port).await;
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
