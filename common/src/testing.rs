@@ -256,6 +256,25 @@ pub fn pg_bin_dir() -> Option<PathBuf> {
     versions.pop().map(|(_, p)| p)
 }
 
+/// Whether the TimescaleDB extension is installed for the harness's PostgreSQL (its library
+/// in the server's package library directory, as `pg_config --pkglibdir` names it, or
+/// `<bin>/../lib` where pg_config is not installed). TimescaleDB is not in Debian's packages:
+/// the TimescaleDB tests run where someone built or installed it, and report they were
+/// skipped elsewhere.
+pub fn timescaledb_installed() -> bool {
+    let Some(bin) = pg_bin_dir() else {
+        return false;
+    };
+    let pkglib = Command::new(bin.join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .or_else(|| bin.parent().map(|p| p.join("lib")));
+    pkglib.is_some_and(|d| d.join("timescaledb.so").is_file())
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -353,17 +372,26 @@ impl PgServer {
     }
 
     pub fn try_start() -> Result<PgServer, String> {
-        Self::try_start_with(None)
+        Self::try_start_with(None, false)
+    }
+
+    /// A server with TimescaleDB preloaded (telemetry off), or `None` where the extension is
+    /// not installed ([`timescaledb_installed`]).
+    pub fn start_with_timescaledb() -> Option<PgServer> {
+        timescaledb_installed().then(|| {
+            Self::try_start_with(None, true)
+                .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TimescaleDB: {e}"))
+        })
     }
 
     /// With TLS: the server presents `cert_pem` (and its `key_pem`); clients may then use
     /// `sslmode=require`.
     pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> PgServer {
-        Self::try_start_with(Some((cert_pem, key_pem)))
+        Self::try_start_with(Some((cert_pem, key_pem)), false)
             .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TLS for tests: {e}"))
     }
 
-    fn try_start_with(tls: Option<(&str, &str)>) -> Result<PgServer, String> {
+    fn try_start_with(tls: Option<(&str, &str)>, timescaledb: bool) -> Result<PgServer, String> {
         let bin = pg_bin_dir().ok_or(
             "PostgreSQL server binaries not found (install postgresql or set NEXUS_PG_BIN)",
         )?;
@@ -435,6 +463,14 @@ impl PgServer {
                 "-c",
                 "ssl_key_file=server.key",
             ];
+        }
+        if timescaledb {
+            tls_args.extend([
+                "-c",
+                "shared_preload_libraries=timescaledb",
+                "-c",
+                "timescaledb.telemetry_level=off",
+            ]);
         }
         let port = free_port();
         let child = spawn_postgres(&bin, dir.path(), port, user, &tls_args)?;

@@ -44,7 +44,13 @@ pub struct Db {
     next: std::sync::atomic::AtomicUsize,
     pub storage: RwLock<Option<Storage>>,
     max_points: usize,
+    /// The ingestion WAL, to tell whether points received are still waiting to be stored.
+    wal: std::sync::OnceLock<crate::wal::Wal>,
 }
+
+/// A WAL frame waiting longer than this means the writers are behind (the database is away
+/// or slow), not just a batch in flight.
+const BACKLOG_AFTER_S: f64 = 5.0;
 
 impl Db {
     pub fn new(database: Database, max_points: usize) -> Db {
@@ -56,7 +62,20 @@ impl Db {
             database,
             storage: RwLock::new(None),
             max_points,
+            wal: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Answers say `incomplete` (reason `backlog`) while `wal` holds points the writers are
+    /// behind with.
+    pub fn watch_wal(&self, wal: crate::wal::Wal) {
+        let _ = self.wal.set(wal);
+    }
+
+    fn backlog(&self) -> bool {
+        self.wal
+            .get()
+            .is_some_and(|w| w.oldest_uncommitted_age() > BACKLOG_AFTER_S)
     }
 
     pub async fn client(&self) -> Result<Arc<Client>, ApiError> {
@@ -259,12 +278,12 @@ fn point_json(r: &Row) -> JsonValue {
 /// The columns of `points` a raw point is answered from ([`point_json`] reads them by name).
 const POINT_COLUMNS: &str = "time, value, value_str, quality, value_type, unit, source_time";
 
-/// Aggregate widths by `agg` name.
-fn bucket(agg: &str) -> Option<(&'static str, u64)> {
+/// Aggregate names, widths (as SQL intervals) and seconds by `agg` name.
+fn bucket(agg: &str) -> Option<(&'static str, &'static str, u64)> {
     match agg {
-        "1m" => Some(("1min", 60)),
-        "1h" => Some(("1hour", 3600)),
-        "1d" => Some(("1day", 86_400)),
+        "1m" => Some(("1min", "1 minute", 60)),
+        "1h" => Some(("1hour", "1 hour", 3600)),
+        "1d" => Some(("1day", "1 day", 86_400)),
         _ => None,
     }
 }
@@ -410,7 +429,7 @@ async fn history(
             } else {
                 ["1m", "1h", "1d"]
                     .into_iter()
-                    .find(|a| bucket(a).is_some_and(|(_, w)| span / w < max as u64))
+                    .find(|a| bucket(a).is_some_and(|(_, _, w)| span / w < max as u64))
                     .unwrap_or("1d")
             }
         }
@@ -431,7 +450,7 @@ async fn history(
             .map(point_json)
             .collect()
     } else {
-        let (name, width) = bucket(chosen).unwrap_or(("1day", 86_400));
+        let (name, width, _) = bucket(chosen).unwrap_or(("1day", "1 day", 86_400));
         let sql = if db.continuous_aggregates() {
             format!(
                 "SELECT bucket, avg_value, min_value, max_value, sample_count, first_value, last_value
@@ -439,9 +458,12 @@ async fn history(
                  ORDER BY bucket LIMIT $4"
             )
         } else {
+            // The same buckets and counts as the `metrics_*` views; the range on `time`
+            // uses the (tag_id, time) index.
+            let bucket = crate::schema::bucket_expr(width, "time");
             format!(
-                "SELECT to_timestamp(floor(extract(epoch FROM time) / {width}) * {width}) AS bucket,
-                        avg(value), min(value), max(value), count(*),
+                "SELECT {bucket} AS bucket,
+                        avg(value), min(value), max(value), count(value),
                         (array_agg(value ORDER BY time))[1], (array_agg(value ORDER BY time DESC))[1]
                  FROM points WHERE tag_id = $1 AND time >= $2 AND time < $3
                  GROUP BY 1 ORDER BY 1 LIMIT $4"
@@ -456,14 +478,66 @@ async fn history(
     };
     let truncated = points.len() > max;
     points.truncate(max);
+    let mut incomplete = Vec::new();
+    if db.backlog() {
+        incomplete.push("backlog");
+    }
+    if chosen != "raw" && db.continuous_aggregates() {
+        let (name, _, _) = bucket(chosen).unwrap_or(("1day", "1 day", 86_400));
+        if refresh_pending(&client, name, from, to).await {
+            incomplete.push("refresh_pending");
+        }
+    }
     Ok(Json(json!({
         "topic": topic,
         "from": rfc3339(from),
         "to": rfc3339(to),
         "agg": chosen,
         "truncated": truncated,
+        "incomplete": !incomplete.is_empty(),
+        "incomplete_reasons": incomplete,
         "points": points,
     })))
+}
+
+/// Unix microseconds: TimescaleDB's internal time of a `timestamptz` in its catalog.
+fn internal_us(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// TimescaleDB: whether raw points in `[from, to)` changed below the aggregate's watermark
+/// and the refresh has not taken them in yet (late data waiting for the next policy run;
+/// above the watermark real-time aggregation answers from the raw points). Read from the
+/// invalidation logs of TimescaleDB's catalog; when they cannot be read, nothing is claimed.
+async fn refresh_pending(client: &Client, name: &str, from: SystemTime, to: SystemTime) -> bool {
+    let r = client
+        .query_one(
+            "WITH c AS (
+                 SELECT ca.mat_hypertable_id, ca.raw_hypertable_id,
+                        _timescaledb_functions.cagg_watermark(ca.mat_hypertable_id) AS watermark
+                 FROM _timescaledb_catalog.continuous_agg ca
+                 WHERE ca.user_view_name = $1 AND ca.user_view_schema = current_schema())
+             SELECT EXISTS (
+                 SELECT 1 FROM c JOIN _timescaledb_catalog.continuous_aggs_hypertable_invalidation_log l
+                     ON l.hypertable_id = c.raw_hypertable_id
+                 WHERE l.greatest_modified_value >= $2
+                   AND l.lowest_modified_value < least($3, c.watermark))
+             OR EXISTS (
+                 SELECT 1 FROM c JOIN _timescaledb_catalog.continuous_aggs_materialization_invalidation_log m
+                     ON m.materialization_id = c.mat_hypertable_id
+                 WHERE m.greatest_modified_value >= $2
+                   AND m.lowest_modified_value < least($3, c.watermark))",
+            &[&format!("points_{name}"), &internal_us(from), &internal_us(to)],
+        )
+        .await;
+    match r {
+        Ok(row) => row.get(0),
+        Err(e) => {
+            tracing::debug!(error = %e, "TimescaleDB invalidation logs not readable");
+            false
+        }
+    }
 }
 
 fn aggregate_json(r: &Row) -> JsonValue {

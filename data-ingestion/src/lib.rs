@@ -104,6 +104,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     let (wal, start) = open_wal(&ic, WalMetrics::new(registry)?).await?;
 
     let api = Arc::new(Db::new(database.clone(), ic.history_max_points));
+    api.watch_wal(wal.clone());
     let opts = shell_options(&cfg, api.clone(), &telemetry);
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     let db_ready = telemetry.readiness.condition("database");
@@ -137,6 +138,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         writers,
         api,
         ready: db_ready,
+        readiness: telemetry.readiness.clone(),
+        jobs: crate::monitor::JobMetrics::new(registry)?,
     };
     let monitor = tokio::spawn(monitor.run(store.token()));
 

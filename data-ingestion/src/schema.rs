@@ -101,16 +101,21 @@ pub struct Storage {
     /// `points_1min/1hour/1day` are continuous aggregates (else the aggregates are views
     /// computed from `points`).
     pub continuous_aggregates: bool,
+    /// Plain PostgreSQL: `retention.raw` differs from the one the last start applied (the
+    /// scheduled delete then runs at once, not after its first period).
+    pub retention_changed: bool,
 }
 
 fn interval(d: Duration) -> String {
     format!("{} seconds", d.as_secs().max(1))
 }
 
-/// Apply missing migrations and reconcile the storage layout.
+/// Apply missing migrations and reconcile the storage layout. `allow_create`: TimescaleDB may
+/// be created when the server has it (false after an attempt ended the connection).
 pub async fn ensure(
     client: &Client,
     cfg: &IngestionConfig,
+    allow_create: bool,
 ) -> Result<Storage, tokio_postgres::Error> {
     // `database.statement_timeout` guards service calls; a migration of a large table (or the
     // wait for another instance's migration lock) may take longer on this one-off connection.
@@ -118,7 +123,7 @@ pub async fn ensure(
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;
-    let result = ensure_locked(client, cfg).await;
+    let result = ensure_locked(client, cfg, allow_create).await;
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await;
@@ -128,6 +133,7 @@ pub async fn ensure(
 async fn ensure_locked(
     client: &Client,
     cfg: &IngestionConfig,
+    allow_create: bool,
 ) -> Result<Storage, tokio_postgres::Error> {
     client
         .batch_execute(
@@ -168,12 +174,12 @@ async fn ensure_locked(
         tracing::info!(version, description, "historian schema migrated");
     }
 
-    let storage = match timescale_version(client).await? {
+    let storage = match timescale_version(client, allow_create).await? {
         Some(version) => timescale(client, cfg, version).await?,
-        None => {
-            plain(client).await?;
-            Storage::default()
-        }
+        None => Storage {
+            retention_changed: plain(client, cfg).await?,
+            ..Storage::default()
+        },
     };
     match &storage.timescale {
         Some(v) => tracing::info!(
@@ -189,7 +195,12 @@ async fn ensure_locked(
     Ok(storage)
 }
 
-async fn timescale_version(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
+/// The TimescaleDB version to use: the installed extension's, else (when `allow_create`) the
+/// one created now; `None` for plain PostgreSQL.
+async fn timescale_version(
+    client: &Client,
+    allow_create: bool,
+) -> Result<Option<String>, tokio_postgres::Error> {
     let installed = client
         .query_opt(
             "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'",
@@ -206,7 +217,23 @@ async fn timescale_version(client: &Client) -> Result<Option<String>, tokio_post
         )
         .await?
         .is_some();
-    if !available {
+    if !available || !allow_create {
+        return Ok(None);
+    }
+    // Without the library preloaded, CREATE EXTENSION fails with a FATAL that ends the
+    // connection: asked first, so the plain layout is set up on a live one.
+    let preloaded: String = client
+        .query_one("SELECT current_setting('shared_preload_libraries')", &[])
+        .await?
+        .get(0);
+    if !preloaded
+        .split(',')
+        .any(|l| l.trim().trim_matches('"').ends_with("timescaledb"))
+    {
+        tracing::warn!(
+            shared_preload_libraries = %preloaded,
+            "TimescaleDB is installed on the database server but not loaded; using plain PostgreSQL. To use it, add timescaledb to shared_preload_libraries in postgresql.conf (e.g. shared_preload_libraries = 'timescaledb'), restart PostgreSQL and restart ingestion"
+        );
         return Ok(None);
     }
     match client
@@ -227,15 +254,26 @@ async fn timescale_version(client: &Client) -> Result<Option<String>, tokio_post
     }
 }
 
+/// The origin of every bucket: buckets are aligned to UTC (as TimescaleDB's `time_bucket`).
+const ORIGIN: &str = "TIMESTAMPTZ '1970-01-01 00:00:00+00'";
+
+/// The bucket of `col` for an aggregate `width` (`1 minute`): `date_bin` is immutable, so an
+/// index on it serves a time range given on `bucket`.
+pub fn bucket_expr(width: &str, col: &str) -> String {
+    format!("date_bin(INTERVAL '{width}', {col}, {ORIGIN})")
+}
+
 /// Views of the aggregates computed from `points` (plain PostgreSQL, or TimescaleDB without
-/// continuous aggregates).
-fn aggregate_view(name: &str, width_s: u64) -> String {
+/// continuous aggregates). `sample_count` counts numeric samples (strings and nulls have no
+/// `value`), as `avg`, `min` and `max` do.
+fn aggregate_view(name: &str, width: &str) -> String {
+    let bucket = bucket_expr(width, "p.time");
     format!(
         "CREATE OR REPLACE VIEW metrics_{name} AS
-         SELECT to_timestamp(floor(extract(epoch FROM p.time) / {width_s}) * {width_s}) AS bucket,
+         SELECT {bucket} AS bucket,
                 t.topic,
                 avg(p.value) AS avg_value, min(p.value) AS min_value, max(p.value) AS max_value,
-                count(*) AS sample_count,
+                count(p.value) AS sample_count,
                 (array_agg(p.value ORDER BY p.time))[1] AS first_value,
                 (array_agg(p.value ORDER BY p.time DESC))[1] AS last_value
          FROM points p JOIN tags t ON t.id = p.tag_id
@@ -254,14 +292,69 @@ async fn relkind(client: &Client, name: &str) -> Result<Option<i8>, tokio_postgr
         .map(|r| r.get::<_, i8>(0)))
 }
 
-async fn plain(client: &Client) -> Result<(), tokio_postgres::Error> {
+/// The plain layout; returns whether `retention.raw` changed since the last start.
+async fn plain(client: &Client, cfg: &IngestionConfig) -> Result<bool, tokio_postgres::Error> {
     client
         .batch_execute("CREATE INDEX IF NOT EXISTS points_time_brin ON points USING brin (time)")
         .await?;
-    for (name, _, width) in AGGREGATES {
-        client.batch_execute(&aggregate_view(name, width)).await?;
+    for (name, width, _) in AGGREGATES {
+        // The view's bucket is what a query on it filters: a BRIN index on the same
+        // expression (a few pages, little cost per insert) turns `bucket >= ..` into a
+        // range scan instead of the whole history.
+        let bucket = bucket_expr(width, "time");
+        client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS points_{name}_brin ON points USING brin ({bucket});
+                 {}",
+                aggregate_view(name, width)
+            ))
+            .await?;
     }
-    Ok(())
+    // The retention each start applied (seconds; NULL: for ever), to tell a change.
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS nexus_retention (
+                 tier text PRIMARY KEY,
+                 keep_seconds bigint,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let secs = |d: Option<Duration>| d.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let before: Option<Option<i64>> = client
+        .query_opt(
+            "SELECT keep_seconds FROM nexus_retention WHERE tier = 'raw'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let changed = before.is_some_and(|b| b != secs(cfg.retention.raw));
+    for (tier, _, keep) in cfg.retention.tiers() {
+        client
+            .execute(
+                "INSERT INTO nexus_retention (tier, keep_seconds) VALUES ($1, $2)
+                 ON CONFLICT (tier) DO UPDATE SET keep_seconds = excluded.keep_seconds,
+                     applied_at = now()
+                 WHERE nexus_retention.keep_seconds IS DISTINCT FROM excluded.keep_seconds",
+                &[&tier, &secs(keep)],
+            )
+            .await?;
+    }
+    let raw = cfg.retention.raw;
+    for (tier, _, keep) in cfg.retention.tiers().into_iter().skip(1) {
+        let longer = match (keep, raw) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(k), Some(r)) => k > r,
+        };
+        if longer {
+            tracing::warn!(
+                tier,
+                raw = ?raw,
+                "plain PostgreSQL: the aggregates are computed from the raw points, so this tier reaches back only as far as retention.raw (use TimescaleDB, or raise retention.raw, to keep aggregates longer)"
+            );
+        }
+    }
+    Ok(changed)
 }
 
 /// Run a TimescaleDB call that the server may refuse (license, version); log and go on.
@@ -273,6 +366,114 @@ async fn optional(client: &Client, what: &str, sql: &str) -> bool {
             false
         }
     }
+}
+
+/// An interval literal for `d`.
+fn interval_sql(d: Option<Duration>) -> String {
+    match d {
+        Some(d) => format!("INTERVAL '{}'", interval(d)),
+        None => "NULL".into(),
+    }
+}
+
+/// The TimescaleDB job `proc` (`policy_retention`, ..) of `relation` (a hypertable, or a
+/// continuous aggregate by its view name).
+async fn job_of(
+    client: &Client,
+    proc: &str,
+    relation: &str,
+) -> Result<Option<i32>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT j.job_id FROM timescaledb_information.jobs j
+             WHERE j.proc_name = $1 AND (j.hypertable_name = $2 OR j.hypertable_name = (
+                 SELECT c.materialization_hypertable_name
+                 FROM timescaledb_information.continuous_aggregates c WHERE c.view_name = $2))
+             ORDER BY j.job_id LIMIT 1",
+            &[&proc, &relation],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// One policy as the config wants it, reconciled in place: added when missing, its config
+/// (and schedule) altered when it differs, removed when the config has none. The job keeps
+/// its id and its history across starts.
+struct Policy<'a> {
+    what: &'a str,
+    proc: &'a str,
+    relation: &'a str,
+    /// `None`: no such policy wanted.
+    wanted: Option<PolicySpec>,
+    remove: String,
+}
+
+struct PolicySpec {
+    /// `SELECT add_..._policy(..)`.
+    add: String,
+    /// The config keys it sets, as SQL expressions (an interval or NULL).
+    config: Vec<(&'static str, String)>,
+    schedule: Option<String>,
+}
+
+impl Policy<'_> {
+    async fn reconcile(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
+        let job = job_of(client, self.proc, self.relation).await?;
+        let Some(spec) = &self.wanted else {
+            if job.is_some() {
+                optional(client, self.what, &self.remove).await;
+            }
+            return Ok(false);
+        };
+        let Some(job) = job else {
+            return Ok(optional(client, self.what, &spec.add).await);
+        };
+        // The wanted values as the job stores them (an interval's text form), merged into
+        // its config; altered only when something differs.
+        let pairs: Vec<String> = spec
+            .config
+            .iter()
+            .map(|(k, v)| format!("'{k}', ({v})::text"))
+            .collect();
+        let wanted = format!("jsonb_build_object({})", pairs.join(", "));
+        let schedule_differs = spec.schedule.as_ref().map_or("false".to_owned(), |s| {
+            format!("j.schedule_interval <> {s}")
+        });
+        let schedule_arg = spec
+            .schedule
+            .as_ref()
+            .map_or(String::new(), |s| format!(", schedule_interval => {s}"));
+        let n = client
+            .query(
+                &format!(
+                    "SELECT alter_job(j.job_id, config => j.config || {wanted}{schedule_arg})
+                     FROM timescaledb_information.jobs j
+                     WHERE j.job_id = $1 AND (NOT j.config @> {wanted} OR {schedule_differs})"
+                ),
+                &[&job],
+            )
+            .await?
+            .len();
+        if n > 0 {
+            tracing::info!(what = self.what, job, "TimescaleDB policy changed in place");
+        }
+        Ok(true)
+    }
+}
+
+/// TimescaleDB versions whose `INSERT .. ON CONFLICT DO NOTHING` into a compressed chunk
+/// loses the new rows of a batch that also holds a duplicate (fixed in 2.18.1). The writers
+/// never take that path (they filter duplicates out before inserting), but it is logged.
+pub fn timescale_loses_rows_on_conflict(version: &str) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let v = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    v < (2, 18, 1)
 }
 
 async fn timescale(
@@ -288,43 +489,50 @@ async fn timescale(
              SELECT set_chunk_time_interval('points', INTERVAL '{chunk}');"
         ))
         .await?;
+    if timescale_loses_rows_on_conflict(&version) {
+        tracing::warn!(
+            timescaledb = %version,
+            "TimescaleDB before 2.18.1 can lose rows inserted with ON CONFLICT into compressed chunks; Nexus filters duplicates before inserting, but upgrade TimescaleDB"
+        );
+    }
     let mut storage = Storage {
         timescale: Some(version),
         ..Storage::default()
     };
-    // Policies are dropped and added again so the config is what runs.
-    let _ = client
-        .batch_execute("SELECT remove_compression_policy('points', if_exists => true)")
-        .await;
-    if let Some(after) = cfg.compress_after {
-        storage.compression = optional(
-            client,
-            "compression",
-            &format!(
-                "ALTER TABLE points SET (timescaledb.compress,
-                     timescaledb.compress_segmentby = 'tag_id', timescaledb.compress_orderby = 'time');
-                 SELECT add_compression_policy('points', INTERVAL '{}');",
-                interval(after)
-            ),
-        )
-        .await;
+    // The plain layout's bucket indexes are not used with continuous aggregates.
+    for (name, _, _) in AGGREGATES {
+        client
+            .batch_execute(&format!("DROP INDEX IF EXISTS points_{name}_brin"))
+            .await?;
     }
-    let _ = client
-        .batch_execute("SELECT remove_retention_policy('points', if_exists => true)")
-        .await;
-    if let Some(keep) = cfg.retention {
+    if cfg.compress_after.is_some() {
         optional(
             client,
-            "retention",
-            &format!(
-                "SELECT add_retention_policy('points', INTERVAL '{}')",
-                interval(keep)
-            ),
+            "compression",
+            "ALTER TABLE points SET (timescaledb.compress,
+                 timescaledb.compress_segmentby = 'tag_id', timescaledb.compress_orderby = 'time')",
         )
         .await;
     }
+    let compress_after = interval_sql(cfg.compress_after);
+    storage.compression = Policy {
+        what: "compression",
+        proc: "policy_compression",
+        relation: "points",
+        wanted: cfg.compress_after.map(|_| PolicySpec {
+            add: format!("SELECT add_compression_policy('points', {compress_after})"),
+            config: vec![("compress_after", compress_after.clone())],
+            schedule: None,
+        }),
+        remove: "SELECT remove_compression_policy('points', if_exists => true)".into(),
+    }
+    .reconcile(client)
+    .await?;
+    retention_policy(client, "points", cfg.retention.raw).await?;
+
     storage.continuous_aggregates = true;
-    for (name, width, width_s) in AGGREGATES {
+    let tiers = cfg.retention.tiers();
+    for ((name, width, width_s), (_, _, keep)) in AGGREGATES.into_iter().zip(&tiers[1..]) {
         // A view from an earlier run on plain PostgreSQL gives way to the aggregate.
         if relkind(client, &format!("metrics_{name}")).await? == Some(b'v' as i8)
             && relkind(client, &format!("points_{name}")).await?.is_none()
@@ -333,36 +541,112 @@ async fn timescale(
                 .batch_execute(&format!("DROP VIEW metrics_{name}"))
                 .await?;
         }
-        let ok = optional(
+        // An aggregate of an earlier version counted every row (strings and nulls too): it is
+        // defined again (the policy then materialises it; real-time aggregation answers
+        // meanwhile).
+        let old = client
+            .query_opt(
+                "SELECT 1 FROM timescaledb_information.continuous_aggregates
+                 WHERE view_name = $1 AND view_definition ILIKE '%count(*)%'",
+                &[&format!("points_{name}")],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if old {
+            tracing::info!(
+                aggregate = name,
+                "continuous aggregate of an earlier version: defined again (sample_count counts numeric samples)"
+            );
+            client
+                .batch_execute(&format!(
+                    "DROP VIEW IF EXISTS metrics_{name}; DROP MATERIALIZED VIEW points_{name}"
+                ))
+                .await?;
+        }
+        let created = optional(
             client,
             "continuous aggregate",
             &format!(
                 "CREATE MATERIALIZED VIEW IF NOT EXISTS points_{name}
-                     WITH (timescaledb.continuous) AS
+                     WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
                  SELECT time_bucket(INTERVAL '{width}', time) AS bucket, tag_id,
                         avg(value) AS avg_value, min(value) AS min_value, max(value) AS max_value,
-                        count(*) AS sample_count,
+                        count(value) AS sample_count,
                         first(value, time) AS first_value, last(value, time) AS last_value
                  FROM points GROUP BY 1, 2 WITH NO DATA;
-                 SELECT remove_continuous_aggregate_policy('points_{name}', if_exists => true);
-                 SELECT add_continuous_aggregate_policy('points_{name}',
-                     start_offset => INTERVAL '{start}', end_offset => INTERVAL '{width}',
-                     schedule_interval => INTERVAL '{every}');
+                 ALTER MATERIALIZED VIEW points_{name} SET (timescaledb.materialized_only = false);
                  CREATE OR REPLACE VIEW metrics_{name} AS
                      SELECT c.bucket, t.topic, c.avg_value, c.min_value, c.max_value,
                             c.sample_count, c.first_value, c.last_value
-                     FROM points_{name} c JOIN tags t ON t.id = c.tag_id;",
-                start = interval(Duration::from_secs(width_s * 3)),
-                every = interval(Duration::from_secs((width_s / 2).clamp(30, 3600))),
+                     FROM points_{name} c JOIN tags t ON t.id = c.tag_id;"
             ),
         )
         .await;
-        if !ok {
+        if !created {
             storage.continuous_aggregates = false;
-            client.batch_execute(&aggregate_view(name, width_s)).await?;
+            client.batch_execute(&aggregate_view(name, width)).await?;
+            continue;
         }
+        // The refresh reaches back as far as raw points are kept (late data of any age is
+        // materialised: a refresh only recomputes the ranges that changed), but never past
+        // where the raw points or the tier itself are deleted, which would erase buckets.
+        let start = match (cfg.retention.raw, *keep) {
+            (Some(r), Some(k)) => Some(r.min(k)),
+            (r, k) => r.or(k),
+        };
+        let (start, end) = (
+            interval_sql(start),
+            interval_sql(Some(Duration::from_secs(width_s))),
+        );
+        let every = interval_sql(Some(Duration::from_secs((width_s / 2).clamp(30, 3600))));
+        let view = format!("points_{name}");
+        Policy {
+            what: "continuous aggregate refresh",
+            proc: "policy_refresh_continuous_aggregate",
+            relation: &view,
+            wanted: Some(PolicySpec {
+                add: format!(
+                    "SELECT add_continuous_aggregate_policy('{view}',
+                         start_offset => {start}, end_offset => {end},
+                         schedule_interval => {every})"
+                ),
+                config: vec![("start_offset", start.clone()), ("end_offset", end.clone())],
+                schedule: Some(every.clone()),
+            }),
+            remove: format!(
+                "SELECT remove_continuous_aggregate_policy('{view}', if_exists => true)"
+            ),
+        }
+        .reconcile(client)
+        .await?;
+        retention_policy(client, &view, *keep).await?;
     }
     Ok(storage)
+}
+
+/// The retention policy of a hypertable or continuous aggregate, reconciled in place.
+async fn retention_policy(
+    client: &Client,
+    relation: &str,
+    keep: Option<Duration>,
+) -> Result<(), tokio_postgres::Error> {
+    let drop_after = interval_sql(keep);
+    Policy {
+        what: "retention",
+        proc: "policy_retention",
+        relation,
+        wanted: keep.map(|_| PolicySpec {
+            add: format!("SELECT add_retention_policy('{relation}', {drop_after})"),
+            config: vec![("drop_after", drop_after.clone())],
+            schedule: None,
+        }),
+        remove: format!("SELECT remove_retention_policy('{relation}', if_exists => true)"),
+    }
+    .reconcile(client)
+    .await?;
+    Ok(())
 }
 
 /// Plain PostgreSQL retention: delete points older than `keep`, a slice at a time.
@@ -393,6 +677,37 @@ mod tests {
     fn migrations_are_numbered_in_order() {
         let versions: Vec<i32> = MIGRATIONS.iter().map(|(v, _, _)| *v).collect();
         assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn timescale_versions_before_2_18_1_are_known_to_lose_rows_on_conflict() {
+        for v in ["2.17.2", "2.18.0", "2.9.3", "1.7.5", "2.18.0-dev"] {
+            assert!(timescale_loses_rows_on_conflict(v), "{v}");
+        }
+        for v in [
+            "2.18.1",
+            "2.18.2",
+            "2.19.3",
+            "2.28.3",
+            "3.0.0",
+            "2.30.0-dev",
+        ] {
+            assert!(!timescale_loses_rows_on_conflict(v), "{v}");
+        }
+    }
+
+    /// The plain views and the history API bucket the same way, on an expression an index
+    /// can hold (`date_bin` is immutable, `extract(epoch ..)` of a timestamptz is not).
+    #[test]
+    fn plain_buckets_are_an_indexable_expression_and_count_numbers_only() {
+        let view = aggregate_view("1min", "1 minute");
+        assert!(view.contains(&bucket_expr("1 minute", "p.time")), "{view}");
+        assert!(view.contains("count(p.value) AS sample_count"), "{view}");
+        assert!(!view.contains("count(*)"), "{view}");
+        assert_eq!(
+            bucket_expr("1 hour", "time"),
+            "date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
+        );
     }
 
     /// The view names each type by the code the writers store.

@@ -115,8 +115,9 @@ impl Historian {
         let plain_retention = storage
             .timescale
             .is_none()
-            .then_some(self.cfg.retention)
+            .then_some(self.cfg.retention.raw)
             .flatten();
+        let retention_now = storage.retention_changed;
         *self
             .api
             .storage
@@ -137,6 +138,7 @@ impl Historian {
             tasks.push(tokio::spawn(retention(
                 self.writers.db.clone(),
                 keep,
+                retention_now,
                 token.clone(),
             )));
         }
@@ -147,9 +149,18 @@ impl Historian {
 /// Set the historian schema up, on a connection of its own.
 async fn set_up_schema(db: &Database, cfg: &IngestionConfig) -> Result<Storage, StoreError> {
     let (client, _task) = nexus_common::pg::connect(db).await?;
-    schema::ensure(&client, cfg)
-        .await
-        .map_err(StoreError::Schema)
+    match schema::ensure(&client, cfg, true).await {
+        // A failed CREATE EXTENSION can end the connection (a library the server does not
+        // preload): the plain layout, on a fresh one.
+        Err(e) if client.is_closed() => {
+            tracing::warn!(error = %e, "TimescaleDB could not be set up and the connection ended; using plain PostgreSQL");
+            let (client, _task) = nexus_common::pg::connect(db).await?;
+            schema::ensure(&client, cfg, false)
+                .await
+                .map_err(StoreError::Schema)
+        }
+        r => r.map_err(StoreError::Schema),
+    }
 }
 
 /// [`set_up_schema`] until it works, with backoff; `None` when `token` ends the wait.
@@ -184,9 +195,23 @@ async fn delete_expired(db: &Database, keep: Duration) -> Result<u64, StoreError
         .map_err(StoreError::Retention)
 }
 
-/// Plain PostgreSQL retention: every 10 minutes, delete points older than `keep`.
-async fn retention(db: Database, keep: Duration, token: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
+/// How often the plain PostgreSQL retention runs.
+const RETENTION_PERIOD: Duration = Duration::from_secs(600);
+
+/// Plain PostgreSQL retention: every 10 minutes, delete points older than `keep`. The first
+/// run is at once when the retention changed since the last start (`now`), else after a
+/// period: a service restarting in a loop does not delete at every start, and a newly
+/// configured retention does not wait.
+async fn retention(db: Database, keep: Duration, now: bool, token: CancellationToken) {
+    let first = if now {
+        tokio::time::Instant::now()
+    } else {
+        tokio::time::Instant::now() + RETENTION_PERIOD
+    };
+    if now {
+        tracing::info!(keep = ?keep, "retention.raw changed: deleting older points now");
+    }
+    let mut tick = tokio::time::interval_at(first, RETENTION_PERIOD);
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -468,7 +468,16 @@ async fn write_batch(
         let n = client
             .execute(
                 &format!(
-                    "INSERT INTO points ({COLUMNS}) SELECT {COLUMNS} FROM points_stage
+                    // Duplicates are filtered out before the insert (the first of a batch
+                    // wins, as with the fast path): on TimescaleDB before 2.18.1 an insert
+                    // with ON CONFLICT DO NOTHING into a compressed chunk loses the new rows
+                    // of a statement that also meets a conflict. The ON CONFLICT stays for
+                    // a row another writer commits meanwhile.
+                    "INSERT INTO points ({COLUMNS})
+                     SELECT DISTINCT ON (tag_id, time) {COLUMNS} FROM points_stage s
+                     WHERE NOT EXISTS (SELECT 1 FROM points p
+                                       WHERE p.tag_id = s.tag_id AND p.time = s.time)
+                     ORDER BY tag_id, time, ctid
                      ON CONFLICT (tag_id, time) DO NOTHING"
                 ),
                 &[],

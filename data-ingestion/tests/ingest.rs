@@ -1,6 +1,6 @@
 //! Ingestion against a real PostgreSQL and a real broker: every point stored with its value,
 //! quality and time; bad payloads in `ingest_rejects`; Sparkplug births and data; the
-//! history API; two instances on one shared subscription; TimescaleDB where installed.
+//! history API; two instances on one shared subscription (TimescaleDB: tests/timescale.rs).
 
 #![allow(clippy::unwrap_used)]
 
@@ -536,69 +536,6 @@ async fn sparkplug_data_with_unknown_aliases_is_dead_lettered_and_a_rebirth_requ
     .await;
     assert_eq!(n, 1);
     assert_eq!(ing.metric("nexus_ingest_rebirth_requests_total"), 1.0);
-    ing.stop().await;
-}
-
-/// TimescaleDB: hypertable, compression and continuous aggregates. Runs where the
-/// extension is installed for the harness's PostgreSQL; elsewhere it says so and passes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timescaledb_storage_when_the_server_has_it() {
-    let pg = PgServer::start();
-    let url = pg.create_database("tsdb").await;
-    let db = sql(&url).await;
-    let available = count(
-        &db,
-        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'",
-    )
-    .await;
-    if available == 0 {
-        eprintln!("TimescaleDB is not installed here: the plain PostgreSQL layout is what the other tests cover");
-        return;
-    }
-    let b = testing::service_broker();
-    let port = b.ports.tcp().port();
-    let wal = tempfile::tempdir().unwrap();
-    let ing = start(
-        port,
-        &url,
-        wal.path(),
-        "ing-ts",
-        "  compress_after: 1h\n  retention: 3650d\n",
-    );
-    ing.ready().await;
-    let p = publisher(port).await;
-    for i in 0..100i64 {
-        p.publish(
-            "ts/a/b/c/d/x",
-            format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i * 1000),
-            QoS::AtLeastOnce,
-            false,
-        )
-        .await
-        .unwrap();
-    }
-    assert_eq!(
-        wait_count(
-            &db,
-            "SELECT count(*) FROM metrics",
-            100,
-            Duration::from_secs(20)
-        )
-        .await,
-        100
-    );
-    let hyper = count(
-        &db,
-        "SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'points'",
-    )
-    .await;
-    // A server without the extension preloaded falls back to plain PostgreSQL.
-    if hyper == 1 {
-        db.batch_execute("CALL refresh_continuous_aggregate('points_1min', NULL, NULL)")
-            .await
-            .ok();
-        assert!(count(&db, "SELECT count(*) FROM metrics_1min").await >= 1);
-    }
     ing.stop().await;
 }
 

@@ -42,9 +42,9 @@ pub struct IngestionConfig {
     pub batch_timeout: Duration,
     /// Parallel COPY writers, one database connection each (default 4).
     pub writers: usize,
-    /// Points older than this are deleted (default none: kept for ever).
-    #[serde(deserialize_with = "opt_duration::deserialize")]
-    pub retention: Option<Duration>,
+    /// How long each tier is kept: raw points and the 1min, 1hour and 1day aggregates
+    /// (defaults 30d, 90d, 1825d, none; `null` keeps a tier for ever).
+    pub retention: Retention,
     /// TimescaleDB: chunk interval of the hypertable (default 1d).
     #[serde(with = "duration")]
     pub chunk_interval: Duration,
@@ -88,7 +88,7 @@ impl Default for IngestionConfig {
             batch_size: 5000,
             batch_timeout: Duration::from_millis(100),
             writers: 4,
-            retention: None,
+            retention: Retention::default(),
             chunk_interval: Duration::from_secs(86_400),
             compress_after: Some(Duration::from_secs(7 * 86_400)),
             history_max_points: 10_000,
@@ -118,6 +118,7 @@ impl IngestionConfig {
                 "moved: set database.ca_file instead",
             );
         }
+        self.retention.validate(p);
         if self.filters.is_empty() {
             p.push("ingestion.filters", "must list at least one topic filter");
         }
@@ -161,6 +162,185 @@ impl IngestionConfig {
                 p.push(format!("ingestion.{key}"), "must be at least 1");
             }
         }
+    }
+}
+
+/// `ingestion.retention`: how long each tier is kept, `None` for ever. A tier's rows older
+/// than its retention are deleted (TimescaleDB: a retention policy per hypertable and
+/// continuous aggregate; plain PostgreSQL: see docs/ingestion.md, raw points bound every tier
+/// there since the aggregates are computed from them).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionTiers {
+    #[serde(deserialize_with = "opt_duration::deserialize")]
+    pub raw: Option<Duration>,
+    #[serde(rename = "1min", deserialize_with = "opt_duration::deserialize")]
+    pub min1: Option<Duration>,
+    #[serde(rename = "1hour", deserialize_with = "opt_duration::deserialize")]
+    pub hour1: Option<Duration>,
+    #[serde(rename = "1day", deserialize_with = "opt_duration::deserialize")]
+    pub day1: Option<Duration>,
+}
+
+const DAY: u64 = 86_400;
+
+impl Default for RetentionTiers {
+    /// Raw points for a month (a month of fault finding at full resolution), minutes for a
+    /// quarter, hours for five years (trends over several years of operation), days for ever.
+    fn default() -> Self {
+        RetentionTiers {
+            raw: Some(Duration::from_secs(30 * DAY)),
+            min1: Some(Duration::from_secs(90 * DAY)),
+            hour1: Some(Duration::from_secs(1825 * DAY)),
+            day1: None,
+        }
+    }
+}
+
+impl RetentionTiers {
+    /// The tiers with their names and bucket widths (raw: 0), finest first.
+    pub fn tiers(&self) -> [(&'static str, u64, Option<Duration>); 4] {
+        [
+            ("raw", 0, self.raw),
+            ("1min", 60, self.min1),
+            ("1hour", 3600, self.hour1),
+            ("1day", DAY, self.day1),
+        ]
+    }
+}
+
+/// `ingestion.retention`: the tiers, or (until the configuration is changed) the single
+/// duration of earlier versions, which is refused with a message saying where it went.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub tiers: RetentionTiers,
+    /// The old form (`retention: 90d`), kept only to say where it went.
+    moved: Option<String>,
+}
+
+impl std::ops::Deref for Retention {
+    type Target = RetentionTiers;
+    fn deref(&self) -> &RetentionTiers {
+        &self.tiers
+    }
+}
+
+impl From<RetentionTiers> for Retention {
+    fn from(tiers: RetentionTiers) -> Self {
+        Retention { tiers, moved: None }
+    }
+}
+
+impl<'de> Deserialize<'de> for Retention {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        if v.is_object() {
+            let tiers = RetentionTiers::deserialize(v).map_err(serde::de::Error::custom)?;
+            return Ok(tiers.into());
+        }
+        let moved = match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        Ok(Retention {
+            tiers: RetentionTiers::default(),
+            moved: Some(moved),
+        })
+    }
+}
+
+impl Retention {
+    fn validate(&self, p: &mut Problems) {
+        if let Some(old) = &self.moved {
+            p.push(
+                "ingestion.retention",
+                format!(
+                    "moved: retention is per tier now; for raw points write `retention: {{raw: {old}}}` \
+                     (tiers raw, 1min, 1hour, 1day; see docs/ingestion.md)"
+                ),
+            );
+            return;
+        }
+        for (name, width, keep) in self.tiers() {
+            // At least an hour, and two buckets: a tier shorter than that keeps next to nothing.
+            let least = (2 * width).max(3600);
+            if keep.is_some_and(|k| k.as_secs() < least) {
+                p.push(
+                    format!("ingestion.retention.{name}"),
+                    format!(
+                        "must be at least {} (or null to keep it for ever)",
+                        humantime::format_duration(Duration::from_secs(least))
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use crate::config::Config;
+    use std::time::Duration;
+
+    const DAY: u64 = 86_400;
+
+    #[test]
+    fn retention_tiers_have_defaults_and_take_null_for_ever() {
+        let d = Config::from_str_with_env("{}", None, &[]).unwrap();
+        let r = &d.ingestion.retention;
+        assert_eq!(r.raw, Some(Duration::from_secs(30 * DAY)));
+        assert_eq!(r.min1, Some(Duration::from_secs(90 * DAY)));
+        assert_eq!(r.hour1, Some(Duration::from_secs(1825 * DAY)));
+        assert_eq!(r.day1, None);
+        let c = Config::from_str_with_env(
+            "ingestion:\n  retention:\n    raw: 7d\n    1hour: null\n    1day: 3650d\n",
+            None,
+            &[],
+        )
+        .unwrap();
+        let r = &c.ingestion.retention;
+        assert_eq!(r.raw, Some(Duration::from_secs(7 * DAY)));
+        assert_eq!(
+            r.min1,
+            Some(Duration::from_secs(90 * DAY)),
+            "a tier not named keeps its default"
+        );
+        assert_eq!(r.hour1, None);
+        assert_eq!(r.day1, Some(Duration::from_secs(3650 * DAY)));
+    }
+
+    #[test]
+    fn the_single_retention_of_earlier_versions_is_refused_saying_where_it_went() {
+        let e = Config::from_str_with_env("ingestion:\n  retention: 90d\n", None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ingestion.retention: moved: retention is per tier now; for raw points write `retention: {raw: 90d}`"),
+            "{e}"
+        );
+        let e = Config::from_str_with_env(
+            "ingestion:\n  retention:\n    raw: 30m\n    1day: 1d\n    5min: 1d\n",
+            None,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("5min"), "an unknown tier is named: {e}");
+        let e = Config::from_str_with_env(
+            "ingestion:\n  retention:\n    raw: 30m\n    1day: 1d\n",
+            None,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ingestion.retention.raw: must be at least 1h"),
+            "{e}"
+        );
+        assert!(
+            e.contains("ingestion.retention.1day: must be at least 2days"),
+            "{e}"
+        );
     }
 }
 

@@ -537,14 +537,14 @@ mod properties {
 #[test]
 fn ingestion_settings_load_and_bad_ones_are_named() {
     let c = load(
-        "ingestion:\n  filters: [\"acme/#\", \"spBv1.0/#\"]\n  shared_group: hist\n  wal_max_size: 64MiB\n  batch_size: 10000\n  batch_timeout: 250ms\n  retention: 90d\n  compress_after: null\n",
+        "ingestion:\n  filters: [\"acme/#\", \"spBv1.0/#\"]\n  shared_group: hist\n  wal_max_size: 64MiB\n  batch_size: 10000\n  batch_timeout: 250ms\n  retention: {raw: 90d}\n  compress_after: null\n",
     )
     .unwrap();
     assert_eq!(c.ingestion.filters, vec!["acme/#", "spBv1.0/#"]);
     assert_eq!(c.ingestion.wal_max_size.0, 64 * 1024 * 1024);
     assert_eq!(c.ingestion.batch_timeout, Duration::from_millis(250));
     assert_eq!(
-        c.ingestion.retention,
+        c.ingestion.retention.raw,
         Some(Duration::from_secs(90 * 86_400))
     );
     assert_eq!(c.ingestion.compress_after, None);
