@@ -429,14 +429,8 @@ impl AlertsConfig {
 
 #[cfg(test)]
 mod bound_tests {
+    use crate::config::tests::problems;
     use crate::config::Config;
-
-    fn problems(text: &str) -> String {
-        match Config::from_str_with_env(text, None, &[]) {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        }
-    }
 
     #[test]
     fn state_bounds_have_defaults_and_refuse_zero() {

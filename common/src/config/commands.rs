@@ -87,14 +87,8 @@ impl CommandsConfig {
 
 #[cfg(test)]
 mod bound_tests {
+    use crate::config::tests::problems;
     use crate::config::Config;
-
-    fn problems(text: &str) -> String {
-        match Config::from_str_with_env(text, None, &[]) {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        }
-    }
 
     #[test]
     fn the_dedup_bound_has_a_default_and_refuses_zero() {

@@ -19,6 +19,14 @@ fn errors(text: &str) -> Vec<String> {
     env_errors(text, &[])
 }
 
+/// Every problem of `text`, as printed; empty when it loads (for the sections' own tests).
+pub(super) fn problems(text: &str) -> String {
+    match Config::from_str_with_env(text, None, &[]) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Every problem of `text` with the environment `env`, as printed.
 fn env_errors(text: &str, env: &[(&str, &str)]) -> Vec<String> {
     load_env(text, env)
