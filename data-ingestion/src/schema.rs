@@ -12,15 +12,23 @@
 //! * Migrations only add: a database of an earlier version is brought up to date at start
 //!   (migration 2 adds the typed columns, which stay NULL in the rows written before it).
 //! * `ingest_rejects(time, topic, reason, payload)`: the dead-letter table.
-//! * **TimescaleDB** (when the extension is installed or can be created): `points` is a
-//!   hypertable; compression segmented by tag, retention and continuous aggregates
-//!   `points_1min/1hour/1day` with refresh policies. The policies are removed and added again
-//!   at each start, so a config change takes effect. What the server's license lacks
-//!   (Apache-only builds have no compression or continuous aggregates) is logged and skipped.
-//! * **Plain PostgreSQL**: a BRIN index on `time`, and the aggregates as views.
+//! * **TimescaleDB** (when the extension is installed, or can be created and is preloaded):
+//!   `points` is a hypertable compressed segmented by tag; continuous aggregates
+//!   `points_1min/1hour/1day` with real-time aggregation, refresh policies reaching back as
+//!   far as raw points are kept (late data of any age is materialised), and a retention
+//!   policy per tier. Policies are reconciled in place at each start (added, altered with
+//!   `alter_job`, or removed): jobs keep their ids and statistics. What the server's license
+//!   lacks (Apache-only builds have no compression or continuous aggregates) is logged and
+//!   skipped. An extension installed but not preloaded is left alone (plain PostgreSQL, one
+//!   warning saying how to enable it).
+//! * **Plain PostgreSQL**: a BRIN index on `time`; the aggregates are views computed from
+//!   `points` on an immutable bucket expression (`date_bin`) with a BRIN index of its own, so
+//!   a time range on `bucket` is an index scan; raw retention is a scheduled delete
+//!   (store.rs), and every tier reaches back as far as the raw points.
 //!
 //! Either way `metrics_1min`, `metrics_1hour` and `metrics_1day` have the columns `bucket,
-//! topic, avg_value, min_value, max_value, sample_count, first_value, last_value`.
+//! topic, avg_value, min_value, max_value, sample_count, first_value, last_value`;
+//! `sample_count` counts numeric samples.
 
 use std::time::Duration;
 
