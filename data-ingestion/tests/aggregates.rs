@@ -1,13 +1,15 @@
 //! The aggregates on plain PostgreSQL: a backlog published hours late is in every aggregate
 //! view and every history answer at once, `sample_count` counts numeric samples only, and a
-//! time range on an aggregate view is read through an index, not the whole history.
+//! time range on an aggregate view is read through an index, not the whole history; answers
+//! say when received points are still waiting for the database.
 
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nexus_common::mqtt::QoS;
 use nexus_common::testing::{self, PgServer};
 use support::*;
 
@@ -129,4 +131,97 @@ async fn a_time_range_on_an_aggregate_view_is_read_through_an_index() {
     )
     .await;
     assert!((58..=62).contains(&n), "{n}");
+}
+
+/// Points the service received but could not store yet (the writers are held up by a lock
+/// that still lets readers in) make history answers say `incomplete` with `backlog`; once
+/// the points are stored the answers are complete again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_say_incomplete_while_received_points_wait_for_the_database() {
+    let pg = PgServer::start();
+    let url = pg.create_database("backlog").await;
+    let b = testing::service_broker();
+    let port = b.ports.tcp().port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(port, &url, wal.path(), "");
+    ing.ready().await;
+    let p = publisher(port).await;
+    let db = sql(&url).await;
+    let topic = "acme/bl/a/l/d/x";
+    let now = now_ms();
+    p.publish(
+        topic,
+        format!(r#"{{"v":1,"ts":{}}}"#, now - 60_000),
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_count(
+            &db,
+            "SELECT count(*) FROM points",
+            1,
+            Duration::from_secs(20)
+        )
+        .await,
+        1
+    );
+    let path = format!("/api/v1/history?topic={topic}&from=now-1h&agg=1m");
+    assert_eq!(ing.get(&path).1["incomplete"], false);
+
+    // SHARE mode: reads go on, inserts wait.
+    let mut locker = sql(&url).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE points IN SHARE MODE")
+        .await
+        .unwrap();
+    p.publish(
+        topic,
+        format!(r#"{{"v":2,"ts":{now}}}"#),
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let waited = Instant::now();
+    while ing.metric("nexus_ingest_oldest_unwritten_age_seconds") <= 6.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the point never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, a) = ing.get(&path);
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["incomplete"], true, "{a}");
+    assert_eq!(
+        a["incomplete_reasons"],
+        serde_json::json!(["backlog"]),
+        "{a}"
+    );
+    assert_eq!(bucket_totals(&a).0, 1, "only the stored point: {a}");
+
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        wait_count(
+            &db,
+            "SELECT count(*) FROM points",
+            2,
+            Duration::from_secs(30)
+        )
+        .await,
+        2
+    );
+    let waited = Instant::now();
+    loop {
+        let (_, a) = ing.get(&path);
+        if a["incomplete"] == false {
+            assert_eq!(bucket_totals(&a).0, 2, "{a}");
+            break;
+        }
+        assert!(waited.elapsed() < Duration::from_secs(30), "{a}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ing.stop().await;
 }

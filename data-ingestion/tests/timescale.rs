@@ -402,3 +402,69 @@ async fn timescaledb_installed_but_not_preloaded_falls_back_to_plain_postgresql(
     );
     ing.stop().await;
 }
+
+/// A database whose `points_1min` an earlier version made (every row counted, materialised
+/// only, its policy removed and added at each start): the next start defines it again with
+/// `sample_count` counting numeric samples and real-time aggregation on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timescaledb_aggregates_of_an_earlier_version_are_defined_again() {
+    let Some(pg) = PgServer::start_with_timescaledb() else {
+        return skipped("timescaledb_aggregates_of_an_earlier_version_are_defined_again");
+    };
+    let url = pg.create_database("oldcagg").await;
+    let b = testing::service_broker();
+    let port = b.ports.tcp().port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(port, &url, wal.path(), "");
+    ing.ready().await;
+    ing.stop().await;
+    let db = sql(&url).await;
+    // The earlier definition, as that version created it.
+    db.batch_execute(
+        "DROP VIEW metrics_1min;
+         DROP MATERIALIZED VIEW points_1min;
+         CREATE MATERIALIZED VIEW points_1min WITH (timescaledb.continuous) AS
+         SELECT time_bucket(INTERVAL '1 minute', time) AS bucket, tag_id,
+                avg(value) AS avg_value, min(value) AS min_value, max(value) AS max_value,
+                count(*) AS sample_count,
+                first(value, time) AS first_value, last(value, time) AS last_value
+         FROM points GROUP BY 1, 2 WITH NO DATA;
+         ALTER MATERIALIZED VIEW points_1min SET (timescaledb.materialized_only = true);
+         CREATE VIEW metrics_1min AS
+             SELECT c.bucket, t.topic, c.avg_value, c.min_value, c.max_value,
+                    c.sample_count, c.first_value, c.last_value
+             FROM points_1min c JOIN tags t ON t.id = c.tag_id;",
+    )
+    .await
+    .unwrap();
+    let ing = start(port, &url, wal.path(), "");
+    ing.ready().await;
+    let p = publisher(port).await;
+    let topic = "acme/old/a/l/d/x";
+    let (n, numeric, sum) = publish_backlog(&p, topic, now_ms(), 1).await;
+    assert_eq!(
+        wait_count(
+            &db,
+            "SELECT count(*) FROM points",
+            n,
+            Duration::from_secs(30)
+        )
+        .await,
+        n
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM timescaledb_information.continuous_aggregates
+                    WHERE view_name = 'points_1min' AND NOT materialized_only
+                      AND view_definition NOT ILIKE '%count(*)%'"
+        )
+        .await,
+        1
+    );
+    // Nothing materialised yet: real-time aggregation answers, numeric samples only.
+    let (c, s) = view_totals(&db, "metrics_1min", topic).await;
+    assert_eq!(c, numeric);
+    assert!(close(s, sum), "{s} vs {sum}");
+    ing.stop().await;
+}
