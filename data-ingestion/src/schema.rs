@@ -451,7 +451,7 @@ impl Policy<'_> {
             .schedule
             .as_ref()
             .map_or(String::new(), |s| format!(", schedule_interval => {s}"));
-        let n = client
+        let altered = client
             .query(
                 &format!(
                     "SELECT alter_job(j.job_id, config => j.config || {wanted}{schedule_arg})
@@ -460,10 +460,20 @@ impl Policy<'_> {
                 ),
                 &[&job],
             )
-            .await?
-            .len();
-        if n > 0 {
-            tracing::info!(what = self.what, job, "TimescaleDB policy changed in place");
+            .await;
+        // A job that cannot be altered (privileges) keeps running as it was: logged, and
+        // the historian starts all the same.
+        match altered {
+            Ok(rows) if !rows.is_empty() => {
+                tracing::info!(what = self.what, job, "TimescaleDB policy changed in place")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                what = self.what,
+                job,
+                error = %e,
+                "TimescaleDB policy differs from the configuration and cannot be changed; it runs as it was"
+            ),
         }
         Ok(true)
     }
