@@ -618,7 +618,13 @@ async fn timescale(
             interval_sql(start),
             interval_sql(Some(Duration::from_secs(width_s))),
         );
-        let every = interval_sql(Some(Duration::from_secs((width_s / 2).clamp(30, 3600))));
+        // Often enough that late data reaches every tier within minutes (a run with nothing
+        // invalidated only materialises the buckets that closed since the last one).
+        let every = interval_sql(Some(Duration::from_secs(match width_s {
+            60 => 30,
+            3600 => 300,
+            _ => 900,
+        })));
         let view = format!("points_{name}");
         Policy {
             what: "continuous aggregate refresh",

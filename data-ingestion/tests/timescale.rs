@@ -122,10 +122,19 @@ async fn timescaledb_policies_realtime_aggregates_compression_retention_and_a_la
         !j.contains_key(&("points_1day".into(), "retention".into())),
         "{j:?}"
     );
-    for tier in ["points_1min", "points_1hour", "points_1day"] {
+    for (tier, every) in [
+        ("points_1min", "00:00:30"),
+        ("points_1hour", "00:05:00"),
+        ("points_1day", "00:15:00"),
+    ] {
         assert!(
             cfg(tier, "refresh").contains(r#""start_offset": "720:00:00""#),
             "{tier}: {j:?}"
+        );
+        assert_eq!(
+            j[&(tier.to_owned(), "refresh".to_owned())].2,
+            every,
+            "{tier}"
         );
     }
 
