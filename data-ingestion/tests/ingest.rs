@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+use support::{count, sql, wait_count};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,29 +90,6 @@ impl Ingest {
             .expect("ingest stops")
             .unwrap()
             .unwrap();
-    }
-}
-
-async fn sql(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c
-}
-
-async fn count(c: &tokio_postgres::Client, q: &str) -> i64 {
-    c.query_one(q, &[]).await.map(|r| r.get(0)).unwrap_or(-1)
-}
-
-async fn wait_count(c: &tokio_postgres::Client, q: &str, want: i64, limit: Duration) -> i64 {
-    let start = Instant::now();
-    loop {
-        let n = count(c, q).await;
-        if n >= want || start.elapsed() > limit {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -5,6 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+use support::{count, sql};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +15,11 @@ use nexus_common::config::Config;
 use nexus_common::mqtt::{self, ClientSettings, MqttHandle, QoS};
 use nexus_common::testing::{self, free_port, PgServer};
 use tokio_util::sync::CancellationToken;
+
+/// Until `q` counts `want` rows, for at most 20 s.
+async fn wait_count(c: &tokio_postgres::Client, q: &str, want: i64) -> i64 {
+    support::wait_count(c, q, want, std::time::Duration::from_secs(20)).await
+}
 
 const T0: i64 = 1_750_000_000_000;
 
@@ -25,29 +33,6 @@ async fn publisher(port: u16) -> MqttHandle {
     .unwrap();
     h.wait_connected(Duration::from_secs(10)).await.unwrap();
     h
-}
-
-async fn sql(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c
-}
-
-async fn count(c: &tokio_postgres::Client, q: &str) -> i64 {
-    c.query_one(q, &[]).await.map(|r| r.get(0)).unwrap_or(-1)
-}
-
-async fn wait_count(c: &tokio_postgres::Client, q: &str, want: i64) -> i64 {
-    let start = Instant::now();
-    loop {
-        let n = count(c, q).await;
-        if n >= want || start.elapsed() > Duration::from_secs(20) {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// (value, value_str, value_type, quality, unix ms) of every point of `topic`.

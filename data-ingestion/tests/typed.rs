@@ -5,6 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+use support::sql;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,6 +19,11 @@ use nexus_common::mqtt::{self, ClientSettings, MqttHandle, QoS};
 use nexus_common::testing::{self, free_port, PgServer};
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
+
+/// Until `q` counts `want` rows, for at most 20 s.
+async fn wait_count(c: &tokio_postgres::Client, q: &str, want: i64) -> i64 {
+    support::wait_count(c, q, want, std::time::Duration::from_secs(20)).await
+}
 
 const T0: i64 = 1_750_000_000_000;
 
@@ -81,25 +89,6 @@ impl Ingest {
             .expect("ingest stops")
             .unwrap()
             .unwrap();
-    }
-}
-
-async fn sql(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c
-}
-
-async fn wait_count(c: &tokio_postgres::Client, q: &str, want: i64) -> i64 {
-    let start = Instant::now();
-    loop {
-        let n = c.query_one(q, &[]).await.map_or(-1, |r| r.get(0));
-        if n >= want || start.elapsed() > Duration::from_secs(20) {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
