@@ -96,10 +96,19 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// A registry that serves, from the start, the process's own metrics (`process_cpu_seconds_total`,
+    /// `process_resident_memory_bytes`, open files, threads, start time) and
+    /// `nexus_build_info{service,version}` (always 1).
     pub fn new(service: &'static str) -> Telemetry {
+        let registry = Registry::new();
+        if let Err(e) = register_process_metrics(&registry, service) {
+            // A fresh registry holds nothing to clash with; should it ever, metrics go on
+            // without these.
+            tracing::warn!(error = %e, "process metrics not registered");
+        }
         Telemetry {
             service,
-            registry: Registry::new(),
+            registry,
             readiness: Readiness::default(),
             mqtt: Arc::default(),
             http: Arc::default(),
@@ -171,6 +180,23 @@ pub fn router(t: &Telemetry) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(t.clone())
+}
+
+fn register_process_metrics(r: &Registry, service: &str) -> Result<(), prometheus::Error> {
+    #[cfg(target_os = "linux")]
+    r.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "nexus_build_info",
+            "The version of Nexus serving these metrics (always 1)",
+        ),
+        &["service", "version"],
+    )?;
+    info.with_label_values(&[service, crate::service::VERSION])
+        .set(1);
+    r.register(Box::new(info))
 }
 
 /// Bind `addr` (port 0 picks a free port) and serve `app` until `shutdown`. Returns the bound
@@ -248,7 +274,29 @@ mod tests {
         assert!(r.contains("\"broker\":false"), "{r}");
         flag.set(true);
         assert!(get("/readyz").await.starts_with("HTTP/1.0 200"));
-        assert!(get("/metrics").await.contains("nexus_test_total 1"));
+        let metrics = get("/metrics").await;
+        assert!(metrics.contains("nexus_test_total 1"));
+        // The process's own figures and the build, from the start.
+        let version = crate::service::VERSION;
+        assert!(
+            metrics.contains(&format!(
+                "nexus_build_info{{service=\"test\",version=\"{version}\"}} 1"
+            )),
+            "{metrics}"
+        );
+        // CPU time is counted in whole seconds: a young test process may have 0.
+        for (name, least) in [
+            ("process_resident_memory_bytes", 1.0),
+            ("process_open_fds", 1.0),
+            ("process_start_time_seconds", 1.0),
+            ("process_cpu_seconds_total", 0.0),
+        ] {
+            let value = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            assert!(value.is_some_and(|v| v >= least), "{name}: {metrics}");
+        }
         token.cancel();
         task.await.unwrap().unwrap();
     }
