@@ -60,18 +60,17 @@ impl BreakerState {
         }
     }
 
-    fn gauge(self) -> i64 {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        }
-    }
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
 }
 
-/// Metrics shared by the breakers of one service: `nexus_breaker_state{breaker}` (0 closed,
-/// 1 open, 2 half open), `nexus_breaker_transitions_total{breaker,to}`,
-/// `nexus_breaker_rejected_total{breaker}`.
+/// Metrics shared by the breakers of one service: `nexus_breaker_state{breaker,state}` (one
+/// series per state, 1 for the breaker's current one and 0 for the others, so a dashboard
+/// or an alert names the state instead of decoding a number),
+/// `nexus_breaker_transitions_total{breaker,to}`, `nexus_breaker_rejected_total{breaker}`.
 #[derive(Clone)]
 pub struct BreakerMetrics {
     state: IntGaugeVec,
@@ -85,8 +84,8 @@ impl BreakerMetrics {
             state: metrics::gauge_vec(
                 r,
                 "nexus_breaker_state",
-                "Circuit breaker state: 0 closed, 1 open, 2 half open",
-                &["breaker"],
+                "Circuit breaker state: 1 on the series of the current state (closed, open, half_open), 0 on the others",
+                &["breaker", "state"],
             )?,
             transitions: metrics::counter_vec(
                 r,
@@ -101,6 +100,16 @@ impl BreakerMetrics {
                 &["breaker"],
             )?,
         })
+    }
+}
+
+impl BreakerMetrics {
+    fn set_state(&self, breaker: &str, current: BreakerState) {
+        for s in BreakerState::ALL {
+            self.state
+                .with_label_values(&[breaker, s.as_str()])
+                .set(i64::from(s == current));
+        }
     }
 }
 
@@ -148,7 +157,7 @@ impl CircuitBreaker {
     ) -> Arc<CircuitBreaker> {
         let name = name.into();
         if let Some(m) = &metrics {
-            m.state.with_label_values(&[&name]).set(0);
+            m.set_state(&name, BreakerState::Closed);
         }
         Arc::new(CircuitBreaker {
             name,
@@ -204,7 +213,7 @@ impl CircuitBreaker {
             }
         }
         if let Some(m) = &self.metrics {
-            m.state.with_label_values(&[&self.name]).set(to.gauge());
+            m.set_state(&self.name, to);
             m.transitions
                 .with_label_values(&[&self.name, to.as_str()])
                 .inc();
@@ -440,7 +449,8 @@ mod tests {
             b.try_acquire().unwrap().failure();
         }
         let _ = b.try_acquire();
-        assert_eq!(m.state.with_label_values(&["plc-1"]).get(), 1);
+        let state = |s: &str| m.state.with_label_values(&["plc-1", s]).get();
+        assert_eq!((state("closed"), state("open"), state("half_open")), (0, 1, 0));
         assert_eq!(m.transitions.with_label_values(&["plc-1", "open"]).get(), 1);
         assert_eq!(m.rejected.with_label_values(&["plc-1"]).get(), 1);
     }
