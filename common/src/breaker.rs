@@ -450,7 +450,10 @@ mod tests {
         }
         let _ = b.try_acquire();
         let state = |s: &str| m.state.with_label_values(&["plc-1", s]).get();
-        assert_eq!((state("closed"), state("open"), state("half_open")), (0, 1, 0));
+        assert_eq!(
+            (state("closed"), state("open"), state("half_open")),
+            (0, 1, 0)
+        );
         assert_eq!(m.transitions.with_label_values(&["plc-1", "open"]).get(), 1);
         assert_eq!(m.rejected.with_label_values(&["plc-1"]).get(), 1);
     }
