@@ -282,6 +282,9 @@ async fn only_the_gateway_writes_device_values_and_viewers_write_nothing() {
             "acme/plant/packaging/line-1/scale/weight".to_owned()
         ]
     );
+    // The broker counts what it took in (refused publishes included) and what it sent out.
+    assert!(rig.metric("nexus_broker_messages_received_total", "") >= 9.0);
+    assert!(rig.metric("nexus_broker_messages_delivered_total", "") >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,8 @@ struct BrokerMetrics {
     retained_bytes: IntGauge,
     retained_refused: prometheus::IntCounter,
     stripped: prometheus::IntCounter,
+    received: prometheus::IntCounter,
+    delivered: prometheus::IntCounter,
 }
 
 impl BrokerMetrics {
@@ -137,6 +139,16 @@ impl BrokerMetrics {
                 r,
                 "nexus_broker_retained_refused_total",
                 "Retained publishes delivered but not retained: broker.max_retained or max_retained_bytes reached",
+            )?,
+            received: metrics::counter(
+                r,
+                "nexus_broker_messages_received_total",
+                "Publishes received from clients and last wills, refused ones included",
+            )?,
+            delivered: metrics::counter(
+                r,
+                "nexus_broker_messages_delivered_total",
+                "Messages sent to subscribers (one per subscriber)",
             )?,
             stripped: metrics::counter(
                 r,
@@ -324,6 +336,7 @@ impl Handler for Hooks {
                 (false, Some(HookResult::AuthResult(result)))
             }
             Parameter::MessagePublish(session, _from, publish) => {
+                self.metrics.received.inc();
                 let who = self.identity(*session);
                 match self.rewrite(&who, publish) {
                     Some(p) => (true, Some(HookResult::Publish(p))),
@@ -394,6 +407,10 @@ impl Handler for Hooks {
                     self.metrics.sessions_refused.inc();
                     tracing::warn!(client_id = %info.client_id(), max_sessions = self.max_sessions, "broker refused a new session: broker.max_sessions reached");
                 }
+                (true, acc)
+            }
+            Parameter::MessageDelivered(..) => {
+                self.metrics.delivered.inc();
                 (true, acc)
             }
             Parameter::MessageDropped(_to, _from, _publish, reason) => {
@@ -585,6 +602,7 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         Type::MessagePublishCheckAcl,
         Type::ClientSubscribeCheckAcl,
         Type::MessageDropped,
+        Type::MessageDelivered,
         Type::SessionCreated,
         Type::SessionTerminated,
         Type::ClientConnected,
