@@ -213,7 +213,11 @@ impl Hooks {
 
     /// Strip a client-set user property, stamp the authenticated user on `$nexus/` topics,
     /// and hold retained messages within their limits. `None`: the publish goes on unchanged.
-    fn rewrite(&self, who: &crate::auth::Identity, p: &Publish) -> Option<Publish> {
+    /// The publisher's identity is looked up only when a stamp or a retained message needs
+    /// it, not for every publish.
+    fn rewrite(&self, session: Option<&rmqtt::session::Session>, p: &Publish) -> Option<Publish> {
+        let identity = std::cell::OnceCell::new();
+        let who = || identity.get_or_init(|| self.identity(session));
         let mut out: Option<Publish> = None;
         let forged = p.properties.as_ref().is_some_and(|props| {
             props
@@ -234,11 +238,11 @@ impl Hooks {
                 .properties
                 .get_or_insert_with(Default::default)
                 .user_properties
-                .push((USER_PROPERTY.into(), who.name.as_str().into()));
+                .push((USER_PROPERTY.into(), who().name.as_str().into()));
         }
         if p.retain
-            && self.acl.check(who, Action::Publish, &p.topic).is_ok()
-            && !self.retain(who, p)
+            && self.acl.check(who(), Action::Publish, &p.topic).is_ok()
+            && !self.retain(who(), p)
         {
             out.get_or_insert_with(|| p.clone()).inner.retain = false;
         }
@@ -337,8 +341,7 @@ impl Handler for Hooks {
             }
             Parameter::MessagePublish(session, _from, publish) => {
                 self.metrics.received.inc();
-                let who = self.identity(*session);
-                match self.rewrite(&who, publish) {
+                match self.rewrite(*session, publish) {
                     Some(p) => (true, Some(HookResult::Publish(p))),
                     None => (true, acc),
                 }
