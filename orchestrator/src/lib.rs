@@ -24,10 +24,15 @@ use tokio_util::sync::CancellationToken;
 /// directory (`nexus gateway`, and the gateway of `nexus up`). Each keeps its own HTTP port and
 /// metrics (:4000 and :4100). Whichever stops first stops the other, so the supervisor restarts
 /// them together: a handler that failed is never left dead beside a running gateway.
+/// With `gateway.commands: false` the gateway runs alone (commands are consumed elsewhere).
 pub async fn gateway_with_commands(
     cfg: Arc<Config>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if !cfg.gateway.commands {
+        tracing::info!("gateway.commands is false: no command handler in this process");
+        return nexus_protocol_gateway::run(cfg, shutdown).await;
+    }
     let gw_telemetry = Telemetry::new(nexus_protocol_gateway::SERVICE);
     let shared = nexus_devices::DeviceLayer::new(&cfg, &gw_telemetry.registry)?;
     let mut commands = tokio::spawn(nexus_command_handler::run_shared(

@@ -23,6 +23,7 @@ pub mod buffer;
 pub mod http;
 pub mod poller;
 pub mod publisher;
+pub mod shard;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +59,7 @@ pub async fn run_shared(
     let gw = &cfg.gateway;
     let pools = shared.pools.clone();
     let poll_metrics = PollMetrics::new(&telemetry.registry)?;
+    poll_metrics.workers.set(gw.workers as i64);
     let pub_metrics = PublisherMetrics::new(&telemetry.registry)?;
     let devices_token = CancellationToken::new();
     let set: http::SharedDevices = Arc::new(Mutex::new(DeviceSet::new(devices_token.clone())));
@@ -107,6 +109,7 @@ pub async fn run_shared(
     let publisher = Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics);
     let publisher_task = tokio::spawn(publisher.run(rx));
 
+    let lease = gw.shard.enabled.then(|| Arc::new(shard::Lease::new()));
     let ctx = PollContext {
         pools: pools.clone(),
         workers: Arc::new(Semaphore::new(gw.workers)),
@@ -114,24 +117,60 @@ pub async fn run_shared(
         mqtt: shell.mqtt.clone(),
         metrics: poll_metrics,
         heartbeat: gw.heartbeat,
+        lease: lease.clone(),
     };
-    let started = {
-        let mut s = set.lock().unwrap_or_else(|e| e.into_inner());
-        s.set_context(Some(ctx));
-        s.apply(&cfg.devices).0
+    set.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .set_context(Some(ctx));
+    // Sharded: the membership decides which devices this gateway polls; it follows the
+    // device list through `device_list`.
+    let (device_list, device_list_rx) = tokio::sync::watch::channel(cfg.devices.clone());
+    let shard_task = if gw.shard.enabled {
+        shard::member_name(&cfg)?;
+        let metrics = shard::ShardMetrics::new(&shell.telemetry.registry)?;
+        let task = shard::run(
+            cfg.clone(),
+            lease.clone().unwrap_or_default(),
+            set.clone(),
+            device_list_rx,
+            metrics,
+            shutdown.clone(),
+        );
+        tracing::info!(
+            devices = cfg.devices.len(),
+            workers = gw.workers,
+            group = %gw.shard.group,
+            "gateway polling its share of the devices"
+        );
+        Some(tokio::spawn(task))
+    } else {
+        let started = set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&cfg.devices)
+            .started;
+        tracing::info!(devices = started, workers = gw.workers, "gateway polling");
+        None
     };
-    tracing::info!(devices = started, workers = gw.workers, "gateway polling");
+    let sharded = shard_task.is_some();
     let maintenance = tokio::spawn(pools.clone().maintain(devices_token.clone()));
     let watcher = gw.watch_devices_file.then(|| {
         let (set, directory) = (set.clone(), shared.directory.clone());
         let apply = move |devices: &[nexus_common::config::DeviceConfig]| {
             directory.apply(devices);
-            let (started, stopped, restarted) =
-                set.lock().unwrap_or_else(|e| e.into_inner()).apply(devices);
+            if sharded {
+                device_list.send_replace(devices.to_vec());
+                tracing::info!(
+                    devices = devices.len(),
+                    "device configuration reloaded; the shard takes its share"
+                );
+                return;
+            }
+            let a = set.lock().unwrap_or_else(|e| e.into_inner()).apply(devices);
             tracing::info!(
-                started,
-                stopped,
-                restarted,
+                started = a.started,
+                stopped = a.stopped,
+                restarted = a.restarted,
                 devices = devices.len(),
                 "device configuration reloaded"
             );
@@ -140,6 +179,14 @@ pub async fn run_shared(
     });
 
     shutdown.cancelled().await;
+    // A shard member stops its devices and says so before the rest shuts down.
+    if let Some(t) = shard_task {
+        match t.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "gateway shard member failed"),
+            Err(e) => tracing::error!(error = %e, "gateway shard member task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     // Ordered drain: pollers stop, then the publisher flushes what they produced.
     let tasks = {
         let mut s = set.lock().unwrap_or_else(|e| e.into_inner());

@@ -36,6 +36,76 @@ pub struct GatewayConfig {
     pub breaker: BreakerSettings,
     /// The OPC UA client's certificates.
     pub opcua: OpcUaClientConfig,
+    /// Run the command handler inside `nexus gateway` and `nexus up`, sharing the gateway's
+    /// connections (default true). Set it false where commands are consumed by one separate
+    /// `nexus commands` (a platform has exactly one command consumer).
+    pub commands: bool,
+    /// Share the devices among several gateways (`nexus gateway` replicas).
+    pub shard: ShardConfig,
+}
+
+/// `gateway.shard`: several gateways split the devices, each polled by exactly one.
+///
+/// Each member owns the devices it wins by rendezvous hashing over the live members, and
+/// hands them over through retained adverts on `$nexus/gateway/<group>/members/<member>`:
+/// a device is started only after its previous owner has said it stopped polling it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardConfig {
+    /// Off by default: one gateway polls every device.
+    pub enabled: bool,
+    /// This member's name, unique in its group (default `telemetry.instance`, e.g. the pod
+    /// name of a StatefulSet).
+    pub member: Option<String>,
+    /// Gateways of one group share one device list (default `default`).
+    pub group: String,
+    /// Adverts are repeated this often (default 2s); the broker's echo of them is the lease.
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
+    /// A member that has heard no echo of its own advert for this long stops polling
+    /// (default 10s); the others take its devices over after twice as long.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+    /// After (re)connecting, wait this long to learn the other members before taking
+    /// devices (default 3s).
+    #[serde(with = "duration")]
+    pub settle: Duration,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            enabled: false,
+            member: None,
+            group: "default".into(),
+            heartbeat: Duration::from_secs(2),
+            lease: Duration::from_secs(10),
+            settle: Duration::from_secs(3),
+        }
+    }
+}
+
+impl ShardConfig {
+    fn validate(&self, p: &mut Problems) {
+        let level = |field: &str, v: &str, p: &mut Problems| {
+            if let Err(e) = crate::domain::DeviceId::new(v.to_owned()) {
+                p.push(field, e.to_string().replace("device id", "name"));
+            }
+        };
+        level("gateway.shard.group", &self.group, p);
+        if let Some(m) = &self.member {
+            level("gateway.shard.member", m, p);
+        }
+        if self.heartbeat < Duration::from_millis(100) {
+            p.push("gateway.shard.heartbeat", "must be at least 100ms");
+        }
+        if self.lease < self.heartbeat * 3 {
+            p.push(
+                "gateway.shard.lease",
+                "must be at least three heartbeats, so one lost advert does not stop polling",
+            );
+        }
+    }
 }
 
 /// `gateway.opcua`: the OPC UA client's identity and trust.
@@ -75,6 +145,8 @@ impl Default for GatewayConfig {
             pool: PoolConfig::default(),
             breaker: BreakerSettings::default(),
             opcua: OpcUaClientConfig::default(),
+            commands: true,
+            shard: ShardConfig::default(),
         }
     }
 }
@@ -115,6 +187,7 @@ impl GatewayConfig {
         if b.half_open_trials == 0 {
             p.push("gateway.breaker.half_open_trials", "must be at least 1");
         }
+        self.shard.validate(p);
     }
 }
 

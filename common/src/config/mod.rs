@@ -39,7 +39,7 @@ pub use devices::{
     Access, AcquisitionMode, ByteOrder, ConnectionConfig, DataType, DeviceConfig, ModbusAddress,
     ModbusTable, ModbusTransport, OpcUaAuth, Parity, Protocol, S7Address, S7Area, TagConfig,
 };
-pub use gateway::{BufferConfig, GatewayConfig, OpcUaClientConfig, PoolConfig};
+pub use gateway::{BufferConfig, GatewayConfig, OpcUaClientConfig, PoolConfig, ShardConfig};
 pub use http::{HttpConfig, HttpTls};
 pub use ingestion::IngestionConfig;
 pub use mqtt::{MqttConfig, MqttTls, MqttVersion};

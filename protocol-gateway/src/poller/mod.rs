@@ -13,7 +13,7 @@ use nexus_common::config::DeviceConfig;
 use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{MqttHandle, QoS};
 use nexus_common::{now_ms, DataPoint, Quality};
-use prometheus::{HistogramVec, IntCounterVec, Registry};
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
 use rand::Rng;
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
@@ -35,6 +35,8 @@ pub struct PollMetrics {
     skipped: IntCounterVec,
     duration: HistogramVec,
     requests: IntCounterVec,
+    /// `gateway.workers`: with the poll durations, the utilisation an autoscaler follows.
+    pub workers: IntGauge,
 }
 
 impl PollMetrics {
@@ -66,6 +68,11 @@ impl PollMetrics {
                 "nexus_gateway_read_requests_total",
                 "Protocol read requests sent",
                 &["device"],
+            )?,
+            workers: metrics::gauge(
+                r,
+                "nexus_gateway_workers",
+                "Polls that may run at once (gateway.workers)",
             )?,
         })
     }
@@ -111,6 +118,9 @@ pub struct PollContext {
     pub mqtt: MqttHandle,
     pub metrics: PollMetrics,
     pub heartbeat: Duration,
+    /// Sharded: a poll starts only while this member's lease holds (a member frozen past
+    /// its lease must not poll a device another member has taken over).
+    pub lease: Option<Arc<crate::shard::Lease>>,
 }
 
 fn status_payload(health: Health, breaker: BreakerState, last_error: &Option<String>) -> String {
@@ -152,6 +162,9 @@ pub async fn run_device(
             let missed = ((now - base).as_secs_f64() / interval.as_secs_f64()) as u64;
             base += interval * missed as u32;
             skipped(&state, &ctx, &id, missed);
+        }
+        if ctx.lease.as_ref().is_some_and(|l| !l.holds()) {
+            continue;
         }
         let Ok(permit) = ctx.workers.clone().try_acquire_owned() else {
             skipped(&state, &ctx, &id, 1);
@@ -321,6 +334,17 @@ type Running = (
     Arc<Device>,
 );
 
+/// What [`DeviceSet::apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub started: usize,
+    pub stopped: usize,
+    pub restarted: usize,
+    /// Poll tasks told to stop (removed or restarted devices): await them to know that a
+    /// device is no longer polled.
+    pub stopping: Vec<JoinHandle<()>>,
+}
+
 /// The running set of devices, changed in place when the device list changes.
 pub struct DeviceSet {
     ctx: Option<PollContext>,
@@ -344,31 +368,30 @@ impl DeviceSet {
     }
 
     /// Start added devices, stop removed ones, restart changed ones; leave the rest alone.
-    /// Returns (started, stopped, restarted).
-    pub fn apply(&mut self, devices: &[DeviceConfig]) -> (usize, usize, usize) {
+    pub fn apply(&mut self, devices: &[DeviceConfig]) -> Applied {
         let wanted: HashMap<String, &DeviceConfig> = devices
             .iter()
             .filter(|d| d.enabled)
             .map(|d| (d.id.to_string(), d))
             .collect();
-        let mut stopped = 0;
-        let mut restarted = 0;
-        let mut started = 0;
+        let mut a = Applied::default();
         let ids: Vec<String> = self.running.keys().cloned().collect();
         for id in ids {
             match wanted.get(&id) {
                 None => {
-                    if let Some((_, tok, _, _, _)) = self.running.remove(&id) {
+                    if let Some((_, tok, task, _, _)) = self.running.remove(&id) {
                         tok.cancel();
-                        stopped += 1;
+                        a.stopping.push(task);
+                        a.stopped += 1;
                     }
                 }
                 Some(cfg) if self.running.get(&id).is_some_and(|(old, ..)| old != *cfg) => {
-                    if let Some((_, tok, _, _, _)) = self.running.remove(&id) {
+                    if let Some((_, tok, task, _, _)) = self.running.remove(&id) {
                         tok.cancel();
+                        a.stopping.push(task);
                     }
                     if self.start(cfg) {
-                        restarted += 1;
+                        a.restarted += 1;
                     }
                 }
                 Some(_) => {}
@@ -376,10 +399,10 @@ impl DeviceSet {
         }
         for (id, cfg) in &wanted {
             if !self.running.contains_key(id) && self.start(cfg) {
-                started += 1;
+                a.started += 1;
             }
         }
-        (started, stopped, restarted)
+        a
     }
 
     fn start(&mut self, cfg: &DeviceConfig) -> bool {
