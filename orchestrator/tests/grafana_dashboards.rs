@@ -8,11 +8,13 @@
 //! * every panel target and template variable on the historian datasource is expanded the
 //!   way Grafana expands it (the frontend's template variables, then the PostgreSQL
 //!   datasource's `$__interval`/`$__interval_ms` and macros), run as the read-only role of
-//!   docs/grafana.md with only its grants, and must return rows. A variable, format or macro
-//!   this file does not know fails the test, so no dashboard brings an unchecked one in;
+//!   docs/grafana.md with only its grants (and as the role deploy/compose makes), and must
+//!   return rows. A variable, format or macro this file does not know fails the test, so no
+//!   dashboard brings an unchecked one in;
 //! * the tag explorer's query picks raw points, the 1-minute, 1-hour or 1-day aggregate by
 //!   the range as the history API's `agg=auto` does, and its plan reads the raw points
-//!   through an index, never a sequential scan of `points`;
+//!   through the `(tag_id, time)` index, never a sequential scan of `points` (on
+//!   TimescaleDB, but for the real-time aggregates' tail: see the test);
 //! * the Prometheus panels name only metrics the services register, and every panel names
 //!   one of the two provisioned datasources.
 //!
@@ -103,7 +105,8 @@ struct Var {
     multi: bool,
 }
 
-/// A round interval near `ms`, as Grafana's time range utilities choose one.
+/// A round interval near `ms`, like the one Grafana picks for a panel (its exact steps do not
+/// matter here: the queries must answer for any).
 fn round_interval(ms: i64) -> i64 {
     const STEPS: [(i64, i64); 16] = [
         (1_500, 1_000),
