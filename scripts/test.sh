@@ -17,6 +17,9 @@ if ! "$venv/bin/python" -c "import pymodbus, snap7, asyncua" >/dev/null 2>&1; th
   "$venv/bin/pip" install --quiet --disable-pip-version-check pymodbus==3.16.1 python-snap7==3.3.0 asyncua==1.1.8
 fi
 
+# The Kubernetes manifests and the compose stack: rendered, validated, invariants (docs/deploy.md).
+scripts/check-deploy.sh
+
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest does not run doctests; run them first so nextest's summary closes the output.
   cargo test --workspace --all-features --doc --quiet

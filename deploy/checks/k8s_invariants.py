@@ -1,0 +1,1162 @@
+#!/usr/bin/env python3
+"""Invariants of Nexus's Kubernetes manifests, checked on the rendered output of an overlay.
+
+    k8s_invariants.py [--adapter-rules FILE] [--nexus BIN] NAME=RENDERED.yaml ...
+    k8s_invariants.py --self-test [--adapter-rules FILE] NAME=RENDERED.yaml ...
+
+Each NAME=FILE is one rendering (`kubectl kustomize k8s/overlays/plant > FILE`). Every rule
+below is checked on each; a failure names the rendering, the object and the rule:
+
+    plant: StatefulSet/nexus-gateway: probes: container nexus has no readinessProbe
+
+Rules (ids as printed):
+  command-consumer  exactly one command consumer per platform: containers running `nexus
+                    commands`, `nexus up`, or `nexus gateway` without
+                    NEXUS_GATEWAY__COMMANDS=false, counted with their replicas; it runs as one
+                    pod (replicas 1, no HPA, Recreate or a StatefulSet)
+  single-broker     the broker (`nexus broker` or `nexus up`) runs as exactly one pod
+  probes            startup, readiness and liveness probes on every container; Nexus's are
+                    HTTP /healthz (startup, liveness) and /readyz on the service's HTTP port
+  pdb               every workload is selected by a PodDisruptionBudget that allows a disruption
+  security          the restricted Pod Security Standard on every pod and container (and the
+                    namespace label); Nexus runs as 10001 with a read-only root filesystem and
+                    every path it writes (working directory, /tmp, WAL, buffer, PKI) on a
+                    writable volume
+  headless          a StatefulSet's serviceName is a headless Service selecting its pods
+  stateful-storage  the gateway's buffer and ingestion's WAL are on volumeClaimTemplates, kept
+                    on scale-down (Retain); scaled gateways are sharded StatefulSets
+  no-secrets        no secret value in a ConfigMap (password:, credentials in a URL) or in a
+                    literal env value; no Secret objects with data are shipped
+  secret-env        every container using the database gets NEXUS_DATABASE_URL from a
+                    secretKeyRef (and no other does); every password_env of the configuration
+                    and NEXUS_MQTT__PASSWORD come from Secrets
+  mqtt-tls          a Service exposes 8883 to a broker configured for TLS with its certificate
+                    from the Secret nexus-broker-tls
+  network-policy    a default deny of ingress, and the flows Nexus needs are allowed while
+                    others (e.g. the gateway to the database, outsiders to plain MQTT) are not
+  hpa               HPA metrics are served by the prometheus-adapter rules, targets exist and do
+                    not set replicas, scale-down is stabilised
+  monitoring        with ServiceMonitors, every Nexus HTTP port is scraped
+
+--nexus BIN also runs `BIN config check` for every Nexus container, with its configuration file
+(from the ConfigMap it mounts) and its environment (Secret values replaced by placeholders).
+
+--self-test mutates each rendering in memory, once per rule, and fails unless the unmutated
+rendering passes and every mutation is caught by the rule it breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import yaml
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod")
+NEXUS_UID = 10001
+WORKDIR = "/var/lib/nexus"  # WORKDIR of deploy/Dockerfile
+# Subcommand -> (config section of its HTTP port, default port); docs/configuration.md.
+HTTP_PORTS = {
+    "gateway": ("gateway", 4000),
+    "commands": ("commands", 4100),
+    "orchestrator": ("orchestrator", 5000),
+    "broker": ("orchestrator", 5000),  # `nexus broker` serves health on orchestrator.http_listen
+    "up": ("orchestrator", 5000),
+    "alerts": ("alerts", 6000),
+    "ingest": ("ingestion", 7000),
+}
+DATABASE_USERS = {"up", "ingest", "commands", "alerts"}
+SUBCOMMANDS = set(HTTP_PORTS)
+MONITORING_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The rendering
+
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError:
+        return None
+
+
+def parse(text: str) -> Any:
+    """A ConfigMap value as YAML or JSON (None when it is neither); a copy, free to change."""
+    return copy.deepcopy(_parse(text))
+
+
+def load(path: str) -> list[dict]:
+    with open(path) as f:
+        return [d for d in yaml.load_all(f, Loader=Loader) if d]
+
+
+def ref(d: dict) -> str:
+    return f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
+
+
+def pod_spec(w: dict) -> dict:
+    if w["kind"] == "Pod":
+        return w["spec"]
+    if w["kind"] == "CronJob":
+        return w["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return w["spec"]["template"]["spec"]
+
+
+def pod_labels(w: dict) -> dict:
+    if w["kind"] == "Pod":
+        return w["metadata"].get("labels") or {}
+    if w["kind"] == "CronJob":
+        return w["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels") or {}
+    return w["spec"]["template"].get("metadata", {}).get("labels") or {}
+
+
+def matches(selector: dict | None, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions); an empty selector matches everything."""
+    if selector is None:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        k, op, vals = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(k) not in vals:
+            return False
+        if op == "NotIn" and k in labels and labels[k] in vals:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return True
+
+
+def service_selects(svc: dict, labels: dict) -> bool:
+    sel = svc.get("spec", {}).get("selector")
+    return bool(sel) and all(labels.get(k) == v for k, v in sel.items())
+
+
+@dataclass
+class Container:
+    workload: dict
+    c: dict
+    init: bool
+    subcommand: str | None = None  # for Nexus containers
+    env: dict = field(default_factory=dict)  # name -> env entry
+    config: dict = field(default_factory=dict)  # parsed nexus.yaml, overrides applied
+    config_text: str | None = None
+    config_path: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.c.get("name", "?")
+
+    def literal(self, var: str) -> str | None:
+        e = self.env.get(var)
+        return None if e is None or "valueFrom" in e else str(e.get("value", ""))
+
+    def from_secret(self, var: str) -> bool:
+        e = self.env.get(var)
+        return bool(e) and "secretKeyRef" in (e.get("valueFrom") or {})
+
+
+class Rendering:
+    def __init__(self, name: str, docs: list[dict], adapter_rules: list[dict] | None):
+        self.name = name
+        self.docs = docs
+        self.adapter_rules = adapter_rules
+        self.failures: list[tuple[str, str, str]] = []  # (object, rule, message)
+        self.by_kind: dict[str, list[dict]] = {}
+        for d in docs:
+            self.by_kind.setdefault(d.get("kind", ""), []).append(d)
+        self.workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
+        self.containers: list[Container] = []
+        for w in self.workloads:
+            spec = pod_spec(w)
+            for init, key in ((True, "initContainers"), (False, "containers")):
+                for c in spec.get(key) or []:
+                    self.containers.append(self._container(w, c, init))
+
+    def kind(self, k: str) -> list[dict]:
+        return self.by_kind.get(k, [])
+
+    def fail(self, obj: dict | str, rule: str, message: str) -> None:
+        self.failures.append((obj if isinstance(obj, str) else ref(obj), rule, message))
+
+    def is_nexus_workload(self, w: dict) -> bool:
+        return pod_labels(w).get("app.kubernetes.io/name") == "nexus"
+
+    def nexus(self) -> list[Container]:
+        return [c for c in self.containers if c.subcommand and not c.init]
+
+    def _container(self, w: dict, c: dict, init: bool) -> Container:
+        ct = Container(w, c, init)
+        ct.env = {e["name"]: e for e in c.get("env") or [] if "name" in e}
+        words = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+        if words and words[0].endswith("nexus"):
+            words = words[1:]
+        image = str(c.get("image", ""))
+        nexus_image = "nexus" in image.rsplit("/", 1)[-1] or self.is_nexus_workload(w)
+        if init or not nexus_image or not words or words[0].startswith("/"):
+            return ct
+        positional = []
+        skip = False
+        for wd in words:
+            if skip:
+                skip = False
+            elif wd in ("--log-format", "--config", "-c"):
+                skip = True
+                if wd != "--log-format":
+                    ct.config_path = None  # set below
+            elif not wd.startswith("-"):
+                positional.append(wd)
+        if not positional or positional[0] not in SUBCOMMANDS:
+            return ct
+        ct.subcommand = positional[0]
+        for i, wd in enumerate(words):
+            if wd in ("--config", "-c") and i + 1 < len(words):
+                ct.config_path = words[i + 1]
+            elif wd.startswith("--config="):
+                ct.config_path = wd.split("=", 1)[1]
+        if ct.config_path is None and ct.literal("NEXUS_CONFIG"):
+            ct.config_path = ct.literal("NEXUS_CONFIG")
+        ct.config_text = self._mounted_file(w, c, ct.config_path or f"{WORKDIR}/nexus.yaml")
+        cfg: dict = {}
+        if ct.config_text:
+            parsed = parse(ct.config_text)
+            cfg = parsed if isinstance(parsed, dict) else {}
+        ct.config = apply_env(cfg, ct)
+        return ct
+
+    def _mounted_file(self, w: dict, c: dict, path: str) -> str | None:
+        """The text of `path` in container `c` when a ConfigMap of the rendering provides it."""
+        vols = {v["name"]: v for v in pod_spec(w).get("volumes") or []}
+        for m in c.get("volumeMounts") or []:
+            mp = m["mountPath"].rstrip("/")
+            v = vols.get(m["name"]) or {}
+            cm = v.get("configMap")
+            if not cm:
+                continue
+            if m.get("subPath"):
+                key = m["subPath"] if path == mp else None
+            elif path.startswith(mp + "/"):
+                key = path[len(mp) + 1 :]
+                for item in cm.get("items") or []:
+                    if item.get("path") == key:
+                        key = item["key"]
+            else:
+                key = None
+            if key is None:
+                continue
+            for d in self.kind("ConfigMap"):
+                if d["metadata"]["name"] == cm.get("name"):
+                    return (d.get("data") or {}).get(key)
+        return None
+
+    def service_for(self, name: str) -> dict | None:
+        for s in self.kind("Service"):
+            if s["metadata"]["name"] == name:
+                return s
+        return None
+
+    def hpa_targets(self) -> dict[tuple[str, str], dict]:
+        out = {}
+        for h in self.kind("HorizontalPodAutoscaler"):
+            t = h["spec"]["scaleTargetRef"]
+            out[(t["kind"], t["name"])] = h
+        return out
+
+    def replicas(self, w: dict) -> int | None:
+        """Pods the workload may run: its replicas, the HPA's maximum, or None if unbounded."""
+        h = self.hpa_targets().get((w["kind"], w["metadata"]["name"]))
+        if h:
+            return int(h["spec"]["maxReplicas"])
+        if w["kind"] in ("Deployment", "StatefulSet", "ReplicaSet"):
+            return int(w["spec"].get("replicas", 1))
+        if w["kind"] == "Pod":
+            return 1
+        return None  # DaemonSet, Job, CronJob
+
+
+def apply_env(cfg: dict, ct: Container) -> dict:
+    """The configuration as the container sees it: NEXUS_<SECTION>__<KEY> literals applied."""
+    cfg = copy.deepcopy(cfg)
+    for var, e in ct.env.items():
+        if not var.startswith("NEXUS_") or "__" not in var or "valueFrom" in e:
+            continue
+        path = [p.lower() for p in var[len("NEXUS_") :].split("__")]
+        node = cfg
+        for p in path[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        raw = str(e.get("value", ""))
+        node[path[-1]] = raw if var.endswith(("PASSWORD", "URL")) else yaml.safe_load(raw or "null")
+    return cfg
+
+
+def get(cfg: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for p in dotted.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return default
+        node = node[p]
+    return node
+
+
+def http_port(ct: Container) -> int:
+    section, default = HTTP_PORTS[ct.subcommand or ""]
+    listen = get(ct.config, f"{section}.http_listen")
+    if isinstance(listen, str) and ":" in listen:
+        return int(listen.rsplit(":", 1)[1])
+    return default
+
+
+def http_ports(ct: Container) -> list[int]:
+    """Every HTTP port the container serves: `nexus up` serves one per service."""
+    if ct.subcommand != "up":
+        return [http_port(ct)]
+    ports = []
+    for sub in ("orchestrator", "gateway", "commands", "alerts", "ingest"):
+        section, default = HTTP_PORTS[sub]
+        listen = get(ct.config, f"{section}.http_listen")
+        ports.append(int(listen.rsplit(":", 1)[1]) if isinstance(listen, str) and ":" in listen else default)
+    return ports
+
+
+def container_port(c: dict, port: Any) -> int | None:
+    if isinstance(port, int):
+        return port
+    if isinstance(port, str) and port.isdigit():
+        return int(port)
+    for p in c.get("ports") or []:
+        if p.get("name") == port:
+            return int(p["containerPort"])
+    return None
+
+
+def command_consumer(ct: Container) -> bool:
+    if ct.subcommand in ("commands", "up"):
+        return True
+    if ct.subcommand == "gateway":
+        return get(ct.config, "gateway.commands", True) is not False
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+def rule_command_consumer(r: Rendering) -> None:
+    consumers = [ct for ct in r.nexus() if command_consumer(ct)]
+    total = 0
+    for ct in consumers:
+        n = r.replicas(ct.workload)
+        w = ct.workload
+        if n is None or n != 1 or (w["kind"], w["metadata"]["name"]) in r.hpa_targets():
+            r.fail(w, "command-consumer", f"`nexus {ct.subcommand}` consumes commands and may run "
+                   f"{'an unbounded number of' if n is None else n} pods; it must run as exactly one")
+        if w["kind"] == "Deployment" and (w["spec"].get("strategy") or {}).get("type") != "Recreate":
+            r.fail(w, "command-consumer", "a rollout would run two command consumers at once: "
+                   "use strategy Recreate")
+        total += n or 2
+    if total != 1:
+        names = ", ".join(f"{ref(ct.workload)} ({ct.subcommand})" for ct in consumers) or "none"
+        r.fail("platform", "command-consumer",
+               f"exactly one command consumer is needed, found {total} pod(s): {names}")
+
+
+def rule_single_broker(r: Rendering) -> None:
+    brokers = [ct for ct in r.nexus() if ct.subcommand in ("broker", "up")
+               and get(ct.config, "broker.enabled", True) is not False]
+    for ct in brokers:
+        w = ct.workload
+        n = r.replicas(w)
+        if n != 1 or (w["kind"], w["metadata"]["name"]) in r.hpa_targets():
+            r.fail(w, "single-broker", "the embedded broker does not cluster: one pod, no HPA")
+        if w["kind"] == "Deployment" and (w["spec"].get("strategy") or {}).get("type") != "Recreate":
+            r.fail(w, "single-broker", "a rollout would run two brokers at once: use Recreate")
+    if len(brokers) != 1:
+        r.fail("platform", "single-broker", f"one broker expected, found {len(brokers)}")
+
+
+def rule_probes(r: Rendering) -> None:
+    for ct in r.containers:
+        if ct.init:
+            continue  # init containers cannot have probes
+        for p in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if not ct.c.get(p):
+                r.fail(ct.workload, "probes", f"container {ct.name} has no {p}")
+        if not ct.subcommand:
+            continue
+        want = http_port(ct)
+        for p, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                        ("livenessProbe", "/healthz")):
+            h = (ct.c.get(p) or {}).get("httpGet")
+            if not ct.c.get(p):
+                continue
+            if not h or h.get("path") != path:
+                r.fail(ct.workload, "probes", f"container {ct.name}: {p} must be HTTP GET {path}")
+            elif container_port(ct.c, h.get("port")) != want:
+                r.fail(ct.workload, "probes", f"container {ct.name}: {p} must use port {want} "
+                       f"(`nexus {ct.subcommand}`'s HTTP port), not {h.get('port')}")
+
+
+def rule_pdb(r: Rendering) -> None:
+    pdbs = r.kind("PodDisruptionBudget")
+    for w in r.workloads:
+        if w["kind"] in ("Job", "CronJob", "Pod"):
+            continue
+        labels = pod_labels(w)
+        mine = [p for p in pdbs if matches(p["spec"].get("selector"), labels)
+                and p["metadata"].get("namespace") == w["metadata"].get("namespace")]
+        if not mine:
+            r.fail(w, "pdb", "no PodDisruptionBudget selects its pods")
+        for p in mine:
+            s = p["spec"]
+            n = r.replicas(w) or 1
+            if "maxUnavailable" in s and str(s["maxUnavailable"]) in ("0", "0%"):
+                r.fail(p, "pdb", f"maxUnavailable 0 blocks every node drain ({ref(w)})")
+            if "minAvailable" in s and isinstance(s["minAvailable"], int) and s["minAvailable"] >= n:
+                r.fail(p, "pdb", f"minAvailable {s['minAvailable']} of {n} blocks every node drain")
+
+
+def writable_mounts(w: dict, c: dict) -> list[str]:
+    vols = {v["name"]: v for v in pod_spec(w).get("volumes") or []}
+    claims = {t["metadata"]["name"] for t in (w.get("spec", {}).get("volumeClaimTemplates") or [])}
+    out = []
+    for m in c.get("volumeMounts") or []:
+        if m.get("readOnly"):
+            continue
+        v = vols.get(m["name"])
+        if m["name"] in claims or (v and ("emptyDir" in v or "persistentVolumeClaim" in v
+                                           or "ephemeral" in v)):
+            out.append(m["mountPath"].rstrip("/") or "/")
+    return out
+
+
+def under(path: str, mounts: Iterable[str]) -> bool:
+    return any(path == m or path.startswith(m + "/") for m in mounts)
+
+
+def rule_security(r: Rendering) -> None:
+    for ns in r.kind("Namespace"):
+        if (ns["metadata"].get("labels") or {}).get("pod-security.kubernetes.io/enforce") != "restricted":
+            r.fail(ns, "security", "label pod-security.kubernetes.io/enforce: restricted missing")
+    for w in r.workloads:
+        spec = pod_spec(w)
+        psc = spec.get("securityContext") or {}
+        for k in ("hostNetwork", "hostPID", "hostIPC"):
+            if spec.get(k):
+                r.fail(w, "security", f"{k} is not allowed")
+        if (psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            r.fail(w, "security", "pod securityContext.seccompProfile.type must be RuntimeDefault")
+        if psc.get("fsGroup") is None:
+            r.fail(w, "security", "pod securityContext.fsGroup must be set (volumes writable by the pod's group)")
+        for v in spec.get("volumes") or []:
+            if "hostPath" in v:
+                r.fail(w, "security", f"hostPath volume {v['name']} is not allowed")
+    for ct in r.containers:
+        w, c = ct.workload, ct.c
+        psc = pod_spec(w).get("securityContext") or {}
+        sc = c.get("securityContext") or {}
+        who = f"container {ct.name}"
+        if not (sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
+            r.fail(w, "security", f"{who}: runAsNonRoot must be true")
+        uid = sc.get("runAsUser", psc.get("runAsUser"))
+        if uid == 0:
+            r.fail(w, "security", f"{who}: runAsUser 0")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            r.fail(w, "security", f"{who}: allowPrivilegeEscalation must be false")
+        if sc.get("privileged"):
+            r.fail(w, "security", f"{who}: privileged")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            r.fail(w, "security", f"{who}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            r.fail(w, "security", f"{who}: adds capabilities {caps.get('add')}")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            r.fail(w, "security", f"{who}: readOnlyRootFilesystem must be true")
+        if sc.get("seccompProfile") and sc["seccompProfile"].get("type") not in ("RuntimeDefault", "Localhost"):
+            r.fail(w, "security", f"{who}: seccompProfile {sc['seccompProfile']}")
+        if ct.subcommand or (ct.init and r.is_nexus_workload(w)):
+            if uid != NEXUS_UID:
+                r.fail(w, "security", f"{who}: must run as {NEXUS_UID}, the image's user (deploy/Dockerfile)")
+        if not ct.subcommand:
+            continue
+        mounts = writable_mounts(w, c)
+        paths = {"working directory": WORKDIR, "/tmp": "/tmp"}
+        if ct.subcommand in ("gateway", "up"):
+            paths["gateway.buffer.dir"] = get(ct.config, "gateway.buffer.dir", "nexus-data/gateway-buffer")
+        if ct.subcommand in ("gateway", "up", "commands"):
+            paths["gateway.opcua.pki_dir"] = get(ct.config, "gateway.opcua.pki_dir", "nexus-data/pki")
+        if ct.subcommand in ("ingest", "up"):
+            paths["ingestion.wal_dir"] = get(ct.config, "ingestion.wal_dir", "nexus-data/ingest-wal")
+        for what, p in paths.items():
+            p = str(p)
+            if not p.startswith("/"):
+                p = f"{WORKDIR}/{p}"
+            if not under(p.rstrip("/"), mounts):
+                r.fail(w, "security", f"{who}: {what} ({p}) is not on a writable volume, and the "
+                       "root filesystem is read-only")
+
+
+def rule_headless(r: Rendering) -> None:
+    for s in r.kind("StatefulSet"):
+        name = s["spec"].get("serviceName")
+        svc = r.service_for(name) if name else None
+        if not svc:
+            r.fail(s, "headless", f"serviceName {name!r} names no Service of the rendering")
+        elif svc["spec"].get("clusterIP") != "None":
+            r.fail(s, "headless", f"serviceName {name} is not headless (clusterIP: None)")
+        elif not service_selects(svc, pod_labels(s)):
+            r.fail(s, "headless", f"Service {name} does not select the StatefulSet's pods")
+
+
+def claim_of(w: dict, c: dict, path: str) -> str | None:
+    claims = {t["metadata"]["name"] for t in (w.get("spec", {}).get("volumeClaimTemplates") or [])}
+    best = None
+    for m in c.get("volumeMounts") or []:
+        mp = m["mountPath"].rstrip("/")
+        if (path == mp or path.startswith(mp + "/")) and (best is None or len(mp) > len(best[0])):
+            best = (mp, m["name"])
+    return best[1] if best and best[1] in claims else None
+
+
+def rule_stateful_storage(r: Rendering) -> None:
+    for ct in r.nexus():
+        w = ct.workload
+        needs = []
+        if ct.subcommand in ("gateway", "up"):
+            needs.append(("gateway.buffer.dir", get(ct.config, "gateway.buffer.dir", "nexus-data/gateway-buffer")))
+        if ct.subcommand in ("ingest", "up"):
+            needs.append(("ingestion.wal_dir", get(ct.config, "ingestion.wal_dir", "nexus-data/ingest-wal")))
+        for what, p in needs:
+            p = str(p) if str(p).startswith("/") else f"{WORKDIR}/{p}"
+            if w["kind"] != "StatefulSet" or not claim_of(w, ct.c, p):
+                r.fail(w, "stateful-storage", f"{what} ({p}) must be on a volumeClaimTemplate of a StatefulSet")
+        if needs and w["kind"] == "StatefulSet":
+            pol = w["spec"].get("persistentVolumeClaimRetentionPolicy") or {}
+            if pol.get("whenScaled", "Retain") != "Retain":
+                r.fail(w, "stateful-storage", "persistentVolumeClaimRetentionPolicy.whenScaled must be "
+                       "Retain: a volume scaled away still holds data to drain")
+        if ct.subcommand == "gateway" and (r.replicas(w) or 2) > 1:
+            if get(ct.config, "gateway.shard.enabled") is not True:
+                r.fail(w, "stateful-storage", "several gateways without gateway.shard.enabled would "
+                       "poll every device twice")
+            inst = ct.env.get("NEXUS_TELEMETRY__INSTANCE", {})
+            if w["kind"] != "StatefulSet" or ((inst.get("valueFrom") or {}).get("fieldRef") or {}).get(
+                    "fieldPath") != "metadata.name":
+                r.fail(w, "stateful-storage", "sharded gateways need stable member names: a StatefulSet "
+                       "with NEXUS_TELEMETRY__INSTANCE from metadata.name")
+        if ct.subcommand in ("gateway", "commands", "up"):
+            vols = pod_spec(w).get("volumes") or []
+            if not any((v.get("secret") or {}).get("secretName") == "nexus-opcua-pki" for v in vols):
+                r.fail(w, "stateful-storage", "the OPC UA client identity (Secret nexus-opcua-pki) is "
+                       "not given to this OPC UA client")
+
+
+URL_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^@\s/]+@", re.I)
+SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token)$", re.I)
+# A reference to where the secret is, not the secret: ${VAR}, $VAR, Grafana's $__env{VAR} and
+# $__file{/path}.
+INDIRECT = re.compile(r"^\s*(\$\{[A-Za-z_][A-Za-z0-9_]*\}|\$[A-Za-z_][A-Za-z0-9_]*|\$__(env|file)\{[^}]+\})\s*$")
+
+
+def secret_keys(node: Any, path: str = "") -> Iterable[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            p = f"{path}.{k}" if path else str(k)
+            if SECRET_KEY.search(str(k)) and v not in (None, "") and not INDIRECT.match(str(v)):
+                yield p
+            yield from secret_keys(v, p)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from secret_keys(v, f"{path}[{i}]")
+    elif isinstance(node, str) and URL_CREDENTIALS.search(node):
+        yield f"{path} (credentials in a URL)"
+
+
+def rule_no_secrets(r: Rendering) -> None:
+    for cm in r.kind("ConfigMap"):
+        for key, text in (cm.get("data") or {}).items():
+            parsed = _parse(str(text))
+            found = list(secret_keys(parsed)) if isinstance(parsed, (dict, list)) else []
+            if not found:
+                for line in str(text).splitlines():
+                    s = line.split("#", 1)[0]
+                    m = re.search(r"(?i)\bpassword\s*[:=]\s*(.*)", s)
+                    if (m and m.group(1).strip() and not INDIRECT.match(m.group(1))) or URL_CREDENTIALS.search(s):
+                        found.append(line.strip())
+            for f in found:
+                r.fail(cm, "no-secrets", f"{key}: a secret value in a ConfigMap: {f} "
+                       "(use password_env / password_hash and a Secret)")
+    for s in r.kind("Secret"):
+        if s.get("data") or s.get("stringData"):
+            r.fail(s, "no-secrets", "a Secret with values is shipped; create it in the cluster instead")
+    for ct in r.containers:
+        for var, e in ct.env.items():
+            if "valueFrom" in e:
+                continue
+            v = str(e.get("value", ""))
+            if (re.search(r"(?i)(password|secret|token)$", var) and v) or URL_CREDENTIALS.search(v):
+                r.fail(ct.workload, "no-secrets", f"container {ct.name}: {var} is a literal; take it "
+                       "from a Secret (secretKeyRef)")
+
+
+def rule_secret_env(r: Rendering) -> None:
+    for ct in r.nexus():
+        w, who = ct.workload, f"container {ct.name} (`nexus {ct.subcommand}`)"
+        uses_db = ct.subcommand in DATABASE_USERS
+        if uses_db and not ct.from_secret("NEXUS_DATABASE_URL"):
+            r.fail(w, "secret-env", f"{who} uses the database: NEXUS_DATABASE_URL must come from a secretKeyRef")
+        if "NEXUS_DATABASE__URL" in ct.env and not ct.from_secret("NEXUS_DATABASE__URL"):
+            r.fail(w, "secret-env", f"{who}: NEXUS_DATABASE__URL must come from a secretKeyRef")
+        if not uses_db and ("NEXUS_DATABASE_URL" in ct.env or "NEXUS_DATABASE__URL" in ct.env):
+            r.fail(w, "secret-env", f"{who} uses no database and must not get its URL")
+        auth = ct.config.get("auth") or {}
+        for u in (auth.get("users") or []) + (auth.get("tokens") or []):
+            var = (u or {}).get("password_env") or (u or {}).get("token_env")
+            if var and not ct.from_secret(var):
+                r.fail(w, "secret-env", f"{who}: {var} (password_env of {u.get('username') or u.get('name')}) "
+                       "must come from a secretKeyRef, or the service does not start")
+        mqtt = ct.config.get("mqtt") or {}
+        if ct.subcommand not in ("up", "broker") and mqtt.get("username") and not ct.from_secret("NEXUS_MQTT__PASSWORD"):
+            r.fail(w, "secret-env", f"{who}: mqtt.username is set, NEXUS_MQTT__PASSWORD must come from a secretKeyRef")
+
+
+def rule_mqtt_tls(r: Rendering) -> None:
+    ok = False
+    for ct in r.nexus():
+        if ct.subcommand not in ("broker", "up"):
+            continue
+        w = ct.workload
+        tls = get(ct.config, "broker.tls")
+        if not isinstance(tls, dict) or not tls.get("cert_file") or not tls.get("key_file"):
+            r.fail(w, "mqtt-tls", "broker.tls (cert_file, key_file) is not configured")
+            continue
+        if int(tls.get("port", 8883)) != 8883:
+            r.fail(w, "mqtt-tls", f"broker.tls.port is {tls.get('port')}, not 8883")
+        vols = {v["name"]: v for v in pod_spec(w).get("volumes") or []}
+        for f in ("cert_file", "key_file"):
+            src = None
+            for m in ct.c.get("volumeMounts") or []:
+                if str(tls[f]).startswith(m["mountPath"].rstrip("/") + "/"):
+                    src = (vols.get(m["name"]) or {}).get("secret", {}).get("secretName")
+            if src != "nexus-broker-tls":
+                r.fail(w, "mqtt-tls", f"broker.tls.{f} ({tls[f]}) is not mounted from the Secret nexus-broker-tls")
+        if 8883 not in [int(p["containerPort"]) for p in ct.c.get("ports") or []]:
+            r.fail(w, "mqtt-tls", "the container does not declare port 8883")
+            continue
+        for s in r.kind("Service"):
+            if not service_selects(s, pod_labels(w)):
+                continue
+            for p in s["spec"].get("ports") or []:
+                if p.get("port") == 8883 and container_port(ct.c, p.get("targetPort", 8883)) == 8883:
+                    ok = True
+    if not ok:
+        r.fail("platform", "mqtt-tls", "no Service exposes MQTT over TLS (8883) of the broker")
+
+
+# --- network policies: a small evaluator of ingress rules (egress is left open) ---------------
+
+@dataclass
+class Peer:
+    what: str
+    labels: dict | None  # pod labels, None for a client outside the cluster
+    namespace_labels: dict
+
+
+def allowed(r: Rendering, ns: str, dest: dict, dest_container: dict, port: int, src: Peer) -> bool:
+    pols = [p for p in r.kind("NetworkPolicy") if p["metadata"].get("namespace") == ns
+            and "Ingress" in (p["spec"].get("policyTypes") or ["Ingress"])
+            and matches(p["spec"].get("podSelector"), dest)]
+    if not pols:
+        return True  # not isolated
+    own_ns = {"kubernetes.io/metadata.name": ns}
+    for p in pols:
+        for rule in p["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(container_port(dest_container, q.get("port")) == port for q in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                if "ipBlock" in peer:
+                    if src.labels is None and ipaddress.ip_network(peer["ipBlock"]["cidr"]).prefixlen == 0:
+                        return True
+                    continue
+                if src.labels is None:
+                    continue
+                nsel, psel = peer.get("namespaceSelector"), peer.get("podSelector")
+                ns_ok = matches(nsel, src.namespace_labels) if nsel is not None else src.namespace_labels == own_ns
+                pod_ok = matches(psel, src.labels) if psel is not None else True
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def rule_network_policy(r: Rendering) -> None:
+    namespaces = {w["metadata"].get("namespace") for w in r.workloads}
+    for ns in namespaces:
+        if not any(p["metadata"].get("namespace") == ns and p["spec"].get("podSelector") == {}
+                   and "Ingress" in (p["spec"].get("policyTypes") or []) and not p["spec"].get("ingress")
+                   for p in r.kind("NetworkPolicy")):
+            r.fail(f"Namespace/{ns}", "network-policy", "no default-deny ingress NetworkPolicy (podSelector: {})")
+    own = lambda w: {"kubernetes.io/metadata.name": w["metadata"].get("namespace")}  # noqa: E731
+    outside = Peer("a client outside the cluster", None, {})
+    prometheus = Peer("Prometheus (namespace monitoring)", {"app.kubernetes.io/name": "prometheus"},
+                      MONITORING_NAMESPACE)
+    nexus = [ct for ct in r.nexus()]
+    stranger = Peer("another pod of the namespace", {"app.kubernetes.io/name": "something-else"}, {})
+    db = [w for w in r.workloads if pod_labels(w).get("app.kubernetes.io/component") == "database"]
+
+    def check(dest_w: dict, dest_c: dict, port: int, src: Peer, want: bool, why: str) -> None:
+        got = allowed(r, dest_w["metadata"].get("namespace"), pod_labels(dest_w), dest_c, port, src)
+        if got != want:
+            r.fail(dest_w, "network-policy", f"{src.what} {'cannot' if want else 'can'} reach port {port}: {why}")
+
+    for ct in nexus:
+        w = ct.workload
+        peer = Peer(f"{ref(w)} (`nexus {ct.subcommand}`)", pod_labels(w), own(w))
+        stranger.namespace_labels = own(w)
+        for port in http_ports(ct):
+            check(w, ct.c, port, prometheus, True, "Prometheus scrapes every HTTP port")
+        for b in [b for b in nexus if b.subcommand in ("broker", "up")]:
+            if b.workload is not w:
+                check(b.workload, b.c, 1883, peer, True, "services reach the broker")
+        if ct.subcommand in ("broker", "up"):
+            check(w, ct.c, 1883, stranger, False, "plain MQTT is for Nexus's own pods")
+        for d in db:
+            check(d, pod_spec(d)["containers"][0], 5432, peer, ct.subcommand in DATABASE_USERS,
+                  "only ingest, commands, alerts and up use the database")
+        if ct.subcommand in ("broker", "up"):
+            check(w, ct.c, 8883, outside, True, "clients use MQTT over TLS")
+            check(w, ct.c, 1883, outside, False, "plain MQTT stays inside the namespace")
+        if ct.subcommand in ("orchestrator", "up"):
+            check(w, ct.c, http_port(ct), outside, True, "clients use the status API")
+    grafana = Peer("Grafana", {"app.kubernetes.io/name": "grafana"}, {})
+    for d in db:
+        grafana.namespace_labels = stranger.namespace_labels = own(d)
+        check(d, pod_spec(d)["containers"][0], 5432, grafana, True, "Grafana reads the history")
+        check(d, pod_spec(d)["containers"][0], 5432, stranger, False, "only Nexus's database users")
+
+
+def adapter_names(rules: list[dict]) -> set[str]:
+    out = set()
+    for rule in rules:
+        name = (rule.get("name") or {})
+        series = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", rule.get("seriesQuery", ""))
+        base = series.group(1) if series else ""
+        if name.get("as"):
+            out.add(name["as"])
+        elif base:
+            out.add(re.sub(name.get("matches", "^$a"), "", base) if name.get("matches") else base)
+    return out
+
+
+def rule_hpa(r: Rendering) -> None:
+    hpas = r.kind("HorizontalPodAutoscaler")
+    if not hpas:
+        return
+    served = adapter_names(r.adapter_rules or [])
+    for h in hpas:
+        t = h["spec"]["scaleTargetRef"]
+        target = next((w for w in r.workloads if w["kind"] == t["kind"] and w["metadata"]["name"] == t["name"]), None)
+        if not target:
+            r.fail(h, "hpa", f"scaleTargetRef {t['kind']}/{t['name']} is not in the rendering")
+        elif "replicas" in target["spec"]:
+            r.fail(target, "hpa", f"sets spec.replicas while {ref(h)} scales it: every apply resets the scale")
+        for m in h["spec"].get("metrics") or []:
+            if m["type"] in ("Pods", "Object", "External"):
+                name = m[m["type"].lower()]["metric"]["name"]
+                if name not in served:
+                    r.fail(h, "hpa", f"metric {name} is served by no prometheus-adapter rule "
+                           f"(the rules serve: {', '.join(sorted(served)) or 'nothing'})")
+        down = (h["spec"].get("behavior") or {}).get("scaleDown") or {}
+        if int(down.get("stabilizationWindowSeconds", 300)) < 300:
+            r.fail(h, "hpa", "scaleDown.stabilizationWindowSeconds below 300s")
+
+
+def rule_monitoring(r: Rendering) -> None:
+    sms = r.kind("ServiceMonitor")
+    if not sms and not r.kind("HorizontalPodAutoscaler"):
+        return
+    for ct, port in [(ct, port) for ct in r.nexus() for port in http_ports(ct)]:
+        w = ct.workload
+        scraped = False
+        for s in r.kind("Service"):
+            if not service_selects(s, pod_labels(w)):
+                continue
+            for sm in sms:
+                if not matches(sm["spec"].get("selector"), s["metadata"].get("labels") or {}):
+                    continue
+                names = {e.get("port") for e in sm["spec"].get("endpoints") or []}
+                for p in s["spec"].get("ports") or []:
+                    if p.get("name") in names and container_port(ct.c, p.get("targetPort", p["port"])) == port:
+                        scraped = True
+        if not scraped:
+            r.fail(w, "monitoring", f"no ServiceMonitor scrapes port {port} (`nexus {ct.subcommand}`)")
+
+
+RULES: dict[str, Callable[[Rendering], None]] = {
+    "command-consumer": rule_command_consumer,
+    "single-broker": rule_single_broker,
+    "probes": rule_probes,
+    "pdb": rule_pdb,
+    "security": rule_security,
+    "headless": rule_headless,
+    "stateful-storage": rule_stateful_storage,
+    "no-secrets": rule_no_secrets,
+    "secret-env": rule_secret_env,
+    "mqtt-tls": rule_mqtt_tls,
+    "network-policy": rule_network_policy,
+    "hpa": rule_hpa,
+    "monitoring": rule_monitoring,
+}
+
+
+def check(name: str, docs: list[dict], adapter_rules: list[dict] | None) -> Rendering:
+    r = Rendering(name, docs, adapter_rules)
+    if not r.nexus():
+        r.fail("platform", "command-consumer", "no Nexus container found in the rendering")
+        return r
+    for rule in RULES.values():
+        rule(r)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# `nexus config check` of every container's configuration
+
+
+def config_check(r: Rendering, nexus_bin: str) -> list[str]:
+    problems = []
+    seen: dict = {}
+    for ct in r.nexus():
+        if not ct.config_text:
+            problems.append(f"{r.name}: {ref(ct.workload)}: config: no ConfigMap provides {ct.config_path}")
+            continue
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+        for var, e in ct.env.items():
+            vf = e.get("valueFrom") or {}
+            env[var] = (str(e.get("value", "")) if "valueFrom" not in e
+                        else "nexus-0" if "fieldRef" in vf
+                        else "postgres://nexus:placeholder@nexus-db:5432/nexus" if var.endswith("URL")
+                        else "placeholder")
+        key = (ct.config_text, tuple(sorted(env.items())))
+        if key in seen:
+            print(f"  {r.name}: {ref(ct.workload)} `nexus {ct.subcommand}`: as {seen[key]}")
+            continue
+        seen[key] = ref(ct.workload)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(ct.config_text)
+        try:
+            out = subprocess.run([nexus_bin, "config", "check", "--config", f.name], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        finally:
+            os.unlink(f.name)
+        status = "ok" if out.returncode == 0 else f"FAILED (exit {out.returncode})"
+        print(f"  {r.name}: {ref(ct.workload)} `nexus {ct.subcommand}`: nexus config check {status}")
+        if out.returncode != 0:
+            problems.append(f"{r.name}: {ref(ct.workload)}: config: {(out.stdout + out.stderr).strip()}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-test: every rule catches a mutation that breaks it
+
+
+def workload(docs: list[dict], component: str) -> dict | None:
+    for d in docs:
+        if d.get("kind") in WORKLOAD_KINDS and pod_labels(d).get("app.kubernetes.io/component") == component:
+            return d
+    return None
+
+
+def nexus_container(docs: list[dict], component: str) -> dict | None:
+    w = workload(docs, component)
+    return pod_spec(w)["containers"][0] if w else None
+
+
+def set_env(c: dict, var: str, entry: dict) -> None:
+    env = c.setdefault("env", [])
+    env[:] = [e for e in env if e.get("name") != var] + [dict(name=var, **entry)]
+
+
+def mutations(docs: list[dict]) -> list[tuple[str, str, Callable[[list[dict]], bool]]]:
+    """(description, rule expected to fail, mutate(docs) -> applicable)."""
+    main = "broker" if workload(docs, "broker") else "platform"
+    ing = "ingest" if workload(docs, "ingest") else "platform"
+    gw = "gateway" if workload(docs, "gateway") else "platform"
+    out: list[tuple[str, str, Callable[[list[dict]], bool]]] = []
+
+    def m(desc: str, rule: str):
+        def deco(f: Callable[[list[dict]], bool | None]):
+            out.append((desc, rule, lambda d: f(d) is not False))
+            return f
+        return deco
+
+    @m(f"{gw}: readinessProbe removed", "probes")
+    def _(d):
+        nexus_container(d, gw).pop("readinessProbe")
+
+    @m(f"{gw}: livenessProbe on the wrong port", "probes")
+    def _(d):
+        nexus_container(d, gw)["livenessProbe"]["httpGet"]["port"] = 9999
+
+    @m("gateway consumes commands besides the command handler", "command-consumer")
+    def _(d):
+        c = nexus_container(d, "gateway")
+        if not c:
+            return False
+        set_env(c, "NEXUS_GATEWAY__COMMANDS", {"value": "true"})
+
+    @m("a second command consumer (commands with 2 replicas, or an extra `nexus commands`)", "command-consumer")
+    def _(d):
+        w = workload(d, "commands") or workload(d, "platform")
+        w["spec"]["replicas"] = 2
+
+    @m("command handler rolled out with RollingUpdate", "command-consumer")
+    def _(d):
+        w = workload(d, "commands")
+        if not w:
+            return False
+        w["spec"]["strategy"] = {"type": "RollingUpdate"}
+
+    @m(f"{main}: PodDisruptionBudget removed", "pdb")
+    def _(d):
+        labels = pod_labels(workload(d, main))
+        d[:] = [x for x in d if not (x.get("kind") == "PodDisruptionBudget" and matches(x["spec"]["selector"], labels))]
+
+    @m(f"{ing}: readOnlyRootFilesystem false", "security")
+    def _(d):
+        nexus_container(d, ing)["securityContext"]["readOnlyRootFilesystem"] = False
+
+    @m(f"{ing}: capabilities not dropped", "security")
+    def _(d):
+        nexus_container(d, ing)["securityContext"].pop("capabilities")
+
+    @m(f"{main}: runs as root", "security")
+    def _(d):
+        pod_spec(workload(d, main))["securityContext"]["runAsUser"] = 0
+
+    @m(f"{main}: no seccomp profile", "security")
+    def _(d):
+        pod_spec(workload(d, main))["securityContext"].pop("seccompProfile")
+
+    @m(f"{ing}: /tmp not mounted", "security")
+    def _(d):
+        c = nexus_container(d, ing)
+        c["volumeMounts"] = [v for v in c["volumeMounts"] if v["mountPath"] != "/tmp"]
+
+    @m(f"{gw}: OPC UA PKI directory moved off the volumes", "security")
+    def _(d):
+        set_env(nexus_container(d, gw), "NEXUS_GATEWAY__OPCUA__PKI_DIR", {"value": "/opt/pki"})
+
+    @m("namespace not labelled restricted", "security")
+    def _(d):
+        ns = next(x for x in d if x.get("kind") == "Namespace")
+        ns["metadata"]["labels"].pop("pod-security.kubernetes.io/enforce")
+
+    @m(f"{ing}: serviceName points at a normal Service", "headless")
+    def _(d):
+        w = workload(d, ing)
+        svc = next(x for x in d if x.get("kind") == "Service" and x["metadata"]["name"] == w["spec"]["serviceName"])
+        svc["spec"].pop("clusterIP")
+
+    @m(f"{ing}: WAL volume deleted on scale-down", "stateful-storage")
+    def _(d):
+        workload(d, ing)["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] = "Delete"
+
+    @m("gateways scaled without sharding", "stateful-storage")
+    def _(d):
+        c = nexus_container(d, "gateway")
+        if not c:
+            return False
+        set_env(c, "NEXUS_GATEWAY__SHARD__ENABLED", {"value": "false"})
+
+    @m(f"{gw}: no shared OPC UA identity", "stateful-storage")
+    def _(d):
+        spec = pod_spec(workload(d, gw))
+        spec["volumes"] = [v for v in spec["volumes"] if (v.get("secret") or {}).get("secretName") != "nexus-opcua-pki"]
+
+    @m("a password in the nexus.yaml ConfigMap", "no-secrets")
+    def _(d):
+        cm = next(x for x in d if x.get("kind") == "ConfigMap" and "nexus.yaml" in (x.get("data") or {}))
+        cm["data"]["nexus.yaml"] += "\n# added\nmqtt_extra:\n  password: hunter2\n"
+
+    @m("a database URL with its password in a ConfigMap", "no-secrets")
+    def _(d):
+        d.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "extra", "namespace": "nexus"},
+                  "data": {"DATABASE": "postgres://nexus:hunter2@nexus-db:5432/nexus"}})
+
+    @m(f"{ing}: NEXUS_DATABASE_URL as a literal", "secret-env")
+    def _(d):
+        set_env(nexus_container(d, ing), "NEXUS_DATABASE_URL", {"value": "postgres://nexus@nexus-db/nexus"})
+
+    @m(f"{main}: a password_env not set", "secret-env")
+    def _(d):
+        c = nexus_container(d, main)
+        c["env"] = [e for e in c["env"] if e["name"] != "NEXUS_VIEWER_PASSWORD"]
+
+    @m("orchestrator given the database URL", "secret-env")
+    def _(d):
+        c = nexus_container(d, "orchestrator")
+        if not c:
+            return False
+        set_env(c, "NEXUS_DATABASE_URL", {"valueFrom": {"secretKeyRef": {"name": "nexus-secrets", "key": "database-url"}}})
+
+    @m("8883 removed from the broker's Services", "mqtt-tls")
+    def _(d):
+        for s in d:
+            if s.get("kind") == "Service":
+                s["spec"]["ports"] = [p for p in s["spec"]["ports"] if p["port"] != 8883] or [{"port": 1, "name": "x"}]
+
+    @m(f"{main}: TLS certificate not from nexus-broker-tls", "mqtt-tls")
+    def _(d):
+        for v in pod_spec(workload(d, main))["volumes"]:
+            if (v.get("secret") or {}).get("secretName") == "nexus-broker-tls":
+                v["secret"]["secretName"] = "other"
+
+    @m("default-deny NetworkPolicy removed", "network-policy")
+    def _(d):
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["spec"].get("podSelector") == {})]
+
+    @m("database open to every pod", "network-policy")
+    def _(d):
+        for x in d:
+            if x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "database-clients":
+                x["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
+
+    @m("plain MQTT opened to everyone", "network-policy")
+    def _(d):
+        w = workload(d, main)
+        d.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                  "metadata": {"name": "open-1883", "namespace": w["metadata"]["namespace"]},
+                  "spec": {"podSelector": {"matchLabels": pod_labels(w)}, "policyTypes": ["Ingress"],
+                           "ingress": [{"ports": [{"protocol": "TCP", "port": 1883}]}]}})
+
+    @m("Prometheus scrape policy removed", "network-policy")
+    def _(d):
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "prometheus-scrape")]
+
+    @m("HPA metric renamed", "hpa")
+    def _(d):
+        h = next((x for x in d if x.get("kind") == "HorizontalPodAutoscaler"), None)
+        if not h:
+            return False
+        h["spec"]["metrics"][0]["pods"]["metric"]["name"] = "nexus_something_else"
+
+    @m("HPA target sets replicas", "hpa")
+    def _(d):
+        h = next((x for x in d if x.get("kind") == "HorizontalPodAutoscaler"), None)
+        if not h:
+            return False
+        t = h["spec"]["scaleTargetRef"]
+        next(w for w in d if w.get("kind") == t["kind"] and w["metadata"]["name"] == t["name"])["spec"]["replicas"] = 3
+
+    @m("ServiceMonitor no longer selects the Services", "monitoring")
+    def _(d):
+        sm = next((x for x in d if x.get("kind") == "ServiceMonitor"), None)
+        if not sm:
+            return False
+        sm["spec"]["selector"] = {"matchLabels": {"nothing": "here"}}
+
+    @m("a broker replica too many", "single-broker")
+    def _(d):
+        w = workload(d, "broker")
+        if not w:
+            return False
+        w["spec"]["replicas"] = 2
+
+    return out
+
+
+def self_test(renderings: dict[str, list[dict]], adapter_rules: list[dict] | None) -> int:
+    failed = 0
+    for name, docs in renderings.items():
+        base = check(name, docs, adapter_rules)
+        if base.failures:
+            print(f"self-test {name}: the unmutated rendering does not pass")
+            failed += 1
+            continue
+        applied, missed = 0, 0
+        for desc, rule, mutate in mutations(docs):
+            d = copy.deepcopy(docs)
+            if not mutate(d):
+                continue
+            applied += 1
+            r = check(name, d, adapter_rules)
+            rules = {f[1] for f in r.failures}
+            if rule not in rules:
+                missed += 1
+                print(f"self-test {name}: NOT CAUGHT: {desc} (expected rule {rule}; got {sorted(rules) or 'no failure'})")
+        failed += missed
+        print(f"self-test {name}: {applied - missed} of {applied} mutations caught by the rule they break")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("renderings", nargs="+", metavar="NAME=FILE")
+    ap.add_argument("--adapter-rules", help="prometheus-adapter rules (a ConfigMap with config.yaml, or the rules YAML)")
+    ap.add_argument("--nexus", metavar="BIN", help="also run `BIN config check` for every Nexus container")
+    ap.add_argument("--self-test", action="store_true")
+    args = ap.parse_args()
+
+    adapter_rules = None
+    if args.adapter_rules:
+        with open(args.adapter_rules) as f:
+            doc = yaml.safe_load(f)
+        if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
+            doc = yaml.safe_load(doc["data"]["config.yaml"])
+        adapter_rules = (doc or {}).get("rules") or []
+
+    renderings = {}
+    for spec in args.renderings:
+        name, _, path = spec.partition("=")
+        renderings[name] = load(path or name)
+
+    if args.self_test:
+        return self_test(renderings, adapter_rules)
+
+    problems = 0
+    for name, docs in renderings.items():
+        r = check(name, docs, adapter_rules)
+        for obj, rule, msg in r.failures:
+            print(f"{name}: {obj}: {rule}: {msg}")
+        problems += len(r.failures)
+        if not r.failures:
+            n = len(r.nexus())
+            print(f"{name}: {len(RULES)} rules hold ({len(r.workloads)} workloads, {n} Nexus containers)")
+        if args.nexus:
+            for p in config_check(r, args.nexus):
+                print(p)
+                problems += 1
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
