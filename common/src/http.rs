@@ -146,8 +146,11 @@ fn assemble(
     https: bool,
 ) -> Result<Router, MetricError> {
     let metrics = t.http_metrics()?;
-    let port_auth =
-        Arc::new(HttpAuth::new(ids, auth, metrics.auth.clone()).with_secure_cookies(https));
+    let port_auth = Arc::new(
+        HttpAuth::new(ids, auth, metrics.auth.clone())
+            .with_secure_cookies(https)
+            .with_public(routes.public_paths()),
+    );
     let app = telemetry::router(t)
         .merge(auth_http::session_routes(port_auth.clone()))
         .merge(routes.into_router())

@@ -55,8 +55,15 @@ async fn me(Caller(id): Caller) -> Json<Value> {
     Json(json!({"name": id.name, "role": id.role.as_str()}))
 }
 
+async fn page() -> &'static str {
+    "<html>login first</html>"
+}
+
 fn routes() -> Routes {
     Routes::new()
+        .public_get("/app", page)
+        .public_get("/app/assets/{*file}", page)
+        .post("/app/assets/{*file}", Role::Viewer, me)
         .get("/api/v1/read", Role::Viewer, me)
         .post("/api/v1/act", Role::Operator, me)
         .post("/api/v1/configure", Role::Admin, me)
@@ -253,6 +260,26 @@ async fn without_credentials_only_health_metrics_and_login_are_open_when_anonymo
     assert_eq!(a.status, 400, "{a:?}");
     // Asking without credentials is no failed login.
     assert_eq!(p.metric("nexus_http_auth_failures_total"), 0.0);
+}
+
+#[tokio::test]
+async fn public_pages_are_open_to_get_only_and_nothing_beside_them_is() {
+    let p = serve(auth(Anonymous::Off, MetricsAccess::Viewer, 10)).await;
+    for path in ["/app", "/app/assets/app.js", "/app/assets/deep/x.css"] {
+        let a = send(p.addr, "GET", path, &[], "").await;
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+        assert_eq!(send(p.addr, "HEAD", path, &[], "").await.status, 200);
+    }
+    // Not the same path written otherwise, not a neighbour, not another method.
+    for path in [
+        "/app/",
+        "/appx",
+        "/app/assets",
+        "/app/assets/../../api/v1/read",
+    ] {
+        assert_401(&send(p.addr, "GET", path, &[], "").await);
+    }
+    assert_401(&send(p.addr, "POST", "/app/assets/app.js", &[], "").await);
 }
 
 #[tokio::test]
@@ -720,10 +747,15 @@ fn every_route_carries_its_declared_role() {
     assert_eq!(
         policy,
         [
+            ("POST".into(), "/app/assets/{*file}".into(), Role::Viewer),
             ("GET".into(), "/api/v1/read".into(), Role::Viewer),
             ("POST".into(), "/api/v1/act".into(), Role::Operator),
             ("POST".into(), "/api/v1/configure".into(), Role::Admin),
         ]
+    );
+    assert_eq!(
+        routes().public_paths(),
+        ["/app".to_owned(), "/app/assets/".to_owned()]
     );
 }
 

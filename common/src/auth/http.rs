@@ -99,6 +99,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub struct Routes<S = ()> {
     router: Router<S>,
     policy: Vec<(Method, String, Role)>,
+    /// Paths served to anyone (`GET` only): exact, or a prefix ending in `/`.
+    public: Vec<String>,
 }
 
 impl<S: Clone + Send + Sync + 'static> Default for Routes<S> {
@@ -112,7 +114,24 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         Routes {
             router: Router::new(),
             policy: Vec::new(),
+            public: Vec::new(),
         }
+    }
+
+    /// `GET` (and `HEAD`) `path` for anyone, logged in or not: what a browser needs before
+    /// it can log in (the control center's page and its assets) and documentation. `path`
+    /// may end in `/{*rest}` to serve everything under it. Never for data.
+    pub fn public_get<H, T>(mut self, path: &str, handler: H) -> Self
+    where
+        H: Handler<T, S>,
+        T: 'static,
+    {
+        self.router = self.router.route(path, axum::routing::get(handler));
+        self.public.push(match path.split_once("{*") {
+            Some((prefix, _)) => prefix.to_owned(),
+            None => path.to_owned(),
+        });
+        self
     }
 
     /// `GET` (and `HEAD`) `path` for callers with `role`.
@@ -162,6 +181,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
     pub fn merge(mut self, other: Routes<S>) -> Self {
         self.router = self.router.merge(other.router);
         self.policy.extend(other.policy);
+        self.public.extend(other.public);
         self
     }
 
@@ -170,12 +190,18 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         Routes {
             router: self.router.with_state(state),
             policy: self.policy,
+            public: self.public,
         }
     }
 
     /// Method, path and role of every route, in the order they were added.
     pub fn policy(&self) -> &[(Method, String, Role)] {
         &self.policy
+    }
+
+    /// The paths of [`Routes::public_get`] (a prefix ends in `/`).
+    pub fn public_paths(&self) -> &[String] {
+        &self.public
     }
 }
 
@@ -222,6 +248,8 @@ pub struct HttpAuth {
     log: LogLimit,
     /// Mark the session cookie `Secure` (the port serves HTTPS).
     secure_cookies: bool,
+    /// [`Routes::public_paths`] of the port.
+    public: Vec<String>,
 }
 
 impl HttpAuth {
@@ -235,7 +263,14 @@ impl HttpAuth {
             metrics,
             log: LogLimit::default(),
             secure_cookies: false,
+            public: Vec::new(),
         }
+    }
+
+    /// Serve these paths to anyone (from [`Routes::public_paths`]), for `GET` and `HEAD`.
+    pub fn with_public(mut self, paths: &[String]) -> HttpAuth {
+        self.public = paths.to_vec();
+        self
     }
 
     /// Mark session cookies `Secure`: for a port that serves HTTPS (`http.tls`).
@@ -250,9 +285,17 @@ impl HttpAuth {
     }
 
     /// Paths served to anyone.
-    fn is_open(&self, path: &str) -> bool {
+    fn is_open(&self, method: &Method, path: &str) -> bool {
         matches!(path, "/healthz" | "/readyz" | LOGIN_PATH)
             || (path == "/metrics" && self.metrics_open)
+            || ((method == Method::GET || method == Method::HEAD)
+                && self.public.iter().any(|p| {
+                    if p.ends_with('/') {
+                        path.starts_with(p.as_str()) && !path.contains("/../")
+                    } else {
+                        path == p
+                    }
+                }))
     }
 
     /// Count and log a refusal of credentials; the 401 to answer.
@@ -407,7 +450,7 @@ pub async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if a.is_open(req.uri().path()) {
+    if a.is_open(req.method(), req.uri().path()) {
         return next.run(req).await;
     }
     let peer = peer_ip(&req);
