@@ -374,9 +374,11 @@ fn validate_id(kind: &'static str, id: &str) -> Result<(), IdError> {
         return Err(IdError::Empty { kind });
     }
     if id.len() > MAX_ID_LEN {
+        // Quoted in messages: the start is enough to find it, however long it was sent.
+        let shown: String = id.chars().take(32).collect();
         return Err(IdError::TooLong {
             kind,
-            id: id.to_owned(),
+            id: format!("{shown}..."),
             max: MAX_ID_LEN,
         });
     }

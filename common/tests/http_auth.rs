@@ -61,6 +61,7 @@ async fn page() -> &'static str {
 
 fn routes() -> Routes {
     Routes::new()
+        .public_get("/", page)
         .public_get("/app", page)
         .public_get("/app/assets/{*file}", page)
         .post("/app/assets/{*file}", Role::Viewer, me)
@@ -244,7 +245,7 @@ fn assert_401(a: &Answer) {
 #[tokio::test]
 async fn without_credentials_only_health_metrics_and_login_are_open_when_anonymous_access_is_off() {
     let p = serve(auth(Anonymous::Off, MetricsAccess::Open, 10)).await;
-    for path in ["/api/v1/read", "/api/v1/whoami", "/no/such/route", "/"] {
+    for path in ["/api/v1/read", "/api/v1/whoami", "/no/such/route", "/index.html"] {
         let a = send(p.addr, "GET", path, &[], "").await;
         assert_401(&a);
         assert!(a.error().starts_with("authentication required"), "{a:?}");
@@ -265,7 +266,7 @@ async fn without_credentials_only_health_metrics_and_login_are_open_when_anonymo
 #[tokio::test]
 async fn public_pages_are_open_to_get_only_and_nothing_beside_them_is() {
     let p = serve(auth(Anonymous::Off, MetricsAccess::Viewer, 10)).await;
-    for path in ["/app", "/app/assets/app.js", "/app/assets/deep/x.css"] {
+    for path in ["/", "/app", "/app/assets/app.js", "/app/assets/deep/x.css"] {
         let a = send(p.addr, "GET", path, &[], "").await;
         assert_eq!(a.status, 200, "{path}: {a:?}");
         assert_eq!(send(p.addr, "HEAD", path, &[], "").await.status, 200);
@@ -755,7 +756,7 @@ fn every_route_carries_its_declared_role() {
     );
     assert_eq!(
         routes().public_paths(),
-        ["/app".to_owned(), "/app/assets/".to_owned()]
+        ["/".to_owned(), "/app".to_owned(), "/app/assets/*".to_owned()]
     );
 }
 

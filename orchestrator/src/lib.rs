@@ -8,9 +8,12 @@
 //!   internal service account for the services), then gateway, command handler, alert service,
 //!   ingestion (when a database is configured) and the orchestrator, each supervised and
 //!   restarted with backoff, drained within `orchestrator.shutdown_grace` on Ctrl-C/SIGTERM.
+//! - [`control`]: the control API (devices added, changed and removed through the devices
+//!   file) on the orchestrator's port.
 //! - [`cli`]: argument parsing and the one-service subcommands.
 
 pub mod cli;
+pub mod control;
 pub mod status;
 pub mod up;
 

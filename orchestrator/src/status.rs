@@ -39,6 +39,12 @@ impl StatusBoard {
         map.insert(key.to_owned(), v);
     }
 
+    /// The status of device `id`, if one was published.
+    pub fn device(&self, id: &str) -> Option<Value> {
+        let map = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&format!("device/{id}")).cloned()
+    }
+
     pub fn snapshot(&self) -> Value {
         let map = self.entries.read().unwrap_or_else(|e| e.into_inner());
         let mut services = serde_json::Map::new();
@@ -75,12 +81,17 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let board = StatusBoard::default();
+    let control = crate::control::ControlState {
+        devices: Arc::new(crate::control::DeviceFile::new(&cfg)),
+        board: board.clone(),
+    };
     let routes = Routes::new()
         .get("/api/v1/status", Role::Viewer, status)
         .with_state(AppState {
             board: board.clone(),
             platform,
-        });
+        })
+        .merge(crate::control::routes(control));
     let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
     opts.routes = routes;
     opts.subscriptions = vec![(

@@ -20,6 +20,11 @@ use nexus_devices::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
 pub const INTERNAL_USER: &str = "nexus-internal";
 /// The demo operator login (`nexus up --demo` with no users configured).
 pub const DEMO_OPERATOR: (&str, &str) = ("operator", "nexus-demo");
+/// The demo admin login (`nexus up --demo` with no users configured): may change devices.
+pub const DEMO_ADMIN: (&str, &str) = ("admin", "nexus-demo");
+/// The devices file of `nexus up` when the configuration names no devices: the control
+/// center adds devices there.
+pub const DEVICES_FILE: &str = "nexus-data/devices.yaml";
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UpOptions {
@@ -46,15 +51,9 @@ async fn start_demo_devices(cfg: &mut Config) -> anyhow::Result<DemoSims> {
         Ok(s) => s,
         Err(_) => ModbusSimulator::start("127.0.0.1:0".parse()?, tick).await?,
     };
-    let demo = Config::from_str_with_env(DEMO_DEVICES, None, &[])
-        .map_err(|e| anyhow::anyhow!("demo devices: {e}"))?;
-    for mut d in demo.devices {
-        if cfg.devices.iter().any(|x| x.id == d.id) {
-            continue;
-        }
-        d.connection.port = Some(sim.addr.port());
-        cfg.devices.push(d);
-    }
+    let mut demo_entries = demo_entries(DEMO_DEVICES, |c| {
+        c.insert("port".into(), json!(sim.addr.port()));
+    })?;
     let ua_opts = |port| OpcUaSimOptions {
         port,
         pki_dir: "nexus-data/pki-simulator".into(),
@@ -65,19 +64,91 @@ async fn start_demo_devices(cfg: &mut Config) -> anyhow::Result<DemoSims> {
         Ok(s) => s,
         Err(_) => OpcUaSimulator::start(ua_opts(0)).await?,
     };
-    let demo = Config::from_str_with_env(DEMO_OPCUA_DEVICES, None, &[])
-        .map_err(|e| anyhow::anyhow!("demo OPC UA devices: {e}"))?;
-    for mut d in demo.devices {
-        if cfg.devices.iter().any(|x| x.id == d.id) {
-            continue;
-        }
-        d.connection.endpoint = Some(ua.endpoint.clone());
-        cfg.devices.push(d);
-    }
+    demo_entries.extend(demo_entries_of_opcua(&ua.endpoint)?);
+    add_demo_devices(cfg, demo_entries)?;
     Ok(DemoSims {
         modbus: sim,
         opcua: ua,
     })
+}
+
+/// The device entries of a demo file, each connection changed by `point`.
+fn demo_entries(
+    text: &str,
+    point: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (tree, _) = nexus_common::config::yaml::parse(text)
+        .map_err(|(msg, pos)| anyhow::anyhow!("demo devices line {}: {msg}", pos.line))?;
+    let mut list = match tree.get("devices") {
+        Some(serde_json::Value::Array(a)) => a.clone(),
+        _ => anyhow::bail!("demo devices: no list"),
+    };
+    for d in &mut list {
+        if let Some(c) = d
+            .get_mut("connection")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            point(c);
+        }
+    }
+    Ok(list)
+}
+
+fn demo_entries_of_opcua(endpoint: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    demo_entries(DEMO_OPCUA_DEVICES, |c| {
+        c.insert("endpoint".into(), json!(endpoint));
+    })
+}
+
+/// The demo's devices: into the devices file of `nexus up` when it is ours (so the control
+/// center shows and edits them; an entry of the same id is updated to the simulator's
+/// address, others are left alone), else beside the configured devices, in memory.
+fn add_demo_devices(cfg: &mut Config, entries: Vec<serde_json::Value>) -> anyhow::Result<()> {
+    let id = |d: &serde_json::Value| d.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+    match cfg.devices_file.clone().filter(|_| cfg.devices_pinned) {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)?;
+            let (tree, _) = nexus_common::config::yaml::parse(&text).map_err(|(msg, pos)| {
+                anyhow::anyhow!("{} line {}: {msg}", path.display(), pos.line)
+            })?;
+            let mut list = match tree.get("devices") {
+                Some(serde_json::Value::Array(a)) => a.clone(),
+                _ => Vec::new(),
+            };
+            for e in entries {
+                match list.iter_mut().find(|d| id(d) == id(&e)) {
+                    Some(d) => {
+                        if let (Some(dc), Some(ec)) = (
+                            d.get_mut("connection").and_then(|c| c.as_object_mut()),
+                            e.get("connection").and_then(|c| c.as_object()),
+                        ) {
+                            for k in ["port", "endpoint"] {
+                                if let Some(v) = ec.get(k) {
+                                    dc.insert(k.into(), v.clone());
+                                }
+                            }
+                        }
+                    }
+                    None => list.push(e),
+                }
+            }
+            let out = nexus_common::config::yaml::to_yaml(&json!({ "devices": list }));
+            crate::control::write_atomically(&path, out.as_bytes())?;
+            cfg.pin_devices_file(&path)
+                .map_err(|e| anyhow::anyhow!("demo devices: {e}"))?;
+        }
+        None => {
+            let text = nexus_common::config::yaml::to_yaml(&json!({ "devices": entries }));
+            let demo = Config::from_str_with_env(&text, None, &[])
+                .map_err(|e| anyhow::anyhow!("demo devices: {e}"))?;
+            for d in demo.devices {
+                if !cfg.devices.iter().any(|x| x.id == d.id) {
+                    cfg.devices.push(d);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn shown(addr: SocketAddr) -> String {
@@ -97,18 +168,27 @@ pub async fn up(
 ) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(status::SERVICE);
     let mut demo_login = None;
+    if cfg.devices_file.is_none() && cfg.devices.is_empty() {
+        // Nothing configured: devices live in a file of ours, which the control center edits.
+        cfg.pin_devices_file(std::path::Path::new(DEVICES_FILE))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     let demo_sim = if opts.demo {
         Some(start_demo_devices(&mut cfg).await?)
     } else {
         None
     };
     let mut broker = None;
+    let mut namespaces = None;
     if cfg.broker.enabled {
         if opts.demo && cfg.auth.users.is_empty() {
-            let (user, password) = DEMO_OPERATOR;
-            cfg.auth
-                .users
-                .push(UserConfig::with_password(user, password, Role::Operator));
+            for ((user, password), role) in
+                [(DEMO_OPERATOR, Role::Operator), (DEMO_ADMIN, Role::Admin)]
+            {
+                cfg.auth
+                    .users
+                    .push(UserConfig::with_password(user, password, role));
+            }
             demo_login = Some(DEMO_OPERATOR);
         }
         if cfg.mqtt.username.is_none() {
@@ -128,6 +208,7 @@ pub async fn up(
             &cfg.broker,
             &cfg.devices,
         );
+        namespaces = Some(acl.device_namespaces());
         let bcfg = cfg.broker.clone();
         let registry = telemetry.registry.clone();
         let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &registry))
@@ -161,6 +242,16 @@ pub async fn up(
         "ingestion": with_ingestion,
     });
     let cfg = Arc::new(cfg);
+    // A device added or changed at runtime is reserved for the gateway at once.
+    if let (Some(ns), true) = (namespaces, cfg.gateway.watch_devices_file) {
+        let (c, tok) = (cfg.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            c.watch(std::time::Duration::from_secs(2), tok, |new| {
+                ns.set(&new.devices)
+            })
+            .await
+        });
+    }
     let policy = RestartPolicy {
         max_restarts: cfg.orchestrator.max_restarts,
         window: cfg.orchestrator.restart_window,
@@ -301,6 +392,16 @@ fn print_banner(
     if let Some((u, p)) = demo {
         out.push_str(&format!(
             "  demo login    {u} / {p}  (operator: may publish $nexus/cmd/#)\n"
+        ));
+        let (a, ap) = DEMO_ADMIN;
+        out.push_str(&format!(
+            "  demo admin    {a} / {ap}  (may change devices in the control center)\n"
+        ));
+    }
+    if let Some(f) = cfg.devices_file.as_ref().filter(|_| cfg.devices_pinned) {
+        out.push_str(&format!(
+            "  devices file  {}  (edited by the control center)\n",
+            f.display()
         ));
     }
     if let Some(tcp) = broker.and_then(|b| b.ports.tcp) {

@@ -99,7 +99,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub struct Routes<S = ()> {
     router: Router<S>,
     policy: Vec<(Method, String, Role)>,
-    /// Paths served to anyone (`GET` only): exact, or a prefix ending in `/`.
+    /// Paths served to anyone (`GET` only): exact, or `<prefix>*` for everything under it.
     public: Vec<String>,
 }
 
@@ -128,7 +128,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
     {
         self.router = self.router.route(path, axum::routing::get(handler));
         self.public.push(match path.split_once("{*") {
-            Some((prefix, _)) => prefix.to_owned(),
+            Some((prefix, _)) => format!("{prefix}*"),
             None => path.to_owned(),
         });
         self
@@ -199,7 +199,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         &self.policy
     }
 
-    /// The paths of [`Routes::public_get`] (a prefix ends in `/`).
+    /// The paths of [`Routes::public_get`] (`<prefix>*` for everything under a prefix).
     pub fn public_paths(&self) -> &[String] {
         &self.public
     }
@@ -289,12 +289,9 @@ impl HttpAuth {
         matches!(path, "/healthz" | "/readyz" | LOGIN_PATH)
             || (path == "/metrics" && self.metrics_open)
             || ((method == Method::GET || method == Method::HEAD)
-                && self.public.iter().any(|p| {
-                    if p.ends_with('/') {
-                        path.starts_with(p.as_str()) && !path.contains("/../")
-                    } else {
-                        path == p
-                    }
+                && self.public.iter().any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix) && !path.contains("/../"),
+                    None => path == p,
                 }))
     }
 

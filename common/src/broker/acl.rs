@@ -55,12 +55,31 @@ pub struct Connect<'a> {
     pub will_topic: Option<&'a str>,
 }
 
+/// `<uns_prefix>/<device id>/#` of every configured device: kept current when the device
+/// list is reloaded ([`DeviceNamespaces::set`]), so a device added at runtime is reserved
+/// for the gateway at once.
+#[derive(Clone, Default)]
+pub struct DeviceNamespaces(Arc<std::sync::RwLock<Arc<Vec<String>>>>);
+
+impl DeviceNamespaces {
+    pub fn set(&self, devices: &[DeviceConfig]) {
+        let filters: Vec<String> = devices
+            .iter()
+            .map(|d| format!("{}/{}/#", d.uns_prefix, d.id))
+            .collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(filters);
+    }
+
+    fn get(&self) -> Arc<Vec<String>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Identities, rules and the UNS prefixes of the configured devices.
 pub struct Acl {
     ids: Arc<Identities>,
     rules: Vec<AclRule>,
-    /// `<uns_prefix>/<device id>/#` of every configured device.
-    device_filters: Vec<String>,
+    device_filters: DeviceNamespaces,
 }
 
 /// Do the filters `a` and `b` have a topic in common?
@@ -90,14 +109,18 @@ fn split_share(filter: &str) -> (Option<&str>, &str) {
 
 impl Acl {
     pub fn new(ids: Arc<Identities>, cfg: &BrokerConfig, devices: &[DeviceConfig]) -> Acl {
+        let device_filters = DeviceNamespaces::default();
+        device_filters.set(devices);
         Acl {
             ids,
             rules: cfg.acl.clone(),
-            device_filters: devices
-                .iter()
-                .map(|d| format!("{}/{}/#", d.uns_prefix, d.id))
-                .collect(),
+            device_filters,
         }
+    }
+
+    /// The device namespaces this ACL reserves, to update when the device list changes.
+    pub fn device_namespaces(&self) -> DeviceNamespaces {
+        self.device_filters.clone()
     }
 
     pub fn identities(&self) -> &Arc<Identities> {
@@ -172,6 +195,7 @@ impl Acl {
         if action == Action::Publish {
             if let Some(dev) = self
                 .device_filters
+                .get()
                 .iter()
                 .find(|f| filter_matches(f, filter))
             {

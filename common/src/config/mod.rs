@@ -93,6 +93,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// The file this came from, if any.
     pub source: Option<PathBuf>,
+    /// `devices_file` was set by the program ([`Config::pin_devices_file`]), not by the
+    /// file: a reload keeps it.
+    pub devices_pinned: bool,
 }
 
 /// Semantic problems found by validation, by path; the loader turns them into located errors.
@@ -673,13 +676,67 @@ impl Config {
                 continue;
             }
             seen = now;
-            match Config::load(self.source.as_deref()) {
+            match self.reload() {
                 Ok(new) => apply(new),
                 Err(e) => {
                     tracing::error!(problems = %e.to_string().trim_end(), "configuration not reloaded: it has problems; the running one stays")
                 }
             }
         }
+    }
+
+    /// Load again from `source`, keeping a pinned devices file (what [`Config::watch`]
+    /// applies).
+    pub fn reload(&self) -> Result<Config, ConfigErrors> {
+        let mut new = Config::load(self.source.as_deref())?;
+        if self.devices_pinned && new.devices_file.is_none() && new.devices.is_empty() {
+            if let Some(p) = &self.devices_file {
+                new.pin_devices_file(p)?;
+            }
+        }
+        Ok(new)
+    }
+
+    /// Take the devices from `path` as if the file said `devices_file: <path>`, creating it
+    /// with an empty list when it does not exist; a reload keeps it. `nexus up` does this
+    /// when the configuration names no devices, so the control center can add some.
+    pub fn pin_devices_file(&mut self, path: &Path) -> Result<(), ConfigErrors> {
+        let whole = |message: String| {
+            ConfigErrors(vec![ConfigError {
+                location: Location::WholeFile {
+                    file: path.display().to_string(),
+                },
+                path: String::new(),
+                message,
+            }])
+        };
+        if !path.exists() {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| whole(format!("cannot create its folder: {e}")))?;
+            }
+            std::fs::write(path, "devices: []\n")
+                .map_err(|e| whole(format!("cannot create it: {e}")))?;
+        }
+        let text = format!(
+            "devices_file: {}\n",
+            Json::String(path.display().to_string())
+        );
+        let loaded = Config::from_str_with_env(&text, None, &[])?;
+        self.devices = loaded.devices;
+        self.devices_file = loaded.devices_file;
+        self.devices_pinned = true;
+        Ok(())
+    }
+
+    /// Check a device list (JSON, as a devices file holds it) as `nexus config check`
+    /// would: the devices, or every problem as (path, message) with paths like
+    /// `devices[2].connection.port`.
+    pub fn check_devices(list: &[Json]) -> Result<Vec<DeviceConfig>, Vec<(String, String)>> {
+        let text = yaml::to_yaml(&serde_json::json!({ "devices": list }));
+        Config::from_str_with_env(&text, None, &[])
+            .map(|c| c.devices)
+            .map_err(|e| e.0.into_iter().map(|e| (e.path, e.message)).collect())
     }
 
     /// Where the config came from, for the startup banner.

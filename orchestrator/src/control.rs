@@ -1,0 +1,536 @@
+//! The control API on the orchestrator's port: devices added, changed and removed from the
+//! control center (or any client), written to the devices file, which every service watching
+//! it applies without touching the other devices (docs/control.md).
+//!
+//! | route | role |
+//! |---|---|
+//! | `GET /api/v1/devices`, `GET /api/v1/devices/{id}` | viewer |
+//! | `POST /api/v1/devices`, `PUT` and `DELETE /api/v1/devices/{id}` (`?dry_run=true`: validate only) | admin |
+//! | `POST /api/v1/config/check` | admin |
+//!
+//! - Every change is validated as `nexus config check` validates the file, with the same
+//!   messages; each problem names its field inside the device (`connection.port`).
+//! - Writes are atomic (a new file beside the old one, fsynced, renamed over it, the folder
+//!   fsynced) and serialized; the previous content is kept as `<file>.previous`. `version` is
+//!   a hash of the file: `If-Match: <version>` refuses a change made over someone else's.
+//! - The file is rewritten as YAML from its parsed tree: comments in it are not kept.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use nexus_common::auth::http::{Caller, Routes};
+use nexus_common::config::{yaml, Config, Role};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::status::StatusBoard;
+
+/// An answer refusing a request: status and `{"error": ..}` (with `problems` when a device is
+/// invalid).
+#[derive(Debug)]
+pub struct ApiError(StatusCode, Value);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError(status, json!({ "error": msg.into() }))
+}
+
+/// Most devices the API lets a file hold.
+pub const MAX_DEVICES: usize = 10_000;
+
+/// The devices file and who may change it.
+pub struct DeviceFile {
+    path: Option<PathBuf>,
+    /// Why devices cannot be edited here (no file, a read-only folder).
+    refused: Option<String>,
+    /// The devices of the running configuration (shown when the file cannot be edited).
+    running: Vec<Value>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// How the file holds its list.
+enum Layout {
+    /// A list at the top.
+    List,
+    /// A mapping with a `devices` key (other keys kept).
+    Mapping(Map<String, Value>),
+}
+
+struct Snapshot {
+    devices: Vec<Value>,
+    layout: Layout,
+    version: String,
+}
+
+impl DeviceFile {
+    pub fn new(cfg: &Config) -> DeviceFile {
+        let running = cfg
+            .devices
+            .iter()
+            .map(|d| json!({"id": d.id.as_str(), "enabled": d.enabled, "uns_prefix": d.uns_prefix}))
+            .collect();
+        let (path, refused) = match &cfg.devices_file {
+            None => (
+                None,
+                Some(format!(
+                    "the devices are in {}: name a devices_file in it to edit devices here",
+                    cfg.source_name()
+                )),
+            ),
+            Some(p) => match writable_folder(p) {
+                Ok(()) => (Some(p.clone()), None),
+                Err(e) => (Some(p.clone()), Some(e)),
+            },
+        };
+        DeviceFile {
+            path,
+            refused,
+            running,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn read(&self) -> Result<Snapshot, ApiError> {
+        let path = self.path.as_ref().ok_or_else(|| {
+            error(
+                StatusCode::CONFLICT,
+                self.refused.clone().unwrap_or_default(),
+            )
+        })?;
+        let bytes = std::fs::read(path).map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let version = version_of(&bytes);
+        let text = String::from_utf8_lossy(&bytes);
+        let (tree, _) = yaml::parse(&text).map_err(|(msg, pos)| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} line {}: YAML syntax: {msg}; fix the file by hand",
+                    path.display(),
+                    pos.line
+                ),
+            )
+        })?;
+        let (list, layout) = match tree {
+            Value::Object(mut m) if m.contains_key("devices") => {
+                let l = m.remove("devices").unwrap_or(Value::Null);
+                (l, Layout::Mapping(m))
+            }
+            Value::Object(m) if m.is_empty() => (Value::Null, Layout::Mapping(m)),
+            Value::Null => (Value::Null, Layout::Mapping(Map::new())),
+            other => (other, Layout::List),
+        };
+        let devices = match list {
+            Value::Array(a) => a,
+            Value::Null => Vec::new(),
+            _ => {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "{}: devices is not a list; fix the file by hand",
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        Ok(Snapshot {
+            devices,
+            layout,
+            version,
+        })
+    }
+
+    /// Replace the file's list with `devices`; returns the new version.
+    fn write(&self, layout: Layout, devices: Vec<Value>) -> Result<String, ApiError> {
+        let path = self.path.as_ref().ok_or_else(|| {
+            error(
+                StatusCode::CONFLICT,
+                self.refused.clone().unwrap_or_default(),
+            )
+        })?;
+        let tree = match layout {
+            Layout::List => Value::Array(devices),
+            Layout::Mapping(mut m) => {
+                m.insert("devices".into(), Value::Array(devices));
+                Value::Object(m)
+            }
+        };
+        let text = yaml::to_yaml(&tree);
+        write_atomically(path, text.as_bytes()).map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })?;
+        Ok(version_of(text.as_bytes()))
+    }
+}
+
+fn version_of(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether files can be created beside `file` (a ConfigMap mount cannot).
+fn writable_folder(file: &Path) -> Result<(), String> {
+    let dir = folder_of(file);
+    let probe = dir.join(format!(".nexus-write-check-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "the devices file's folder {} is not writable ({e}): devices are edited where that file comes from",
+            dir.display()
+        )),
+    }
+}
+
+fn folder_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Write `bytes` to `path` so that a reader sees the old file or the new one, never a part,
+/// and the new one survives a power cut once this returns. The old content is kept as
+/// `<path>.previous`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = folder_of(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "devices.yaml".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mode = std::fs::metadata(path).ok().map(|m| m.permissions());
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        if let Some(m) = mode {
+            f.set_permissions(m)?;
+        }
+        f.sync_all()?;
+    }
+    if path.exists() {
+        std::fs::copy(path, dir.join(format!("{name}.previous")))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+#[derive(Clone)]
+pub struct ControlState {
+    pub devices: Arc<DeviceFile>,
+    pub board: StatusBoard,
+}
+
+#[derive(Deserialize)]
+struct WriteQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+fn status_of(board: &StatusBoard, id: &str) -> Value {
+    board.device(id).unwrap_or(Value::Null)
+}
+
+fn id_of(d: &Value) -> Option<&str> {
+    d.get("id").and_then(Value::as_str)
+}
+
+async fn list(State(s): State<ControlState>) -> Result<Response, ApiError> {
+    let f = &s.devices;
+    if f.refused.is_some() && f.path.is_none() {
+        let devices: Vec<Value> = f
+            .running
+            .iter()
+            .map(|d| {
+                let id = id_of(d).unwrap_or_default();
+                json!({"id": id, "config": Value::Null, "summary": d, "status": status_of(&s.board, id)})
+            })
+            .collect();
+        return Ok(Json(json!({"version": Value::Null, "editable": false, "reason": f.refused, "devices": devices}))
+            .into_response());
+    }
+    let snap = f.read()?;
+    let devices: Vec<Value> = snap
+        .devices
+        .iter()
+        .map(|d| {
+            let id = id_of(d).unwrap_or_default();
+            json!({"id": id, "config": d, "status": status_of(&s.board, id)})
+        })
+        .collect();
+    Ok(Json(json!({"version": snap.version, "editable": f.refused.is_none(), "reason": f.refused, "devices": devices}))
+        .into_response())
+}
+
+async fn get_one(
+    State(s): State<ControlState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let snap = s.devices.read()?;
+    let d = snap
+        .devices
+        .iter()
+        .find(|d| id_of(d) == Some(&id))
+        .ok_or_else(|| no_device(&id))?;
+    Ok(
+        Json(json!({"version": snap.version, "config": d, "status": status_of(&s.board, &id)}))
+            .into_response(),
+    )
+}
+
+fn no_device(id: &str) -> ApiError {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no device {:?} in the devices file", truncate(id)),
+    )
+}
+
+/// At most 64 characters of a client's text in a message.
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn problems(status: StatusCode, msg: &str, list: Vec<(String, String)>) -> ApiError {
+    let items: Vec<Value> = list
+        .into_iter()
+        .map(|(field, message)| json!({"field": field, "message": message}))
+        .collect();
+    ApiError(status, json!({"error": msg, "problems": items}))
+}
+
+/// The body as a device object, or the answer refusing it.
+fn device_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
+    let Json(v) = body.map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not a JSON device: {}", e.body_text()),
+        )
+    })?;
+    if !v.is_object() {
+        return Err(problems(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the device is not valid",
+            vec![(String::new(), "a device is a JSON object".into())],
+        ));
+    }
+    if id_of(&v).is_none() {
+        return Err(problems(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the device is not valid",
+            vec![("id".into(), "is required (text)".into())],
+        ));
+    }
+    Ok(v)
+}
+
+/// Check the whole new list; the problems of device `index` are given with paths inside it,
+/// others with their full path.
+fn check(list: &[Value], index: usize) -> Result<(), ApiError> {
+    if list.len() > MAX_DEVICES {
+        return Err(problems(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too many devices",
+            vec![(
+                String::new(),
+                format!("a devices file edited here holds at most {MAX_DEVICES} devices"),
+            )],
+        ));
+    }
+    Config::check_devices(list).map(|_| ()).map_err(|found| {
+        let prefix = format!("devices[{index}]");
+        let mapped = found
+            .into_iter()
+            .map(|(path, msg)| match path.strip_prefix(&prefix) {
+                Some(rest) => (rest.trim_start_matches('.').to_owned(), msg),
+                None => (path, msg),
+            })
+            .collect();
+        problems(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the device is not valid",
+            mapped,
+        )
+    })
+}
+
+fn if_match(headers: &HeaderMap, version: &str) -> Result<(), ApiError> {
+    match headers.get("if-match").and_then(|v| v.to_str().ok()) {
+        Some(want) if want.trim().trim_matches('"') != version && want.trim() != "*" => Err(error(
+            StatusCode::PRECONDITION_FAILED,
+            "the devices file changed since you read it: load it again and redo the change",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn editable(s: &ControlState) -> Result<(), ApiError> {
+    match &s.devices.refused {
+        Some(why) => Err(error(StatusCode::CONFLICT, why.clone())),
+        None => Ok(()),
+    }
+}
+
+async fn create(
+    State(s): State<ControlState>,
+    Caller(who): Caller,
+    Query(q): Query<WriteQuery>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let device = device_body(body)?;
+    editable(&s)?;
+    let _guard = s.devices.lock.lock().await;
+    let snap = s.devices.read()?;
+    let id = id_of(&device).unwrap_or_default().to_owned();
+    if snap.devices.iter().any(|d| id_of(d) == Some(&id)) {
+        return Err(problems(
+            StatusCode::CONFLICT,
+            "the device exists",
+            vec![(
+                "id".into(),
+                format!("a device {:?} exists already", truncate(&id)),
+            )],
+        ));
+    }
+    let mut list = snap.devices;
+    list.push(device.clone());
+    check(&list, list.len() - 1)?;
+    if q.dry_run {
+        return Ok(Json(json!({"valid": true})).into_response());
+    }
+    let version = s.devices.write(snap.layout, list)?;
+    tracing::info!(user = %who.name, device = %id, "device added to the devices file");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"version": version, "config": device})),
+    )
+        .into_response())
+}
+
+async fn replace(
+    State(s): State<ControlState>,
+    Caller(who): Caller,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<WriteQuery>,
+    headers: HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let device = device_body(body)?;
+    editable(&s)?;
+    if id_of(&device) != Some(id.as_str()) {
+        return Err(problems(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the device is not valid",
+            vec![(
+                "id".into(),
+                "must be the id in the URL (to rename a device, add the new one and delete the old)"
+                    .into(),
+            )],
+        ));
+    }
+    let _guard = s.devices.lock.lock().await;
+    let snap = s.devices.read()?;
+    if_match(&headers, &snap.version)?;
+    let index = snap
+        .devices
+        .iter()
+        .position(|d| id_of(d) == Some(&id))
+        .ok_or_else(|| no_device(&id))?;
+    let mut list = snap.devices;
+    list[index] = device.clone();
+    check(&list, index)?;
+    if q.dry_run {
+        return Ok(Json(json!({"valid": true})).into_response());
+    }
+    let version = s.devices.write(snap.layout, list)?;
+    tracing::info!(user = %who.name, device = %id, "device changed in the devices file");
+    Ok(Json(json!({"version": version, "config": device})).into_response())
+}
+
+async fn remove(
+    State(s): State<ControlState>,
+    Caller(who): Caller,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<WriteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    editable(&s)?;
+    let _guard = s.devices.lock.lock().await;
+    let snap = s.devices.read()?;
+    if_match(&headers, &snap.version)?;
+    let index = snap
+        .devices
+        .iter()
+        .position(|d| id_of(d) == Some(&id))
+        .ok_or_else(|| no_device(&id))?;
+    let mut list = snap.devices;
+    list.remove(index);
+    if q.dry_run {
+        return Ok(Json(json!({"valid": true})).into_response());
+    }
+    s.devices.write(snap.layout, list)?;
+    tracing::info!(user = %who.name, device = %id, "device removed from the devices file");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The control API's routes.
+pub fn routes(state: ControlState) -> Routes {
+    Routes::new()
+        .get("/api/v1/devices", Role::Viewer, list)
+        .post("/api/v1/devices", Role::Admin, create)
+        .get("/api/v1/devices/{id}", Role::Viewer, get_one)
+        .put("/api/v1/devices/{id}", Role::Admin, replace)
+        .delete("/api/v1/devices/{id}", Role::Admin, remove)
+        .with_state(state)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_atomic_write_replaces_the_file_and_keeps_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("devices.yaml");
+        std::fs::write(&p, "devices: []\n").unwrap();
+        write_atomically(&p, b"devices:\n  - id: a\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "devices:\n  - id: a\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("devices.yaml.previous")).unwrap(),
+            "devices: []\n"
+        );
+        // No temporary file is left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+}
