@@ -292,6 +292,16 @@ async fn broker_only(cfg: Config) -> anyhow::Result<()> {
     let t = Telemetry::new("broker");
     let ids = std::sync::Arc::new(nexus_common::auth::Identities::new(&cfg.auth)?);
     let acl = Acl::new(ids.clone(), &cfg.broker, &cfg.devices);
+    if cfg.gateway.watch_devices_file {
+        // A device added or changed at runtime is reserved for the gateway at once.
+        let (ns, c, tok) = (acl.device_namespaces(), cfg.clone(), token.clone());
+        tokio::spawn(async move {
+            c.watch(std::time::Duration::from_secs(2), tok, |new| {
+                ns.set(&new.devices)
+            })
+            .await
+        });
+    }
     let (bcfg, reg) = (cfg.broker.clone(), t.registry.clone());
     let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&bcfg, acl, &reg)).await??;
     t.readiness.condition("listeners").set(true);

@@ -417,6 +417,20 @@ mod tests {
             .contains("outside this publisher's topics"));
         assert!(pubs(&svc, device_topic).is_ok());
         assert!(pubs(&svc, "$nexus/status/device/x").is_ok());
+
+        // A device added at runtime (the control center, a reloaded devices file) is
+        // reserved at once; one removed is released.
+        let added = "acme/plant/packaging/line-1/scale/weight";
+        acl.device_namespaces().set(&[
+            device("plc-1", "acme/plant/packaging/line-1"),
+            device("scale", "acme/plant/packaging/line-1"),
+        ]);
+        assert!(pubs(&bridge, added)
+            .unwrap_err()
+            .contains("only the gateway publishes there"));
+        acl.device_namespaces()
+            .set(&[device("scale", "acme/plant/packaging/line-1")]);
+        assert!(pubs(&bridge, device_topic).is_ok());
     }
 
     #[test]
