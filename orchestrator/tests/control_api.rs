@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nexus_common::auth::token_sha256;
-use nexus_common::config::{BrokerConfig, Config};
+use nexus_common::config::Config;
 use nexus_common::telemetry::Telemetry;
 use nexus_common::testing::{self, free_port, SERVICE_USER};
 use nexus_orchestrator::status;
@@ -52,9 +52,7 @@ impl Api {
                     dir.path().join("devices.yaml").display()
                 )
             }
-            None => FIRST
-                .replace("# the plant's first PLC\n", "")
-                .replace("devices:", "devices:"),
+            None => FIRST.replace("# the plant's first PLC\n", ""),
         };
         let tokens: String = [
             ("adm", ADMIN, "admin"),
