@@ -245,7 +245,12 @@ fn assert_401(a: &Answer) {
 #[tokio::test]
 async fn without_credentials_only_health_metrics_and_login_are_open_when_anonymous_access_is_off() {
     let p = serve(auth(Anonymous::Off, MetricsAccess::Open, 10)).await;
-    for path in ["/api/v1/read", "/api/v1/whoami", "/no/such/route", "/index.html"] {
+    for path in [
+        "/api/v1/read",
+        "/api/v1/whoami",
+        "/no/such/route",
+        "/index.html",
+    ] {
         let a = send(p.addr, "GET", path, &[], "").await;
         assert_401(&a);
         assert!(a.error().starts_with("authentication required"), "{a:?}");
@@ -756,7 +761,11 @@ fn every_route_carries_its_declared_role() {
     );
     assert_eq!(
         routes().public_paths(),
-        ["/".to_owned(), "/app".to_owned(), "/app/assets/*".to_owned()]
+        [
+            "/".to_owned(),
+            "/app".to_owned(),
+            "/app/assets/*".to_owned()
+        ]
     );
 }
 
