@@ -8,6 +8,8 @@
 //!   internal service account for the services), then gateway, command handler, alert service,
 //!   ingestion (when a database is configured) and the orchestrator, each supervised and
 //!   restarted with backoff, drained within `orchestrator.shutdown_grace` on Ctrl-C/SIGTERM.
+//! - [`ui`]: the control center, a browser UI embedded in the binary, served at `/ui/` on the
+//!   orchestrator's port (`/` redirects there; docs/adr/0008-control-center-ui.md).
 //! - [`control`]: the control API (devices added, changed and removed through the devices
 //!   file) on the orchestrator's port.
 //! - [`cli`]: argument parsing and the one-service subcommands.
@@ -15,6 +17,7 @@
 pub mod cli;
 pub mod control;
 pub mod status;
+pub mod ui;
 pub mod up;
 
 use std::sync::Arc;

@@ -91,7 +91,8 @@ pub async fn run_with(
             board: board.clone(),
             platform,
         })
-        .merge(crate::control::routes(control));
+        .merge(crate::control::routes(control))
+        .merge(crate::ui::routes());
     let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
     opts.routes = routes;
     opts.subscriptions = vec![(

@@ -1,0 +1,107 @@
+// Overview: every service and device with its state, from GET /api/v1/status every 2 s.
+
+import { api } from "../lib/api.js";
+import { h, replace, ago, pill } from "../lib/dom.js";
+
+export const title = "Overview";
+const REFRESH_MS = 2000;
+
+export function render(view, ctx) {
+  const stamp = h("span", { class: "muted", id: "overview-updated" }, "loading…");
+  const banner = h("p", { class: "banner error", role: "alert", hidden: true });
+  const summary = h("div", { class: "tiles", id: "overview-tiles" });
+  const services = h("tbody", { id: "services-body" });
+  const devices = h("tbody", { id: "devices-body" });
+  const platform = h("dl", { class: "facts", id: "platform" });
+
+  view.append(h("section", { class: "page" },
+    h("div", { class: "page-head" }, h("h1", {}, "Overview"), stamp),
+    banner,
+    summary,
+    h("div", { class: "grid2" },
+      h("section", { class: "card" },
+        h("h2", {}, "Devices"),
+        h("table", { class: "table", id: "overview-devices" },
+          h("thead", {}, h("tr", {},
+            h("th", {}, "Device"), h("th", {}, "State"), h("th", {}, "Breaker"),
+            h("th", {}, "Last error"), h("th", {}, "Updated"))),
+          devices)),
+      h("section", { class: "card" },
+        h("h2", {}, "Services"),
+        h("table", { class: "table", id: "overview-services" },
+          h("thead", {}, h("tr", {},
+            h("th", {}, "Service"), h("th", {}, "Instance"), h("th", {}, "State"),
+            h("th", {}, "Version"), h("th", {}, "Since"))),
+          services),
+        h("h2", {}, "Platform"),
+        platform)),
+  ));
+
+  let timer = null;
+  let last = null;
+  async function refresh() {
+    try {
+      last = await api("GET", "/api/v1/status");
+      banner.hidden = true;
+      draw(last);
+      replace(stamp, `updated ${new Date().toLocaleTimeString()}`);
+    } catch (e) {
+      if (!ctx.alive()) return;
+      if (e.status === 401) return;
+      replace(banner, `Could not refresh: ${e.message}`, last ? " (showing the last answer)" : "");
+      banner.hidden = false;
+    }
+    if (ctx.alive()) timer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  function draw(s) {
+    const devs = Object.entries(s.devices || {}).sort(([a], [b]) => a.localeCompare(b));
+    const svcs = Object.entries(s.services || {}).sort(([a], [b]) => a.localeCompare(b));
+    const count = (list, state) => list.filter(([, v]) => v && v.state === state).length;
+    replace(summary,
+      tile("Devices online", `${count(devs, "online")} / ${devs.length}`, count(devs, "online") === devs.length ? "good" : "warn"),
+      tile("Devices offline", count(devs, "offline"), count(devs, "offline") ? "bad" : "good"),
+      tile("Services online", `${count(svcs, "online")} / ${svcs.length}`, count(svcs, "online") === svcs.length ? "good" : "warn"),
+    );
+    replace(devices, devs.length ? devs.map(([id, v]) => {
+      const st = typeof v === "object" && v ? v : { state: "unknown", last_error: String(v) };
+      return h("tr", { dataset: { device: id } },
+        h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(id)}` }, id)),
+        h("td", { class: "state" }, pill(st.state)),
+        h("td", { class: "breaker" }, pill(st.breaker)),
+        h("td", { class: "last-error" }, st.last_error ? h("span", { class: "err-text", title: st.last_error }, st.last_error) : h("span", { class: "muted" }, "none")),
+        h("td", { class: "muted" }, ago(st.ts)));
+    }) : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No device has reported a status yet.")));
+    replace(services, svcs.length ? svcs.map(([key, v]) => {
+      const [name, ...inst] = key.split("/");
+      const st = typeof v === "object" && v ? v : { state: String(v) };
+      return h("tr", { dataset: { service: key } },
+        h("td", {}, name), h("td", { class: "muted" }, inst.join("/")),
+        h("td", { class: "state" }, pill(st.state)),
+        h("td", { class: "muted" }, st.version || ""),
+        h("td", { class: "muted" }, ago(st.ts)));
+    }) : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No service has reported yet.")));
+    const p = s.platform || {};
+    replace(platform, Object.entries(p).flatMap(([k, v]) => [
+      h("dt", {}, k.replaceAll("_", " ")),
+      h("dd", {}, fact(v)),
+    ]));
+  }
+
+  refresh();
+  return () => clearTimeout(timer);
+}
+
+function tile(label, value, tone) {
+  return h("div", { class: `tile ${tone}` }, h("div", { class: "tile-value" }, String(value)), h("div", { class: "tile-label" }, label));
+}
+
+/** A platform fact in words: `{tcp: "0.0.0.0:1883", tls: null}` -> "tcp 0.0.0.0:1883". */
+function fact(v) {
+  if (v === null || v === undefined) return "none";
+  if (typeof v === "boolean") return v ? "on" : "off";
+  if (typeof v !== "object") return String(v);
+  const parts = Object.entries(v).filter(([, x]) => x !== null && x !== undefined && x !== false)
+    .map(([k, x]) => `${k} ${typeof x === "object" ? JSON.stringify(x) : x}`);
+  return parts.length ? parts.join(" · ") : "none";
+}
