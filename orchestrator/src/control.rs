@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /api/v1/devices`, `GET /api/v1/devices/{id}` | viewer |
 //! | `POST /api/v1/devices`, `PUT` and `DELETE /api/v1/devices/{id}` (`?dry_run=true`: validate only) | admin |
-//! | `POST /api/v1/config/check` | admin |
+//! | `GET /api/openapi.json` (the port's OpenAPI document) | anyone |
 //!
 //! - Every change is validated as `nexus config check` validates the file, with the same
 //!   messages; each problem names its field inside the device (`connection.port`).
@@ -378,8 +378,13 @@ fn check(list: &[Value], index: usize) -> Result<(), ApiError> {
 }
 
 fn if_match(headers: &HeaderMap, version: &str) -> Result<(), ApiError> {
-    match headers.get("if-match").and_then(|v| v.to_str().ok()) {
-        Some(want) if want.trim().trim_matches('"') != version && want.trim() != "*" => Err(error(
+    match headers
+        .get("if-match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        Some(want) if want.trim_matches('"') != version && want != "*" => Err(error(
             StatusCode::PRECONDITION_FAILED,
             "the devices file changed since you read it: load it again and redo the change",
         )),
@@ -496,9 +501,21 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The OpenAPI document of the orchestrator's port (`GET /api/openapi.json`, open to all).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
 /// The control API's routes.
 pub fn routes(state: ControlState) -> Routes {
     Routes::new()
+        .public_get("/api/openapi.json", openapi)
         .get("/api/v1/devices", Role::Viewer, list)
         .post("/api/v1/devices", Role::Admin, create)
         .get("/api/v1/devices/{id}", Role::Viewer, get_one)

@@ -417,3 +417,63 @@ async fn devices_written_in_the_config_file_are_shown_but_not_edited() {
         .await;
     assert_eq!(s, 409, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
+    let api = Api::start(Some(FIRST)).await;
+    let (s, doc) = api.call(None, "GET", "/api/openapi.json", &[], "").await;
+    assert_eq!(s, 200, "open to anyone: {doc}");
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            if method != "parameters" {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    documented.sort();
+    let control = nexus_orchestrator::control::routes(nexus_orchestrator::control::ControlState {
+        devices: Arc::new(nexus_orchestrator::control::DeviceFile::new(
+            &Config::default(),
+        )),
+        board: status::StatusBoard::default(),
+    });
+    let mut served: Vec<(String, String)> = control
+        .policy()
+        .iter()
+        .map(|(m, p, _)| (m.to_string(), p.clone()))
+        .chain(
+            control
+                .public_paths()
+                .iter()
+                .map(|p| ("GET".to_owned(), p.clone())),
+        )
+        .collect();
+    // Every port's own routes (health, metrics, sessions) and the status route.
+    for (m, p) in [
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("POST", "/api/v1/login"),
+        ("POST", "/api/v1/logout"),
+        ("GET", "/api/v1/whoami"),
+        ("GET", "/api/v1/status"),
+    ] {
+        served.push((m.to_owned(), p.to_owned()));
+    }
+    served.sort();
+    assert_eq!(documented, served);
+    // And each documented GET answers with a status it documents.
+    for (m, p) in &documented {
+        if m != "GET" || p.contains('{') {
+            continue;
+        }
+        let (s, v) = api.call(Some(ADMIN), "GET", p, &[], "").await;
+        assert!(
+            doc["paths"][p]["get"]["responses"]
+                .get(s.to_string())
+                .is_some(),
+            "GET {p} answered {s}, undocumented: {v}"
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! The OpenAPI document of the orchestrator's port, checked by a property-based API tester
+//! (schemathesis, from PyPI, in the test venv) against a running `nexus up --demo`: every
+//! operation fuzzed with valid and invalid inputs, logged in as the demo admin; no 5xx, every
+//! answer matches the document, and anonymous callers are refused.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexus_common::testing::{self, free_port};
+
+const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn schemathesis(url: &str, args: &[&str], reports: &Path) -> (bool, String) {
+    let python = testing::test_python();
+    let bin = Path::new(&python).with_file_name("schemathesis");
+    let out = Command::new(&bin)
+        .args(["run", url, "--auth", "admin:nexus-demo", "--checks", "all"])
+        .args(["--max-examples", "25", "--seed", "7", "--workers", "1"])
+        .args(["--request-timeout", "10"])
+        .arg("--report-dir")
+        .arg(reports)
+        .args(args)
+        .env("NO_COLOR", "1")
+        // Its example database and caches go there, not into the source tree.
+        .current_dir(reports.parent().unwrap_or(reports))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} does not run ({e}): scripts/test.sh installs schemathesis in the test venv",
+                bin.display()
+            )
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The run's size, for the log: "N generated, ...".
+    if let Some(l) = text.lines().find(|l| l.contains(" generated")) {
+        eprintln!("schemathesis {args:?}: {}", l.trim());
+    }
+    (out.status.success(), text)
+}
+
+#[test]
+fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
+    let http = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(NEXUS);
+    cmd.args(["up", "--demo"])
+        .current_dir(dir.path())
+        .env("NEXUS_AUTH__ANONYMOUS", "off")
+        .env("NEXUS_BROKER__PORT", free_port().to_string())
+        .env("NEXUS_BROKER__WS_PORT", "null")
+        .env("NEXUS_TELEMETRY__INSTANCE", "openapi")
+        .env(
+            "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
+            format!("127.0.0.1:{http}"),
+        );
+    for k in [
+        "NEXUS_GATEWAY__HTTP_LISTEN",
+        "NEXUS_COMMANDS__HTTP_LISTEN",
+        "NEXUS_ALERTS__HTTP_LISTEN",
+    ] {
+        cmd.env(k, format!("127.0.0.1:{}", free_port()));
+    }
+    let mut up = Up(cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("Stop with Ctrl-C") {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "nexus up ended early: {banner}"
+        );
+        banner.push_str(&line);
+    }
+    let start = Instant::now();
+    while testing::http(http, "GET", "/readyz", "").0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(20), "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = format!("http://127.0.0.1:{http}/api/openapi.json");
+    let origin = format!("Origin: http://127.0.0.1:{http}");
+    let reports = dir.path().join("reports");
+
+    // Everything but the devices, with every check.
+    let (ok, text) = schemathesis(
+        &url,
+        &[
+            "--header",
+            &origin,
+            "--exclude-path-regex",
+            "^/api/v1/devices",
+        ],
+        &reports,
+    );
+    assert!(ok, "schemathesis:\n{text}");
+    // The devices: a schema cannot say every rule a device must follow (addresses per
+    // protocol, types, unique ids), so a device the schema allows may still be refused, with
+    // 422 and its problems; every other check holds.
+    let (ok, text) = schemathesis(
+        &url,
+        &[
+            "--header",
+            &origin,
+            "--include-path-regex",
+            "^/api/v1/devices",
+            "--exclude-checks",
+            "positive_data_acceptance",
+        ],
+        &reports,
+    );
+    assert!(ok, "schemathesis:\n{text}");
+    // Whatever the fuzzing added, changed or removed, the devices file is still one the
+    // platform loads.
+    let text = format!(
+        "devices_file: {}\n",
+        dir.path().join("nexus-data/devices.yaml").display()
+    );
+    if let Err(e) = nexus_common::config::Config::from_str_with_env(&text, None, &[]) {
+        panic!("the devices file no longer loads: {e}");
+    }
+}
