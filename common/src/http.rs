@@ -158,7 +158,8 @@ fn assemble(
         .layer(middleware::from_fn_with_state(
             port_auth,
             auth_http::authenticate,
-        ));
+        ))
+        .layer(middleware::from_fn(auth_http::no_challenge_for_scripts));
     Ok(guard(app, limits, metrics))
 }
 

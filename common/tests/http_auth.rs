@@ -269,6 +269,26 @@ async fn without_credentials_only_health_metrics_and_login_are_open_when_anonymo
 }
 
 #[tokio::test]
+async fn a_pages_own_script_gets_its_401_without_a_browser_login_dialog() {
+    let p = serve(auth(Anonymous::Off, MetricsAccess::Open, 10)).await;
+    let xhr = "X-Requested-With: XMLHttpRequest";
+    for (method, path, body) in [
+        ("GET", "/api/v1/whoami", ""),
+        (
+            "POST",
+            "/api/v1/login",
+            r#"{"username":"ann","password":"wrong"}"#,
+        ),
+    ] {
+        let a = send(p.addr, method, path, &[xhr], body).await;
+        assert_eq!(a.status, 401, "{a:?}");
+        assert_eq!(a.header("www-authenticate"), None, "{a:?}");
+        // Anyone else is challenged as before.
+        assert_401(&send(p.addr, method, path, &[], body).await);
+    }
+}
+
+#[tokio::test]
 async fn public_pages_are_open_to_get_only_and_nothing_beside_them_is() {
     let p = serve(auth(Anonymous::Off, MetricsAccess::Viewer, 10)).await;
     for path in ["/", "/app", "/app/assets/app.js", "/app/assets/deep/x.css"] {

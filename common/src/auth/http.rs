@@ -414,6 +414,21 @@ struct SessionKey([u8; 32]);
 
 const CLEAR_COOKIE: &str = "nexus_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0";
 
+/// A page's own script (`X-Requested-With: XMLHttpRequest`, as the control center sends it)
+/// gets its 401s without `WWW-Authenticate`: with it, a browser opens its own login dialog over
+/// the page instead of letting the page show its login form.
+pub async fn no_challenge_for_scripts(req: Request, next: Next) -> Response {
+    let script = req
+        .headers()
+        .get("x-requested-with")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"XMLHttpRequest"));
+    let mut resp = next.run(req).await;
+    if script {
+        resp.headers_mut().remove(header::WWW_AUTHENTICATE);
+    }
+    resp
+}
+
 fn unauthorized(msg: &str) -> Response {
     let mut r = error(StatusCode::UNAUTHORIZED, msg);
     r.headers_mut().insert(
