@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages Nexus's run and test commands need, when they are missing:
 # PostgreSQL (server binaries for the test harness and the historian), Mosquitto (external
-# broker in tests) and mosquitto-clients (mosquitto_sub/pub). Debian/Ubuntu, apt-get.
+# broker in tests), mosquitto-clients (mosquitto_sub/pub) and chromium (the control center's
+# browser test). Debian/Ubuntu, apt-get.
 set -euo pipefail
 
 need=()
@@ -13,6 +14,8 @@ have_pg || need+=(postgresql)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# The control center's browser test drives Debian's Chromium (never a downloaded browser).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

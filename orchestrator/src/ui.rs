@@ -17,7 +17,6 @@ use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use nexus_common::auth::http::Routes;
-use nexus_common::config::Role;
 
 /// The page's policy: no inline scripts or styles, nothing from another origin, no framing.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:; \
@@ -157,15 +156,11 @@ async fn to_page() -> Redirect {
 pub const PAGE: &str = "/ui/";
 
 /// `GET /ui/` (the page) and `GET /ui/{file}` (its modules, style and images), open to
-/// anyone; `GET /` redirects to the page.
-///
-/// `/` itself is a viewer's route for now: `Routes::public_get` takes a path ending in `/` as
-/// a prefix, so a public `/` would open every path (its handlers would then find no caller
-/// and refuse everything). Anonymous viewers (from this machine, by default) are sent on;
-/// others open `/ui/`.
+/// anyone: the page must load before anyone has logged in. `GET /` redirects to the page.
+/// Nothing here is data; every API call of the page needs a caller.
 pub fn routes() -> Routes {
     Routes::new()
         .public_get(PAGE, index)
         .public_get("/ui/{*file}", file)
-        .get("/", Role::Viewer, to_page)
+        .public_get("/", to_page)
 }

@@ -1,0 +1,298 @@
+"""The control center in headless Chromium, driven by Playwright.
+
+Run by orchestrator/tests/control_center.rs against a `nexus up` it started (a Modbus
+simulator on --sim-port, a devices file with device plc-1, users from NEXUS_UI_ADMIN and
+NEXUS_UI_VIEWER as "name:password"). Saves a PNG of every page in --screenshots.
+Exits non-zero at the first check that fails, saying which.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+from playwright.sync_api import expect, sync_playwright
+
+FIRST_LOAD_BUDGET = 300 * 1024
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def step(msg):
+    print(f"- {msg}", flush=True)
+
+
+class Shots:
+    def __init__(self, page, folder):
+        self.page, self.folder, self.n = page, folder, 0
+
+    def __call__(self, name):
+        self.n += 1
+        path = os.path.join(self.folder, f"{self.n:02d}-{name}.png")
+        # From the top: a full-page shot of a scrolled page draws sticky bars mid-page.
+        self.page.evaluate("window.scrollTo(0, 0)")
+        self.page.screenshot(path=path, full_page=True)
+        step(f"screenshot {path}")
+
+
+def login(page, user, password):
+    page.locator("#username").fill(user)
+    page.locator("#password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--sim-port", type=int, required=True)
+    ap.add_argument("--screenshots", required=True)
+    ap.add_argument("--chromium", default="/usr/bin/chromium")
+    args = ap.parse_args()
+    admin, admin_pw = os.environ["NEXUS_UI_ADMIN"].split(":", 1)
+    viewer, viewer_pw = os.environ["NEXUS_UI_VIEWER"].split(":", 1)
+    base = args.url.rstrip("/")
+    for old in os.listdir(args.screenshots):
+        if old.endswith(".png"):
+            os.remove(os.path.join(args.screenshots, old))
+
+    # A 401 with `WWW-Authenticate: Basic` makes a browser ask for Basic credentials with a
+    # dialog of its own, over the page (headless Chromium waits for an answer for ever), so
+    # the API must not challenge the page's calls, which say X-Requested-With.
+    challenged = challenges_scripts(base)
+    assert not challenged, challenged
+    profile = tempfile.mkdtemp(prefix="nexus-ui-profile-")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                profile,
+                executable_path=args.chromium,
+                headless=True,
+                args=CHROMIUM_ARGS,
+                viewport={"width": 1280, "height": 800},
+            )
+            try:
+                run(browser, base, args, admin, admin_pw, viewer, viewer_pw)
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    print("OK")
+
+
+def challenges_scripts(base):
+    """What is wrong when the API asks a script's call for Basic credentials, else None."""
+    req = urllib.request.Request(
+        base + "/api/v1/whoami",
+        headers={"X-Requested-With": "XMLHttpRequest", "Accept": "application/json"},
+    )
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        return None
+    except urllib.error.HTTPError as e:
+        if e.code == 401 and e.headers.get("WWW-Authenticate"):
+            return (
+                "GET /api/v1/whoami with X-Requested-With: XMLHttpRequest and no credentials "
+                f"answers 401 with WWW-Authenticate: {e.headers.get('WWW-Authenticate')}"
+            )
+        return None
+
+
+def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
+    app = base + "/ui/"
+    expect.set_options(timeout=15_000)
+    page = browser.pages[0] if browser.pages else browser.new_page()
+    shot = Shots(page, args.screenshots)
+
+    # Anything the page logs as an error (a script error, a CSP violation) fails the test.
+    problems = []
+    # Refusals the flow expects (401, 403, 422) are logged by Chromium as failed loads: not these.
+    page.on(
+        "console",
+        lambda m: m.type == "error"
+        and not m.text.startswith("Failed to load resource: the server responded with a status of 4")
+        and problems.append(f"console: {m.text}"),
+    )
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+
+    # First load: every response the page gets until it is idle, bodies summed.
+    responses = []
+    def collect(resp):
+        responses.append(resp)
+
+    page.on("response", collect)
+    page.goto(app)
+    page.wait_for_load_state("networkidle")
+    page.remove_listener("response", collect)
+    loaded = {}
+    for resp in responses:
+        try:
+            loaded[resp.url] = loaded.get(resp.url, 0) + len(resp.body())
+        except Exception:  # a redirect or an aborted request has no body
+            loaded.setdefault(resp.url, 0)
+    total = sum(loaded.values())
+    step(f"first load: {len(loaded)} responses, {total} bytes")
+    for url, size in sorted(loaded.items()):
+        print(f"    {size:>7}  {url.removeprefix(base)}")
+    assert total <= FIRST_LOAD_BUDGET, f"first load is {total} bytes, over {FIRST_LOAD_BUDGET}"
+    # Only this origin is ever asked.
+    assert all(u.startswith(base + "/") for u in loaded), sorted(loaded)
+
+    # Nobody is logged in (auth.anonymous is off): the login form.
+    expect(page).to_have_url(app + "#/login")
+    expect(page.locator("#username")).to_be_visible()
+    shot("login")
+    login(page, admin, "wrong password")
+    expect(page.locator("#login-error")).to_have_text("The user name or password is wrong.")
+    shot("login-refused")
+
+    step("log in as the admin")
+    login(page, admin, admin_pw)
+    expect(page).to_have_url(app + "#/overview")
+    expect(page.locator("#user-name")).to_have_text(admin)
+    expect(page.locator("#user-role")).to_have_text("admin")
+    plc1 = page.locator('#overview-devices tr[data-device="plc-1"]')
+    expect(plc1.locator(".state")).to_have_text("online", timeout=30_000)
+    expect(plc1.locator(".breaker")).to_have_text("closed")
+    expect(page.locator('#overview-services tr[data-service^="gateway/"] .state')).to_have_text("online")
+    shot("overview")
+
+    step("devices")
+    page.locator("#nav [data-nav=devices]").click()
+    expect(page).to_have_url(app + "#/devices")
+    row = page.locator('#devices-table tr[data-device="plc-1"]')
+    expect(row).to_contain_text("modbus")
+    expect(row).to_contain_text(f"127.0.0.1:{args.sim_port}")
+    expect(row.locator('[data-action="edit"]')).to_be_visible()
+    expect(row.locator('[data-action="delete"]')).to_be_visible()
+    shot("devices")
+
+    step("plc-1's page, as an admin: the form with its values")
+    row.get_by_role("link", name="plc-1").click()
+    expect(page).to_have_url(app + "#/devices/plc-1")
+    expect(page.locator('input[data-field="connection.port"]')).to_have_value(str(args.sim_port))
+    expect(page.locator('input[data-field="tags[1].id"]')).to_have_value("setpoint")
+    expect(page.locator('select[data-field="tags[1].access"]')).to_have_value("readwrite")
+    shot("device-edit")
+    page.get_by_role("button", name="Validate").click()
+    expect(page.locator("#problems")).to_contain_text("Valid")
+
+    step("add plc-2 through the form, with a bad port first")
+    page.locator("#nav [data-nav=devices]").click()
+    page.locator("#add-device").click()
+    expect(page).to_have_url(app + "#/devices/new")
+    page.locator('input[data-field="id"]').fill("plc-2")
+    page.locator('input[data-field="uns_prefix"]').fill("test/plant/packaging/line-2")
+    page.locator('input[data-field="poll_interval"]').fill("200ms")
+    page.locator('input[data-field="connection.host"]').fill("127.0.0.1")
+    port = page.locator('input[data-field="connection.port"]')
+    port.fill("70000")
+    page.locator('input[data-field="connection.unit_id"]').fill("1")
+    page.locator('input[data-field="tags[0].id"]').fill("temperature")
+    page.locator('input[data-field="tags[0].address"]').fill("HR:0")
+    page.locator('select[data-field="tags[0].data_type"]').select_option("float32")
+    page.locator('input[data-field="tags[0].unit"]').fill("degC")
+    page.locator("#add-tag").click()
+    page.locator('input[data-field="tags[1].id"]').fill("running")
+    page.locator('input[data-field="tags[1].address"]').fill("CO:0")
+    page.locator('select[data-field="tags[1].data_type"]').select_option("bool")
+    page.get_by_role("button", name="Validate").click()
+    port_error = page.locator(".field", has=port).locator(".field-error")
+    expect(port_error).to_be_visible()
+    expect(port).to_have_attribute("aria-invalid", "true")
+    step(f"the port's problem: {port_error.inner_text()!r}")
+    shot("device-new-invalid")
+
+    port.fill(str(args.sim_port))
+    page.get_by_role("button", name="Validate").click()
+    expect(page.locator("#problems")).to_contain_text("Valid")
+    expect(port_error).to_be_hidden()
+    shot("device-new-valid")
+    page.locator("#save").click()
+    expect(page).to_have_url(app + "#/devices")
+    expect(page.locator('#devices-table tr[data-device="plc-2"]')).to_contain_text("test/plant/packaging/line-2")
+    shot("devices-added")
+
+    step("plc-2 comes online in the overview")
+    page.locator("#nav [data-nav=overview]").click()
+    plc2 = page.locator('#overview-devices tr[data-device="plc-2"]')
+    expect(plc2.locator(".state")).to_have_text("online", timeout=30_000)
+    shot("overview-with-plc-2")
+
+    step("disable plc-2, then delete it after confirming")
+    page.locator("#nav [data-nav=devices]").click()
+    row2 = page.locator('#devices-table tr[data-device="plc-2"]')
+    row2.locator('[data-action="disable"]').click()
+    expect(row2.locator(".pill")).to_have_text("disabled")
+    expect(row2.locator('[data-action="enable"]')).to_be_visible()
+    row2.locator('[data-action="delete"]').click()
+    dialog = page.locator("dialog")
+    expect(dialog).to_contain_text("Delete plc-2?")
+    shot("device-delete-confirm")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(row2).to_be_visible()
+    row2.locator('[data-action="delete"]').click()
+    page.locator("dialog").get_by_role("button", name="Delete").click()
+    expect(row2).to_have_count(0)
+    expect(page.locator('#devices-table tr[data-device="plc-1"]')).to_be_visible()
+
+    step("log out")
+    page.locator("#logout").click()
+    expect(page).to_have_url(app + "#/login")
+    expect(page.locator("#nav")).to_be_hidden()
+
+    step("log in as a viewer: nothing to change is offered")
+    login(page, viewer, viewer_pw)
+    expect(page.locator("#user-role")).to_have_text("viewer")
+    expect(page.locator('#overview-devices tr[data-device="plc-1"] .state')).to_have_text("online")
+    page.locator("#nav [data-nav=devices]").click()
+    expect(page.locator('#devices-table tr[data-device="plc-1"]')).to_be_visible()
+    expect(page.locator("#read-only")).to_be_visible()
+    expect(page.locator("#add-device")).to_have_count(0)
+    expect(page.locator("[data-action]")).to_have_count(0)
+    shot("devices-viewer")
+    page.locator('#devices-table tr[data-device="plc-1"]').get_by_role("link", name="plc-1").click()
+    expect(page.locator('input[data-field="connection.port"]')).to_be_disabled()
+    expect(page.get_by_role("button", name="Validate")).to_have_count(0)
+    expect(page.locator("#save")).to_have_count(0)
+    expect(page.locator("#add-tag")).to_have_count(0)
+    shot("device-viewer")
+    page.goto(app + "#/devices/new")
+    expect(page.locator(".banner")).to_contain_text("needs the admin role")
+    expect(page.locator("#device-form")).to_have_count(0)
+
+    step("the API refuses the viewer anyway")
+    answer = page.evaluate(
+        """async (port) => {
+            const r = await fetch("/api/v1/devices", {
+                method: "POST",
+                headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({id: "plc-3", protocol: "modbus", uns_prefix: "test/plant/packaging/line-3",
+                    connection: {host: "127.0.0.1", port}, tags: [{id: "t", address: "HR:0", data_type: "uint16"}]}),
+            });
+            return {status: r.status, body: await r.text()};
+        }""",
+        args.sim_port,
+    )
+    step(f"POST /api/v1/devices as the viewer: {answer['status']} {answer['body']}")
+    assert answer["status"] == 403, answer
+
+    assert not problems, "the page reported errors:\n" + "\n".join(problems)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AssertionError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
