@@ -12,10 +12,12 @@
 //!   orchestrator's port (`/` redirects there; docs/adr/0008-control-center-ui.md).
 //! - [`control`]: the control API (devices added, changed and removed through the devices
 //!   file) on the orchestrator's port.
+//! - [`live`]: the live namespace for browsers (a snapshot and server-sent events).
 //! - [`cli`]: argument parsing and the one-service subcommands.
 
 pub mod cli;
 pub mod control;
+pub mod live;
 pub mod status;
 pub mod ui;
 pub mod up;

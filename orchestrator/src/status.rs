@@ -78,6 +78,7 @@ pub async fn run_with(
     cfg: Arc<Config>,
     telemetry: Telemetry,
     platform: Value,
+    ns: crate::live::Namespace,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let board = StatusBoard::default();
@@ -92,41 +93,51 @@ pub async fn run_with(
             platform,
         })
         .merge(crate::control::routes(control))
+        .merge(crate::live::routes(ns.clone()))
         .merge(crate::ui::routes());
     let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
     opts.routes = routes;
-    opts.subscriptions = vec![(
-        nexus_common::topic::sys::STATUS_ALL.into(),
-        QoS::AtLeastOnce,
-    )];
+    // Status, and every UNS topic for the live namespace (`#` matches no `$` topic).
+    opts.subscriptions = vec![
+        (
+            nexus_common::topic::sys::STATUS_ALL.into(),
+            QoS::AtLeastOnce,
+        ),
+        ("#".into(), QoS::AtMostOnce),
+    ];
+    opts.incoming_capacity = 16 * 1024;
     opts.telemetry = Some(telemetry);
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     let mut rx = shell
         .incoming
         .take()
         .ok_or_else(|| anyhow::anyhow!("no incoming channel"))?;
+    let batches = shutdown.child_token();
+    let flusher = tokio::spawn(ns.clone().run(batches.clone()));
     loop {
         tokio::select! {
             m = rx.recv() => match m {
-                Some(m) => if let Some(t) = m.topic() { board.update(t, m.payload()) },
+                Some(m) => match m.topic() {
+                    Some(t) if t.starts_with('$') => board.update(t, m.payload()),
+                    Some(t) => ns.update(t, m.payload()),
+                    None => {}
+                },
                 None => break,
             },
             _ = shutdown.cancelled() => break,
         }
     }
+    batches.cancel();
+    let _ = flusher.await;
     shell.stop().await;
     Ok(())
 }
 
 /// `nexus orchestrator`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    run_with(
-        cfg,
-        Telemetry::new(SERVICE),
-        json!({"mode": "standalone"}),
-        shutdown,
-    )
-    .await
+    let telemetry = Telemetry::new(SERVICE);
+    let ns = crate::live::Namespace::new(&telemetry.registry)?;
+    run_with(cfg, telemetry, json!({"mode": "standalone"}), ns, shutdown).await
 }
 
 #[cfg(test)]

@@ -277,8 +277,10 @@ pub async fn up(
         }
         let c = cfg.clone();
         let t = telemetry.clone();
+        // Made once: it keeps its metrics and topics when the orchestrator restarts.
+        let ns = crate::live::Namespace::new(&telemetry.registry)?;
         sup.spawn(status::SERVICE, move |tok| {
-            status::run_with(c.clone(), t.clone(), platform.clone(), tok)
+            status::run_with(c.clone(), t.clone(), platform.clone(), ns.clone(), tok)
         });
     }
 

@@ -82,10 +82,13 @@ impl Api {
         )
         .unwrap();
         let stop = CancellationToken::new();
+        let telemetry = Telemetry::new(status::SERVICE);
+        let ns = nexus_orchestrator::live::Namespace::new(&telemetry.registry).unwrap();
         tokio::spawn(status::run_with(
             Arc::new(cfg),
-            Telemetry::new(status::SERVICE),
+            telemetry,
             json!({}),
+            ns,
             stop.clone(),
         ));
         let started = Instant::now();
@@ -449,7 +452,8 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
                 .map(|p| ("GET".to_owned(), p.clone())),
         )
         .collect();
-    // Every port's own routes (health, metrics, sessions) and the status route.
+    // Every port's own routes (health, metrics, sessions), the status and live namespace
+    // routes (the control center's page and files are not API: docs/adr/0008).
     for (m, p) in [
         ("GET", "/healthz"),
         ("GET", "/readyz"),
@@ -458,6 +462,8 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
         ("POST", "/api/v1/logout"),
         ("GET", "/api/v1/whoami"),
         ("GET", "/api/v1/status"),
+        ("GET", "/api/v1/namespace"),
+        ("GET", "/api/v1/namespace/stream"),
     ] {
         served.push((m.to_owned(), p.to_owned()));
     }
@@ -465,7 +471,7 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
     assert_eq!(documented, served);
     // And each documented GET answers with a status it documents.
     for (m, p) in &documented {
-        if m != "GET" || p.contains('{') {
+        if m != "GET" || p.contains('{') || p.ends_with("/stream") {
             continue;
         }
         let (s, v) = api.call(Some(ADMIN), "GET", p, &[], "").await;
@@ -476,4 +482,174 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
             "GET {p} answered {s}, undocumented: {v}"
         );
     }
+}
+
+/// Read server-sent events from a raw HTTP/1.1 connection until `want` events arrived.
+async fn sse_events(
+    stream: &mut tokio::net::TcpStream,
+    want: usize,
+    limit: Duration,
+) -> Vec<(String, Value)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let started = Instant::now();
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let events: Vec<(String, Value)> = text
+            .split("\n\n")
+            .filter_map(|block| {
+                let kind = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+                Some((kind.to_owned(), serde_json::from_str(data).ok()?))
+            })
+            .collect();
+        if events.len() >= want {
+            return events;
+        }
+        let mut chunk = [0u8; 65536];
+        let left = limit.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => panic!("{} events of {want} in {limit:?}:\n{text}", events.len()),
+        }
+    }
+}
+
+/// `acme/a/tNN` for the first ten, `acme/b/tNN` for the others.
+fn zone_topic(i: i32) -> String {
+    format!("acme/{}/t{i:02}", if i < 10 { "a" } else { "b" })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_namespace_streams_a_snapshot_then_batched_updates() {
+    use tokio::io::AsyncWriteExt;
+    let api = Api::start(Some(FIRST)).await;
+    let broker_port = api._broker.ports.tcp().port();
+    let stop = CancellationToken::new();
+    let (publisher, _rx) = nexus_common::mqtt::connect(
+        &testing::publisher_mqtt_config(broker_port),
+        nexus_common::mqtt::ClientSettings::new("live-test-publisher"),
+        None,
+        stop.clone(),
+    )
+    .unwrap();
+    publisher
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let qos = nexus_common::mqtt::QoS::AtLeastOnce;
+    for i in 0..50 {
+        let body = json!({"v": i, "q": "good", "ts": 1, "u": "degC"}).to_string();
+        publisher
+            .publish(&zone_topic(i), body, qos, true)
+            .await
+            .unwrap();
+    }
+    publisher.publish("other/x", "7", qos, true).await.unwrap();
+    // The snapshot route sees them (retained, or as they arrived).
+    let started = Instant::now();
+    let snap = loop {
+        let (s, v) = api
+            .call(
+                Some(VIEWER),
+                "GET",
+                "/api/v1/namespace?filter=acme/%2B/%23",
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        if v.as_array().unwrap().len() == 50 || started.elapsed() > Duration::from_secs(10) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(snap.as_array().unwrap().len(), 50, "{snap}");
+    assert_eq!(snap[3]["topic"], "acme/a/t03");
+    assert_eq!(
+        (&snap[3]["v"], &snap[3]["q"], &snap[3]["u"]),
+        (&json!(3), &json!("good"), &json!("degC"))
+    );
+    // A filter that is no filter is refused.
+    let (s, v) = api
+        .call(
+            Some(VIEWER),
+            "GET",
+            "/api/v1/namespace?filter=a/%23/b",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(
+        api.call(None, "GET", "/api/v1/namespace", &[], "").await.0,
+        401
+    );
+
+    // The stream: a snapshot of the filter, then the changes, batched.
+    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", api.port))
+        .await
+        .unwrap();
+    sse.write_all(
+        format!(
+            "GET /api/v1/namespace/stream?filter=acme/a/%2B HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {VIEWER}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let first = sse_events(&mut sse, 1, Duration::from_secs(5)).await;
+    assert_eq!(first[0].0, "snapshot");
+    assert_eq!(first[0].1.as_array().unwrap().len(), 10, "t00..t09");
+    for round in 0..3 {
+        for i in [1, 2, 15] {
+            let body = json!({"v": 100 + round, "q": "good", "ts": 2}).to_string();
+            publisher
+                .publish(&zone_topic(i), body, qos, false)
+                .await
+                .unwrap();
+        }
+    }
+    let events = sse_events(&mut sse, 1, Duration::from_secs(5)).await;
+    let updates: Vec<&Value> = events
+        .iter()
+        .filter(|(k, _)| k == "update")
+        .flat_map(|(_, v)| v.as_array().unwrap())
+        .collect();
+    let topics: std::collections::BTreeSet<&str> = updates
+        .iter()
+        .map(|e| e["topic"].as_str().unwrap())
+        .collect();
+    assert!(
+        topics.iter().all(|t| t.starts_with("acme/a/")),
+        "only the filter's topics: {topics:?}"
+    );
+    let last = updates
+        .iter()
+        .rev()
+        .find(|e| e["topic"] == "acme/a/t01")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = (*last).clone();
+    while last["v"] != json!(102) {
+        assert!(Instant::now() < deadline, "the last value arrives: {last}");
+        let more = sse_events(&mut sse, 1, Duration::from_secs(5)).await;
+        if let Some(e) = more
+            .iter()
+            .flat_map(|(_, v)| v.as_array().cloned().unwrap_or_default())
+            .rev()
+            .find(|e| e["topic"] == "acme/a/t01")
+        {
+            last = e;
+        }
+    }
+    // One entry per topic and batch, however many messages it had; the count says how many
+    // arrived (the retained one and three changes).
+    assert_eq!(last["n"], json!(4), "{last}");
+    let t01 = updates
+        .iter()
+        .filter(|e| e["topic"] == "acme/a/t01")
+        .count();
+    assert!(t01 <= 3, "t01 coalesced, not one entry per message: {t01}");
+    stop.cancel();
 }
