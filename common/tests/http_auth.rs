@@ -269,6 +269,75 @@ async fn without_credentials_only_health_metrics_and_login_are_open_when_anonymo
 }
 
 #[tokio::test]
+async fn only_a_service_may_act_for_a_user_and_then_has_only_that_users_role() {
+    let p = serve(auth(Anonymous::Off, MetricsAccess::Open, 10)).await;
+    let svc = basic(testing::SERVICE_USER.0, testing::SERVICE_USER.1);
+    let as_ann = [
+        "X-Nexus-On-Behalf-Of: ann",
+        "X-Nexus-On-Behalf-Role: viewer",
+    ];
+    let a = send(
+        p.addr,
+        "GET",
+        "/api/v1/whoami",
+        &[&svc, as_ann[0], as_ann[1]],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        (a.body["name"].clone(), a.body["role"].clone()),
+        (json!("ann"), json!("viewer"))
+    );
+    // The role checked is the user's, not the service's.
+    let a = send(
+        p.addr,
+        "POST",
+        "/api/v1/act",
+        &[&svc, as_ann[0], as_ann[1]],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = send(
+        p.addr,
+        "POST",
+        "/api/v1/act",
+        &[
+            &svc,
+            "X-Nexus-On-Behalf-Of: olga",
+            "X-Nexus-On-Behalf-Role: operator",
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["name"].clone()),
+        (200, json!("olga")),
+        "{a:?}"
+    );
+    // Nobody else may, and nobody acts as a service.
+    let op = basic(testing::OPERATOR_USER.0, testing::OPERATOR_USER.1);
+    let a = send(
+        p.addr,
+        "GET",
+        "/api/v1/whoami",
+        &[&op, as_ann[0], as_ann[1]],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 403, "{a:?}");
+    for bad in [
+        ["X-Nexus-On-Behalf-Of: x", "X-Nexus-On-Behalf-Role: service"],
+        ["X-Nexus-On-Behalf-Of: x", "X-Nexus-On-Behalf-Role: root"],
+        ["X-Nexus-On-Behalf-Of: ", "X-Nexus-On-Behalf-Role: viewer"],
+    ] {
+        let a = send(p.addr, "GET", "/api/v1/whoami", &[&svc, bad[0], bad[1]], "").await;
+        assert_eq!(a.status, 403, "{bad:?}: {a:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_pages_own_script_gets_its_401_without_a_browser_login_dialog() {
     let p = serve(auth(Anonymous::Off, MetricsAccess::Open, 10)).await;
     let xhr = "X-Requested-With: XMLHttpRequest";

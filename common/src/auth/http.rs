@@ -414,6 +414,47 @@ struct SessionKey([u8; 32]);
 
 const CLEAR_COOKIE: &str = "nexus_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0";
 
+/// The user a Nexus service acts for: the orchestrator forwards the control center's calls to
+/// the other services with its own (service) credentials and these headers, so each service
+/// checks and records the user, not the orchestrator.
+pub const ON_BEHALF_OF: &str = "x-nexus-on-behalf-of";
+/// The role of [`ON_BEHALF_OF`]'s user (never `service`).
+pub const ON_BEHALF_ROLE: &str = "x-nexus-on-behalf-role";
+
+/// The identity a request acts as: `Ok(None)` when it names nobody else; an error when it
+/// does but may not (only the service role may act for others, and never as a service).
+fn on_behalf(headers: &HeaderMap, caller: &Identity) -> Result<Option<Identity>, String> {
+    let Some(name) = headers.get(ON_BEHALF_OF) else {
+        return Ok(None);
+    };
+    if caller.role != Role::Service {
+        return Err(format!(
+            "{} is not a Nexus service and may not act for another user",
+            caller.name
+        ));
+    }
+    let name = name
+        .to_str()
+        .ok()
+        .filter(|n| !n.is_empty() && n.len() <= 256)
+        .ok_or("X-Nexus-On-Behalf-Of is not a user name")?;
+    let role = match headers.get(ON_BEHALF_ROLE).and_then(|r| r.to_str().ok()) {
+        Some("viewer") => Role::Viewer,
+        Some("publisher") => Role::Publisher,
+        Some("operator") => Role::Operator,
+        Some("admin") => Role::Admin,
+        _ => {
+            return Err("X-Nexus-On-Behalf-Role is not viewer, publisher, operator or admin".into())
+        }
+    };
+    Ok(Some(Identity {
+        name: name.to_owned(),
+        role,
+        publish: Arc::from(Vec::new()),
+        via: caller.via,
+    }))
+}
+
 /// A page's own script (`X-Requested-With: XMLHttpRequest`, as the control center sends it)
 /// gets its 401s without `WWW-Authenticate`: with it, a browser opens its own login dialog over
 /// the page instead of letting the page show its login form.
@@ -466,10 +507,18 @@ pub async fn authenticate(
         return next.run(req).await;
     }
     let peer = peer_ip(&req);
-    let r = match a.resolve(req.headers(), peer).await {
+    let mut r = match a.resolve(req.headers(), peer).await {
         Ok(r) => r,
         Err(refused) => return refused,
     };
+    match on_behalf(req.headers(), &r.identity) {
+        Ok(Some(user)) => r.identity = user,
+        Ok(None) => {}
+        Err(msg) => {
+            tracing::warn!(user = %r.identity.name, path = %req.uri().path(), "{msg}; answered 403");
+            return error(StatusCode::FORBIDDEN, msg);
+        }
+    }
     if !r.identity.may(Role::Viewer) {
         return error(StatusCode::FORBIDDEN, "this needs the viewer role");
     }
