@@ -13,11 +13,13 @@
 //! - [`control`]: the control API (devices added, changed and removed through the devices
 //!   file) on the orchestrator's port.
 //! - [`live`]: the live namespace for browsers (a snapshot and server-sent events).
+//! - [`proxy`]: the other services' APIs (history, alarms) served on the orchestrator's port.
 //! - [`cli`]: argument parsing and the one-service subcommands.
 
 pub mod cli;
 pub mod control;
 pub mod live;
+pub mod proxy;
 pub mod status;
 pub mod ui;
 pub mod up;

@@ -94,6 +94,7 @@ pub async fn run_with(
         })
         .merge(crate::control::routes(control))
         .merge(crate::live::routes(ns.clone()))
+        .merge(crate::proxy::routes(crate::proxy::Upstreams::new(&cfg)?))
         .merge(crate::ui::routes());
     let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
     opts.routes = routes;

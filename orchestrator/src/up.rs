@@ -231,6 +231,26 @@ pub async fn up(
         broker = Some(b);
     }
     let with_ingestion = cfg.database.url.is_some();
+    // The control center reaches the other services through the orchestrator's port. Over
+    // HTTPS (http.tls) name them in orchestrator.upstreams, with a certificate valid for the
+    // name used.
+    if cfg.http.tls.is_none() {
+        let local = |a: SocketAddr| {
+            let host = if a.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                a.ip().to_string()
+            };
+            format!("http://{host}:{}", a.port())
+        };
+        let ups = &mut cfg.orchestrator.upstreams;
+        if ups.ingestion.is_none() && with_ingestion {
+            ups.ingestion = Some(local(cfg.ingestion.http_listen));
+        }
+        if ups.alerts.is_none() {
+            ups.alerts = Some(local(cfg.alerts.http_listen));
+        }
+    }
     let platform = json!({
         "mode": if opts.demo { "up --demo" } else { "up" },
         "config": cfg.source_name(),

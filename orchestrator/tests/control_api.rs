@@ -441,9 +441,13 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
         )),
         board: status::StatusBoard::default(),
     });
+    let proxy = nexus_orchestrator::proxy::routes(
+        nexus_orchestrator::proxy::Upstreams::new(&Config::default()).unwrap(),
+    );
     let mut served: Vec<(String, String)> = control
         .policy()
         .iter()
+        .chain(proxy.policy())
         .map(|(m, p, _)| (m.to_string(), p.clone()))
         .chain(
             control

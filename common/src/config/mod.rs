@@ -44,7 +44,7 @@ pub use http::{HttpConfig, HttpTls};
 pub use ingestion::IngestionConfig;
 pub use mqtt::{MqttConfig, MqttTls, MqttVersion};
 pub use payloads::{PayloadFormat, PayloadRule, PayloadsConfig, TimestampUnit};
-pub use service::{LogFormat, OrchestratorConfig, TelemetryConfig};
+pub use service::{LogFormat, OrchestratorConfig, TelemetryConfig, Upstreams};
 pub use types::{BreakerSettings, ByteSize, Secret, SecretUrl};
 use yaml::{Pos, Spans};
 
@@ -637,6 +637,7 @@ impl Config {
         self.ingestion.validate(p);
         self.payloads.validate(p);
         self.alerts.validate(rule_index, p);
+        self.orchestrator.validate(p);
         self.telemetry.validate(p);
     }
 

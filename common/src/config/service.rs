@@ -22,6 +22,47 @@ pub struct OrchestratorConfig {
     /// Window for `max_restarts` (default 60s).
     #[serde(with = "duration")]
     pub restart_window: Duration,
+    /// Where the orchestrator forwards the control center's calls for other services.
+    pub upstreams: Upstreams,
+}
+
+/// `orchestrator.upstreams`: base URLs (`http://host:port` or `https://...`) of the services
+/// whose APIs the orchestrator serves on its own port (docs/control.md). `nexus up` fills them
+/// with its own services; separate pods name their Services (`http://nexus-ingest:7000`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstreams {
+    /// The history API (`GET /api/v1/history`, `/api/v1/latest`).
+    pub ingestion: Option<String>,
+    /// The alarm API (`/api/v1/alarms...`, `/api/v1/rules`).
+    pub alerts: Option<String>,
+}
+
+impl OrchestratorConfig {
+    pub(crate) fn validate(&self, p: &mut Problems) {
+        self.upstreams.validate(p);
+    }
+}
+
+impl Upstreams {
+    fn validate(&self, p: &mut Problems) {
+        for (field, url) in [
+            ("orchestrator.upstreams.ingestion", &self.ingestion),
+            ("orchestrator.upstreams.alerts", &self.alerts),
+        ] {
+            let Some(url) = url else { continue };
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            match rest {
+                Some(r) if !r.is_empty() && !r.contains(['?', '#', ' ']) => {}
+                _ => p.push(
+                    field,
+                    format!("{url:?} is not a base URL like http://host:port"),
+                ),
+            }
+        }
+    }
 }
 
 impl Default for OrchestratorConfig {
@@ -31,6 +72,7 @@ impl Default for OrchestratorConfig {
             shutdown_grace: Duration::from_secs(10),
             max_restarts: 5,
             restart_window: Duration::from_secs(60),
+            upstreams: Upstreams::default(),
         }
     }
 }
