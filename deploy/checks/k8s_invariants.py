@@ -753,6 +753,32 @@ def rule_network_policy(r: Rendering) -> None:
             check(w, ct.c, 1883, outside, False, "plain MQTT stays inside the namespace")
         if ct.subcommand in ("orchestrator", "up"):
             check(w, ct.c, http_port(ct), outside, True, "clients use the status API")
+    # The orchestrator forwards the control center's calls to the services it names in
+    # orchestrator.upstreams: each names a Service in front of that workload, the orchestrator
+    # reaches its port, and no other pod does.
+    for ct in [c for c in nexus if c.subcommand == "orchestrator"]:
+        w = ct.workload
+        peer = Peer(f"{ref(w)} (`nexus orchestrator`)", pod_labels(w), own(w))
+        stranger.namespace_labels = own(w)
+        ups = get(ct.config, "orchestrator.upstreams") or {}
+        for key, sub in (("ingestion", "ingest"), ("alerts", "alerts")):
+            url = ups.get(key) if isinstance(ups, dict) else None
+            m_url = re.match(r"https?://([^:/]+):(\d+)/?$", url or "")
+            if not m_url:
+                r.fail(w, "network-policy", f"orchestrator.upstreams.{key} is not http://<service>:<port> "
+                       f"({url!r}): the control center cannot reach {sub}")
+                continue
+            host, port = m_url.group(1), int(m_url.group(2))
+            targets = [t for t in nexus if t.subcommand == sub]
+            svc = next((x for x in r.kind("Service") if x["metadata"]["name"] == host), None)
+            for t in targets:
+                sel = (svc or {}).get("spec", {}).get("selector") or {}
+                if not svc or not sel or any(pod_labels(t.workload).get(k) != v for k, v in sel.items()) \
+                        or port not in [int(p.get("port", 0)) for p in svc["spec"].get("ports") or []]:
+                    r.fail(w, "network-policy", f"orchestrator.upstreams.{key} names {host}:{port}, "
+                           f"which is no Service port in front of {ref(t.workload)}")
+                check(t.workload, t.c, port, peer, True, "the orchestrator forwards the control center's calls")
+                check(t.workload, t.c, port, stranger, False, "only the orchestrator calls the service APIs")
     grafana = Peer("Grafana", {"app.kubernetes.io/name": "grafana"}, {})
     for d in db:
         grafana.namespace_labels = stranger.namespace_labels = own(d)
@@ -1054,6 +1080,12 @@ def mutations(docs: list[dict]) -> list[tuple[str, str, Callable[[list[dict]], b
                   "metadata": {"name": "open-1883", "namespace": w["metadata"]["namespace"]},
                   "spec": {"podSelector": {"matchLabels": pod_labels(w)}, "policyTypes": ["Ingress"],
                            "ingress": [{"ports": [{"protocol": "TCP", "port": 1883}]}]}})
+
+    @m("the orchestrator's calls to ingestion and alerts not allowed", "network-policy")
+    def _(d):
+        before = len(d)
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "nexus-upstreams")]
+        return len(d) != before
 
     @m("Prometheus scrape policy removed", "network-policy")
     def _(d):
