@@ -265,6 +265,15 @@ impl Handler {
         }
         self.metrics.received.inc();
         let user = msg.user_property(nexus_common::broker::USER_PROPERTY);
+        // A Nexus service writing for a user (the control center through the orchestrator):
+        // the audit names the user. Taken only from a publisher stamped as a service.
+        let on_behalf = msg
+            .user_property(nexus_common::broker::ON_BEHALF_PROPERTY)
+            .filter(|_| {
+                user.is_some_and(|u| {
+                    self.acl.identity(Some(u)).role == nexus_common::config::Role::Service
+                })
+            });
         let reply_to = msg.response_topic().and_then(|t| {
             match ReplyTopic::parse(t).map_err(str::to_owned).and_then(|rt| {
                 // The handler publishes as the service user, which may write a device's
@@ -304,7 +313,7 @@ impl Handler {
         });
         let cmd = match parsed {
             Ok(mut c) => {
-                c.user = user.map(str::to_owned);
+                c.user = on_behalf.or(user).map(str::to_owned);
                 c
             }
             Err(r) => {

@@ -46,8 +46,19 @@ async fn rig(
 ) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
+    // The service account is a user of the handler too (it tells who may write for others),
+    // unless the test brings its own users.
+    let auth = if commands.contains("auth:") {
+        String::new()
+    } else {
+        format!(
+            "auth:\n  users:\n    - {{ username: svc, password_hash: \"{}\", role: service }}\n",
+            nexus_common::auth::hash_password("svc-pw")
+        )
+    };
     let text = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, reconnect_min: 50ms, reconnect_max: 500ms }}\ntelemetry: {{ instance: {} }}\ndevices:\n{devices}commands:\n  http_listen: 127.0.0.1:{http}\n{commands}\n",
+        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
+         {auth}telemetry: {{ instance: {} }}\ndevices:\n{devices}commands:\n  http_listen: 127.0.0.1:{http}\n{commands}\n",
         testing::unique("cmd")
     );
     let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -818,7 +829,27 @@ async fn every_command_is_audited_in_postgres() {
     )
     .await;
     pubj(&op, "$nexus/cmd/plc/ro/set", "1").await;
-    assert_eq!(responses(&mut rx, 2, Duration::from_secs(5)).await.len(), 2);
+    // A Nexus service writing for a user (the control center): the audit names the user. An
+    // operator naming someone else the same way is recorded as itself.
+    let behalf = |who: &str| mqtt::PublishProps {
+        user_properties: vec![(nexus_common::broker::ON_BEHALF_PROPERTY.into(), who.into())],
+        ..Default::default()
+    };
+    let (svc, _svc_rx) = client(r.port, "svc", MqttVersion::V5, &[]).await;
+    let (op5, _op5_rx) = client(r.port, "op", MqttVersion::V5, &[]).await;
+    for (h, id) in [(&svc, "b-1"), (&op5, "b-2")] {
+        let body = format!(r#"{{"tag_id":"n","value":7,"request_id":"{id}"}}"#);
+        h.publish_with(
+            "$nexus/cmd/plc/write",
+            body,
+            QoS::AtLeastOnce,
+            false,
+            Some(behalf("olga")),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(responses(&mut rx, 4, Duration::from_secs(5)).await.len(), 4);
     let (db, _task) = nexus_common::pg::connect(&nexus_common::pg::Database::at(&url))
         .await
         .unwrap();
@@ -828,12 +859,22 @@ async fn every_command_is_audited_in_postgres() {
             .query("SELECT device_id, tag_id, request_id, user_name, claimed_user, value::text, old_value::text, read_back::text, success, error FROM command_audit ORDER BY tag_id DESC", &[])
             .await
             .unwrap_or_default();
-        if rows.len() >= 2 || start.elapsed() > Duration::from_secs(10) {
+        if rows.len() >= 4 || start.elapsed() > Duration::from_secs(10) {
             break rows;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 4);
+    let by_request: std::collections::HashMap<Option<String>, Option<String>> = rows
+        .iter()
+        .map(|r| (r.get::<_, Option<String>>(2), r.get::<_, Option<String>>(3)))
+        .collect();
+    assert_eq!(by_request[&Some("b-1".into())].as_deref(), Some("olga"));
+    assert_eq!(by_request[&Some("b-2".into())].as_deref(), Some("op"));
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| r.get::<_, String>(1) != "n")
+        .collect();
     let row = &rows[0];
     let texts: Vec<Option<String>> = (0..8).map(|i| row.get(i)).collect();
     // The payload claims ann; the broker authenticated op (an MQTT 3.1.1 client: the broker

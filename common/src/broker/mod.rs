@@ -178,6 +178,11 @@ const REFUSE_REASONS: [&str; 3] = ["anonymous", "client_id", "will"];
 /// publish that a client sent with it.
 pub const USER_PROPERTY: &str = "nexus-user";
 
+/// MQTT 5 user property with which a Nexus service publishes a command for a user (the
+/// control center's writes, sent by the orchestrator). The command handler takes it only from
+/// a publisher the broker stamped ([`USER_PROPERTY`]) as a `service` user.
+pub const ON_BEHALF_PROPERTY: &str = "nexus-on-behalf-of";
+
 /// Retained topics and payload sizes, to hold them within the configured limits.
 #[derive(Default)]
 struct Retained {
