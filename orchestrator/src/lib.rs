@@ -13,10 +13,12 @@
 //! - [`control`]: the control API (devices added, changed and removed through the devices
 //!   file) on the orchestrator's port.
 //! - [`live`]: the live namespace for browsers (a snapshot and server-sent events).
+//! - [`commands`]: write-back from the control center, through the command handler.
 //! - [`proxy`]: the other services' APIs (history, alarms) served on the orchestrator's port.
 //! - [`cli`]: argument parsing and the one-service subcommands.
 
 pub mod cli;
+pub mod commands;
 pub mod control;
 pub mod live;
 pub mod proxy;

@@ -82,6 +82,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let board = StatusBoard::default();
+    let writer = crate::commands::Writer::new(&cfg.telemetry.instance_name());
     let control = crate::control::ControlState {
         devices: Arc::new(crate::control::DeviceFile::new(&cfg)),
         board: board.clone(),
@@ -95,6 +96,7 @@ pub async fn run_with(
         .merge(crate::control::routes(control))
         .merge(crate::live::routes(ns.clone()))
         .merge(crate::proxy::routes(crate::proxy::Upstreams::new(&cfg)?))
+        .merge(crate::commands::routes(writer.clone()))
         .merge(crate::ui::routes());
     let mut opts = ShellOptions::new(SERVICE, cfg.orchestrator.http_listen);
     opts.routes = routes;
@@ -105,10 +107,14 @@ pub async fn run_with(
             QoS::AtLeastOnce,
         ),
         ("#".into(), QoS::AtMostOnce),
+        (writer.reply_topic().to_owned(), QoS::AtLeastOnce),
     ];
+    // MQTT 5: the control center's writes carry a Response Topic and correlation data.
+    opts.mqtt_v5 = true;
     opts.incoming_capacity = 16 * 1024;
     opts.telemetry = Some(telemetry);
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
+    writer.set_client(shell.mqtt.clone());
     let mut rx = shell
         .incoming
         .take()
@@ -119,6 +125,9 @@ pub async fn run_with(
         tokio::select! {
             m = rx.recv() => match m {
                 Some(m) => match m.topic() {
+                    Some(t) if t == writer.reply_topic() => {
+                        writer.answer(m.correlation_data(), m.payload())
+                    }
                     Some(t) if t.starts_with('$') => board.update(t, m.payload()),
                     Some(t) => ns.update(t, m.payload()),
                     None => {}
