@@ -396,7 +396,11 @@ fn print_banner(
         out.push_str("  ingestion     off (no database: set NEXUS_DATABASE_URL or database.url)\n");
     }
     out.push_str(&format!(
-        "  orchestrator  {}  (/api/v1/status)\n",
+        "  orchestrator  {}  (/api/v1/status, /api/openapi.json)\n",
+        shown(cfg.orchestrator.http_listen)
+    ));
+    out.push_str(&format!(
+        "  control center {}/  (open it in a browser)\n",
         shown(cfg.orchestrator.http_listen)
     ));
     out.push_str(&format!(
