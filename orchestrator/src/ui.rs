@@ -39,10 +39,17 @@ pub const ASSETS: &[(&str, &[u8])] = &[
     asset!("lib/api.js"),
     asset!("lib/dom.js"),
     asset!("lib/session.js"),
+    asset!("lib/live.js"),
     asset!("pages/login.js"),
     asset!("pages/overview.js"),
     asset!("pages/devices.js"),
     asset!("pages/device.js"),
+    asset!("pages/namespace.js"),
+    asset!("pages/tag.js"),
+    // uPlot 1.6.32 (MIT), loaded only by the tag view.
+    asset!("vendor/uplot/uPlot.esm.js"),
+    asset!("vendor/uplot/uPlot.min.css"),
+    asset!("vendor/uplot/LICENSE"),
 ];
 
 struct Asset {

@@ -1,15 +1,20 @@
-//! The control center in a real browser: `nexus up` with a Modbus simulator and a devices
-//! file, driven by `tests/browser/control_center.py` (Playwright for Python, Debian's
-//! chromium). The script logs in as an admin, watches the overview, adds a device through
+//! The control center in a real browser: `nexus up` with a Modbus simulator, a devices file
+//! (plc-1 on the simulator, plc-off on a port where nothing answers, so its tags are bad) and
+//! a historian (a PostgreSQL started here), driven by `tests/browser/control_center.py`
+//! (Playwright for Python, Debian's chromium). The script logs in as an admin, watches the
+//! overview, browses the live namespace (a device's topics with their values changing, bad
+//! quality marked, collapse, expand, search) and a tag's view (its live value, its stored
+//! history drawn; zoom, aggregates and the history's refusals shown), adds a device through
 //! the form (a bad port first, shown next to its field), sees it online, logs out, and checks
 //! that a viewer is offered no change and is refused one by the API. It saves a screenshot of
 //! every page under `target/ui-screenshots/` and checks the first load's size (300 KB at most,
 //! docs/adr/0008-control-center-ui.md). Before the browser, plain HTTP checks what is served:
 //! every embedded file with its type, ETag and `304`, the page's security headers, `404`s.
 //!
-//! Needs `/usr/bin/chromium` (scripts/deps.sh) and `playwright` in target/test-venv
-//! (scripts/test.sh). Without them the test is skipped with a message, unless
-//! `NEXUS_REQUIRE_BROWSER` is set (scripts/test.sh sets it), when it fails.
+//! Needs PostgreSQL's server binaries (as the other historian tests), `/usr/bin/chromium`
+//! (scripts/deps.sh) and `playwright` in target/test-venv (scripts/test.sh). Without the
+//! last two the browser part is skipped with a message, unless `NEXUS_REQUIRE_BROWSER` is set
+//! (scripts/test.sh sets it), when it fails.
 
 #![allow(clippy::unwrap_used)]
 
@@ -18,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nexus_common::testing::{free_port, test_python};
+use nexus_common::testing::{free_port, test_python, PgServer};
 use nexus_orchestrator::ui;
 
 const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
@@ -120,6 +125,7 @@ fn check_serving(port: u16) {
             Some("css") => "text/css; charset=utf-8",
             Some("html") => "text/html; charset=utf-8",
             Some("svg") => "image/svg+xml",
+            None if path.ends_with("/LICENSE") => "text/plain; charset=utf-8",
             other => panic!("a file type the test does not know: {other:?}"),
         };
         assert_eq!(header(&head, "content-type"), Some(want), "/ui/{path}");
@@ -222,14 +228,28 @@ fn the_control_center_in_a_browser() {
              \x20   tags:\n\
              \x20     - {{ id: temperature, address: \"HR:0\", data_type: float32, unit: degC }}\n\
              \x20     - {{ id: setpoint, address: \"HR:10\", data_type: int16, scale: 0.1, unit: degC, access: readwrite, min: 0, max: 100 }}\n\
-             \x20     - {{ id: running, address: \"CO:0\", data_type: bool }}\n"
+             \x20     - {{ id: running, address: \"CO:0\", data_type: bool }}\n\
+             \x20 - id: plc-off\n    protocol: modbus\n    uns_prefix: test/plant/packaging/line-9\n\
+             \x20   poll_interval: 500ms\n\
+             \x20   connection: {{ host: 127.0.0.1, port: {off}, unit_id: 1, timeout: 300ms }}\n\
+             \x20   tags:\n\
+             \x20     - {{ id: level, address: \"HR:0\", data_type: uint16, unit: mm }}\n",
+            off = free_port(),
         ),
     )
     .unwrap();
 
+    // A historian, so the tag view's chart draws stored points through the orchestrator.
+    let pg = PgServer::start();
+    let db = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(pg.create_database("ui"));
     let mut up = Killed(
         Command::new(NEXUS)
             .args(["up", "--config", "nexus.yaml"])
+            .env("NEXUS_DATABASE_URL", &db)
             .current_dir(dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

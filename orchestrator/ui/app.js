@@ -1,5 +1,6 @@
 // The control center's shell: who is logged in, the navigation, and hash routing
-// (#/overview, #/devices, #/devices/new, #/devices/<id>, #/login). Each page is an ES module
+// (#/overview, #/namespace[?filter=..&search=..], #/tag/<topic>, #/devices, #/devices/new,
+// #/devices/<id>, #/login). Each page is an ES module
 // loaded when first shown; `render(view, ctx)` draws it and may return a function that stops
 // what it started (timers) when the page is left.
 
@@ -10,10 +11,17 @@ import { session, whoami, logout } from "./lib/session.js";
 const routes = [
   { re: /^\/login$/, page: "login", nav: null, open: true },
   { re: /^\/overview$/, page: "overview", nav: "overview" },
+  { re: /^\/namespace(?:\?(.*))?$/, page: "namespace", nav: "namespace", params: (m) => ({ query: new URLSearchParams(m[1] || "") }) },
+  { re: /^\/tag\/(.+)$/, page: "tag", nav: "namespace", params: (m) => ({ topic: decoded(m[1]) }) },
   { re: /^\/devices$/, page: "devices", nav: "devices" },
   { re: /^\/devices\/new$/, page: "device", nav: "devices", params: () => ({ id: null }) },
   { re: /^\/devices\/([^/]+)$/, page: "device", nav: "devices", params: (m) => ({ id: decodeURIComponent(m[1]) }) },
 ];
+
+/** A URL part decoded, or as it is when it is not valid percent-encoding. */
+function decoded(s) {
+  try { return decodeURIComponent(s); } catch { return s; }
+}
 
 const view = document.getElementById("view");
 let cleanup = null;

@@ -7,11 +7,15 @@ Exits non-zero at the first check that fails, saying which.
 """
 
 import argparse
+import json
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from playwright.sync_api import expect, sync_playwright
@@ -29,6 +33,12 @@ CHROMIUM_ARGS = [
 ]
 
 
+re_rate = re.compile(r"^[0-9.]+/(s|min)$")
+re_bad = re.compile(r"^bad ")
+re_bad_row = re.compile(r"\bbad\b")
+re_count = re.compile(r"^[0-9]+ topics$")
+
+
 def step(msg):
     print(f"- {msg}", flush=True)
 
@@ -44,6 +54,196 @@ class Shots:
         self.page.evaluate("window.scrollTo(0, 0)")
         self.page.screenshot(path=path, full_page=True)
         step(f"screenshot {path}")
+
+
+PLC1 = "test/plant/packaging/line-1/plc-1"
+OFF = "test/plant/packaging/line-9/plc-off"
+
+
+def quote(topic):
+    return urllib.parse.quote(topic, safe="")
+
+
+def row(page, topic):
+    return page.locator(f'#ns-tree .ns-row[data-topic="{topic}"]:not([hidden])')
+
+
+def namespace(page, app, shot):
+    """The namespace tree, live values, search, expand and collapse, and a tag's view."""
+    step("the namespace of plc-1, from the overview's link")
+    page.locator('#overview-devices tr[data-device="plc-1"] .topics-link').click()
+    expect(page).to_have_url(app + "#/namespace?filter=" + quote(PLC1 + "/#"))
+    expect(page.locator("#ns-filter")).to_have_value(PLC1 + "/#")
+    temperature = row(page, PLC1 + "/temperature")
+    expect(temperature).to_be_visible()
+    expect(row(page, PLC1 + "/setpoint")).to_be_visible()
+    expect(row(page, PLC1 + "/running")).to_be_visible()
+    expect(page.locator("#ns-summary")).to_have_attribute("data-topics", "3")
+    # Only plc-1's topics: the filter went to the server.
+    expect(page.locator('#ns-tree .ns-row[data-topic^="test/plant/packaging/line-9"]')).to_have_count(0)
+    expect(temperature.locator(".ns-unit")).to_have_text("degC")
+    expect(temperature.locator(".ns-q")).to_have_text("good")
+    # The simulator's temperature moves: the row shows new values as they come.
+    first = temperature.locator(".ns-value").inner_text()
+    expect(temperature.locator(".ns-value")).not_to_have_text(first, timeout=10_000)
+    step(f"temperature went from {first} to {temperature.locator('.ns-value').inner_text()}")
+    expect(temperature.locator(".ns-rate")).to_have_text(re_rate, timeout=10_000)
+    expect(temperature.locator(".ns-age")).not_to_have_text("")
+    shot("namespace-device")
+
+    step("the whole namespace: collapse, expand, search")
+    page.locator("#nav [data-nav=namespace]").click()
+    expect(page).to_have_url(app + "#/namespace")
+    expect(page.locator("#ns-filter")).to_have_value("#")
+    # Opened down to where the tree branches: the two lines, closed.
+    line1 = row(page, "test/plant/packaging/line-1")
+    expect(line1).to_have_attribute("aria-expanded", "false")
+    expect(line1.locator(".ns-value")).to_have_text("3 topics")
+    expect(temperature).to_be_hidden()
+    page.locator("#ns-expand").click()
+    expect(temperature).to_be_visible()
+    # The device that does not answer: its tags are bad and marked so.
+    off = row(page, OFF + "/level")
+    expect(off).to_be_visible(timeout=30_000)
+    expect(off.locator(".ns-q")).to_have_text(re_bad, timeout=30_000)
+    expect(off).to_have_class(re_bad_row)
+    shot("namespace")
+    page.locator("#ns-collapse").click()
+    expect(page.locator("#ns-tree .ns-row:not([hidden])")).to_have_count(1)
+    top = row(page, "test")
+    expect(top).to_have_attribute("aria-expanded", "false")
+    expect(top.locator(".ns-value")).to_have_text(re_count)
+    shot("namespace-collapsed")
+    top.click()
+    expect(top).to_have_attribute("aria-expanded", "true")
+    expect(row(page, "test/plant")).to_be_visible()
+    expect(temperature).to_be_hidden()
+    page.locator("#ns-expand").click()
+    expect(temperature).to_be_visible()
+    row(page, "test/plant").click()
+    expect(temperature).to_be_hidden()
+    page.locator("#ns-expand").click()
+    page.locator("#ns-search").fill("setp")
+    setpoint = row(page, PLC1 + "/setpoint")
+    expect(setpoint).to_be_visible()
+    expect(temperature).to_be_hidden()
+    expect(off).to_be_hidden()
+    expect(page.locator("#ns-summary")).to_contain_text("1 of ")
+    expect(row(page, PLC1).locator(".ns-value")).to_have_text("1 of 3 topics")
+    expect(page).to_have_url(app + "#/namespace?search=setp")
+    shot("namespace-search")
+
+    step("setpoint's tag view: its live value")
+    setpoint.locator(".ns-name").click()
+    expect(page).to_have_url(app + "#/tag/" + quote(PLC1 + "/setpoint"))
+    expect(page.locator("#tag-unit")).to_have_text("degC")
+    expect(page.locator("#tag-quality")).to_have_text("good")
+    expect(page.locator("#tag-value")).to_have_text("50")
+    expect(page.locator("#tag-live-state")).to_have_text("live")
+    expect(page.locator("#tag-count")).not_to_have_text("")
+    expect(page.locator('.ranges [data-range="1 h"]')).to_have_attribute("aria-pressed", "true")
+
+    step("temperature's history, as the historian stored it, drawn")
+    page.goto(app + "#/tag/" + quote(PLC1 + "/temperature"))
+    chart = page.locator("#history-chart")
+    # The historian writes within a second or two; the page reads a recent range again
+    # every 10 s.
+    expect(chart).to_have_attribute("data-points", re.compile(r"^([5-9]|[1-9][0-9]+)$"), timeout=45_000)
+    expect(chart).to_have_attribute("data-agg", "raw")
+    expect(chart.locator("canvas")).to_have_count(1)
+    expect(page.locator("#history-message")).to_be_hidden()
+    expect(page.locator("#history-notes")).to_have_text(re.compile(r"^[0-9,]+ points$"))
+    step(f"history: {page.locator('#history-notes').inner_text()}")
+    shot("tag")
+
+    history_chart(page, shot)
+
+    step("the history's refusals, in words")
+    message = page.locator("#history-message")
+    page.route("**/api/v1/history?*", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body=json.dumps({"error": "the database is unreachable"})))
+    page.locator('.ranges [data-range="15 min"]').click()
+    expect(message).to_have_text(
+        "The history is unavailable: the database is unreachable. The live value above still updates.")
+    expect(chart.locator("canvas")).to_have_count(0)
+    shot("tag-history-unavailable")
+    page.unroute("**/api/v1/history?*")
+    page.goto(app + "#/tag/" + quote(PLC1 + "/nothing"))
+    expect(page.locator("#tag-value")).to_have_text("no value")
+    expect(message).to_have_text(re.compile(r"^No stored history for this topic \(.+\)\.$"))
+    step(f"a topic without points: {message.inner_text()!r}")
+    page.locator(".crumbs a", has_text="plc-1").click()
+    expect(page.locator("#ns-filter")).to_have_value(PLC1 + "/#")
+    expect(row(page, PLC1 + "/setpoint")).to_be_visible()
+    page.locator("#nav [data-nav=overview]").click()
+
+
+def history_answer(url):
+    """An answer of GET /api/v1/history as docs/ingestion.md ("History API") describes it:
+    200 raw points over the asked range (ten of bad quality, one uncertain) up to 6 hours,
+    100 one-minute aggregates beyond."""
+    q = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+    lo, hi = int(q["from"][0]), int(q["to"][0])
+    assert q["agg"] == ["auto"] and lo < hi, url
+    wave = lambda i, n: 50 + 10 * math.sin(i / n * 12)
+    if hi - lo <= 6 * 3600 * 1000:
+        quality = lambda i: "bad_comm_failure" if 80 <= i < 90 else "uncertain" if i == 120 else "good"
+        points = [{"ts": lo + (hi - lo) * i // 200, "v": wave(i, 200), "q": quality(i), "u": "degC"} for i in range(200)]
+        agg = "raw"
+    else:
+        points = [{"ts": lo + (hi - lo) * i // 100, "avg": wave(i, 100), "min": wave(i, 100) - 6,
+                   "max": wave(i, 100) + 6, "count": 60, "first": 50.0, "last": 51.0} for i in range(100)]
+        agg = "1m"
+    return {"topic": q["topic"][0], "agg": agg, "truncated": False, "incomplete": False,
+            "incomplete_reasons": [], "points": points}
+
+
+def history_chart(page, shot):
+    """The chart, from answers shaped as the history API's (ingestion is off in this test):
+    points drawn, bad quality marked, a drag zooms in with a new query, aggregates banded."""
+    step("the history chart, from answers as the history API gives them")
+    asked = []
+
+    def answer(route):
+        asked.append(route.request.url)
+        route.fulfill(status=200, content_type="application/json",
+                      body=json.dumps(history_answer(route.request.url)))
+
+    page.route("**/api/v1/history?*", answer)
+    try:
+        page.locator('.ranges [data-range="1 h"]').click()
+        chart = page.locator("#history-chart")
+        expect(chart.locator("canvas")).to_have_count(1)
+        expect(chart).to_have_attribute("data-points", "200")
+        expect(chart).to_have_attribute("data-agg", "raw")
+        expect(page.locator("#history-message")).to_be_hidden()
+        expect(page.locator("#history-notes")).to_have_text("200 points · 11 of bad or uncertain quality, marked")
+        expect(chart.locator(".u-legend")).to_contain_text("bad quality")
+        shot("tag-chart")
+        before = len(asked)
+        box = chart.locator(".u-over").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] / 2, steps=5)
+        page.mouse.up()
+        expect(page.locator("#history-reset")).to_have_text("Back to 1 h")
+        expect(page.locator('.ranges [data-range="1 h"]')).to_have_attribute("aria-pressed", "false")
+        assert len(asked) > before, asked
+        q = urllib.parse.parse_qs(urllib.parse.urlparse(asked[-1]).query)
+        span = int(q["to"][0]) - int(q["from"][0])
+        # A quarter of the hour, give or take the plot's edges.
+        assert 10 * 60_000 < span < 20 * 60_000, f"zoomed to {span} ms"
+        step(f"zoomed to {span / 60_000:.1f} min")
+        page.locator("#history-reset").click()
+        expect(page.locator('.ranges [data-range="1 h"]')).to_have_attribute("aria-pressed", "true")
+        page.locator('.ranges [data-range="7 d"]').click()
+        expect(chart).to_have_attribute("data-agg", "1m")
+        expect(page.locator("#history-notes")).to_have_text("100 buckets of 1m (average, min–max band)")
+        expect(chart.locator(".u-legend")).to_contain_text("max")
+        shot("tag-chart-aggregates")
+    finally:
+        page.unroute("**/api/v1/history?*")
 
 
 def login(page, user, password):
@@ -123,6 +323,12 @@ def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
         and not m.text.startswith("Failed to load resource: the server responded with a status of 4")
         and problems.append(f"console: {m.text}"),
     )
+    # So is the history's 503 (the answer of a database away): only that one.
+    history_503 = []
+    page.on(
+        "response",
+        lambda r: r.status == 503 and "/api/v1/history?" in r.url and history_503.append(r.url),
+    )
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
 
     # First load: every response the page gets until it is idle, bodies summed.
@@ -166,6 +372,8 @@ def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
     expect(plc1.locator(".breaker")).to_have_text("closed")
     expect(page.locator('#overview-services tr[data-service^="gateway/"] .state')).to_have_text("online")
     shot("overview")
+
+    namespace(page, app, shot)
 
     step("devices")
     page.locator("#nav [data-nav=devices]").click()
@@ -287,6 +495,9 @@ def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
     step(f"POST /api/v1/devices as the viewer: {answer['status']} {answer['body']}")
     assert answer["status"] == 403, answer
 
+    unavailable = "console: Failed to load resource: the server responded with a status of 503 (Service Unavailable)"
+    if history_503:
+        problems = [p for p in problems if p != unavailable]
     assert not problems, "the page reported errors:\n" + "\n".join(problems)
 
 

@@ -1,4 +1,5 @@
-// Overview: every service and device with its state, from GET /api/v1/status every 2 s.
+// Overview: every service and device with its state, from GET /api/v1/status every 2 s; each
+// device links to its topics in the namespace (its prefix from GET /api/v1/devices, read once).
 
 import { api } from "../lib/api.js";
 import { h, replace, ago, pill } from "../lib/dom.js";
@@ -39,6 +40,15 @@ export function render(view, ctx) {
 
   let timer = null;
   let last = null;
+  /** Device id -> its topics' MQTT filter, for devices of the devices file. */
+  const topics = new Map();
+  api("GET", "/api/v1/devices").then((list) => {
+    for (const d of (list && list.devices) || []) {
+      const prefix = d.config && d.config.uns_prefix;
+      if (prefix) topics.set(d.id, `${prefix}/${d.id}/#`);
+    }
+    if (last && ctx.alive()) draw(last);
+  }, () => { /* without the prefixes the devices are listed without their topics' link */ });
   async function refresh() {
     try {
       last = await api("GET", "/api/v1/status");
@@ -66,7 +76,11 @@ export function render(view, ctx) {
     replace(devices, devs.length ? devs.map(([id, v]) => {
       const st = typeof v === "object" && v ? v : { state: "unknown", last_error: String(v) };
       return h("tr", { dataset: { device: id } },
-        h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(id)}` }, id)),
+        h("td", { class: "device-id" }, h("a", { href: `#/devices/${encodeURIComponent(id)}` }, id),
+          topics.has(id) ? h("a", {
+            class: "small topics-link", href: `#/namespace?filter=${encodeURIComponent(topics.get(id))}`,
+            title: `the topics of ${id} in the namespace`,
+          }, "topics") : null),
         h("td", { class: "state" }, pill(st.state)),
         h("td", { class: "breaker" }, pill(st.breaker)),
         h("td", { class: "last-error" }, st.last_error ? h("span", { class: "err-text", title: st.last_error }, st.last_error) : h("span", { class: "muted" }, "none")),
