@@ -7,30 +7,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_common::auth::{hash_password, token_sha256};
+use nexus_common::auth::hash_password;
 use nexus_common::config::Config;
-use nexus_common::telemetry::Telemetry;
 use nexus_common::testing::{self, free_port, SERVICE_USER};
 use nexus_devices::simulator::modbus::ModbusSimulator;
-use nexus_orchestrator::status;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const OPERATOR: &str = "nxs_ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
 const VIEWER: &str = "nxs_1111111111111111111111111111111111111111111111111111111111111111";
 
 async fn call(port: u16, token: &str, path: &str, body: &str) -> (u16, Value) {
-    let (path, body) = (path.to_owned(), body.to_owned());
-    let auth = format!("Authorization: Bearer {token}");
-    tokio::task::spawn_blocking(move || {
-        let (s, text) = testing::http_with(port, "POST", &path, &[&auth], &body);
-        (
-            s,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    })
-    .await
-    .unwrap()
+    support::call(port, Some(token), "POST", path, &[], body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,15 +30,7 @@ async fn an_operator_writes_a_setpoint_and_sees_the_read_back() {
         .await
         .unwrap();
     let (orch, cmds) = (free_port(), free_port());
-    let tokens: String = [("op", OPERATOR, "operator"), ("v", VIEWER, "viewer")]
-        .iter()
-        .map(|(n, t, r)| {
-            format!(
-                "    - {{ name: {n}, sha256: \"{}\", role: {r} }}\n",
-                token_sha256(t)
-            )
-        })
-        .collect();
+    let tokens = support::tokens(&[("op", OPERATOR, "operator"), ("v", VIEWER, "viewer")]);
     let text = format!(
         "mqtt: {{ host: 127.0.0.1, port: {mqtt}, username: {svc}, reconnect_min: 50ms }}\n\
          auth:\n  anonymous: \"off\"\n  users:\n    - {{ username: {svc}, password_hash: \"{hash}\", role: service }}\n  tokens:\n{tokens}\
@@ -74,15 +56,7 @@ async fn an_operator_writes_a_setpoint_and_sees_the_read_back() {
     );
     let stop = CancellationToken::new();
     tokio::spawn(nexus_command_handler::run(cfg.clone(), stop.clone()));
-    let telemetry = Telemetry::new(status::SERVICE);
-    let ns = nexus_orchestrator::live::Namespace::new(&telemetry.registry).unwrap();
-    tokio::spawn(status::run_with(
-        cfg,
-        telemetry,
-        json!({}),
-        ns,
-        stop.clone(),
-    ));
+    support::orchestrator(cfg, stop.clone()).await;
     let started = Instant::now();
     while testing::http(cmds, "GET", "/readyz", "").0 != 200
         || testing::http(orch, "GET", "/readyz", "").0 != 200

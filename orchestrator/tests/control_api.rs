@@ -9,13 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_common::auth::token_sha256;
 use nexus_common::config::Config;
-use nexus_common::telemetry::Telemetry;
 use nexus_common::testing::{self, free_port, SERVICE_USER};
 use nexus_orchestrator::status;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const ADMIN: &str = "nxs_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const OPERATOR: &str = "nxs_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -54,19 +54,11 @@ impl Api {
             }
             None => FIRST.replace("# the plant's first PLC\n", ""),
         };
-        let tokens: String = [
+        let tokens = support::tokens(&[
             ("adm", ADMIN, "admin"),
             ("op", OPERATOR, "operator"),
             ("v", VIEWER, "viewer"),
-        ]
-        .iter()
-        .map(|(n, t, r)| {
-            format!(
-                "    - {{ name: {n}, sha256: \"{}\", role: {r} }}\n",
-                token_sha256(t)
-            )
-        })
-        .collect();
+        ]);
         let text = format!(
             "mqtt: {{ host: 127.0.0.1, port: {}, username: {} }}\n\
              auth:\n  anonymous: \"off\"\n  tokens:\n{tokens}\
@@ -82,23 +74,7 @@ impl Api {
         )
         .unwrap();
         let stop = CancellationToken::new();
-        let telemetry = Telemetry::new(status::SERVICE);
-        let ns = nexus_orchestrator::live::Namespace::new(&telemetry.registry).unwrap();
-        tokio::spawn(status::run_with(
-            Arc::new(cfg),
-            telemetry,
-            json!({}),
-            ns,
-            stop.clone(),
-        ));
-        let started = Instant::now();
-        while testing::http(port, "GET", "/healthz", "").0 != 200 {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "no orchestrator"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::orchestrator(Arc::new(cfg), stop.clone()).await;
         Api {
             port,
             dir,
@@ -119,26 +95,7 @@ impl Api {
         headers: &[&str],
         body: &str,
     ) -> (u16, Value) {
-        let (port, method, path, body) = (
-            self.port,
-            method.to_owned(),
-            path.to_owned(),
-            body.to_owned(),
-        );
-        let mut h: Vec<String> = headers.iter().map(|s| s.to_string()).collect();
-        if let Some(t) = token {
-            h.push(format!("Authorization: Bearer {t}"));
-        }
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = h.iter().map(String::as_str).collect();
-            let (status, text) = testing::http_with(port, &method, &path, &refs, &body);
-            (
-                status,
-                serde_json::from_str(&text).unwrap_or(Value::String(text)),
-            )
-        })
-        .await
-        .unwrap()
+        support::call(self.port, token, method, path, headers, body).await
     }
 }
 

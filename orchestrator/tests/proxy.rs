@@ -7,43 +7,25 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_common::auth::{hash_password, token_sha256};
+use nexus_common::auth::hash_password;
 use nexus_common::config::Config;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
-use nexus_common::telemetry::Telemetry;
 use nexus_common::testing::{self, free_port, PgServer, SERVICE_USER};
-use nexus_orchestrator::status;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const OPERATOR: &str = "nxs_dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
 const VIEWER: &str = "nxs_eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
 
 async fn call(port: u16, token: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
-    let auth = format!("Authorization: Bearer {token}");
-    tokio::task::spawn_blocking(move || {
-        let (s, text) = testing::http_with(port, &method, &path, &[&auth], &body);
-        (
-            s,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    })
-    .await
-    .unwrap()
+    support::call(port, Some(token), method, path, &[], body).await
 }
 
 fn config(mqtt: u16, db: Option<&str>, ports: [u16; 3], wal: &std::path::Path) -> Config {
     let [orch, ingest, alerts] = ports;
-    let tokens: String = [("op", OPERATOR, "operator"), ("v", VIEWER, "viewer")]
-        .iter()
-        .map(|(n, t, r)| {
-            format!(
-                "    - {{ name: {n}, sha256: \"{}\", role: {r} }}\n",
-                token_sha256(t)
-            )
-        })
-        .collect();
+    let tokens = support::tokens(&[("op", OPERATOR, "operator"), ("v", VIEWER, "viewer")]);
     let database = db.map_or(String::new(), |u| format!("database: {{ url: \"{u}\" }}\n"));
     let text = format!(
         "mqtt: {{ host: 127.0.0.1, port: {mqtt}, username: {svc}, reconnect_min: 50ms }}\n\
@@ -77,15 +59,7 @@ async fn the_orchestrator_serves_history_and_alarms_as_the_caller() {
     let ingest_stop = stop.child_token();
     tokio::spawn(nexus_data_ingestion::run(cfg.clone(), ingest_stop.clone()));
     tokio::spawn(nexus_alert_service::run(cfg.clone(), stop.clone()));
-    let telemetry = Telemetry::new(status::SERVICE);
-    let ns = nexus_orchestrator::live::Namespace::new(&telemetry.registry).unwrap();
-    tokio::spawn(status::run_with(
-        cfg.clone(),
-        telemetry,
-        json!({}),
-        ns,
-        stop.clone(),
-    ));
+    support::orchestrator(cfg.clone(), stop.clone()).await;
     let orch = ports[0];
     let started = Instant::now();
     while testing::http(ports[1], "GET", "/readyz", "").0 != 200
@@ -175,20 +149,7 @@ async fn a_service_without_an_upstream_is_a_503_that_says_how_to_set_it() {
     let mut cfg = config(broker.ports.tcp().port(), None, ports, wal.path());
     cfg.orchestrator.upstreams.ingestion = None;
     let stop = CancellationToken::new();
-    let telemetry = Telemetry::new(status::SERVICE);
-    let ns = nexus_orchestrator::live::Namespace::new(&telemetry.registry).unwrap();
-    tokio::spawn(status::run_with(
-        Arc::new(cfg),
-        telemetry,
-        json!({}),
-        ns,
-        stop.clone(),
-    ));
-    let started = Instant::now();
-    while testing::http(ports[0], "GET", "/healthz", "").0 != 200 {
-        assert!(started.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::orchestrator(Arc::new(cfg), stop.clone()).await;
     let (s, v) = call(ports[0], VIEWER, "GET", "/api/v1/history?topic=a/b", "").await;
     assert_eq!(s, 503, "{v}");
     assert!(
