@@ -691,6 +691,18 @@ mod tests {
         }
     }
 
+    /// A live peer's advert.
+    fn adv(member: &str, incarnation: u64, polling: Vec<String>, claims: Vec<String>) -> Advert {
+        Advert {
+            member: member.into(),
+            incarnation,
+            alive: true,
+            seq: 1,
+            polling,
+            claims,
+        }
+    }
+
     fn devices(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("dev-{i}")).collect()
     }
@@ -751,14 +763,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = settled("b", 50, t0);
         // "a" polls every device and is alive.
-        let peer = |polling: Vec<String>| Advert {
-            member: "a".into(),
-            incarnation: 7,
-            alive: true,
-            seq: 1,
-            polling,
-            claims: vec![],
-        };
+        let peer = |polling: Vec<String>| adv("a", 7, polling, vec![]);
         s.on_advert(peer(devices(50)), t0);
         let t1 = t0 + Duration::from_secs(2);
         let b_wins: BTreeSet<String> = devices(50)
@@ -792,14 +797,7 @@ mod tests {
         s.step(t1);
         echo(&mut s, t1);
         assert_eq!(s.owned().len(), 40);
-        let joiner = |claims: Vec<String>| Advert {
-            member: "b".into(),
-            incarnation: 9,
-            alive: true,
-            seq: 1,
-            polling: vec![],
-            claims,
-        };
+        let joiner = |claims: Vec<String>| adv("b", 9, vec![], claims);
         // b joined and is settling: a keeps everything.
         s.on_advert(joiner(vec![]), t1);
         let st = s.step(t1);
@@ -826,17 +824,7 @@ mod tests {
         assert!(s.step(t1).publish);
         let claimed = s.claims.clone();
         // "a" claims the same devices, and the broker delivered it before our echo.
-        s.on_advert(
-            Advert {
-                member: "a".into(),
-                incarnation: 3,
-                alive: true,
-                seq: 1,
-                polling: vec![],
-                claims: claimed.iter().cloned().collect(),
-            },
-            t1,
-        );
+        s.on_advert(adv("a", 3, vec![], claimed.iter().cloned().collect()), t1);
         let st = echo(&mut s, t1);
         assert!(!st.apply);
         assert!(s.owned().is_empty(), "a claimed first");
@@ -890,17 +878,7 @@ mod tests {
     fn a_silent_peer_is_forgotten_after_two_leases_and_a_farewell_at_once() {
         let t0 = Instant::now();
         let mut s = settled("b", 10, t0);
-        s.on_advert(
-            Advert {
-                member: "a".into(),
-                incarnation: 1,
-                alive: true,
-                seq: 1,
-                polling: devices(10),
-                claims: vec![],
-            },
-            t0,
-        );
+        s.on_advert(adv("a", 1, devices(10), vec![]), t0);
         // Keep our own lease alive while time passes.
         let t1 = t0 + Duration::from_secs(19);
         echo(&mut s, t1);
@@ -910,17 +888,7 @@ mod tests {
         echo(&mut s, t2);
         s.step(t2);
         assert_eq!(s.members().len(), 1, "expired");
-        s.on_advert(
-            Advert {
-                member: "c".into(),
-                incarnation: 1,
-                alive: true,
-                seq: 1,
-                polling: vec![],
-                claims: vec![],
-            },
-            t2,
-        );
+        s.on_advert(adv("c", 1, vec![], vec![]), t2);
         assert_eq!(s.members().len(), 2);
         s.on_advert(Shard::farewell("c", 1), t2);
         assert_eq!(s.members().len(), 1);
@@ -935,17 +903,7 @@ mod tests {
         echo(&mut s, t1);
         assert_eq!(s.owned().len(), 30);
         // Another "a" (incarnation 2 outranks our 1) polls everything too.
-        s.on_advert(
-            Advert {
-                member: "a".into(),
-                incarnation: 2,
-                alive: true,
-                seq: 1,
-                polling: devices(30),
-                claims: vec![],
-            },
-            t1,
-        );
+        s.on_advert(adv("a", 2, devices(30), vec![]), t1);
         let st = s.step(t1);
         assert!(st.apply && st.publish);
         assert!(s.owned().is_empty());
@@ -959,17 +917,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = settled("a", 1, t0);
         for i in 0..MAX_PEERS + 10 {
-            s.on_advert(
-                Advert {
-                    member: format!("m{i}"),
-                    incarnation: 1,
-                    alive: true,
-                    seq: 1,
-                    polling: vec![],
-                    claims: vec![],
-                },
-                t0,
-            );
+            s.on_advert(adv(&format!("m{i}"), 1, vec![], vec![]), t0);
         }
         assert_eq!(s.peers.len(), MAX_PEERS);
         assert_eq!(s.refused, 10);
