@@ -243,6 +243,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub struct ControlState {
     pub devices: Arc<DeviceFile>,
     pub board: StatusBoard,
+    /// Pool and breaker settings for connection tests.
+    pub gateway: nexus_common::config::GatewayConfig,
 }
 
 #[derive(Deserialize)]
@@ -501,6 +503,85 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Longest a connection test may take.
+pub const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `POST /api/v1/test-connection` (admin): validate a device as a write would, then open a
+/// session to it and read every tag once, on pools of its own (the running gateway's
+/// sessions and breakers are not touched). What each tag read, or why the device did not.
+async fn test_connection(
+    State(s): State<ControlState>,
+    Caller(who): Caller,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let device = device_body(body)?;
+    let list = [device.clone()];
+    check(&list, 0)?;
+    let cfg = Config::check_devices(&list)
+        .map_err(|_| error(StatusCode::UNPROCESSABLE_ENTITY, "the device is not valid"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| error(StatusCode::UNPROCESSABLE_ENTITY, "no device"))?;
+    let compiled = nexus_devices::Device::compile(cfg)
+        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let pools = nexus_devices::pool::Pools::from_config(&s.gateway, &prometheus::Registry::new())
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let compiled = Arc::new(compiled);
+    let started = std::time::Instant::now();
+    tracing::info!(user = %who.name, device = %compiled.cfg.id, "device connection test");
+    let read = tokio::time::timeout(TEST_TIMEOUT, pools.read(&compiled, None)).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let answer = match read {
+        Err(_) => {
+            json!({"ok": false, "error": format!("no answer in {} s", TEST_TIMEOUT.as_secs()), "duration_ms": ms, "tags": []})
+        }
+        Ok(Err(e)) => json!({"ok": false, "error": e.to_string(), "duration_ms": ms, "tags": []}),
+        Ok(Ok(readings)) => {
+            let tags: Vec<Value> = readings
+                .into_iter()
+                .map(|(i, r)| {
+                    let id = compiled
+                        .cfg
+                        .tags
+                        .get(i)
+                        .map(|t| t.id.to_string())
+                        .unwrap_or_default();
+                    let (value, quality, reason) = match r {
+                        nexus_devices::driver::Reading::Good { value, .. } => {
+                            (Some(value), nexus_common::Quality::Good, None)
+                        }
+                        nexus_devices::driver::Reading::Uncertain { value, quality, .. } => {
+                            (Some(value), quality, None)
+                        }
+                        nexus_devices::driver::Reading::Bad { quality, reason } => {
+                            (None, quality, Some(reason))
+                        }
+                    };
+                    let obj = nexus_common::codec::json::ValueObject {
+                        value,
+                        quality,
+                        ts_ms: None,
+                        source_ts_ms: None,
+                        unit: None,
+                    };
+                    let mut v: Value = serde_json::from_slice(
+                        &nexus_common::codec::json::encode_value_object(&obj),
+                    )
+                    .unwrap_or(Value::Null);
+                    v["tag"] = json!(id);
+                    if let Some(r) = reason {
+                        v["error"] = json!(r);
+                    }
+                    v
+                })
+                .collect();
+            let ok = tags.iter().all(|t| t["q"] == "good");
+            json!({"ok": ok, "error": Value::Null, "duration_ms": ms, "tags": tags})
+        }
+    };
+    Ok(Json(answer).into_response())
+}
+
 /// The OpenAPI document of the orchestrator's port (`GET /api/openapi.json`, open to all).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
@@ -518,6 +599,7 @@ pub fn routes(state: ControlState) -> Routes {
         .public_get("/api/openapi.json", openapi)
         .get("/api/v1/devices", Role::Viewer, list)
         .post("/api/v1/devices", Role::Admin, create)
+        .post("/api/v1/test-connection", Role::Admin, test_connection)
         .get("/api/v1/devices/{id}", Role::Viewer, get_one)
         .put("/api/v1/devices/{id}", Role::Admin, replace)
         .delete("/api/v1/devices/{id}", Role::Admin, remove)

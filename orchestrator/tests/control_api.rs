@@ -397,6 +397,7 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
             &Config::default(),
         )),
         board: status::StatusBoard::default(),
+        gateway: Default::default(),
     });
     let proxy = nexus_orchestrator::proxy::routes(
         nexus_orchestrator::proxy::Upstreams::new(&Config::default()).unwrap(),
@@ -616,4 +617,66 @@ async fn the_live_namespace_streams_a_snapshot_then_batched_updates() {
         .count();
     assert!(t01 <= 3, "t01 coalesced, not one entry per message: {t01}");
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_test_reads_every_tag_once_or_says_why_not() {
+    let api = Api::start(Some(FIRST)).await;
+    let sim = nexus_devices::simulator::modbus::ModbusSimulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    sim.registers.lock().unwrap().holding[4] = 321;
+    let mut dev = modbus("probe", json!(sim.addr.port()));
+    dev["tags"] = json!([
+        {"id": "speed", "address": "HR:4", "data_type": "uint16"},
+        {"id": "far", "address": "HR:61000", "data_type": "uint16"}
+    ]);
+    let (s, v) = api
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/api/v1/test-connection",
+            &[],
+            &dev.to_string(),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["tags"][0]["tag"], "speed", "{v}");
+    assert_eq!(
+        (&v["tags"][0]["v"], &v["tags"][0]["q"]),
+        (&json!(321), &json!("good")),
+        "{v}"
+    );
+    // An address the device refuses is that tag's problem, named.
+    assert_ne!(v["tags"][1]["q"], "good", "{v}");
+    assert!(v["tags"][1]["error"].is_string(), "{v}");
+    assert_eq!(v["ok"], false, "one tag is bad: {v}");
+    // Nothing listening: the reason, in time.
+    let closed = modbus("probe", json!(free_port())).to_string();
+    let (s, v) = api
+        .call(Some(ADMIN), "POST", "/api/v1/test-connection", &[], &closed)
+        .await;
+    assert_eq!((s, &v["ok"]), (200, &json!(false)), "{v}");
+    assert!(!v["error"].as_str().unwrap().is_empty(), "{v}");
+    // Validated like a write, admins only, and nothing is written.
+    let bad = modbus("probe", json!(70000)).to_string();
+    let (s, v) = api
+        .call(Some(ADMIN), "POST", "/api/v1/test-connection", &[], &bad)
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["problems"][0]["field"], "connection.port", "{v}");
+    let (s, _) = api
+        .call(
+            Some(OPERATOR),
+            "POST",
+            "/api/v1/test-connection",
+            &[],
+            &closed,
+        )
+        .await;
+    assert_eq!(s, 403);
+    assert_eq!(std::fs::read_to_string(api.file()).unwrap(), FIRST);
 }
