@@ -582,6 +582,85 @@ async fn test_connection(
     Ok(Json(answer).into_response())
 }
 
+/// Most children a browse answers with; past it the answer says `truncated`.
+pub const MAX_BROWSE: usize = 10_000;
+
+#[derive(Deserialize)]
+struct BrowseQuery {
+    node: Option<String>,
+}
+
+/// `POST /api/v1/browse?node=<node id>` (admin): the children of `node` (default: the Objects
+/// folder) on the OPC UA server of the device in the body (validated as a write would be),
+/// to pick tags from while the device is being configured. Pools of its own.
+async fn browse(
+    State(s): State<ControlState>,
+    Caller(who): Caller,
+    Query(q): Query<BrowseQuery>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let device = device_body(body)?;
+    if let Some(n) = &q.node {
+        if n.is_empty() || n.chars().count() > 4096 + 32 {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "node: an OPC UA node id of 1 to 4128 characters",
+            ));
+        }
+    }
+    let list = [device];
+    check(&list, 0)?;
+    let cfg = Config::check_devices(&list)
+        .map_err(|_| error(StatusCode::UNPROCESSABLE_ENTITY, "the device is not valid"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| error(StatusCode::UNPROCESSABLE_ENTITY, "no device"))?;
+    let compiled = Arc::new(
+        nexus_devices::Device::compile(cfg)
+            .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?,
+    );
+    let pools = nexus_devices::pool::Pools::from_config(&s.gateway, &prometheus::Registry::new())
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    tracing::info!(user = %who.name, device = %compiled.cfg.id, node = ?q.node, "OPC UA browse for the control center");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let task = tokio::spawn(async move { pools.browse(&compiled, q.node, tx).await });
+    let mut children = Vec::new();
+    let mut truncated = false;
+    let collect = async {
+        while let Some(e) = rx.recv().await {
+            if children.len() >= MAX_BROWSE {
+                truncated = true;
+                break;
+            }
+            children.push(e);
+        }
+    };
+    if tokio::time::timeout(TEST_TIMEOUT, collect).await.is_err() {
+        task.abort();
+        return Err(error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the server did not finish browsing in {} s",
+                TEST_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    if !truncated {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ nexus_devices::BrowseError::Pool(_))) => {
+                return Err(error(StatusCode::BAD_GATEWAY, e.to_string()))
+            }
+            // Not an OPC UA device, or a node the server refuses.
+            Ok(Err(e)) => return Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+            Err(_) => return Err(error(StatusCode::BAD_GATEWAY, "the browse stopped")),
+        }
+    } else {
+        task.abort();
+    }
+    Ok(Json(json!({"children": children, "truncated": truncated})).into_response())
+}
+
 /// The OpenAPI document of the orchestrator's port (`GET /api/openapi.json`, open to all).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
@@ -600,6 +679,7 @@ pub fn routes(state: ControlState) -> Routes {
         .get("/api/v1/devices", Role::Viewer, list)
         .post("/api/v1/devices", Role::Admin, create)
         .post("/api/v1/test-connection", Role::Admin, test_connection)
+        .post("/api/v1/browse", Role::Admin, browse)
         .get("/api/v1/devices/{id}", Role::Viewer, get_one)
         .put("/api/v1/devices/{id}", Role::Admin, replace)
         .delete("/api/v1/devices/{id}", Role::Admin, remove)

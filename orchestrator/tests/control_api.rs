@@ -41,6 +41,11 @@ struct Api {
 
 impl Api {
     async fn start(devices: Option<&str>) -> Api {
+        Self::start_with(devices, "").await
+    }
+
+    /// [`Api::start`] with `extra` configuration sections.
+    async fn start_with(devices: Option<&str>, extra: &str) -> Api {
         let broker = testing::service_broker();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -63,7 +68,7 @@ impl Api {
             "mqtt: {{ host: 127.0.0.1, port: {}, username: {} }}\n\
              auth:\n  anonymous: \"off\"\n  tokens:\n{tokens}\
              orchestrator: {{ http_listen: 127.0.0.1:{port} }}\n\
-             telemetry: {{ instance: control-test }}\n{devices_line}",
+             telemetry: {{ instance: control-test }}\n{extra}{devices_line}",
             broker.ports.tcp().port(),
             SERVICE_USER.0
         );
@@ -678,5 +683,92 @@ async fn a_connection_test_reads_every_tag_once_or_says_why_not() {
         )
         .await;
     assert_eq!(s, 403);
+    assert_eq!(std::fs::read_to_string(api.file()).unwrap(), FIRST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opc_ua_server_is_browsed_to_pick_tags_before_the_device_is_saved() {
+    use nexus_devices::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _sim = OpcUaSimulator::start(OpcUaSimOptions {
+        port,
+        pki_dir: dir.path().join("server-pki"),
+        step: Duration::from_millis(200),
+        ..OpcUaSimOptions::default()
+    })
+    .await
+    .unwrap();
+    // The orchestrator's OPC UA client trusts the simulator (commissioning setting).
+    let api = Api::start_with(
+        Some(FIRST),
+        &format!(
+            "gateway: {{ opcua: {{ pki_dir: {}, trust_server_certs: true }} }}\n",
+            dir.path().join("client-pki").display()
+        ),
+    )
+    .await;
+    let ua = json!({
+        "id": "ua-new", "protocol": "opcua", "uns_prefix": "acme/site",
+        "connection": {"endpoint": format!("opc.tcp://127.0.0.1:{port}/"), "timeout": "2s"},
+        "tags": [{"id": "x", "node_id": "ns=2;s=Sine", "data_type": "float64"}]
+    })
+    .to_string();
+    let (s, top) = api
+        .call(Some(ADMIN), "POST", "/api/v1/browse", &[], &ua)
+        .await;
+    assert_eq!(s, 200, "{top}");
+    let names: Vec<&str> = top["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["browse_name"].as_str().unwrap_or_default())
+        .collect();
+    assert!(names.iter().any(|n| n.contains("Simulator")), "{names:?}");
+    let sim_node = top["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["browse_name"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Simulator")
+        })
+        .unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "/api/v1/browse?node={}",
+        sim_node
+            .replace('=', "%3D")
+            .replace(';', "%3B")
+            .replace(':', "%3A")
+    );
+    let (s, below) = api.call(Some(ADMIN), "POST", &path, &[], &ua).await;
+    assert_eq!(s, 200, "{below}");
+    assert!(below.to_string().contains("Sine"), "{below}");
+    // A node the server does not know, a Modbus device, a viewer: refused, named.
+    let (s, v) = api
+        .call(Some(ADMIN), "POST", "/api/v1/browse?node=garbage", &[], &ua)
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = api
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/api/v1/browse",
+            &[],
+            &modbus("m", json!(502)).to_string(),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(
+        api.call(Some(VIEWER), "POST", "/api/v1/browse", &[], &ua)
+            .await
+            .0,
+        403
+    );
     assert_eq!(std::fs::read_to_string(api.file()).unwrap(), FIRST);
 }
