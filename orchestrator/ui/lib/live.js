@@ -28,12 +28,12 @@ export class ServerClock {
 
 /**
  * Messages per second of a node (`entry.n`, `prevN`, `prevAt`): the last interval's rate,
- * decaying as 1/age once the topic is quieter than it was.
+ * decaying as 1/quiet time once the topic has been quiet for longer than that interval.
  */
 export function rate(node, now) {
   const e = node.entry;
   if (!e || e.n <= node.prevN || e.at <= node.prevAt) return null;
-  const span = Math.max(e.at - node.prevAt, now - node.prevAt);
+  const span = Math.max(e.at - node.prevAt, now - e.at);
   return ((e.n - node.prevN) * 1000) / span;
 }
 
