@@ -5,7 +5,9 @@
 //! The write goes through the command handler like any other: its validation, rate limits,
 //! confirmation (read-back) and audit, which names the caller (MQTT 5 property
 //! `nexus-on-behalf-of`). The answer comes back on this orchestrator's own Response Topic,
-//! matched by correlation data.
+//! matched by correlation data, or over MQTT 3.1.1 (`commands.mqtt_v5: false`, a broker
+//! without MQTT 5) on the standard response topics, matched by request id; the audit then
+//! names the orchestrator's user.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -38,7 +40,8 @@ pub fn reply_topic(instance: &str) -> String {
 #[derive(Clone)]
 pub struct Writer {
     mqtt: Arc<OnceLock<MqttHandle>>,
-    pending: Arc<Mutex<HashMap<Vec<u8>, oneshot::Sender<Value>>>>,
+    /// By request id (which the correlation data carries too).
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
     reply_topic: String,
 }
 
@@ -60,19 +63,30 @@ impl Writer {
         &self.reply_topic
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, oneshot::Sender<Value>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Value>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An answer arrived on the reply topic.
+    /// An answer arrived: on the reply topic (MQTT 5, with the correlation data), or on the
+    /// standard `$nexus/cmd/response/...` topics (with the request id in the payload; how it
+    /// comes back over MQTT 3.1.1). The first one answers the write.
     pub fn answer(&self, correlation: Option<&Bytes>, payload: &[u8]) {
-        let Some(c) = correlation else { return };
-        let Some(tx) = self.pending().remove(c.as_ref()) else {
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
             return;
         };
-        let v = serde_json::from_slice(payload)
-            .unwrap_or_else(|_| json!({"error": "the command handler's answer is not JSON"}));
-        let _ = tx.send(v);
+        let id = correlation
+            .and_then(|c| std::str::from_utf8(c).ok().map(str::to_owned))
+            .or_else(|| {
+                v.get("request_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+        let Some(id) = id.filter(|i| i.starts_with("ui-")) else {
+            return;
+        };
+        if let Some(tx) = self.pending().remove(&id) {
+            let _ = tx.send(v);
+        }
     }
 }
 
@@ -127,7 +141,7 @@ async fn write(
                 format!("{MAX_PENDING} writes are waiting for their answer; try again"),
             );
         }
-        p.insert(correlation.to_vec(), tx);
+        p.insert(request_id.clone(), tx);
     }
     let mut cmd =
         json!({"value": body.value, "request_id": request_id, "ts": nexus_common::now_ms()});
@@ -135,7 +149,7 @@ async fn write(
         cmd["confirm"] = json!(c);
     }
     let props = PublishProps {
-        correlation_data: Some(Bytes::copy_from_slice(&correlation)),
+        correlation_data: Some(Bytes::from(request_id.clone())),
         response_topic: Some(w.reply_topic.clone()),
         user_properties: vec![(
             nexus_common::broker::ON_BEHALF_PROPERTY.into(),
@@ -153,7 +167,7 @@ async fn write(
         )
         .await
     {
-        w.pending().remove(correlation.as_slice());
+        w.pending().remove(&request_id);
         return fail(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot publish the command: {e}"),
@@ -163,7 +177,7 @@ async fn write(
     match tokio::time::timeout(ANSWER_WAIT, rx).await {
         Ok(Ok(answer)) => Json(answer).into_response(),
         _ => {
-            w.pending().remove(correlation.as_slice());
+            w.pending().remove(&request_id);
             fail(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(

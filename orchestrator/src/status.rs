@@ -109,9 +109,14 @@ pub async fn run_with(
         ),
         ("#".into(), QoS::AtMostOnce),
         (writer.reply_topic().to_owned(), QoS::AtLeastOnce),
+        (
+            format!("{}#", nexus_common::topic::sys::CMD_RESPONSE_PREFIX),
+            QoS::AtLeastOnce,
+        ),
     ];
-    // MQTT 5: the control center's writes carry a Response Topic and correlation data.
-    opts.mqtt_v5 = true;
+    // MQTT 5 where the command handler uses it: the control center's writes then carry a
+    // Response Topic, correlation data and the user they are made for.
+    opts.mqtt_v5 = cfg.commands.mqtt_v5;
     opts.incoming_capacity = 16 * 1024;
     opts.telemetry = Some(telemetry);
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
@@ -126,7 +131,10 @@ pub async fn run_with(
         tokio::select! {
             m = rx.recv() => match m {
                 Some(m) => match m.topic() {
-                    Some(t) if t == writer.reply_topic() => {
+                    Some(t)
+                        if t == writer.reply_topic()
+                            || t.starts_with(nexus_common::topic::sys::CMD_RESPONSE_PREFIX) =>
+                    {
                         writer.answer(m.correlation_data(), m.payload())
                     }
                     Some(t) if t.starts_with('$') => board.update(t, m.payload()),

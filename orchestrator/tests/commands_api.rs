@@ -25,6 +25,17 @@ async fn call(port: u16, token: &str, path: &str, body: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_writes_a_setpoint_and_sees_the_read_back() {
+    write_round_trip(true).await;
+}
+
+/// Over MQTT 3.1.1 (a broker without MQTT 5): no Response Topic, the answer is matched by its
+/// request id on the standard response topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_is_answered_over_mqtt_3_1_1_too() {
+    write_round_trip(false).await;
+}
+
+async fn write_round_trip(v5: bool) {
     let broker = testing::service_broker();
     let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
         .await
@@ -35,7 +46,7 @@ async fn an_operator_writes_a_setpoint_and_sees_the_read_back() {
         "mqtt: {{ host: 127.0.0.1, port: {mqtt}, username: {svc}, reconnect_min: 50ms }}\n\
          auth:\n  anonymous: \"off\"\n  users:\n    - {{ username: {svc}, password_hash: \"{hash}\", role: service }}\n  tokens:\n{tokens}\
          telemetry: {{ instance: write-test }}\n\
-         commands: {{ http_listen: 127.0.0.1:{cmds} }}\n\
+         commands: {{ http_listen: 127.0.0.1:{cmds}, mqtt_v5: {v5} }}\n\
          orchestrator: {{ http_listen: 127.0.0.1:{orch} }}\n\
          devices:\n  - id: plc\n    protocol: modbus\n    uns_prefix: acme/site\n    \
          connection: {{ host: 127.0.0.1, port: {sim}, timeout: 1s }}\n    tags:\n      \
