@@ -191,6 +191,32 @@ async fn action(
     }
 }
 
+/// `GET /api/v1/alarms/journal` (viewer): the `alarm_events` journal, newest first, with
+/// filters (docs/alerts.md, "Journal").
+async fn journal(
+    AxState(j): AxState<Arc<crate::journal::JournalReader>>,
+    q: Result<Query<crate::journal::JournalQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    match j.query(&q).await {
+        Ok((events, truncated)) => {
+            Json(json!({"events": events, "truncated": truncated})).into_response()
+        }
+        Err((true, msg)) => error(StatusCode::BAD_REQUEST, msg),
+        Err((false, msg)) => error(StatusCode::SERVICE_UNAVAILABLE, msg),
+    }
+}
+
+/// The journal's route.
+pub fn journal_routes(j: Arc<crate::journal::JournalReader>) -> Routes {
+    Routes::new()
+        .get("/api/v1/alarms/journal", Role::Viewer, journal)
+        .with_state(j)
+}
+
 pub fn routes(a: Arc<Alerts>) -> Routes {
     Routes::new()
         .get("/api/v1/alarms", Role::Viewer, list)

@@ -83,7 +83,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         )?);
     }
     let mut opts = ShellOptions::new(SERVICE, cfg.alerts.http_listen);
-    opts.routes = http::routes(alerts.clone());
+    opts.routes = http::routes(alerts.clone()).merge(http::journal_routes(Arc::new(
+        journal::JournalReader::new(nexus_common::pg::Database::from_config(&cfg.database)),
+    )));
     opts.subscriptions = subscriptions;
     opts.incoming_capacity = 10_000;
     opts.telemetry = Some(telemetry);

@@ -4,7 +4,7 @@
 //! | route | role | to |
 //! |---|---|---|
 //! | `GET /api/v1/history`, `GET /api/v1/latest` | viewer | ingestion |
-//! | `GET /api/v1/alarms`, `GET /api/v1/rules` | viewer | alerts |
+//! | `GET /api/v1/alarms`, `GET /api/v1/rules`, `GET /api/v1/alarms/journal` | viewer | alerts |
 //! | `POST /api/v1/alarms/{id}/{op}` | operator | alerts |
 //!
 //! The caller's role is checked here first; the call goes on with the orchestrator's service
@@ -180,6 +180,7 @@ pub fn routes(up: Upstreams) -> Routes {
         .get("/api/v1/latest", Role::Viewer, to_ingestion)
         .get("/api/v1/alarms", Role::Viewer, to_alerts)
         .get("/api/v1/rules", Role::Viewer, to_alerts)
+        .get("/api/v1/alarms/journal", Role::Viewer, to_alerts)
         .post("/api/v1/alarms/{id}/{op}", Role::Operator, to_alerts)
         .with_state(up)
 }

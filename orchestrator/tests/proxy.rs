@@ -126,6 +126,49 @@ async fn the_orchestrator_serves_history_and_alarms_as_the_caller() {
         "the upstream saw the operator, not the service: {v}"
     );
 
+    // An excursion raises the alarm; its journal comes through the orchestrator, filtered.
+    let hot = json!({"v": 95, "q": "good", "ts": nexus_common::now_ms()}).to_string();
+    publisher
+        .publish("acme/line-1/temperature", hot, QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let journal = loop {
+        let (s, v) = call(
+            orch,
+            VIEWER,
+            "GET",
+            "/api/v1/alarms/journal?rule=hot&topic=acme/%2B/temperature",
+            "",
+        )
+        .await;
+        if s == 200 && v["events"].as_array().is_some_and(|e| !e.is_empty()) {
+            break v;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{s} {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        journal["events"][0]["topic"], "acme/line-1/temperature",
+        "{journal}"
+    );
+    assert_eq!(journal["events"][0]["value"], json!(95), "{journal}");
+    let (s, v) = call(
+        orch,
+        VIEWER,
+        "GET",
+        "/api/v1/alarms/journal?topic=other/%23",
+        "",
+    )
+    .await;
+    assert_eq!(
+        (s, v["events"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+    let (s, v) = call(orch, VIEWER, "GET", "/api/v1/alarms/journal?limit=0", "").await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("limit"), "{v}");
+
     // An upstream that is down is a 503 naming it.
     ingest_stop.cancel();
     let deadline = Instant::now() + Duration::from_secs(10);
