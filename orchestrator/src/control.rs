@@ -157,7 +157,8 @@ impl DeviceFile {
     }
 
     /// Replace the file's list with `devices`; returns the new version.
-    fn write(&self, layout: Layout, devices: Vec<Value>) -> Result<String, ApiError> {
+    /// (The file is written and fsynced on a blocking thread.)
+    async fn write(&self, layout: Layout, devices: Vec<Value>) -> Result<String, ApiError> {
         let path = self.path.as_ref().ok_or_else(|| {
             error(
                 StatusCode::CONFLICT,
@@ -172,13 +173,21 @@ impl DeviceFile {
             }
         };
         let text = yaml::to_yaml(&tree);
-        write_atomically(path, text.as_bytes()).map_err(|e| {
-            error(
+        let version = version_of(text.as_bytes());
+        let target = path.clone();
+        let written =
+            tokio::task::spawn_blocking(move || write_atomically(&target, text.as_bytes())).await;
+        match written {
+            Ok(Ok(())) => Ok(version),
+            Ok(Err(e)) => Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cannot write {}: {e}", path.display()),
-            )
-        })?;
-        Ok(version_of(text.as_bytes()))
+            )),
+            Err(e) => Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot write {}: {e}", path.display()),
+            )),
+        }
     }
 }
 
@@ -428,7 +437,7 @@ async fn create(
     if q.dry_run {
         return Ok(Json(json!({"valid": true})).into_response());
     }
-    let version = s.devices.write(snap.layout, list)?;
+    let version = s.devices.write(snap.layout, list).await?;
     tracing::info!(user = %who.name, device = %id, "device added to the devices file");
     Ok((
         StatusCode::CREATED,
@@ -472,7 +481,7 @@ async fn replace(
     if q.dry_run {
         return Ok(Json(json!({"valid": true})).into_response());
     }
-    let version = s.devices.write(snap.layout, list)?;
+    let version = s.devices.write(snap.layout, list).await?;
     tracing::info!(user = %who.name, device = %id, "device changed in the devices file");
     Ok(Json(json!({"version": version, "config": device})).into_response())
 }
@@ -498,13 +507,14 @@ async fn remove(
     if q.dry_run {
         return Ok(Json(json!({"valid": true})).into_response());
     }
-    s.devices.write(snap.layout, list)?;
+    s.devices.write(snap.layout, list).await?;
     tracing::info!(user = %who.name, device = %id, "device removed from the devices file");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Longest a connection test may take.
-pub const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a connection test or a browse may take (a first OPC UA session also makes the
+/// client's key pair).
+pub const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `POST /api/v1/test-connection` (admin): validate a device as a write would, then open a
 /// session to it and read every tag once, on pools of its own (the running gateway's

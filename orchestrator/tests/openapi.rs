@@ -29,7 +29,7 @@ fn schemathesis(url: &str, args: &[&str], reports: &Path) -> (bool, String) {
     let out = Command::new(&bin)
         .args(["run", url, "--auth", "admin:nexus-demo", "--checks", "all"])
         .args(["--max-examples", "25", "--seed", "7", "--workers", "1"])
-        .args(["--request-timeout", "10"])
+        .args(["--request-timeout", "35"])
         .arg("--report-dir")
         .arg(reports)
         .args(args)
