@@ -46,6 +46,7 @@ pub const ASSETS: &[(&str, &[u8])] = &[
     asset!("pages/device.js"),
     asset!("pages/namespace.js"),
     asset!("pages/tag.js"),
+    asset!("pages/alarms.js"),
     // uPlot 1.6.32 (MIT), loaded only by the tag view.
     asset!("vendor/uplot/uPlot.esm.js"),
     asset!("vendor/uplot/uPlot.min.css"),

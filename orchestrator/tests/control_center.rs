@@ -1,12 +1,17 @@
 //! The control center in a real browser: `nexus up` with a Modbus simulator, a devices file
-//! (plc-1 on the simulator, plc-off on a port where nothing answers, so its tags are bad) and
-//! a historian (a PostgreSQL started here), driven by `tests/browser/control_center.py`
-//! (Playwright for Python, Debian's chromium). The script logs in as an admin, watches the
-//! overview, browses the live namespace (a device's topics with their values changing, bad
-//! quality marked, collapse, expand, search) and a tag's view (its live value, its stored
-//! history drawn; zoom, aggregates and the history's refusals shown), adds a device through
-//! the form (a bad port first, shown next to its field), sees it online, logs out, and checks
-//! that a viewer is offered no change and is refused one by the API. It saves a screenshot of
+//! (plc-1 on the simulator, plc-off on a port where nothing answers, so its tags are bad), an
+//! alarm rule the simulated temperature always breaks (on device oven, the same simulator
+//! polled every 2 s: the alert service starts evaluating after 500 ms without a message on
+//! its rules' topics, alert-service/src/service.rs), and a historian (a PostgreSQL started
+//! here), driven by `tests/browser/control_center.py` (Playwright for Python, Debian's
+//! chromium). The script logs in as an admin, watches the overview, browses the live namespace
+//! (a device's topics with their values changing, bad quality marked, collapse, expand, search)
+//! and a tag's view (its live value, its stored history drawn; zoom, aggregates and the
+//! history's refusals shown), writes a setpoint from the tag view (read back, seen live and in
+//! the simulator's register; a value above the tag's `max` refused by the command handler),
+//! adds a device through the form (a bad port first, shown next to its field), sees it online,
+//! logs out; as an operator acknowledges, shelves and unshelves the alarm; and checks that a
+//! viewer is offered no change, no write and no alarm action, and is refused them by the API. It saves a screenshot of
 //! every page under `target/ui-screenshots/` and checks the first load's size (300 KB at most,
 //! docs/adr/0008-control-center-ui.md). Before the browser, plain HTTP checks what is served:
 //! every embedded file with its type, ETag and `304`, the page's security headers, `404`s.
@@ -194,7 +199,7 @@ fn the_control_center_in_a_browser() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let (admin_pw, viewer_pw) = ("admin-pw-1", "viewer-pw-1");
+    let (admin_pw, operator_pw, viewer_pw) = ("admin-pw-1", "operator-pw-1", "viewer-pw-1");
     let http = free_port();
     let hash = nexus_common::auth::hash_password;
     std::fs::write(
@@ -205,9 +210,13 @@ fn the_control_center_in_a_browser() {
              orchestrator: {{ http_listen: \"127.0.0.1:{http}\" }}\n\
              gateway: {{ http_listen: \"127.0.0.1:{gw}\" }}\n\
              commands: {{ http_listen: \"127.0.0.1:{cmd}\" }}\n\
-             alerts: {{ http_listen: \"127.0.0.1:{alerts}\" }}\n\
+             alerts:\n  http_listen: \"127.0.0.1:{alerts}\"\n  rules:\n\
+             \x20   - {{ id: hot, topic: test/plant/packaging/line-5/oven/temperature, \
+             condition: {{ type: high, limit: 10, deadband: 1 }}, severity: high, \
+             message: \"{{topic}} is {{value}} above {{limit}}\" }}\n\
              auth:\n  anonymous: \"off\"\n  users:\n\
              \x20   - {{ username: admin, password_hash: \"{admin}\", role: admin }}\n\
+             \x20   - {{ username: oscar, password_hash: \"{operator}\", role: operator }}\n\
              \x20   - {{ username: olivia, password_hash: \"{viewer}\", role: viewer }}\n\
              devices_file: devices.yaml\n",
             mqtt = free_port(),
@@ -215,6 +224,7 @@ fn the_control_center_in_a_browser() {
             cmd = free_port(),
             alerts = free_port(),
             admin = hash(admin_pw),
+            operator = hash(operator_pw),
             viewer = hash(viewer_pw),
         ),
     )
@@ -229,6 +239,11 @@ fn the_control_center_in_a_browser() {
              \x20     - {{ id: temperature, address: \"HR:0\", data_type: float32, unit: degC }}\n\
              \x20     - {{ id: setpoint, address: \"HR:10\", data_type: int16, scale: 0.1, unit: degC, access: readwrite, min: 0, max: 100 }}\n\
              \x20     - {{ id: running, address: \"CO:0\", data_type: bool }}\n\
+             \x20 - id: oven\n    protocol: modbus\n    uns_prefix: test/plant/packaging/line-5\n\
+             \x20   poll_interval: 2s\n\
+             \x20   connection: {{ host: 127.0.0.1, port: {sim}, unit_id: 1, timeout: 1s }}\n\
+             \x20   tags:\n\
+             \x20     - {{ id: temperature, address: \"HR:0\", data_type: float32, unit: degC }}\n\
              \x20 - id: plc-off\n    protocol: modbus\n    uns_prefix: test/plant/packaging/line-9\n\
              \x20   poll_interval: 500ms\n\
              \x20   connection: {{ host: 127.0.0.1, port: {off}, unit_id: 1, timeout: 300ms }}\n\
@@ -303,6 +318,7 @@ fn the_control_center_in_a_browser() {
         .arg("--chromium")
         .arg(CHROMIUM)
         .env("NEXUS_UI_ADMIN", format!("admin:{admin_pw}"))
+        .env("NEXUS_UI_OPERATOR", format!("oscar:{operator_pw}"))
         .env("NEXUS_UI_VIEWER", format!("olivia:{viewer_pw}"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,6 +1,6 @@
 // The control center's shell: who is logged in, the navigation, and hash routing
-// (#/overview, #/namespace[?filter=..&search=..], #/tag/<topic>, #/devices, #/devices/new,
-// #/devices/<id>, #/login). Each page is an ES module
+// (#/overview, #/namespace[?filter=..&search=..], #/tag/<topic>, #/alarms, #/devices,
+// #/devices/new, #/devices/<id>, #/login). Each page is an ES module
 // loaded when first shown; `render(view, ctx)` draws it and may return a function that stops
 // what it started (timers) when the page is left.
 
@@ -13,6 +13,7 @@ const routes = [
   { re: /^\/overview$/, page: "overview", nav: "overview" },
   { re: /^\/namespace(?:\?(.*))?$/, page: "namespace", nav: "namespace", params: (m) => ({ query: new URLSearchParams(m[1] || "") }) },
   { re: /^\/tag\/(.+)$/, page: "tag", nav: "namespace", params: (m) => ({ topic: decoded(m[1]) }) },
+  { re: /^\/alarms$/, page: "alarms", nav: "alarms" },
   { re: /^\/devices$/, page: "devices", nav: "devices" },
   { re: /^\/devices\/new$/, page: "device", nav: "devices", params: () => ({ id: null }) },
   { re: /^\/devices\/([^/]+)$/, page: "device", nav: "devices", params: (m) => ({ id: decodeURIComponent(m[1]) }) },

@@ -246,6 +246,174 @@ def history_chart(page, shot):
         page.unroute("**/api/v1/history?*")
 
 
+def plc_setpoint(sim_port):
+    """The simulated PLC's setpoint register (HR 10, int16, x10), read with Modbus itself."""
+    from pymodbus.client import ModbusTcpClient
+
+    client = ModbusTcpClient("127.0.0.1", port=sim_port, timeout=3)
+    assert client.connect(), f"no Modbus connection to the simulator on {sim_port}"
+    try:
+        r = client.read_holding_registers(address=10, count=1, device_id=1)
+        assert not r.isError(), r
+        raw = r.registers[0]
+        return (raw - 65536 if raw >= 32768 else raw) / 10
+    finally:
+        client.close()
+
+
+def write_back(page, app, shot, sim_port):
+    """The tag view's write form: a setpoint written, read back, seen live and in the PLC;
+    a value above the tag's max refused by the command handler."""
+    step("write plc-1's setpoint from its tag view")
+    page.goto(app + "#/tag/" + quote(PLC1 + "/setpoint"))
+    form = page.locator("#tag-write")
+    expect(form).to_be_visible()
+    expect(page.locator("#write-limits")).to_have_text("min 0 · max 100 degC")
+    value = page.locator("#write-value")
+    expect(value).to_have_attribute("type", "number")
+    before = plc_setpoint(sim_port)
+    assert before != 42.5, before
+    value.fill("42.5")
+    page.locator("#write-confirm").check()
+    shot("tag-write-form")
+    page.locator("#write-submit").click()
+    result = page.locator("#write-result")
+    expect(result).to_have_attribute("data-outcome", "good")
+    expect(result).to_contain_text("Written: 42.5")
+    expect(result).to_contain_text("read back 42.5")
+    step(f"the answer: {result.inner_text()!r}")
+    expect(page.locator("#tag-value")).to_have_text("42.5")
+    assert plc_setpoint(sim_port) == 42.5, plc_setpoint(sim_port)
+    shot("tag-written")
+
+    step("a value above the tag's max: the command handler's refusal")
+    value.fill("150")
+    page.locator("#write-submit").click()
+    expect(result).to_have_attribute("data-outcome", "error")
+    expect(result).to_contain_text(re.compile(r"^Refused: .*150"))
+    step(f"the refusal: {result.inner_text()!r}")
+    shot("tag-write-refused")
+    assert plc_setpoint(sim_port) == 42.5, plc_setpoint(sim_port)
+    expect(page.locator("#tag-value")).to_have_text("42.5")
+
+    step("a read-only tag: no form")
+    page.goto(app + "#/tag/" + quote(PLC1 + "/temperature"))
+    expect(page.locator("#tag-live")).to_be_visible()
+    expect(page.locator("#tag-write-box")).to_have_attribute("data-write", "none")
+    expect(form).to_have_count(0)
+
+
+OVEN = "test/plant/packaging/line-5/oven/temperature"
+HOT = "hot:" + OVEN
+
+
+def alarms_operator(page, app, shot, operator):
+    """As an operator: the active alarm acknowledged with a comment, shelved and unshelved;
+    the rules; the journal."""
+    step("the alarms page as an operator")
+    page.locator("#nav [data-nav=alarms]").click()
+    expect(page).to_have_url(app + "#/alarms")
+    alarm = page.locator(f'#alarms-table tr[data-alarm="{HOT}"]')
+    expect(alarm).to_have_attribute("data-state", "active_unacked", timeout=30_000)
+    expect(alarm.locator(".state")).to_have_text("active, unacknowledged")
+    expect(alarm.locator(".prio")).to_have_text("high")
+    expect(page.locator("#read-only")).to_have_count(0)
+    page.locator("#rules summary").click()
+    expect(page.locator('#rules-table tr[data-rule="hot"]')).to_contain_text(OVEN)
+    shot("alarms")
+
+    step("acknowledge it with a comment")
+    alarm.locator('[data-action="ack"]').click()
+    dialog = page.locator("#alarm-dialog")
+    expect(dialog).to_contain_text(OVEN)
+    expect(dialog.locator("#shelve-minutes")).to_have_count(0)
+    expect(dialog).not_to_contain_text("null")
+    page.locator("#action-comment").fill("checked the cooling, from the browser test")
+    shot("alarm-ack-dialog")
+    page.locator("#dialog-ok").click()
+    expect(page.locator("#toasts")).to_contain_text(f"Acknowledged: hot on {OVEN}")
+    expect(alarm).to_have_attribute("data-state", "active_acked")
+    expect(alarm.locator(".state")).to_have_text("active, acknowledged")
+    expect(alarm.locator('[data-action="ack"]')).to_have_count(0)
+
+    step("acknowledging again is refused by the alert service, and said so")
+    answer = page.evaluate(
+        """async (id) => {
+            const r = await fetch(`/api/v1/alarms/${encodeURIComponent(id)}/ack`, {
+                method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"});
+            return {status: r.status, body: await r.text()};
+        }""",
+        HOT,
+    )
+    assert answer["status"] == 409, answer
+
+    step("shelve it for a number of minutes, then unshelve it")
+    alarm.locator('[data-action="shelve"]').click()
+    page.locator("#dialog-ok").click()
+    expect(page.locator("#dialog-error")).to_be_visible()
+    page.locator("#shelve-minutes").fill("5")
+    page.locator("#dialog-ok").click()
+    expect(alarm.locator('[data-flag="shelved"]')).to_contain_text("shelved until")
+    expect(page.locator("#toasts .toast")).to_have_count(0, timeout=10_000)
+    shot("alarm-shelved")
+    alarm.locator('[data-action="unshelve"]').click()
+    expect(alarm.locator('[data-flag="shelved"]')).to_have_count(0)
+    expect(alarm.locator('[data-action="shelve"]')).to_be_visible()
+
+    step("sort by time, then priority")
+    page.locator('#alarms-table [data-sort="time"]').click()
+    expect(page.locator('#alarms-table [data-sort="time"]')).to_have_attribute("aria-sort", "descending")
+    page.locator('#alarms-table [data-sort="priority"]').click()
+    expect(page.locator('#alarms-table [data-sort="priority"]')).to_have_attribute("aria-sort", "descending")
+
+    journal(page, operator)
+    expect(page.locator("#toasts .toast")).to_have_count(0, timeout=10_000)
+    shot("alarms-acknowledged")
+
+
+def journal(page, operator):
+    """The journal (alarm_events, through the alert service): the acknowledgement found by
+    the filters, with its user and comment; a bad filter refused in words."""
+    step("the alarm journal: the acknowledgement, by user and kind")
+    page.locator("#journal-rule").fill("hot")
+    page.locator("#journal-user").fill(operator)
+    page.locator("#journal-kind").select_option("acknowledged")
+    rows = page.locator("#journal-table tbody tr")
+    # The journal's writer is asynchronous: ask again until the row is stored.
+    for _ in range(20):
+        page.locator("#journal-search").click()
+        expect(page.locator("#journal-note")).not_to_have_text("")
+        if rows.count() > 0:
+            break
+        page.wait_for_timeout(500)
+    expect(rows).to_have_count(1)
+    ack = rows.first
+    expect(ack).to_have_attribute("data-kind", "acknowledged")
+    expect(ack).to_contain_text(OVEN)
+    expect(ack).to_contain_text(operator)
+    expect(ack).to_contain_text("checked the cooling, from the browser test")
+    expect(ack).to_contain_text("active, acknowledged")
+    expect(page.locator("#journal-note")).to_have_text("1 event, newest first")
+    step(f"journal row: {ack.inner_text()!r}")
+
+    step("the journal's whole history of the alarm, newest first")
+    page.locator("#journal-user").fill("")
+    page.locator("#journal-kind").select_option("")
+    page.locator("#journal-search").click()
+    expect(page.locator("#journal-table tbody tr").first).to_have_attribute("data-kind", "unshelved")
+    expect(page.locator('#journal-table tbody tr[data-kind="activated"]')).to_have_count(1)
+    expect(page.locator('#journal-table tbody tr[data-kind="shelved"]')).to_have_count(1)
+
+    step("a topic filter that is not one: the server's refusal, in words")
+    page.locator("#journal-topic").fill("a/#/b")
+    page.locator("#journal-search").click()
+    expect(page.locator("#journal-error")).to_contain_text("The journal could not be read: ")
+    step(f"the refusal: {page.locator('#journal-error').inner_text()!r}")
+    page.locator("#journal-topic").fill("")
+    page.locator("#journal-search").click()
+    expect(page.locator('#journal-table tbody tr[data-kind="activated"]')).to_have_count(1)
+
+
 def login(page, user, password):
     page.locator("#username").fill(user)
     page.locator("#password").fill(password)
@@ -260,6 +428,7 @@ def main():
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     args = ap.parse_args()
     admin, admin_pw = os.environ["NEXUS_UI_ADMIN"].split(":", 1)
+    operator, operator_pw = os.environ["NEXUS_UI_OPERATOR"].split(":", 1)
     viewer, viewer_pw = os.environ["NEXUS_UI_VIEWER"].split(":", 1)
     base = args.url.rstrip("/")
     for old in os.listdir(args.screenshots):
@@ -282,7 +451,7 @@ def main():
                 viewport={"width": 1280, "height": 800},
             )
             try:
-                run(browser, base, args, admin, admin_pw, viewer, viewer_pw)
+                run(browser, base, args, (admin, admin_pw), (operator, operator_pw), (viewer, viewer_pw))
             finally:
                 browser.close()
     finally:
@@ -308,7 +477,8 @@ def challenges_scripts(base):
         return None
 
 
-def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
+def run(browser, base, args, admin_login, operator_login, viewer_login):
+    (admin, admin_pw), (operator, operator_pw), (viewer, viewer_pw) = admin_login, operator_login, viewer_login
     app = base + "/ui/"
     expect.set_options(timeout=15_000)
     page = browser.pages[0] if browser.pages else browser.new_page()
@@ -327,7 +497,9 @@ def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
     history_503 = []
     page.on(
         "response",
-        lambda r: r.status == 503 and "/api/v1/history?" in r.url and history_503.append(r.url),
+        lambda r: r.status == 503
+        and ("/api/v1/history?" in r.url or "/api/v1/alarms/journal?" in r.url)
+        and history_503.append(r.url),
     )
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
 
@@ -374,6 +546,7 @@ def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
     shot("overview")
 
     namespace(page, app, shot)
+    write_back(page, app, shot, args.sim_port)
 
     step("devices")
     page.locator("#nav [data-nav=devices]").click()
@@ -459,6 +632,13 @@ def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
     expect(page).to_have_url(app + "#/login")
     expect(page.locator("#nav")).to_be_hidden()
 
+    step("log in as an operator")
+    login(page, operator, operator_pw)
+    expect(page.locator("#user-role")).to_have_text("operator")
+    alarms_operator(page, app, shot, operator)
+    page.locator("#logout").click()
+    expect(page).to_have_url(app + "#/login")
+
     step("log in as a viewer: nothing to change is offered")
     login(page, viewer, viewer_pw)
     expect(page.locator("#user-role")).to_have_text("viewer")
@@ -493,6 +673,45 @@ def run(browser, base, args, admin, admin_pw, viewer, viewer_pw):
         args.sim_port,
     )
     step(f"POST /api/v1/devices as the viewer: {answer['status']} {answer['body']}")
+    assert answer["status"] == 403, answer
+
+    step("the viewer's tag view: the value, no write form; the API refuses a write")
+    page.goto(app + "#/tag/" + quote(PLC1 + "/setpoint"))
+    expect(page.locator("#tag-value")).to_have_text("42.5")
+    expect(page.locator("#tag-write-box")).to_have_attribute("data-write", "not-offered")
+    expect(page.locator("#tag-write")).to_have_count(0)
+    shot("tag-viewer")
+    answer = page.evaluate(
+        """async () => {
+            const r = await fetch("/api/v1/commands/plc-1/setpoint", {
+                method: "POST", headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({value: 10, confirm: false}),
+            });
+            return {status: r.status, body: await r.text()};
+        }""",
+    )
+    step(f"POST /api/v1/commands/plc-1/setpoint as the viewer: {answer['status']} {answer['body']}")
+    assert answer["status"] == 403, answer
+    assert plc_setpoint(args.sim_port) == 42.5, plc_setpoint(args.sim_port)
+
+    step("the viewer's alarms: the alarm, no action; the API refuses one")
+    page.locator("#nav [data-nav=alarms]").click()
+    alarm = page.locator(f'#alarms-table tr[data-alarm="{HOT}"]')
+    expect(alarm).to_have_attribute("data-state", "active_acked")
+    expect(page.locator("#read-only")).to_be_visible()
+    expect(page.locator("#alarms-table [data-action]")).to_have_count(0)
+    shot("alarms-viewer")
+    answer = page.evaluate(
+        """async (id) => {
+            const r = await fetch(`/api/v1/alarms/${encodeURIComponent(id)}/shelve`, {
+                method: "POST", headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({duration_s: 60}),
+            });
+            return {status: r.status, body: await r.text()};
+        }""",
+        HOT,
+    )
+    step(f"POST /api/v1/alarms/<id>/shelve as the viewer: {answer['status']} {answer['body']}")
     assert answer["status"] == 403, answer
 
     unavailable = "console: Failed to load resource: the server responded with a status of 503 (Service Unavailable)"

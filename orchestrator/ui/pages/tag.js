@@ -5,9 +5,14 @@
 // aggregate that fits). Points of bad or uncertain quality are marked; aggregates show their
 // min-max band. A range back from now is read again every 10 s (or its 360th part, when
 // longer), so the chart follows the live value; a zoomed range stays as it is.
+// When the topic is a tag of a configured device with `access: write` or `readwrite`
+// (`<uns_prefix>/<device id>/<tag id>` in GET /api/v1/devices), operators and admins get a
+// form writing it through POST /api/v1/commands/{device}/{tag} (docs/control.md, "Writing a
+// value"); viewers are not offered it, and the API refuses them anyway.
 
 import { api } from "../lib/api.js";
-import { h, replace, pill } from "../lib/dom.js";
+import { h, replace } from "../lib/dom.js";
+import { may } from "../lib/session.js";
 import { liveUrl, formatValue, formatAge, formatRate, qualityTone, rate, ServerClock } from "../lib/live.js";
 
 export const title = "Tag";
@@ -52,10 +57,15 @@ export function render(view, ctx) {
   const notes = h("p", { class: "muted small", id: "history-notes" });
   const chartBox = h("div", { class: "chart", id: "history-chart" });
 
+  // data-write says what was decided: "form", "none" (not a writable tag of a device) or
+  // "not-offered" (the role may not write).
+  const writeBox = h("div", { class: "tag-write-box", id: "tag-write-box" });
+
   view.append(h("section", { class: "page" },
     h("p", { class: "crumbs" }, crumbs(levels)),
     h("div", { class: "page-head" }, h("h1", { class: "mono tag-title", title: topic }, topic)),
     h("div", { class: "grid-tag" },
+      h("div", { class: "tag-side" },
       h("section", { class: "card", id: "tag-live" },
         h("h2", {}, "Live value"),
         h("div", { class: "tag-reading" }, value, unit, quality),
@@ -65,6 +75,7 @@ export function render(view, ctx) {
           h("dt", {}, "Rate"), rateEl,
           h("dt", {}, "Messages"), count),
         liveState),
+      writeBox),
       h("section", { class: "card", id: "tag-history" },
         h("div", { class: "history-head" },
           h("h2", {}, "History"),
@@ -175,7 +186,7 @@ export function render(view, ctx) {
       return;
     }
     message.hidden = true;
-    const facts = [answer.agg === "raw" ? `${points.length.toLocaleString()} points` : `${points.length.toLocaleString()} buckets of ${answer.agg} (average, min–max band)`];
+    const facts = [answer.agg === "raw" ? `${points.length.toLocaleString()} point${points.length === 1 ? "" : "s"}` : `${points.length.toLocaleString()} buckets of ${answer.agg} (average, min–max band)`];
     if (data.marked) facts.push(`${data.marked} of bad or uncertain quality, marked`);
     if (answer.truncated) facts.push("more points than one answer holds: zoom in to see them all");
     if (answer.incomplete) facts.push(`may lack recent points (${(answer.incomplete_reasons || []).join(", ") || "the historian is behind"})`);
@@ -265,6 +276,15 @@ export function render(view, ctx) {
   resize.observe(chartBox);
 
   setRange(base);
+  if (may("operator")) {
+    writable(topic).then((found) => {
+      if (!ctx.alive()) return;
+      if (found) writeBox.append(writeForm(found, ctx));
+      writeBox.dataset.write = found ? "form" : "none";
+    });
+  } else {
+    writeBox.dataset.write = "not-offered";
+  }
 
   return () => {
     es.close();
@@ -274,6 +294,109 @@ export function render(view, ctx) {
     seq++;
     if (chart) chart.destroy();
   };
+}
+
+/**
+ * `{device, tag}` (their configs) when `topic` is a writable tag of a configured device, else
+ * null (not a device's tag, read-only, or the devices could not be read).
+ */
+async function writable(topic) {
+  let list;
+  try {
+    list = await api("GET", "/api/v1/devices");
+  } catch {
+    return null;
+  }
+  for (const d of Array.isArray(list.devices) ? list.devices : []) {
+    const c = d.config || {};
+    const prefix = `${c.uns_prefix}/${c.id}/`;
+    if (!topic.startsWith(prefix)) continue;
+    const tag = (c.tags || []).find((t) => `${prefix}${t.id}` === topic);
+    if (tag && (tag.access === "write" || tag.access === "readwrite")) return { device: c, tag };
+  }
+  return null;
+}
+
+/** The write form of a writable tag: a value input typed by its data type, confirm, Write. */
+function writeForm({ device, tag }, ctx) {
+  const type = tag.data_type || "";
+  const kind = type === "bool" ? "bool" : type === "string" ? "text" : "number";
+  const input = kind === "bool"
+    ? h("input", { type: "checkbox", id: "write-value", class: "toggle", role: "switch" })
+    : h("input", {
+      type: kind === "number" ? "number" : "text", id: "write-value", class: "mono",
+      step: kind === "number" ? "any" : null, autocomplete: "off",
+    });
+  const boolText = h("span", { class: "mono", id: "write-bool-text" }, "false");
+  if (kind === "bool") input.addEventListener("change", () => { boolText.textContent = String(input.checked); });
+  const confirm = h("input", { type: "checkbox", id: "write-confirm" });
+  const submit = h("button", { type: "submit", class: "btn primary", id: "write-submit" }, "Write");
+  const result = h("div", { id: "write-result", role: "status", "aria-live": "polite" });
+  const limits = [];
+  if (typeof tag.min === "number") limits.push(`min ${tag.min}`);
+  if (typeof tag.max === "number") limits.push(`max ${tag.max}`);
+
+  async function send(ev) {
+    ev.preventDefault();
+    let value;
+    if (kind === "bool") value = input.checked;
+    else if (kind === "text") value = input.value;
+    else {
+      value = Number(input.value);
+      if (input.value.trim() === "" || !Number.isFinite(value)) {
+        show("error", "Enter a number.");
+        return;
+      }
+    }
+    submit.disabled = true;
+    show("info", "Writing…");
+    try {
+      const path = `/api/v1/commands/${encodeURIComponent(device.id)}/${encodeURIComponent(tag.id)}`;
+      const answer = await api("POST", path, { body: { value, confirm: confirm.checked } });
+      if (!ctx.alive()) return;
+      if (answer && answer.success === true) {
+        const facts = [`Written: ${formatValue(answer.value ?? value)}`];
+        if ("old_value" in answer) facts.push(`was ${formatValue(answer.old_value)}`);
+        if ("read_back" in answer) facts.push(`read back ${formatValue(answer.read_back)}`);
+        if (typeof answer.duration_ms === "number") facts.push(`${+answer.duration_ms.toPrecision(3)} ms`);
+        show("good", facts.join(" · "));
+      } else {
+        show("error", `Refused: ${(answer && answer.error) || "the command handler gave no reason"}`);
+      }
+    } catch (e) {
+      if (!ctx.alive() || e.status === 401) return;
+      show("error", writeError(e));
+    } finally {
+      submit.disabled = false;
+    }
+  }
+
+  function show(kind, text) {
+    result.className = `banner ${kind}`;
+    result.dataset.outcome = kind;
+    replace(result, text);
+  }
+
+  return h("form", { class: "card", id: "tag-write", onsubmit: send },
+    h("h2", {}, "Write"),
+    h("p", { class: "muted small" }, "Tag ", h("code", {}, tag.id), " of device ", h("code", {}, device.id), ` (${type}${tag.unit ? `, ${tag.unit}` : ""})`),
+    h("div", { class: "field" },
+      h("label", { for: "write-value" }, "Value"),
+      kind === "bool" ? h("div", { class: "toggle-row" }, input, boolText) : input,
+      limits.length ? h("p", { class: "muted small hint", id: "write-limits" }, limits.join(" · "), tag.unit ? ` ${tag.unit}` : "") : null),
+    h("div", { class: "field check" },
+      confirm, h("label", { for: "write-confirm" }, "confirm (read back)")),
+    h("div", { class: "actions" }, submit),
+    result);
+}
+
+/** A write's refusal by the orchestrator in words. */
+function writeError(e) {
+  if (e.status === 403) return `Not allowed: ${e.message}`;
+  if (e.status === 504) return `No answer from the command handler: ${e.message}`;
+  if (e.status === 503) return `Cannot write now: ${e.message}`;
+  if (e.status === 0) return e.message;
+  return `The write was refused: ${e.message}`;
 }
 
 /** The history's refusal in words. */
