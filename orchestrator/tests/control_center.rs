@@ -10,7 +10,9 @@
 //! history's refusals shown), writes a setpoint from the tag view (read back, seen live and in
 //! the simulator's register; a value above the tag's `max` refused by the command handler),
 //! adds a device through the form (a bad port first, shown next to its field), sees it online,
-//! logs out; as an operator acknowledges, shelves and unshelves the alarm; and checks that a
+//! logs out; as an operator switches a pump on (a bool toggle, read back, the coil read over
+//! Modbus), acknowledges the alarm, shelves and unshelves it, takes it out of service and back,
+//! and finds it in the journal; and checks that a
 //! viewer is offered no change, no write and no alarm action, and is refused them by the API. It saves a screenshot of
 //! every page under `target/ui-screenshots/` and checks the first load's size (300 KB at most,
 //! docs/adr/0008-control-center-ui.md). Before the browser, plain HTTP checks what is served:
@@ -244,6 +246,7 @@ fn the_control_center_in_a_browser() {
              \x20   connection: {{ host: 127.0.0.1, port: {sim}, unit_id: 1, timeout: 1s }}\n\
              \x20   tags:\n\
              \x20     - {{ id: temperature, address: \"HR:0\", data_type: float32, unit: degC }}\n\
+             \x20     - {{ id: pump, address: \"CO:1\", data_type: bool, access: readwrite }}\n\
              \x20 - id: plc-off\n    protocol: modbus\n    uns_prefix: test/plant/packaging/line-9\n\
              \x20   poll_interval: 500ms\n\
              \x20   connection: {{ host: 127.0.0.1, port: {off}, unit_id: 1, timeout: 300ms }}\n\
