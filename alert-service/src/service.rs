@@ -478,15 +478,29 @@ impl Alerts {
     }
 
     /// Run: restore retained states first (until the broker has sent them), then evaluate.
+    ///
+    /// The broker sends what a subscription finds retained before anything live, marked
+    /// retained: the restore ends at the first live message, after 500 ms without messages,
+    /// or after 5 s at most (a topic that changes more often than every 500 ms never leaves a
+    /// quiet moment). What arrived meanwhile is evaluated right after, in order.
     pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Message>, token: CancellationToken) {
         let mut restored = 0;
         let mut early = Vec::new();
         let quiet = Duration::from_millis(500);
-        while let Ok(Some(m)) = tokio::time::timeout(quiet, rx.recv()).await {
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let Ok(Some(m)) = tokio::time::timeout(quiet.min(left), rx.recv()).await else {
+                break;
+            };
+            let live = !m.retain();
             if self.restore(&m) {
                 restored += 1;
             } else {
                 early.push(m);
+            }
+            if live || left.is_zero() {
+                break;
             }
         }
         tracing::info!(restored, "alarm states restored from retained topics");

@@ -600,3 +600,42 @@ async fn rules_reload_without_restart() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A rule's topic that changes every 100 ms from before the service starts (a value polled
+/// fast) leaves no quiet moment: the service must still start evaluating and raise the alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_changing_fast_from_the_start_is_evaluated() {
+    let b = broker();
+    let port = b.ports.tcp().port();
+    let root = format!("{}/site/area/line", testing::unique("plant"));
+    let (svc, _) = client(port, "svc", &[]).await;
+    let stop = CancellationToken::new();
+    let feed = {
+        let (svc, topic, stop) = (svc.clone(), format!("{root}/m1/temp"), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = svc
+                    .publish(&topic, "{\"v\":95}", QoS::AtLeastOnce, true)
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_watch, mut rx) = client(port, "svc", &["$nexus/alarms/#"]).await;
+    let hp = free_port();
+    let (token, task) = start(port, hp, &root);
+    let state = next(
+        &mut rx,
+        &format!("$nexus/alarms/{root}/m1/temp/hot"),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the alarm is raised while its topic keeps changing");
+    let v: Value = serde_json::from_slice(&state).unwrap();
+    assert_eq!(v["state"], "active_unacked", "{v}");
+    stop.cancel();
+    let _ = feed.await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
