@@ -252,8 +252,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub struct ControlState {
     pub devices: Arc<DeviceFile>,
     pub board: StatusBoard,
-    /// Pool and breaker settings for connection tests.
-    pub gateway: nexus_common::config::GatewayConfig,
+    /// The running configuration (pool and breaker settings for connection tests; the files
+    /// a reload checks).
+    pub config: Arc<Config>,
 }
 
 #[derive(Deserialize)]
@@ -534,8 +535,9 @@ async fn test_connection(
         .ok_or_else(|| error(StatusCode::UNPROCESSABLE_ENTITY, "no device"))?;
     let compiled = nexus_devices::Device::compile(cfg)
         .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let pools = nexus_devices::pool::Pools::from_config(&s.gateway, &prometheus::Registry::new())
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let pools =
+        nexus_devices::pool::Pools::from_config(&s.config.gateway, &prometheus::Registry::new())
+            .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let compiled = Arc::new(compiled);
     let started = std::time::Instant::now();
     tracing::info!(user = %who.name, device = %compiled.cfg.id, "device connection test");
@@ -629,8 +631,9 @@ async fn browse(
         nexus_devices::Device::compile(cfg)
             .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?,
     );
-    let pools = nexus_devices::pool::Pools::from_config(&s.gateway, &prometheus::Registry::new())
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let pools =
+        nexus_devices::pool::Pools::from_config(&s.config.gateway, &prometheus::Registry::new())
+            .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(user = %who.name, device = %compiled.cfg.id, node = ?q.node, "OPC UA browse for the control center");
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
     let task = tokio::spawn(async move { pools.browse(&compiled, q.node, tx).await });
@@ -671,6 +674,36 @@ async fn browse(
     Ok(Json(json!({"children": children, "truncated": truncated})).into_response())
 }
 
+/// `POST /api/v1/reload` (admin): check the configuration file and the devices file now, as
+/// every service will when it sees them change (they watch them every 2 s): what they will
+/// apply, or every problem, in which case the running configuration stays.
+async fn reload(State(s): State<ControlState>, Caller(who): Caller) -> Result<Response, ApiError> {
+    let cfg = s.config.clone();
+    let checked = tokio::task::spawn_blocking(move || cfg.reload())
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    tracing::info!(user = %who.name, ok = checked.is_ok(), "configuration checked for a reload");
+    match checked {
+        Ok(new) => Ok(Json(json!({
+            "ok": true,
+            "source": new.source_name(),
+            "devices_file": new.devices_file.as_ref().map(|p| p.display().to_string()),
+            "devices": new.devices.len(),
+            "enabled_devices": new.devices.iter().filter(|d| d.enabled).count(),
+            "rules": new.alerts.rules.len(),
+            "applied_by": "every service watching the files, within 2 s",
+        }))
+        .into_response()),
+        Err(e) => Err(problems(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the configuration has problems: the running one stays",
+            e.0.into_iter()
+                .map(|p| (p.path.clone(), p.to_string()))
+                .collect(),
+        )),
+    }
+}
+
 /// The OpenAPI document of the orchestrator's port (`GET /api/openapi.json`, open to all).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
@@ -690,6 +723,7 @@ pub fn routes(state: ControlState) -> Routes {
         .post("/api/v1/devices", Role::Admin, create)
         .post("/api/v1/test-connection", Role::Admin, test_connection)
         .post("/api/v1/browse", Role::Admin, browse)
+        .post("/api/v1/reload", Role::Admin, reload)
         .get("/api/v1/devices/{id}", Role::Viewer, get_one)
         .put("/api/v1/devices/{id}", Role::Admin, replace)
         .delete("/api/v1/devices/{id}", Role::Admin, remove)

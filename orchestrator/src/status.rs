@@ -86,7 +86,7 @@ pub async fn run_with(
     let control = crate::control::ControlState {
         devices: Arc::new(crate::control::DeviceFile::new(&cfg)),
         board: board.clone(),
-        gateway: cfg.gateway.clone(),
+        config: cfg.clone(),
     };
     let routes = Routes::new()
         .get("/api/v1/status", Role::Viewer, status)

@@ -402,7 +402,7 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
             &Config::default(),
         )),
         board: status::StatusBoard::default(),
-        gateway: Default::default(),
+        config: Arc::new(Config::default()),
     });
     let proxy = nexus_orchestrator::proxy::routes(
         nexus_orchestrator::proxy::Upstreams::new(&Config::default()).unwrap(),
@@ -771,4 +771,47 @@ async fn an_opc_ua_server_is_browsed_to_pick_tags_before_the_device_is_saved() {
         403
     );
     assert_eq!(std::fs::read_to_string(api.file()).unwrap(), FIRST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_checks_the_files_now_and_names_every_problem() {
+    let broker = testing::service_broker();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(dir.path().join("devices.yaml"), FIRST).unwrap();
+    let file = dir.path().join("nexus.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "mqtt: {{ host: 127.0.0.1, port: {}, username: {} }}\n\
+             auth:\n  anonymous: \"off\"\n  tokens:\n{}\
+             orchestrator: {{ http_listen: 127.0.0.1:{port} }}\n\
+             devices_file: devices.yaml\n",
+            broker.ports.tcp().port(),
+            SERVICE_USER.0,
+            support::tokens(&[("adm", ADMIN, "admin"), ("v", VIEWER, "viewer")]),
+        ),
+    )
+    .unwrap();
+    let env = [("NEXUS_MQTT__PASSWORD".to_owned(), SERVICE_USER.1.to_owned())];
+    let cfg = Config::load_with_env(Some(&file), &env).unwrap();
+    let stop = CancellationToken::new();
+    support::orchestrator(Arc::new(cfg), stop.clone()).await;
+    let (s, v) = support::call(port, Some(ADMIN), "POST", "/api/v1/reload", &[], "").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((&v["ok"], &v["devices"]), (&json!(true), &json!(1)), "{v}");
+    // Broken by hand: the problem names the file, the line and the field.
+    let broken = FIRST.replace("port: 502", "port: 70000");
+    std::fs::write(dir.path().join("devices.yaml"), broken).unwrap();
+    let (s, v) = support::call(port, Some(ADMIN), "POST", "/api/v1/reload", &[], "").await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(
+        v["problems"][0]["field"], "devices[0].connection.port",
+        "{v}"
+    );
+    let msg = v["problems"][0]["message"].as_str().unwrap();
+    assert!(msg.contains("devices.yaml") && msg.contains(":7:"), "{msg}");
+    let (s, _) = support::call(port, Some(VIEWER), "POST", "/api/v1/reload", &[], "").await;
+    assert_eq!(s, 403);
+    stop.cancel();
 }
