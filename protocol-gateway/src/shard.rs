@@ -716,6 +716,17 @@ mod tests {
         s
     }
 
+    /// A settled member alone, polling all `n` devices at the time returned.
+    fn owning_all(me: &str, n: usize) -> (Shard, Instant) {
+        let t0 = Instant::now();
+        let mut s = settled(me, n, t0);
+        let t1 = t0 + Duration::from_secs(2);
+        s.step(t1);
+        echo(&mut s, t1);
+        assert_eq!(s.owned().len(), n);
+        (s, t1)
+    }
+
     fn echo(s: &mut Shard, now: Instant) -> Step {
         let a = s.advert(now);
         s.on_advert(a, now)
@@ -791,12 +802,7 @@ mod tests {
 
     #[test]
     fn a_holder_polls_on_until_the_winner_claims() {
-        let t0 = Instant::now();
-        let mut s = settled("a", 40, t0);
-        let t1 = t0 + Duration::from_secs(2);
-        s.step(t1);
-        echo(&mut s, t1);
-        assert_eq!(s.owned().len(), 40);
+        let (mut s, t1) = owning_all("a", 40);
         let joiner = |claims: Vec<String>| adv("b", 9, vec![], claims);
         // b joined and is settling: a keeps everything.
         s.on_advert(joiner(vec![]), t1);
@@ -832,12 +838,7 @@ mod tests {
 
     #[test]
     fn without_echo_it_stops_polling_before_the_others_take_over() {
-        let t0 = Instant::now();
-        let mut s = settled("a", 5, t0);
-        let t1 = t0 + Duration::from_secs(2);
-        s.step(t1);
-        echo(&mut s, t1);
-        assert_eq!(s.owned().len(), 5);
+        let (mut s, t1) = owning_all("a", 5);
         // No echo for a lease: fenced.
         let st = s.step(t1 + Duration::from_secs(10));
         assert!(st.apply);
@@ -847,12 +848,7 @@ mod tests {
 
     #[test]
     fn an_echo_read_late_renews_nothing() {
-        let t0 = Instant::now();
-        let mut s = settled("a", 5, t0);
-        let t1 = t0 + Duration::from_secs(2);
-        s.step(t1);
-        echo(&mut s, t1);
-        assert_eq!(s.owned().len(), 5);
+        let (mut s, t1) = owning_all("a", 5);
         // Sent just before the process froze; read when it woke 30 s later.
         let stale = s.advert(t1);
         let woke = t1 + Duration::from_secs(30);
@@ -896,12 +892,7 @@ mod tests {
 
     #[test]
     fn a_second_process_under_the_same_name_is_resolved_by_incarnation() {
-        let t0 = Instant::now();
-        let mut s = settled("a", 30, t0);
-        let t1 = t0 + Duration::from_secs(2);
-        s.step(t1);
-        echo(&mut s, t1);
-        assert_eq!(s.owned().len(), 30);
+        let (mut s, t1) = owning_all("a", 30);
         // Another "a" (incarnation 2 outranks our 1) polls everything too.
         s.on_advert(adv("a", 2, devices(30), vec![]), t1);
         let st = s.step(t1);
