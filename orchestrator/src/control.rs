@@ -404,6 +404,15 @@ fn if_match(headers: &HeaderMap, version: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Where device `id` is in the file, once `If-Match` (if sent) holds.
+fn locate(snap: &Snapshot, headers: &HeaderMap, id: &str) -> Result<usize, ApiError> {
+    if_match(headers, &snap.version)?;
+    snap.devices
+        .iter()
+        .position(|d| id_of(d) == Some(id))
+        .ok_or_else(|| no_device(id))
+}
+
 fn editable(s: &ControlState) -> Result<(), ApiError> {
     match &s.devices.refused {
         Some(why) => Err(error(StatusCode::CONFLICT, why.clone())),
@@ -470,12 +479,7 @@ async fn replace(
     }
     let _guard = s.devices.lock.lock().await;
     let snap = s.devices.read()?;
-    if_match(&headers, &snap.version)?;
-    let index = snap
-        .devices
-        .iter()
-        .position(|d| id_of(d) == Some(&id))
-        .ok_or_else(|| no_device(&id))?;
+    let index = locate(&snap, &headers, &id)?;
     let mut list = snap.devices;
     list[index] = device.clone();
     check(&list, index)?;
@@ -497,12 +501,7 @@ async fn remove(
     editable(&s)?;
     let _guard = s.devices.lock.lock().await;
     let snap = s.devices.read()?;
-    if_match(&headers, &snap.version)?;
-    let index = snap
-        .devices
-        .iter()
-        .position(|d| id_of(d) == Some(&id))
-        .ok_or_else(|| no_device(&id))?;
+    let index = locate(&snap, &headers, &id)?;
     let mut list = snap.devices;
     list.remove(index);
     if q.dry_run {
@@ -517,16 +516,13 @@ async fn remove(
 /// client's key pair).
 pub const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// `POST /api/v1/test-connection` (admin): validate a device as a write would, then open a
-/// session to it and read every tag once, on pools of its own (the running gateway's
-/// sessions and breakers are not touched). What each tag read, or why the device did not.
-async fn test_connection(
-    State(s): State<ControlState>,
-    Caller(who): Caller,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let device = device_body(body)?;
-    let list = [device.clone()];
+/// A device sent for a connection test or a browse: validated as a write would be, compiled,
+/// with pools of its own (the running gateway's sessions and breakers are not touched).
+fn probe(
+    s: &ControlState,
+    device: Value,
+) -> Result<(Arc<nexus_devices::Device>, Arc<nexus_devices::Pools>), ApiError> {
+    let list = [device];
     check(&list, 0)?;
     let cfg = Config::check_devices(&list)
         .map_err(|_| error(StatusCode::UNPROCESSABLE_ENTITY, "the device is not valid"))?
@@ -535,10 +531,20 @@ async fn test_connection(
         .ok_or_else(|| error(StatusCode::UNPROCESSABLE_ENTITY, "no device"))?;
     let compiled = nexus_devices::Device::compile(cfg)
         .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let pools =
-        nexus_devices::pool::Pools::from_config(&s.config.gateway, &prometheus::Registry::new())
-            .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let compiled = Arc::new(compiled);
+    let pools = nexus_devices::Pools::from_config(&s.config.gateway, &prometheus::Registry::new())
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok((Arc::new(compiled), pools))
+}
+
+/// `POST /api/v1/test-connection` (admin): validate a device as a write would, then open a
+/// session to it and read every tag once, on pools of its own (the running gateway's
+/// sessions and breakers are not touched). What each tag read, or why the device did not.
+async fn test_connection(
+    State(s): State<ControlState>,
+    Caller(who): Caller,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (compiled, pools) = probe(&s, device_body(body)?)?;
     let started = std::time::Instant::now();
     tracing::info!(user = %who.name, device = %compiled.cfg.id, "device connection test");
     let read = tokio::time::timeout(TEST_TIMEOUT, pools.read(&compiled, None)).await;
@@ -620,20 +626,7 @@ async fn browse(
             ));
         }
     }
-    let list = [device];
-    check(&list, 0)?;
-    let cfg = Config::check_devices(&list)
-        .map_err(|_| error(StatusCode::UNPROCESSABLE_ENTITY, "the device is not valid"))?
-        .into_iter()
-        .next()
-        .ok_or_else(|| error(StatusCode::UNPROCESSABLE_ENTITY, "no device"))?;
-    let compiled = Arc::new(
-        nexus_devices::Device::compile(cfg)
-            .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?,
-    );
-    let pools =
-        nexus_devices::pool::Pools::from_config(&s.config.gateway, &prometheus::Registry::new())
-            .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let (compiled, pools) = probe(&s, device)?;
     tracing::info!(user = %who.name, device = %compiled.cfg.id, node = ?q.node, "OPC UA browse for the control center");
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
     let task = tokio::spawn(async move { pools.browse(&compiled, q.node, tx).await });
