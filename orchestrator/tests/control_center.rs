@@ -201,6 +201,18 @@ fn the_control_center_in_a_browser() {
     );
 
     let dir = tempfile::tempdir().unwrap();
+    // An OPC UA server to browse from the device form; the orchestrator trusts its certificate
+    // (the commissioning setting, gateway.opcua.trust_server_certs).
+    let ua = free_port();
+    let _ua = Killed(
+        Command::new(NEXUS)
+            .args(["simulate", "opcua", "--port", &ua.to_string(), "--pki-dir"])
+            .arg(dir.path().join("server-pki"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (admin_pw, operator_pw, viewer_pw) = ("admin-pw-1", "operator-pw-1", "viewer-pw-1");
     let http = free_port();
     let hash = nexus_common::auth::hash_password;
@@ -210,7 +222,8 @@ fn the_control_center_in_a_browser() {
             "broker: {{ port: {mqtt}, ws_port: null }}\n\
              telemetry: {{ instance: ui-test }}\n\
              orchestrator: {{ http_listen: \"127.0.0.1:{http}\" }}\n\
-             gateway: {{ http_listen: \"127.0.0.1:{gw}\" }}\n\
+             gateway: {{ http_listen: \"127.0.0.1:{gw}\", \
+             opcua: {{ trust_server_certs: true, pki_dir: \"{client_pki}\" }} }}\n\
              commands: {{ http_listen: \"127.0.0.1:{cmd}\" }}\n\
              alerts:\n  http_listen: \"127.0.0.1:{alerts}\"\n  rules:\n\
              \x20   - {{ id: hot, topic: test/plant/packaging/line-5/oven/temperature, \
@@ -223,6 +236,7 @@ fn the_control_center_in_a_browser() {
              devices_file: devices.yaml\n",
             mqtt = free_port(),
             gw = free_port(),
+            client_pki = dir.path().join("client-pki").display(),
             cmd = free_port(),
             alerts = free_port(),
             admin = hash(admin_pw),
@@ -231,6 +245,8 @@ fn the_control_center_in_a_browser() {
         ),
     )
     .unwrap();
+    // Nothing listens here: a device that does not answer.
+    let off = free_port();
     std::fs::write(
         dir.path().join("devices.yaml"),
         format!(
@@ -252,7 +268,6 @@ fn the_control_center_in_a_browser() {
              \x20   connection: {{ host: 127.0.0.1, port: {off}, unit_id: 1, timeout: 300ms }}\n\
              \x20   tags:\n\
              \x20     - {{ id: level, address: \"HR:0\", data_type: uint16, unit: mm }}\n",
-            off = free_port(),
         ),
     )
     .unwrap();
@@ -316,6 +331,8 @@ fn the_control_center_in_a_browser() {
         .arg(repo("orchestrator/tests/browser/control_center.py"))
         .args(["--url", &format!("http://127.0.0.1:{http}")])
         .args(["--sim-port", &sim.to_string()])
+        .args(["--off-port", &off.to_string()])
+        .args(["--opcua-port", &ua.to_string()])
         .arg("--screenshots")
         .arg(&shots)
         .arg("--chromium")

@@ -468,6 +468,47 @@ def journal(page, operator):
     expect(page.locator('#journal-table tbody tr[data-kind="in_service"]')).to_have_count(1)
 
 
+def opcua_browse(page, app, shot, port):
+    """A new OPC UA device: its server browsed from Objects to Simulator, a variable added as
+    a tag to the JSON, the breadcrumb back up."""
+    step("a new OPC UA device: browse its server and add a variable as a tag")
+    page.goto(app + "#/devices/new")
+    page.locator("#protocol").select_option("opcua")
+    area = page.locator("#device-json")
+    device = json.loads(area.input_value())
+    device["id"] = "ua-1"
+    device["uns_prefix"] = "test/plant/packaging/line-7"
+    device["connection"] = {"endpoint": f"opc.tcp://127.0.0.1:{port}/", "timeout": "5s"}
+    area.fill(json.dumps(device, indent=2))
+    # The API checks the whole device: the template's tag has no id yet.
+    page.locator("#browse-start").click()
+    expect(page.locator("#browse-status")).to_contain_text("Browse failed", timeout=35_000)
+    expect(page.locator("#browse-status")).to_contain_text("tags[0].id")
+    device["tags"] = [{"id": "ramp", "node_id": "ns=2;s=Ramp", "data_type": "int32"}]
+    area.fill(json.dumps(device, indent=2))
+    page.locator("#browse-start").click()
+    simulator = page.locator("#browse-list li", has=page.get_by_role("link", name="Simulator", exact=True))
+    expect(simulator).to_have_count(1, timeout=35_000)
+    simulator.get_by_role("link", name="Simulator", exact=True).click()
+    sine = page.locator('#browse-list li[data-node-class="Variable"]', has_text="Sine")
+    expect(sine).to_have_count(1, timeout=35_000)
+    expect(page.locator("#browse-crumbs")).to_have_text("Objects / Simulator")
+    shot("device-opcua-browse")
+    sine.get_by_role("button", name="Add as tag").click()
+    tags = json.loads(area.input_value())["tags"]
+    added = [t for t in tags if t["id"] == "Sine"]
+    assert len(added) == 1, tags
+    assert added[0]["data_type"] == "float64", added
+    assert added[0]["node_id"] == sine.get_attribute("data-node"), (added, sine.get_attribute("data-node"))
+    step(f"added {added[0]}")
+    sine.get_by_role("button", name="Add as tag").click()
+    ids = [t["id"] for t in json.loads(area.input_value())["tags"]]
+    assert "Sine_2" in ids, ids
+    page.locator("#browse-crumbs").get_by_role("link", name="Objects").click()
+    expect(simulator).to_have_count(1, timeout=35_000)
+    expect(page.locator("#browse-crumbs")).to_have_text("Objects")
+
+
 def login(page, user, password):
     page.locator("#username").fill(user)
     page.locator("#password").fill(password)
@@ -478,6 +519,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
     ap.add_argument("--sim-port", type=int, required=True)
+    ap.add_argument("--opcua-port", type=int, required=True)
+    ap.add_argument("--off-port", type=int, required=True, help="a port nothing listens on")
     ap.add_argument("--screenshots", required=True)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     args = ap.parse_args()
@@ -622,6 +665,35 @@ def run(browser, base, args, admin_login, operator_login, viewer_login):
     page.get_by_role("button", name="Validate").click()
     expect(page.locator("#problems")).to_contain_text("Valid")
 
+    step("test plc-1's connection from the form: each tag read once from the simulator")
+    page.locator('input[data-field="tags[0].unit"]').fill("K")  # as the form would save it, unsaved
+    page.get_by_role("button", name="Test connection").click()
+    verdict = page.locator("#test-verdict")
+    expect(verdict).to_contain_text("Connected: every tag read with good quality", timeout=35_000)
+    expect(page.get_by_role("button", name="Test connection")).to_be_enabled()
+    temperature = page.locator('#test-tags tr[data-tag="temperature"]')
+    expect(temperature.locator(".value")).to_have_text(re.compile(r"^-?\d+(\.\d+)?$"))
+    expect(temperature).to_contain_text("good")
+    expect(page.locator('#test-tags tr[data-tag="setpoint"] .value')).to_have_text("42.5")
+    expect(page.locator('#test-tags tr[data-tag="running"] .value')).to_have_text(re.compile(r"^(true|false)$"))
+    step(f"test connection: {verdict.inner_text()!r}, temperature {temperature.locator('.value').inner_text()}")
+    shot("device-test-connection")
+
+    step("a connection test of a device that does not answer says why")
+    page.locator('input[data-field="connection.port"]').fill(str(args.off_port))
+    page.locator('input[data-field="connection.timeout"]').fill("300ms")
+    page.get_by_role("button", name="Test connection").click()
+    expect(verdict).to_contain_text("Failed after", timeout=35_000)
+    step(f"test connection to nothing: {verdict.inner_text()!r}")
+    shot("device-test-connection-failed")
+    page.locator('input[data-field="connection.port"]').fill("70000")
+    page.get_by_role("button", name="Test connection").click()
+    port_error = page.locator(".field", has=page.locator('input[data-field="connection.port"]')).locator(".field-error")
+    expect(port_error).to_be_visible()
+    expect(page.locator("#test-result")).to_be_hidden()
+
+    opcua_browse(page, app, shot, args.opcua_port)
+
     step("add plc-2 through the form, with a bad port first")
     page.locator("#nav [data-nav=devices]").click()
     page.locator("#add-device").click()
@@ -691,6 +763,15 @@ def run(browser, base, args, admin_login, operator_login, viewer_login):
     expect(page.locator("#user-role")).to_have_text("operator")
     write_bool(page, app, shot, args.sim_port)
     alarms_operator(page, app, shot, operator)
+
+    step("the overview counts the active alarm and links to the alarms")
+    page.locator("#nav [data-nav=overview]").click()
+    expect(page.locator("#tile-alarms .tile-value")).to_have_text("1")
+    expect(page.locator("#tile-alarms")).to_contain_text("Active alarms")
+    expect(page.locator("#tile-ingest .tile-value")).to_have_text("online")
+    shot("overview-alarms")
+    page.locator("#tile-alarms").click()
+    expect(page).to_have_url(app + "#/alarms")
     page.locator("#logout").click()
     expect(page).to_have_url(app + "#/login")
 

@@ -2,6 +2,9 @@
 // Modbus devices get a form (connection and tags); other protocols are edited as JSON.
 // "Validate" asks the API for a dry run and shows each problem next to its field, as saving
 // does: the problems' `field` is the path inside the device object (`tags[2].address`).
+// "Test connection" sends the device as it would be saved to POST /api/v1/test-connection (each
+// tag read once, on sessions apart from the running gateway's); for an OPC UA device a panel
+// beside the JSON browses the server (POST /api/v1/browse) and adds a Variable to the tags.
 
 import { api } from "../lib/api.js";
 import { h, replace, pill, toast } from "../lib/dom.js";
@@ -82,7 +85,8 @@ function draw(page, ctx, st) {
   });
 
   function mount() {
-    editor = st.config.protocol === "modbus" ? modbusEditor(st.config, readOnly) : jsonEditor(st.config, readOnly);
+    editor = st.config.protocol === "modbus" ? modbusEditor(st.config, readOnly) : jsonEditor(st.config, readOnly, ctx);
+    testBox.hidden = true;
     replace(editorBox, editor.el);
     clearProblems();
   }
@@ -148,6 +152,49 @@ function draw(page, ctx, st) {
     }
   }
 
+  // The device as the form would save it, opened by Nexus on pools of its own (the running
+  // gateway is not touched): each tag read once, or why the device did not answer.
+  const testBox = h("div", { class: "card test-result", id: "test-result", hidden: true, "aria-live": "polite" });
+  async function testConnection() {
+    let body;
+    try { body = editor.value(); } catch (e) { showProblems(e.message, []); return; }
+    clearProblems();
+    testBtn.disabled = true;
+    testBtn.setAttribute("aria-busy", "true");
+    replace(testBtn, "Testing…");
+    testBox.hidden = false;
+    replace(testBox, h("p", { class: "muted" }, `Connecting to ${body.id || "the device"} and reading each tag once (up to 30 s)…`));
+    try {
+      const r = await api("POST", "/api/v1/test-connection", { body });
+      if (!ctx.alive()) return;
+      const tags = Array.isArray(r.tags) ? r.tags : [];
+      const ms = typeof r.duration_ms === "number" ? `${Math.round(r.duration_ms)} ms` : "";
+      replace(testBox,
+        h("p", { class: `banner ${r.ok ? "good" : "error"}`, id: "test-verdict" },
+          r.ok ? `Connected: every tag read with good quality (${ms}).`
+            : r.error ? `Failed after ${ms}: ${r.error}` : `Connected, but not every tag read with good quality (${ms}).`),
+        tags.length ? h("table", { class: "table", id: "test-tags" },
+          h("thead", {}, h("tr", {}, h("th", {}, "Tag"), h("th", {}, "Value"), h("th", {}, "Quality"), h("th", {}, "Error"))),
+          h("tbody", {}, tags.map((t) => h("tr", { dataset: { tag: String(t.tag ?? "") } },
+            h("td", { class: "mono" }, String(t.tag ?? "")),
+            h("td", { class: "mono value" }, t.v === undefined || t.v === null ? h("span", { class: "muted" }, "none") : typeof t.v === "object" ? JSON.stringify(t.v) : String(t.v)),
+            h("td", {}, h("span", { class: `pill ${t.q === "good" ? "good" : t.q === "bad" ? "bad" : "warn"}` }, String(t.q ?? ""))),
+            h("td", { class: "err-text" }, t.error ? String(t.error) : ""))))) : null);
+    } catch (e) {
+      if (!ctx.alive()) return;
+      if (e.status === 422) {
+        testBox.hidden = true;
+        refused(e);
+      } else if (e.status !== 401) {
+        replace(testBox, h("p", { class: "banner error", id: "test-verdict" }, `Test refused: ${explain(e)}`));
+      }
+    } finally {
+      testBtn.disabled = false;
+      testBtn.removeAttribute("aria-busy");
+      replace(testBtn, "Test connection");
+    }
+  }
+
   function refused(e) {
     if (e.status === 401) return;
     if (e.status === 422) {
@@ -162,12 +209,15 @@ function draw(page, ctx, st) {
   }
 
   const saveBtn = h("button", { type: "submit", class: "btn primary", id: "save" }, isNew ? "Add device" : "Save changes");
+  const testBtn = h("button", { type: "button", class: "btn", id: "test-connection", onclick: testConnection }, "Test connection");
   const form = h("form", { class: "device-form", id: "device-form", novalidate: true },
     summary,
     isNew ? h("div", { class: "card" }, h("div", { class: "field inline" }, h("label", { for: "protocol" }, "Protocol"), protocolSelect)) : null,
     editorBox,
+    readOnly ? null : testBox,
     readOnly ? null : h("div", { class: "form-actions" },
       h("button", { type: "button", class: "btn", id: "validate", onclick: validate }, "Validate"),
+      testBtn,
       saveBtn,
       h("a", { class: "btn ghost", href: "#/devices" }, "Cancel")),
   );
@@ -371,19 +421,103 @@ function parent(path) {
 
 // --- Other protocols: the device object as JSON --------------------------------------------
 
-function jsonEditor(config, readOnly) {
+function jsonEditor(config, readOnly, ctx) {
   const area = h("textarea", { id: "device-json", name: "device-json", class: "mono", rows: 22, spellcheck: "false", disabled: readOnly });
   area.value = JSON.stringify(config, null, 2);
   const err = h("div", { class: "field-error", hidden: true });
-  const el = h("fieldset", { class: "card" }, h("legend", {}, `Device (${config.protocol}), as in the devices file`),
+  const value = () => {
+    try { return JSON.parse(area.value); } catch (e) { throw new Error(`This is not JSON: ${e.message}`); }
+  };
+  const card = h("fieldset", { class: "card" }, h("legend", {}, `Device (${config.protocol}), as in the devices file`),
     h("p", { class: "hint" }, "The keys are those of docs/configuration.md (devices)."),
     area, err);
+  const browse = config.protocol === "opcua" && !readOnly ? browser(value, area, err, ctx) : null;
   return {
-    el,
-    value() {
-      try { return JSON.parse(area.value); } catch (e) { throw new Error(`This is not JSON: ${e.message}`); }
-    },
+    el: browse ? h("div", { class: "grid2 json-browse" }, card, browse) : card,
+    value,
     clear() { err.hidden = true; replace(err); area.removeAttribute("aria-invalid"); },
     place() { return false; },
   };
+}
+
+/** "Motor Speed (rpm)" -> "Motor_Speed_rpm": a tag id (letters, digits, - _ .). */
+export function tagId(name) {
+  const id = String(name).trim().replace(/[^A-Za-z0-9._-]+/g, "_").replace(/^_+|_+$/g, "");
+  return id || "tag";
+}
+
+/**
+ * The OPC UA server of the device in the editor, browsed from its Objects folder: an Object
+ * opens, a breadcrumb goes back up, a Variable can be added to the device's tags.
+ */
+function browser(value, area, err, ctx) {
+  const path = []; // [{node_id, name}] below Objects
+  const crumbs = h("p", { class: "crumbs", id: "browse-crumbs" });
+  const list = h("div", { id: "browse-list" });
+  const status = h("p", { class: "muted", id: "browse-status" }, "Browse the server at the endpoint in the JSON to pick tags.");
+  let seq = 0;
+
+  async function open(depth) {
+    path.length = depth;
+    let body;
+    try { body = value(); } catch (e) { replace(status, e.message); status.className = "field-error"; return; }
+    const node = path.length ? path[path.length - 1].node_id : null;
+    const mine = ++seq;
+    drawCrumbs();
+    status.className = "muted";
+    replace(status, "Browsing… (up to 30 s)");
+    list.setAttribute("aria-busy", "true");
+    try {
+      const r = await api("POST", `/api/v1/browse${node ? `?node=${encodeURIComponent(node)}` : ""}`, { body });
+      if (mine !== seq || !ctx.alive()) return;
+      const children = Array.isArray(r.children) ? r.children : [];
+      replace(status, `${children.length} ${children.length === 1 ? "node" : "nodes"}${r.truncated ? " (the server has more; the list stops here)" : ""}.`);
+      replace(list, children.length ? h("ul", { class: "browse-list" }, children.map(item)) : null);
+    } catch (e) {
+      if (mine !== seq || !ctx.alive() || e.status === 401) return;
+      status.className = "field-error";
+      // A 422 is about the device in the JSON (its tags too): say which fields.
+      replace(status, `Browse failed: ${explain(e)}`, e.problems.length ? h("ul", {}, e.problems.map((p) => h("li", {},
+        p.field ? h("code", {}, String(p.field)) : null, p.field ? ": " : null, String(p.message || "")))) : null);
+      replace(list);
+    } finally {
+      if (mine === seq) list.removeAttribute("aria-busy");
+    }
+  }
+
+  function drawCrumbs() {
+    replace(crumbs,
+      path.length ? h("a", { href: "#", onclick: (e) => { e.preventDefault(); open(0); } }, "Objects") : h("span", {}, "Objects"),
+      path.map((p, i) => [" / ", i === path.length - 1 ? h("span", {}, p.name)
+        : h("a", { href: "#", onclick: (e) => { e.preventDefault(); open(i + 1); } }, p.name)]));
+  }
+
+  function item(c) {
+    const name = String(c.display_name || c.browse_name || c.node_id);
+    const isVar = c.node_class === "Variable";
+    return h("li", { dataset: { node: String(c.node_id), nodeClass: String(c.node_class || "") } },
+      isVar ? h("span", { class: "browse-name" }, name)
+        : h("a", { href: "#", class: "browse-name", onclick: (e) => { e.preventDefault(); path.push({ node_id: String(c.node_id), name }); open(path.length); } }, name),
+      " ", h("span", { class: "muted small" }, String(c.node_class || "")),
+      " ", h("code", { class: "small" }, String(c.node_id)),
+      isVar ? h("button", { type: "button", class: "btn small add-as-tag", onclick: () => add(c, name) }, "Add as tag") : null);
+  }
+
+  function add(c, name) {
+    let d;
+    try { d = value(); } catch (e) { err.hidden = false; replace(err, e.message); return; }
+    if (!Array.isArray(d.tags)) d.tags = [];
+    const taken = new Set(d.tags.map((t) => t && t.id));
+    let id = tagId(name);
+    for (let n = 2; taken.has(id); n++) id = `${tagId(name)}_${n}`;
+    d.tags.push({ id, node_id: String(c.node_id), data_type: "float64" });
+    area.value = JSON.stringify(d, null, 2);
+    toast(`${id} added to the tags; check its data type.`);
+  }
+
+  drawCrumbs();
+  return h("section", { class: "card browse", id: "browse" },
+    h("h2", {}, "OPC UA server"),
+    h("button", { type: "button", class: "btn small", id: "browse-start", onclick: () => open(0) }, "Browse"),
+    crumbs, status, list);
 }

@@ -1,5 +1,7 @@
 // Overview: every service and device with its state, from GET /api/v1/status every 2 s; each
 // device links to its topics in the namespace (its prefix from GET /api/v1/devices, read once).
+// The active alarms are counted from GET /api/v1/alarms; when ingestion runs (an ingest/<instance>
+// service reports), a tile says how many of its instances are online.
 
 import { api } from "../lib/api.js";
 import { h, replace, ago, pill } from "../lib/dom.js";
@@ -40,6 +42,7 @@ export function render(view, ctx) {
 
   let timer = null;
   let last = null;
+  let alarmCount = null;
   /** Device id -> its topics' MQTT filter, for devices of the devices file. */
   const topics = new Map();
   api("GET", "/api/v1/devices").then((list) => {
@@ -51,7 +54,16 @@ export function render(view, ctx) {
   }, () => { /* without the prefixes the devices are listed without their topics' link */ });
   async function refresh() {
     try {
-      last = await api("GET", "/api/v1/status");
+      const [status, alarms] = await Promise.all([
+        api("GET", "/api/v1/status"),
+        // The count is left out (not shown as 0) when the alarms cannot be read.
+        api("GET", "/api/v1/alarms").then((a) => (a && Array.isArray(a.alarms) ? a.alarms.length : null), (e) => {
+          if (e.status === 401) throw e;
+          return null;
+        }),
+      ]);
+      last = status;
+      alarmCount = alarms;
       banner.hidden = true;
       draw(last);
       replace(stamp, `updated ${new Date().toLocaleTimeString()}`);
@@ -68,10 +80,16 @@ export function render(view, ctx) {
     const devs = Object.entries(s.devices || {}).sort(([a], [b]) => a.localeCompare(b));
     const svcs = Object.entries(s.services || {}).sort(([a], [b]) => a.localeCompare(b));
     const count = (list, state) => list.filter(([, v]) => v && v.state === state).length;
+    const ingest = svcs.filter(([k]) => k.startsWith("ingest/"));
     replace(summary,
       tile("Devices online", `${count(devs, "online")} / ${devs.length}`, count(devs, "online") === devs.length ? "good" : "warn"),
       tile("Devices offline", count(devs, "offline"), count(devs, "offline") ? "bad" : "good"),
       tile("Services online", `${count(svcs, "online")} / ${svcs.length}`, count(svcs, "online") === svcs.length ? "good" : "warn"),
+      alarmCount === null ? null : h("a", { class: "tile-link", href: "#/alarms", id: "tile-alarms" },
+        tile("Active alarms", alarmCount, alarmCount ? "bad" : "good")),
+      ingest.length ? tile(ingest.length === 1 ? "Ingestion" : "Ingestion instances online",
+        ingest.length === 1 ? (ingest[0][1] && ingest[0][1].state) || "unknown" : `${count(ingest, "online")} / ${ingest.length}`,
+        count(ingest, "online") === ingest.length ? "good" : "bad", "tile-ingest") : null,
     );
     replace(devices, devs.length ? devs.map(([id, v]) => {
       const st = typeof v === "object" && v ? v : { state: "unknown", last_error: String(v) };
@@ -106,8 +124,8 @@ export function render(view, ctx) {
   return () => clearTimeout(timer);
 }
 
-function tile(label, value, tone) {
-  return h("div", { class: `tile ${tone}` }, h("div", { class: "tile-value" }, String(value)), h("div", { class: "tile-label" }, label));
+function tile(label, value, tone, id) {
+  return h("div", { class: `tile ${tone}`, id }, h("div", { class: "tile-value" }, String(value)), h("div", { class: "tile-label" }, label));
 }
 
 /** A platform fact in words: `{tcp: "0.0.0.0:1883", tls: null}` -> "tcp 0.0.0.0:1883". */
