@@ -224,6 +224,16 @@ async fn settled(gws: &[Gateway], log: &Log, what: &str) -> Duration {
     }
 }
 
+/// Wait until settled after a change made at `mark`, and report how long it took and the
+/// longest time a device went unread.
+async fn after(gws: &[Gateway], log: &Log, what: &str, mark: Instant) {
+    let took = settled(gws, log, what).await;
+    eprintln!(
+        "{what}: settled after {took:?}, longest unread {:?}",
+        longest_gap(&log.lock().unwrap(), mark)
+    );
+}
+
 /// Per device, the stretches each connection polled it (reads less than `gap` apart); two
 /// stretches of different connections that overlap in time are a device polled twice.
 fn overlaps(reads: &[Read], gap: Duration) -> Vec<String> {
@@ -301,11 +311,7 @@ async fn every_device_is_polled_by_exactly_one_gateway_as_members_come_and_go() 
 
     let mark = Instant::now();
     gws.push(Gateway::start("gw-3", mqtt, &devices));
-    let took = settled(&gws, &log, "a fourth member added").await;
-    eprintln!(
-        "fourth member: settled after {took:?}, longest unread {:?}",
-        longest_gap(&log.lock().unwrap(), mark)
-    );
+    after(&gws, &log, "a fourth member added", mark).await;
     assert!(
         gws[3].owned().unwrap() >= 1.0,
         "the new member took a share"
@@ -313,28 +319,16 @@ async fn every_device_is_polled_by_exactly_one_gateway_as_members_come_and_go() 
 
     let mark = Instant::now();
     gws[1].terminate();
-    let took = settled(&gws, &log, "gw-1 stopped").await;
-    eprintln!(
-        "gw-1 stopped: settled after {took:?}, longest unread {:?}",
-        longest_gap(&log.lock().unwrap(), mark)
-    );
+    after(&gws, &log, "gw-1 stopped", mark).await;
 
     let mark = Instant::now();
     gws[2].kill9();
-    let took = settled(&gws, &log, "gw-2 killed").await;
-    eprintln!(
-        "gw-2 killed: settled after {took:?}, longest unread {:?}",
-        longest_gap(&log.lock().unwrap(), mark)
-    );
+    after(&gws, &log, "gw-2 killed", mark).await;
 
     // A rollout restarts a member under the same name.
     let mark = Instant::now();
     gws[2].spawn();
-    let took = settled(&gws, &log, "gw-2 back").await;
-    eprintln!(
-        "gw-2 back: settled after {took:?}, longest unread {:?}",
-        longest_gap(&log.lock().unwrap(), mark)
-    );
+    after(&gws, &log, "gw-2 back", mark).await;
     assert!(
         gws[2].owned().unwrap() >= 1.0,
         "the restarted member took a share"
@@ -349,11 +343,7 @@ async fn every_device_is_polled_by_exactly_one_gateway_as_members_come_and_go() 
     );
     let mark = Instant::now();
     gws[0].freeze(Duration::from_secs(3));
-    let took = settled(&gws, &log, "gw-0 woke up").await;
-    eprintln!(
-        "gw-0 frozen 3 s with {frozen_owned} devices: settled after {took:?}, longest unread {:?}",
-        longest_gap(&log.lock().unwrap(), mark)
-    );
+    after(&gws, &log, "gw-0 woke up", mark).await;
 
     for g in &mut gws {
         g.terminate();
