@@ -183,7 +183,9 @@ async fn only_an_operator_acts_on_an_alarm_and_the_event_names_the_caller() {
     let a = Alerts::start().await;
     let (svc, mut rx) = a.client(&["$nexus/alarms/events"]).await;
     let topic = format!("{}/m1/temp", a.root);
-    svc.publish(&topic, "{\"v\":90}", QoS::AtLeastOnce, false)
+    // Retained: readiness follows the broker connection, not the subscriptions, so a live
+    // value sent right after could reach the broker before the service has subscribed.
+    svc.publish(&topic, "{\"v\":90}", QoS::AtLeastOnce, true)
         .await
         .unwrap();
     assert_eq!(next_event(&mut rx).await["event"], "activated");
