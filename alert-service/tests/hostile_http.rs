@@ -89,8 +89,32 @@ impl Alerts {
             .iter()
             .map(|f| (f.to_string(), QoS::AtLeastOnce))
             .collect();
-        let (h, rx) = mqtt::connect(&c, s, None, CancellationToken::new()).unwrap();
+        let (h, mut rx) = mqtt::connect(&c, s, None, CancellationToken::new()).unwrap();
         h.wait_connected(Duration::from_secs(10)).await.unwrap();
+        // Connected is not subscribed: until a probe on each (literal) topic comes back, an
+        // event published now could reach the broker before the subscription does.
+        for topic in subs {
+            let probe = format!("{{\"probe\":\"{}\"}}", testing::unique("p"));
+            let start = Instant::now();
+            'wait: loop {
+                h.publish(topic, probe.clone(), QoS::AtLeastOnce, false)
+                    .await
+                    .unwrap();
+                let until = Instant::now() + Duration::from_millis(200);
+                while let Ok(Some(m)) =
+                    tokio::time::timeout(until.saturating_duration_since(Instant::now()), rx.recv())
+                        .await
+                {
+                    if m.payload().as_ref() == probe.as_bytes() {
+                        break 'wait;
+                    }
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "not subscribed to {topic}"
+                );
+            }
+        }
         (h, rx)
     }
 
