@@ -11,6 +11,18 @@ use nexus_common::testing::free_port;
 
 const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
 
+mod support;
+
+/// A child process killed when the test ends.
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn write_config(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
     f.write_all(text.as_bytes()).unwrap();
@@ -91,15 +103,6 @@ fn bad_config_exits_64_with_every_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("environment variable NEXUS_MQTT__PORT"));
 }
 
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -111,44 +114,8 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 #[test]
 fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
-    let mqtt = free_port();
-    let http = free_port();
-    let ports = [
-        ("NEXUS_BROKER__PORT", mqtt),
-        ("NEXUS_ORCHESTRATOR__HTTP_LISTEN", http),
-        ("NEXUS_GATEWAY__HTTP_LISTEN", free_port()),
-        ("NEXUS_COMMANDS__HTTP_LISTEN", free_port()),
-        ("NEXUS_ALERTS__HTTP_LISTEN", free_port()),
-    ];
-    let mut cmd = Command::new(NEXUS);
-    cmd.args(["up", "--demo"])
-        .env("NEXUS_BROKER__WS_PORT", "null")
-        .env("NEXUS_TELEMETRY__INSTANCE", "ci");
-    for (k, p) in ports {
-        let v = if k.ends_with("PORT") {
-            p.to_string()
-        } else {
-            format!("127.0.0.1:{p}")
-        };
-        cmd.env(k, v);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut up = Up(cmd
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
-    let mut banner = String::new();
-    while !banner.contains("Stop with Ctrl-C") {
-        let mut line = String::new();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "nexus up ended early: {banner}"
-        );
-        banner.push_str(&line);
-    }
+    let mut up = support::DemoUp::start("ci", &[]);
+    let (mqtt, http, banner) = (up.mqtt, up.http, up.banner.clone());
     assert!(
         banner.contains(&format!("mqtt://127.0.0.1:{mqtt}")),
         "{banner}"
@@ -364,13 +331,13 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(Command::new("kill")
-        .args(["-INT", &up.0.id().to_string()])
+        .args(["-INT", &up.child.id().to_string()])
         .status()
         .unwrap()
         .success());
     let start = Instant::now();
     let code = loop {
-        if let Some(s) = up.0.try_wait().unwrap() {
+        if let Some(s) = up.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -384,7 +351,7 @@ fn up_serves_a_broker_for_real_clients_and_stops_cleanly() {
     assert!(seen.contains("\"state\":\"offline\""), "{seen}");
     // Every runtime file of the demo (buffer, PKI of client and simulator) is under
     // nexus-data/, which git ignores: a run from the repo root leaves the work tree clean.
-    let left: Vec<String> = std::fs::read_dir(dir.path())
+    let left: Vec<String> = std::fs::read_dir(up.dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -579,33 +546,8 @@ fn up_demo_keeps_value_types_from_the_device_to_the_history_api() {
     let url = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(pg.create_database("demo"));
-    let mqtt = free_port();
-    let ingest = free_port();
-    let mut cmd = Command::new(NEXUS);
-    cmd.args(["up", "--demo"])
-        .env("NEXUS_DATABASE_URL", &url)
-        .env("NEXUS_BROKER__PORT", mqtt.to_string())
-        .env("NEXUS_BROKER__WS_PORT", "null")
-        .env("NEXUS_TELEMETRY__INSTANCE", "typed")
-        .env(
-            "NEXUS_INGESTION__HTTP_LISTEN",
-            format!("127.0.0.1:{ingest}"),
-        );
-    for key in [
-        "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
-        "NEXUS_GATEWAY__HTTP_LISTEN",
-        "NEXUS_COMMANDS__HTTP_LISTEN",
-        "NEXUS_ALERTS__HTTP_LISTEN",
-    ] {
-        cmd.env(key, format!("127.0.0.1:{}", free_port()));
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let _up = Up(cmd
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let up = support::DemoUp::start("typed", &[("NEXUS_DATABASE_URL", &url)]);
+    let (mqtt, ingest) = (up.mqtt, up.ingestion);
     let plc = "demo/plant/packaging/line-1/sim-plc-1";
 
     // The namespace: the retained ambient value, scaled without noise.

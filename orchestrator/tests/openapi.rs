@@ -5,23 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nexus_common::testing::{self, free_port};
+use nexus_common::testing;
 
-const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
-
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod support;
 
 fn schemathesis(url: &str, args: &[&str], reports: &Path) -> (bool, String) {
     let python = testing::test_python();
@@ -60,43 +50,14 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
     // A historian too, so the history routes answer from a database, not 503.
     let pg = testing::PgServer::start();
     let db = pg.create_database("openapi").await;
-    let http = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(NEXUS);
-    cmd.args(["up", "--demo"])
-        .current_dir(dir.path())
-        .env("NEXUS_AUTH__ANONYMOUS", "off")
-        .env("NEXUS_DATABASE_URL", &db)
-        .env("NEXUS_BROKER__PORT", free_port().to_string())
-        .env("NEXUS_BROKER__WS_PORT", "null")
-        .env("NEXUS_TELEMETRY__INSTANCE", "openapi")
-        .env(
-            "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
-            format!("127.0.0.1:{http}"),
-        );
-    for k in [
-        "NEXUS_GATEWAY__HTTP_LISTEN",
-        "NEXUS_COMMANDS__HTTP_LISTEN",
-        "NEXUS_ALERTS__HTTP_LISTEN",
-        "NEXUS_INGESTION__HTTP_LISTEN",
-    ] {
-        cmd.env(k, format!("127.0.0.1:{}", free_port()));
-    }
-    let mut up = Up(cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
-    let mut banner = String::new();
-    while !banner.contains("Stop with Ctrl-C") {
-        let mut line = String::new();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "nexus up ended early: {banner}"
-        );
-        banner.push_str(&line);
-    }
+    let up = support::DemoUp::start(
+        "openapi",
+        &[
+            ("NEXUS_AUTH__ANONYMOUS", "off"),
+            ("NEXUS_DATABASE_URL", &db),
+        ],
+    );
+    let (http, dir) = (up.http, &up.dir);
     let start = Instant::now();
     while testing::http(http, "GET", "/readyz", "").0 != 200 {
         assert!(start.elapsed() < Duration::from_secs(20), "not ready");

@@ -69,3 +69,83 @@ pub async fn call(
     .await
     .unwrap()
 }
+
+/// `nexus up --demo` as a process, in a folder of its own, every port free.
+pub struct DemoUp {
+    pub child: std::process::Child,
+    pub mqtt: u16,
+    /// The orchestrator's port.
+    pub http: u16,
+    pub ingestion: u16,
+    /// What it printed up to "Stop with Ctrl-C".
+    pub banner: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl DemoUp {
+    /// Start it with `env` on top of the ports; returns once the banner is printed.
+    pub fn start(instance: &str, env: &[(&str, &str)]) -> DemoUp {
+        use std::io::{BufRead, BufReader};
+        let (mqtt, http, ingestion) = (
+            testing::free_port(),
+            testing::free_port(),
+            testing::free_port(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nexus"));
+        cmd.args(["up", "--demo"])
+            .current_dir(dir.path())
+            .env("NEXUS_BROKER__PORT", mqtt.to_string())
+            .env("NEXUS_BROKER__WS_PORT", "null")
+            .env("NEXUS_TELEMETRY__INSTANCE", instance)
+            .env(
+                "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
+                format!("127.0.0.1:{http}"),
+            )
+            .env(
+                "NEXUS_INGESTION__HTTP_LISTEN",
+                format!("127.0.0.1:{ingestion}"),
+            );
+        for k in [
+            "NEXUS_GATEWAY__HTTP_LISTEN",
+            "NEXUS_COMMANDS__HTTP_LISTEN",
+            "NEXUS_ALERTS__HTTP_LISTEN",
+        ] {
+            cmd.env(k, format!("127.0.0.1:{}", testing::free_port()));
+        }
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut up = DemoUp {
+            child,
+            mqtt,
+            http,
+            ingestion,
+            banner: String::new(),
+            dir,
+        };
+        while !up.banner.contains("Stop with Ctrl-C") {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "nexus up ended early: {}",
+                up.banner
+            );
+            up.banner.push_str(&line);
+        }
+        // Keep reading what it prints, so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        up
+    }
+}
+
+impl Drop for DemoUp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
