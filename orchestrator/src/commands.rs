@@ -4,10 +4,10 @@
 //!
 //! The write goes through the command handler like any other: its validation, rate limits,
 //! confirmation (read-back) and audit, which names the caller (MQTT 5 property
-//! `nexus-on-behalf-of`). The answer comes back on this orchestrator's own Response Topic,
-//! matched by correlation data, or over MQTT 3.1.1 (`commands.mqtt_v5: false`, a broker
-//! without MQTT 5) on the standard response topics, matched by request id; the audit then
-//! names the orchestrator's user.
+//! `nexus-on-behalf-of`; over MQTT 3.1.1, `commands.mqtt_v5: false`, the audit names the
+//! orchestrator's user). The answer is taken from the standard `$nexus/cmd/response/...`
+//! topics, where only Nexus's services publish, matched by its random request id: no Response
+//! Topic, which any publisher allowed there could answer on first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,7 +18,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::Bytes;
 use nexus_common::auth::http::{Caller, Routes};
 use nexus_common::config::Role;
 use nexus_common::domain::{DeviceId, TagId};
@@ -32,25 +31,24 @@ pub const MAX_PENDING: usize = 256;
 /// How long a write waits for the command handler's answer.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(15);
 
-/// Where the answers for this orchestrator come back.
-pub fn reply_topic(instance: &str) -> String {
-    format!("nexus-ui/responses/{instance}")
-}
-
 #[derive(Clone)]
 pub struct Writer {
     mqtt: Arc<OnceLock<MqttHandle>>,
-    /// By request id (which the correlation data carries too).
+    /// By request id.
     pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
-    reply_topic: String,
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Writer::new()
+    }
 }
 
 impl Writer {
-    pub fn new(instance: &str) -> Writer {
+    pub fn new() -> Writer {
         Writer {
             mqtt: Arc::new(OnceLock::new()),
             pending: Arc::new(Mutex::new(HashMap::new())),
-            reply_topic: reply_topic(instance),
         }
     }
 
@@ -59,32 +57,24 @@ impl Writer {
         let _ = self.mqtt.set(mqtt);
     }
 
-    pub fn reply_topic(&self) -> &str {
-        &self.reply_topic
-    }
-
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Value>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An answer arrived: on the reply topic (MQTT 5, with the correlation data), or on the
-    /// standard `$nexus/cmd/response/...` topics (with the request id in the payload; how it
-    /// comes back over MQTT 3.1.1). The first one answers the write.
-    pub fn answer(&self, correlation: Option<&Bytes>, payload: &[u8]) {
+    /// A message of `$nexus/cmd/response/...` arrived: the answer of a write of ours when it
+    /// carries one of our request ids.
+    pub fn answer(&self, payload: &[u8]) {
         let Ok(v) = serde_json::from_slice::<Value>(payload) else {
             return;
         };
-        let id = correlation
-            .and_then(|c| std::str::from_utf8(c).ok().map(str::to_owned))
-            .or_else(|| {
-                v.get("request_id")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            });
-        let Some(id) = id.filter(|i| i.starts_with("ui-")) else {
+        let Some(id) = v.get("request_id").and_then(Value::as_str) else {
             return;
         };
-        if let Some(tx) = self.pending().remove(&id) {
+        if !id.starts_with("ui-") {
+            return;
+        }
+        let tx = self.pending().remove(id);
+        if let Some(tx) = tx {
             let _ = tx.send(v);
         }
     }
@@ -124,13 +114,10 @@ async fn write(
             "the orchestrator is not connected to the broker",
         );
     };
-    let correlation: [u8; 16] = rand::random();
+    let nonce: [u8; 16] = rand::random();
     let request_id = format!(
         "ui-{}",
-        correlation
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
     );
     let (tx, rx) = oneshot::channel();
     {
@@ -149,8 +136,8 @@ async fn write(
         cmd["confirm"] = json!(c);
     }
     let props = PublishProps {
-        correlation_data: Some(Bytes::from(request_id.clone())),
-        response_topic: Some(w.reply_topic.clone()),
+        correlation_data: None,
+        response_topic: None,
         user_properties: vec![(
             nexus_common::broker::ON_BEHALF_PROPERTY.into(),
             who.name.clone(),
@@ -194,4 +181,25 @@ pub fn routes(w: Writer) -> Routes {
     Routes::new()
         .post("/api/v1/commands/{device}/{tag}", Role::Operator, write)
         .with_state(w)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_answer_naming_a_pending_write_of_ours_is_taken() {
+        let w = Writer::new();
+        let (tx, mut rx) = oneshot::channel();
+        w.pending().insert("ui-abc".into(), tx);
+        // Not ours, not JSON, no request id: ignored, the write still waits.
+        w.answer(br#"{"request_id":"r-1","success":true}"#);
+        w.answer(b"not json");
+        w.answer(br#"{"success":true}"#);
+        assert!(rx.try_recv().is_err());
+        w.answer(br#"{"request_id":"ui-abc","success":false,"error":"read-only"}"#);
+        assert_eq!(rx.try_recv().unwrap()["error"], "read-only");
+        assert!(w.pending().is_empty());
+    }
 }

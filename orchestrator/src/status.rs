@@ -82,7 +82,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let board = StatusBoard::default();
-    let writer = crate::commands::Writer::new(&cfg.telemetry.instance_name());
+    let writer = crate::commands::Writer::new();
     let control = crate::control::ControlState {
         devices: Arc::new(crate::control::DeviceFile::new(&cfg)),
         board: board.clone(),
@@ -108,14 +108,13 @@ pub async fn run_with(
             QoS::AtLeastOnce,
         ),
         ("#".into(), QoS::AtMostOnce),
-        (writer.reply_topic().to_owned(), QoS::AtLeastOnce),
         (
             format!("{}#", nexus_common::topic::sys::CMD_RESPONSE_PREFIX),
             QoS::AtLeastOnce,
         ),
     ];
-    // MQTT 5 where the command handler uses it: the control center's writes then carry a
-    // Response Topic, correlation data and the user they are made for.
+    // MQTT 5 where the command handler uses it: the control center's writes then carry the
+    // user they are made for.
     opts.mqtt_v5 = cfg.commands.mqtt_v5;
     opts.incoming_capacity = 16 * 1024;
     opts.telemetry = Some(telemetry);
@@ -131,11 +130,8 @@ pub async fn run_with(
         tokio::select! {
             m = rx.recv() => match m {
                 Some(m) => match m.topic() {
-                    Some(t)
-                        if t == writer.reply_topic()
-                            || t.starts_with(nexus_common::topic::sys::CMD_RESPONSE_PREFIX) =>
-                    {
-                        writer.answer(m.correlation_data(), m.payload())
+                    Some(t) if t.starts_with(nexus_common::topic::sys::CMD_RESPONSE_PREFIX) => {
+                        writer.answer(m.payload())
                     }
                     Some(t) if t.starts_with('$') => board.update(t, m.payload()),
                     Some(t) => ns.update(t, m.payload()),

@@ -407,8 +407,7 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
     let proxy = nexus_orchestrator::proxy::routes(
         nexus_orchestrator::proxy::Upstreams::new(&Config::default()).unwrap(),
     );
-    let writes =
-        nexus_orchestrator::commands::routes(nexus_orchestrator::commands::Writer::new("x"));
+    let writes = nexus_orchestrator::commands::routes(nexus_orchestrator::commands::Writer::new());
     let mut served: Vec<(String, String)> = control
         .policy()
         .iter()
