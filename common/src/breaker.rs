@@ -115,7 +115,7 @@ impl BreakerMetrics {
 
 /// The breaker refused the call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("circuit breaker {name} is open; retry in {retry_in:?}")]
+#[error("circuit breaker {name} is open; retry in {:.1} s", .retry_in.as_secs_f64())]
 pub struct BreakerOpen {
     pub name: String,
     pub retry_in: Duration,

@@ -38,7 +38,7 @@ pub enum LimitScope {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("rate limit ({scope}) exceeded; retry in {retry_in:?}", scope = match .scope { LimitScope::Global => "global", LimitScope::Key => "per key" })]
+#[error("rate limit ({scope}) exceeded; retry in {} ms", .retry_in.as_millis().max(1), scope = match .scope { LimitScope::Global => "global", LimitScope::Key => "per key" })]
 pub struct RateLimited {
     pub scope: LimitScope,
     pub retry_in: Duration,

@@ -24,9 +24,25 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The service status payload of the contract.
 pub fn status_payload(state: &str) -> Vec<u8> {
-    serde_json::json!({"state": state, "version": VERSION, "ts": now_ms()})
-        .to_string()
-        .into_bytes()
+    status_payload_with(state, None)
+}
+
+/// The service status with the service's own figures under `stats` (docs/contract.md,
+/// "Status topics").
+pub fn status_payload_with(state: &str, stats: Option<serde_json::Value>) -> Vec<u8> {
+    let mut v = serde_json::json!({"state": state, "version": VERSION, "ts": now_ms()});
+    if let Some(stats) = stats {
+        v["stats"] = stats;
+    }
+    v.to_string().into_bytes()
+}
+
+/// What a service adds to its status: called at each (re)connect and every
+/// [`StatusStats::every`] while connected.
+#[derive(Clone)]
+pub struct StatusStats {
+    pub every: Duration,
+    pub read: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 /// A running service shell.
@@ -64,6 +80,8 @@ pub struct ShellOptions {
     pub mqtt_v5: bool,
     /// Body limit and request timeout of the HTTP port (default: [`HttpLimits::default`]).
     pub http_limits: HttpLimits,
+    /// Figures published with the service's status (default: none).
+    pub status_stats: Option<StatusStats>,
 }
 
 impl ShellOptions {
@@ -80,6 +98,7 @@ impl ShellOptions {
             clean_session: false,
             mqtt_v5: false,
             http_limits: HttpLimits::default(),
+            status_stats: None,
         }
     }
 }
@@ -140,20 +159,35 @@ impl Shell {
         let (handle, incoming) =
             mqtt::connect(&mqtt_cfg, settings, Some(&mqtt_metrics), mqtt_stop.clone())?;
 
-        // Readiness follows the connection; every (re)connect republishes "online".
+        // Readiness follows the connection; every (re)connect republishes "online", and the
+        // service's figures are republished with it every `stats.every`.
         let ready = telemetry.readiness.condition("broker");
         let status = {
             let handle = handle.clone();
             let mut connected = handle.connected();
             let shutdown = shutdown.clone();
             let topic = topic.clone();
+            let stats = opts.status_stats;
             tokio::spawn(async move {
+                let every = stats
+                    .as_ref()
+                    .map_or(Duration::from_secs(3600), |s| s.every)
+                    .max(Duration::from_millis(100));
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.reset();
                 loop {
                     let up = *connected.borrow_and_update();
                     ready.set(up);
                     if up {
+                        let figures = stats.as_ref().map(|s| (s.read)());
                         if let Err(e) = handle
-                            .publish(&topic, status_payload("online"), QoS::AtLeastOnce, true)
+                            .publish(
+                                &topic,
+                                status_payload_with("online", figures),
+                                QoS::AtLeastOnce,
+                                true,
+                            )
                             .await
                         {
                             tracing::warn!(error = %e, "cannot publish service status");
@@ -161,6 +195,7 @@ impl Shell {
                     }
                     tokio::select! {
                         r = connected.changed() => if r.is_err() { break },
+                        _ = tick.tick(), if stats.is_some() => {}
                         _ = shutdown.cancelled() => break,
                     }
                 }

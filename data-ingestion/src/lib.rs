@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use nexus_common::breaker::{BreakerMetrics, CircuitBreaker};
 use nexus_common::config::{Config, IngestionConfig};
-use nexus_common::service::{Shell, ShellOptions};
+use nexus_common::service::{Shell, ShellOptions, StatusStats};
 use nexus_common::telemetry::Telemetry;
 
 use crate::history::Db;
@@ -88,6 +88,46 @@ fn shell_options(cfg: &Config, api: Arc<Db>, telemetry: &Telemetry) -> ShellOpti
     opts
 }
 
+/// How often ingestion's status carries fresh figures.
+const STATUS_STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// Ingestion's figures in its retained status (docs/contract.md, "Status topics"): WAL use,
+/// whether the database is up, points received and written per second over the last period,
+/// and the age of the oldest point not yet in the database.
+fn status_stats(wal: &Wal, m: &IngestMetrics, w: &WriterMetrics) -> StatusStats {
+    let (wal, m, w) = (wal.clone(), m.clone(), w.clone());
+    let last = std::sync::Mutex::new(None::<(std::time::Instant, u64, u64)>);
+    StatusStats {
+        every: STATUS_STATS_EVERY,
+        read: Arc::new(move || {
+            let now = std::time::Instant::now();
+            let (received, written) = (m.points.get(), w.written.get());
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            let rate = |before: u64, after: u64, secs: f64| {
+                (after.saturating_sub(before) as f64 / secs * 10.0).round() / 10.0
+            };
+            let (received_per_s, written_per_s) = match *last {
+                Some((at, r, wr)) if now.duration_since(at).as_secs_f64() > 0.05 => {
+                    let secs = now.duration_since(at).as_secs_f64();
+                    (rate(r, received, secs), rate(wr, written, secs))
+                }
+                _ => (0.0, 0.0),
+            };
+            *last = Some((now, received, written));
+            serde_json::json!({
+                "wal_used_ratio": (wal.usage_ratio() * 10_000.0).round() / 10_000.0,
+                "wal_bytes": wal.bytes(),
+                "db_up": w.db_up.get() == 1,
+                "points_received_per_s": received_per_s,
+                "points_written_per_s": written_per_s,
+                "points_received": received,
+                "points_written": written,
+                "oldest_unwritten_s": m.oldest_age.get(),
+            })
+        }),
+    }
+}
+
 /// Run ingestion until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     nexus_common::install_tls_provider();
@@ -105,7 +145,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
 
     let api = Arc::new(Db::new(database.clone(), ic.history_max_points));
     api.watch_wal(wal.clone());
-    let opts = shell_options(&cfg, api.clone(), &telemetry);
+    let mut opts = shell_options(&cfg, api.clone(), &telemetry);
+    opts.status_stats = Some(status_stats(&wal, &metrics, &wmetrics));
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     let db_ready = telemetry.readiness.condition("database");
 

@@ -470,6 +470,77 @@ async fn two_instances_on_a_shared_subscription_split_the_load_and_store_everyth
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_carries_wal_use_database_state_and_points_per_second() {
+    let pg = PgServer::start();
+    let url = pg.create_database("stats").await;
+    let b = testing::service_broker();
+    let port = b.ports.tcp().port();
+    let wal = tempfile::tempdir().unwrap();
+    let ing = start(port, &url, wal.path(), "ing-stats", "");
+    ing.ready().await;
+    let mut settings = ClientSettings::new(testing::unique("status"));
+    settings.subscriptions = vec![(
+        "$nexus/status/service/ingest/ing-stats".into(),
+        QoS::AtLeastOnce,
+    )];
+    let (_watch, mut statuses) = mqtt::connect(
+        &testing::service_mqtt_config(port),
+        settings,
+        None,
+        CancellationToken::new(),
+    )
+    .unwrap();
+    let p = publisher(port).await;
+    // 100 points every 100 ms while the statuses are read: one status (every 5 s) sees them
+    // arrive at a rate, a later one sees them all written.
+    let sending = tokio::spawn(async move {
+        for i in 0..6_000i64 {
+            let body = format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i);
+            p.publish(
+                &format!("acme/s/a/l/d/t{}", i % 20),
+                body,
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .unwrap();
+            if i % 100 == 99 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let (mut saw_rate, mut saw_all) = (None, None);
+    while saw_rate.is_none() || saw_all.is_none() {
+        let m = tokio::time::timeout_at(deadline.into(), statuses.recv())
+            .await
+            .expect("statuses every 5 s")
+            .unwrap();
+        let v: Json = serde_json::from_slice(m.payload()).unwrap();
+        assert_eq!(v["state"], "online", "{v}");
+        let stats = &v["stats"];
+        let ratio = stats["wal_used_ratio"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&ratio), "{v}");
+        assert!(stats["wal_bytes"].as_u64().is_some(), "{v}");
+        assert!(stats["oldest_unwritten_s"].as_f64().unwrap() >= 0.0, "{v}");
+        if stats["points_received_per_s"].as_f64().unwrap() > 100.0 {
+            saw_rate = Some(v.clone());
+        }
+        if stats["points_written"] == 6_000 && stats["points_received"] == 6_000 {
+            assert_eq!(stats["db_up"], true, "{v}");
+            saw_all = Some(v.clone());
+        }
+    }
+    sending.await.unwrap();
+    // The rate is what the counters moved over the period: never more than was sent.
+    let rate = saw_rate.unwrap()["stats"]["points_received_per_s"]
+        .as_f64()
+        .unwrap();
+    assert!(rate <= 6_000.0, "{rate}");
+    ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparkplug_data_with_unknown_aliases_is_dead_lettered_and_a_rebirth_requested() {
     let pg = PgServer::start();
     let url = pg.create_database("spb").await;

@@ -640,6 +640,13 @@ def run(browser, base, args, admin_login, operator_login, viewer_login):
     expect(plc1.locator(".state")).to_have_text("online", timeout=30_000)
     expect(plc1.locator(".breaker")).to_have_text("closed")
     expect(page.locator('#overview-services tr[data-service^="gateway/"] .state')).to_have_text("online")
+    # Poll statistics from the device's status: polls that read it, none failed.
+    expect(plc1.locator(".polls")).to_have_text(re.compile(r"^[1-9][0-9]* / 0 / [0-9]+$"))
+    expect(plc1.locator(".last-poll")).to_have_text(re.compile(r"^[0-9]+(\.[0-9])? ms$"))
+    # Ingestion's figures from its status (republished every 5 s).
+    expect(page.locator("#tile-db .tile-value")).to_have_text("up", timeout=15_000)
+    expect(page.locator("#tile-wal .tile-value")).to_have_text(re.compile(r"^[0-9]+\.[0-9]+ %$"))
+    expect(page.locator("#tile-rate .tile-value")).to_have_text(re.compile(r"^[0-9][0-9,.]*$"))
     shot("overview")
 
     namespace(page, app, shot)
@@ -769,6 +776,8 @@ def run(browser, base, args, admin_login, operator_login, viewer_login):
     expect(page.locator("#tile-alarms .tile-value")).to_have_text("1")
     expect(page.locator("#tile-alarms")).to_contain_text("Active alarms")
     expect(page.locator("#tile-ingest .tile-value")).to_have_text("online")
+    # The demo's values keep changing, so ingestion receives points every second.
+    expect(page.locator("#tile-rate .tile-value")).to_have_text(re.compile(r"^[1-9][0-9,.]*$"), timeout=15_000)
     shot("overview-alarms")
     page.locator("#tile-alarms").click()
     expect(page).to_have_url(app + "#/alarms")

@@ -1,7 +1,8 @@
 // Overview: every service and device with its state, from GET /api/v1/status every 2 s; each
 // device links to its topics in the namespace (its prefix from GET /api/v1/devices, read once).
-// The active alarms are counted from GET /api/v1/alarms; when ingestion runs (an ingest/<instance>
-// service reports), a tile says how many of its instances are online.
+// The active alarms are counted from GET /api/v1/alarms. Ingestion's status carries its figures
+// (WAL use, database up, points per second), the devices' status their poll statistics; both are
+// republished every few seconds (docs/contract.md, "Status topics").
 
 import { api } from "../lib/api.js";
 import { h, replace, ago, pill } from "../lib/dom.js";
@@ -21,12 +22,14 @@ export function render(view, ctx) {
     h("div", { class: "page-head" }, h("h1", {}, "Overview"), stamp),
     banner,
     summary,
-    h("div", { class: "grid2" },
+    h("div", { class: "stack" },
       h("section", { class: "card" },
         h("h2", {}, "Devices"),
         h("table", { class: "table", id: "overview-devices" },
           h("thead", {}, h("tr", {},
             h("th", {}, "Device"), h("th", {}, "State"), h("th", {}, "Breaker"),
+            h("th", { title: "polls that read the device / that failed / skipped (the previous poll was still running)" }, "Polls ok/failed/skipped"),
+            h("th", { title: "how long the last poll took" }, "Last poll"),
             h("th", {}, "Last error"), h("th", {}, "Updated"))),
           devices)),
       h("section", { class: "card" },
@@ -34,7 +37,7 @@ export function render(view, ctx) {
         h("table", { class: "table", id: "overview-services" },
           h("thead", {}, h("tr", {},
             h("th", {}, "Service"), h("th", {}, "Instance"), h("th", {}, "State"),
-            h("th", {}, "Version"), h("th", {}, "Since"))),
+            h("th", {}, "Version"), h("th", {}, "Reported"))),
           services),
         h("h2", {}, "Platform"),
         platform)),
@@ -90,6 +93,7 @@ export function render(view, ctx) {
       ingest.length ? tile(ingest.length === 1 ? "Ingestion" : "Ingestion instances online",
         ingest.length === 1 ? (ingest[0][1] && ingest[0][1].state) || "unknown" : `${count(ingest, "online")} / ${ingest.length}`,
         count(ingest, "online") === ingest.length ? "good" : "bad", "tile-ingest") : null,
+      ...ingestTiles(ingest),
     );
     replace(devices, devs.length ? devs.map(([id, v]) => {
       const st = typeof v === "object" && v ? v : { state: "unknown", last_error: String(v) };
@@ -101,9 +105,15 @@ export function render(view, ctx) {
           }, "topics") : null),
         h("td", { class: "state" }, pill(st.state)),
         h("td", { class: "breaker" }, pill(st.breaker)),
+        h("td", { class: "polls num" }, st.polls
+          ? [h("span", {}, String(st.polls.ok)), " / ",
+            h("span", { class: st.polls.failed ? "err-text" : "" }, String(st.polls.failed)), " / ",
+            h("span", { class: "muted" }, String(st.polls.skipped))]
+          : h("span", { class: "muted" }, "–")),
+        h("td", { class: "last-poll num" }, typeof st.last_poll_ms === "number" ? `${st.last_poll_ms} ms` : h("span", { class: "muted" }, "–")),
         h("td", { class: "last-error" }, st.last_error ? h("span", { class: "err-text", title: st.last_error }, st.last_error) : h("span", { class: "muted" }, "none")),
         h("td", { class: "muted" }, ago(st.ts)));
-    }) : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No device has reported a status yet.")));
+    }) : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No device has reported a status yet.")));
     replace(services, svcs.length ? svcs.map(([key, v]) => {
       const [name, ...inst] = key.split("/");
       const st = typeof v === "object" && v ? v : { state: String(v) };
@@ -122,6 +132,24 @@ export function render(view, ctx) {
 
   refresh();
   return () => clearTimeout(timer);
+}
+
+/** Ingestion's figures over its online instances: the fullest WAL, the database as the
+ * instances see it, points received per second in all. Nothing when no instance reports them. */
+function ingestTiles(ingest) {
+  const stats = ingest.map(([, v]) => v && v.state === "online" && v.stats).filter((x) => x && typeof x === "object");
+  if (!stats.length) return [];
+  const wal = Math.max(...stats.map((x) => Number(x.wal_used_ratio) || 0));
+  const dbUp = stats.filter((x) => x.db_up === true).length;
+  const rate = stats.reduce((a, x) => a + (Number(x.points_received_per_s) || 0), 0);
+  const oldest = Math.max(...stats.map((x) => Number(x.oldest_unwritten_s) || 0));
+  return [
+    tile("WAL used", `${(wal * 100).toFixed(wal < 0.01 ? 2 : 1)} %`, wal < 0.5 ? "good" : wal < 0.8 ? "warn" : "bad", "tile-wal"),
+    tile("Database", dbUp === stats.length ? "up" : stats.length === 1 ? "down" : `up ${dbUp} / ${stats.length}`,
+      dbUp === stats.length ? "good" : "bad", "tile-db"),
+    tile("Points/s received", rate >= 100 ? Math.round(rate).toLocaleString() : String(rate), "good", "tile-rate"),
+    oldest > 10 ? tile("Oldest not yet stored", `${Math.round(oldest)} s`, "warn", "tile-oldest") : null,
+  ];
 }
 
 function tile(label, value, tone, id) {

@@ -123,8 +123,33 @@ pub struct PollContext {
     pub lease: Option<Arc<crate::shard::Lease>>,
 }
 
-fn status_payload(health: Health, breaker: BreakerState, last_error: &Option<String>) -> String {
-    serde_json::json!({"state": health.as_str(), "breaker": breaker.as_str(), "last_error": last_error, "ts": now_ms()}).to_string()
+/// How often a device's status is published with its poll statistics even when its state has
+/// not changed (the control center's overview shows them; a heartbeat shorter than this
+/// publishes more often).
+pub const STATUS_STATS_EVERY: Duration = Duration::from_secs(10);
+
+/// The retained device status of the contract: state, breaker and last error, with the poll
+/// statistics since the device was started (docs/contract.md, "Status topics").
+fn status_payload(s: &DeviceStatus) -> String {
+    serde_json::json!({
+        "state": s.state,
+        "breaker": s.breaker,
+        "last_error": s.last_error,
+        "polls": {"ok": s.polls_ok, "failed": s.polls_failed, "skipped": s.polls_skipped},
+        "last_poll_ms": (s.last_duration_ms * 10.0).round() / 10.0,
+        "requests_per_poll": s.requests_per_poll,
+        "ts": now_ms(),
+    })
+    .to_string()
+}
+
+/// Status every heartbeat, and at least every [`STATUS_STATS_EVERY`] for the statistics.
+fn status_every(heartbeat: Duration) -> Duration {
+    if heartbeat.is_zero() {
+        STATUS_STATS_EVERY
+    } else {
+        heartbeat.min(STATUS_STATS_EVERY)
+    }
 }
 
 /// Poll one device until `token`: wait for its turn, read it through the pools, publish what
@@ -139,7 +164,7 @@ pub async fn run_device(
     let interval = device.cfg.poll_interval;
     let status_topic = nexus_common::topic::sys::device_status(&id);
     let mut exceptions = Exceptions::new(device.cfg.tags.len(), ctx.heartbeat);
-    let mut status = StatusSchedule::new(ctx.heartbeat, Instant::now());
+    let mut status = StatusSchedule::new(status_every(ctx.heartbeat), Instant::now());
     ctx.metrics.init_device(&id);
     {
         let mut s = state.status.write().unwrap_or_else(|e| e.into_inner());
@@ -205,13 +230,7 @@ pub async fn run_device(
         // Status on change, and again every heartbeat (a restarted broker forgets it).
         let now = Instant::now();
         if status.due(health, breaker, now) && ctx.mqtt.is_connected() {
-            let last_error = state
-                .status
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .last_error
-                .clone();
-            let payload = status_payload(health, breaker, &last_error);
+            let payload = status_payload(&state.status.read().unwrap_or_else(|e| e.into_inner()));
             if ctx
                 .mqtt
                 .publish(&status_topic, payload, QoS::AtLeastOnce, true)
@@ -444,5 +463,43 @@ impl DeviceSet {
                 task
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_carries_the_poll_statistics() {
+        let s = DeviceStatus {
+            state: "degraded",
+            breaker: "half_open",
+            last_error: Some("timeout".into()),
+            polls_ok: 7,
+            polls_failed: 2,
+            polls_skipped: 1,
+            last_duration_ms: 12.345,
+            requests_per_poll: 3,
+        };
+        let v: serde_json::Value = serde_json::from_str(&status_payload(&s)).unwrap();
+        assert_eq!(v["state"], "degraded");
+        assert_eq!(v["breaker"], "half_open");
+        assert_eq!(v["last_error"], "timeout");
+        assert_eq!(
+            v["polls"],
+            serde_json::json!({"ok": 7, "failed": 2, "skipped": 1})
+        );
+        assert_eq!(v["last_poll_ms"], 12.3);
+        assert_eq!(v["requests_per_poll"], 3);
+        assert!(v["ts"].as_u64().unwrap() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn statistics_at_least_every_ten_seconds() {
+        let s = Duration::from_secs;
+        assert_eq!(status_every(s(60)), s(10));
+        assert_eq!(status_every(s(2)), s(2));
+        assert_eq!(status_every(Duration::ZERO), s(10));
     }
 }
