@@ -486,13 +486,18 @@ impl Entry for LockEntry {
                         log::debug!("{:?} kicked, from {:?}", self.id, self.session().map(|s| s.id.clone()));
                     }
                     Ok(Err(e)) => {
-                        log::warn!(
-                            "{:?} kick, recv result is {:?}, from {:?}",
+                        // Nexus patch (vendor/README.md): the old session's task ended without
+                        // answering, because the Kick was still queued when it finished its
+                        // teardown (its connection closed at the same moment). Its receiver is
+                        // dropped only after `clean()` removed its entry or after it answered
+                        // another kick, so the old session is gone: go on with the takeover
+                        // (MQTT-3.1.4-3) instead of refusing the new connection.
+                        log::debug!(
+                            "{:?} kick, recv result is {:?}, old session already exited, from {:?}",
                             self.id,
                             e,
                             self.session().map(|s| s.id.clone())
                         );
-                        return Err(anyhow!(format!("recv kick result is {:?}", e)));
                     }
                     Err(_) => {
                         log::warn!(
