@@ -15,5 +15,9 @@ install() {
 install cargo-machete cargo-machete 0.9.2
 install cargo-deny cargo-deny 0.20.2
 
-cargo machete
+# The workspace members only: the patched crates under vendor/ are as published, not ours.
+members=$(cargo metadata --no-deps --format-version 1 \
+  | python3 -c 'import json, os, sys; print("\n".join(os.path.dirname(p["manifest_path"]) for p in json.load(sys.stdin)["packages"]))')
+# shellcheck disable=SC2086
+cargo machete $members
 cargo deny --log-level error check licenses bans sources
