@@ -63,7 +63,15 @@ fn scalar(value: String, style: TScalarStyle) -> Json {
     if style != TScalarStyle::Plain {
         return Json::String(value);
     }
+    // A number only in the forms that the emitter of [`to_yaml`] quotes when they are text:
+    // the parser alone also reads forms such as `++0` or `0o17` as numbers, which the emitter
+    // writes unquoted, so text in them would not read back as text.
+    let numeric = value.parse::<i64>().is_ok()
+        || value.parse::<f64>().is_ok()
+        || value.starts_with("0x")
+        || value.starts_with('.');
     match Yaml::from_str(&value) {
+        Yaml::Integer(_) | Yaml::Real(_) if !numeric => Json::String(value),
         Yaml::Integer(i) => Json::from(i),
         Yaml::Real(r) => match r.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
             Some(n) => Json::Number(n),
@@ -377,13 +385,29 @@ mod tests {
         #[test]
         fn any_string_survives_the_round_trip(
             k in "\\PC{0,12}",
-            s in "\\PC{0,40}|[ -~]{0,40}|[0-9.eE+-]{1,8}|(true|false|null|yes|no|~)",
+            s in "\\PC{0,40}|[ -~]{0,40}|[0-9.eE+-]{1,8}|[+-]{0,2}(0x|0o|0b)?[0-9a-fA-F]{1,4}|(true|false|null|yes|no|~)",
         ) {
             let v = serde_json::json!({"devices": [{"id": "x", k.clone(): s, "list": [s.clone()]}]});
             let text = to_yaml(&v);
             let back = parse(&text).map(|(v, _)| v).map_err(|e| format!("{e:?}\n{text}"));
             proptest::prop_assert_eq!(back, Ok(v), "{}", text);
         }
+    }
+
+    #[test]
+    fn text_that_the_parser_alone_would_read_as_a_number_stays_text() {
+        for t in ["++0", "+-5", "0o17", "+0x1F", "0b101"] {
+            let v = serde_json::json!({"devices": [{"id": "x", "s": t}]});
+            let text = to_yaml(&v);
+            assert_eq!(parse(&text).unwrap().0, v, "{text}");
+        }
+        // Numbers still read as numbers, text that looks like one is quoted.
+        let v = serde_json::json!({"a": 31, "b": "31", "c": -2.5, "d": "0x1F"});
+        assert_eq!(parse(&to_yaml(&v)).unwrap().0, v);
+        assert_eq!(
+            parse("a: 0x1F\nb: +5\n").unwrap().0,
+            serde_json::json!({"a": 31, "b": 5})
+        );
     }
 
     #[test]
