@@ -4,7 +4,12 @@
 //!
 //! The duplicate table is keyed by request ids requesters choose, so it is bounded
 //! (`commands.dedup_max_entries`): when full, the oldest answer is forgotten for a new one
-//! (counted); a command still running never is.
+//! (counted); a command still running never is. It is also kept on disk ([`crate::journal`]),
+//! so a repeat after a restart is answered, never run again.
+//!
+//! Messages are acknowledged to the broker (manual acks, in the order they arrived) only once
+//! the command is answered: a command the handler had not answered when it stopped comes again
+//! from its persistent session after the restart.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -112,11 +117,32 @@ struct Job {
     cmd: Command,
     arrived: Instant,
     reply_to: Option<(ReplyTopic, Option<Bytes>)>,
+    /// Its place in the acknowledgement order.
+    ack: u64,
 }
 
 enum Dedup {
     Running(watch::Receiver<Option<Arc<Vec<Response>>>>),
     Done(Arc<Vec<Response>>, Instant),
+    /// Started before a restart and never answered: whether it reached the device is unknown.
+    Interrupted(Instant),
+}
+
+/// What the duplicate table says of a request id.
+enum Seen {
+    Answered(Arc<Vec<Response>>),
+    Running(watch::Receiver<Option<Arc<Vec<Response>>>>),
+    Interrupted,
+}
+
+/// Acknowledgements in the order the messages arrived (MQTT 3.1.1 4.6): a message is acked
+/// once it and every message before it are answered.
+#[derive(Default)]
+struct AckOrder {
+    /// Sequence number of the first entry of `waiting`.
+    base: u64,
+    /// Messages not yet acknowledged, with whether each is answered.
+    waiting: std::collections::VecDeque<(Message, bool)>,
 }
 
 impl Dedup {
@@ -128,7 +154,7 @@ impl Dedup {
     /// Whether it may be forgotten to make room: an answer, or an abandoned run; never a
     /// command still running, whose duplicates wait for it.
     fn evictable(&self) -> bool {
-        matches!(self, Dedup::Done(..)) || self.abandoned()
+        matches!(self, Dedup::Done(..) | Dedup::Interrupted(_)) || self.abandoned()
     }
 }
 
@@ -147,6 +173,9 @@ pub struct Handler {
     /// What the requesters may subscribe to: a Response Topic is published to only where its
     /// requester may.
     acl: Acl,
+    /// The request ids on disk (set by [`Handler::restore`]).
+    journal: std::sync::OnceLock<Arc<crate::journal::Journal>>,
+    acks: tokio::sync::Mutex<AckOrder>,
 }
 
 fn response_body(
@@ -210,7 +239,85 @@ impl Handler {
             metrics,
             audit,
             acl,
+            journal: std::sync::OnceLock::new(),
+            acks: tokio::sync::Mutex::new(AckOrder::default()),
         }))
+    }
+
+    /// Keep request ids in `journal` from now on, and take back what it held at start: the
+    /// answers (a repeat gets them), and the commands started and never answered (a repeat
+    /// gets "outcome unknown").
+    pub fn restore(&self, journal: Arc<crate::journal::Journal>, opened: crate::journal::Opened) {
+        let now = now_ms();
+        let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut answered, mut interrupted) = (0, 0);
+        for e in opened.entries {
+            let age = Duration::from_millis(now.saturating_sub(e.at).max(0) as u64);
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            let (entry, bytes) = match e.answer {
+                Some(a) => {
+                    answered += 1;
+                    let bytes = a.iter().map(|r| r.body.to_string().len()).sum();
+                    (Dedup::Done(Arc::new(a), at), bytes)
+                }
+                None => {
+                    interrupted += 1;
+                    (Dedup::Interrupted(at), 0)
+                }
+            };
+            let weight = text_weight(e.key.len() + bytes);
+            match d.insert_evicting(e.key, entry, weight, |_, v| v.evictable()) {
+                Ok(s) => self.dedup_stats.evicted(s.evicted.len()),
+                Err(_) => self.dedup_stats.refused(),
+            }
+        }
+        self.dedup_stats.size(&d);
+        drop(d);
+        tracing::info!(
+            answered,
+            interrupted,
+            unreadable = opened.unreadable,
+            "request ids restored from the journal"
+        );
+        let _ = self.journal.set(journal);
+    }
+
+    /// Run a journal write off the async threads.
+    async fn journal_write(
+        &self,
+        f: impl FnOnce(&crate::journal::Journal) -> std::io::Result<()> + Send + 'static,
+    ) -> Option<std::io::Result<()>> {
+        let j = self.journal.get()?.clone();
+        Some(
+            tokio::task::spawn_blocking(move || f(&j))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+        )
+    }
+
+    /// A message's place in the acknowledgement order.
+    async fn arrived(&self, msg: Message) -> u64 {
+        let mut a = self.acks.lock().await;
+        a.waiting.push_back((msg, false));
+        a.base + a.waiting.len() as u64 - 1
+    }
+
+    /// The message `seq` is answered: acknowledge it and every answered one before it, in order.
+    async fn answered(&self, seq: u64) {
+        let mut a = self.acks.lock().await;
+        if let Some(i) = seq.checked_sub(a.base) {
+            if let Some(e) = a.waiting.get_mut(i as usize) {
+                e.1 = true;
+            }
+        }
+        while a.waiting.front().is_some_and(|(_, done)| *done) {
+            if let Some((m, _)) = a.waiting.pop_front() {
+                a.base += 1;
+                if let Err(e) = self.mqtt.ack(&m).await {
+                    tracing::warn!(error = %e, "cannot acknowledge a command message");
+                }
+            }
+        }
     }
 
     async fn send(&self, responses: &[Response], reply_to: &Option<(ReplyTopic, Option<Bytes>)>) {
@@ -259,9 +366,12 @@ impl Handler {
 
     /// Take one MQTT message: parse it and queue it, or answer at once.
     async fn accept(&self, msg: Message, queue: &mpsc::Sender<Job>) {
-        let Some(topic) = msg.topic() else { return };
+        let seq = self.arrived(msg.clone()).await;
+        let Some(topic) = msg.topic() else {
+            return self.answered(seq).await;
+        };
         if topic.starts_with(sys::CMD_RESPONSE_PREFIX) {
-            return;
+            return self.answered(seq).await;
         }
         self.metrics.received.inc();
         let user = msg.user_property(nexus_common::broker::USER_PROPERTY);
@@ -320,13 +430,14 @@ impl Handler {
                 if let Some(resp) = self.reject_parse(&r) {
                     self.send(&[resp], &reply_to).await;
                 }
-                return;
+                return self.answered(seq).await;
             }
         };
         let job = Job {
             cmd,
             arrived: Instant::now(),
             reply_to,
+            ack: seq,
         };
         match queue.try_send(job) {
             Ok(()) => self
@@ -344,6 +455,7 @@ impl Handler {
                     ),
                 );
                 self.send(&responses, &job.reply_to).await;
+                self.answered(job.ack).await;
             }
         }
     }
@@ -372,8 +484,13 @@ impl Handler {
             .collect()
     }
 
-    /// Run one job to its responses.
+    /// Run one job to its responses, then acknowledge its message.
     async fn execute(self: &Arc<Self>, job: Job) {
+        self.run_job(&job).await;
+        self.answered(job.ack).await;
+    }
+
+    async fn run_job(self: &Arc<Self>, job: &Job) {
         let cmd = &job.cmd;
         let ttl = cmd
             .ttl_ms
@@ -407,9 +524,14 @@ impl Handler {
                 let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
                 match d.peek(k.as_str()) {
                     Some(Dedup::Done(r, at)) if at.elapsed() < self.cfg.dedup_window => {
-                        Some(Ok(r.clone()))
+                        Some(Seen::Answered(r.clone()))
                     }
-                    Some(run @ Dedup::Running(rx)) if !run.abandoned() => Some(Err(rx.clone())),
+                    Some(Dedup::Interrupted(at)) if at.elapsed() < self.cfg.dedup_window => {
+                        Some(Seen::Interrupted)
+                    }
+                    Some(run @ Dedup::Running(rx)) if !run.abandoned() => {
+                        Some(Seen::Running(rx.clone()))
+                    }
                     _ => {
                         let (tx, rx) = watch::channel(None);
                         let weight = text_weight(k.len());
@@ -429,7 +551,19 @@ impl Handler {
                 }
             };
             match existing {
-                Some(Ok(first)) => {
+                Some(Seen::Interrupted) => {
+                    let r = self.fail_all(
+                        cmd,
+                        "interrupted",
+                        "outcome unknown: the command handler stopped while running this \
+                         command, so it is not run again; read the tag to see whether it was \
+                         written"
+                            .into(),
+                    );
+                    self.send(&r, &job.reply_to).await;
+                    return;
+                }
+                Some(Seen::Answered(first)) => {
                     self.metrics
                         .rejected
                         .with_label_values(&["duplicate"])
@@ -437,7 +571,7 @@ impl Handler {
                     self.send(&first, &job.reply_to).await;
                     return;
                 }
-                Some(Err(mut rx)) => {
+                Some(Seen::Running(mut rx)) => {
                     self.metrics
                         .rejected
                         .with_label_values(&["duplicate"])
@@ -462,9 +596,37 @@ impl Handler {
                 None => {}
             }
         }
-        let mut responses = Vec::with_capacity(cmd.writes.len());
-        for (tag, value) in &cmd.writes {
-            responses.push(self.write_one(cmd, tag, value, job.arrived).await);
+        // On disk before the first write reaches the device: after a restart a repeat is
+        // answered from the journal, never run again. Without the record it does not run.
+        let journaled = match (&key, &publish_done) {
+            (Some(k), Some(_)) => {
+                let (k, at) = (k.clone(), now_ms());
+                self.journal_write(move |j| j.started(&k, at)).await
+            }
+            _ => None,
+        };
+        let responses = match journaled {
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cannot record a command in the journal; not run");
+                self.fail_all(
+                    cmd,
+                    "journal",
+                    format!("not run: the command handler cannot record it on disk ({e})"),
+                )
+            }
+            _ => {
+                let mut responses = Vec::with_capacity(cmd.writes.len());
+                for (tag, value) in &cmd.writes {
+                    responses.push(self.write_one(cmd, tag, value, job.arrived).await);
+                }
+                responses
+            }
+        };
+        if let (Some(k), Some(_)) = (&key, &publish_done) {
+            let (k, at, answer) = (k.clone(), now_ms(), responses.clone());
+            if let Some(Err(e)) = self.journal_write(move |j| j.done(&k, &answer, at)).await {
+                tracing::warn!(error = %e, "cannot record a command's answer in the journal");
+            }
         }
         self.send(&responses, &job.reply_to).await;
         self.metrics
@@ -675,7 +837,7 @@ impl Handler {
             let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
             // Expired answers and abandoned runs go; they are not evictions.
             d.retain(|_, v| match v {
-                Dedup::Done(_, at) => at.elapsed() < window,
+                Dedup::Done(_, at) | Dedup::Interrupted(at) => at.elapsed() < window,
                 run @ Dedup::Running(_) => !run.abandoned(),
             });
             self.dedup_stats.size(&d);

@@ -25,6 +25,7 @@
 pub mod audit;
 pub mod command;
 pub mod handler;
+pub mod journal;
 pub mod validate;
 
 use std::sync::Arc;
@@ -66,11 +67,30 @@ pub async fn run_shared(
 ) -> anyhow::Result<()> {
     let mut opts = ShellOptions::new(SERVICE, cfg.commands.http_listen);
     opts.mqtt_v5 = cfg.commands.mqtt_v5;
-    opts.clean_session = true;
+    // A persistent session (`mqtt.persistent_session`) with manual acks: a command sent while
+    // the handler restarts, or one it had not answered when it stopped, comes after the
+    // restart and is run, expired by its TTL, or answered from the journal.
+    opts.manual_acks = true;
     opts.subscriptions = vec![(nexus_common::topic::sys::CMD_ALL.into(), QoS::AtLeastOnce)];
     opts.incoming_capacity = 4096;
     let registry = telemetry.registry.clone();
     opts.telemetry = Some(telemetry);
+    let (journal, opened) = {
+        let (dir, window, max) = (
+            cfg.commands.journal_dir.clone(),
+            cfg.commands.dedup_window,
+            cfg.commands.dedup_max_entries,
+        );
+        tokio::task::spawn_blocking(move || {
+            journal::Journal::open(&dir, window, max, nexus_common::now_ms()).map_err(|e| {
+                anyhow::anyhow!(
+                    "commands.journal_dir: cannot open the request journal in {}: {e}",
+                    dir.display()
+                )
+            })
+        })
+        .await??
+    };
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     let db = nexus_common::pg::Database::from_config(&cfg.database);
     let audit_db = db.is_some();
@@ -88,6 +108,7 @@ pub async fn run_shared(
             &cfg.devices,
         ),
     )?;
+    handler.restore(Arc::new(journal), opened);
     let incoming = shell
         .incoming
         .take()

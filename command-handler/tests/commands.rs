@@ -58,8 +58,9 @@ async fn rig(
     };
     let text = format!(
         "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
-         {auth}telemetry: {{ instance: {} }}\ndevices:\n{devices}commands:\n  http_listen: 127.0.0.1:{http}\n{commands}\n",
-        testing::unique("cmd")
+         {auth}telemetry: {{ instance: {} }}\ndevices:\n{devices}commands:\n  http_listen: 127.0.0.1:{http}\n  journal_dir: {}\n{commands}\n",
+        testing::unique("cmd"),
+        dir.path().join("journal").display()
     );
     let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let token = CancellationToken::new();
@@ -965,4 +966,172 @@ async fn register_bits_are_mask_written_and_a_device_without_it_names_the_settin
     assert_eq!((old.function_count(22), old.function_count(6)), (1, 1));
     r.token.cancel();
     r.task.await.unwrap().unwrap();
+}
+
+/// The handler with a fixed instance (so its MQTT client id, and with it its persistent
+/// session, is the same after a restart) and its journal in `journal`.
+async fn start_fixed(
+    port: u16,
+    devices: &str,
+    journal: &std::path::Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    u16,
+) {
+    let http = free_port();
+    let text = format!(
+        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
+         auth:\n  users:\n    - {{ username: svc, password_hash: \"{}\", role: service }}\n\
+         telemetry: {{ instance: restart-test }}\ndevices:\n{devices}\
+         commands:\n  http_listen: 127.0.0.1:{http}\n  journal_dir: {}\n",
+        nexus_common::auth::hash_password("svc-pw"),
+        journal.display()
+    );
+    let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let token = CancellationToken::new();
+    let task = tokio::spawn(nexus_command_handler::run(Arc::new(cfg), token.clone()));
+    let start = Instant::now();
+    while !http_get(http, "/readyz").contains("\"ready\":true") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "handler not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (token, task, http)
+}
+
+/// Commands sent while the handler is stopped wait in its persistent session: after the
+/// restart each is run, refused as expired, or answered from the journal, never run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_during_a_restart_are_answered_and_never_run_twice() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let b = broker();
+    let port = b.ports.tcp().port();
+    let journal = tempfile::tempdir().unwrap();
+    let devices = device("plc", sim.addr.port(), "");
+    let (op, mut rx) = client(port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
+
+    let (token, task, _) = start_fixed(port, &devices, journal.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"n","value":11,"request_id":"r-1"}"#,
+    )
+    .await;
+    let first = responses(&mut rx, 1, Duration::from_secs(5)).await;
+    assert_eq!(first[0].1["success"], true, "{first:?}");
+    assert_eq!(sim.registers.lock().unwrap().holding[310], 11);
+    token.cancel();
+    task.await.unwrap().unwrap();
+
+    // While it is down: a new command, one already expired, a repeat of r-1 with another
+    // value, and a repeat of a command the journal says was started and never answered (as
+    // if the handler had been killed during its write).
+    let now = nexus_common::now_ms();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(journal.path().join("requests.jsonl"))
+        .and_then(|mut f| {
+            use std::io::Write;
+            writeln!(f, r#"{{"key":"plc\u0000r-9","at":{now}}}"#)
+        })
+        .unwrap();
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        format!(r#"{{"tag_id":"n","value":22,"request_id":"r-2","ts":{now}}}"#),
+    )
+    .await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        format!(
+            r#"{{"tag_id":"f","value":3.5,"request_id":"r-3","ts":{}}}"#,
+            now - 60_000
+        ),
+    )
+    .await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"n","value":99,"request_id":"r-1"}"#,
+    )
+    .await;
+    pubj(
+        &op,
+        "$nexus/cmd/plc/write",
+        r#"{"tag_id":"n","value":77,"request_id":"r-9"}"#,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        responses(&mut rx, 1, Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "nobody answers while the handler is down"
+    );
+
+    let (token, task, http) = start_fixed(port, &devices, journal.path()).await;
+    let got = responses(&mut rx, 4, Duration::from_secs(10)).await;
+    let by_id = |id: &str| {
+        got.iter()
+            .find(|(_, v)| v["request_id"] == id)
+            .unwrap_or_else(|| panic!("no answer to {id}: {got:?}"))
+            .1
+            .clone()
+    };
+    assert_eq!(by_id("r-2")["success"], true, "{got:?}");
+    let expired = by_id("r-3");
+    assert!(
+        expired["error"].as_str().unwrap().contains("expired"),
+        "{expired}"
+    );
+    assert_eq!(
+        by_id("r-1"),
+        first[0].1,
+        "the first answer, from the journal"
+    );
+    let unknown = by_id("r-9");
+    assert_eq!(unknown["success"], false);
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("outcome unknown"),
+        "{unknown}"
+    );
+    {
+        let regs = sim.registers.lock().unwrap();
+        assert_eq!(
+            regs.holding[310], 22,
+            "r-2 ran, r-1 and r-9 did not run again"
+        );
+        assert_eq!(regs.get_f32(300), 0.0, "the expired command never ran");
+    }
+    let m = http_get(http, "/metrics");
+    assert_eq!(
+        metric(&m, "nexus_commands_rejected_total{reason=\"duplicate\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "nexus_commands_rejected_total{reason=\"interrupted\"}"),
+        1.0
+    );
+    // Everything was acknowledged: nothing comes again after another restart.
+    token.cancel();
+    task.await.unwrap().unwrap();
+    let (token, task, _) = start_fixed(port, &devices, journal.path()).await;
+    assert!(
+        responses(&mut rx, 1, Duration::from_secs(1))
+            .await
+            .is_empty(),
+        "no command was left unacknowledged"
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -41,12 +41,13 @@ async fn write_round_trip(v5: bool) {
         .await
         .unwrap();
     let (orch, cmds) = (free_port(), free_port());
+    let journal = tempfile::tempdir().unwrap();
     let tokens = support::tokens(&[("op", OPERATOR, "operator"), ("v", VIEWER, "viewer")]);
     let text = format!(
         "mqtt: {{ host: 127.0.0.1, port: {mqtt}, username: {svc}, reconnect_min: 50ms }}\n\
          auth:\n  anonymous: \"off\"\n  users:\n    - {{ username: {svc}, password_hash: \"{hash}\", role: service }}\n  tokens:\n{tokens}\
          telemetry: {{ instance: write-test }}\n\
-         commands: {{ http_listen: 127.0.0.1:{cmds}, mqtt_v5: {v5} }}\n\
+         commands: {{ http_listen: 127.0.0.1:{cmds}, mqtt_v5: {v5}, journal_dir: \"{journal}\" }}\n\
          orchestrator: {{ http_listen: 127.0.0.1:{orch} }}\n\
          devices:\n  - id: plc\n    protocol: modbus\n    uns_prefix: acme/site\n    \
          connection: {{ host: 127.0.0.1, port: {sim}, timeout: 1s }}\n    tags:\n      \
@@ -56,6 +57,7 @@ async fn write_round_trip(v5: bool) {
         svc = SERVICE_USER.0,
         hash = hash_password(SERVICE_USER.1),
         sim = sim.addr.port(),
+        journal = journal.path().display(),
     );
     let cfg = Arc::new(
         Config::from_str_with_env(

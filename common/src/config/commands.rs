@@ -1,6 +1,7 @@
 //! `commands`: the command handler.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -42,6 +43,9 @@ pub struct CommandsConfig {
     pub max_payload: ByteSize,
     /// Speak MQTT 5 so Response Topic and Correlation Data are honoured (default true).
     pub mqtt_v5: bool,
+    /// Where the request ids of commands are kept on disk, so that a repeat after a restart
+    /// is answered and never run again (default `nexus-data/commands`).
+    pub journal_dir: PathBuf,
 }
 
 impl Default for CommandsConfig {
@@ -60,6 +64,7 @@ impl Default for CommandsConfig {
             dedup_max_entries: 10_000,
             max_payload: ByteSize(64 * 1024),
             mqtt_v5: true,
+            journal_dir: PathBuf::from("nexus-data/commands"),
         }
     }
 }

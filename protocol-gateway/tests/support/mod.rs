@@ -41,6 +41,7 @@ pub fn config(mqtt_port: u16, http_port: u16, dir: &std::path::Path, extra: &str
         Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
     cfg.gateway.http_listen = format!("127.0.0.1:{http_port}").parse().unwrap();
     cfg.gateway.buffer.dir = dir.join("buffer");
+    cfg.commands.journal_dir = dir.join("commands");
     // The HTTP calls of these tests log in as the operator op ([`http_get`]).
     cfg.auth = testing::test_auth();
     cfg
