@@ -1576,15 +1576,11 @@ impl SessionState {
         //hook, message_delivered
         let publish = self.hook.message_delivered(from.clone(), &publish).await.unwrap_or(publish);
 
-        //send message
-        sink.publish(
-            publish.clone(),
-            expiry_check_res.message_expiry_interval(),
-            self.server_topic_aliases.as_ref(),
-        )
-        .await?; //@TODO ... at exception, send hook and or store message
-
         //cache messages to inflight window
+        // Nexus patch (vendor/README.md): a QoS 1/2 message goes into the inflight window
+        // before it is written, not after. A write that fails (the client closed its connection
+        // after its DISCONNECT, while the session was still online) used to drop the message;
+        // now it stays in flight and a persistent session sends it again after the reconnect.
         let moment_status = match publish.qos {
             QoS::AtLeastOnce => Some(MomentStatus::UnAck),
             QoS::ExactlyOnce => Some(MomentStatus::UnReceived),
@@ -1595,9 +1591,17 @@ impl SessionState {
             self.out_inflight().write().await.push_back(OutInflightMessage::new(
                 moment_status,
                 from,
-                publish,
+                publish.clone(),
             ));
         }
+
+        //send message
+        sink.publish(
+            publish,
+            expiry_check_res.message_expiry_interval(),
+            self.server_topic_aliases.as_ref(),
+        )
+        .await?;
 
         Ok(())
     }
