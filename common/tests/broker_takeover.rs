@@ -177,8 +177,8 @@ async fn a_thousand_quick_reconnects_over_mqtt_5_are_all_accepted() {
 }
 
 /// A persistent subscriber leaves and comes back 100 times; while it is away 5 messages are
-/// published (each acknowledged by the broker). Every message reaches it, each reconnect finds
-/// its session, and no reconnect is refused.
+/// published (each acknowledged by the broker). Every message reaches it, in the order it was
+/// published, each reconnect finds its session, and no reconnect is refused.
 async fn persistent_queue(version: u8) {
     let broker = testing::service_broker();
     let port = broker.ports.tcp().port();
@@ -193,6 +193,9 @@ async fn persistent_queue(version: u8) {
     drop(s);
 
     let (mut sent, mut got) = (BTreeSet::new(), BTreeSet::new());
+    // Each message as it first arrived: MQTT keeps the order of one publisher's messages, and
+    // a session sends what was in flight again in the order it was first sent.
+    let mut order = Vec::new();
     let mut n = 0u32;
     for round in 0..100 {
         for _ in 0..5 {
@@ -225,13 +228,19 @@ async fn persistent_queue(version: u8) {
                 at += 1 + body[at] as usize;
             }
             let v = u32::from_be_bytes(body[at..at + 4].try_into().unwrap());
-            got.insert(v);
+            if got.insert(v) {
+                order.push(v);
+            }
             s.write_all(&puback(pid)).await.unwrap();
         }
         s.write_all(&disconnect(version)).await.unwrap();
         drop(s);
     }
     assert_eq!(got, sent, "MQTT {version}: every queued message delivered");
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "MQTT {version}: delivered out of order: {order:?}"
+    );
     assert_eq!(got.len(), 500);
 }
 

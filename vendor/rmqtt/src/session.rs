@@ -1498,7 +1498,9 @@ impl SessionState {
         //[MQTT-4.4.0-1] Reforward every inflight message regardless of status:
         //`reforward` resends the PUBLISH for UnAck/UnReceived and the owed
         //PUBREL (via SendRerelease) for UnComplete.
-        while let Some(msg) = offline_info.inflight_messages.pop() {
+        // Nexus patch (vendor/README.md): in the order they were first sent (MQTT-4.6.0-1);
+        // `pop()` took them from the end, so a reconnecting client got them reversed.
+        for msg in std::mem::take(&mut offline_info.inflight_messages) {
             if let Err(e) = self.reforward(msg).await {
                 log::warn!("transfer_session_state, reforward error, {e}");
             }
