@@ -28,6 +28,7 @@ pub mod http;
 pub mod journal;
 pub mod service;
 pub mod state;
+pub mod statefile;
 pub mod topics;
 pub mod webhook;
 
@@ -88,12 +89,30 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     )));
     opts.subscriptions = subscriptions;
     opts.incoming_capacity = 10_000;
+    opts.manual_acks = true;
     opts.telemetry = Some(telemetry);
-    // A clean session on purpose: every (re)connect subscribes again, so the broker sends the
-    // retained alarm states (restore) and each topic's retained last value (a fresh snapshot).
-    opts.clean_session = true;
+    // A persistent session (`mqtt.persistent_session`): the values published while the service
+    // was down come when it is back, so an excursion meanwhile is evaluated. The alarm states
+    // come from `alerts.state_dir` first; a new session (or none kept) subscribes again and gets
+    // the retained states and last values as well.
     // MQTT 5, so an acknowledgement carries the user the broker authenticated (nexus-user).
     opts.mqtt_v5 = true;
+    let file = {
+        let dir = cfg.alerts.state_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let f = statefile::StateFile::open(&dir)?;
+            let states = f.load()?;
+            Ok::<_, std::io::Error>((f, states))
+        })
+        .await?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "alerts.state_dir: cannot read the alarm states in {}: {e}",
+                cfg.alerts.state_dir.display()
+            )
+        })?
+    };
+    alerts.set_state_file(file.0, file.1);
     let mut shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
     alerts.set_mqtt(shell.mqtt.clone());
     if let Some(db) = nexus_common::pg::Database::from_config(&cfg.database) {

@@ -32,6 +32,7 @@ pub struct AlertMetrics {
     values: prometheus::IntCounter,
     malformed: IntCounterVec,
     journal_dropped: prometheus::IntCounter,
+    state_file_errors: prometheus::IntCounter,
     rate_10m: IntGaugeVec,
     flood: IntGaugeVec,
     chattering: prometheus::IntCounter,
@@ -65,6 +66,11 @@ impl AlertMetrics {
                 r,
                 "nexus_alerts_journal_dropped_total",
                 "Alarm events not queued for the alarm_events table (queue full)",
+            )?,
+            state_file_errors: metrics::counter(
+                r,
+                "nexus_alerts_state_file_errors_total",
+                "Saves of the alarm states to alerts.state_dir that failed (the next change tries again)",
             )?,
             rate_10m: metrics::gauge_vec(
                 r,
@@ -202,6 +208,11 @@ pub struct Alerts {
     /// How each topic's payloads are read (`payloads`); value objects until set.
     payloads: std::sync::OnceLock<Decoder>,
     metrics: AlertMetrics,
+    /// The alarm states on disk, the retained payloads they mirror, and what the file held at
+    /// start (taken by [`Alerts::run`]).
+    state_file: std::sync::OnceLock<Arc<crate::statefile::StateFile>>,
+    states: Mutex<crate::statefile::States>,
+    loaded: Mutex<Option<crate::statefile::States>>,
 }
 
 impl Alerts {
@@ -223,7 +234,56 @@ impl Alerts {
             mqtt: std::sync::OnceLock::new(),
             payloads: std::sync::OnceLock::new(),
             metrics,
+            state_file: std::sync::OnceLock::new(),
+            states: Mutex::new(Default::default()),
+            loaded: Mutex::new(None),
         })
+    }
+
+    /// Keep the alarm states in `file`; `loaded` is what it held (restored by [`Alerts::run`]
+    /// before anything else).
+    pub fn set_state_file(
+        &self,
+        file: crate::statefile::StateFile,
+        loaded: Option<crate::statefile::States>,
+    ) {
+        if let Some(l) = &loaded {
+            *self.states.lock().unwrap_or_else(|e| e.into_inner()) = l.clone();
+        }
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = loaded;
+        let _ = self.state_file.set(Arc::new(file));
+    }
+
+    /// Note the retained payload of a state topic (`None`: cleared) for the state file.
+    fn mirror(&self, topic: &str, payload: Option<&[u8]>) {
+        let mut s = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        match payload {
+            Some(p) if !p.is_empty() => {
+                s.insert(topic.to_owned(), String::from_utf8_lossy(p).into_owned());
+            }
+            _ => {
+                s.remove(topic);
+            }
+        }
+    }
+
+    /// Write the alarm states to the state file, off the async threads.
+    async fn save_states(&self) {
+        let Some(file) = self.state_file.get().cloned() else {
+            return;
+        };
+        let states = self
+            .states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let r = tokio::task::spawn_blocking(move || file.save(&states))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = r {
+            self.metrics.state_file_errors.inc();
+            tracing::warn!(error = %e, "cannot save the alarm states to alerts.state_dir");
+        }
     }
 
     /// Read payloads with `d` (the `payloads` rules) instead of as value objects only.
@@ -298,6 +358,7 @@ impl Alerts {
             } else {
                 state_payload(c, now).to_string().into_bytes()
             };
+            self.mirror(&topic, Some(&body));
             if let Err(e) = mqtt.publish(&topic, body, QoS::AtLeastOnce, true).await {
                 tracing::warn!(%topic, error = %e, "cannot publish alarm state");
             }
@@ -311,6 +372,7 @@ impl Alerts {
             tracing::info!(rule = %c.rule_id, topic = %c.topic, event = c.event.as_str(), state = c.alarm.state.as_str(), severity = c.severity, user = ?c.user, "alarm");
         }
         if !changes.is_empty() {
+            self.save_states().await;
             // Gauges are recomputed on the next tick, not per change (that is O(alarms)).
             self.gauges_stale
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -424,14 +486,32 @@ impl Alerts {
         }
     }
 
-    /// Read retained `$nexus/alarms/<topic>/<rule>` states back into the engine.
+    /// Acknowledge a message to the broker once it is evaluated (manual acks, in the order
+    /// messages arrived): one the service took but had not evaluated when it stopped comes
+    /// again after the restart.
+    async fn ack(&self, m: &Message) {
+        if let Some(mqtt) = self.mqtt.get() {
+            if let Err(e) = mqtt.ack(m).await {
+                tracing::debug!(error = %e, "cannot acknowledge a message");
+            }
+        }
+    }
+
+    /// Read a retained `$nexus/alarms/<topic>/<rule>` state back into the engine.
     fn restore(&self, m: &Message) -> bool {
         let Some(topic) = m.topic() else { return false };
-        let Some((rule, t, alarm)) = parse_state(topic, m.payload()) else {
+        self.restore_state(topic, m.payload())
+    }
+
+    fn restore_state(&self, topic: &str, payload: &[u8]) -> bool {
+        let Some((rule, t, alarm)) = parse_state(topic, payload) else {
             return false;
         };
         match self.lock().restore(&rule, &t, alarm) {
-            Restore::Restored => true,
+            Restore::Restored => {
+                self.mirror(topic, Some(payload));
+                true
+            }
             Restore::UnknownRule => false,
             Restore::Refused => {
                 tracing::warn!(%rule, topic = %t, "alarm state not restored: the instance table (alerts.max_instances) is full of alarms that may not be forgotten");
@@ -454,14 +534,12 @@ impl Alerts {
         }
         if let Some(mqtt) = self.mqtt.get() {
             for (rule, topic) in &removed {
-                let _ = mqtt
-                    .publish(
-                        &state_topic(topic, rule),
-                        Vec::new(),
-                        QoS::AtLeastOnce,
-                        true,
-                    )
-                    .await;
+                let st = state_topic(topic, rule);
+                self.mirror(&st, None);
+                let _ = mqtt.publish(&st, Vec::new(), QoS::AtLeastOnce, true).await;
+            }
+            if !removed.is_empty() {
+                self.save_states().await;
             }
             for f in &filters {
                 if let Err(e) = mqtt.subscribe(f, QoS::AtLeastOnce).await {
@@ -484,6 +562,18 @@ impl Alerts {
     /// or after 5 s at most (a topic that changes more often than every 500 ms never leaves a
     /// quiet moment). What arrived meanwhile is evaluated right after, in order.
     pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Message>, token: CancellationToken) {
+        // The state file first: it is the last word on every alarm (the broker's retained
+        // states may be older, or gone).
+        let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let from_file = loaded.is_some();
+        let mut from_disk = 0;
+        for (topic, payload) in loaded.unwrap_or_default() {
+            if self.restore_state(&topic, payload.as_bytes()) {
+                from_disk += 1;
+            } else {
+                self.mirror(&topic, None);
+            }
+        }
         let mut restored = 0;
         let mut early = Vec::new();
         let quiet = Duration::from_millis(500);
@@ -494,16 +584,16 @@ impl Alerts {
                 break;
             };
             let live = !m.retain();
-            if self.restore(&m) {
+            let done = !from_file && self.restore(&m);
+            if done {
                 restored += 1;
-            } else {
-                early.push(m);
             }
+            early.push((m, done));
             if live || left.is_zero() {
                 break;
             }
         }
-        tracing::info!(restored, "alarm states restored from retained topics");
+        tracing::info!(from_disk, from_retained = restored, "alarm states restored");
         let (otx, mut orx) = mpsc::channel::<Vec<Change>>(1024);
         *self.outbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(otx);
         let me = self.clone();
@@ -513,14 +603,20 @@ impl Alerts {
             }
         });
         self.update_gauges();
-        for m in early {
-            self.on_message(&m).await;
+        for (m, restored) in early {
+            if !restored {
+                self.on_message(&m).await;
+            }
+            self.ack(&m).await;
         }
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => self.on_message(&m).await,
+                    Some(m) => {
+                        self.on_message(&m).await;
+                        self.ack(&m).await;
+                    }
                     None => break,
                 },
                 _ = tick.tick() => {

@@ -60,6 +60,8 @@ fn start_with(
     let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
     // The REST calls below log in as the operator op.
     cfg.auth = testing::test_auth();
+    // The alarm states on disk: one place per test (its root), kept across its restarts.
+    cfg.alerts.state_dir = testing::state_dir(&format!("alerts-{root}"));
     let token = CancellationToken::new();
     let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
     (token, task)
@@ -636,6 +638,102 @@ async fn a_topic_changing_fast_from_the_start_is_evaluated() {
     assert_eq!(v["state"], "active_unacked", "{v}");
     stop.cancel();
     let _ = feed.await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// With the service stopped: a value crosses the limit and comes back, and the broker loses
+/// the retained state of an acknowledged alarm. After the restart the excursion is an alarm
+/// (returned to normal, unacknowledged), and the acknowledged alarm is restored from
+/// `alerts.state_dir` and not raised again although its value is still high.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_excursion_during_a_restart_is_evaluated_and_an_acknowledged_alarm_stays_acknowledged() {
+    let b = broker();
+    let port = b.ports.tcp().port();
+    let root = testing::unique("plant");
+    let (a, bt) = (format!("{root}/m1/temp"), format!("{root}/m2/temp"));
+    let a_state = format!("$nexus/alarms/{a}/hot");
+    let hp = free_port();
+    let (token, task) = start(port, hp, &root);
+    wait_ready(hp).await;
+    let (svc, _) = client(port, "svc", &[]).await;
+    let (_op, mut rx) = client(port, "op", &["$nexus/alarms/#"]).await;
+    let send = |topic: &str, x: &str| {
+        let (svc, topic) = (svc.clone(), topic.to_owned());
+        let body = format!(
+            "{{\"v\":{x},\"q\":\"good\",\"ts\":{}}}",
+            nexus_common::now_ms()
+        );
+        async move {
+            svc.publish(&topic, body, QoS::AtLeastOnce, false)
+                .await
+                .unwrap()
+        }
+    };
+    send(&a, "90").await;
+    assert!(next(&mut rx, &a_state, Duration::from_secs(5))
+        .await
+        .is_some());
+    let (code, list) = http(hp, "GET", "/api/v1/alarms", "");
+    assert_eq!(code, 200);
+    let id = list["alarms"][0]["id"]
+        .as_str()
+        .unwrap()
+        .replace('/', "%2F");
+    let (code, _) = http(
+        hp,
+        "POST",
+        &format!("/api/v1/alarms/{id}/ack"),
+        r#"{"comment":"seen"}"#,
+    );
+    assert_eq!(code, 200);
+    let s: Value = serde_json::from_slice(
+        &next(&mut rx, &a_state, Duration::from_secs(5))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(s["state"], "active_acked");
+    token.cancel();
+    task.await.unwrap().unwrap();
+
+    // While it is down.
+    send(&bt, "95").await;
+    send(&bt, "60").await;
+    send(&a, "92").await;
+    svc.publish(&a_state, Vec::new(), QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (token, task) = start(port, hp, &root);
+    // The excursion: raised, then returned to normal, unacknowledged, as it happened.
+    let b_state = format!("$nexus/alarms/{bt}/hot");
+    let mut seen = Vec::new();
+    while let Some(p) = next(&mut rx, &b_state, Duration::from_secs(10)).await {
+        let v: Value = serde_json::from_slice(&p).unwrap();
+        seen.push(v["state"].as_str().unwrap_or("").to_owned());
+        if seen.last().is_some_and(|s| s == "rtn_unacked") {
+            break;
+        }
+    }
+    assert_eq!(seen, ["active_unacked", "rtn_unacked"], "{seen:?}");
+    wait_ready(hp).await;
+    let (_, list) = http(hp, "GET", "/api/v1/alarms", "");
+    let alarms = list["alarms"].as_array().cloned().unwrap_or_default();
+    let of = |topic: &str| {
+        alarms
+            .iter()
+            .find(|x| x["topic"] == topic)
+            .unwrap_or_else(|| panic!("no alarm on {topic}: {alarms:?}"))
+            .clone()
+    };
+    assert_eq!(of(&bt)["state"], "rtn_unacked");
+    let a_alarm = of(&a);
+    assert_eq!(
+        a_alarm["state"], "active_acked",
+        "restored from the state file, not raised again by 92: {a_alarm}"
+    );
     token.cancel();
     task.await.unwrap().unwrap();
 }

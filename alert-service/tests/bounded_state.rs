@@ -28,7 +28,8 @@ fn start(port: u16, root: &str, bounds: &str) -> Alerts {
          alerts:\n  http_listen: 127.0.0.1:{http}\n{bounds}  rules:\n    - {{ id: hot, topic: \"{root}/+/temp\", condition: {{ type: high, limit: 80 }} }}\n",
         testing::unique("alerts")
     );
-    let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    cfg.alerts.state_dir = testing::state_dir(&format!("bounded-{root}"));
     let token = CancellationToken::new();
     let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
     Alerts { http, token, task }

@@ -63,6 +63,7 @@ impl Alerts {
         );
         let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
         cfg.auth = auth();
+        cfg.alerts.state_dir = testing::state_dir(&format!("hostile-{root}"));
         let token = CancellationToken::new();
         let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
         let start = Instant::now();

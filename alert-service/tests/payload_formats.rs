@@ -90,6 +90,7 @@ async fn bare_umh_and_mapped_payloads_raise_alarms_and_garbage_is_counted() {
     );
     let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
     cfg.auth = testing::test_auth();
+    cfg.alerts.state_dir = testing::state_dir(&format!("payloads-{root}"));
     let token = CancellationToken::new();
     let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
     let start = Instant::now();

@@ -35,6 +35,24 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A directory of the system's temporary directory for `key` (created): the same for the same
+/// key, so a service restarted within a test finds what it left there (state files).
+pub fn state_dir(key: &str) -> PathBuf {
+    let name: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = std::env::temp_dir().join("nexus-test-state").join(name);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
 /// A plain HTTP/1.0 request to 127.0.0.1:`port`: the status (0 when nothing listens) and
 /// the body.
 pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {

@@ -32,7 +32,7 @@ fn config(mqtt: u16, db: Option<&str>, ports: [u16; 3], wal: &std::path::Path) -
          auth:\n  anonymous: \"off\"\n  users:\n    - {{ username: {svc}, password_hash: \"{hash}\", role: service }}\n  tokens:\n{tokens}\
          telemetry: {{ instance: proxy-test }}\n{database}\
          ingestion: {{ http_listen: 127.0.0.1:{ingest}, wal_dir: {wal}, batch_timeout: 20ms }}\n\
-         alerts:\n  http_listen: 127.0.0.1:{alerts}\n  rules:\n    - {{ id: hot, topic: acme/+/temperature, condition: {{ type: high, limit: 80, deadband: 2 }} }}\n\
+         alerts:\n  http_listen: 127.0.0.1:{alerts}\n  state_dir: {wal}/alerts\n  rules:\n    - {{ id: hot, topic: acme/+/temperature, condition: {{ type: high, limit: 80, deadband: 2 }} }}\n\
          orchestrator:\n  http_listen: 127.0.0.1:{orch}\n  upstreams: {{ ingestion: \"http://127.0.0.1:{ingest}\", alerts: \"http://127.0.0.1:{alerts}\" }}\n",
         svc = SERVICE_USER.0,
         hash = hash_password(SERVICE_USER.1),

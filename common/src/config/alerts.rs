@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -31,6 +32,9 @@ pub struct AlertsConfig {
     /// Where alarm events are POSTed (JSON), with retries and a rate limit.
     pub webhooks: Vec<Webhook>,
     pub rules: Vec<AlertRule>,
+    /// Where the alarm states are kept on disk, so a restart restores acknowledgements,
+    /// shelving and out-of-service (default `nexus-data/alerts`).
+    pub state_dir: PathBuf,
 }
 
 /// An HTTP endpoint notified of alarm events.
@@ -105,6 +109,7 @@ impl Default for AlertsConfig {
             max_areas: 1000,
             webhooks: Vec::new(),
             rules: Vec::new(),
+            state_dir: PathBuf::from("nexus-data/alerts"),
         }
     }
 }
