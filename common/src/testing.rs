@@ -18,7 +18,25 @@ use crate::broker::{Acl, EmbeddedBroker};
 use crate::config::{AuthConfig, BrokerConfig, MqttConfig};
 
 /// A free TCP port on 127.0.0.1 (bound and released; a small race is accepted in tests).
+///
+/// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), at random: a
+/// port from that range can be taken by any outgoing connection between this check and the
+/// server's bind, and tests that open thousands of connections made that happen.
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        let mut rng = rand::rng();
+        for _ in 0..100 {
+            let port = rng.random_range(10_000..low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
