@@ -67,6 +67,20 @@ fn start_with(
     (token, task)
 }
 
+/// Publish a good value `x` on `topic` now, as the gateway would.
+fn value(svc: &MqttHandle, topic: &str, x: &str) -> impl std::future::Future<Output = ()> {
+    let (svc, topic) = (svc.clone(), topic.to_owned());
+    let body = format!(
+        "{{\"v\":{x},\"q\":\"good\",\"ts\":{}}}",
+        nexus_common::now_ms()
+    );
+    async move {
+        svc.publish(&topic, body, QoS::AtLeastOnce, false)
+            .await
+            .unwrap()
+    }
+}
+
 async fn next(rx: &mut Receiver<Message>, topic: &str, limit: Duration) -> Option<Vec<u8>> {
     let end = tokio::time::Instant::now() + limit;
     loop {
@@ -121,18 +135,7 @@ async fn alarms_raise_clear_ack_shelve_and_survive_a_restart() {
     wait_ready(hp).await;
     let (svc, _) = client(port, "svc", &[]).await;
     let (op, mut rx) = client(port, "op", &["$nexus/alarms/#"]).await;
-    let send = |x: &str| {
-        let (svc, topic) = (svc.clone(), topic.clone());
-        let body = format!(
-            "{{\"v\":{x},\"q\":\"good\",\"ts\":{}}}",
-            nexus_common::now_ms()
-        );
-        async move {
-            svc.publish(&topic, body, QoS::AtLeastOnce, false)
-                .await
-                .unwrap()
-        }
-    };
+    let send = |x: &str| value(&svc, &topic, x);
 
     send("79").await;
     send("85").await;
@@ -658,18 +661,7 @@ async fn an_excursion_during_a_restart_is_evaluated_and_an_acknowledged_alarm_st
     wait_ready(hp).await;
     let (svc, _) = client(port, "svc", &[]).await;
     let (_op, mut rx) = client(port, "op", &["$nexus/alarms/#"]).await;
-    let send = |topic: &str, x: &str| {
-        let (svc, topic) = (svc.clone(), topic.to_owned());
-        let body = format!(
-            "{{\"v\":{x},\"q\":\"good\",\"ts\":{}}}",
-            nexus_common::now_ms()
-        );
-        async move {
-            svc.publish(&topic, body, QoS::AtLeastOnce, false)
-                .await
-                .unwrap()
-        }
-    };
+    let send = |topic: &str, x: &str| value(&svc, topic, x);
     send(&a, "90").await;
     assert!(next(&mut rx, &a_state, Duration::from_secs(5))
         .await

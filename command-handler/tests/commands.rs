@@ -45,35 +45,14 @@ async fn rig(
     commands: &str,
 ) -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let http = free_port();
-    // The service account is a user of the handler too (it tells who may write for others),
-    // unless the test brings its own users.
-    let auth = if commands.contains("auth:") {
-        String::new()
-    } else {
-        format!(
-            "auth:\n  users:\n    - {{ username: svc, password_hash: \"{}\", role: service }}\n",
-            nexus_common::auth::hash_password("svc-pw")
-        )
-    };
-    let text = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
-         {auth}telemetry: {{ instance: {} }}\ndevices:\n{devices}commands:\n  http_listen: 127.0.0.1:{http}\n  journal_dir: {}\n{commands}\n",
-        testing::unique("cmd"),
-        dir.path().join("journal").display()
-    );
-    let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let token = CancellationToken::new();
-    let task = tokio::spawn(nexus_command_handler::run(Arc::new(cfg), token.clone()));
-    // Ready once subscribed.
-    let start = Instant::now();
-    while !http_get(http, "/readyz").contains("\"ready\":true") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "handler not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (token, task, http) = start_handler(
+        mqtt_port,
+        &testing::unique("cmd"),
+        devices,
+        &dir.path().join("journal"),
+        commands,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     Rig {
         _broker: broker,
@@ -968,29 +947,40 @@ async fn register_bits_are_mask_written_and_a_device_without_it_names_the_settin
     r.task.await.unwrap().unwrap();
 }
 
-/// The handler with a fixed instance (so its MQTT client id, and with it its persistent
-/// session, is the same after a restart) and its journal in `journal`.
-async fn start_fixed(
-    port: u16,
+/// Start the handler: `instance` names its MQTT client id (and so its persistent session),
+/// `journal` is its request journal, `commands` more lines under `commands:`. Returns once it
+/// is ready: its stop token, its task and its HTTP port.
+async fn start_handler(
+    mqtt_port: u16,
+    instance: &str,
     devices: &str,
     journal: &std::path::Path,
+    commands: &str,
 ) -> (
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
     u16,
 ) {
     let http = free_port();
+    // The service account is a user of the handler too (it tells who may write for others),
+    // unless the test brings its own users.
+    let auth = if commands.contains("auth:") {
+        String::new()
+    } else {
+        format!(
+            "auth:\n  users:\n    - {{ username: svc, password_hash: \"{}\", role: service }}\n",
+            nexus_common::auth::hash_password("svc-pw")
+        )
+    };
     let text = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
-         auth:\n  users:\n    - {{ username: svc, password_hash: \"{}\", role: service }}\n\
-         telemetry: {{ instance: restart-test }}\ndevices:\n{devices}\
-         commands:\n  http_listen: 127.0.0.1:{http}\n  journal_dir: {}\n",
-        nexus_common::auth::hash_password("svc-pw"),
+        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, username: svc, password: svc-pw, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
+         {auth}telemetry: {{ instance: {instance} }}\ndevices:\n{devices}commands:\n  http_listen: 127.0.0.1:{http}\n  journal_dir: {}\n{commands}\n",
         journal.display()
     );
     let cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let token = CancellationToken::new();
     let task = tokio::spawn(nexus_command_handler::run(Arc::new(cfg), token.clone()));
+    // Ready once subscribed.
     let start = Instant::now();
     while !http_get(http, "/readyz").contains("\"ready\":true") {
         assert!(
@@ -1015,7 +1005,7 @@ async fn commands_sent_during_a_restart_are_answered_and_never_run_twice() {
     let devices = device("plc", sim.addr.port(), "");
     let (op, mut rx) = client(port, "op", MqttVersion::V311, &["$nexus/cmd/response/#"]).await;
 
-    let (token, task, _) = start_fixed(port, &devices, journal.path()).await;
+    let (token, task, _) = start_handler(port, "restart-test", &devices, journal.path(), "").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     pubj(
         &op,
@@ -1076,7 +1066,8 @@ async fn commands_sent_during_a_restart_are_answered_and_never_run_twice() {
         "nobody answers while the handler is down"
     );
 
-    let (token, task, http) = start_fixed(port, &devices, journal.path()).await;
+    let (token, task, http) =
+        start_handler(port, "restart-test", &devices, journal.path(), "").await;
     let got = responses(&mut rx, 4, Duration::from_secs(10)).await;
     let by_id = |id: &str| {
         got.iter()
@@ -1125,7 +1116,7 @@ async fn commands_sent_during_a_restart_are_answered_and_never_run_twice() {
     // Everything was acknowledged: nothing comes again after another restart.
     token.cancel();
     task.await.unwrap().unwrap();
-    let (token, task, _) = start_fixed(port, &devices, journal.path()).await;
+    let (token, task, _) = start_handler(port, "restart-test", &devices, journal.path(), "").await;
     assert!(
         responses(&mut rx, 1, Duration::from_secs(1))
             .await
