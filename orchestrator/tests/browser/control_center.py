@@ -488,7 +488,11 @@ def opcua_browse(page, app, shot, port):
     area.fill(json.dumps(device, indent=2))
     page.locator("#browse-start").click()
     simulator = page.locator("#browse-list li", has=page.get_by_role("link", name="Simulator", exact=True))
-    expect(simulator).to_have_count(1, timeout=35_000)
+    try:
+        expect(simulator).to_have_count(1, timeout=35_000)
+    except AssertionError as e:
+        status = page.locator("#browse-status").inner_text()
+        raise AssertionError(f"no Simulator node; the browse's status: {status!r}") from e
     simulator.get_by_role("link", name="Simulator", exact=True).click()
     sine = page.locator('#browse-list li[data-node-class="Variable"]', has_text="Sine")
     expect(sine).to_have_count(1, timeout=35_000)
