@@ -6,6 +6,9 @@
 //! reading from the socket: back-pressure reaches the broker instead of memory growing),
 //! re-subscribes when a session was not kept, and on connection errors sleeps a jittered
 //! exponential backoff before polling again (rumqttc would reconnect at once otherwise).
+//! What a failed connection had not got acknowledged (and what was still queued) is resent
+//! after the reconnect, in order, even when the broker lost the session: rumqttc alone drops
+//! it then, and a restarted broker would lose every publish that was in flight.
 //!
 //! Persistent sessions are the default (`clean_session=false`; MQTT 5: `clean_start=false`
 //! plus a session expiry), because rumqttc with a clean session drops queued and in-flight
@@ -271,6 +274,7 @@ pub struct MqttHandle {
     subscriptions: Arc<Mutex<Vec<(String, QoS)>>>,
     published: Option<IntCounter>,
     closed: Arc<AtomicBool>,
+    acked: watch::Receiver<u64>,
 }
 
 impl MqttHandle {
@@ -356,6 +360,15 @@ impl MqttHandle {
         *self.connected.borrow()
     }
 
+    /// Watch how many of this client's QoS 1 and 2 publishes the broker has acknowledged
+    /// (PUBACK, PUBCOMP) since it was made. The broker acknowledges in the order it received
+    /// them (MQTT requires it), and the client resends what was not acknowledged across
+    /// reconnects, to a new session too (see [`connect`]): so a client whose only QoS 1/2
+    /// publisher is one task can match each acknowledgement to its oldest open publish.
+    pub fn acked(&self) -> watch::Receiver<u64> {
+        self.acked.clone()
+    }
+
     /// Watch the connection state.
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
@@ -436,6 +449,7 @@ pub fn connect(
     });
     let published = cm.as_ref().map(|m| m.published.clone());
     let closed = Arc::new(AtomicBool::new(false));
+    let (acked_tx, acked_rx) = watch::channel(0u64);
     let client = match cfg.version {
         MqttVersion::V311 => {
             let mut o = rumqttc::MqttOptions::new(&settings.client_id, &cfg.host, port);
@@ -466,6 +480,7 @@ pub fn connect(
                 client.clone(),
                 tx,
                 conn_tx,
+                acked_tx,
                 subscriptions.clone(),
                 cfg.clone(),
                 cm,
@@ -510,6 +525,7 @@ pub fn connect(
                 client.clone(),
                 tx,
                 conn_tx,
+                acked_tx,
                 subscriptions.clone(),
                 cfg.clone(),
                 cm,
@@ -527,6 +543,7 @@ pub fn connect(
             subscriptions,
             published,
             closed,
+            acked: acked_rx,
         },
         rx,
     ))
@@ -540,6 +557,7 @@ macro_rules! event_loop {
             client: $client,
             tx: mpsc::Sender<Message>,
             conn: watch::Sender<bool>,
+            acked: watch::Sender<u64>,
             subscriptions: Arc<Mutex<Vec<(String, QoS)>>>,
             cfg: MqttConfig,
             metrics: Option<ClientMetrics>,
@@ -550,6 +568,10 @@ macro_rules! event_loop {
             use $event as Event;
             use $incoming as Incoming;
             let mut failures = 0u32;
+            // Requests of a connection that failed: what the broker had not acknowledged, and
+            // what was still queued. Kept here, because the event loop drops them when the next
+            // CONNACK says the session is new (a restarted broker, an expired session).
+            let mut unsent = std::collections::VecDeque::new();
             loop {
                 let ev = tokio::select! {
                     ev = eventloop.poll() => ev,
@@ -566,6 +588,14 @@ macro_rules! event_loop {
                 match ev {
                     Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                         failures = 0;
+                        // Resent first, in their order, to the old session or the new one: a
+                        // publish is not given up because the broker forgot the session.
+                        if !unsent.is_empty() {
+                            tracing::info!(client = %id, requests = unsent.len(), session_present = ack.session_present, "resending what the broker had not acknowledged");
+                            let mut resend = std::mem::take(&mut unsent);
+                            resend.extend(eventloop.pending.drain(..));
+                            eventloop.pending = resend;
+                        }
                         conn.send_replace(true);
                         if let Some(m) = &metrics {
                             m.connected.set(1);
@@ -589,8 +619,12 @@ macro_rules! event_loop {
                             // The consumer is gone; keep the connection for publishing.
                         }
                     }
+                    Ok(Event::Incoming(Incoming::PubAck(_) | Incoming::PubComp(_))) => {
+                        acked.send_modify(|n| *n += 1);
+                    }
                     Ok(_) => {}
                     Err(e) => {
+                        unsent.extend(eventloop.pending.drain(..));
                         conn.send_replace(false);
                         if let Some(m) = &metrics {
                             m.connected.set(0);

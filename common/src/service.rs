@@ -51,6 +51,8 @@ pub struct Shell {
     pub instance: String,
     pub telemetry: Telemetry,
     pub mqtt: MqttHandle,
+    /// The MQTT client id of `mqtt`.
+    pub client_id: String,
     pub mqtt_metrics: MqttMetrics,
     /// Incoming publishes for the subscriptions given at start.
     pub incoming: Option<mpsc::Receiver<Message>>,
@@ -133,10 +135,11 @@ impl Shell {
             .unwrap_or_else(|| Telemetry::new(opts.service));
         let mqtt_metrics = telemetry.mqtt_metrics()?;
         let topic = crate::topic::sys::service_status(opts.service, &instance);
-        let mut settings = ClientSettings::new(format!(
+        let client_id = format!(
             "{}-{}-{}",
             cfg.mqtt.client_id_prefix, opts.service, instance
-        ));
+        );
+        let mut settings = ClientSettings::new(client_id.clone());
         settings.will = Some(Will {
             topic: topic.clone(),
             payload: status_payload("offline").into(),
@@ -217,6 +220,7 @@ impl Shell {
             instance,
             telemetry,
             mqtt: handle,
+            client_id,
             mqtt_metrics,
             incoming: Some(incoming),
             http_addr,

@@ -397,3 +397,77 @@ async fn postgres_and_both_brokers_together() {
     assert_eq!(whoami, "nexus");
     token.cancel();
 }
+
+/// A broker on a given port of 127.0.0.1 with the test users (to bring one back after it died).
+fn broker_on(port: u16) -> nexus_common::broker::EmbeddedBroker {
+    let cfg = BrokerConfig {
+        bind: "127.0.0.1".parse().unwrap(),
+        port: Some(port),
+        ws_port: None,
+        ..Default::default()
+    };
+    let ids = nexus_common::auth::Identities::new(&testing::test_auth()).unwrap();
+    let acl = nexus_common::broker::Acl::new(std::sync::Arc::new(ids), &cfg, &[]);
+    nexus_common::broker::EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_a_dead_broker_never_acknowledged_go_to_the_next_one() {
+    // rumqttc alone drops what it had not got acknowledged when the new broker has no session
+    // for it; the client keeps it and sends it again.
+    let broker = broker_on(0);
+    let port = broker.ports.tcp().port();
+    let token = CancellationToken::new();
+    let mut c = cfg(port, Some("pub"), MqttVersion::V311);
+    c.persistent_session = true;
+    // Slow to come back: the subscriber is on the new broker first.
+    c.reconnect_min = Duration::from_millis(1500);
+    c.reconnect_max = Duration::from_millis(1500);
+    let (publisher, _) = mqtt::connect(
+        &c,
+        ClientSettings::new(testing::unique("resend")),
+        None,
+        token.clone(),
+    )
+    .unwrap();
+    publisher
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let acks = publisher.acked();
+    let n = 2000u64;
+    for i in 0..n {
+        publisher
+            .publish("resend/t", i.to_string(), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    drop(broker);
+    let acked_by_first = *acks.borrow();
+    assert!(
+        acked_by_first < n,
+        "the first broker acknowledged all {n} before it died: nothing to resend"
+    );
+    let broker = broker_on(port);
+    let (_s, mut rx) = client(&cfg(port, None, MqttVersion::V311), &["resend/#"], &token).await;
+    let got = drain(&mut rx, Duration::from_secs(4)).await;
+    let numbers: std::collections::BTreeSet<u64> =
+        got.iter().map(|(_, p)| p.parse().unwrap()).collect();
+    let missing: Vec<u64> = (acked_by_first..n)
+        .filter(|i| !numbers.contains(i))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of the {} the first broker never acknowledged did not reach the second, from {:?}",
+        missing.len(),
+        n - acked_by_first,
+        missing.first()
+    );
+    assert_eq!(
+        *acks.borrow(),
+        n,
+        "each publish acknowledged once, by one broker or the other"
+    );
+    token.cancel();
+    drop(broker);
+}

@@ -5,7 +5,9 @@
 //! a bare rumqttc client publishing the same value objects through the same broker as fast as
 //! it can, so the gateway's rate is also given as a share of what the broker path carries.
 //! The gateway logs in as the service account, the baseline client as a `publisher`, the
-//! counting subscriber as a `viewer`.
+//! counting subscriber as a `viewer`. The gateway runs twice at the same offered rate: durable
+//! before publish (`gateway.buffer.durable_publish`, the default), then without, and the cost
+//! of the durable path is given as ratios between the two.
 //!
 //! `cargo bench -p nexus-orchestrator --bench gateway`; BENCH_DEVICES (20), BENCH_TAGS (500),
 //! BENCH_POLL_MS (100), BENCH_QOS (1), BENCH_SECONDS (15).
@@ -176,27 +178,117 @@ fn main() {
         (sims, rate)
     });
 
-    // The gateway process.
-    let mut yaml = format!(
-        "mqtt: {{ {}, inflight: 1000 }}\ngateway:\n  qos: {qos_n}\n  heartbeat: 0s\n  workers: {}\n  buffer: {{ dir: {} }}\n  opcua: {{ pki_dir: {} }}\ntelemetry: {{ log_level: warn }}\ndevices:\n",
-        support::service_mqtt_yaml(mqtt_port),
-        devices.max(10),
-        dir.path().join("buffer").display(),
-        dir.path().join("gateway-pki").display()
+    let target = (devices * tags) as f64 * 1000.0 / poll_ms as f64;
+    println!(
+        "gateway benchmark ({}): {devices} devices x {tags} tags, poll {poll_ms} ms, QoS {qos_n}, {seconds} s measured per run",
+        if opcua { "OPC UA subscriptions" } else { "Modbus" }
     );
-    yaml.push_str(&match &sims {
-        Sims::Modbus(v) => support::load_devices(
-            &v.iter().map(|s| s.addr.port()).collect::<Vec<_>>(),
+    println!("  target rate (every value changes every poll)  {target:>10.0} points/s");
+    println!("  baseline: bare rumqttc client, same broker   {baseline_rate:>10.0} points/s");
+    // The same gateway twice at the same offered rate: durable before publish (the default),
+    // then with values kept in the MQTT client's memory until the broker has them.
+    let mut runs = Vec::new();
+    for durable in [true, false] {
+        let r = run_gateway(&Run {
+            dir: dir.path(),
+            mqtt_port,
+            qos_n,
+            devices,
             tags,
             poll_ms,
+            seconds,
+            opcua,
+            durable,
+            sims: &sims,
+            received: &received,
+        });
+        println!(
+            "  -- durable_publish: {durable} --\n  gateway published                            {:>10.0} points/s ({:.2} of target, {:.2}x baseline)",
+            r.rate,
+            r.rate / target,
+            r.rate / baseline_rate
+        );
+        println!(
+            "  subscriber received                          {:>10.0} points/s",
+            r.rx_rate
+        );
+        println!("  gateway CPU                                  {:>10.2} cores ({:.3} CPU s per 100K points)", r.cores, r.cpu_per_100k);
+        println!(
+            "  gateway RSS                                  {:>10.1} MiB (peak {:.1} MiB)",
+            r.rss_mib, r.peak_mib
+        );
+        println!(
+            "  read requests per poll                       {:>10.2} ({} tags per device)",
+            r.requests_per_poll, tags
+        );
+        println!(
+            "  polls skipped                                {:>10.0}; values buffered (broker behind) {:.0}",
+            r.skipped, r.buffered
+        );
+        runs.push(r);
+    }
+    let (d, m) = (&runs[0], &runs[1]);
+    println!(
+        "  durable vs in memory: {:.3}x the throughput, {:+.3} cores, {:.2}x the CPU per point",
+        d.rate / m.rate,
+        d.cores - m.cores,
+        d.cpu_per_100k / m.cpu_per_100k
+    );
+    token.cancel();
+    drop(broker);
+    drop(sims);
+}
+
+struct Run<'a> {
+    dir: &'a std::path::Path,
+    mqtt_port: u16,
+    qos_n: u8,
+    devices: usize,
+    tags: usize,
+    poll_ms: u64,
+    seconds: u64,
+    opcua: bool,
+    durable: bool,
+    sims: &'a Sims,
+    received: &'a AtomicU64,
+}
+
+struct Figures {
+    rate: f64,
+    rx_rate: f64,
+    cores: f64,
+    cpu_per_100k: f64,
+    rss_mib: f64,
+    peak_mib: f64,
+    requests_per_poll: f64,
+    skipped: f64,
+    buffered: f64,
+}
+
+/// One `nexus gateway` process polling the simulators for `r.seconds` after a warm-up.
+fn run_gateway(r: &Run<'_>) -> Figures {
+    // The gateway process.
+    let mut yaml = format!(
+        "mqtt: {{ {}, inflight: 1000 }}\ngateway:\n  qos: {}\n  heartbeat: 0s\n  workers: {}\n  buffer: {{ dir: {} }}\n  opcua: {{ pki_dir: {} }}\ntelemetry: {{ log_level: warn }}\ndevices:\n",
+        support::service_mqtt_yaml(r.mqtt_port),
+        r.qos_n,
+        r.devices.max(10),
+        r.dir.join(format!("buffer-{}", r.durable)).display(),
+        r.dir.join("gateway-pki").display()
+    );
+    yaml.push_str(&match r.sims {
+        Sims::Modbus(v) => support::load_devices(
+            &v.iter().map(|s| s.addr.port()).collect::<Vec<_>>(),
+            r.tags,
+            r.poll_ms,
         ),
         Sims::OpcUa(v) => opcua_devices(
             &v.iter().map(|s| s.endpoint.clone()).collect::<Vec<_>>(),
-            tags,
-            poll_ms,
+            r.tags,
+            r.poll_ms,
         ),
     });
-    let gw_cfg = dir.path().join("gateway.yaml");
+    let gw_cfg = r.dir.join("gateway.yaml");
     std::fs::write(&gw_cfg, yaml).expect("write");
     let http = free_port();
     let gw = Proc(
@@ -204,24 +296,28 @@ fn main() {
             .args(["gateway", "--config"])
             .arg(&gw_cfg)
             .env("NEXUS_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{http}"))
+            .env(
+                "NEXUS_GATEWAY__BUFFER__DURABLE_PUBLISH",
+                r.durable.to_string(),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("nexus gateway"),
     );
     let pid = gw.0.id();
     // Warm up (OPC UA: the client certificate is made and subscriptions created first).
-    std::thread::sleep(Duration::from_secs(if opcua { 8 } else { 3 }));
+    std::thread::sleep(Duration::from_secs(if r.opcua { 8 } else { 3 }));
     let m0 = http_get(http, "/metrics");
     let (cpu0, rx0, t0) = (
         cpu_seconds(pid),
-        received.load(Ordering::Relaxed),
+        r.received.load(Ordering::Relaxed),
         Instant::now(),
     );
-    std::thread::sleep(Duration::from_secs(seconds));
+    std::thread::sleep(Duration::from_secs(r.seconds));
     let m1 = http_get(http, "/metrics");
     let (cpu1, rx1, elapsed) = (
         cpu_seconds(pid),
-        received.load(Ordering::Relaxed),
+        r.received.load(Ordering::Relaxed),
         t0.elapsed().as_secs_f64(),
     );
     let published = metric_sum(&m1, "nexus_gateway_points_published_total")
@@ -233,35 +329,20 @@ fn main() {
     let skipped = metric_sum(&m1, "nexus_gateway_polls_skipped_total")
         - metric_sum(&m0, "nexus_gateway_polls_skipped_total");
     let buffered = metric_sum(&m1, "nexus_gateway_points_buffered_total");
-    let rate = published / elapsed;
-    let rx_rate = (rx1 - rx0) as f64 / elapsed;
-    let cpu = cpu1 - cpu0;
-    let target = (devices * tags) as f64 * 1000.0 / poll_ms as f64;
-    println!(
-        "gateway benchmark ({}): {devices} devices x {tags} tags, poll {poll_ms} ms, QoS {qos_n}, {seconds} s measured",
-        if opcua { "OPC UA subscriptions" } else { "Modbus" }
-    );
-    println!("  target rate (every value changes every poll)  {target:>10.0} points/s");
-    println!(
-        "  gateway published                            {rate:>10.0} points/s ({:.2} of target)",
-        rate / target
-    );
-    println!("  subscriber received                          {rx_rate:>10.0} points/s");
-    println!("  baseline: bare rumqttc client, same broker   {baseline_rate:>10.0} points/s (gateway = {:.2}x baseline)", rate / baseline_rate);
-    println!("  gateway CPU                                  {:>10.2} cores ({:.3} CPU s per 100K points)", cpu / elapsed, cpu / (published / 100_000.0).max(1e-9));
-    println!(
-        "  gateway RSS                                  {:>10.1} MiB (peak {:.1} MiB)",
-        status_kib(pid, "VmRSS:") as f64 / 1024.0,
-        status_kib(pid, "VmHWM:") as f64 / 1024.0
-    );
-    println!(
-        "  read requests per poll                       {:>10.2} ({} tags per device)",
-        requests / polls.max(1.0),
-        tags
-    );
-    println!("  polls skipped                                {skipped:>10.0}; values buffered (broker behind) {buffered:.0}");
+    let elapsed_cpu = cpu1 - cpu0;
+    let figures = Figures {
+        rate: published / elapsed,
+        rx_rate: (rx1 - rx0) as f64 / elapsed,
+        cores: elapsed_cpu / elapsed,
+        cpu_per_100k: elapsed_cpu / (published / 100_000.0).max(1e-9),
+        rss_mib: status_kib(pid, "VmRSS:") as f64 / 1024.0,
+        peak_mib: status_kib(pid, "VmHWM:") as f64 / 1024.0,
+        requests_per_poll: requests / polls.max(1.0),
+        skipped,
+        buffered,
+    };
     drop(gw);
-    token.cancel();
-    drop(broker);
-    drop(sims);
+    // Let the broker deliver what the gateway left before the next run counts.
+    std::thread::sleep(Duration::from_secs(2));
+    figures
 }

@@ -39,6 +39,14 @@ impl Record {
     }
 }
 
+/// Where an appended record lies: its segment and its frame's length, so that it can be
+/// marked published ([`DiskBuffer::ack`]) without reading it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    base: u64,
+    len: u64,
+}
+
 #[derive(Debug)]
 struct Segment {
     base: u64,
@@ -60,11 +68,22 @@ pub struct DiskBuffer {
     dropped: u64,
     lost: u64,
     recovery: Recovery,
+    /// The read position moved since it was last saved.
+    position_dirty: bool,
 }
 
 impl DiskBuffer {
     /// Open (or create) the buffer in `dir`, recovering what a previous run left.
     pub fn open(dir: &Path, max_size: u64) -> Result<DiskBuffer, seglog::Error> {
+        Self::open_with(dir, max_size, (max_size / 4).max(16 * 1024))
+    }
+
+    /// [`open`](Self::open) with segments rolling at `segment_size`.
+    pub fn open_with(
+        dir: &Path,
+        max_size: u64,
+        segment_size: u64,
+    ) -> Result<DiskBuffer, seglog::Error> {
         let (sd, found, recovery) = SegmentDir::open(
             dir,
             Options {
@@ -111,7 +130,7 @@ impl DiskBuffer {
         let mut b = DiskBuffer {
             dir: sd,
             max_size,
-            segment_size: (max_size / 4).max(16 * 1024),
+            segment_size: segment_size.max(1024),
             segments,
             read_offset,
             writer: None,
@@ -119,6 +138,7 @@ impl DiskBuffer {
             dropped: 0,
             lost: recovery.frames(),
             recovery,
+            position_dirty: false,
         };
         b.drop_read()?;
         Ok(b)
@@ -157,7 +177,17 @@ impl DiskBuffer {
     /// Append records and make them durable (one fsync per call). A record too large for a
     /// frame (64 MiB) cannot be kept: it is counted as dropped.
     pub fn append(&mut self, records: &[Record]) -> Result<(), seglog::Error> {
+        self.append_placed(records).map(|_| ())
+    }
+
+    /// [`append`](Self::append), returning where each record lies (`None`: dropped, too
+    /// large).
+    pub fn append_placed(
+        &mut self,
+        records: &[Record],
+    ) -> Result<Vec<Option<Place>>, seglog::Error> {
         let mut buf = Vec::with_capacity(records.len() * 96);
+        let mut lens = Vec::with_capacity(records.len());
         let mut kept = 0;
         for r in records {
             let framed = FORMAT.encode(&mut buf, |e| {
@@ -165,17 +195,22 @@ impl DiskBuffer {
                 e.bytes(&r.payload);
             });
             match framed {
-                Ok(_) => kept += 1,
+                Ok(len) => {
+                    kept += 1;
+                    lens.push(Some(len as u64));
+                }
                 Err(e) => {
                     tracing::warn!(topic = %r.topic, error = %e, "store-and-forward buffer: record too large to keep; dropped");
                     self.dropped += 1;
+                    lens.push(None);
                 }
             }
         }
         if kept == 0 {
-            return Ok(());
+            return Ok(vec![None; records.len()]);
         }
         let w = self.writer_with_room()?;
+        let base = w.base();
         if let Err(e) = w.append(&buf) {
             // Reopened (after the last whole record) by the next append.
             self.writer = None;
@@ -185,7 +220,68 @@ impl DiskBuffer {
             s.bytes += buf.len() as u64;
             s.unread += kept;
         }
-        self.enforce_limit()
+        self.enforce_limit()?;
+        Ok(lens
+            .into_iter()
+            .map(|l| l.map(|len| Place { base, len }))
+            .collect())
+    }
+
+    /// Mark records as published, oldest first, as [`append_placed`](Self::append_placed)
+    /// placed them (without reading them back). The read position is saved when a segment is
+    /// done, and by [`save_position`](Self::save_position); until then a restart replays
+    /// them again (at least once, never lost).
+    pub fn ack(&mut self, places: &[Place]) -> Result<(), seglog::Error> {
+        for p in places {
+            self.drop_read_but_newest()?;
+            let Some(front) = self.segments.front_mut() else {
+                break;
+            };
+            // A segment dropped at the size limit took its records with it.
+            if p.base < front.base {
+                continue;
+            }
+            if p.base > front.base {
+                tracing::error!(
+                    front = front.base,
+                    acked = p.base,
+                    "store-and-forward buffer: acknowledgement out of order; ignored"
+                );
+                continue;
+            }
+            self.read_offset += p.len;
+            front.unread = front.unread.saturating_sub(1);
+            self.position_dirty = true;
+        }
+        self.drop_read_but_newest()
+    }
+
+    /// Delete the oldest segments while they hold nothing unread, but keep the newest (the
+    /// one appended to), so that a log that keeps emptying does not create and delete a file
+    /// each time.
+    fn drop_read_but_newest(&mut self) -> Result<(), seglog::Error> {
+        let mut gone = Vec::new();
+        while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.unread == 0) {
+            if let Some(s) = self.segments.pop_front() {
+                gone.push(s.base);
+            }
+            self.read_offset = 0;
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        // The position moves first: a crash in between leaves files the next open sees as
+        // read.
+        self.write_position()?;
+        self.dir.remove(&gone)
+    }
+
+    /// Save the read position if it moved since it was last saved.
+    pub fn save_position(&mut self) -> Result<(), seglog::Error> {
+        if self.position_dirty {
+            self.write_position()?;
+        }
+        Ok(())
     }
 
     /// The newest segment's writer, a new segment when it is full or gone.
@@ -228,7 +324,7 @@ impl DiskBuffer {
                 self.read_offset = 0;
                 // The position moves first: a crash in between leaves a file the next open
                 // sees as replayed.
-                self.save_position()?;
+                self.write_position()?;
                 self.dir.remove(&[old.base])?;
             }
         }
@@ -281,7 +377,7 @@ impl DiskBuffer {
                 self.writer = None;
             }
             self.read_offset = 0;
-            self.save_position()?;
+            self.write_position()?;
             self.dir.remove(&[s.base])?;
         }
         Ok(())
@@ -302,7 +398,7 @@ impl DiskBuffer {
             s.unread = s.unread.saturating_sub(done as u64);
         }
         self.drop_read()?;
-        self.save_position()
+        self.write_position()
     }
 
     /// Delete the oldest segments while they hold nothing unread.
@@ -321,11 +417,12 @@ impl DiskBuffer {
             // Keep writing into a fresh segment next time.
             self.writer = None;
         }
-        self.save_position()?;
+        self.write_position()?;
         self.dir.remove(&gone)
     }
 
-    fn save_position(&self) -> Result<(), seglog::Error> {
+    fn write_position(&mut self) -> Result<(), seglog::Error> {
+        self.position_dirty = false;
         let (base, off) = self
             .segments
             .front()
@@ -396,6 +493,80 @@ mod tests {
         b.append(&[rec(5)]).unwrap();
         assert_eq!(b.peek(10).unwrap(), vec![rec(5)]);
         assert_eq!((b.dropped(), b.lost()), (0, 0));
+    }
+
+    /// Every unread record, oldest first, consumed.
+    fn read_all(b: &mut DiskBuffer) -> Vec<Record> {
+        let mut got = Vec::new();
+        loop {
+            let r = b.peek(64).unwrap();
+            if r.is_empty() {
+                return got;
+            }
+            b.consume(r.len()).unwrap();
+            got.extend(r);
+        }
+    }
+
+    #[test]
+    fn acked_records_are_done_across_segments_and_a_restart_replays_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = DiskBuffer::open_with(dir.path(), u64::MAX, 1024).unwrap();
+        let mut places = Vec::new();
+        for chunk in (0..300).collect::<Vec<_>>().chunks(10) {
+            let recs: Vec<Record> = chunk.iter().map(|i| rec(*i)).collect();
+            places.extend(
+                b.append_placed(&recs)
+                    .unwrap()
+                    .into_iter()
+                    .map(Option::unwrap),
+            );
+        }
+        let files = segment_files(dir.path()).len();
+        assert!(files > 3, "{files} segments");
+        // The first 250 acknowledged: the segments they filled are deleted.
+        b.ack(&places[..250]).unwrap();
+        assert_eq!(b.len(), 50);
+        assert!(segment_files(dir.path()).len() < files);
+        b.save_position().unwrap();
+        drop(b);
+        let mut b = DiskBuffer::open_with(dir.path(), u64::MAX, 1024).unwrap();
+        assert_eq!(b.len(), 50);
+        assert_eq!(read_all(&mut b), (250..300).map(rec).collect::<Vec<_>>());
+        // The last segment stays while it is appended to, even when everything is done.
+        let rest: Vec<Record> = (300..305).map(rec).collect();
+        let more: Vec<Place> = b
+            .append_placed(&rest)
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        b.ack(&more).unwrap();
+        assert!(b.is_empty());
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        b.save_position().unwrap();
+        drop(b);
+        assert!(DiskBuffer::open_with(dir.path(), u64::MAX, 1024)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn an_unsaved_position_replays_acked_records_never_loses_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = DiskBuffer::open_with(dir.path(), u64::MAX, 1 << 20).unwrap();
+        let places: Vec<Place> = b
+            .append_placed(&(0..20).map(rec).collect::<Vec<_>>())
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        b.ack(&places[..5]).unwrap();
+        b.save_position().unwrap();
+        b.ack(&places[5..15]).unwrap();
+        drop(b); // a crash before the next save
+        let mut b = DiskBuffer::open_with(dir.path(), u64::MAX, 1 << 20).unwrap();
+        assert_eq!(b.peek(100).unwrap(), (5..20).map(rec).collect::<Vec<_>>());
     }
 
     #[test]

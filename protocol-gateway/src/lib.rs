@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nexus_common::config::Config;
+use nexus_common::mqtt::{self, ClientSettings};
 use nexus_common::service::{Shell, ShellOptions};
 use nexus_common::telemetry::Telemetry;
 use tokio::sync::{mpsc, Semaphore};
@@ -40,6 +41,29 @@ use poller::{DeviceSet, PollContext, PollMetrics};
 use publisher::{PublishSettings, Publisher, PublisherMetrics};
 
 pub const SERVICE: &str = "gateway";
+
+/// Open the live log in `<dir>/live` and move what a previous run left in it (never
+/// acknowledged by the broker) into the store-and-forward buffer.
+async fn open_live_log(
+    dir: &std::path::Path,
+    buffer: DiskBuffer,
+) -> anyhow::Result<(DiskBuffer, DiskBuffer)> {
+    let live_dir = dir.join("live");
+    tokio::task::spawn_blocking(move || {
+        let mut buffer = buffer;
+        // No size limit of its own: the publisher keeps it under `LIVE_MAX` values.
+        let mut live = DiskBuffer::open_with(&live_dir, u64::MAX, 16 * 1024 * 1024)
+            .map_err(|e| anyhow::anyhow!("cannot open the live log in {}: {e}", live_dir.display()))?;
+        let moved = publisher::take_over(&mut live, &mut buffer).map_err(|e| {
+            anyhow::anyhow!("cannot move the live log in {} to the store-and-forward buffer: {e}", live_dir.display())
+        })?;
+        if moved > 0 {
+            tracing::info!(points = moved, "values published before the restart without the broker's acknowledgement will be replayed");
+        }
+        Ok((live, buffer))
+    })
+    .await?
+}
 
 /// Run the gateway until `shutdown`.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -71,10 +95,26 @@ pub async fn run_shared(
     // their own, latency-first connection).
     opts.tcp_nodelay = false;
     let shell = Shell::start(&cfg, opts, shutdown.clone()).await?;
+    // Durable before publish: a client of its own, whose acknowledgements are the live log's
+    // alone.
+    let data_stop = CancellationToken::new();
+    let data = if gw.buffer.durable_publish {
+        let mut client = ClientSettings::new(format!("{}-data", shell.client_id));
+        client.tcp_nodelay = false;
+        let (data, _) = mqtt::connect(
+            &cfg.mqtt,
+            client,
+            Some(&shell.mqtt_metrics),
+            data_stop.clone(),
+        )?;
+        Some(data)
+    } else {
+        None
+    };
     // Give the broker a moment before the first polls, so startup values go out live rather
     // than through the store-and-forward buffer.
-    if shell
-        .mqtt
+    let publishing = data.clone().unwrap_or_else(|| shell.mqtt.clone());
+    if publishing
         .wait_connected(Duration::from_secs(2))
         .await
         .is_err()
@@ -104,9 +144,18 @@ pub async fn run_shared(
         retain: gw.retain,
         replay_rate: gw.buffer.replay_rate,
         replay_delay: Duration::from_secs(1),
+        window: (cfg.mqtt.inflight as usize * 4).clamp(64, 4096),
     };
     let (tx, rx) = mpsc::channel(256);
-    let publisher = Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics);
+    let publisher = match data {
+        Some(data) => {
+            let (live, buffer) = open_live_log(&gw.buffer.dir, buffer).await?;
+            let acked = data.acked();
+            Publisher::new(data, buffer, settings, pub_metrics)
+                .with_live_log(publisher::LiveLog::new(live, acked))
+        }
+        None => Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics),
+    };
     let publisher_task = tokio::spawn(publisher.run(rx));
 
     let lease = gw.shard.enabled.then(|| Arc::new(shard::Lease::new()));
@@ -199,6 +248,7 @@ pub async fn run_shared(
     }
     devices_token.cancel();
     let _ = publisher_task.await;
+    data_stop.cancel();
     let _ = maintenance.await;
     if let Some(w) = watcher {
         let _ = w.await;

@@ -1,7 +1,20 @@
-//! Publishing: value objects onto their UNS topics, or into the disk buffer while the broker
-//! is away, and the buffered backlog replayed at a bounded rate once it is back (after live
-//! values, and not retained, so the retained "last value" of a topic stays the newest one).
+//! Publishing: value objects onto their UNS topics, durable before they leave.
+//!
+//! With `gateway.buffer.durable_publish` (the default) every value is first appended to the
+//! live log (a segment log in `<buffer dir>/live`, one fsync for all the batches that
+//! waited meanwhile: a group commit), then published from it, and marked done when the broker
+//! acknowledges it (PUBACK; PUBCOMP at QoS 2). The live log's client publishes nothing else,
+//! so its acknowledgements, in order, match its publishes oldest first. A kill -9 leaves
+//! what was not acknowledged in the live log; the next start moves it into the
+//! store-and-forward buffer, to be replayed. Without it, values are handed to the client
+//! directly and live in its memory until the broker has them.
+//!
+//! While the broker is away, or the live log holds more than [`LIVE_MAX`] values the broker
+//! has not taken, values go to the store-and-forward buffer instead, and are replayed at a
+//! bounded rate once it is back (after live values, and not retained, so the retained "last
+//! value" of a topic stays the newest one).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,10 +23,17 @@ use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{MqttHandle, QoS};
 use nexus_common::DataPoint;
 use prometheus::{IntCounter, IntGauge, Registry};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::buffer::{DiskBuffer, Record};
+use crate::buffer::{DiskBuffer, Place, Record};
+
+/// Most values the live log holds that the broker has not acknowledged; past it new values go
+/// to the store-and-forward buffer (the broker is connected but not keeping up).
+pub const LIVE_MAX: usize = 100_000;
+
+/// Batches from the pollers appended with one fsync, at most.
+const GROUP_MAX: usize = 64;
 
 #[derive(Clone)]
 pub struct PublisherMetrics {
@@ -24,6 +44,8 @@ pub struct PublisherMetrics {
     pub buffer_lost: IntCounter,
     pub buffer_bytes: IntGauge,
     pub buffer_points: IntGauge,
+    pub unacked: IntGauge,
+    pub log_errors: IntCounter,
 }
 
 impl PublisherMetrics {
@@ -64,6 +86,16 @@ impl PublisherMetrics {
                 "nexus_gateway_buffer_points",
                 "Values waiting in the store-and-forward buffer",
             )?,
+            unacked: metrics::gauge(
+                r,
+                "nexus_gateway_unacked_points",
+                "Values kept in the live log that the broker has not acknowledged yet",
+            )?,
+            log_errors: metrics::counter(
+                r,
+                "nexus_gateway_live_log_errors_total",
+                "Failed writes to the live log (the values went to the store-and-forward buffer)",
+            )?,
         })
     }
 }
@@ -77,6 +109,8 @@ pub struct PublishSettings {
     /// Wait after a reconnect before replaying, so subscribers that lost their session with
     /// a restarted broker can subscribe again first.
     pub replay_delay: Duration,
+    /// Most live values handed to the client and not yet acknowledged.
+    pub window: usize,
 }
 
 pub fn qos_of(q: u8) -> QoS {
@@ -94,9 +128,71 @@ fn encode(p: &DataPoint) -> Record {
     }
 }
 
+/// Values durable before they are published: the live log, what of it is not yet handed
+/// to the client, and what is handed but not acknowledged.
+pub struct LiveLog {
+    disk: Arc<Mutex<DiskBuffer>>,
+    unsent: VecDeque<(Record, Place)>,
+    /// Handed to the client, oldest first, each waiting for its acknowledgement.
+    inflight: VecDeque<Handed>,
+    /// How many of `inflight` are replayed from the store-and-forward buffer.
+    replaying: usize,
+    acked: watch::Receiver<u64>,
+    acked_seen: u64,
+}
+
+impl LiveLog {
+    /// The live log in `disk`, published through a client whose acknowledgements are
+    /// `acked` ([`MqttHandle::acked`]) and that publishes nothing else. `disk` must hold
+    /// nothing unread ([`take_over`] moves what a previous run left).
+    pub fn new(disk: DiskBuffer, acked: watch::Receiver<u64>) -> LiveLog {
+        let acked_seen = *acked.borrow();
+        LiveLog {
+            disk: Arc::new(Mutex::new(disk)),
+            unsent: VecDeque::new(),
+            inflight: VecDeque::new(),
+            replaying: 0,
+            acked,
+            acked_seen,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.unsent.len() + self.inflight.len()
+    }
+}
+
+/// A value handed to the client: from the live log, or replayed from the store-and-forward
+/// buffer (marked replayed there only once acknowledged, too).
+#[derive(Debug, Clone, Copy)]
+enum Handed {
+    Live(Place),
+    Replayed,
+}
+
+/// Move what a previous run left in the live log (appended, never acknowledged) into the
+/// store-and-forward buffer, to be replayed like values kept during an outage. Returns how
+/// many. A crash half way replays some twice, never loses one.
+pub fn take_over(
+    live: &mut DiskBuffer,
+    buffer: &mut DiskBuffer,
+) -> Result<u64, nexus_common::seglog::Error> {
+    let mut moved = 0;
+    loop {
+        let batch = live.peek(4096)?;
+        if batch.is_empty() {
+            return Ok(moved);
+        }
+        buffer.append(&batch)?;
+        live.consume(batch.len())?;
+        moved += batch.len() as u64;
+    }
+}
+
 pub struct Publisher {
     mqtt: MqttHandle,
     buffer: Arc<Mutex<DiskBuffer>>,
+    live: Option<LiveLog>,
     settings: PublishSettings,
     metrics: PublisherMetrics,
     dropped_seen: u64,
@@ -112,6 +208,7 @@ impl Publisher {
         let p = Publisher {
             mqtt,
             buffer: Arc::new(Mutex::new(buffer)),
+            live: None,
             settings,
             metrics,
             dropped_seen: 0,
@@ -120,10 +217,20 @@ impl Publisher {
         p
     }
 
+    /// Publish live values through `live` (durable before publish); `mqtt` must be the
+    /// client whose acknowledgements `live` follows.
+    pub fn with_live_log(mut self, live: LiveLog) -> Publisher {
+        self.live = Some(live);
+        self
+    }
+
     fn update_gauges(&self) {
         let b = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
         self.metrics.buffer_bytes.set(b.bytes() as i64);
         self.metrics.buffer_points.set(b.len() as i64);
+        self.metrics
+            .unacked
+            .set(self.live.as_ref().map_or(0, |l| l.len()) as i64);
         // The buffer counts what its files lost (at open and while replaying); the counter
         // follows it.
         let seen = self.metrics.buffer_lost.get();
@@ -136,14 +243,7 @@ impl Publisher {
         &self,
         f: impl FnOnce(&mut DiskBuffer) -> T + Send + 'static,
     ) -> T {
-        let b = self.buffer.clone();
-        let run = move || f(&mut b.lock().unwrap_or_else(|e| e.into_inner()));
-        match tokio::task::spawn_blocking(run).await {
-            Ok(v) => v,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Cancelled: the runtime is shutting down and this task with it.
-            Err(_) => std::future::pending().await,
-        }
+        self.blocking_on(self.buffer.clone(), f).await
     }
 
     async fn buffer_records(&mut self, records: Vec<Record>) {
@@ -175,7 +275,11 @@ impl Publisher {
 
     /// Publish a batch live, or buffer what cannot be published.
     async fn publish_batch(&mut self, points: Vec<DataPoint>) {
-        let mut records: Vec<Record> = points.iter().map(encode).collect();
+        let records: Vec<Record> = points.iter().map(encode).collect();
+        if self.live.is_some() {
+            return self.log_batch(records).await;
+        }
+        let mut records = records;
         if self.mqtt.is_connected() {
             let mut sent = 0;
             for r in &records {
@@ -203,8 +307,162 @@ impl Publisher {
         }
     }
 
+    /// Durable before publish: append to the live log (one fsync), then hand out what the
+    /// window allows. While the broker is away, or the live log is full, to the
+    /// store-and-forward buffer instead.
+    async fn log_batch(&mut self, records: Vec<Record>) {
+        let Some(live) = &self.live else { return };
+        if !self.mqtt.is_connected() || live.len() + records.len() > LIVE_MAX {
+            return self.buffer_records(records).await;
+        }
+        let disk = live.disk.clone();
+        let appended = {
+            let records = records.clone();
+            self.blocking_on(disk, move |d| d.append_placed(&records))
+                .await
+        };
+        match appended {
+            Ok(places) => {
+                if let Some(live) = &mut self.live {
+                    live.unsent.extend(
+                        records
+                            .into_iter()
+                            .zip(places)
+                            .filter_map(|(r, p)| Some((r, p?))),
+                    );
+                }
+                self.pump().await;
+            }
+            Err(e) => {
+                self.metrics.log_errors.inc();
+                tracing::error!(error = %e, points = records.len(), "cannot write the live log; values go to the store-and-forward buffer");
+                self.buffer_records(records).await;
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Hand live values to the client while it is connected and the window has room.
+    async fn pump(&mut self) {
+        let (qos, retain, window) = (
+            self.settings.qos,
+            self.settings.retain,
+            self.settings.window,
+        );
+        let mut handed = 0u64;
+        let mut done = Vec::new();
+        while let Some(live) = &mut self.live {
+            if !self.mqtt.is_connected() || live.inflight.len() >= window {
+                break;
+            }
+            let Some((r, place)) = live.unsent.pop_front() else {
+                break;
+            };
+            if self
+                .mqtt
+                .publish(&r.topic, r.payload.clone(), qos, retain)
+                .await
+                .is_err()
+            {
+                // The client is stopping: the value stays in the log for the next start.
+                if let Some(live) = &mut self.live {
+                    live.unsent.push_front((r, place));
+                }
+                break;
+            }
+            handed += 1;
+            if let Some(live) = &mut self.live {
+                if qos == QoS::AtMostOnce {
+                    // No acknowledgement will come: done once handed.
+                    done.push(place);
+                } else {
+                    live.inflight.push_back(Handed::Live(place));
+                }
+            }
+        }
+        self.metrics.published.inc_by(handed);
+        if !done.is_empty() {
+            self.ack_places(done);
+        }
+    }
+
+    /// Match the acknowledgements that arrived to the oldest handed values.
+    async fn take_acks(&mut self) {
+        let Some(live) = &mut self.live else { return };
+        let now = *live.acked.borrow_and_update();
+        let n = now.saturating_sub(live.acked_seen) as usize;
+        live.acked_seen = now;
+        if n == 0 {
+            return;
+        }
+        if n > live.inflight.len() {
+            tracing::error!(
+                acks = n,
+                handed = live.inflight.len(),
+                "more acknowledgements than values handed to the broker"
+            );
+        }
+        let mut places = Vec::new();
+        let mut replayed = 0;
+        for h in live.inflight.drain(..n.min(live.inflight.len())) {
+            match h {
+                Handed::Live(p) => places.push(p),
+                Handed::Replayed => replayed += 1,
+            }
+        }
+        live.replaying -= replayed;
+        if !places.is_empty() {
+            self.ack_places(places);
+        }
+        if replayed > 0 {
+            if let Err(e) = self.blocking(move |b| b.consume(replayed)).await {
+                tracing::error!(error = %e, "cannot advance the store-and-forward buffer");
+            }
+            self.update_gauges();
+        }
+    }
+
+    fn ack_places(&mut self, places: Vec<Place>) {
+        let Some(live) = &self.live else { return };
+        let r = live
+            .disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ack(&places);
+        if let Err(e) = r {
+            tracing::error!(error = %e, "cannot advance the live log");
+        }
+    }
+
+    /// Save the live log's read position (a restart then replays less twice).
+    async fn save_live_position(&self) {
+        let Some(live) = &self.live else { return };
+        if let Err(e) = self
+            .blocking_on(live.disk.clone(), |d| d.save_position())
+            .await
+        {
+            tracing::error!(error = %e, "cannot save the live log's position");
+        }
+    }
+
+    async fn blocking_on<T: Send + 'static>(
+        &self,
+        disk: Arc<Mutex<DiskBuffer>>,
+        f: impl FnOnce(&mut DiskBuffer) -> T + Send + 'static,
+    ) -> T {
+        let run = move || f(&mut disk.lock().unwrap_or_else(|e| e.into_inner()));
+        match tokio::task::spawn_blocking(run).await {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Replay up to `n` buffered values. Returns how many went out.
     async fn replay(&mut self, n: usize) -> usize {
+        if self.live.is_some() {
+            return self.replay_acked(n).await;
+        }
         let Ok(batch) = self.blocking(move |b| b.peek(n)).await else {
             return 0;
         };
@@ -233,15 +491,63 @@ impl Publisher {
         sent
     }
 
+    /// Replay through the live log's client: each value stays in the store-and-forward
+    /// buffer until the broker acknowledges it.
+    async fn replay_acked(&mut self, n: usize) -> usize {
+        let Some(live) = &self.live else { return 0 };
+        let skip = live.replaying;
+        let room = self
+            .settings
+            .window
+            .saturating_sub(live.inflight.len())
+            .min(n);
+        if room == 0 {
+            return 0;
+        }
+        let Ok(batch) = self.blocking(move |b| b.peek(skip + room)).await else {
+            return 0;
+        };
+        let mut sent = 0;
+        for r in batch.iter().skip(skip) {
+            if !self.mqtt.is_connected() {
+                break;
+            }
+            if self
+                .mqtt
+                .publish(&r.topic, r.payload.clone(), self.settings.qos, false)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+            if let Some(live) = &mut self.live {
+                if self.settings.qos == QoS::AtMostOnce {
+                    if let Err(e) = self.blocking(|b| b.consume(1)).await {
+                        tracing::error!(error = %e, "cannot advance the store-and-forward buffer");
+                    }
+                } else {
+                    live.inflight.push_back(Handed::Replayed);
+                    live.replaying += 1;
+                }
+            }
+        }
+        self.metrics.replayed.inc_by(sent as u64);
+        self.update_gauges();
+        sent
+    }
+
     /// Run until `rx` closes (the pollers stopped), then flush.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<DataPoint>>) {
         let mut connected = self.mqtt.connected();
         let mut connected_since = (*connected.borrow()).then(Instant::now);
+        let mut acks = self.live.as_ref().map(|l| l.acked.clone());
         let tick = Duration::from_millis(100);
         let per_tick =
             ((self.settings.replay_rate as u64 * tick.as_millis() as u64) / 1000).max(1) as usize;
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut ticks = 0u64;
         let mut waiting = !self
             .buffer
             .lock()
@@ -250,8 +556,29 @@ impl Publisher {
         loop {
             tokio::select! {
                 biased;
+                // Acknowledgements first: they make room in the window.
+                r = async {
+                    match &mut acks {
+                        Some(a) => a.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_err() {
+                        acks = None;
+                    }
+                    self.take_acks().await;
+                    self.pump().await;
+                }
                 batch = rx.recv() => match batch {
-                    Some(points) => {
+                    Some(mut points) => {
+                        // Whatever else is waiting goes with it: one fsync for all (group
+                        // commit).
+                        let mut more = 1;
+                        while more < GROUP_MAX {
+                            let Ok(next) = rx.try_recv() else { break };
+                            points.extend(next);
+                            more += 1;
+                        }
                         self.publish_batch(points).await;
                         waiting = waiting || !self.buffer.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
                     }
@@ -260,10 +587,15 @@ impl Publisher {
                 r = connected.changed() => {
                     if r.is_err() { break; }
                     connected_since = (*connected.borrow_and_update()).then(Instant::now);
+                    self.pump().await;
                 }
-                _ = ticker.tick(), if waiting => {
+                _ = ticker.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(10) {
+                        self.save_live_position().await;
+                    }
                     let ready = connected_since.is_some_and(|t| t.elapsed() >= self.settings.replay_delay);
-                    if ready {
+                    if waiting && ready {
                         // Live values go first: replay only when no batch is waiting.
                         if rx.is_empty() {
                             self.replay(per_tick).await;
@@ -273,6 +605,23 @@ impl Publisher {
                 }
             }
         }
+        // The pollers stopped: what is handed may still be acknowledged, briefly. The rest
+        // stays in the live log for the next start.
+        if let Some(a) = &mut acks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    self.pump().await;
+                    self.take_acks().await;
+                    if self.live.as_ref().is_none_or(|l| l.len() == 0) || a.changed().await.is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .await;
+            self.take_acks().await;
+        }
+        self.save_live_position().await;
         self.update_gauges();
     }
 }

@@ -203,6 +203,11 @@ pub struct BufferConfig {
     /// Buffered values replayed per second once the broker is back (default 5000), after
     /// live values.
     pub replay_rate: u32,
+    /// Durable before publish (default true): every value is appended to the live log in
+    /// `<dir>/live` (fsynced) before it is published, and kept there until the broker
+    /// acknowledges it, so a kill -9 of the gateway loses no value it read. Off: values live
+    /// in the MQTT client's memory until the broker has them.
+    pub durable_publish: bool,
 }
 
 impl Default for BufferConfig {
@@ -211,6 +216,7 @@ impl Default for BufferConfig {
             dir: PathBuf::from("nexus-data/gateway-buffer"),
             max_size: ByteSize(256 * 1024 * 1024),
             replay_rate: 5000,
+            durable_publish: true,
         }
     }
 }
