@@ -9,9 +9,8 @@
 //! store-and-forward buffer, to be replayed. Without it, values are handed to the client
 //! directly and live in its memory until the broker has them.
 //!
-//! While the broker is away, or the live log holds more than [`LIVE_MAX`] values the broker
-//! has not taken, values go to the store-and-forward buffer instead, and are replayed at a
-//! bounded rate once it is back (after live values, and not retained, so the retained "last
+//! While the broker is away, values go to the store-and-forward buffer instead, and are
+//! replayed at a bounded rate once it is back (after live values, and not retained, so the retained "last
 //! value" of a topic stays the newest one).
 
 use std::collections::VecDeque;
@@ -28,9 +27,10 @@ use tokio::time::Instant;
 
 use crate::buffer::{DiskBuffer, Place, Record};
 
-/// Most values the live log holds that the broker has not acknowledged; past it new values go
-/// to the store-and-forward buffer (the broker is connected but not keeping up).
-pub const LIVE_MAX: usize = 100_000;
+/// Most values the live log holds that the broker has not acknowledged. At it, the publisher
+/// takes no more batches until acknowledgements make room (the pollers skip polls and count
+/// them, as when the MQTT client's queue is full without the live log).
+pub const LIVE_MAX: usize = 20_000;
 
 /// Batches from the pollers appended with one fsync, at most.
 const GROUP_MAX: usize = 64;
@@ -312,7 +312,7 @@ impl Publisher {
     /// store-and-forward buffer instead.
     async fn log_batch(&mut self, records: Vec<Record>) {
         let Some(live) = &self.live else { return };
-        if !self.mqtt.is_connected() || live.len() + records.len() > LIVE_MAX {
+        if !self.mqtt.is_connected() {
             return self.buffer_records(records).await;
         }
         let disk = live.disk.clone();
@@ -340,6 +340,14 @@ impl Publisher {
             }
         }
         self.update_gauges();
+    }
+
+    /// Whether to take the pollers' next batch: always while the broker is away (to the
+    /// store-and-forward buffer), else while the live log has room.
+    fn takes_batches(&self) -> bool {
+        self.live
+            .as_ref()
+            .is_none_or(|l| l.len() < LIVE_MAX || !self.mqtt.is_connected())
     }
 
     /// Hand live values to the client while it is connected and the window has room.
@@ -569,7 +577,7 @@ impl Publisher {
                     self.take_acks().await;
                     self.pump().await;
                 }
-                batch = rx.recv() => match batch {
+                batch = rx.recv(), if self.takes_batches() => match batch {
                     Some(mut points) => {
                         // Whatever else is waiting goes with it: one fsync for all (group
                         // commit).
