@@ -335,7 +335,27 @@ impl Alerts {
     async fn emit(&self, changes: Vec<Change>) {
         let now = now_ms();
         let Some(mqtt) = self.mqtt.get() else { return };
+        // The state file first: nobody sees a state (an acknowledgement, a shelve) that a
+        // kill right after could take back.
+        let mut bodies = Vec::with_capacity(changes.len());
         for c in &changes {
+            let topic = state_topic(&c.topic, &c.rule_id);
+            // Normal, acknowledged and not shelved/out of service: the retained state is cleared.
+            let cleared = c.alarm.state == State::Normal
+                && !c.alarm.is_shelved(now)
+                && !c.alarm.out_of_service;
+            let body = if cleared {
+                Vec::new()
+            } else {
+                state_payload(c, now).to_string().into_bytes()
+            };
+            self.mirror(&topic, Some(&body));
+            bodies.push((topic, body));
+        }
+        if !changes.is_empty() {
+            self.save_states().await;
+        }
+        for (c, (topic, body)) in changes.iter().zip(bodies) {
             self.metrics
                 .events
                 .with_label_values(&[c.event.as_str()])
@@ -348,17 +368,6 @@ impl Alerts {
             if c.event == crate::state::Event::Activated {
                 self.count_activation(c);
             }
-            let topic = state_topic(&c.topic, &c.rule_id);
-            // Normal, acknowledged and not shelved/out of service: the retained state is cleared.
-            let cleared = c.alarm.state == State::Normal
-                && !c.alarm.is_shelved(now)
-                && !c.alarm.out_of_service;
-            let body = if cleared {
-                Vec::new()
-            } else {
-                state_payload(c, now).to_string().into_bytes()
-            };
-            self.mirror(&topic, Some(&body));
             if let Err(e) = mqtt.publish(&topic, body, QoS::AtLeastOnce, true).await {
                 tracing::warn!(%topic, error = %e, "cannot publish alarm state");
             }
@@ -372,7 +381,6 @@ impl Alerts {
             tracing::info!(rule = %c.rule_id, topic = %c.topic, event = c.event.as_str(), state = c.alarm.state.as_str(), severity = c.severity, user = ?c.user, "alarm");
         }
         if !changes.is_empty() {
-            self.save_states().await;
             // Gauges are recomputed on the next tick, not per change (that is O(alarms)).
             self.gauges_stale
                 .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -447,6 +447,11 @@ impl SessionState {
                             Message::Kick(sender, by_id, clean_start, is_admin) => {
                                 log::debug!("{:?} offline Kicked, send kick result, to: {:?}, clean_start: {}, is_admin: {}", self.id, by_id, clean_start, is_admin);
                                 if !sender.is_closed() {
+                                    // Nexus patch (vendor/README.md): close the channel first, so
+                                    // that a message routed here after the drain below fails at
+                                    // its sender (which then waits for the new session) instead
+                                    // of waiting in a channel nobody reads any more.
+                                    self.rx.close();
                                     // Drain any offline messages still queued behind this Kick
                                     // into the deliver_queue BEFORE acking the kick: the kicker
                                     // collects the session's offline messages via
@@ -625,6 +630,19 @@ impl SessionState {
                     is_admin
                 );
                 if !sender.is_closed() {
+                    // Nexus patch (vendor/README.md): as in the offline loop, close the channel
+                    // and move what is queued in it to the deliver queue, which the new
+                    // connection takes over, before answering.
+                    self.rx.close();
+                    while let Ok(Message::Forward(from, p)) = self.rx.try_recv() {
+                        if let Err((from, p)) = deliver_queue_tx.send((from, p)).await {
+                            self.scx
+                                .extends
+                                .hook_mgr()
+                                .message_dropped(Some(self.id.clone()), from, p, Reason::MessageQueueFull)
+                                .await;
+                        }
+                    }
                     if sender.send(()).is_err() {
                         log::warn!("{:?} Message::Kick, send response error, sender is closed", self.id);
                     }

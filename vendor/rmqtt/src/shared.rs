@@ -162,6 +162,9 @@ pub trait RetainLoadCallback: Send + Sync + 'static {
     async fn on_retains(&self, retains: Vec<(TopicName, Retain)>) -> Result<Vec<(NodeId, MsgID)>>;
 }
 
+/// Nexus patch (vendor/README.md): how long a message waits for a session being taken over.
+const TAKEOVER_WAIT_MS: u64 = 1000;
+
 #[async_trait]
 pub trait Shared: Sync + Send {
     /// Retrieve the session entry associated with the given client [`Id`].
@@ -913,7 +916,17 @@ impl Shared for DefaultShared {
             }
             // p.properties.subscription_ids = sub_ids;
 
-            let (tx, to) = if let Some((tx, to)) = self.tx(&client_id) {
+            // Nexus patch (vendor/README.md): a session being taken over by a new connection
+            // has no open channel for a moment (the old one is closed, the new one not yet
+            // registered). Wait for the new one, briefly, rather than drop the message.
+            let mut found = self.tx(&client_id).filter(|(tx, _)| !tx.is_closed());
+            let mut waited = 0;
+            while found.is_none() && waited < TAKEOVER_WAIT_MS {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                waited += 5;
+                found = self.tx(&client_id).filter(|(tx, _)| !tx.is_closed());
+            }
+            let (tx, to) = if let Some((tx, to)) = found.or_else(|| self.tx(&client_id)) {
                 (tx, to)
             } else {
                 log::debug!(
