@@ -192,7 +192,7 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
              telemetry: {{ instance: chain, log_level: warn }}\n\
              database: {{ url: \"{url}\" }}\n\
              gateway:\n  http_listen: \"127.0.0.1:{gw_http}\"\n  commands: false\n  buffer: {{ dir: {buffer} }}\n\
-             ingestion:\n  http_listen: \"127.0.0.1:{ing_http}\"\n  wal_dir: {wal}\n  shared_group: \"\"\n\
+             ingestion:\n  http_listen: \"127.0.0.1:{ing_http}\"\n  wal_dir: {wal}\n\
              devices:\n  - id: counter\n    protocol: modbus\n    uns_prefix: chain/site/area/line\n    poll_interval: 20ms\n    \
              connection: {{ host: 127.0.0.1, port: {port}, timeout: 2s }}\n    tags:\n      - {{ id: n, address: \"HR:{COUNTER}\", data_type: uint32 }}\n",
             user = SERVICE_USER.0,

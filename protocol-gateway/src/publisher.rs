@@ -308,8 +308,7 @@ impl Publisher {
     }
 
     /// Durable before publish: append to the live log (one fsync), then hand out what the
-    /// window allows. While the broker is away, or the live log is full, to the
-    /// store-and-forward buffer instead.
+    /// window allows. While the broker is away, to the store-and-forward buffer instead.
     async fn log_batch(&mut self, records: Vec<Record>) {
         let Some(live) = &self.live else { return };
         if !self.mqtt.is_connected() {
@@ -476,15 +475,7 @@ impl Publisher {
         };
         let mut sent = 0;
         for r in &batch {
-            if !self.mqtt.is_connected() {
-                break;
-            }
-            if self
-                .mqtt
-                .publish(&r.topic, r.payload.clone(), self.settings.qos, false)
-                .await
-                .is_err()
-            {
+            if !self.hand_replayed(r).await {
                 break;
             }
             sent += 1;
@@ -497,6 +488,17 @@ impl Publisher {
             self.update_gauges();
         }
         sent
+    }
+
+    /// Hand a replayed value to the client (not retained): false when it is not connected or
+    /// is stopping.
+    async fn hand_replayed(&self, r: &Record) -> bool {
+        self.mqtt.is_connected()
+            && self
+                .mqtt
+                .publish(&r.topic, r.payload.clone(), self.settings.qos, false)
+                .await
+                .is_ok()
     }
 
     /// Replay through the live log's client: each value stays in the store-and-forward
@@ -517,15 +519,7 @@ impl Publisher {
         };
         let mut sent = 0;
         for r in batch.iter().skip(skip) {
-            if !self.mqtt.is_connected() {
-                break;
-            }
-            if self
-                .mqtt
-                .publish(&r.topic, r.payload.clone(), self.settings.qos, false)
-                .await
-                .is_err()
-            {
+            if !self.hand_replayed(r).await {
                 break;
             }
             sent += 1;
