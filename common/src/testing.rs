@@ -243,13 +243,35 @@ pub fn start_embedded_broker(cfg: BrokerConfig) -> EmbeddedBroker {
 /// users, the UNS prefixes of `devices` reserved for the service role, and its metrics in
 /// `registry`.
 pub fn start_broker(
+    cfg: BrokerConfig,
+    auth: &AuthConfig,
+    devices: &[crate::config::DeviceConfig],
+    registry: &prometheus::Registry,
+) -> EmbeddedBroker {
+    start_broker_at(0, cfg, auth, devices, registry)
+}
+
+/// The embedded broker of [`start_embedded_broker`] on `port` of 127.0.0.1 (0: a free one),
+/// e.g. to bring a broker back on the port of one that died.
+pub fn start_embedded_broker_on(port: u16) -> EmbeddedBroker {
+    start_broker_at(
+        port,
+        BrokerConfig::default(),
+        &test_auth(),
+        &[],
+        &prometheus::Registry::new(),
+    )
+}
+
+fn start_broker_at(
+    port: u16,
     mut cfg: BrokerConfig,
     auth: &AuthConfig,
     devices: &[crate::config::DeviceConfig],
     registry: &prometheus::Registry,
 ) -> EmbeddedBroker {
     cfg.bind = "127.0.0.1".parse().expect("literal address");
-    cfg.port = Some(0);
+    cfg.port = Some(port);
     cfg.ws_port = None;
     let ids = crate::auth::Identities::new(auth).expect("test broker users");
     let acl = Acl::new(std::sync::Arc::new(ids), &cfg, devices);

@@ -398,24 +398,11 @@ async fn postgres_and_both_brokers_together() {
     token.cancel();
 }
 
-/// A broker on a given port of 127.0.0.1 with the test users (to bring one back after it died).
-fn broker_on(port: u16) -> nexus_common::broker::EmbeddedBroker {
-    let cfg = BrokerConfig {
-        bind: "127.0.0.1".parse().unwrap(),
-        port: Some(port),
-        ws_port: None,
-        ..Default::default()
-    };
-    let ids = nexus_common::auth::Identities::new(&testing::test_auth()).unwrap();
-    let acl = nexus_common::broker::Acl::new(std::sync::Arc::new(ids), &cfg, &[]);
-    nexus_common::broker::EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_a_dead_broker_never_acknowledged_go_to_the_next_one() {
     // rumqttc alone drops what it had not got acknowledged when the new broker has no session
     // for it; the client keeps it and sends it again.
-    let broker = broker_on(0);
+    let broker = testing::start_embedded_broker_on(0);
     let port = broker.ports.tcp().port();
     let token = CancellationToken::new();
     let mut c = cfg(port, Some("pub"), MqttVersion::V311);
@@ -449,7 +436,7 @@ async fn publishes_a_dead_broker_never_acknowledged_go_to_the_next_one() {
         acked_by_first < n,
         "the first broker acknowledged all {n} before it died: nothing to resend"
     );
-    let broker = broker_on(port);
+    let broker = testing::start_embedded_broker_on(port);
     let (_s, mut rx) = client(&cfg(port, None, MqttVersion::V311), &["resend/#"], &token).await;
     let got = drain(&mut rx, Duration::from_secs(8)).await;
     let numbers: std::collections::BTreeSet<u64> =

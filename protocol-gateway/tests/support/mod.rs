@@ -19,15 +19,7 @@ pub fn broker() -> nexus_common::broker::EmbeddedBroker {
 
 /// The same on a given port (0: a free one), e.g. to bring a broker back after an outage.
 pub fn broker_on(port: u16) -> nexus_common::broker::EmbeddedBroker {
-    let cfg = nexus_common::config::BrokerConfig {
-        bind: "127.0.0.1".parse().unwrap(),
-        port: Some(port),
-        ws_port: None,
-        ..Default::default()
-    };
-    let ids = nexus_common::auth::Identities::new(&testing::test_auth()).unwrap();
-    let acl = nexus_common::broker::Acl::new(Arc::new(ids), &cfg, &[]);
-    nexus_common::broker::EmbeddedBroker::start(&cfg, acl, &prometheus::Registry::new()).unwrap()
+    testing::start_embedded_broker_on(port)
 }
 
 /// A config: broker at `mqtt_port`, gateway HTTP on `http_port`, buffer in `dir`, plus `extra`
