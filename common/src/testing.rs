@@ -273,6 +273,15 @@ fn start_broker_at(
     cfg.bind = "127.0.0.1".parse().expect("literal address");
     cfg.port = Some(port);
     cfg.ws_port = None;
+    if cfg.state_dir == BrokerConfig::default().state_dir {
+        // Each test broker keeps its durable state apart (the default is relative to the
+        // working directory, shared by concurrent tests).
+        cfg.state_dir = Some(
+            std::env::temp_dir()
+                .join("nexus-test-state")
+                .join(unique("broker")),
+        );
+    }
     let ids = crate::auth::Identities::new(auth).expect("test broker users");
     let acl = Acl::new(std::sync::Arc::new(ids), &cfg, devices);
     EmbeddedBroker::start(&cfg, acl, registry).expect("embedded broker starts")

@@ -122,6 +122,7 @@ async fn tls_only_broker_and_client() {
             key_file: pki.path("server.key"),
             client_ca_file: None,
         }),
+        state_dir: None,
         ..BrokerConfig::default()
     };
     let ids = Identities::new(&testing::test_auth()).unwrap();

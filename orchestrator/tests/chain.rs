@@ -1,19 +1,18 @@
 //! The whole chain, device to historian, under faults: a Modbus device that answers every read
 //! with a new number and records each one it hands out; `nexus broker`, `nexus gateway` and
-//! `nexus ingest` as separate processes; the gateway and ingestion killed with SIGKILL several
-//! times while numbers flow, and PostgreSQL stopped once. Every number the device handed out
+//! `nexus ingest` as separate processes; the broker, the gateway and ingestion killed with
+//! SIGKILL several times while numbers flow, and PostgreSQL stopped once. Every number the device handed out
 //! must be in the historian exactly once. The only loss allowed is a read in flight at the
 //! instant the gateway dies (answered by the device, not yet in the gateway's live log): each
 //! such number must have been handed out just before a gateway kill, and they are counted.
 //!
 //! The first gateway kill comes while the broker is stalled (SIGSTOP): the values read during
-//! the stall were handed to the broker's socket but never acknowledged.
+//! the stall were handed to the broker's socket but never acknowledged. One broker kill comes
+//! while ingestion is down: what the broker acknowledged and queued for ingestion's session is
+//! only in its durable state then.
 //!
 //! A second test kills the command handler with a write in flight, and the alert service with
 //! an excursion under way, each several times, as their own processes.
-//!
-//! Broker crashes are not part of these tests yet: the embedded broker keeps sessions and queues
-//! in memory (docs/reliability.md).
 
 #![allow(clippy::unwrap_used)]
 
@@ -186,7 +185,7 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
         &config,
         format!(
             "mqtt: {{ host: 127.0.0.1, port: {mqtt}, username: {user}, password: {pw}, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
-             broker: {{ bind: 127.0.0.1, port: {mqtt}, ws_port: null }}\n\
+             broker: {{ bind: 127.0.0.1, port: {mqtt}, ws_port: null, state_dir: {state} }}\n\
              orchestrator: {{ http_listen: \"127.0.0.1:{broker_http}\" }}\n\
              auth:\n  users:\n    - {{ username: {user}, password_env: {PW_ENV}, role: service }}\n\
              telemetry: {{ instance: chain, log_level: warn }}\n\
@@ -199,6 +198,7 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
             pw = SERVICE_USER.1,
             buffer = dir.path().join("buffer").display(),
             wal = dir.path().join("wal").display(),
+            state = dir.path().join("broker").display(),
             port = sim.addr.port(),
         ),
     )
@@ -215,6 +215,7 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
 
     let mut gateway_kills = Vec::new();
     let mut ingest_kills = 0;
+    let mut broker_kills = 0;
     // What happened when, for the report of a loss.
     let t0 = Instant::now();
     let mut events: Vec<(Instant, &str)> = Vec::new();
@@ -240,7 +241,25 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
         ingest_kills += 1;
         events.push((Instant::now(), "ingestion killed"));
         pause(500).await;
+        if round == 1 {
+            // The broker dies while it holds what it queued for the dead ingestion.
+            broker.kill9();
+            broker_kills += 1;
+            events.push((Instant::now(), "broker killed (ingestion down)"));
+            pause(300).await;
+            broker.spawn();
+            events.push((Instant::now(), "broker started"));
+            pause(500).await;
+        }
         ingest.spawn();
+        pause(1500).await;
+        // The broker dies with everything flowing through it.
+        broker.kill9();
+        broker_kills += 1;
+        events.push((Instant::now(), "broker killed"));
+        pause(200 + 300 * round).await;
+        broker.spawn();
+        events.push((Instant::now(), "broker started"));
         pause(1500).await;
         if round == 1 {
             // The database away for 5 s: ingestion keeps acking into its WAL.
@@ -304,7 +323,7 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
     }
     eprintln!(
         "chain: the device handed out {total} numbers; stored {}; lost as reads in flight at {} gateway kills: {in_flight}; \
-         {ingest_kills} ingestion kills and a 5 s database stop",
+         {ingest_kills} ingestion kills, {broker_kills} broker kills and a 5 s database stop",
         stored.len(),
         gateway_kills.len(),
     );

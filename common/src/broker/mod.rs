@@ -10,6 +10,7 @@
 //! before it is reported started, and stopping aborts the server and drops that runtime.
 
 pub mod acl;
+mod state;
 
 use crate::metrics::{self, MetricError};
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ pub enum BrokerError {
     Setup(String),
     #[error(transparent)]
     Metric(#[from] MetricError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
 }
 
 /// Where the broker listens (ports resolved when 0 was asked).
@@ -82,6 +85,7 @@ struct BrokerMetrics {
     stripped: prometheus::IntCounter,
     received: prometheus::IntCounter,
     delivered: prometheus::IntCounter,
+    state: state::StateMetrics,
 }
 
 impl BrokerMetrics {
@@ -155,6 +159,28 @@ impl BrokerMetrics {
                 "nexus_broker_user_property_stripped_total",
                 "Publishes that carried a client-set nexus-user property, removed by the broker",
             )?,
+            state: state::StateMetrics {
+                sessions: metrics::gauge(
+                    r,
+                    "nexus_broker_state_sessions",
+                    "Persistent sessions kept in broker.state_dir",
+                )?,
+                messages: metrics::gauge(
+                    r,
+                    "nexus_broker_state_messages",
+                    "QoS 1/2 messages kept in broker.state_dir until every persistent subscriber acknowledged them",
+                )?,
+                errors: metrics::counter(
+                    r,
+                    "nexus_broker_state_errors_total",
+                    "Failed writes or syncs of broker.state_dir (a publish that could not be written is refused)",
+                )?,
+                overflow: metrics::counter(
+                    r,
+                    "nexus_broker_state_overflow_total",
+                    "Messages let go from the durable state because a subscriber's queue was full",
+                )?,
+            },
         };
         // Every reason and action from the start, at 0.
         for reason in DROP_REASONS {
@@ -199,6 +225,9 @@ struct Hooks {
     max_retained: usize,
     max_retained_bytes: usize,
     max_sessions: usize,
+    /// Persistent sessions and retained messages kept on disk (`broker.state_dir`).
+    state: Option<Arc<state::BrokerState>>,
+    scx: ServerContext,
 }
 
 /// Sessions held, from the per-client-id counts.
@@ -344,9 +373,19 @@ impl Handler for Hooks {
                 };
                 (false, Some(HookResult::AuthResult(result)))
             }
-            Parameter::MessagePublish(session, _from, publish) => {
+            Parameter::MessagePublish(session, from, publish) => {
                 self.metrics.received.inc();
-                match self.rewrite(*session, publish) {
+                let rewritten = self.rewrite(*session, publish);
+                // A last will is not checked by the publish ACL hook (its topic was at
+                // CONNECT): it is made durable here. Other publishes once the ACL allowed them.
+                if let (Some(st), rmqtt::types::FromType::LastWill) = (&self.state, from.typ()) {
+                    st.publish(
+                        from,
+                        &from.id.client_id,
+                        rewritten.as_ref().unwrap_or(publish),
+                    );
+                }
+                match rewritten {
                     Some(p) => (true, Some(HookResult::Publish(p))),
                     None => (true, acc),
                 }
@@ -354,7 +393,26 @@ impl Handler for Hooks {
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 let who = self.identity(Some(session));
                 match self.acl.check(&who, Action::Publish, &publish.topic) {
-                    Ok(()) => (true, acc),
+                    Ok(()) => match &self.state {
+                        Some(st) => {
+                            let from = rmqtt::types::From::from_custom(session.id.clone());
+                            if st.publish(&from, &session.id.client_id, publish) {
+                                (true, acc)
+                            } else {
+                                // Not durable: not acknowledged. The client sends it again.
+                                (
+                                    false,
+                                    Some(HookResult::PublishAclResult(
+                                        PublishAclResult::rejected(
+                                            true,
+                                            Some("the broker cannot write its state (broker.state_dir); try again later".into()),
+                                        ),
+                                    )),
+                                )
+                            }
+                        }
+                        None => (true, acc),
+                    },
                     Err(reason) => {
                         self.metrics.denied.with_label_values(&["publish"]).inc();
                         tracing::warn!(client_id = %session.id.client_id, topic = %&*publish.topic, %reason, "broker refused a publish");
@@ -388,12 +446,22 @@ impl Handler for Hooks {
                 }
             }
             Parameter::SessionCreated(s) => {
-                let mut sessions = self.lock_sessions();
-                *sessions.entry(s.id.client_id.to_string()).or_default() += 1;
-                self.metrics.sessions.set(held(&sessions));
+                {
+                    let mut sessions = self.lock_sessions();
+                    *sessions.entry(s.id.client_id.to_string()).or_default() += 1;
+                    self.metrics.sessions.set(held(&sessions));
+                }
+                if let Some(st) = &self.state {
+                    if let Ok(conn) = s.connect_info().await {
+                        st.session(s, &conn, true);
+                    }
+                }
                 (true, acc)
             }
             Parameter::SessionTerminated(s, _) => {
+                if let Some(st) = &self.state {
+                    st.terminated(&s.id);
+                }
                 let mut sessions = self.lock_sessions();
                 let id = s.id.client_id.to_string();
                 if let Some(n) = sessions.get_mut(&id) {
@@ -421,19 +489,63 @@ impl Handler for Hooks {
                 self.metrics.delivered.inc();
                 (true, acc)
             }
-            Parameter::MessageDropped(_to, _from, _publish, reason) => {
+            Parameter::MessageDropped(to, _from, publish, reason) => {
                 self.metrics
                     .dropped
                     .with_label_values(&[drop_reason(reason)])
                     .inc();
+                if let (Some(st), Some(to)) = (&self.state, to) {
+                    st.settled(&to.client_id, publish);
+                }
                 (true, acc)
             }
-            Parameter::ClientConnected(_) => {
+            Parameter::ClientConnected(s) => {
                 self.metrics.connections.inc();
+                if let Some(st) = &self.state {
+                    if let Ok(conn) = s.connect_info().await {
+                        st.session(s, &conn, false);
+                    }
+                }
                 (true, acc)
             }
-            Parameter::ClientDisconnected(..) => {
+            Parameter::ClientDisconnected(s, _) => {
                 self.metrics.connections.dec();
+                if let Some(st) = &self.state {
+                    st.disconnected(&s.id.client_id);
+                }
+                (true, acc)
+            }
+            Parameter::SessionSubscribed(s, sub) => {
+                if let Some(st) = &self.state {
+                    st.subscribed(&s.id.client_id, &sub.topic_filter, &sub.opts);
+                }
+                (true, acc)
+            }
+            Parameter::SessionUnsubscribed(s, unsub) => {
+                if let Some(st) = &self.state {
+                    st.unsubscribed(
+                        &s.id.client_id,
+                        &unsub.topic_filter,
+                        unsub.shared_group.as_deref(),
+                    );
+                }
+                (true, acc)
+            }
+            Parameter::MessageAcked(s, _from, p) => {
+                if let Some(st) = &self.state {
+                    st.settled(&s.id.client_id, p);
+                }
+                (true, acc)
+            }
+            Parameter::BeforeStartup => {
+                if let Some(st) = &self.state {
+                    let restored = st.restore(&self.scx).await;
+                    let mut sessions = self.lock_sessions();
+                    for client in restored {
+                        *sessions.entry(client).or_default() += 1;
+                    }
+                    self.metrics.sessions.set(held(&sessions));
+                }
                 (true, acc)
             }
             _ => (true, acc),
@@ -591,6 +703,36 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         acl: acl.clone(),
         service_mqueue_len: cfg.service_mqueue_len,
     });
+    let state = match &cfg.state_dir {
+        Some(dir) => {
+            let max_body = u32::try_from(cfg.max_packet_size.0)
+                .unwrap_or(u32::MAX)
+                .saturating_add(64 * 1024);
+            let cap = cfg.max_mqueue_len.max(cfg.service_mqueue_len)
+                + usize::from(cfg.max_inflight)
+                + state::SLACK;
+            let st = state::BrokerState::open(
+                dir,
+                max_body,
+                cap,
+                cfg.state_sync,
+                metrics.state.clone(),
+            )?;
+            Some(Arc::new(st))
+        }
+        None => None,
+    };
+    if let (Some(st), false) = (&state, cfg.state_sync.is_zero()) {
+        let st = st.clone();
+        let every = cfg.state_sync;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let st = st.clone();
+                let _ = tokio::task::spawn_blocking(move || st.sync()).await;
+            }
+        });
+    }
     let hooks = Hooks {
         acl,
         metrics,
@@ -599,6 +741,8 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         max_retained: cfg.max_retained,
         max_retained_bytes: usize::try_from(cfg.max_retained_bytes.0).unwrap_or(usize::MAX),
         max_sessions: cfg.max_sessions,
+        state,
+        scx: scx.clone(),
     };
     let register = scx.extends.hook_mgr().register();
     // Above the default priority so these decide before anything else.
@@ -615,6 +759,10 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         Type::SessionTerminated,
         Type::ClientConnected,
         Type::ClientDisconnected,
+        Type::SessionSubscribed,
+        Type::SessionUnsubscribed,
+        Type::MessageAcked,
+        Type::BeforeStartup,
     ] {
         register
             .add_priority(typ, 100, Box::new(SharedHooks(shared.clone())))

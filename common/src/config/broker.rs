@@ -73,6 +73,16 @@ pub struct BrokerConfig {
     pub max_retained: usize,
     /// Most bytes of retained payloads (default 256MiB), the same way.
     pub max_retained_bytes: ByteSize,
+    /// Where the broker keeps persistent sessions (subscriptions and QoS 1/2 messages not yet
+    /// acknowledged by them) and retained messages, so that a crash or restart loses nothing
+    /// it acknowledged (default `nexus-data/broker`; null: in memory only). docs/broker.md,
+    /// "Durable state".
+    pub state_dir: Option<PathBuf>,
+    /// How often what the broker wrote to `state_dir` is flushed to the disk (default 100ms;
+    /// 0s: before every acknowledgement, slower). A killed broker loses nothing either way;
+    /// a power loss can lose what was acknowledged within the last interval.
+    #[serde(with = "duration")]
+    pub state_sync: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -98,6 +108,8 @@ impl Default for BrokerConfig {
             max_session_expiry: Duration::from_secs(24 * 3600),
             max_retained: 100_000,
             max_retained_bytes: ByteSize(256 * 1024 * 1024),
+            state_dir: Some(PathBuf::from("nexus-data/broker")),
+            state_sync: Duration::from_millis(100),
         }
     }
 }

@@ -47,10 +47,30 @@ impl SegmentWriter {
     /// before returning. On an error nothing counts as written: the next append goes at the
     /// same place, over whatever part of these bytes reached the file.
     pub fn append(&mut self, frames: &[u8]) -> Result<(), Error> {
+        self.put(frames, self.fsync)
+    }
+
+    /// [`SegmentWriter::append`] without the `fdatasync`: the frames are in the operating
+    /// system's cache, so they survive the process (a kill, a crash) but not a power loss
+    /// until [`SegmentWriter::sync_handle`]'s file is synced.
+    pub fn write(&mut self, frames: &[u8]) -> Result<(), Error> {
+        self.put(frames, false)
+    }
+
+    /// A second handle on the segment's file, to `fdatasync` it from another thread without
+    /// holding the writer.
+    pub fn sync_handle(&self) -> Result<File, Error> {
+        self.file.try_clone().map_err(|source| Error::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn put(&mut self, frames: &[u8], sync: bool) -> Result<(), Error> {
         let res = (|| {
             self.file.seek(SeekFrom::Start(self.len))?;
             self.file.write_all(frames)?;
-            if self.fsync {
+            if sync {
                 self.file.sync_data()?;
             }
             io::Result::Ok(())
