@@ -622,6 +622,13 @@ macro_rules! event_loop {
                     Ok(Event::Incoming(Incoming::PubAck(_) | Incoming::PubComp(_))) => {
                         acked.send_modify(|n| *n += 1);
                     }
+                    // After its DISCONNECT the client closes the connection (MQTT-3.14.4-1):
+                    // a broker may keep the session online until it does.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))
+                        if closed.load(Ordering::SeqCst) =>
+                    {
+                        break;
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         unsent.extend(eventloop.pending.drain(..));

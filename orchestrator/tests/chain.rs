@@ -639,3 +639,135 @@ async fn a_command_and_an_excursion_survive_kills_of_their_services() {
     eprintln!("alerts across kills: an excursion sent while the service was dead raised the alarm at 95; acknowledged, killed, 97 evaluated after the restart: {}", alarm["state"]);
     broker.stop();
 }
+
+/// A persistent subscriber over `version`, with a fixed client id; cancel the token to end
+/// its connection.
+async fn persistent_client(
+    port: u16,
+    id: &str,
+    version: nexus_common::config::MqttVersion,
+    subs: &[&str],
+) -> (MqttHandle, Receiver<Message>, CancellationToken) {
+    let mut c = testing::mqtt_config(port);
+    c.username = Some(SERVICE_USER.0.into());
+    c.password = Some(nexus_common::config::Secret::new(SERVICE_USER.1.to_owned()));
+    c.persistent_session = true;
+    c.version = version;
+    let mut s = ClientSettings::new(id);
+    s.subscriptions = subs
+        .iter()
+        .map(|f| (f.to_string(), QoS::AtLeastOnce))
+        .collect();
+    let token = CancellationToken::new();
+    let (h, rx) = mqtt::connect(&c, s, None, token.clone()).unwrap();
+    h.wait_connected(Duration::from_secs(10)).await.unwrap();
+    (h, rx, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_crash_loses_no_acknowledged_message_of_a_persistent_session_nor_a_retained_value()
+{
+    use nexus_common::config::MqttVersion;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let config = dir.path().join("nexus.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker: {{ bind: 127.0.0.1, port: {port}, ws_port: null, state_dir: {state} }}\n\
+             orchestrator: {{ http_listen: \"127.0.0.1:{http}\" }}\n\
+             auth:\n  users:\n    - {{ username: {user}, password_env: {PW_ENV}, role: service }}\n\
+             telemetry: {{ instance: crash, log_level: warn }}\n",
+            user = SERVICE_USER.0,
+            state = dir.path().join("broker").display(),
+        ),
+    )
+    .unwrap();
+    let mut broker = Service::new("broker", &config, http, "/readyz");
+    broker.spawn();
+    broker.ready(Duration::from_secs(30)).await;
+
+    // Two persistent subscribers (3.1.1 and 5) and a shared group member subscribe, then go
+    // away: their sessions stay.
+    let subscribers = [
+        ("crash-v311", MqttVersion::V311, "crash/#"),
+        ("crash-v5", MqttVersion::V5, "crash/#"),
+        ("crash-group", MqttVersion::V5, "$share/g/crash/#"),
+    ];
+    for (id, version, filter) in subscribers {
+        let (h, _rx, token) = persistent_client(port, id, version, &[filter]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.disconnect().await;
+        token.cancel();
+    }
+    // Gone: only their sessions are left.
+    let end = Instant::now() + Duration::from_secs(10);
+    while broker.metric_sum("nexus_broker_connections") > 0.0 {
+        assert!(Instant::now() < end, "the subscribers did not disconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Acknowledged publishes, queued for the absent subscribers, and a retained value.
+    let (publisher, _) = client(port, SERVICE_USER, &[]).await;
+    let n = 500u64;
+    let mut acked = publisher.acked();
+    let before = *acked.borrow();
+    for i in 0..n {
+        publisher
+            .publish("crash/n", i.to_string(), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    publisher
+        .publish("crash/status", "up", QoS::AtLeastOnce, true)
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        acked.wait_for(|a| *a >= before + n + 1),
+    )
+    .await
+    .expect("every publish acknowledged")
+    .unwrap();
+    publisher.disconnect().await;
+    assert_eq!(
+        broker.metric_sum("nexus_broker_state_messages"),
+        n as f64 + 1.0,
+        "kept until acknowledged: every message for the absent subscribers (the retained one included)"
+    );
+
+    broker.kill9();
+    broker.spawn();
+    broker.ready(Duration::from_secs(30)).await;
+
+    for (id, version, _) in subscribers {
+        // The session is present: no subscription is made again.
+        let (_h, mut rx, _token) = persistent_client(port, id, version, &[]).await;
+        let mut got = BTreeSet::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(15);
+        while got.len() < n as usize {
+            match tokio::time::timeout_at(end, rx.recv()).await {
+                Ok(Some(m)) if m.topic() == Some("crash/n") => {
+                    got.insert(String::from_utf8_lossy(m.payload()).parse::<u64>().unwrap());
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        assert_eq!(
+            got.len() as u64,
+            n,
+            "{id}: {} of {n} acknowledged messages after the broker's crash",
+            got.len()
+        );
+    }
+    let (_h, mut rx) = client(port, SERVICE_USER, &["crash/status"]).await;
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the retained value after the crash")
+        .unwrap();
+    assert_eq!(m.payload().as_ref(), b"up");
+    assert!(m.retain());
+    eprintln!("broker crash: {n} queued messages for each of 3 persistent sessions (3.1.1, 5, a shared group) and a retained value, all there after kill -9");
+    broker.stop();
+}
