@@ -61,6 +61,8 @@ impl Service {
             Command::new(NEXUS)
                 .args([self.name, "--config"])
                 .arg(&self.config)
+                // Defaults relative to the working directory land in the test's own.
+                .current_dir(self.config.parent().unwrap())
                 .env(PW_ENV, SERVICE_USER.1)
                 .env(OP_PW_ENV, OPERATOR_USER.1)
                 .stdin(Stdio::null())
@@ -160,8 +162,10 @@ async fn stored_numbers(url: &str) -> Result<(i64, BTreeSet<u32>), tokio_postgre
     tokio::spawn(conn);
     let rows = c
         .query(
+            // Good readings only: when the device goes away the gateway publishes its last
+            // value again with a bad quality.
             "SELECT p.value FROM points p JOIN tags t ON t.id = p.tag_id \
-             WHERE t.topic = 'chain/site/area/line/counter/n'",
+             WHERE t.topic = 'chain/site/area/line/counter/n' AND (p.quality & 192) = 192",
             &[],
         )
         .await?;
@@ -170,6 +174,168 @@ async fn stored_numbers(url: &str) -> Result<(i64, BTreeSet<u32>), tokio_postgre
         values.len() as i64,
         values.into_iter().map(|v| v as u32).collect(),
     ))
+}
+
+/// Where the end of a chain run is looked at.
+struct Ends {
+    ingest_http: u16,
+    broker_http: u16,
+    /// `nexus_gateway_unacked_points` just before the gateway's last stop: values still in
+    /// its live log then are replayed only by its next start.
+    unacked_at_stop: f64,
+}
+
+/// Wait until the historian has drained, then check that every number the device handed out
+/// is stored exactly once, except reads within 500 ms before one of `kills` (of the process
+/// polling the device), which are counted.
+async fn check_every_number(
+    url: &str,
+    handed: &Handed,
+    kills: &[Instant],
+    t0: Instant,
+    mut events: Vec<(Instant, &str)>,
+    faults: &str,
+    end: &Ends,
+) {
+    let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    let total = handed.lock().unwrap().len();
+    assert!(total > 500, "the device handed out only {total} numbers");
+    // Drained: everything is there, or nothing more arrived for 5 s.
+    let start = Instant::now();
+    let (mut last, mut since) = (0, Instant::now());
+    let (rows, stored) = loop {
+        let got = stored_numbers(url).await;
+        let n = got.as_ref().map_or(0, |(_, s)| s.len());
+        if n != last {
+            (last, since) = (n, Instant::now());
+        }
+        let settled = n >= total || since.elapsed() > Duration::from_secs(5);
+        if (got.is_ok() && settled) || start.elapsed() > Duration::from_secs(60) {
+            break got.unwrap();
+        }
+        pause(250).await;
+    };
+    let handed = handed.lock().unwrap().clone();
+    let numbers: BTreeSet<u32> = handed.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        numbers.len(),
+        handed.len(),
+        "the device handed out each number once"
+    );
+    let unknown: Vec<&u32> = stored.difference(&numbers).collect();
+    assert!(
+        unknown.is_empty(),
+        "stored numbers the device never handed out: {unknown:?}"
+    );
+    if rows != stored.len() as i64 {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let twice = c
+            .query(
+                "SELECT p.value, array_agg((extract(epoch from p.time) * 1000)::bigint ORDER BY p.time) FROM points p \
+                 JOIN tags t ON t.id = p.tag_id WHERE t.topic = 'chain/site/area/line/counter/n' \
+                 AND (p.quality & 192) = 192 GROUP BY p.value HAVING count(*) > 1 ORDER BY p.value LIMIT 20",
+                &[],
+            )
+            .await
+            .unwrap();
+        let twice: Vec<(f64, Vec<i64>)> = twice.iter().map(|r| (r.get(0), r.get(1))).collect();
+        panic!(
+            "{} rows for {} numbers: stored twice (value, times in ms): {twice:?}",
+            rows,
+            stored.len()
+        );
+    }
+    // Missing numbers: each must have been read just before a kill (the read in flight when
+    // the gateway died).
+    let mut in_flight = 0;
+    let mut unexplained = Vec::new();
+    for (n, at) in &handed {
+        if stored.contains(n) {
+            continue;
+        }
+        let near_kill = kills
+            .iter()
+            .any(|k| *at <= *k && k.duration_since(*at) < Duration::from_millis(500));
+        if near_kill {
+            in_flight += 1;
+        } else {
+            unexplained.push(*n);
+        }
+    }
+    eprintln!(
+        "chain: the device handed out {total} numbers; stored {}; lost as reads in flight at {} kills of the polling process: {in_flight}; {faults}",
+        stored.len(),
+        kills.len(),
+    );
+    let metric = |port: u16, name: &str| {
+        let (_, text) = testing::http(port, "GET", "/metrics", "");
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    if !unexplained.is_empty() {
+        for k in kills {
+            events.push((*k, "polling process killed"));
+        }
+        events.sort_by_key(|e| e.0);
+        let when: Vec<String> = unexplained
+            .iter()
+            .take(20)
+            .map(|n| {
+                let at = handed
+                    .iter()
+                    .find(|(m, _)| m == n)
+                    .map_or(t0, |(_, at)| *at);
+                format!("{n} at {:.3} s", at.duration_since(t0).as_secs_f64())
+            })
+            .collect();
+        let events: Vec<String> = events
+            .iter()
+            .map(|(at, what)| format!("{what} at {:.3} s", at.duration_since(t0).as_secs_f64()))
+            .collect();
+        // The rows stored around the first lost number's read, by time.
+        let first = unexplained[0];
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let rows = c
+            .query(
+                "SELECT (extract(epoch from p.time) * 1000)::bigint, p.value FROM points p JOIN tags t ON t.id = p.tag_id \
+                 WHERE t.topic = 'chain/site/area/line/counter/n' AND p.value BETWEEN $1 AND $2 ORDER BY p.time",
+                &[&(f64::from(first) - 3.0), &(f64::from(first) + 3.0)],
+            )
+            .await
+            .unwrap();
+        let near: Vec<(i64, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        panic!(
+            "{} numbers lost that were not in flight at a kill: {when:?}; events: {events:?}; stored near {first}: {near:?}; \
+             gateway values unacknowledged at its last stop: {}; ingestion: {:?} {:?}; broker: {:?}",
+            unexplained.len(),
+            end.unacked_at_stop,
+            metric(end.ingest_http, "nexus_ingest_points_duplicate_total"),
+            metric(end.ingest_http, "nexus_ingest_rejected_total"),
+            metric(end.broker_http, "nexus_broker_messages_dropped_total{"),
+        );
+    }
+    let rejected: Vec<String> = metric(end.ingest_http, "nexus_ingest_rejected_total")
+        .into_iter()
+        .filter(|l| !l.ends_with(" 0"))
+        .collect();
+    assert!(
+        rejected.is_empty(),
+        "ingestion rejected values: {rejected:?}"
+    );
+    // A kill loses at most the reads between the device's answer and the fsync.
+    assert!(
+        in_flight <= 3 * kills.len(),
+        "{in_flight} reads lost at {} kills",
+        kills.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,122 +438,18 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
         }
     }
     pause(1000).await;
+    let unacked = gateway.metric_sum("nexus_gateway_unacked_points");
     // The end: the gateway stops as usual (its last reads published), the rest drains.
     gateway.stop();
-    let total = handed.lock().unwrap().len();
-    assert!(total > 500, "the device handed out only {total} numbers");
-    // Drained: everything is there, or nothing more arrived for 5 s.
-    let start = Instant::now();
-    let (mut last, mut since) = (0, Instant::now());
-    let (rows, stored) = loop {
-        let got = stored_numbers(&url).await;
-        let n = got.as_ref().map_or(0, |(_, s)| s.len());
-        if n != last {
-            (last, since) = (n, Instant::now());
-        }
-        let settled = n >= total || since.elapsed() > Duration::from_secs(5);
-        if (got.is_ok() && settled) || start.elapsed() > Duration::from_secs(60) {
-            break got.unwrap();
-        }
-        pause(250).await;
+    let faults = format!(
+        "{ingest_kills} ingestion kills, {broker_kills} broker kills and a 5 s database stop"
+    );
+    let end = Ends {
+        ingest_http: ing_http,
+        broker_http,
+        unacked_at_stop: unacked,
     };
-    let handed = handed.lock().unwrap().clone();
-    let numbers: BTreeSet<u32> = handed.iter().map(|(n, _)| *n).collect();
-    assert_eq!(
-        numbers.len(),
-        handed.len(),
-        "the device handed out each number once"
-    );
-    let unknown: Vec<&u32> = stored.difference(&numbers).collect();
-    assert!(
-        unknown.is_empty(),
-        "stored numbers the device never handed out: {unknown:?}"
-    );
-    assert_eq!(rows, stored.len() as i64, "a number stored twice");
-    // Missing numbers: each must have been read just before a gateway kill (the read in
-    // flight when it died).
-    let mut in_flight = 0;
-    let mut unexplained = Vec::new();
-    for (n, at) in &handed {
-        if stored.contains(n) {
-            continue;
-        }
-        let near_kill = gateway_kills
-            .iter()
-            .any(|k| *at <= *k && k.duration_since(*at) < Duration::from_millis(500));
-        if near_kill {
-            in_flight += 1;
-        } else {
-            unexplained.push(*n);
-        }
-    }
-    eprintln!(
-        "chain: the device handed out {total} numbers; stored {}; lost as reads in flight at {} gateway kills: {in_flight}; \
-         {ingest_kills} ingestion kills, {broker_kills} broker kills and a 5 s database stop",
-        stored.len(),
-        gateway_kills.len(),
-    );
-    assert_eq!(
-        ingest.metric_sum("nexus_ingest_rejected_total"),
-        0.0,
-        "ingestion rejected values"
-    );
-    if !unexplained.is_empty() {
-        for k in &gateway_kills {
-            events.push((*k, "gateway killed"));
-        }
-        events.sort_by_key(|e| e.0);
-        let when: Vec<String> = unexplained
-            .iter()
-            .take(20)
-            .map(|n| {
-                let at = handed
-                    .iter()
-                    .find(|(m, _)| m == n)
-                    .map_or(t0, |(_, at)| *at);
-                format!("{n} at {:.3} s", at.duration_since(t0).as_secs_f64())
-            })
-            .collect();
-        let events: Vec<String> = events
-            .iter()
-            .map(|(at, what)| format!("{what} at {:.3} s", at.duration_since(t0).as_secs_f64()))
-            .collect();
-        // The rows stored around the first lost number's read, by time.
-        let first = unexplained[0];
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let rows = c
-            .query(
-                "SELECT (extract(epoch from p.time) * 1000)::bigint, p.value FROM points p JOIN tags t ON t.id = p.tag_id \
-                 WHERE t.topic = 'chain/site/area/line/counter/n' AND p.value BETWEEN $1 AND $2 ORDER BY p.time",
-                &[&(f64::from(first) - 3.0), &(f64::from(first) + 3.0)],
-            )
-            .await
-            .unwrap();
-        let near: Vec<(i64, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let duplicates = ingest.metric_sum("nexus_ingest_points_duplicate_total");
-        let rejects = ingest.metric_sum("nexus_ingest_rejected_total");
-        eprintln!(
-            "stored near {first}: {near:?}; ingestion duplicates {duplicates}, rejects {rejects}"
-        );
-        let (_, metrics) = testing::http(broker.http, "GET", "/metrics", "");
-        let drops: Vec<&str> = metrics
-            .lines()
-            .filter(|l| l.starts_with("nexus_broker_messages_dropped_total{"))
-            .collect();
-        panic!(
-            "{} numbers lost that were not in flight at a gateway kill: {when:?}; events: {events:?}; broker drops: {drops:?}",
-            unexplained.len()
-        );
-    }
-    // A kill loses at most the reads between the device's answer and the fsync.
-    assert!(
-        in_flight <= 3 * gateway_kills.len(),
-        "{in_flight} reads lost at {} gateway kills",
-        gateway_kills.len()
-    );
+    check_every_number(&url, &handed, &gateway_kills, t0, events, &faults, &end).await;
     broker.stop();
     ingest.stop();
 }
@@ -761,6 +823,11 @@ async fn a_broker_crash_loses_no_acknowledged_message_of_a_persistent_session_no
             got.len()
         );
     }
+    assert_eq!(
+        broker.metric_sum("nexus_broker_retained_messages"),
+        1.0,
+        "the restored retained value is counted"
+    );
     let (_h, mut rx) = client(port, SERVICE_USER, &["crash/status"]).await;
     let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
@@ -770,4 +837,78 @@ async fn a_broker_crash_loses_no_acknowledged_message_of_a_persistent_session_no
     assert!(m.retain());
     eprintln!("broker crash: {n} queued messages for each of 3 persistent sessions (3.1.1, 5, a shared group) and a retained value, all there after kill -9");
     broker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_number_is_stored_once_across_kills_of_nexus_up() {
+    let pg = PgServer::start();
+    let url = pg.create_database("chain_up").await;
+    let (sim, handed) = counting_device().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt, http, gw_http, ing_http, cmd_http, alert_http) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let config = dir.path().join("nexus.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mqtt: {{ host: 127.0.0.1, port: {mqtt}, username: {user}, password: {pw}, reconnect_min: 50ms, reconnect_max: 500ms }}\n\
+             broker: {{ bind: 127.0.0.1, port: {mqtt}, ws_port: null }}\n\
+             orchestrator: {{ http_listen: \"127.0.0.1:{http}\" }}\n\
+             auth:\n  users:\n    - {{ username: {user}, password_env: {PW_ENV}, role: service }}\n\
+             telemetry: {{ instance: chain-up, log_level: warn }}\n\
+             database: {{ url: \"{url}\" }}\n\
+             gateway:\n  http_listen: \"127.0.0.1:{gw_http}\"\n\
+             ingestion:\n  http_listen: \"127.0.0.1:{ing_http}\"\n\
+             commands: {{ http_listen: \"127.0.0.1:{cmd_http}\" }}\n\
+             alerts: {{ http_listen: \"127.0.0.1:{alert_http}\" }}\n\
+             devices:\n  - id: counter\n    protocol: modbus\n    uns_prefix: chain/site/area/line\n    poll_interval: 20ms\n    \
+             connection: {{ host: 127.0.0.1, port: {port}, timeout: 2s }}\n    tags:\n      - {{ id: n, address: \"HR:{COUNTER}\", data_type: uint32 }}\n",
+            user = SERVICE_USER.0,
+            pw = SERVICE_USER.1,
+            port = sim.addr.port(),
+        ),
+    )
+    .unwrap();
+    // Everything in one process, its data under the working directory (the defaults).
+    let mut up = Service::new("up", &config, http, "/readyz");
+    up.spawn();
+    up.ready(Duration::from_secs(60)).await;
+    let t0 = Instant::now();
+    let mut kills = Vec::new();
+    let mut events: Vec<(Instant, &str)> = Vec::new();
+    let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    pause(2000).await;
+    for round in 0..4u64 {
+        up.kill9();
+        kills.push(Instant::now());
+        pause(200 + 300 * round).await;
+        up.spawn();
+        events.push((Instant::now(), "nexus up started"));
+        up.ready(Duration::from_secs(60)).await;
+        events.push((Instant::now(), "nexus up ready"));
+        pause(1500 + 500 * round).await;
+    }
+    pause(1000).await;
+    // The device goes away (nothing more is handed out); the chain drains with the process
+    // running.
+    sim.stop();
+    pause(1000).await;
+    let unacked = up.metric_sum("nexus_gateway_unacked_points");
+    let end = Ends {
+        ingest_http: ing_http,
+        broker_http: http,
+        unacked_at_stop: unacked,
+    };
+    let faults = format!(
+        "{} kills of nexus up (broker, gateway and ingestion in one process), each restarted",
+        kills.len()
+    );
+    check_every_number(&url, &handed, &kills, t0, events, &faults, &end).await;
+    up.stop();
 }

@@ -541,10 +541,19 @@ impl Handler for Hooks {
                 if let Some(st) = &self.state {
                     let restored = st.restore(&self.scx).await;
                     let mut sessions = self.lock_sessions();
-                    for client in restored {
+                    for client in restored.sessions {
                         *sessions.entry(client).or_default() += 1;
                     }
                     self.metrics.sessions.set(held(&sessions));
+                    let mut r = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+                    for (topic, len) in restored.retained {
+                        r.bytes += len;
+                        if let Some(old) = r.sizes.insert(topic, len) {
+                            r.bytes -= old;
+                        }
+                    }
+                    self.metrics.retained.set(r.sizes.len() as i64);
+                    self.metrics.retained_bytes.set(r.bytes as i64);
                 }
                 (true, acc)
             }

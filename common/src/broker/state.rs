@@ -738,8 +738,7 @@ impl BrokerState {
 
     /// Put the saved sessions (with their subscriptions and undone messages, oldest first)
     /// and retained messages back into rmqtt. Runs before the listeners accept anyone.
-    /// Returns the client ids of the sessions restored.
-    pub(super) async fn restore(&self, scx: &ServerContext) -> Vec<String> {
+    pub(super) async fn restore(&self, scx: &ServerContext) -> Restored {
         struct Plan {
             client: String,
             conn: Arc<ConnectInfo>,
@@ -795,7 +794,9 @@ impl BrokerState {
             (plans, retained)
         };
 
+        let mut out = Restored::default();
         for (topic, from, publish) in retained {
+            out.retained.push((topic.clone(), publish.payload.len()));
             let r = Retain {
                 msg_id: None,
                 from,
@@ -812,7 +813,6 @@ impl BrokerState {
             }
         }
 
-        let mut restored = Vec::new();
         let mut expired = Vec::new();
         for plan in plans {
             let id = plan.conn.id().clone();
@@ -905,13 +905,22 @@ impl BrokerState {
                 }
             }
             tracing::info!(client_id = %plan.client, subscriptions = plan.subs.len(), queued, "broker state: session restored");
-            restored.push(plan.client);
+            out.sessions.push(plan.client);
         }
         for client in expired {
             self.forget(&client);
         }
-        restored
+        out
     }
+}
+
+/// What [`BrokerState::restore`] put back.
+#[derive(Default)]
+pub(super) struct Restored {
+    /// Client ids of the sessions.
+    pub sessions: Vec<String>,
+    /// Retained topics and their payload sizes.
+    pub retained: Vec<(String, usize)>,
 }
 
 /// The state a segment holds, if its snapshot is whole.
