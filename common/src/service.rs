@@ -121,6 +121,16 @@ pub enum ShellError {
     },
 }
 
+/// The MQTT client id of a Nexus service: `<mqtt.client_id_prefix>-<service>-<instance>`.
+pub fn service_client_id(cfg: &Config, service: &str) -> String {
+    format!(
+        "{}-{}-{}",
+        cfg.mqtt.client_id_prefix,
+        service,
+        cfg.telemetry.instance_name()
+    )
+}
+
 impl Shell {
     pub async fn start(
         cfg: &Config,
@@ -135,10 +145,7 @@ impl Shell {
             .unwrap_or_else(|| Telemetry::new(opts.service));
         let mqtt_metrics = telemetry.mqtt_metrics()?;
         let topic = crate::topic::sys::service_status(opts.service, &instance);
-        let client_id = format!(
-            "{}-{}-{}",
-            cfg.mqtt.client_id_prefix, opts.service, instance
-        );
+        let client_id = service_client_id(cfg, opts.service);
         let mut settings = ClientSettings::new(client_id.clone());
         settings.will = Some(Will {
             topic: topic.clone(),

@@ -281,6 +281,26 @@ pub async fn up(
     {
         // The command handler runs beside the gateway on the same device sessions (small PLCs
         // allow few connections); the two are supervised, and restarted, together.
+        if with_ingestion {
+            let c = cfg.clone();
+            sup.spawn(nexus_data_ingestion::SERVICE, move |tok| {
+                nexus_data_ingestion::run(c.clone(), tok)
+            });
+            // On a first start the historian's session does not exist yet: what the gateway
+            // published before it subscribed would reach nobody. The gateway waits for it
+            // (briefly: a historian that cannot start must not stop the polling).
+            if let Some(b) = &broker {
+                let id =
+                    nexus_common::service::service_client_id(&cfg, nexus_data_ingestion::SERVICE);
+                let end = std::time::Instant::now() + std::time::Duration::from_secs(15);
+                while !b.has_subscriber(&id) && std::time::Instant::now() < end {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                if !b.has_subscriber(&id) {
+                    tracing::warn!(client_id = %id, "the historian has not subscribed after 15 s; the gateway starts anyway");
+                }
+            }
+        }
         let c = cfg.clone();
         sup.spawn(nexus_protocol_gateway::SERVICE, move |tok| {
             crate::gateway_with_commands(c.clone(), tok)
@@ -289,12 +309,6 @@ pub async fn up(
         sup.spawn(nexus_alert_service::SERVICE, move |tok| {
             nexus_alert_service::run(c.clone(), tok)
         });
-        if with_ingestion {
-            let c = cfg.clone();
-            sup.spawn(nexus_data_ingestion::SERVICE, move |tok| {
-                nexus_data_ingestion::run(c.clone(), tok)
-            });
-        }
         let c = cfg.clone();
         let t = telemetry.clone();
         // Made once: it keeps its metrics and topics when the orchestrator restarts.

@@ -227,6 +227,8 @@ struct Hooks {
     max_sessions: usize,
     /// Persistent sessions and retained messages kept on disk (`broker.state_dir`).
     state: Option<Arc<state::BrokerState>>,
+    /// Client ids whose session has a subscription ([`EmbeddedBroker::has_subscriber`]).
+    subscribed: Subscribed,
     scx: ServerContext,
 }
 
@@ -462,6 +464,10 @@ impl Handler for Hooks {
                 if let Some(st) = &self.state {
                     st.terminated(&s.id);
                 }
+                self.subscribed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&*s.id.client_id);
                 let mut sessions = self.lock_sessions();
                 let id = s.id.client_id.to_string();
                 if let Some(n) = sessions.get_mut(&id) {
@@ -516,6 +522,10 @@ impl Handler for Hooks {
                 (true, acc)
             }
             Parameter::SessionSubscribed(s, sub) => {
+                self.subscribed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(s.id.client_id.to_string());
                 if let Some(st) = &self.state {
                     st.subscribed(&s.id.client_id, &sub.topic_filter, &sub.opts);
                 }
@@ -540,6 +550,10 @@ impl Handler for Hooks {
             Parameter::BeforeStartup => {
                 if let Some(st) = &self.state {
                     let restored = st.restore(&self.scx).await;
+                    self.subscribed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(restored.sessions.iter().cloned());
                     let mut sessions = self.lock_sessions();
                     for client in restored.sessions {
                         *sessions.entry(client).or_default() += 1;
@@ -565,6 +579,7 @@ impl Handler for Hooks {
 /// A running embedded broker. Dropping it stops it.
 pub struct EmbeddedBroker {
     pub ports: BrokerPorts,
+    subscribed: Subscribed,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -579,6 +594,8 @@ impl EmbeddedBroker {
     ) -> Result<EmbeddedBroker, BrokerError> {
         let cfg = cfg.clone();
         let metrics = BrokerMetrics::new(registry)?;
+        let subscribed = Subscribed::default();
+        let subscribed_in = subscribed.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<BrokerPorts, BrokerError>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -597,7 +614,7 @@ impl EmbeddedBroker {
                     }
                 };
                 rt.block_on(async move {
-                    let server = match build(&cfg, acl, metrics).await {
+                    let server = match build(&cfg, acl, metrics, subscribed_in).await {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -622,6 +639,7 @@ impl EmbeddedBroker {
         match ready_rx.recv() {
             Ok(Ok(ports)) => Ok(EmbeddedBroker {
                 ports,
+                subscribed,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             }),
@@ -633,6 +651,15 @@ impl EmbeddedBroker {
                 "broker thread ended during start".into(),
             )),
         }
+    }
+
+    /// Whether the session of `client_id` holds a subscription (made since the start, or
+    /// restored from the durable state).
+    pub fn has_subscriber(&self, client_id: &str) -> bool {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(client_id)
     }
 
     /// Stop and wait for the listeners to close.
@@ -686,7 +713,14 @@ fn listener_builder(cfg: &BrokerConfig, name: &str, port: u16) -> Builder {
         .reuseaddr(Some(true))
 }
 
-async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<Built, BrokerError> {
+type Subscribed = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+async fn build(
+    cfg: &BrokerConfig,
+    acl: Acl,
+    metrics: BrokerMetrics,
+    subscribed: Subscribed,
+) -> Result<Built, BrokerError> {
     let setup = |e: rmqtt::Error| BrokerError::Setup(e.to_string());
     // The retainer's own count limit would also refuse updates of topics it already holds once
     // full (a device's value would freeze); the limits are enforced in the hooks instead.
@@ -752,6 +786,7 @@ async fn build(cfg: &BrokerConfig, acl: Acl, metrics: BrokerMetrics) -> Result<B
         max_sessions: cfg.max_sessions,
         state,
         scx: scx.clone(),
+        subscribed,
     };
     let register = scx.extends.hook_mgr().register();
     // Above the default priority so these decide before anything else.
