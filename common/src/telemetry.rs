@@ -42,6 +42,8 @@ pub fn init_logging(level: &str, format: LogFormat) {
 #[derive(Clone, Default)]
 pub struct Readiness {
     conditions: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    /// Why an unmet condition fails, where its owner said ([`ReadyFlag::fail`]).
+    reasons: Arc<Mutex<BTreeMap<&'static str, String>>>,
 }
 
 impl Readiness {
@@ -67,6 +69,14 @@ impl Readiness {
     pub fn snapshot(&self) -> BTreeMap<&'static str, bool> {
         self.lock().clone()
     }
+
+    /// The reasons given for unmet conditions.
+    pub fn reasons(&self) -> BTreeMap<&'static str, String> {
+        self.reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Sets one readiness condition.
@@ -79,6 +89,22 @@ pub struct ReadyFlag {
 impl ReadyFlag {
     pub fn set(&self, ok: bool) {
         self.readiness.lock().insert(self.name, ok);
+        if ok {
+            self.reasons().remove(self.name);
+        }
+    }
+
+    /// Unmet, with the reason `/readyz` shows.
+    pub fn fail(&self, reason: String) {
+        self.readiness.lock().insert(self.name, false);
+        self.reasons().insert(self.name, reason);
+    }
+
+    fn reasons(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+        self.readiness
+            .reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -155,6 +181,7 @@ async fn readyz(State(t): State<Telemetry>) -> Response {
         "service": t.service,
         "ready": snap.values().all(|v| *v),
         "conditions": snap,
+        "reasons": t.readiness.reasons(),
     });
     let status = if t.readiness.is_ready() {
         StatusCode::OK

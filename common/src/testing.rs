@@ -815,3 +815,75 @@ impl Drop for PythonPeer {
         let _ = self.0.wait();
     }
 }
+
+/// A small tmpfs mounted on a new temporary directory, unmounted when dropped: a disk that
+/// fills up or turns read-only on demand. Needs the right to mount (root, CAP_SYS_ADMIN), as
+/// the test harness has.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mount `size` (`"2m"`).
+    pub fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fill what is left with `<dir>/filler` (the disk is full afterwards).
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join("filler")).expect("filler file");
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    /// Free what [`SmallDisk::fill`] took.
+    pub fn free(&self) {
+        let _ = std::fs::remove_file(self.path().join("filler"));
+    }
+
+    /// Read-only (`true`) or writable again. A read-only bind mount over the directory: files
+    /// already open for writing stay writable (as on a disk the kernel turned read-only, what
+    /// fails is the next file created or opened).
+    pub fn read_only(&self, ro: bool) {
+        let run = |args: &[&str]| {
+            Command::new(args[0])
+                .args(&args[1..])
+                .arg(self.path())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let path = self.path().to_string_lossy().into_owned();
+        let ok = if ro {
+            run(&["mount", "--bind", &path]) && run(&["mount", "-o", "remount,bind,ro"])
+        } else {
+            run(&["umount"])
+        };
+        assert!(ok, "making {path} read-only={ro} failed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

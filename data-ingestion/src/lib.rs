@@ -142,6 +142,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     let metrics = IngestMetrics::new(registry)?;
     let wmetrics = WriterMetrics::new(registry)?;
     let (wal, start) = open_wal(&ic, WalMetrics::new(registry)?).await?;
+    wal.set_writable_flag(telemetry.readiness.condition("wal_writable"));
 
     let api = Arc::new(Db::new(database.clone(), ic.history_max_points));
     api.watch_wal(wal.clone());

@@ -787,3 +787,89 @@ async fn a_topic_too_long_to_index_is_a_reject_and_stalls_nothing() {
     );
     ing.stop().await;
 }
+
+/// The WAL's disk fills up under load: acks stop (the broker holds what follows), readiness
+/// fails naming the WAL and the error, the failure is counted; when space returns everything
+/// is stored, once. Then the same with the disk turned read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_read_only_wal_disk_holds_acks_and_loses_nothing_when_it_returns() {
+    let b = testing::service_broker();
+    let port = b.ports.tcp().port();
+    let pg = PgServer::start();
+    let url = pg.create_database("wal_disk").await;
+    let db = sql(&url).await;
+    let disk = testing::SmallDisk::mount("4m");
+    let wal = disk.path().join("wal");
+    let ing = start(
+        port,
+        &url,
+        &wal,
+        "ing-disk",
+        "  wal_max_size: 3MiB\n  wal_segment_size: 64KiB\n",
+    );
+    ing.ready().await;
+    let p = publisher(port).await;
+    let mut sent = 0i64;
+    for (round, fault) in ["full", "read-only"].iter().enumerate() {
+        match *fault {
+            "full" => disk.fill(),
+            _ => disk.read_only(true),
+        }
+        let n = 3000i64;
+        for i in sent..sent + n {
+            let body = format!(r#"{{"v":{i},"ts":{}}}"#, T0 + i);
+            p.publish("disk/a/b/c/d/x", body, QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
+        }
+        sent += n;
+        let waited = Instant::now();
+        while ing.metric("nexus_ingest_wal_write_failing") != 1.0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "{fault}: the WAL write never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ing.metric("nexus_ingest_wal_write_errors_total") >= (round + 1) as f64);
+        let (status, ready) = ing.get("/readyz");
+        assert_eq!(status, 503, "{fault}: {ready}");
+        let reason = ready["reasons"]["wal_writable"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            reason.contains("the WAL cannot be written")
+                && reason.contains(&wal.display().to_string()),
+            "{fault}: {ready}"
+        );
+        // Held, not lost: fewer stored than sent while the disk is bad.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            count(&db, "SELECT count(*) FROM points").await < sent,
+            "{fault}"
+        );
+        match *fault {
+            "full" => disk.free(),
+            _ => disk.read_only(false),
+        }
+        wait_count(
+            &db,
+            "SELECT count(*) FROM points",
+            sent,
+            Duration::from_secs(60),
+        )
+        .await;
+        let waited = Instant::now();
+        while ing.get("/readyz").0 != 200 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "{fault}: not ready again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(ing.metric("nexus_ingest_wal_write_failing"), 0.0);
+    }
+    let distinct = count(&db, "SELECT count(DISTINCT value) FROM points").await;
+    assert_eq!(distinct, sent, "each value stored once");
+    ing.stop().await;
+}

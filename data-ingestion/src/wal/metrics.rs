@@ -14,6 +14,8 @@ pub struct WalMetrics {
     pub torn_frames: IntCounter,
     pub torn_bytes: IntCounter,
     pub too_large: IntCounter,
+    pub write_errors: IntCounter,
+    pub write_failing: IntGauge,
 }
 
 impl WalMetrics {
@@ -56,6 +58,16 @@ impl WalMetrics {
                 r,
                 "nexus_ingest_wal_too_large_total",
                 "Rows that could not be encoded in a WAL frame and were dropped (the parser's limits keep this at 0)",
+            )?,
+            write_errors: metrics::counter(
+                r,
+                "nexus_ingest_wal_write_errors_total",
+                "Failed writes of the WAL (a full or read-only disk): acks are held and the write retried every second",
+            )?,
+            write_failing: metrics::gauge(
+                r,
+                "nexus_ingest_wal_write_failing",
+                "1 while the WAL cannot be written and acks to the broker are held back",
             )?,
         })
     }

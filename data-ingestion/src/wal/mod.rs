@@ -65,6 +65,8 @@ struct Shared {
     /// One writer of the `committed` file at a time, outside the state lock (it fsyncs).
     persist: Mutex<()>,
     metrics: Option<WalMetrics>,
+    /// Readiness condition that fails while the log cannot be written.
+    writable: Mutex<Option<nexus_common::telemetry::ReadyFlag>>,
 }
 
 /// Handle to an open log; clones share it.
@@ -82,6 +84,51 @@ fn wait<'a>(cv: &Condvar, st: MutexGuard<'a, State>, d: Duration) -> MutexGuard<
     cv.wait_timeout(st, d)
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .0
+}
+
+impl Wal {
+    /// The readiness condition (met now) that fails, with the error, while the log cannot be
+    /// written.
+    pub fn set_writable_flag(&self, flag: nexus_common::telemetry::ReadyFlag) {
+        flag.set(true);
+        *self
+            .shared
+            .writable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(flag);
+    }
+
+    /// A write failed (`Some(error)`) or succeeded after failing (`None`).
+    fn write_state(&self, error: Option<&str>) {
+        let flag = self
+            .shared
+            .writable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match error {
+            Some(e) => {
+                if let Some(m) = &self.shared.metrics {
+                    m.write_errors.inc();
+                    m.write_failing.set(1);
+                }
+                if let Some(f) = flag {
+                    f.fail(format!(
+                        "the WAL cannot be written ({}: {e}); acks are held",
+                        self.shared.opts.dir.display()
+                    ));
+                }
+            }
+            None => {
+                if let Some(m) = &self.shared.metrics {
+                    m.write_failing.set(0);
+                }
+                if let Some(f) = flag {
+                    f.set(true);
+                }
+            }
+        }
+    }
 }
 
 /// Log and count what open cut off the log.
@@ -179,6 +226,7 @@ impl Wal {
                 progress: Condvar::new(),
                 persist: Mutex::new(()),
                 metrics,
+                writable: Mutex::new(None),
             }),
         };
         wal.update_gauges(&wal.lock());

@@ -50,6 +50,7 @@ impl Wal {
             }
             // Normally one frame; an append larger than `cap` alone is split.
             for (p, r) in format::chunks(&points, &rejects, cap) {
+                let mut failed = false;
                 loop {
                     match self.write_frame(
                         &mut file,
@@ -57,10 +58,18 @@ impl Wal {
                         &points[p.clone()],
                         &rejects[r.clone()],
                     ) {
-                        Ok(true) => break,
+                        Ok(true) => {
+                            if failed {
+                                self.write_state(None);
+                                tracing::info!(dir = %self.shared.opts.dir.display(), "WAL written again; acks resume");
+                            }
+                            break;
+                        }
                         Ok(false) => return, // closing
                         Err(e) => {
                             tracing::error!(dir = %self.shared.opts.dir.display(), error = %e, "WAL write failed; holding acks and retrying in 1s");
+                            self.write_state(Some(&e.to_string()));
+                            failed = true;
                             file = None;
                             std::thread::sleep(Duration::from_secs(1));
                             if self.lock().closing {
