@@ -155,7 +155,8 @@ pub async fn run_shared(
                 .with_live_log(publisher::LiveLog::new(live, acked))
         }
         None => Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics),
-    };
+    }
+    .with_disk_flag(shell.telemetry.readiness.condition("disk_writable"));
     let publisher_task = tokio::spawn(publisher.run(rx));
 
     let lease = gw.shard.enabled.then(|| Arc::new(shard::Lease::new()));

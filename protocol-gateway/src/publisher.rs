@@ -46,6 +46,7 @@ pub struct PublisherMetrics {
     pub buffer_points: IntGauge,
     pub unacked: IntGauge,
     pub log_errors: IntCounter,
+    pub disk_failing: IntGauge,
 }
 
 impl PublisherMetrics {
@@ -94,7 +95,12 @@ impl PublisherMetrics {
             log_errors: metrics::counter(
                 r,
                 "nexus_gateway_live_log_errors_total",
-                "Failed writes to the live log (the values went to the store-and-forward buffer)",
+                "Failed writes to the live log (a full or failing disk: the values are published from memory)",
+            )?,
+            disk_failing: metrics::gauge(
+                r,
+                "nexus_gateway_disk_failing",
+                "1 while the live log or the store-and-forward buffer cannot be written",
             )?,
         })
     }
@@ -132,7 +138,8 @@ fn encode(p: &DataPoint) -> Record {
 /// to the client, and what is handed but not acknowledged.
 pub struct LiveLog {
     disk: Arc<Mutex<DiskBuffer>>,
-    unsent: VecDeque<(Record, Place)>,
+    /// Waiting to be handed to the client; `None`: not in the log (it could not be written).
+    unsent: VecDeque<(Record, Option<Place>)>,
     /// Handed to the client, oldest first, each waiting for its acknowledgement.
     inflight: VecDeque<Handed>,
     /// How many of `inflight` are replayed from the store-and-forward buffer.
@@ -166,7 +173,8 @@ impl LiveLog {
 /// buffer (marked replayed there only once acknowledged, too).
 #[derive(Debug, Clone, Copy)]
 enum Handed {
-    Live(Place),
+    /// A live value, with its place in the live log unless that could not be written.
+    Live(Option<Place>),
     Replayed,
 }
 
@@ -196,6 +204,8 @@ pub struct Publisher {
     settings: PublishSettings,
     metrics: PublisherMetrics,
     dropped_seen: u64,
+    /// Readiness condition that fails while the disk cannot be written.
+    disk_flag: Option<nexus_common::telemetry::ReadyFlag>,
 }
 
 impl Publisher {
@@ -212,9 +222,43 @@ impl Publisher {
             settings,
             metrics,
             dropped_seen: 0,
+            disk_flag: None,
         };
         p.update_gauges();
         p
+    }
+
+    /// The readiness condition (met now) that fails, with the error, while the gateway's
+    /// disk cannot be written.
+    pub fn with_disk_flag(mut self, flag: nexus_common::telemetry::ReadyFlag) -> Publisher {
+        flag.set(true);
+        self.disk_flag = Some(flag);
+        self
+    }
+
+    /// A write of the live log or the buffer failed (`Some(error)`) or succeeded (`None`).
+    fn disk_failing(&self, error: Option<&str>) {
+        match error {
+            Some(e) => {
+                if self.metrics.disk_failing.get() == 0 {
+                    tracing::error!(error = %e, "the gateway's disk cannot be written: values are published from memory, not durably, until it can");
+                }
+                self.metrics.disk_failing.set(1);
+                if let Some(f) = &self.disk_flag {
+                    f.fail(format!(
+                        "the live log or store-and-forward buffer cannot be written ({e}); values are not durable"
+                    ));
+                }
+            }
+            None if self.metrics.disk_failing.get() != 0 => {
+                tracing::info!("the gateway's disk is written again");
+                self.metrics.disk_failing.set(0);
+                if let Some(f) = &self.disk_flag {
+                    f.set(true);
+                }
+            }
+            None => {}
+        }
     }
 
     /// Publish live values through `live` (durable before publish); `mqtt` must be the
@@ -253,6 +297,7 @@ impl Publisher {
             .await
         {
             Ok(dropped) => {
+                self.disk_failing(None);
                 self.metrics.buffered.inc_by(n);
                 if dropped > self.dropped_seen {
                     let lost = dropped - self.dropped_seen;
@@ -266,6 +311,7 @@ impl Publisher {
             }
             Err(e) => {
                 // Nowhere left to keep them: count them as dropped, loudly.
+                self.disk_failing(Some(&e.to_string()));
                 self.metrics.buffer_dropped.inc_by(n);
                 tracing::error!(error = %e, points = n, "cannot write the store-and-forward buffer; values dropped");
             }
@@ -322,20 +368,27 @@ impl Publisher {
         };
         match appended {
             Ok(places) => {
+                self.disk_failing(None);
                 if let Some(live) = &mut self.live {
                     live.unsent.extend(
                         records
                             .into_iter()
                             .zip(places)
-                            .filter_map(|(r, p)| Some((r, p?))),
+                            .filter_map(|(r, p)| Some((r, Some(p?)))),
                     );
                 }
                 self.pump().await;
             }
             Err(e) => {
+                // The disk is full or failing: the values are published all the same, held in
+                // memory until acknowledged (the store-and-forward buffer is on the same
+                // disk). Polls stop once LIVE_MAX are held.
                 self.metrics.log_errors.inc();
-                tracing::error!(error = %e, points = records.len(), "cannot write the live log; values go to the store-and-forward buffer");
-                self.buffer_records(records).await;
+                self.disk_failing(Some(&e.to_string()));
+                if let Some(live) = &mut self.live {
+                    live.unsent.extend(records.into_iter().map(|r| (r, None)));
+                }
+                self.pump().await;
             }
         }
         self.update_gauges();
@@ -381,7 +434,7 @@ impl Publisher {
             if let Some(live) = &mut self.live {
                 if qos == QoS::AtMostOnce {
                     // No acknowledgement will come: done once handed.
-                    done.push(place);
+                    done.extend(place);
                 } else {
                     live.inflight.push_back(Handed::Live(place));
                 }
@@ -413,7 +466,7 @@ impl Publisher {
         let mut replayed = 0;
         for h in live.inflight.drain(..n.min(live.inflight.len())) {
             match h {
-                Handed::Live(p) => places.push(p),
+                Handed::Live(p) => places.extend(p),
                 Handed::Replayed => replayed += 1,
             }
         }
