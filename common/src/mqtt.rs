@@ -578,9 +578,19 @@ macro_rules! event_loop {
                     _ = shutdown.cancelled(), if !closed.load(Ordering::SeqCst) => {
                         closed.store(true, Ordering::SeqCst);
                         let _ = client.try_disconnect();
-                        // Let the DISCONNECT go out, briefly.
+                        // Let the DISCONNECT go out, briefly, then close (MQTT-3.14.4-1). What
+                        // arrives meanwhile still goes to the consumer: with automatic acks it
+                        // is acknowledged already, and dropping it here lost it.
                         let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                            while eventloop.poll().await.is_ok() {}
+                            loop {
+                                match eventloop.poll().await {
+                                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                                        let _ = tx.try_send(Message { raw: $raw(p) });
+                                    }
+                                    Ok(_) => {}
+                                }
+                            }
                         }).await;
                         break;
                     }
