@@ -157,6 +157,14 @@ async fn counting_device() -> (ModbusSimulator, Handed) {
     (sim, handed)
 }
 
+/// The `devices:` section polling the counting device on `port` every 20 ms.
+fn counter_device_yaml(port: u16) -> String {
+    format!(
+        "devices:\n  - id: counter\n    protocol: modbus\n    uns_prefix: chain/site/area/line\n    poll_interval: 20ms\n    \
+         connection: {{ host: 127.0.0.1, port: {port}, timeout: 2s }}\n    tags:\n      - {{ id: n, address: \"HR:{COUNTER}\", data_type: uint32 }}\n"
+    )
+}
+
 async fn stored_numbers(url: &str) -> Result<(i64, BTreeSet<u32>), tokio_postgres::Error> {
     let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
@@ -180,8 +188,8 @@ async fn stored_numbers(url: &str) -> Result<(i64, BTreeSet<u32>), tokio_postgre
 struct Ends {
     ingest_http: u16,
     broker_http: u16,
-    /// `nexus_gateway_unacked_points` just before the gateway's last stop: values still in
-    /// its live log then are replayed only by its next start.
+    /// `nexus_gateway_unacked_points` just before the gateway's last stop (it is started
+    /// once more to replay them).
     unacked_at_stop: f64,
 }
 
@@ -358,14 +366,13 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
              database: {{ url: \"{url}\" }}\n\
              gateway:\n  http_listen: \"127.0.0.1:{gw_http}\"\n  commands: false\n  buffer: {{ dir: {buffer} }}\n\
              ingestion:\n  http_listen: \"127.0.0.1:{ing_http}\"\n  wal_dir: {wal}\n\
-             devices:\n  - id: counter\n    protocol: modbus\n    uns_prefix: chain/site/area/line\n    poll_interval: 20ms\n    \
-             connection: {{ host: 127.0.0.1, port: {port}, timeout: 2s }}\n    tags:\n      - {{ id: n, address: \"HR:{COUNTER}\", data_type: uint32 }}\n",
+             {devices}",
             user = SERVICE_USER.0,
             pw = SERVICE_USER.1,
             buffer = dir.path().join("buffer").display(),
             wal = dir.path().join("wal").display(),
             state = dir.path().join("broker").display(),
-            port = sim.addr.port(),
+            devices = counter_device_yaml(sim.addr.port()),
         ),
     )
     .unwrap();
@@ -438,9 +445,23 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
         }
     }
     pause(1000).await;
+    // The end: the device goes away (nothing more is handed out) and the gateway stops as
+    // usual. What the broker had not acknowledged by then stays in its live log, which its
+    // next start replays: it starts once more to drain it.
+    sim.stop();
+    pause(500).await;
     let unacked = gateway.metric_sum("nexus_gateway_unacked_points");
-    // The end: the gateway stops as usual (its last reads published), the rest drains.
     gateway.stop();
+    gateway.spawn();
+    gateway.ready(Duration::from_secs(30)).await;
+    let drained = Instant::now();
+    while gateway.metric_sum("nexus_gateway_unacked_points")
+        + gateway.metric_sum("nexus_gateway_buffer_points")
+        > 0.0
+        && drained.elapsed() < Duration::from_secs(20)
+    {
+        pause(100).await;
+    }
     let faults = format!(
         "{ingest_kills} ingestion kills, {broker_kills} broker kills and a 5 s database stop"
     );
@@ -450,6 +471,7 @@ async fn every_number_a_device_hands_out_is_stored_once_across_kills_and_a_datab
         unacked_at_stop: unacked,
     };
     check_every_number(&url, &handed, &gateway_kills, t0, events, &faults, &end).await;
+    gateway.stop();
     broker.stop();
     ingest.stop();
 }
@@ -867,11 +889,10 @@ async fn every_number_is_stored_once_across_kills_of_nexus_up() {
              ingestion:\n  http_listen: \"127.0.0.1:{ing_http}\"\n\
              commands: {{ http_listen: \"127.0.0.1:{cmd_http}\" }}\n\
              alerts: {{ http_listen: \"127.0.0.1:{alert_http}\" }}\n\
-             devices:\n  - id: counter\n    protocol: modbus\n    uns_prefix: chain/site/area/line\n    poll_interval: 20ms\n    \
-             connection: {{ host: 127.0.0.1, port: {port}, timeout: 2s }}\n    tags:\n      - {{ id: n, address: \"HR:{COUNTER}\", data_type: uint32 }}\n",
+             {devices}",
             user = SERVICE_USER.0,
             pw = SERVICE_USER.1,
-            port = sim.addr.port(),
+            devices = counter_device_yaml(sim.addr.port()),
         ),
     )
     .unwrap();

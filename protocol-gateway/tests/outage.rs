@@ -19,6 +19,16 @@ fn ramp_device(port: u16, prefix: &str) -> String {
     )
 }
 
+/// A simulator whose values change every 100 ms.
+async fn ramp_simulator() -> ModbusSimulator {
+    ModbusSimulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap()
+}
+
 /// Timestamps per topic, in arrival order.
 fn by_topic(got: &[(String, serde_json::Value, bool)]) -> BTreeMap<String, Vec<(i64, bool)>> {
     let mut m: BTreeMap<String, Vec<(i64, bool)>> = BTreeMap::new();
@@ -32,12 +42,7 @@ fn by_topic(got: &[(String, serde_json::Value, bool)]) -> BTreeMap<String, Vec<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_loses_nothing() {
-    let sim = ModbusSimulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(Duration::from_millis(100)),
-    )
-    .await
-    .unwrap();
+    let sim = ramp_simulator().await;
     let broker = support::broker();
     let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
@@ -131,12 +136,7 @@ async fn a_broker_outage_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_restart_during_an_outage_keeps_the_buffer() {
-    let sim = ModbusSimulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(Duration::from_millis(100)),
-    )
-    .await
-    .unwrap();
+    let sim = ramp_simulator().await;
     let dir = tempfile::tempdir().unwrap();
     let root = testing::unique("restart");
     let dead_port = free_port(); // no broker there
@@ -328,12 +328,7 @@ async fn a_torn_buffer_is_replayed_up_to_the_tear_and_the_loss_counted() {
 /// when space returns, it writes durably again. No value goes missing on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_reported_and_every_value_still_published() {
-    let sim = ModbusSimulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(Duration::from_millis(100)),
-    )
-    .await
-    .unwrap();
+    let sim = ramp_simulator().await;
     let broker = support::broker();
     let mport = broker.ports.tcp().port();
     let token = CancellationToken::new();
