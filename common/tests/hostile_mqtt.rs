@@ -426,6 +426,16 @@ async fn retained_messages_are_bounded() {
         testing::test_auth(),
     );
     let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
+    let mut acked = p.acked();
+    let start = *acked.borrow();
+    // Everything published so far acknowledged (so retained or refused) before a subscriber
+    // looks.
+    async fn all_acked(acked: &mut tokio::sync::watch::Receiver<u64>, n: u64) {
+        tokio::time::timeout(Duration::from_secs(20), acked.wait_for(|a| *a >= n))
+            .await
+            .expect("publishes acknowledged")
+            .unwrap();
+    }
     for i in 0..10 {
         p.publish(&format!("lab/r/{i}"), "x", QoS::AtLeastOnce, true)
             .await
@@ -435,7 +445,7 @@ async fn retained_messages_are_bounded() {
     p.publish("lab/r/0", "updated", QoS::AtLeastOnce, true)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    all_acked(&mut acked, start + 11).await;
     let (_l, mut late) = rig.subscriber(None, MqttVersion::V311, &["lab/r/#"]).await;
     let got = drain(&mut late, Q).await;
     assert_eq!(got.len(), 5, "{:?}", topics(&got));
@@ -455,10 +465,13 @@ async fn retained_messages_are_bounded() {
         .unwrap();
     // Nexus's own services are never refused.
     let gw = rig.publisher(Some(SERVICE_USER), MqttVersion::V311).await;
+    let mut gw_acked = gw.acked();
+    let gw_start = *gw_acked.borrow();
     gw.publish(DEVICE_TOPIC, "21", QoS::AtLeastOnce, true)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    all_acked(&mut acked, start + 14).await;
+    all_acked(&mut gw_acked, gw_start + 1).await;
     let (_l2, mut later) = rig
         .subscriber(None, MqttVersion::V311, &["lab/#", DEVICE_TOPIC])
         .await;
