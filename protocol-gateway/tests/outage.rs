@@ -347,22 +347,30 @@ async fn a_full_disk_is_reported_and_every_value_still_published() {
     assert!(got.len() > 10, "values before: {}", got.len());
     let metric = |name: &str| support::metric(&support::http_get(http, "/metrics"), name);
 
-    disk.fill();
-    let waited = std::time::Instant::now();
-    while metric("nexus_gateway_disk_failing") != 1.0 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(20),
-            "the full disk was never noticed"
-        );
-        got.extend(
-            support::collect(
-                &mut rx,
-                Duration::from_millis(200),
-                Duration::from_millis(200),
-            )
-            .await,
-        );
+    // Collect for up to 20 s until `done`, or fail with `what`.
+    async fn until(
+        rx: &mut tokio::sync::mpsc::Receiver<nexus_common::mqtt::Message>,
+        got: &mut Vec<(String, serde_json::Value, bool)>,
+        done: impl Fn() -> bool,
+        what: &str,
+    ) {
+        let waited = std::time::Instant::now();
+        while !done() {
+            assert!(waited.elapsed() < Duration::from_secs(20), "{what}");
+            got.extend(
+                support::collect(rx, Duration::from_millis(200), Duration::from_millis(200)).await,
+            );
+        }
     }
+
+    disk.fill();
+    until(
+        &mut rx,
+        &mut got,
+        || metric("nexus_gateway_disk_failing") == 1.0,
+        "the full disk was never noticed",
+    )
+    .await;
     let (status, body) = testing::http(http, "GET", "/readyz", "");
     assert_eq!(status, 503, "{body}");
     assert!(
@@ -378,23 +386,16 @@ async fn a_full_disk_is_reported_and_every_value_still_published() {
     got.extend(during);
 
     disk.free();
-    let waited = std::time::Instant::now();
-    while metric("nexus_gateway_disk_failing") != 0.0
-        || testing::http(http, "GET", "/readyz", "").0 != 200
-    {
-        assert!(
-            waited.elapsed() < Duration::from_secs(20),
-            "never writable again"
-        );
-        got.extend(
-            support::collect(
-                &mut rx,
-                Duration::from_millis(200),
-                Duration::from_millis(200),
-            )
-            .await,
-        );
-    }
+    until(
+        &mut rx,
+        &mut got,
+        || {
+            metric("nexus_gateway_disk_failing") == 0.0
+                && testing::http(http, "GET", "/readyz", "").0 == 200
+        },
+        "never writable again",
+    )
+    .await;
     got.extend(support::collect(&mut rx, Duration::from_secs(2), Duration::from_secs(2)).await);
     // The ramp changes every 100 ms and is polled every 100 ms: no stretch without a value.
     let ramp = &by_topic(&got)[&format!("{root}/ramp-dev/ramp")];
