@@ -607,3 +607,33 @@ async fn a_client_cannot_keep_its_session_past_the_cap() {
     let (_h, mut rx) = rig.client(&c, s).await.unwrap();
     assert!(drain(&mut rx, Q).await.is_empty());
 }
+
+/// A client that subscribes without end: past `broker.max_subscriptions` each new filter is
+/// refused and counted, the ones it holds keep working, and a repeat of one it holds is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_session_are_bounded() {
+    let rig = Rig::new(
+        BrokerConfig {
+            max_subscriptions: 5,
+            ..BrokerConfig::default()
+        },
+        testing::test_auth(),
+    );
+    let filters: Vec<String> = (0..8).map(|i| format!("lab/subs/{i}")).collect();
+    let mut wanted: Vec<&str> = filters.iter().map(String::as_str).collect();
+    // A repeat of a held filter replaces it: not refused.
+    wanted.insert(3, "lab/subs/0");
+    let (_s, mut rx) = rig.subscriber(None, MqttVersion::V5, &wanted).await;
+    let p = rig.publisher(Some(PUBLISHER_USER), MqttVersion::V311).await;
+    for f in &filters {
+        p.publish(f, "x", QoS::AtLeastOnce, false).await.unwrap();
+    }
+    let mut got = topics(&drain(&mut rx, Q).await);
+    got.sort();
+    let held: Vec<String> = filters[..5].to_vec();
+    assert_eq!(got, held);
+    assert_eq!(
+        rig.metric("nexus_broker_subscriptions_refused_total", ""),
+        3.0
+    );
+}

@@ -83,6 +83,7 @@ struct BrokerMetrics {
     retained_bytes: IntGauge,
     retained_refused: prometheus::IntCounter,
     stripped: prometheus::IntCounter,
+    subscriptions_refused: prometheus::IntCounter,
     received: prometheus::IntCounter,
     delivered: prometheus::IntCounter,
     state: state::StateMetrics,
@@ -159,6 +160,11 @@ impl BrokerMetrics {
                 "nexus_broker_user_property_stripped_total",
                 "Publishes that carried a client-set nexus-user property, removed by the broker",
             )?,
+            subscriptions_refused: metrics::counter(
+                r,
+                "nexus_broker_subscriptions_refused_total",
+                "Subscriptions refused because the session holds broker.max_subscriptions",
+            )?,
             state: state::StateMetrics {
                 sessions: metrics::gauge(
                     r,
@@ -225,6 +231,7 @@ struct Hooks {
     max_retained: usize,
     max_retained_bytes: usize,
     max_sessions: usize,
+    max_subscriptions: usize,
     /// Persistent sessions and retained messages kept on disk (`broker.state_dir`).
     state: Option<Arc<state::BrokerState>>,
     /// Client ids whose session has a subscription ([`EmbeddedBroker::has_subscriber`]).
@@ -435,6 +442,32 @@ impl Handler for Hooks {
                     Some(group) => format!("$share/{group}/{}", sub.topic_filter),
                     None => sub.topic_filter.to_string(),
                 };
+                // Each subscription is state the broker holds for the client, and the durable
+                // state matches every publish against a persistent session's: bounded.
+                let held = match session.subscriptions().await {
+                    Ok(subs) => {
+                        let n = subs.len().await;
+                        let again = subs
+                            .read()
+                            .await
+                            .get(&sub.topic_filter)
+                            .is_some_and(|o| o.shared_group() == sub.opts.shared_group());
+                        if again {
+                            0
+                        } else {
+                            n
+                        }
+                    }
+                    Err(_) => 0,
+                };
+                if held >= self.max_subscriptions {
+                    self.metrics.subscriptions_refused.inc();
+                    tracing::warn!(client_id = %session.id.client_id, %filter, max_subscriptions = self.max_subscriptions, "broker refused a subscription: broker.max_subscriptions reached");
+                    let refused = SubscribeAclResult::new_failure(
+                        rmqtt::codec::v5::SubscribeAckReason::QuotaExceeded,
+                    );
+                    return (false, Some(HookResult::SubscribeAclResult(refused)));
+                }
                 match self.acl.check(&who, Action::Subscribe, &filter) {
                     Ok(()) => (true, acc),
                     Err(reason) => {
@@ -784,6 +817,7 @@ async fn build(
         max_retained: cfg.max_retained,
         max_retained_bytes: usize::try_from(cfg.max_retained_bytes.0).unwrap_or(usize::MAX),
         max_sessions: cfg.max_sessions,
+        max_subscriptions: cfg.max_subscriptions,
         state,
         scx: scx.clone(),
         subscribed,

@@ -46,6 +46,9 @@ pub struct BrokerConfig {
     /// client beyond it is refused (CONNACK "server unavailable"), counted in
     /// `nexus_broker_sessions_refused_total`.
     pub max_sessions: usize,
+    /// Subscriptions one session may hold (default 1000). A SUBSCRIBE beyond it is refused
+    /// ("quota exceeded"), counted in `nexus_broker_subscriptions_refused_total`.
+    pub max_subscriptions: usize,
     /// Unacknowledged QoS 1/2 messages in flight per client (default 128; rmqtt's 16 makes
     /// clients with a larger window loop).
     pub max_inflight: u16,
@@ -99,6 +102,7 @@ impl Default for BrokerConfig {
             acl: Vec::new(),
             max_connections: 10_000,
             max_sessions: 10_000,
+            max_subscriptions: 1000,
             max_inflight: 128,
             max_mqueue_len: 1000,
             service_mqueue_len: 100_000,
@@ -199,6 +203,7 @@ impl BrokerConfig {
             ("max_mqueue_len", self.max_mqueue_len),
             ("service_mqueue_len", self.service_mqueue_len),
             ("max_sessions", self.max_sessions),
+            ("max_subscriptions", self.max_subscriptions),
             ("max_connections", self.max_connections),
         ] {
             if v == 0 {
