@@ -733,6 +733,7 @@ fn listener_builder(cfg: &BrokerConfig, name: &str, port: u16) -> Builder {
         .laddr(SocketAddr::new(cfg.bind, port))
         .max_connections(cfg.max_connections)
         .max_inflight(inflight)
+        .max_topic_aliases(cfg.max_topic_aliases)
         .max_mqueue_len(cfg.max_mqueue_len)
         .max_clientid_len(MAX_CLIENT_ID_LEN)
         .max_packet_size(cfg.max_packet_size.0.min(u32::MAX as u64) as u32)

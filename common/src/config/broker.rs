@@ -52,6 +52,9 @@ pub struct BrokerConfig {
     /// Unacknowledged QoS 1/2 messages in flight per client (default 128; rmqtt's 16 makes
     /// clients with a larger window loop).
     pub max_inflight: u16,
+    /// Topic aliases an MQTT 5 client may set on one connection (default 10, as Mosquitto;
+    /// 0 allows none). An alias above it ends the connection with "Topic Alias invalid".
+    pub max_topic_aliases: u16,
     /// Messages queued per client beyond the in-flight window (default 1000, as Mosquitto).
     /// Overflow is counted in `nexus_broker_messages_dropped_total{reason="queue_full"}`.
     pub max_mqueue_len: usize,
@@ -104,6 +107,7 @@ impl Default for BrokerConfig {
             max_sessions: 10_000,
             max_subscriptions: 1000,
             max_inflight: 128,
+            max_topic_aliases: 10,
             max_mqueue_len: 1000,
             service_mqueue_len: 100_000,
             max_packet_size: ByteSize(1024 * 1024),

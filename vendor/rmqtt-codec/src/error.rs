@@ -91,6 +91,10 @@ pub enum DecodeError {
     InvalidTopicName,
     #[error("utf8 error")]
     Utf8Error,
+    // Nexus patch: a Topic Alias of 0 is a protocol error answered with DISCONNECT 0x94
+    // (MQTT-3.3.2-8); a plain "malformed packet" (0x81) would not tell the client why.
+    #[error("Topic Alias invalid")]
+    TopicAliasInvalid,
     #[error("io error, {:?}", _0)]
     Io(ByteString),
 }
@@ -118,6 +122,8 @@ impl ToReasonCode for DecodeError {
             DecodeError::InvalidTopicFilter => DisconnectReasonCode::TopicFilterInvalid,
             DecodeError::InvalidTopicName => DisconnectReasonCode::TopicNameInvalid,
             DecodeError::Utf8Error => DisconnectReasonCode::PayloadFormatInvalid,
+            // Nexus patch (see the variant)
+            DecodeError::TopicAliasInvalid => DisconnectReasonCode::TopicAliasInvalid,
             DecodeError::Io(_) => DisconnectReasonCode::UnspecifiedError,
         }
     }

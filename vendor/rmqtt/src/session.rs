@@ -206,6 +206,19 @@ impl SessionState {
             }
             Err(reason) => {
                 log::debug!("{} Reason: {}", self.id, reason);
+                // Nexus patch: when this server ends an MQTT 5 connection (a protocol error,
+                // Receive Maximum exceeded, a takeover, a keep-alive timeout...), the client gets
+                // a DISCONNECT with the reason code before the connection closes (MQTT 4.13).
+                // rmqtt sent it after closing the sink, so it never left.
+                if let (Sink::V5(s), true) = (&mut sink, server_initiated(&reason)) {
+                    let d = v5::Disconnect {
+                        reason_code: reason.to_reason_code(),
+                        reason_string: Some(reason.to_string().into()),
+                        ..Default::default()
+                    };
+                    let sent = tokio::time::timeout(Duration::from_secs(1), s.send_disconnect(d)).await;
+                    log::debug!("{} DISCONNECT sent: {:?}", self.id, sent.map(|r| r.is_ok()));
+                }
                 let _ = self.disconnected_reason_add(reason).await;
             }
         }
@@ -262,19 +275,6 @@ impl SessionState {
             }
             Reason::ConnectRemoteClose
         };
-
-        if let Sink::V5(s) = &mut sink {
-            let d = if let Reason::ConnectDisconnect(Some(Disconnect::V5(d))) = &reason {
-                d.clone()
-            } else {
-                v5::Disconnect {
-                    reason_code: reason.to_reason_code(),
-                    reason_string: Some(reason.to_string().into()),
-                    ..Default::default()
-                }
-            };
-            let _ = s.send_disconnect(d).await;
-        }
 
         self.hook.client_disconnected(reason).await;
 
@@ -969,6 +969,21 @@ impl SessionState {
     where
         Io: AsyncRead + AsyncWrite + Unpin,
     {
+        // Nexus patch: the Topic Alias is resolved here, where a bad one can end the connection
+        // with its own reason code (see ClientTopicAliases::set_and_get).
+        let mut publish = publish;
+        let alias = publish.properties.as_ref().and_then(|p| p.topic_alias);
+        match &self.client_topic_aliases {
+            Some(aliases) => {
+                let topic = publish.topic.clone();
+                publish.deref_mut().topic = aliases.set_and_get(alias, topic).await?;
+            }
+            // This server allows no aliases (its CONNACK said 0): any alias is invalid.
+            None if alias.is_some() => {
+                return Err(MqttError::Decode(rmqtt_codec::error::DecodeError::TopicAliasInvalid).into());
+            }
+            None => {}
+        }
         let packet_id = publish.packet_id;
         let qos = publish.qos;
 
@@ -1061,13 +1076,7 @@ impl SessionState {
     }
 
     #[inline]
-    async fn _publish(&self, mut publish: Publish) -> Result<PublishResult> {
-        if let Some(client_topic_aliases) = &self.client_topic_aliases {
-            publish.deref_mut().topic = client_topic_aliases
-                .set_and_get(publish.properties.as_ref().and_then(|p| p.topic_alias), publish.topic.clone())
-                .await?;
-        }
-
+    async fn _publish(&self, publish: Publish) -> Result<PublishResult> {
         let from = From::from_custom(self.id.clone());
 
         #[cfg(feature = "delayed")]
@@ -2706,5 +2715,21 @@ impl SessionLike for DefaultSession {
     async fn on_drop(&self) -> Result<()> {
         self.subscriptions.clear(&self.scx).await;
         Ok(())
+    }
+}
+
+/// Nexus patch: whether this server, not the client or the network, ended the connection, so
+/// that an MQTT 5 client is owed a DISCONNECT with the reason. A client's own DISCONNECT, a
+/// closed socket or a failed read or write are answered with nothing.
+fn server_initiated(reason: &Reason) -> bool {
+    match reason {
+        Reason::ConnectDisconnect(_) | Reason::ConnectRemoteClose | Reason::ConnectReadWriteError => false,
+        Reason::MqttError(MqttError::Decode(rmqtt_codec::error::DecodeError::Io(_)))
+        | Reason::MqttError(MqttError::SendPacket(_))
+        | Reason::MqttError(MqttError::ReadTimeout)
+        | Reason::MqttError(MqttError::WriteTimeout)
+        | Reason::MqttError(MqttError::FlushTimeout)
+        | Reason::MqttError(MqttError::CloseTimeout) => false,
+        _ => true,
     }
 }

@@ -2547,9 +2547,20 @@ impl std::convert::From<MqttError> for Reason {
 impl std::convert::From<Error> for Reason {
     #[inline]
     fn from(e: Error) -> Self {
-        match e.downcast::<MqttError>() {
+        // Nexus patch: a packet the codec could not decode arrives as its DecodeError or
+        // ProtocolError; keep it typed, so that the DISCONNECT carries its reason code (0x81,
+        // 0x94...) rather than "unspecified error".
+        let e = match e.downcast::<MqttError>() {
+            Ok(e) => return Reason::MqttError(e),
+            Err(e) => e,
+        };
+        let e = match e.downcast::<rmqtt_codec::error::DecodeError>() {
+            Ok(e) => return Reason::MqttError(MqttError::Decode(e)),
+            Err(e) => e,
+        };
+        match e.downcast::<rmqtt_codec::error::ProtocolError>() {
+            Ok(e) => Reason::MqttError(MqttError::Protocol(e)),
             Err(e) => Reason::Error(ByteString::from(e.to_string())),
-            Ok(e) => Reason::MqttError(e),
         }
     }
 }
@@ -2567,7 +2578,9 @@ impl ToReasonCode for Reason {
                 if *is_admin {
                     DisconnectReasonCode::AdministrativeAction
                 } else {
-                    DisconnectReasonCode::NotAuthorized
+                    // Nexus patch: a connection kicked by a new one with its client id lost its
+                    // session to a takeover (MQTT-3.1.4-3), it was not refused.
+                    DisconnectReasonCode::SessionTakenOver
                 }
             }
             Reason::HandshakeRateExceeded => DisconnectReasonCode::ConnectionRateExceeded,
@@ -2733,41 +2746,33 @@ impl ClientTopicAliases {
         ClientTopicAliases { max_topic_aliases, aliases: RwLock::new(HashMap::default()) }
     }
 
+    /// Nexus patch: the topic of a client's PUBLISH after its Topic Alias. An alias above the
+    /// Topic Alias Maximum this server sent in the CONNACK is "Topic Alias invalid" (0x94,
+    /// MQTT-3.3.2-10); an alias never set, or neither topic nor alias, is a protocol error
+    /// (0x82, MQTT-3.3.4). rmqtt answered both with a PUBACK "implementation specific error" and
+    /// counted aliases instead of comparing their values with the maximum.
     #[inline]
-    pub async fn set_and_get(&self, alias: Option<NonZeroU16>, topic: TopicName) -> Result<TopicName> {
+    pub async fn set_and_get(
+        &self,
+        alias: Option<NonZeroU16>,
+        topic: TopicName,
+    ) -> std::result::Result<TopicName, Reason> {
         match (alias, topic.len()) {
-            (Some(alias), 0) => {
-                self.aliases.read().await.get(&alias).ok_or_else(|| {
-                    MqttError::PublishAckReason(
-                        PublishAckReason::ImplementationSpecificError,
-                        ByteString::from(
-                            "implementation specific error, the ‘topic‘ associated with the ‘alias‘ was not found",
-                        ),
-                    ).into()
-                }).cloned()
+            (Some(alias), _) if usize::from(alias.get()) > self.max_topic_aliases => {
+                Err(Reason::MqttError(MqttError::Decode(rmqtt_codec::error::DecodeError::TopicAliasInvalid)))
             }
+            (Some(alias), 0) => self.aliases.read().await.get(&alias).cloned().ok_or_else(|| {
+                Reason::ProtocolError(ByteString::from(format!(
+                    "Topic Alias {alias} was never set on this connection"
+                )))
+            }),
             (Some(alias), _) => {
-                let mut aliases = self.aliases.write().await;
-                let len = aliases.len();
-                if let Some(topic_mut) = aliases.get_mut(&alias) {
-                    *topic_mut = topic.clone()
-                }else{
-                    if len >= self.max_topic_aliases {
-                        return Err(MqttError::PublishAckReason(
-                            PublishAckReason::ImplementationSpecificError,
-                            ByteString::from(
-                                format!("implementation specific error, the number of topic aliases exceeds the limit ({})", self.max_topic_aliases),
-                            ),
-                        ).into())
-                    }
-                    aliases.insert(alias, topic.clone());
-                }
+                self.aliases.write().await.insert(alias, topic.clone());
                 Ok(topic)
             }
-            (None, 0) => Err(MqttError::PublishAckReason(
-                PublishAckReason::ImplementationSpecificError,
-                ByteString::from("implementation specific error, ‘alias’ and ‘topic’ are both empty"),
-            ).into()),
+            (None, 0) => Err(Reason::ProtocolError(ByteString::from_static(
+                "a PUBLISH with neither a topic nor a Topic Alias",
+            ))),
             (None, _) => Ok(topic),
         }
     }

@@ -311,6 +311,9 @@ async fn _handshake(
 
     let max_inflight = fitter.max_inflight();
     let max_mqueue_len = fitter.max_mqueue_len();
+    // Nexus patch: the CONNACK's Receive Maximum is how many QoS 1/2 publishes this server
+    // accepts unacknowledged (the listener's window, which it enforces), not the client's own.
+    let server_receive_max = listen_cfg.max_inflight;
 
     let session = match Session::new(
         id,
@@ -434,7 +437,7 @@ async fn _handshake(
         session_present,
         server_keepalive_sec: Some(server_keepalive_sec),
         session_expiry_interval_secs,
-        receive_max: max_inflight,
+        receive_max: server_receive_max,
         max_qos,
         retain_available,
         max_packet_size: Some(max_server_packet_size),
