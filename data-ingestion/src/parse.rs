@@ -549,6 +549,7 @@ fn rebirth_request(group: &str, edge_node: &str) -> Option<(String, Vec<u8>)> {
             timestamp: None,
             datatype: Some(SpDataType::Boolean),
             value: Some(Value::Bool(true)),
+            ..Default::default()
         }],
     };
     sparkplug::encode(&payload)
@@ -570,6 +571,7 @@ mod tests {
             timestamp: Some(1_700_000_000_500),
             datatype: Some(SpDataType::for_value(&v)),
             value: Some(v),
+            ..Default::default()
         }
     }
 
@@ -715,6 +717,7 @@ mod tests {
             timestamp: Some(1_700_000_000_500 + alias),
             datatype: named.then_some(dt),
             value: v,
+            ..Default::default()
         };
         let birth: Vec<SpMetric> = cases
             .iter()
@@ -1117,6 +1120,7 @@ mod tests {
             timestamp: None,
             datatype: Some(SpDataType::Double),
             value: Some(Value::Float(1.0)),
+            ..Default::default()
         };
         let cases: Vec<(Option<&str>, Vec<u8>)> = vec![
             (Some("t/1"), b"{\"v\":".to_vec()),

@@ -107,6 +107,7 @@ fn metric(name: Option<&str>, alias: u64, v: f64) -> SpMetric {
         timestamp: None,
         datatype: Some(SpDataType::Double),
         value: Some(Value::Float(v)),
+        ..Default::default()
     }
 }
 

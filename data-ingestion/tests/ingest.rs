@@ -164,6 +164,7 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
         timestamp: None,
         datatype: Some(SpDataType::for_value(&v)),
         value: Some(v),
+        ..Default::default()
     };
     let birth = sparkplug::encode(&SpPayload {
         timestamp: Some(T0 as u64),
@@ -565,6 +566,7 @@ async fn sparkplug_data_with_unknown_aliases_is_dead_lettered_and_a_rebirth_requ
             timestamp: None,
             datatype: Some(SpDataType::Double),
             value: Some(Value::Float(1.0)),
+            ..Default::default()
         }],
     })
     .unwrap();

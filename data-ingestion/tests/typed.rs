@@ -176,6 +176,7 @@ async fn values_are_stored_and_answered_in_their_type_with_unit_and_source_time(
         timestamp: Some(T0 as u64),
         datatype: Some(dt),
         value,
+        ..Default::default()
     };
     let birth = sparkplug::encode(&SpPayload {
         timestamp: Some(T0 as u64),

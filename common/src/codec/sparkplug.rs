@@ -3,11 +3,16 @@
 //! structs; conversion follows the Sparkplug B 3.0 encoding rules (signed integers travel as
 //! two's-complement bits in the unsigned `int_value`/`long_value` fields).
 
-use srad_types::payload::{metric, DataType, Message, Metric, Payload};
+use srad_types::payload::{
+    metric, property_value, DataType, Message, Metric, Payload, PropertySet, PropertyValue,
+};
 
 use crate::domain::Value;
 
 pub const NAMESPACE: &str = "spBv1.0";
+
+/// The property that carries a metric's engineering unit (the name Sparkplug hosts use).
+pub const ENG_UNIT: &str = "engUnit";
 
 /// Sparkplug message types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -219,7 +224,7 @@ impl SpDataType {
 
 /// One metric. In DATA messages a metric usually carries only its alias; `datatype` is then
 /// taken from the birth certificate by the consumer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SpMetric {
     pub name: Option<String>,
     pub alias: Option<u64>,
@@ -227,6 +232,10 @@ pub struct SpMetric {
     pub datatype: Option<SpDataType>,
     /// `None` when the metric is null (`is_null`) or carries a type Nexus does not map.
     pub value: Option<Value>,
+    /// `is_historical`: a value sent late (store-and-forward), not the current one.
+    pub historical: bool,
+    /// The engineering unit, the `engUnit` property (births carry it).
+    pub unit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -295,6 +304,19 @@ pub fn encode(p: &SpPayload) -> Result<Vec<u8>, SparkplugError> {
         pm.name = m.name.clone();
         pm.alias = m.alias;
         pm.timestamp = m.timestamp;
+        if m.historical {
+            pm.is_historical = Some(true);
+        }
+        if let Some(unit) = &m.unit {
+            pm.properties = Some(PropertySet {
+                keys: vec![ENG_UNIT.to_owned()],
+                values: vec![PropertyValue {
+                    r#type: Some(DataType::String as u32),
+                    is_null: None,
+                    value: Some(property_value::Value::StringValue(unit.clone())),
+                }],
+            });
+        }
         match &m.value {
             None => {
                 pm.datatype = m.datatype.map(|d| d.to_proto() as u32);
@@ -354,12 +376,21 @@ pub fn decode(bytes: &[u8]) -> Result<SpPayload, SparkplugError> {
                     })?),
                 }
             };
+        let unit = m.properties.as_ref().and_then(|ps| {
+            let i = ps.keys.iter().position(|k| k == ENG_UNIT)?;
+            match ps.values.get(i)?.value.as_ref()? {
+                property_value::Value::StringValue(u) => Some(u.clone()),
+                _ => None,
+            }
+        });
         metrics.push(SpMetric {
             name: m.name.clone(),
             alias: m.alias,
             timestamp: m.timestamp,
             datatype,
             value,
+            historical: m.is_historical == Some(true),
+            unit,
         });
     }
     Ok(SpPayload {
@@ -423,6 +454,7 @@ mod tests {
                 timestamp: Some(9),
                 datatype: Some(SpDataType::Int16),
                 value: Some(Value::Int(-2)),
+                ..Default::default()
             }],
         };
         let bytes = encode(&p).unwrap();
@@ -461,7 +493,8 @@ mod tests {
                 alias: Some(5),
                 timestamp: Some(1000),
                 datatype: Some(SpDataType::Double),
-                value: Some(Value::Float(21.5))
+                value: Some(Value::Float(21.5)),
+                ..Default::default()
             }]
         );
     }
@@ -489,6 +522,7 @@ mod tests {
                 timestamp: None,
                 datatype: Some(SpDataType::Boolean),
                 value: Some(Value::Float(1.0)),
+                ..Default::default()
             }],
             ..Default::default()
         };
@@ -518,14 +552,20 @@ mod tests {
             proptest::option::of(any::<u64>()),
             proptest::option::of(any::<u64>()),
             typed,
+            any::<bool>(),
+            proptest::option::of("\\PC{0,8}"),
         )
-            .prop_map(|(name, alias, timestamp, (dt, value))| SpMetric {
-                name,
-                alias,
-                timestamp,
-                datatype: Some(dt),
-                value,
-            })
+            .prop_map(
+                |(name, alias, timestamp, (dt, value), historical, unit)| SpMetric {
+                    name,
+                    alias,
+                    timestamp,
+                    datatype: Some(dt),
+                    value,
+                    historical,
+                    unit,
+                },
+            )
     }
 
     proptest! {
