@@ -24,6 +24,7 @@ pub mod http;
 pub mod poller;
 pub mod publisher;
 pub mod shard;
+pub mod sparkplug;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,0 +1,259 @@
+use super::*;
+use nexus_common::Quality;
+
+fn vo(v: Option<Value>, q: Quality, ts: i64) -> ValueObject {
+    ValueObject {
+        value: v,
+        quality: q,
+        ts_ms: Some(ts),
+        source_ts_ms: None,
+        unit: None,
+    }
+}
+
+fn sample<'a>(device: &'a str, tag: &'a str, v: ValueObject) -> Sample<'a> {
+    Sample {
+        device,
+        tag,
+        value: v,
+    }
+}
+
+fn decoded(out: &Out) -> (SparkplugTopic, SpPayload) {
+    (
+        SparkplugTopic::parse(&out.0).unwrap(),
+        sparkplug::decode(&out.1).unwrap(),
+    )
+}
+
+#[test]
+fn uns_topics_split_into_device_and_tag() {
+    assert_eq!(device_and_tag("a/b/c/plc-1/temp"), Some(("plc-1", "temp")));
+    assert_eq!(device_and_tag("plc-1/temp"), Some(("plc-1", "temp")));
+    assert_eq!(device_and_tag("temp"), None);
+}
+
+#[test]
+fn births_then_data_by_alias_with_seq_across_the_node() {
+    let mut n = EdgeNode::new("g", "edge", None);
+    let will = decoded(&n.next_connection());
+    assert_eq!(will.0.message_type, MessageType::NDeath);
+    assert_eq!(
+        will.1.metrics[0].value,
+        Some(Value::Int(0)),
+        "first bdSeq is 0"
+    );
+    assert_eq!(will.1.seq, None);
+
+    let b = n.births();
+    assert_eq!(b.len(), 1, "no device yet: NBIRTH only");
+    let (t, nb) = decoded(&b[0]);
+    assert_eq!(t.message_type, MessageType::NBirth);
+    assert_eq!(nb.seq, Some(0));
+    let names: Vec<_> = nb.metrics.iter().map(|m| m.name.clone().unwrap()).collect();
+    assert_eq!(names, [BD_SEQ, REBIRTH]);
+    assert_eq!(
+        nb.metrics[0].value,
+        Some(Value::Int(0)),
+        "bdSeq of the will"
+    );
+
+    // First data of a device: its DBIRTH comes first, then DDATA by alias.
+    let out = n.data(
+        "plc-1",
+        &[
+            sample(
+                "plc-1",
+                "temp",
+                vo(Some(Value::Float(21.5)), Quality::Good, 1000),
+            ),
+            sample(
+                "plc-1",
+                "run",
+                vo(Some(Value::Bool(true)), Quality::Good, 1000),
+            ),
+        ],
+        false,
+    );
+    assert_eq!(out.len(), 2);
+    let (t, db) = decoded(&out[0]);
+    assert_eq!(
+        (t.message_type, t.device.as_deref()),
+        (MessageType::DBirth, Some("plc-1"))
+    );
+    assert_eq!(db.seq, Some(1));
+    assert_eq!(db.metrics.len(), 2);
+    assert_eq!(db.metrics[0].name.as_deref(), Some("temp"));
+    assert_eq!(db.metrics[0].datatype, Some(SpDataType::Double));
+    assert_eq!(db.metrics[1].datatype, Some(SpDataType::Boolean));
+    let (t, dd) = decoded(&out[1]);
+    assert_eq!(t.message_type, MessageType::DData);
+    assert_eq!(dd.seq, Some(2));
+    assert!(dd.metrics.iter().all(|m| m.name.is_none()), "by alias only");
+    assert_eq!(dd.metrics[0].alias, db.metrics[0].alias);
+    assert_eq!(dd.metrics[0].value, Some(Value::Float(21.5)));
+    assert_eq!(dd.metrics[0].timestamp, Some(1000));
+
+    // Known metrics: DDATA alone; a bad value is null.
+    let out = n.data(
+        "plc-1",
+        &[sample(
+            "plc-1",
+            "temp",
+            vo(Some(Value::Float(22.0)), Quality::BadNotConnected, 2000),
+        )],
+        false,
+    );
+    assert_eq!(out.len(), 1);
+    let (_, dd) = decoded(&out[0]);
+    assert_eq!(dd.seq, Some(3));
+    assert_eq!(dd.metrics[0].value, None);
+
+    // A rebirth: NBIRTH seq 0, the device's DBIRTH with its last value.
+    let b = n.births();
+    assert_eq!(b.len(), 2);
+    assert_eq!(decoded(&b[0]).1.seq, Some(0));
+    let (_, db) = decoded(&b[1]);
+    assert_eq!(db.seq, Some(1));
+    assert_eq!(db.metrics[0].value, None, "the last value sent was null");
+    assert_eq!(db.metrics[1].value, Some(Value::Bool(true)));
+}
+
+#[test]
+fn seq_wraps_after_255() {
+    let mut n = EdgeNode::new("g", "edge", None);
+    n.births();
+    let mut last = 0;
+    for i in 0..600 {
+        let out = n.data(
+            "d",
+            &[sample("d", "t", vo(Some(Value::Int(i)), Quality::Good, i))],
+            false,
+        );
+        let seq = decoded(out.last().unwrap()).1.seq.unwrap();
+        if i > 0 {
+            assert_eq!(seq, (last + 1) % 256);
+        }
+        last = seq;
+    }
+}
+
+#[test]
+fn a_new_metric_or_type_brings_a_new_dbirth_and_integers_widen_to_double() {
+    let mut n = EdgeNode::new("g", "edge", None);
+    n.births();
+    n.data(
+        "d",
+        &[sample("d", "a", vo(Some(Value::Int(1)), Quality::Good, 1))],
+        false,
+    );
+    // Same type: no DBIRTH.
+    let out = n.data(
+        "d",
+        &[sample("d", "a", vo(Some(Value::Int(2)), Quality::Good, 2))],
+        false,
+    );
+    assert_eq!(out.len(), 1);
+    // A fraction: the metric becomes a Double, declared in a DBIRTH.
+    let out = n.data(
+        "d",
+        &[sample(
+            "d",
+            "a",
+            vo(Some(Value::Float(2.5)), Quality::Good, 3),
+        )],
+        false,
+    );
+    assert_eq!(out.len(), 2);
+    let (_, db) = decoded(&out[0]);
+    assert_eq!(db.metrics[0].datatype, Some(SpDataType::Double));
+    // Back to an integer: sent as a Double, no DBIRTH.
+    let out = n.data(
+        "d",
+        &[sample("d", "a", vo(Some(Value::Int(3)), Quality::Good, 4))],
+        false,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(decoded(&out[0]).1.metrics[0].value, Some(Value::Float(3.0)));
+    // A new tag: DBIRTH with both, aliases unique across devices.
+    let out = n.data(
+        "d",
+        &[sample("d", "b", vo(Some(Value::Int(3)), Quality::Good, 5))],
+        false,
+    );
+    assert_eq!(out.len(), 2);
+    let out2 = n.data(
+        "e",
+        &[sample("e", "a", vo(Some(Value::Int(3)), Quality::Good, 5))],
+        false,
+    );
+    let aliases: Vec<u64> = [&out[0], &out2[0]]
+        .iter()
+        .flat_map(|o| decoded(o).1.metrics.into_iter().map(|m| m.alias.unwrap()))
+        .collect();
+    assert_eq!(aliases, [1, 2, 3]);
+}
+
+#[test]
+fn historical_values_are_marked_and_do_not_become_the_births_value() {
+    let mut n = EdgeNode::new("g", "edge", None);
+    n.births();
+    n.data(
+        "d",
+        &[sample(
+            "d",
+            "a",
+            vo(Some(Value::Int(10)), Quality::Good, 10),
+        )],
+        false,
+    );
+    let out = n.data(
+        "d",
+        &[sample("d", "a", vo(Some(Value::Int(5)), Quality::Good, 5))],
+        true,
+    );
+    let (_, dd) = decoded(&out[0]);
+    assert!(dd.metrics[0].historical);
+    let b = n.births();
+    assert_eq!(decoded(&b[1]).1.metrics[0].value, Some(Value::Int(10)));
+}
+
+#[test]
+fn bd_seq_is_kept_across_restarts_and_wraps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = EdgeNode::new("g", "edge", Some(dir.path()));
+    n.next_connection();
+    let (_, p) = decoded(&n.next_connection());
+    assert_eq!(p.metrics[0].value, Some(Value::Int(1)));
+    let mut n = EdgeNode::new("g", "edge", Some(dir.path()));
+    let (_, p) = decoded(&n.next_connection());
+    assert_eq!(
+        p.metrics[0].value,
+        Some(Value::Int(2)),
+        "not reused after a restart"
+    );
+    std::fs::write(dir.path().join("bdseq"), "255").unwrap();
+    let mut n = EdgeNode::new("g", "edge", Some(dir.path()));
+    let (_, p) = decoded(&n.next_connection());
+    assert_eq!(p.metrics[0].value, Some(Value::Int(0)), "wraps to 0");
+}
+
+#[test]
+fn rebirth_requests_are_recognised() {
+    let ask = |v: Value| {
+        sparkplug::encode(&SpPayload {
+            timestamp: Some(1),
+            seq: None,
+            metrics: vec![SpMetric {
+                name: Some(REBIRTH.into()),
+                datatype: Some(SpDataType::Boolean),
+                value: Some(v),
+                ..Default::default()
+            }],
+        })
+        .unwrap()
+    };
+    assert!(EdgeNode::is_rebirth_request(&ask(Value::Bool(true))));
+    assert!(!EdgeNode::is_rebirth_request(&ask(Value::Bool(false))));
+    assert!(!EdgeNode::is_rebirth_request(b"garbage"));
+}
