@@ -58,12 +58,25 @@ pub struct Will {
     pub retain: bool,
 }
 
+/// A last will made anew for each connection (Sparkplug's NDEATH carries a `bdSeq` that
+/// changes with every CONNECT).
+#[derive(Clone)]
+pub struct WillSource(pub Arc<dyn Fn() -> Will + Send + Sync>);
+
+impl std::fmt::Debug for WillSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WillSource")
+    }
+}
+
 /// What one client is for.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
     /// Full client id (unique per broker).
     pub client_id: String,
     pub will: Option<Will>,
+    /// Called before every connection attempt for that connection's will (overrides `will`).
+    pub will_source: Option<WillSource>,
     /// Ack QoS 1/2 messages only when told (see [`MqttHandle::ack`]).
     pub manual_acks: bool,
     /// Subscriptions made at every (re)connect that did not keep a session.
@@ -80,6 +93,7 @@ impl ClientSettings {
         ClientSettings {
             client_id: client_id.into(),
             will: None,
+            will_source: None,
             manual_acks: false,
             subscriptions: Vec::new(),
             incoming_capacity: 1024,
@@ -449,6 +463,11 @@ pub fn connect(
     });
     let published = cm.as_ref().map(|m| m.published.clone());
     let closed = Arc::new(AtomicBool::new(false));
+    let will_source = settings.will_source.clone();
+    let first_will = match &will_source {
+        Some(w) => Some((w.0)()),
+        None => settings.will.clone(),
+    };
     let (acked_tx, acked_rx) = watch::channel(0u64);
     let client = match cfg.version {
         MqttVersion::V311 => {
@@ -461,7 +480,7 @@ pub fn connect(
             if let Some(u) = &cfg.username {
                 o.set_credentials(u, cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""));
             }
-            if let Some(w) = &settings.will {
+            if let Some(w) = &first_will {
                 o.set_last_will(rumqttc::LastWill::new(
                     &w.topic,
                     w.payload.to_vec(),
@@ -487,6 +506,7 @@ pub fn connect(
                 closed.clone(),
                 shutdown,
                 settings.client_id.clone(),
+                will_source,
             ));
             Client::V4(client)
         }
@@ -506,7 +526,7 @@ pub fn connect(
             if let Some(u) = &cfg.username {
                 o.set_credentials(u, cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""));
             }
-            if let Some(w) = &settings.will {
+            if let Some(w) = &first_will {
                 o.set_last_will(v5b::LastWill::new(
                     &w.topic,
                     w.payload.to_vec(),
@@ -532,6 +552,7 @@ pub fn connect(
                 closed.clone(),
                 shutdown,
                 settings.client_id.clone(),
+                will_source,
             ));
             Client::V5(client)
         }
@@ -550,7 +571,7 @@ pub fn connect(
 }
 
 macro_rules! event_loop {
-    ($name:ident, $eventloop:ty, $client:ty, $incoming:path, $event:path, $raw:path, $sub:expr) => {
+    ($name:ident, $eventloop:ty, $client:ty, $incoming:path, $event:path, $raw:path, $sub:expr, $set_will:expr) => {
         #[allow(clippy::too_many_arguments)]
         async fn $name(
             mut eventloop: $eventloop,
@@ -564,6 +585,7 @@ macro_rules! event_loop {
             closed: Arc<AtomicBool>,
             shutdown: CancellationToken,
             id: String,
+            will_source: Option<WillSource>,
         ) {
             use $event as Event;
             use $incoming as Incoming;
@@ -650,6 +672,11 @@ macro_rules! event_loop {
                         if closed.load(Ordering::SeqCst) || shutdown.is_cancelled() {
                             break;
                         }
+                        // The next connection's will.
+                        if let Some(w) = &will_source {
+                            let set_will = $set_will;
+                            set_will(&mut eventloop, (w.0)());
+                        }
                         let delay = backoff(cfg.reconnect_min, cfg.reconnect_max, failures);
                         failures = failures.saturating_add(1);
                         tracing::warn!(client = %id, error = %e, retry_ms = delay.as_millis() as u64, "MQTT connection failed");
@@ -675,7 +702,15 @@ event_loop!(
     rumqttc::Incoming,
     rumqttc::Event,
     Raw::V4,
-    |c: &rumqttc::AsyncClient, f: String, q: QoS| c.try_subscribe(f, q).map_err(|e| e.to_string())
+    |c: &rumqttc::AsyncClient, f: String, q: QoS| c.try_subscribe(f, q).map_err(|e| e.to_string()),
+    |e: &mut rumqttc::EventLoop, w: Will| {
+        e.mqtt_options.set_last_will(rumqttc::LastWill::new(
+            &w.topic,
+            w.payload.to_vec(),
+            w.qos,
+            w.retain,
+        ));
+    }
 );
 event_loop!(
     run_v5,
@@ -686,5 +721,14 @@ event_loop!(
     Raw::V5,
     |c: &rumqttc::v5::AsyncClient, f: String, q: QoS| c
         .try_subscribe(f, v5_qos(q))
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string()),
+    |e: &mut rumqttc::v5::EventLoop, w: Will| {
+        e.options.set_last_will(v5b::LastWill::new(
+            &w.topic,
+            w.payload.to_vec(),
+            v5_qos(w.qos),
+            w.retain,
+            None,
+        ));
+    }
 );

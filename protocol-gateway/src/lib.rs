@@ -99,7 +99,8 @@ pub async fn run_shared(
     // Durable before publish: a client of its own, whose acknowledgements are the live log's
     // alone.
     let data_stop = CancellationToken::new();
-    let data = if gw.buffer.durable_publish {
+    let uns = !gw.sparkplug.enabled || gw.sparkplug.uns;
+    let data = if gw.buffer.durable_publish && uns {
         let mut client = ClientSettings::new(format!("{}-data", shell.client_id));
         client.tcp_nodelay = false;
         let (data, _) = mqtt::connect(
@@ -125,6 +126,7 @@ pub async fn run_shared(
         );
     }
 
+    let mut sparkplug_client = None;
     let (dir, max) = (gw.buffer.dir.clone(), gw.buffer.max_size.0);
     let buffer = tokio::task::spawn_blocking(move || DiskBuffer::open(&dir, max))
         .await?
@@ -148,17 +150,35 @@ pub async fn run_shared(
         window: (cfg.mqtt.inflight as usize * 4).clamp(64, 4096),
     };
     let (tx, rx) = mpsc::channel(256);
-    let publisher = match data {
-        Some(data) => {
-            let (live, buffer) = open_live_log(&gw.buffer.dir, buffer).await?;
-            let acked = data.acked();
-            Publisher::new(data, buffer, settings, pub_metrics)
-                .with_live_log(publisher::LiveLog::new(live, acked))
+    let mut publisher_tasks = Vec::new();
+    let mut outputs = Vec::new();
+    if uns {
+        let publisher = match data {
+            Some(data) => {
+                let (live, buffer) = open_live_log(&gw.buffer.dir, buffer).await?;
+                let acked = data.acked();
+                Publisher::new(data, buffer, settings, pub_metrics)
+                    .with_live_log(publisher::LiveLog::new(live, acked))
+            }
+            None => Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics),
         }
-        None => Publisher::new(shell.mqtt.clone(), buffer, settings, pub_metrics),
+        .with_disk_flag(shell.telemetry.readiness.condition("disk_writable"));
+        let (out, rx) = mpsc::channel(256);
+        outputs.push(out);
+        publisher_tasks.push(tokio::spawn(publisher.run(rx)));
+    } else {
+        drop(data);
     }
-    .with_disk_flag(shell.telemetry.readiness.condition("disk_writable"));
-    let publisher_task = tokio::spawn(publisher.run(rx));
+    if gw.sparkplug.enabled {
+        let (publisher, client) =
+            sparkplug_publisher(&cfg, &shell, settings, data_stop.clone()).await?;
+        sparkplug_client = Some(client);
+        let (out, rx) = mpsc::channel(256);
+        outputs.push(out);
+        publisher_tasks.push(tokio::spawn(publisher.run(rx)));
+    }
+    // The pollers' batches go to each output (the UNS and the Sparkplug publisher).
+    let fan_out = tokio::spawn(fan_out(rx, outputs));
 
     let lease = gw.shard.enabled.then(|| Arc::new(shard::Lease::new()));
     let ctx = PollContext {
@@ -249,7 +269,11 @@ pub async fn run_shared(
         let _ = t.await;
     }
     devices_token.cancel();
-    let _ = publisher_task.await;
+    let _ = fan_out.await;
+    for t in publisher_tasks {
+        let _ = t.await;
+    }
+    drop(sparkplug_client);
     data_stop.cancel();
     let _ = maintenance.await;
     if let Some(w) = watcher {
@@ -257,4 +281,97 @@ pub async fn run_shared(
     }
     shell.stop().await;
     Ok(())
+}
+
+/// Each batch of the pollers to every output, in order; ends when the pollers stop.
+async fn fan_out(
+    mut rx: mpsc::Receiver<Vec<nexus_common::DataPoint>>,
+    outputs: Vec<mpsc::Sender<Vec<nexus_common::DataPoint>>>,
+) {
+    while let Some(batch) = rx.recv().await {
+        if let [only] = outputs.as_slice() {
+            let _ = only.send(batch).await;
+            continue;
+        }
+        for out in &outputs {
+            let _ = out.send(batch.clone()).await;
+        }
+    }
+}
+
+/// The Sparkplug edge node's publisher: a client of its own (`<client id>-sparkplug`) whose
+/// will is the node's NDEATH, subscribed to the node's NCMD; a store-and-forward buffer and
+/// live log of its own in `<buffer.dir>/sparkplug`. Returns the client's handle too, kept
+/// until the publisher has stopped.
+async fn sparkplug_publisher(
+    cfg: &Config,
+    shell: &Shell,
+    settings: PublishSettings,
+    stop: CancellationToken,
+) -> anyhow::Result<(Publisher, mqtt::MqttHandle)> {
+    let sp = &cfg.gateway.sparkplug;
+    let node_id = sp
+        .edge_node_id
+        .clone()
+        .unwrap_or_else(|| cfg.telemetry.instance_name());
+    nexus_common::domain::DeviceId::new(node_id.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "gateway.sparkplug.edge_node_id: {} (set gateway.sparkplug.edge_node_id or telemetry.instance)",
+            e.to_string().replace("device id", "Sparkplug id")
+        )
+    })?;
+    let dir = cfg.gateway.buffer.dir.join("sparkplug");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let node = Arc::new(Mutex::new(sparkplug::EdgeNode::new(
+        &sp.group_id,
+        &node_id,
+        Some(&dir),
+    )));
+    let ncmd = node.lock().unwrap_or_else(|e| e.into_inner()).ncmd_topic();
+    let mut client = ClientSettings::new(format!("{}-sparkplug", shell.client_id));
+    client.tcp_nodelay = false;
+    let will_node = node.clone();
+    client.will_source = Some(mqtt::WillSource(Arc::new(move || {
+        let (topic, payload) = will_node
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_connection();
+        mqtt::Will {
+            topic,
+            payload: payload.into(),
+            qos: mqtt::QoS::AtLeastOnce,
+            retain: false,
+        }
+    })));
+    client.subscriptions = vec![(ncmd, mqtt::QoS::AtLeastOnce)];
+    client.incoming_capacity = 16;
+    let (handle, commands) = mqtt::connect(&cfg.mqtt, client, Some(&shell.mqtt_metrics), stop)?;
+    let (max, buf_dir) = (cfg.gateway.buffer.max_size.0, dir.clone());
+    let buffer = tokio::task::spawn_blocking(move || DiskBuffer::open(&buf_dir, max))
+        .await?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the Sparkplug store-and-forward buffer in {}: {e}",
+                dir.display()
+            )
+        })?;
+    let (live, buffer) = open_live_log(&dir, buffer).await?;
+    let metrics = PublisherMetrics::with_prefix(
+        &shell.telemetry.registry,
+        "nexus_gateway_sparkplug",
+        " (Sparkplug output)",
+    )?;
+    let acked = handle.acked();
+    let qos = publisher::qos_of(sp.data_qos);
+    let publisher = Publisher::new(handle.clone(), buffer, settings, metrics)
+        .with_live_log(publisher::LiveLog::new(live, acked))
+        .with_sparkplug(publisher::SparkplugOut::new(node, qos, commands))
+        .with_disk_flag(
+            shell
+                .telemetry
+                .readiness
+                .condition("sparkplug_disk_writable"),
+        );
+    Ok((publisher, handle))
 }

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nexus_common::codec::{encode_value_object, ValueObject};
+use nexus_common::codec::{decode_value_object, encode_value_object, ValueObject};
 use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{MqttHandle, QoS};
 use nexus_common::DataPoint;
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::buffer::{DiskBuffer, Place, Record};
+use crate::sparkplug::{self, device_and_tag, EdgeNode, Sample};
 
 /// Most values the live log holds that the broker has not acknowledged. At it, the publisher
 /// takes no more batches until acknowledgements make room (the pollers skip polls and count
@@ -51,56 +52,68 @@ pub struct PublisherMetrics {
 
 impl PublisherMetrics {
     pub fn new(r: &Registry) -> Result<PublisherMetrics, MetricError> {
+        Self::with_prefix(r, "nexus_gateway", "")
+    }
+
+    /// The same series for another output: `<prefix>_points_published_total`, ..., with
+    /// `what` added to each help text.
+    pub fn with_prefix(
+        r: &Registry,
+        prefix: &str,
+        what: &str,
+    ) -> Result<PublisherMetrics, MetricError> {
+        let name = |n: &str| format!("{prefix}_{n}");
+        let help = |h: &str| format!("{h}{what}");
         Ok(PublisherMetrics {
             published: metrics::counter(
                 r,
-                "nexus_gateway_points_published_total",
-                "Values handed to the broker live",
+                &name("points_published_total"),
+                &help("Values handed to the broker live"),
             )?,
             buffered: metrics::counter(
                 r,
-                "nexus_gateway_points_buffered_total",
-                "Values written to the store-and-forward buffer",
+                &name("points_buffered_total"),
+                &help("Values written to the store-and-forward buffer"),
             )?,
             replayed: metrics::counter(
                 r,
-                "nexus_gateway_points_replayed_total",
-                "Buffered values published after the broker came back",
+                &name("points_replayed_total"),
+                &help("Buffered values published after the broker came back"),
             )?,
             buffer_dropped: metrics::counter(
                 r,
-                "nexus_gateway_buffer_dropped_total",
-                "Buffered values dropped because the buffer was full",
+                &name("buffer_dropped_total"),
+                &help("Buffered values dropped because the buffer was full"),
             )?,
             buffer_lost: metrics::counter(
                 r,
-                "nexus_gateway_buffer_lost_total",
-                "Buffered values lost to damaged buffer files (a torn tail after a crash)",
+                &name("buffer_lost_total"),
+                &help("Buffered values lost to damaged buffer files (a torn tail after a crash)"),
             )?,
             buffer_bytes: metrics::gauge(
                 r,
-                "nexus_gateway_buffer_bytes",
-                "Size of the store-and-forward buffer on disk",
+                &name("buffer_bytes"),
+                &help("Size of the store-and-forward buffer on disk"),
             )?,
             buffer_points: metrics::gauge(
                 r,
-                "nexus_gateway_buffer_points",
-                "Values waiting in the store-and-forward buffer",
+                &name("buffer_points"),
+                &help("Values waiting in the store-and-forward buffer"),
             )?,
             unacked: metrics::gauge(
                 r,
-                "nexus_gateway_unacked_points",
-                "Values kept in the live log that the broker has not acknowledged yet",
+                &name("unacked_points"),
+                &help("Values kept in the live log that the broker has not acknowledged yet"),
             )?,
             log_errors: metrics::counter(
                 r,
-                "nexus_gateway_live_log_errors_total",
-                "Failed writes to the live log (a full or failing disk: the values are published from memory)",
+                &name("live_log_errors_total"),
+                &help("Failed writes to the live log (a full or failing disk: the values are published from memory)"),
             )?,
             disk_failing: metrics::gauge(
                 r,
-                "nexus_gateway_disk_failing",
-                "1 while the live log or the store-and-forward buffer cannot be written",
+                &name("disk_failing"),
+                &help("1 while the live log or the store-and-forward buffer cannot be written"),
             )?,
         })
     }
@@ -171,11 +184,14 @@ impl LiveLog {
 
 /// A value handed to the client: from the live log, or replayed from the store-and-forward
 /// buffer (marked replayed there only once acknowledged, too).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Handed {
     /// A live value, with its place in the live log unless that could not be written.
     Live(Option<Place>),
-    Replayed,
+    /// Live values published in one message (Sparkplug DDATA), with their places.
+    Group(Vec<Place>),
+    /// This many values replayed from the store-and-forward buffer in one message.
+    Replayed(usize),
 }
 
 /// Move what a previous run left in the live log (appended, never acknowledged) into the
@@ -206,6 +222,32 @@ pub struct Publisher {
     dropped_seen: u64,
     /// Readiness condition that fails while the disk cannot be written.
     disk_flag: Option<nexus_common::telemetry::ReadyFlag>,
+    /// Publishing as a Sparkplug edge node rather than on UNS topics.
+    sparkplug: Option<SparkplugOut>,
+}
+
+/// The Sparkplug output: the edge node, the QoS of its data, and its commands.
+pub struct SparkplugOut {
+    pub node: Arc<Mutex<EdgeNode>>,
+    pub data_qos: QoS,
+    /// NCMD messages for the node (a rebirth request).
+    pub commands: mpsc::Receiver<nexus_common::mqtt::Message>,
+    births_due: bool,
+}
+
+impl SparkplugOut {
+    pub fn new(
+        node: Arc<Mutex<EdgeNode>>,
+        data_qos: QoS,
+        commands: mpsc::Receiver<nexus_common::mqtt::Message>,
+    ) -> SparkplugOut {
+        SparkplugOut {
+            node,
+            data_qos,
+            commands,
+            births_due: true,
+        }
+    }
 }
 
 impl Publisher {
@@ -223,6 +265,7 @@ impl Publisher {
             metrics,
             dropped_seen: 0,
             disk_flag: None,
+            sparkplug: None,
         };
         p.update_gauges();
         p
@@ -265,6 +308,13 @@ impl Publisher {
     /// client whose acknowledgements `live` follows.
     pub fn with_live_log(mut self, live: LiveLog) -> Publisher {
         self.live = Some(live);
+        self
+    }
+
+    /// Publish as a Sparkplug edge node (needs the live log: values are grouped into DDATA
+    /// when they are handed to the client).
+    pub fn with_sparkplug(mut self, out: SparkplugOut) -> Publisher {
+        self.sparkplug = Some(out);
         self
     }
 
@@ -404,6 +454,9 @@ impl Publisher {
 
     /// Hand live values to the client while it is connected and the window has room.
     async fn pump(&mut self) {
+        if self.sparkplug.is_some() {
+            return self.pump_sparkplug().await;
+        }
         let (qos, retain, window) = (
             self.settings.qos,
             self.settings.retain,
@@ -446,6 +499,101 @@ impl Publisher {
         }
     }
 
+    /// Sparkplug: births when due (QoS 0, as Sparkplug asks; they carry no values that are
+    /// not also in data), then the live values of one device at a time as one DDATA.
+    async fn pump_sparkplug(&mut self) {
+        let window = self.settings.window;
+        let mut handed = 0u64;
+        loop {
+            if !self.mqtt.is_connected() || !self.publish_births().await {
+                break;
+            }
+            let (Some(live), Some(sp)) = (&mut self.live, &self.sparkplug) else {
+                break;
+            };
+            if live.inflight.len() >= window {
+                break;
+            }
+            let group = take_group(&mut live.unsent, |(r, _)| &r.topic);
+            if group.is_empty() {
+                break;
+            }
+            let records: Vec<&Record> = group.iter().map(|(r, _)| r).collect();
+            let outs = sparkplug_messages(&sp.node, &records, false);
+            let data_qos = sp.data_qos;
+            if outs.is_empty() {
+                // Nothing publishable in them (logged): no acknowledgement will come.
+                self.ack_places(group.into_iter().filter_map(|(_, p)| p).collect());
+                continue;
+            }
+            if !self.publish_sparkplug(outs, data_qos).await {
+                // The client is stopping: the values stay in the log for the next start.
+                if let Some(live) = &mut self.live {
+                    for g in group.into_iter().rev() {
+                        live.unsent.push_front(g);
+                    }
+                }
+                break;
+            }
+            handed += group.len() as u64;
+            let places: Vec<Place> = group.into_iter().filter_map(|(_, p)| p).collect();
+            if data_qos == QoS::AtMostOnce {
+                self.ack_places(places);
+            } else if let Some(live) = &mut self.live {
+                live.inflight.push_back(Handed::Group(places));
+            }
+        }
+        self.metrics.published.inc_by(handed);
+    }
+
+    /// The node's births, if due; false if the client refused them (it is stopping).
+    async fn publish_births(&mut self) -> bool {
+        let Some(sp) = &mut self.sparkplug else {
+            return true;
+        };
+        if !sp.births_due {
+            return true;
+        }
+        let births = sp.node.lock().unwrap_or_else(|e| e.into_inner()).births();
+        sp.births_due = false;
+        for (topic, payload) in births {
+            if self
+                .mqtt
+                .publish(&topic, payload, QoS::AtMostOnce, false)
+                .await
+                .is_err()
+            {
+                if let Some(sp) = &mut self.sparkplug {
+                    sp.births_due = true;
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Publish the messages of one group: any DBIRTH at QoS 0, the DDATA (last) at
+    /// `data_qos`. False if the client refused the DDATA.
+    async fn publish_sparkplug(&self, outs: Vec<(String, Vec<u8>)>, data_qos: QoS) -> bool {
+        let n = outs.len();
+        for (i, (topic, payload)) in outs.into_iter().enumerate() {
+            let qos = if i + 1 == n {
+                data_qos
+            } else {
+                QoS::AtMostOnce
+            };
+            if self
+                .mqtt
+                .publish(&topic, payload, qos, false)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Match the acknowledgements that arrived to the oldest handed values.
     async fn take_acks(&mut self) {
         let Some(live) = &mut self.live else { return };
@@ -467,7 +615,8 @@ impl Publisher {
         for h in live.inflight.drain(..n.min(live.inflight.len())) {
             match h {
                 Handed::Live(p) => places.extend(p),
-                Handed::Replayed => replayed += 1,
+                Handed::Group(p) => places.extend(p),
+                Handed::Replayed(n) => replayed += n,
             }
         }
         live.replaying -= replayed;
@@ -570,6 +719,11 @@ impl Publisher {
         let Ok(batch) = self.blocking(move |b| b.peek(skip + room)).await else {
             return 0;
         };
+        if self.sparkplug.is_some() {
+            return self
+                .replay_sparkplug(batch.into_iter().skip(skip).collect())
+                .await;
+        }
         let mut sent = 0;
         for r in batch.iter().skip(skip) {
             if !self.hand_replayed(r).await {
@@ -582,7 +736,7 @@ impl Publisher {
                         tracing::error!(error = %e, "cannot advance the store-and-forward buffer");
                     }
                 } else {
-                    live.inflight.push_back(Handed::Replayed);
+                    live.inflight.push_back(Handed::Replayed(1));
                     live.replaying += 1;
                 }
             }
@@ -590,6 +744,53 @@ impl Publisher {
         self.metrics.replayed.inc_by(sent as u64);
         self.update_gauges();
         sent
+    }
+
+    /// Sparkplug: replayed values as DDATA marked historical, a device at a time.
+    async fn replay_sparkplug(&mut self, batch: Vec<Record>) -> usize {
+        let mut batch: VecDeque<Record> = batch.into();
+        let mut sent = 0;
+        while self.mqtt.is_connected() && self.publish_births().await {
+            let group = take_group(&mut batch, |r| &r.topic);
+            let Some(sp) = &self.sparkplug else { break };
+            if group.is_empty() {
+                break;
+            }
+            let records: Vec<&Record> = group.iter().collect();
+            let outs = sparkplug_messages(&sp.node, &records, true);
+            let data_qos = sp.data_qos;
+            let nothing = outs.is_empty();
+            if !nothing && !self.publish_sparkplug(outs, data_qos).await {
+                break;
+            }
+            let n = group.len();
+            sent += n;
+            if data_qos == QoS::AtMostOnce || nothing {
+                if let Err(e) = self.blocking(move |b| b.consume(n)).await {
+                    tracing::error!(error = %e, "cannot advance the store-and-forward buffer");
+                }
+            } else if let Some(live) = &mut self.live {
+                live.inflight.push_back(Handed::Replayed(n));
+                live.replaying += n;
+            }
+        }
+        self.metrics.replayed.inc_by(sent as u64);
+        self.update_gauges();
+        sent
+    }
+
+    /// A Sparkplug command for the node: a rebirth request makes new births due.
+    async fn sparkplug_command(&mut self, msg: nexus_common::mqtt::Message) {
+        let Some(sp) = &mut self.sparkplug else {
+            return;
+        };
+        if EdgeNode::is_rebirth_request(msg.payload()) {
+            tracing::info!(topic = ?msg.topic(), "Sparkplug rebirth requested");
+            sp.births_due = true;
+            self.pump().await;
+        } else {
+            tracing::warn!(topic = ?msg.topic(), "Sparkplug node command not understood (only Node Control/Rebirth is); ignored");
+        }
     }
 
     /// Run until `rx` closes (the pollers stopped), then flush.
@@ -642,8 +843,27 @@ impl Publisher {
                 r = connected.changed() => {
                     if r.is_err() { break; }
                     connected_since = (*connected.borrow_and_update()).then(Instant::now);
+                    // A new connection: the Sparkplug node is born again on it.
+                    if let (Some(sp), Some(_)) = (&mut self.sparkplug, connected_since) {
+                        sp.births_due = true;
+                    }
                     self.pump().await;
                 }
+                cmd = async {
+                    match &mut self.sparkplug {
+                        Some(sp) => sp.commands.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match cmd {
+                    Some(msg) => self.sparkplug_command(msg).await,
+                    None => {
+                        // No more commands (the client stopped); keep publishing.
+                        if let Some(sp) = &mut self.sparkplug {
+                            let (_, rx) = mpsc::channel(1);
+                            sp.commands = rx;
+                        }
+                    }
+                },
                 _ = ticker.tick() => {
                     ticks += 1;
                     if ticks.is_multiple_of(10) {
@@ -676,7 +896,68 @@ impl Publisher {
             .await;
             self.take_acks().await;
         }
+        // A clean stop: the node says it is going (the will is for an unclean one).
+        if let Some(sp) = &self.sparkplug {
+            let (topic, payload) = sp.node.lock().unwrap_or_else(|e| e.into_inner()).ndeath();
+            let _ = self
+                .mqtt
+                .publish(&topic, payload, QoS::AtMostOnce, false)
+                .await;
+        }
         self.save_live_position().await;
         self.update_gauges();
     }
+}
+
+/// Take the records at the front of `q` that belong to the same device (the UNS topic's
+/// level before the tag), at most [`sparkplug::MAX_METRICS`].
+fn take_group<T>(q: &mut VecDeque<T>, topic: impl Fn(&T) -> &String) -> Vec<T> {
+    let Some(first) = q.front() else {
+        return Vec::new();
+    };
+    let device = device_and_tag(topic(first)).map(|(d, _)| d.to_owned());
+    let mut group = Vec::new();
+    while let Some(next) = q.front() {
+        let same = device_and_tag(topic(next)).map(|(d, _)| d) == device.as_deref();
+        if !same || group.len() >= sparkplug::MAX_METRICS {
+            break;
+        }
+        group.extend(q.pop_front());
+    }
+    group
+}
+
+/// The Sparkplug messages (a DBIRTH if needed, then the DDATA) for records of one device.
+fn sparkplug_messages(
+    node: &Mutex<EdgeNode>,
+    records: &[&Record],
+    historical: bool,
+) -> Vec<(String, Vec<u8>)> {
+    let mut samples = Vec::with_capacity(records.len());
+    let mut device = "";
+    for r in records {
+        let Some((d, tag)) = device_and_tag(&r.topic) else {
+            tracing::error!(topic = %r.topic, "not a device's tag topic; not published as Sparkplug");
+            continue;
+        };
+        match decode_value_object(&r.payload) {
+            Ok(value) => {
+                device = d;
+                samples.push(Sample {
+                    device: d,
+                    tag,
+                    value,
+                });
+            }
+            Err(e) => {
+                tracing::error!(topic = %r.topic, error = %e, "value not decodable; not published as Sparkplug");
+            }
+        }
+    }
+    if samples.is_empty() {
+        return Vec::new();
+    }
+    node.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .data(device, &samples, historical)
 }

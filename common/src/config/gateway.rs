@@ -42,6 +42,60 @@ pub struct GatewayConfig {
     pub commands: bool,
     /// Share the devices among several gateways (`nexus gateway` replicas).
     pub shard: ShardConfig,
+    /// Publish as a Sparkplug B edge node (docs/gateway.md, "Sparkplug B").
+    pub sparkplug: SparkplugConfig,
+}
+
+/// `gateway.sparkplug`: the gateway as a Sparkplug B 3.0 edge node, beside the UNS output or
+/// instead of it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SparkplugConfig {
+    /// Off by default.
+    pub enabled: bool,
+    /// The Sparkplug group (default `nexus`).
+    pub group_id: String,
+    /// The edge node id (default: `telemetry.instance`, else `gateway`); each gateway of a
+    /// shard needs its own.
+    pub edge_node_id: Option<String>,
+    /// Keep publishing the UNS JSON values too (default true).
+    pub uns: bool,
+    /// QoS of NDATA/DDATA (default 1, so the broker acknowledges each message and the
+    /// gateway's live log lets go of it only then; Sparkplug 3.0 asks for 0, which loses what
+    /// is in flight when a connection drops).
+    pub data_qos: u8,
+}
+
+impl Default for SparkplugConfig {
+    fn default() -> Self {
+        SparkplugConfig {
+            enabled: false,
+            group_id: "nexus".into(),
+            edge_node_id: None,
+            uns: true,
+            data_qos: 1,
+        }
+    }
+}
+
+impl SparkplugConfig {
+    fn validate(&self, p: &mut Problems) {
+        let level = |field: &str, v: &str, p: &mut Problems| {
+            if let Err(e) = crate::domain::DeviceId::new(v.to_owned()) {
+                p.push(field, e.to_string().replace("device id", "Sparkplug id"));
+            }
+        };
+        level("gateway.sparkplug.group_id", &self.group_id, p);
+        if let Some(n) = &self.edge_node_id {
+            level("gateway.sparkplug.edge_node_id", n, p);
+        }
+        if self.data_qos > 1 {
+            p.push(
+                "gateway.sparkplug.data_qos",
+                format!("must be 0 or 1, not {}", self.data_qos),
+            );
+        }
+    }
 }
 
 /// `gateway.shard`: several gateways split the devices, each polled by exactly one.
@@ -147,6 +201,7 @@ impl Default for GatewayConfig {
             opcua: OpcUaClientConfig::default(),
             commands: true,
             shard: ShardConfig::default(),
+            sparkplug: SparkplugConfig::default(),
         }
     }
 }
@@ -188,6 +243,7 @@ impl GatewayConfig {
             p.push("gateway.breaker.half_open_trials", "must be at least 1");
         }
         self.shard.validate(p);
+        self.sparkplug.validate(p);
     }
 }
 

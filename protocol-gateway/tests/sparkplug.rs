@@ -1,0 +1,282 @@
+//! The gateway as a Sparkplug B edge node (`gateway.sparkplug`), polling a simulated PLC,
+//! seen by a subscriber that decodes every message with Nexus's Sparkplug codec: NBIRTH with
+//! `bdSeq` and `Node Control/Rebirth`, a DBIRTH with every tag (name, alias, datatype, unit,
+//! value), DDATA by alias on change, `seq` without a gap across the node's messages, a rebirth
+//! on request, new births with a new `bdSeq` after the broker restarts, and NDEATH with the
+//! births' `bdSeq` on a clean stop.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nexus_common::codec::sparkplug::{
+    self, MessageType, SpDataType, SpMetric, SpPayload, SparkplugTopic,
+};
+use nexus_common::mqtt::{self, ClientSettings, Message, QoS};
+use nexus_common::testing::{self, free_port};
+use nexus_common::Value;
+use nexus_devices::simulator::modbus::ModbusSimulator;
+use tokio::sync::mpsc::Receiver;
+use tokio_util::sync::CancellationToken;
+
+fn json(v: &Option<Value>) -> serde_json::Value {
+    nexus_common::codec::json::value_to_json(v.as_ref())
+}
+
+/// Sparkplug messages (topic, payload) until `quiet` passes without one, or `limit`.
+async fn collect(
+    rx: &mut Receiver<Message>,
+    quiet: Duration,
+    limit: Duration,
+) -> Vec<(SparkplugTopic, SpPayload)> {
+    let mut out = Vec::new();
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        let wait = quiet.min(end.saturating_duration_since(tokio::time::Instant::now()));
+        match collect_one(rx, wait).await {
+            Some(m) => out.push(m),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Until a message of type `t` arrives (within 10 s); the messages up to it included.
+async fn until(rx: &mut Receiver<Message>, t: MessageType) -> Vec<(SparkplugTopic, SpPayload)> {
+    let mut out = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let got = collect_one(rx, left).await;
+        let Some(m) = got else {
+            panic!("no {t:?} within 10 s: {out:?}");
+        };
+        let found = m.0.message_type == t;
+        out.push(m);
+        if found {
+            return out;
+        }
+    }
+}
+
+async fn collect_one(
+    rx: &mut Receiver<Message>,
+    wait: Duration,
+) -> Option<(SparkplugTopic, SpPayload)> {
+    let m = tokio::time::timeout(wait, rx.recv()).await.ok()??;
+    let topic = m.topic().unwrap_or("");
+    let t = SparkplugTopic::parse(topic)
+        .unwrap_or_else(|e| panic!("not a Sparkplug topic {topic}: {e}"));
+    let p = sparkplug::decode(m.payload())
+        .unwrap_or_else(|e| panic!("undecodable payload on {topic}: {e}"));
+    Some((t, p))
+}
+
+fn metric<'a>(p: &'a SpPayload, name: &str) -> &'a SpMetric {
+    p.metrics
+        .iter()
+        .find(|m| m.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no metric {name} in {p:?}"))
+}
+
+fn bd_seq(p: &SpPayload) -> Option<Value> {
+    metric(p, "bdSeq").value.clone()
+}
+
+/// `seq` goes up by one (mod 256) from each message to the next, starting at each NBIRTH (0).
+fn check_seq(msgs: &[(SparkplugTopic, SpPayload)]) {
+    let mut last: Option<u64> = None;
+    for (t, p) in msgs {
+        // The node's own messages: not its death, nor commands sent to it.
+        if matches!(
+            t.message_type,
+            MessageType::NDeath | MessageType::NCmd | MessageType::DCmd | MessageType::State
+        ) {
+            continue;
+        }
+        let seq = p.seq.unwrap_or_else(|| panic!("{t:?} without seq"));
+        if t.message_type == MessageType::NBirth {
+            assert_eq!(seq, 0, "NBIRTH has seq 0");
+        } else if let Some(l) = last {
+            assert_eq!(seq, (l + 1) % 256, "seq after {l} on {t:?}");
+        }
+        last = Some(seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_is_a_sparkplug_edge_node() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    support::load_typed_values(&sim);
+    let broker = support::broker();
+    let port = broker.ports.tcp().port();
+    let token = CancellationToken::new();
+    let (group, node) = (testing::unique("grp"), "edge-1");
+    let root = testing::unique("acme");
+    let (_s, mut rx) = support::subscriber(port, &[&format!("spBv1.0/{group}/#")], &token).await;
+    let (_u, mut uns) = support::subscriber(port, &[&format!("{root}/#")], &token).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tags = format!(
+        "{}      - {{ id: temp, address: \"HR:250\", data_type: int16, scale: 0.1, unit: degC }}\n",
+        support::TYPED_TAGS
+    );
+    let cfg = support::config(
+        port,
+        free_port(),
+        dir.path(),
+        &format!(
+            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: {node}\n    uns: false\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: {root}/site/area/line\n    poll_interval: 200ms\n    connection: {{ host: 127.0.0.1, port: {}, unit_id: 1, timeout: 500ms }}\n    tags:\n{tags}",
+            sim.addr.port()
+        ),
+    );
+    // After the broker restarts below, the gateway waits at least 1 s before it connects
+    // again, so the test's new subscriber is there for its births.
+    let mut cfg = cfg;
+    cfg.mqtt.reconnect_min = Duration::from_secs(2);
+    cfg.mqtt.reconnect_max = Duration::from_secs(2);
+    sim.registers.lock().unwrap().holding[250] = 215;
+    let (stop, task) = support::start_gateway(cfg);
+
+    // Births: NBIRTH, then the device's DBIRTH with every tag.
+    let mut seen = until(&mut rx, MessageType::DBirth).await;
+    let (t, nbirth) = &seen[0];
+    assert_eq!(
+        (t.message_type, t.group.as_str(), t.edge_node.as_str()),
+        (MessageType::NBirth, group.as_str(), node)
+    );
+    let first_bd = bd_seq(nbirth).expect("bdSeq has a value");
+    let rebirth = metric(nbirth, "Node Control/Rebirth");
+    assert_eq!(rebirth.datatype, Some(SpDataType::Boolean));
+    assert_eq!(rebirth.value, Some(Value::Bool(false)));
+    let (t, dbirth) = seen.last().unwrap().clone();
+    assert_eq!(t.device.as_deref(), Some("plc-1"));
+    let mut expected = support::expected_typed();
+    expected.push(("temp", serde_json::json!(21.5)));
+    assert_eq!(dbirth.metrics.len(), expected.len(), "{dbirth:?}");
+    let mut aliases = HashMap::new();
+    for (tag, want) in &expected {
+        let m = metric(&dbirth, tag);
+        assert_eq!(json(&m.value), *want, "{tag}");
+        assert!(m.timestamp.unwrap() > 1_700_000_000_000, "{tag}");
+        aliases.insert(m.alias.expect("an alias"), *tag);
+    }
+    assert_eq!(aliases.len(), expected.len(), "aliases unique");
+    assert_eq!(metric(&dbirth, "temp").unit.as_deref(), Some("degC"));
+    // Datatypes follow the values: integers are Int64 (UInt64 only beyond its range).
+    assert_eq!(
+        metric(&dbirth, "u64-dcba").datatype,
+        Some(SpDataType::Int64)
+    );
+    assert_eq!(metric(&dbirth, "f64").datatype, Some(SpDataType::Double));
+    assert_eq!(metric(&dbirth, "i16").datatype, Some(SpDataType::Int64));
+    assert_eq!(metric(&dbirth, "text").datatype, Some(SpDataType::String));
+    assert_eq!(metric(&dbirth, "coil").datatype, Some(SpDataType::Boolean));
+
+    // The first data after the DBIRTH repeats the values; then a change is DDATA by alias.
+    let more = until(&mut rx, MessageType::DData).await;
+    seen.extend(more);
+    sim.registers.lock().unwrap().holding[210] = 5;
+    let i16_of = |p: &SpPayload| {
+        p.metrics
+            .iter()
+            .find(|m| aliases.get(&m.alias.unwrap()) == Some(&"i16"))
+            .map(|m| m.value.clone())
+    };
+    let ddata = loop {
+        let more = until(&mut rx, MessageType::DData).await;
+        let (_, ddata) = more.last().unwrap().clone();
+        seen.extend(more);
+        assert!(ddata.metrics.iter().all(|m| m.name.is_none()), "{ddata:?}");
+        if i16_of(&ddata).is_some() {
+            break ddata;
+        }
+    };
+    assert_eq!(i16_of(&ddata), Some(Some(Value::Int(5))), "{ddata:?}");
+
+    // A rebirth request: NBIRTH (seq 0, same bdSeq) and DBIRTH again.
+    let mut c = testing::mqtt_config(port);
+    c.username = Some("svc".into());
+    c.password = Some(nexus_common::config::Secret::new("svc-pw"));
+    c.persistent_session = false;
+    let (host, _) = mqtt::connect(
+        &c,
+        ClientSettings::new(testing::unique("host")),
+        None,
+        token.clone(),
+    )
+    .unwrap();
+    host.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let ask = sparkplug::encode(&SpPayload {
+        timestamp: Some(1),
+        seq: None,
+        metrics: vec![SpMetric {
+            name: Some("Node Control/Rebirth".into()),
+            datatype: Some(SpDataType::Boolean),
+            value: Some(Value::Bool(true)),
+            ..Default::default()
+        }],
+    })
+    .unwrap();
+    host.publish(
+        &format!("spBv1.0/{group}/NCMD/{node}"),
+        ask,
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
+    let more = until(&mut rx, MessageType::NBirth).await;
+    let (_, again) = more.last().unwrap().clone();
+    seen.extend(more);
+    assert_eq!(
+        bd_seq(&again).as_ref(),
+        Some(&first_bd),
+        "same connection, same bdSeq"
+    );
+    let more = until(&mut rx, MessageType::DBirth).await;
+    seen.extend(more);
+
+    // The broker restarts: a new connection, new births with the next bdSeq.
+    let broker_port = port;
+    drop(broker);
+    let _broker = support::broker_on(broker_port);
+    let (_s2, mut rx2) = support::subscriber(port, &[&format!("spBv1.0/{group}/#")], &token).await;
+    let after = until(&mut rx2, MessageType::DBirth).await;
+    let (_, nb) = after
+        .iter()
+        .rev()
+        .find(|(t, _)| t.message_type == MessageType::NBirth)
+        .expect("an NBIRTH after the restart")
+        .clone();
+    let next = match (&first_bd, bd_seq(&nb)) {
+        (Value::Int(a), Some(Value::Int(b))) => (*a, b),
+        other => panic!("bdSeq values {other:?}"),
+    };
+    assert!(
+        next.1 > next.0,
+        "a new bdSeq for the new connection: {next:?}"
+    );
+    check_seq(&after);
+
+    // A clean stop: NDEATH with the births' bdSeq.
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let last = collect(&mut rx2, Duration::from_secs(2), Duration::from_secs(5)).await;
+    let (_, death) = last
+        .iter()
+        .find(|(t, _)| t.message_type == MessageType::NDeath)
+        .unwrap_or_else(|| panic!("no NDEATH on a clean stop: {last:?}"))
+        .clone();
+    assert_eq!(bd_seq(&death), bd_seq(&nb));
+
+    check_seq(&seen);
+    // UNS output off: nothing on the UNS topics.
+    let on_uns =
+        support::collect(&mut uns, Duration::from_millis(200), Duration::from_secs(1)).await;
+    assert!(on_uns.is_empty(), "UNS output is off: {on_uns:?}");
+}
