@@ -9,13 +9,13 @@ scripts/deps.sh
 # Independent protocol peers and the API tester from PyPI, in a virtualenv under target/
 # (tests find it there).
 venv=target/test-venv
-if ! "$venv/bin/python" -c "import pymodbus, snap7, asyncua, schemathesis, playwright" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import pymodbus, snap7, asyncua, pysparkplug, schemathesis, playwright" >/dev/null 2>&1; then
   if ! python3 -m venv "$venv" >/dev/null 2>&1; then
     sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check pymodbus==3.16.1 python-snap7==3.3.0 asyncua==1.1.8 \
+  "$venv/bin/pip" install --quiet --disable-pip-version-check pymodbus==3.16.1 python-snap7==3.3.0 asyncua==1.1.8 pysparkplug==0.6.1 \
     schemathesis==4.32.5 playwright==1.65.2
 fi
 

@@ -13,6 +13,8 @@
 //!   ──> Publisher: JSON value objects, retained, QoS from config, on <uns_prefix>/<device>/<tag>;
 //!       while the broker is away values go to the on-disk store-and-forward buffer and are
 //!       replayed at a bounded rate, after live values, once it is back
+//!   ──> with gateway.sparkplug: the same values as a Sparkplug B edge node (births, DDATA by
+//!       alias) through a publisher, live log and buffer of its own (`sparkplug`)
 //! HTTP :4000: /healthz /readyz /metrics, GET /api/v1/devices, GET /api/v1/devices/{id}/tags
 //! ```
 //!

@@ -280,3 +280,166 @@ async fn the_gateway_is_a_sparkplug_edge_node() {
         support::collect(&mut uns, Duration::from_millis(200), Duration::from_secs(1)).await;
     assert!(on_uns.is_empty(), "UNS output is off: {on_uns:?}");
 }
+
+/// The Python host of `tests/peers/sparkplug_host.py` (pysparkplug): its JSON lines.
+struct Host {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    stdin: tokio::process::ChildStdin,
+}
+
+impl Host {
+    async fn start(port: u16, group: &str, node: &str) -> Host {
+        use tokio::io::AsyncBufReadExt;
+        let py = testing::test_python();
+        let ok = std::process::Command::new(&py)
+            .args(["-c", "import pysparkplug"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "pysparkplug is not installed for {py}: run scripts/test.sh"
+        );
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/peers/sparkplug_host.py"
+        );
+        let mut child = tokio::process::Command::new(py)
+            .arg(script)
+            .args(["127.0.0.1", &port.to_string(), "svc", "svc-pw", group, node])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let stdin = child.stdin.take().unwrap();
+        let mut h = Host {
+            child,
+            lines,
+            stdin,
+        };
+        let first = h.next().await;
+        assert_eq!(first["ready"], true, "{first}");
+        h
+    }
+
+    async fn next(&mut self) -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(15), self.lines.next_line())
+            .await
+            .expect("the host printed nothing for 15 s")
+            .unwrap()
+            .expect("the host exited");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    /// Messages until one of type `t` (included).
+    async fn until(&mut self, t: &str) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.next().await;
+            let found = m["type"] == t;
+            out.push(m);
+            if found {
+                return out;
+            }
+        }
+    }
+
+    async fn send(&mut self, cmd: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+}
+
+/// Interoperability: pysparkplug, an independent Sparkplug B implementation, as the host
+/// application of a gateway that polls a simulated PLC. It decodes the births (every tag's
+/// value as in the PLC), resolves DDATA aliases through them to the right tag and value, and
+/// its rebirth request gets new births.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pysparkplug_as_host_application_decodes_births_and_data_and_gets_a_rebirth() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    support::load_typed_values(&sim);
+    let broker = support::broker();
+    let port = broker.ports.tcp().port();
+    let (group, node) = (testing::unique("grp"), "edge-py");
+    let mut host = Host::start(port, &group, node).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(
+        port,
+        free_port(),
+        dir.path(),
+        &format!(
+            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: {node}\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/site/area/line\n    poll_interval: 200ms\n    connection: {{ host: 127.0.0.1, port: {}, unit_id: 1, timeout: 500ms }}\n    tags:\n{}",
+            sim.addr.port(),
+            support::TYPED_TAGS
+        ),
+    );
+    let (stop, task) = support::start_gateway(cfg);
+
+    let births = host.until("DBIRTH").await;
+    assert!(
+        births.iter().any(|m| m["type"] == "NBIRTH"),
+        "NBIRTH before DBIRTH: {births:?}"
+    );
+    let dbirth = births.last().unwrap();
+    assert_eq!(dbirth["device"], "plc-1");
+    let by_name: HashMap<String, &serde_json::Value> = dbirth["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_owned(), m))
+        .collect();
+    for (tag, want) in support::expected_typed() {
+        let m = by_name
+            .get(tag)
+            .unwrap_or_else(|| panic!("{tag} not in the DBIRTH pysparkplug decoded: {dbirth}"));
+        match want.as_f64() {
+            // Floats as pysparkplug decodes them (a double; float32 tags travel as doubles).
+            Some(w) if want.is_f64() => {
+                let got = m["value"].as_f64().unwrap();
+                assert!((got - w).abs() < 1e-9, "{tag}: {got} != {w}");
+            }
+            _ => assert_eq!(m["value"], want, "{tag}"),
+        }
+    }
+
+    // A change in the PLC: DDATA, which pysparkplug resolves by alias to `i16`.
+    sim.registers.lock().unwrap().holding[210] = 7;
+    let ddata = loop {
+        let m = host.until("DDATA").await.pop().unwrap();
+        let hit = m["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "i16" && x["value"] == 7);
+        if hit {
+            break m;
+        }
+    };
+    assert_eq!(ddata["device"], "plc-1");
+
+    // The host asks for a rebirth: NBIRTH (seq 0) and the DBIRTH with the new value.
+    host.send("rebirth").await;
+    let again = host.until("NBIRTH").await;
+    assert_eq!(again.last().unwrap()["seq"], 0);
+    let db = host.until("DBIRTH").await.pop().unwrap();
+    let i16 = db["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "i16")
+        .cloned();
+    assert_eq!(i16.map(|m| m["value"].clone()), Some(serde_json::json!(7)));
+
+    host.send("quit").await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), host.child.wait()).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -73,6 +73,11 @@ fn defaults_without_a_file() {
     assert_eq!(c.broker.port, Some(1883));
     assert_eq!(c.broker.ws_port, Some(8083));
     assert_eq!(c.broker.max_inflight, 128);
+    assert_eq!(c.broker.max_topic_aliases, 10);
+    assert!(!c.gateway.sparkplug.enabled);
+    assert_eq!(c.gateway.sparkplug.group_id, "nexus");
+    assert!(c.gateway.sparkplug.uns);
+    assert_eq!(c.gateway.sparkplug.data_qos, 1);
     assert_eq!(c.mqtt.host, "127.0.0.1");
     assert_eq!(c.mqtt.effective_port(), 1883);
     assert!(c.mqtt.persistent_session);
@@ -414,6 +419,25 @@ alerts:
         &errs,
         "alerts.rules[5].severity: severity 5000 is not between 1 and 1000",
     );
+}
+
+#[test]
+fn sparkplug_ids_and_qos_are_checked() {
+    let errs = errors(
+        "gateway:\n  sparkplug:\n    enabled: true\n    group_id: a/b\n    edge_node_id: \"\"\n    data_qos: 2\n",
+    );
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("gateway.sparkplug.group_id") && e.contains('/')),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("gateway.sparkplug.edge_node_id")),
+        "{errs:?}"
+    );
+    assert_has(&errs, "gateway.sparkplug.data_qos: must be 0 or 1, not 2");
 }
 
 #[test]
