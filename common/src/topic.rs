@@ -293,6 +293,11 @@ pub mod sys {
 
     /// Topics an operator may publish to: write commands and alarm acknowledgements.
     pub const OPERATOR_PUBLISH: [&str; 3] = [CMD_WRITE, CMD_SET, ALARM_ACK];
+
+    /// Sparkplug B topics an operator may publish to, as a host application does: node and
+    /// device commands (a DCMD to Nexus's gateway becomes a write command) and host state.
+    pub const OPERATOR_SPARKPLUG: [&str; 3] =
+        ["spBv1.0/+/NCMD/+", "spBv1.0/+/DCMD/+/+", "spBv1.0/STATE/+"];
 }
 
 #[cfg(test)]

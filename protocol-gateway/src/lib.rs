@@ -346,7 +346,11 @@ async fn sparkplug_publisher(
             retain: false,
         }
     })));
-    client.subscriptions = vec![(ncmd, mqtt::QoS::AtLeastOnce)];
+    let dcmd = node.lock().unwrap_or_else(|e| e.into_inner()).dcmd_filter();
+    client.subscriptions = vec![
+        (ncmd, mqtt::QoS::AtLeastOnce),
+        (dcmd, mqtt::QoS::AtLeastOnce),
+    ];
     client.incoming_capacity = 16;
     let (handle, commands) = mqtt::connect(&cfg.mqtt, client, Some(&shell.mqtt_metrics), stop)?;
     let (max, buf_dir) = (cfg.gateway.buffer.max_size.0, dir.clone());
@@ -366,9 +370,24 @@ async fn sparkplug_publisher(
     )?;
     let acked = handle.acked();
     let qos = publisher::qos_of(sp.data_qos);
+    let command_results = nexus_common::metrics::counter_vec(
+        &shell.telemetry.registry,
+        "nexus_gateway_sparkplug_commands_total",
+        "Sparkplug commands to this edge node: rebirth requests, DCMDs forwarded to the command handler, and refused ones",
+        &["result"],
+    )?;
+    for r in ["rebirth", "forwarded", "refused"] {
+        command_results.with_label_values(&[r]);
+    }
     let publisher = Publisher::new(handle.clone(), buffer, settings, metrics)
         .with_live_log(publisher::LiveLog::new(live, acked))
-        .with_sparkplug(publisher::SparkplugOut::new(node, qos, commands))
+        .with_sparkplug(publisher::SparkplugOut::new(
+            node,
+            qos,
+            commands,
+            shell.mqtt.clone(),
+            command_results,
+        ))
         .with_disk_flag(
             shell
                 .telemetry

@@ -230,8 +230,13 @@ pub struct Publisher {
 pub struct SparkplugOut {
     pub node: Arc<Mutex<EdgeNode>>,
     pub data_qos: QoS,
-    /// NCMD messages for the node (a rebirth request).
+    /// NCMD and DCMD messages for the node.
     pub commands: mpsc::Receiver<nexus_common::mqtt::Message>,
+    /// Where a DCMD goes on as a write command (`$nexus/cmd/<device>/write`): a client other
+    /// than the data client, whose acknowledgements the live log counts.
+    pub command_out: MqttHandle,
+    /// `nexus_gateway_sparkplug_commands_total{result}`.
+    pub command_results: prometheus::IntCounterVec,
     births_due: bool,
 }
 
@@ -240,14 +245,58 @@ impl SparkplugOut {
         node: Arc<Mutex<EdgeNode>>,
         data_qos: QoS,
         commands: mpsc::Receiver<nexus_common::mqtt::Message>,
+        command_out: MqttHandle,
+        command_results: prometheus::IntCounterVec,
     ) -> SparkplugOut {
         SparkplugOut {
             node,
             data_qos,
             commands,
+            command_out,
+            command_results,
             births_due: true,
         }
     }
+}
+
+/// The write command a DCMD becomes (docs/commands.md): its topic and payload. The request id
+/// is a digest of the device and the DCMD's bytes, so a DCMD delivered twice is executed once
+/// (the command handler's duplicate check); the DCMD's timestamp is the command's `ts`, from
+/// which the handler's TTL counts.
+pub fn dcmd_command(
+    node: &EdgeNode,
+    device: &str,
+    payload: &[u8],
+) -> Result<(String, Vec<u8>), String> {
+    use sha2::{Digest, Sha256};
+    let (writes, ts) = node.dcmd_writes(device, payload)?;
+    let digest = Sha256::new()
+        .chain_update(device.as_bytes())
+        .chain_update([0])
+        .chain_update(payload)
+        .finalize();
+    let id: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    let writes: Vec<serde_json::Value> = writes
+        .iter()
+        .map(|(tag, v)| {
+            serde_json::json!({
+                "tag_id": tag,
+                "value": nexus_common::codec::json::value_to_json(Some(v)),
+            })
+        })
+        .collect();
+    let mut cmd = serde_json::json!({
+        "writes": writes,
+        "request_id": format!("sparkplug-{id}"),
+        "user": "sparkplug-host",
+    });
+    if let Some(ts) = ts.and_then(|t| i64::try_from(t).ok()) {
+        cmd["ts"] = ts.into();
+    }
+    Ok((
+        format!("$nexus/cmd/{device}/write"),
+        cmd.to_string().into_bytes(),
+    ))
 }
 
 impl Publisher {
@@ -779,17 +828,61 @@ impl Publisher {
         sent
     }
 
-    /// A Sparkplug command for the node: a rebirth request makes new births due.
+    /// A Sparkplug command: an NCMD rebirth request makes new births due; a DCMD becomes a
+    /// write command for the command handler, which validates, rate-limits, audits and runs it
+    /// as any other (the broker lets only operators publish a DCMD).
     async fn sparkplug_command(&mut self, msg: nexus_common::mqtt::Message) {
+        use nexus_common::codec::sparkplug::{MessageType, SparkplugTopic};
         let Some(sp) = &mut self.sparkplug else {
             return;
         };
-        if EdgeNode::is_rebirth_request(msg.payload()) {
-            tracing::info!(topic = ?msg.topic(), "Sparkplug rebirth requested");
-            sp.births_due = true;
-            self.pump().await;
-        } else {
-            tracing::warn!(topic = ?msg.topic(), "Sparkplug node command not understood (only Node Control/Rebirth is); ignored");
+        let topic = msg.topic().unwrap_or_default().to_owned();
+        let count = |sp: &SparkplugOut, r: &str| sp.command_results.with_label_values(&[r]).inc();
+        let parsed = SparkplugTopic::parse(&topic);
+        match parsed
+            .as_ref()
+            .map(|t| (t.message_type, t.device.as_deref()))
+        {
+            Ok((MessageType::NCmd, None)) => {
+                if EdgeNode::is_rebirth_request(msg.payload()) {
+                    tracing::info!(topic = %topic, "Sparkplug rebirth requested");
+                    count(sp, "rebirth");
+                    sp.births_due = true;
+                    self.pump().await;
+                } else {
+                    count(sp, "refused");
+                    tracing::warn!(topic = %topic, "Sparkplug node command not understood (only Node Control/Rebirth is); ignored");
+                }
+            }
+            Ok((MessageType::DCmd, Some(device))) => {
+                let cmd = {
+                    let node = sp.node.lock().unwrap_or_else(|e| e.into_inner());
+                    dcmd_command(&node, device, msg.payload())
+                };
+                let sent = match cmd {
+                    Ok((cmd_topic, payload)) => sp
+                        .command_out
+                        .publish(&cmd_topic, payload, QoS::AtLeastOnce, false)
+                        .await
+                        .map(|_| cmd_topic)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(cmd_topic) => {
+                        count(sp, "forwarded");
+                        tracing::info!(topic = %topic, command = %cmd_topic, "Sparkplug DCMD forwarded to the command handler");
+                    }
+                    Err(e) => {
+                        count(sp, "refused");
+                        tracing::warn!(topic = %topic, error = %e, "Sparkplug DCMD refused");
+                    }
+                }
+            }
+            _ => {
+                count(sp, "refused");
+                tracing::warn!(topic = %topic, "not a command for this Sparkplug node; ignored");
+            }
         }
     }
 

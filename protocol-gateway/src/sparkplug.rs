@@ -81,6 +81,9 @@ pub struct EdgeNode {
 /// A message to publish: topic and payload.
 pub type Out = (String, Vec<u8>);
 
+/// The writes of a DCMD, (tag, value) each, and its timestamp.
+pub type DcmdWrites = (Vec<(String, Value)>, Option<u64>);
+
 impl EdgeNode {
     /// A node whose `bdSeq` is kept in `dir` (None: in memory only).
     pub fn new(group: &str, node: &str, dir: Option<&Path>) -> EdgeNode {
@@ -290,6 +293,38 @@ impl EdgeNode {
         };
         out.push((self.topic(MessageType::DData, Some(device)), encode(&p)));
         out
+    }
+
+    /// The topic filter of the node's device commands (DCMD).
+    pub fn dcmd_filter(&self) -> String {
+        format!("{}/+", self.topic(MessageType::DCmd, None))
+    }
+
+    /// The writes a DCMD asks for on `device`: (tag, value) per metric, each named or by an
+    /// alias of this node's births; and the DCMD's timestamp. `Err` names what is wrong.
+    pub fn dcmd_writes(&self, device: &str, payload: &[u8]) -> Result<DcmdWrites, String> {
+        let p = sparkplug::decode(payload).map_err(|e| e.to_string())?;
+        let dev = self.devices.get(device);
+        let mut writes = Vec::with_capacity(p.metrics.len());
+        for m in &p.metrics {
+            let name = match (&m.name, m.alias) {
+                (Some(n), _) => n.clone(),
+                (None, Some(a)) => dev
+                    .and_then(|d| d.metrics.iter().find(|x| x.alias == a))
+                    .map(|x| x.name.clone())
+                    .ok_or_else(|| format!("alias {a} is not a metric of device {device}"))?,
+                (None, None) => return Err("a metric with neither name nor alias".into()),
+            };
+            let value = m
+                .value
+                .clone()
+                .ok_or_else(|| format!("metric {name} has no value"))?;
+            writes.push((name, value));
+        }
+        if writes.is_empty() {
+            return Err("no metrics".into());
+        }
+        Ok((writes, p.timestamp))
     }
 
     /// Whether an NCMD payload asks for a rebirth (`Node Control/Rebirth` = true).

@@ -306,7 +306,14 @@ impl Host {
         );
         let mut child = tokio::process::Command::new(py)
             .arg(script)
-            .args(["127.0.0.1", &port.to_string(), "svc", "svc-pw", group, node])
+            .args([
+                "127.0.0.1",
+                &port.to_string(),
+                testing::OPERATOR_USER.0,
+                testing::OPERATOR_USER.1,
+                group,
+                node,
+            ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -357,11 +364,12 @@ impl Host {
 }
 
 /// Interoperability: pysparkplug, an independent Sparkplug B implementation, as the host
-/// application of a gateway that polls a simulated PLC. It decodes the births (every tag's
-/// value as in the PLC), resolves DDATA aliases through them to the right tag and value, and
-/// its rebirth request gets new births.
+/// application (logged in as an operator) of a gateway that polls a simulated PLC, with the
+/// command handler beside it as in `nexus gateway`. It decodes the births (every tag's value
+/// as in the PLC), resolves DDATA aliases through them to the right tag and value, its rebirth
+/// request gets new births, and its DCMD (by alias) lands in the PLC and comes back as DDATA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pysparkplug_as_host_application_decodes_births_and_data_and_gets_a_rebirth() {
+async fn pysparkplug_as_host_application_decodes_births_and_data_gets_a_rebirth_and_writes() {
     let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
         .await
         .unwrap();
@@ -376,11 +384,18 @@ async fn pysparkplug_as_host_application_decodes_births_and_data_and_gets_a_rebi
         free_port(),
         dir.path(),
         &format!(
-            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: {node}\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/site/area/line\n    poll_interval: 200ms\n    connection: {{ host: 127.0.0.1, port: {}, unit_id: 1, timeout: 500ms }}\n    tags:\n{}",
+            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: {node}\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/site/area/line\n    poll_interval: 200ms\n    connection: {{ host: 127.0.0.1, port: {}, unit_id: 1, timeout: 500ms }}\n    tags:\n{}      - {{ id: setpoint, address: \"HR:260\", data_type: int16, access: readwrite, min: 0, max: 100 }}\n",
             sim.addr.port(),
             support::TYPED_TAGS
         ),
     );
+    let mut cfg = cfg;
+    cfg.commands.http_listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let commands = CancellationToken::new();
+    let handler = tokio::spawn(nexus_command_handler::run(
+        std::sync::Arc::new(cfg.clone()),
+        commands.clone(),
+    ));
     let (stop, task) = support::start_gateway(cfg);
 
     let births = host.until("DBIRTH").await;
@@ -438,8 +453,40 @@ async fn pysparkplug_as_host_application_decodes_births_and_data_and_gets_a_rebi
         .cloned();
     assert_eq!(i16.map(|m| m["value"].clone()), Some(serde_json::json!(7)));
 
+    // The host writes the setpoint by alias: it lands in the PLC, and comes back as DDATA.
+    // Out of the tag's range (min 0, max 100), the command handler refuses it.
+    host.send("dcmd plc-1 setpoint 142").await;
+    host.send("dcmd plc-1 setpoint 42").await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim.registers.lock().unwrap().holding[260] != 42 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the DCMD did not reach the PLC within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    loop {
+        let m = host.until("DDATA").await.pop().unwrap();
+        let v = m["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "setpoint")
+            .map(|x| x["value"].clone());
+        assert_ne!(
+            v,
+            Some(serde_json::json!(142)),
+            "a refused write never reached the PLC"
+        );
+        if v == Some(serde_json::json!(42)) {
+            break;
+        }
+    }
+
     host.send("quit").await;
     let _ = tokio::time::timeout(Duration::from_secs(5), host.child.wait()).await;
     stop.cancel();
     task.await.unwrap().unwrap();
+    commands.cancel();
+    handler.await.unwrap().unwrap();
 }

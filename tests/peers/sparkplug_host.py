@@ -6,8 +6,10 @@ Subscribes to spBv1.0/GROUP/#, decodes every message with pysparkplug (data metr
 to their names through the births it saw, as a host does), and prints one JSON line per
 message: {"type", "device", "seq", "metrics": [{"name", "alias", "datatype", "value",
 "historical"}]}. Reads commands from stdin, one per line:
-  rebirth  -> publish NCMD Node Control/Rebirth = true to NODE
-  quit     -> disconnect and exit
+  rebirth                   -> publish NCMD Node Control/Rebirth = true to NODE
+  dcmd DEVICE METRIC VALUE  -> publish DCMD to NODE/DEVICE setting METRIC (by the alias and
+                               datatype of the last DBIRTH, as a host does) to the integer VALUE
+  quit                      -> disconnect and exit
 """
 
 import json
@@ -39,9 +41,12 @@ def main():
     host, port, user, password, group, node = sys.argv[1:7]
     client = psp.Client(client_id=f"pysparkplug-host-{node}", username=user, password=password)
     connected = threading.Event()
+    births = {}  # device -> {metric name: (alias, datatype)}
 
     def on_message(_client, message):
         payload = message.payload
+        if str(message.topic.message_type) == "DBIRTH":
+            births[message.topic.device_id] = {m.name: (m.alias, m.datatype) for m in payload.metrics}
         metrics = []
         if hasattr(payload, "metrics"):
             metrics = [metric_json(m) for m in payload.metrics]
@@ -81,6 +86,23 @@ def main():
             )
             topic = psp.Topic(message_type=psp.MessageType.NCMD, group_id=group, edge_node_id=node)
             client.publish(psp.Message(topic=topic, payload=ncmd, qos=psp.QoS.AT_LEAST_ONCE, retain=False))
+        elif cmd.startswith("dcmd "):
+            _, device, name, value = cmd.split(" ", 3)
+            alias, datatype = births[device][name]
+            dcmd = psp.DCmd(
+                timestamp=psp.get_current_timestamp(),
+                metrics=(
+                    psp.Metric(
+                        timestamp=psp.get_current_timestamp(),
+                        name=None,
+                        alias=alias,
+                        datatype=datatype,
+                        value=int(value),
+                    ),
+                ),
+            )
+            topic = psp.Topic(message_type=psp.MessageType.DCMD, group_id=group, edge_node_id=node, device_id=device)
+            client.publish(psp.Message(topic=topic, payload=dcmd, qos=psp.QoS.AT_LEAST_ONCE, retain=False))
         elif cmd == "quit":
             break
     client.disconnect()

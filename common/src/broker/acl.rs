@@ -13,8 +13,9 @@
 //!    `$share/nexus-*` group;
 //! 3. the `broker.acl` rules, first match wins;
 //! 4. each role's defaults: everyone may subscribe to anything; operators and admins may
-//!    publish write commands and alarm acknowledgements; a publisher may publish under its
-//!    `publish` filters; nothing else may be published.
+//!    publish write commands, alarm acknowledgements, and Sparkplug B commands and host state
+//!    (NCMD, DCMD, STATE); a publisher may publish under its `publish` filters; nothing else
+//!    may be published.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -251,6 +252,13 @@ impl Acl {
                         Err(format!("publishing {topic} needs the operator role"))
                     };
                 }
+                if who.role.includes(Role::Operator)
+                    && sys::OPERATOR_SPARKPLUG
+                        .iter()
+                        .any(|f| filter_matches(f, filter))
+                {
+                    return Ok(());
+                }
                 if who.role == Role::Publisher
                     && who.publish.iter().any(|f| filter_matches(f, filter))
                 {
@@ -392,6 +400,23 @@ mod tests {
         assert!(pubs(&op, cmd).is_ok());
         assert!(pubs(&op, "$nexus/cmd/plc-1/setpoint/set").is_ok());
         assert!(pubs(&op, "$nexus/alarms/ack").is_ok());
+        // Sparkplug host application: commands and state, not data.
+        for t in [
+            "spBv1.0/g/NCMD/edge",
+            "spBv1.0/g/DCMD/edge/plc-1",
+            "spBv1.0/STATE/scada",
+        ] {
+            assert!(pubs(&op, t).is_ok(), "{t}");
+            assert!(pubs(&admin, t).is_ok(), "{t}");
+            assert!(pubs(&view, t).is_err(), "{t}");
+            assert!(pubs(&anon, t).is_err(), "{t}");
+        }
+        assert!(pubs(&op, "spBv1.0/g/DDATA/edge/plc-1").is_err());
+        assert!(pubs(&op, "spBv1.0/g/NBIRTH/edge").is_err());
+        assert!(
+            pubs(&op, "spBv1.0/g/DCMD/edge").is_err(),
+            "a DCMD names a device"
+        );
         assert!(pubs(&admin, cmd).is_ok());
         assert!(pubs(&view, cmd)
             .unwrap_err()

@@ -257,3 +257,83 @@ fn rebirth_requests_are_recognised() {
     assert!(!EdgeNode::is_rebirth_request(&ask(Value::Bool(false))));
     assert!(!EdgeNode::is_rebirth_request(b"garbage"));
 }
+
+fn dcmd(metrics: Vec<SpMetric>) -> Vec<u8> {
+    sparkplug::encode(&SpPayload {
+        timestamp: Some(1234),
+        seq: None,
+        metrics,
+    })
+    .unwrap()
+}
+
+#[test]
+fn dcmd_metrics_are_resolved_by_name_or_by_the_births_aliases() {
+    let mut n = EdgeNode::new("g", "edge", None);
+    n.births();
+    n.data(
+        "d",
+        &[
+            sample("d", "a", vo(Some(Value::Int(1)), Quality::Good, 1)),
+            sample("d", "sp", vo(Some(Value::Int(1)), Quality::Good, 1)),
+        ],
+        false,
+    );
+    let by_alias = dcmd(vec![SpMetric {
+        alias: Some(2),
+        datatype: Some(SpDataType::Int64),
+        value: Some(Value::Int(42)),
+        ..Default::default()
+    }]);
+    let (writes, ts) = n.dcmd_writes("d", &by_alias).unwrap();
+    assert_eq!(writes, [("sp".to_owned(), Value::Int(42))]);
+    assert_eq!(ts, Some(1234));
+    let by_name = dcmd(vec![SpMetric {
+        name: Some("a".into()),
+        datatype: Some(SpDataType::Boolean),
+        value: Some(Value::Bool(true)),
+        ..Default::default()
+    }]);
+    assert_eq!(
+        n.dcmd_writes("d", &by_name).unwrap().0,
+        [("a".to_owned(), Value::Bool(true))]
+    );
+    // Refused, naming what is wrong.
+    let unknown = dcmd(vec![SpMetric {
+        alias: Some(99),
+        datatype: Some(SpDataType::Int64),
+        value: Some(Value::Int(1)),
+        ..Default::default()
+    }]);
+    let e = n.dcmd_writes("d", &unknown).unwrap_err();
+    assert!(e.contains("alias 99"), "{e}");
+    assert!(
+        n.dcmd_writes("other", &by_alias).is_err(),
+        "another device's alias"
+    );
+    let null = dcmd(vec![SpMetric {
+        name: Some("a".into()),
+        datatype: Some(SpDataType::Int64),
+        ..Default::default()
+    }]);
+    assert!(n.dcmd_writes("d", &null).unwrap_err().contains("no value"));
+    assert!(n.dcmd_writes("d", &dcmd(vec![])).is_err());
+    assert!(n.dcmd_writes("d", b"\xff\xff").is_err());
+
+    // The write command: the same DCMD twice is the same request (executed once).
+    let (topic, p1) = crate::publisher::dcmd_command(&n, "d", &by_alias).unwrap();
+    let (_, p2) = crate::publisher::dcmd_command(&n, "d", &by_alias).unwrap();
+    assert_eq!(topic, "$nexus/cmd/d/write");
+    assert_eq!(p1, p2);
+    let cmd: serde_json::Value = serde_json::from_slice(&p1).unwrap();
+    assert_eq!(cmd["writes"][0]["tag_id"], "sp");
+    assert_eq!(cmd["writes"][0]["value"], 42);
+    assert_eq!(cmd["ts"], 1234);
+    assert!(cmd["request_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("sparkplug-"));
+    let (_, other) = crate::publisher::dcmd_command(&n, "d", &by_name).unwrap();
+    let other: serde_json::Value = serde_json::from_slice(&other).unwrap();
+    assert_ne!(other["request_id"], cmd["request_id"]);
+}
