@@ -11,6 +11,8 @@
 //!   changes type;
 //! - publishes DDATA by exception (the gateway's deadband and heartbeat), metrics by alias,
 //!   `seq` 0-255 across all of the node's messages after the NBIRTH (which has 0);
+//! - publishes DDEATH when a device cannot be read (every tag not connected or failing to
+//!   communicate), and its DBIRTH again with its first value after that;
 //! - marks values from the store-and-forward buffer `is_historical`.
 //!
 //! A value with bad quality is a null metric (Sparkplug has no quality of its own).
@@ -24,7 +26,7 @@ use nexus_common::codec::sparkplug::{
 };
 use nexus_common::codec::ValueObject;
 use nexus_common::domain::{now_ms, QualityClass};
-use nexus_common::Value;
+use nexus_common::{Quality, Value};
 
 /// The node metric a host sets to ask for new births.
 pub const REBIRTH: &str = "Node Control/Rebirth";
@@ -50,6 +52,8 @@ struct DeviceDef {
     by_name: HashMap<String, usize>,
     /// A DBIRTH with the current metrics went out on this connection.
     born: bool,
+    /// The device cannot be reached (its DDEATH went out); a value brings its DBIRTH again.
+    offline: bool,
 }
 
 /// One value to publish: device, metric (tag) and the value object.
@@ -181,9 +185,27 @@ impl EdgeNode {
         let mut out = vec![(self.topic(MessageType::NBirth, None), encode(&nbirth))];
         let names: Vec<String> = self.devices.keys().cloned().collect();
         for d in names {
-            out.push(self.dbirth(&d));
+            let offline = self.devices.get_mut(&d).is_some_and(|dev| {
+                dev.born = false;
+                dev.offline
+            });
+            if !offline {
+                out.push(self.dbirth(&d));
+            }
         }
         out
+    }
+
+    /// Whether every sample says the device could not be read (a failed poll, an open
+    /// circuit breaker), rather than some tags being bad.
+    fn unreachable(samples: &[Sample<'_>]) -> bool {
+        !samples.is_empty()
+            && samples.iter().all(|s| {
+                matches!(
+                    s.value.quality,
+                    Quality::BadNotConnected | Quality::BadCommFailure
+                )
+            })
     }
 
     /// The DBIRTH of `device`: every metric with its name, alias, datatype, unit and value.
@@ -216,6 +238,30 @@ impl EdgeNode {
     /// The messages for `samples` of one device: a DBIRTH first when a metric is new or
     /// changed type (or the device has not been born on this connection), then one DDATA.
     pub fn data(&mut self, device: &str, samples: &[Sample<'_>], historical: bool) -> Vec<Out> {
+        // A device that cannot be read: DDEATH once (its metrics keep their last values for
+        // the DBIRTH when it returns), nothing while it stays so.
+        if !historical && Self::unreachable(samples) {
+            let dev = self.devices.entry(device.to_owned()).or_default();
+            if dev.offline {
+                return Vec::new();
+            }
+            dev.offline = true;
+            let was_born = std::mem::replace(&mut dev.born, false);
+            if !was_born {
+                return Vec::new();
+            }
+            let p = SpPayload {
+                timestamp: Some(now_ms() as u64),
+                seq: Some(self.next_seq()),
+                metrics: Vec::new(),
+            };
+            return vec![(self.topic(MessageType::DDeath, Some(device)), encode(&p))];
+        }
+        if !historical {
+            if let Some(dev) = self.devices.get_mut(device) {
+                dev.offline = false;
+            }
+        }
         let mut rebirth = false;
         let mut metrics = Vec::with_capacity(samples.len());
         for s in samples {

@@ -490,3 +490,60 @@ async fn pysparkplug_as_host_application_decodes_births_and_data_gets_a_rebirth_
     commands.cancel();
     handler.await.unwrap().unwrap();
 }
+
+/// A device that cannot be read: DDEATH (once), and when it answers again its DBIRTH with
+/// the current values, then DDATA; the node and its other messages keep their `seq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_cannot_be_read_dies_and_is_born_again() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let sim_port = sim.addr.port();
+    sim.registers.lock().unwrap().holding[1] = 11;
+    let broker = support::broker();
+    let port = broker.ports.tcp().port();
+    let token = CancellationToken::new();
+    let group = testing::unique("grp");
+    let (_s, mut rx) = support::subscriber(port, &[&format!("spBv1.0/{group}/#")], &token).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(
+        port,
+        free_port(),
+        dir.path(),
+        &format!(
+            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: edge\n    uns: false\n  breaker: {{ window: 4, min_requests: 2, open_for: 500ms }}\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/a/b/c\n    poll_interval: 100ms\n    connection: {{ host: 127.0.0.1, port: {sim_port}, unit_id: 1, timeout: 300ms }}\n    tags:\n      - {{ id: t, address: \"HR:1\", data_type: int16 }}\n"
+        ),
+    );
+    let (stop, task) = support::start_gateway(cfg);
+    let mut seen = until(&mut rx, MessageType::DBirth).await;
+    assert_eq!(
+        metric(&seen.last().unwrap().1, "t").value,
+        Some(Value::Int(11))
+    );
+
+    sim.stop();
+    drop(sim);
+    let more = until(&mut rx, MessageType::DDeath).await;
+    assert_eq!(more.last().unwrap().0.device.as_deref(), Some("plc-1"));
+    seen.extend(more);
+    // Nothing more for the device while it stays unreachable.
+    let quiet = collect(&mut rx, Duration::from_secs(1), Duration::from_secs(2)).await;
+    assert!(
+        quiet.iter().all(|(t, _)| t.device.is_none()),
+        "messages for a dead device: {quiet:?}"
+    );
+    seen.extend(quiet);
+
+    let sim = ModbusSimulator::start(format!("127.0.0.1:{sim_port}").parse().unwrap(), None)
+        .await
+        .unwrap();
+    sim.registers.lock().unwrap().holding[1] = 12;
+    let more = until(&mut rx, MessageType::DBirth).await;
+    let (_, db) = more.last().unwrap().clone();
+    seen.extend(more);
+    assert_eq!(metric(&db, "t").value, Some(Value::Int(12)));
+    seen.extend(until(&mut rx, MessageType::DData).await);
+    check_seq(&seen);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

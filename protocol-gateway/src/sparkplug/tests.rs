@@ -100,7 +100,7 @@ fn births_then_data_by_alias_with_seq_across_the_node() {
         &[sample(
             "plc-1",
             "temp",
-            vo(Some(Value::Float(22.0)), Quality::BadNotConnected, 2000),
+            vo(Some(Value::Float(22.0)), Quality::BadSensorFailure, 2000),
         )],
         false,
     );
@@ -336,4 +336,51 @@ fn dcmd_metrics_are_resolved_by_name_or_by_the_births_aliases() {
     let (_, other) = crate::publisher::dcmd_command(&n, "d", &by_name).unwrap();
     let other: serde_json::Value = serde_json::from_slice(&other).unwrap();
     assert_ne!(other["request_id"], cmd["request_id"]);
+}
+
+#[test]
+fn an_unreachable_device_dies_once_and_is_born_again_with_its_next_value() {
+    let mut n = EdgeNode::new("g", "edge", None);
+    n.births();
+    let good = |v: i64| sample("d", "a", vo(Some(Value::Int(v)), Quality::Good, v));
+    let gone = |q| sample("d", "a", vo(Some(Value::Int(1)), q, 5));
+    n.data("d", &[good(1)], false);
+    // Unreachable: DDEATH once, then nothing.
+    let out = n.data("d", &[gone(Quality::BadCommFailure)], false);
+    assert_eq!(out.len(), 1);
+    let (t, p) = decoded(&out[0]);
+    assert_eq!(t.message_type, MessageType::DDeath);
+    assert!(p.seq.is_some() && p.metrics.is_empty());
+    assert!(n
+        .data("d", &[gone(Quality::BadNotConnected)], false)
+        .is_empty());
+    // A rebirth meanwhile leaves it out.
+    assert_eq!(n.births().len(), 1, "NBIRTH only: the device is offline");
+    // Back: DBIRTH with the new value, then DDATA.
+    let out = n.data("d", &[good(7)], false);
+    assert_eq!(out.len(), 2);
+    let (t, db) = decoded(&out[0]);
+    assert_eq!(t.message_type, MessageType::DBirth);
+    assert_eq!(db.metrics[0].value, Some(Value::Int(7)));
+    // Some bad tags are not a dead device: DDATA with a null.
+    let out = n.data(
+        "d",
+        &[
+            good(8),
+            sample("d", "b", vo(None, Quality::BadDeviceFailure, 8)),
+        ],
+        false,
+    );
+    assert_eq!(
+        decoded(out.last().unwrap()).0.message_type,
+        MessageType::DData
+    );
+    // A device never heard from that cannot be read: nothing to say.
+    assert!(n
+        .data(
+            "new",
+            &[sample("new", "a", vo(None, Quality::BadCommFailure, 1))],
+            false
+        )
+        .is_empty());
 }
