@@ -351,6 +351,11 @@ async fn sparkplug_publisher(
         (ncmd, mqtt::QoS::AtLeastOnce),
         (dcmd, mqtt::QoS::AtLeastOnce),
     ];
+    if let Some(host) = &sp.primary_host_id {
+        client
+            .subscriptions
+            .push((publisher::state_topic(host), mqtt::QoS::AtLeastOnce));
+    }
     client.incoming_capacity = 16;
     let (handle, commands) = mqtt::connect(&cfg.mqtt, client, Some(&shell.mqtt_metrics), stop)?;
     let (max, buf_dir) = (cfg.gateway.buffer.max_size.0, dir.clone());
@@ -381,13 +386,19 @@ async fn sparkplug_publisher(
     }
     let publisher = Publisher::new(handle.clone(), buffer, settings, metrics)
         .with_live_log(publisher::LiveLog::new(live, acked))
-        .with_sparkplug(publisher::SparkplugOut::new(
-            node,
-            qos,
-            commands,
-            shell.mqtt.clone(),
-            command_results,
-        ))
+        .with_sparkplug({
+            let out = publisher::SparkplugOut::new(
+                node,
+                qos,
+                commands,
+                shell.mqtt.clone(),
+                command_results,
+            );
+            match &sp.primary_host_id {
+                Some(host) => out.with_primary_host(host),
+                None => out,
+            }
+        })
         .with_disk_flag(
             shell
                 .telemetry

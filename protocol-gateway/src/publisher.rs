@@ -238,6 +238,11 @@ pub struct SparkplugOut {
     /// `nexus_gateway_sparkplug_commands_total{result}`.
     pub command_results: prometheus::IntCounterVec,
     births_due: bool,
+    /// The primary host's STATE topic, when the node waits for it.
+    primary_host: Option<String>,
+    /// The primary host said it is online (its last STATE), and that STATE's timestamp.
+    host_online: bool,
+    host_ts: i64,
 }
 
 impl SparkplugOut {
@@ -255,8 +260,35 @@ impl SparkplugOut {
             command_out,
             command_results,
             births_due: true,
+            primary_host: None,
+            host_online: true,
+            host_ts: i64::MIN,
         }
     }
+
+    /// Publish only while the primary host application `host_id` says it is online
+    /// (`spBv1.0/STATE/<host_id>`, which the node's client must subscribe to); meanwhile
+    /// values wait in the store-and-forward buffer.
+    pub fn with_primary_host(mut self, host_id: &str) -> SparkplugOut {
+        self.primary_host = Some(state_topic(host_id));
+        self.host_online = false;
+        self
+    }
+}
+
+/// `spBv1.0/STATE/<host_id>`: a Sparkplug host application's state.
+pub fn state_topic(host_id: &str) -> String {
+    format!(
+        "{}/STATE/{host_id}",
+        nexus_common::codec::sparkplug::NAMESPACE
+    )
+}
+
+/// A STATE payload (Sparkplug 3.0: `{"online": bool, "timestamp": ms}`): whether online, and
+/// when the host said so.
+fn parse_state(payload: &[u8]) -> Option<(bool, i64)> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    Some((v.get("online")?.as_bool()?, v.get("timestamp")?.as_i64()?))
 }
 
 /// The write command a DCMD becomes (docs/commands.md): its topic and payload. The request id
@@ -326,6 +358,12 @@ impl Publisher {
         flag.set(true);
         self.disk_flag = Some(flag);
         self
+    }
+
+    /// Connected, and (Sparkplug with a primary host) the host is online: values go out live;
+    /// otherwise they wait in the store-and-forward buffer.
+    fn can_publish(&self) -> bool {
+        self.mqtt.is_connected() && self.sparkplug.as_ref().is_none_or(|sp| sp.host_online)
     }
 
     /// A write of the live log or the buffer failed (`Some(error)`) or succeeded (`None`).
@@ -456,7 +494,7 @@ impl Publisher {
     /// window allows. While the broker is away, to the store-and-forward buffer instead.
     async fn log_batch(&mut self, records: Vec<Record>) {
         let Some(live) = &self.live else { return };
-        if !self.mqtt.is_connected() {
+        if !self.can_publish() {
             return self.buffer_records(records).await;
         }
         let disk = live.disk.clone();
@@ -498,7 +536,7 @@ impl Publisher {
     fn takes_batches(&self) -> bool {
         self.live
             .as_ref()
-            .is_none_or(|l| l.len() < LIVE_MAX || !self.mqtt.is_connected())
+            .is_none_or(|l| l.len() < LIVE_MAX || !self.can_publish())
     }
 
     /// Hand live values to the client while it is connected and the window has room.
@@ -554,7 +592,7 @@ impl Publisher {
         let window = self.settings.window;
         let mut handed = 0u64;
         loop {
-            if !self.mqtt.is_connected() || !self.publish_births().await {
+            if !self.can_publish() || !self.publish_births().await {
                 break;
             }
             let (Some(live), Some(sp)) = (&mut self.live, &self.sparkplug) else {
@@ -799,7 +837,7 @@ impl Publisher {
     async fn replay_sparkplug(&mut self, batch: Vec<Record>) -> usize {
         let mut batch: VecDeque<Record> = batch.into();
         let mut sent = 0;
-        while self.mqtt.is_connected() && self.publish_births().await {
+        while self.can_publish() && self.publish_births().await {
             let group = take_group(&mut batch, |r| &r.topic);
             let Some(sp) = &self.sparkplug else { break };
             if group.is_empty() {
@@ -831,12 +869,15 @@ impl Publisher {
     /// A Sparkplug command: an NCMD rebirth request makes new births due; a DCMD becomes a
     /// write command for the command handler, which validates, rate-limits, audits and runs it
     /// as any other (the broker lets only operators publish a DCMD).
-    async fn sparkplug_command(&mut self, msg: nexus_common::mqtt::Message) {
+    async fn sparkplug_command(&mut self, msg: nexus_common::mqtt::Message) -> bool {
         use nexus_common::codec::sparkplug::{MessageType, SparkplugTopic};
         let Some(sp) = &mut self.sparkplug else {
-            return;
+            return false;
         };
         let topic = msg.topic().unwrap_or_default().to_owned();
+        if sp.primary_host.as_deref() == Some(topic.as_str()) {
+            return self.host_state(msg.payload()).await;
+        }
         let count = |sp: &SparkplugOut, r: &str| sp.command_results.with_label_values(&[r]).inc();
         let parsed = SparkplugTopic::parse(&topic);
         match parsed
@@ -883,6 +924,42 @@ impl Publisher {
                 count(sp, "refused");
                 tracing::warn!(topic = %topic, "not a command for this Sparkplug node; ignored");
             }
+        }
+        false
+    }
+
+    /// The primary host's STATE. Online: births, then what waited is published. Offline:
+    /// NDEATH, and values wait in the store-and-forward buffer. A STATE older than the last
+    /// one taken (a stale retained message) is ignored. Returns whether the host came online.
+    async fn host_state(&mut self, payload: &[u8]) -> bool {
+        let Some(sp) = &mut self.sparkplug else {
+            return false;
+        };
+        let Some((online, ts)) = parse_state(payload) else {
+            tracing::warn!(
+                "primary host STATE is not {{\"online\": bool, \"timestamp\": ms}}; ignored"
+            );
+            return false;
+        };
+        if ts < sp.host_ts || online == sp.host_online {
+            sp.host_ts = sp.host_ts.max(ts);
+            return false;
+        }
+        sp.host_ts = ts;
+        sp.host_online = online;
+        if online {
+            tracing::info!("Sparkplug primary host online: births, then the values kept meanwhile");
+            sp.births_due = true;
+            self.pump().await;
+            true
+        } else {
+            tracing::warn!("Sparkplug primary host offline: the node publishes NDEATH and keeps values until it returns");
+            let (topic, payload) = sp.node.lock().unwrap_or_else(|e| e.into_inner()).ndeath();
+            let _ = self
+                .mqtt
+                .publish(&topic, payload, QoS::AtMostOnce, false)
+                .await;
+            false
         }
     }
 
@@ -948,7 +1025,14 @@ impl Publisher {
                         None => std::future::pending().await,
                     }
                 } => match cmd {
-                    Some(msg) => self.sparkplug_command(msg).await,
+                    Some(msg) => {
+                        // The primary host came online: what waited is replayed after the
+                        // births, as after a reconnect.
+                        if self.sparkplug_command(msg).await && self.mqtt.is_connected() {
+                            connected_since = Some(Instant::now());
+                            waiting = true;
+                        }
+                    }
                     None => {
                         // No more commands (the client stopped); keep publishing.
                         if let Some(sp) = &mut self.sparkplug {

@@ -547,3 +547,134 @@ async fn a_device_that_cannot_be_read_dies_and_is_born_again() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// With `primary_host_id` the node publishes only while the primary host's STATE says it is
+/// online: before that and while it is offline nothing goes out (values wait in the
+/// store-and-forward buffer), then births and the kept values as historical DDATA. An offline
+/// STATE brings NDEATH; a STATE older than the last one is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical() {
+    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let set = |v: u16| sim.registers.lock().unwrap().holding[1] = v;
+    set(1);
+    let broker = support::broker();
+    let port = broker.ports.tcp().port();
+    let token = CancellationToken::new();
+    let group = testing::unique("grp");
+    let (_s, mut rx) = support::subscriber(port, &[&format!("spBv1.0/{group}/#")], &token).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(
+        port,
+        free_port(),
+        dir.path(),
+        &format!(
+            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: edge\n    primary_host_id: scada\n    uns: false\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/a/b/c\n    poll_interval: 100ms\n    connection: {{ host: 127.0.0.1, port: {}, unit_id: 1, timeout: 300ms }}\n    tags:\n      - {{ id: t, address: \"HR:1\", data_type: int16 }}\n",
+            sim.addr.port()
+        ),
+    );
+    let (stop, task) = support::start_gateway(cfg);
+    let mut c = testing::mqtt_config(port);
+    c.username = Some(testing::OPERATOR_USER.0.into());
+    c.password = Some(nexus_common::config::Secret::new(testing::OPERATOR_USER.1));
+    c.persistent_session = false;
+    let (host, _) = mqtt::connect(
+        &c,
+        ClientSettings::new(testing::unique("scada")),
+        None,
+        token.clone(),
+    )
+    .unwrap();
+    host.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let state = |online: bool, ts: i64| {
+        let host = host.clone();
+        async move {
+            let p = serde_json::json!({"online": online, "timestamp": ts}).to_string();
+            host.publish(
+                "spBv1.0/STATE/scada",
+                p.into_bytes(),
+                QoS::AtLeastOnce,
+                true,
+            )
+            .await
+            .unwrap();
+        }
+    };
+
+    // No host yet: nothing, while the value changes.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    set(2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    set(3);
+    let quiet = collect(
+        &mut rx,
+        Duration::from_millis(800),
+        Duration::from_millis(800),
+    )
+    .await;
+    assert!(
+        quiet.is_empty(),
+        "published before the host was online: {quiet:?}"
+    );
+
+    // Online: births, then what was kept, marked historical.
+    let t0 = nexus_common::now_ms();
+    state(true, t0).await;
+    let got = until(&mut rx, MessageType::DBirth).await;
+    assert_eq!(got[0].0.message_type, MessageType::NBirth, "{got:?}");
+    let mut kept = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(kept.contains(&1) && kept.contains(&2)) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "kept values not replayed: {kept:?}"
+        );
+        let (t, p) = until(&mut rx, MessageType::DData).await.pop().unwrap();
+        assert_eq!(t.device.as_deref(), Some("plc-1"));
+        for m in p.metrics.iter().filter(|m| m.historical) {
+            if let Some(Value::Int(v)) = m.value {
+                kept.push(v);
+            }
+        }
+    }
+
+    // A stale offline STATE (older than the online one) changes nothing.
+    state(false, t0 - 1000).await;
+    set(4);
+    let m = until(&mut rx, MessageType::DData).await;
+    assert!(
+        m.iter().all(|(t, _)| t.message_type != MessageType::NDeath),
+        "{m:?}"
+    );
+
+    // Offline: NDEATH, then silence; the change meanwhile comes as historical after the return.
+    state(false, t0 + 1).await;
+    until(&mut rx, MessageType::NDeath).await;
+    set(9);
+    let quiet = collect(
+        &mut rx,
+        Duration::from_millis(800),
+        Duration::from_millis(800),
+    )
+    .await;
+    assert!(
+        quiet.is_empty(),
+        "published while the host was offline: {quiet:?}"
+    );
+    state(true, t0 + 2).await;
+    until(&mut rx, MessageType::NBirth).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(tokio::time::Instant::now() < end, "9 not replayed");
+        let (_, p) = until(&mut rx, MessageType::DData).await.pop().unwrap();
+        if p.metrics
+            .iter()
+            .any(|m| m.historical && m.value == Some(Value::Int(9)))
+        {
+            break;
+        }
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -58,6 +58,9 @@ pub struct SparkplugConfig {
     /// The edge node id (default: `telemetry.instance`, else `gateway`); each gateway of a
     /// shard needs its own.
     pub edge_node_id: Option<String>,
+    /// The primary host application to wait for (default none): the node publishes only
+    /// while `spBv1.0/STATE/<primary_host_id>` says it is online, and keeps values meanwhile.
+    pub primary_host_id: Option<String>,
     /// Keep publishing the UNS JSON values too (default true).
     pub uns: bool,
     /// QoS of NDATA/DDATA (default 1, so the broker acknowledges each message and the
@@ -72,6 +75,7 @@ impl Default for SparkplugConfig {
             enabled: false,
             group_id: "nexus".into(),
             edge_node_id: None,
+            primary_host_id: None,
             uns: true,
             data_qos: 1,
         }
@@ -88,6 +92,9 @@ impl SparkplugConfig {
         level("gateway.sparkplug.group_id", &self.group_id, p);
         if let Some(n) = &self.edge_node_id {
             level("gateway.sparkplug.edge_node_id", n, p);
+        }
+        if let Some(h) = &self.primary_host_id {
+            level("gateway.sparkplug.primary_host_id", h, p);
         }
         if self.data_qos > 1 {
             p.push(
