@@ -57,7 +57,13 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
     )];
     let payloads = nexus_common::codec::payload::Decoder::new(&cfg.payloads)
         .map_err(|e| anyhow::anyhow!("payloads: {e}"))?;
-    let mut filters = engine.filters();
+    // A rule on a Sparkplug metric (`spBv1.0/<group>/<edge node>/<device>/<metric>`) needs
+    // the group's messages, births included (they name the aliases).
+    let mut filters: Vec<String> = engine
+        .filters()
+        .into_iter()
+        .map(|f| nexus_common::codec::sparkplug_host::subscription_for(&f).unwrap_or(f))
+        .collect();
     // A UMH message holds the values of topics below its own (`<topic>/<key>`), which a
     // rule's filter may match while the message's topic does not: take those messages too.
     if !filters.is_empty() {
@@ -74,7 +80,12 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
         subscriptions.extend(filters.into_iter().map(|f| (f, QoS::AtLeastOnce)));
     }
     let rules = engine.rules().len();
-    let alerts = service::Alerts::new(engine, metrics, cfg.alerts.max_areas);
+    let alerts = service::Alerts::new(
+        engine,
+        metrics,
+        cfg.alerts.max_areas,
+        cfg.alerts.sparkplug_max_aliases,
+    );
     alerts.set_payloads(payloads);
     if !cfg.alerts.webhooks.is_empty() {
         alerts.set_notifier(webhook::Notifier::start(

@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nexus_common::bounded::{text_weight, BoundedMap, MapStats, StateMetrics};
+use nexus_common::codec::json::ValueObject;
 use nexus_common::codec::payload::{self, Decoder};
+use nexus_common::codec::sparkplug_host::SparkplugNames;
 use nexus_common::metrics::{self, MetricError};
 use nexus_common::mqtt::{Message, MqttHandle, QoS};
 use nexus_common::now_ms;
+use nexus_common::Quality;
 use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +95,11 @@ impl AlertMetrics {
             state: StateMetrics::new(r, "nexus_alerts")?,
         };
         // Every reason's series from the start, at 0.
-        for reason in payload::REASONS.iter().chain(&["bad_ack"]) {
+        for reason in payload::REASONS
+            .iter()
+            .chain(&["bad_ack", "unknown_alias", "sparkplug_metric"])
+            .chain(&["sparkplug_topic", "sparkplug_decode"])
+        {
             m.malformed.with_label_values(&[reason]);
         }
         Ok(m)
@@ -207,6 +214,8 @@ pub struct Alerts {
     mqtt: std::sync::OnceLock<MqttHandle>,
     /// How each topic's payloads are read (`payloads`); value objects until set.
     payloads: std::sync::OnceLock<Decoder>,
+    /// The Sparkplug births seen, to name data metrics (rules on `spBv1.0/...`).
+    sparkplug: Mutex<SparkplugNames>,
     metrics: AlertMetrics,
     /// The alarm states on disk, the retained payloads they mirror, and what the file held at
     /// start (taken by [`Alerts::run`]).
@@ -218,8 +227,18 @@ pub struct Alerts {
 impl Alerts {
     /// The service around `engine`; the flood rates keep `max_areas` areas, and the chattering
     /// windows as many alarms as the engine holds instances.
-    pub fn new(engine: Engine, metrics: AlertMetrics, max_areas: usize) -> Arc<Alerts> {
+    pub fn new(
+        engine: Engine,
+        metrics: AlertMetrics,
+        max_areas: usize,
+        sparkplug_aliases: usize,
+    ) -> Arc<Alerts> {
         let chatter = engine.limits().instances.capacity();
+        let sparkplug = SparkplugNames::new(metrics.state.map(
+            "sparkplug_aliases",
+            sparkplug_aliases,
+            true,
+        ));
         let rates = Rates::new(
             metrics.state.map("areas", max_areas, false),
             metrics.state.map("chattering", chatter, false),
@@ -233,6 +252,7 @@ impl Alerts {
             notifier: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
             payloads: std::sync::OnceLock::new(),
+            sparkplug: Mutex::new(sparkplug),
             metrics,
             state_file: std::sync::OnceLock::new(),
             states: Mutex::new(Default::default()),
@@ -443,6 +463,9 @@ impl Alerts {
         if topic.starts_with(ALARM_PREFIX) {
             return; // our own state and events
         }
+        if topic.starts_with("spBv1.0/") {
+            return self.on_sparkplug(topic, m.payload()).await;
+        }
         let decoded = match self.payloads.get() {
             Some(d) => d.decode(topic, m.payload()),
             None => Decoder::default().decode(topic, m.payload()),
@@ -465,6 +488,62 @@ impl Alerts {
             let mut changes = Vec::new();
             for s in &decoded.samples {
                 changes.extend(engine.on_value(s.topic(topic), &s.value, now));
+            }
+            changes
+        };
+        self.publish(changes).await;
+    }
+
+    /// A Sparkplug B message: each metric of a birth or data message is evaluated under its
+    /// name `spBv1.0/<group>/<edge node>[/<device>]/<metric>`, as ingestion stores it. Values
+    /// marked historical (sent late by store-and-forward) are not current and are not
+    /// evaluated. Data by an alias no birth announced is counted (`unknown_alias`) and the node
+    /// is asked for a rebirth.
+    async fn on_sparkplug(&self, topic: &str, payload: &[u8]) {
+        let read = self
+            .sparkplug
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(topic, payload);
+        let malformed = |reason: &str| self.metrics.malformed.with_label_values(&[reason]).inc();
+        if let Some((reason, detail)) = &read.refused {
+            malformed(reason);
+            tracing::debug!(%topic, error = %detail, "Sparkplug message not evaluated");
+        }
+        if read.bad_metric.is_some() {
+            malformed("sparkplug_metric");
+        }
+        if !read.unknown_aliases.is_empty() {
+            malformed("unknown_alias");
+            tracing::debug!(%topic, aliases = ?read.unknown_aliases, "Sparkplug aliases no birth announced");
+        }
+        if let (Some((t, p)), Some(mqtt)) = (read.rebirth, self.mqtt.get()) {
+            if let Err(e) = mqtt.publish(&t, p, QoS::AtLeastOnce, false).await {
+                tracing::debug!(error = %e, "cannot ask for a Sparkplug rebirth");
+            }
+        }
+        let now = now_ms();
+        let current: Vec<_> = read.metrics.into_iter().filter(|m| !m.historical).collect();
+        if current.is_empty() {
+            return;
+        }
+        self.metrics.values.inc_by(current.len() as u64);
+        let changes = {
+            let mut engine = self.lock();
+            let mut changes = Vec::new();
+            for m in current {
+                let value = ValueObject {
+                    quality: if m.value.is_some() {
+                        Quality::Good
+                    } else {
+                        Quality::Bad
+                    },
+                    value: m.value,
+                    ts_ms: m.ts_ms.and_then(|t| i64::try_from(t).ok()),
+                    source_ts_ms: None,
+                    unit: None,
+                };
+                changes.extend(engine.on_value(&m.topic, &value, now));
             }
             changes
         };

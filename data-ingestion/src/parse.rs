@@ -16,20 +16,17 @@
 //! and counted like any other. A birth with more aliases than fit is stored, but the aliases
 //! past the bound are not remembered (counted as refused).
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
-use nexus_common::bounded::{text_weight, BoundedMap, MapStats};
+use nexus_common::bounded::MapStats;
 use nexus_common::codec::json::ValueObject;
 use nexus_common::codec::payload::{self, Decoder, Sample};
-use nexus_common::codec::sparkplug::{self, MessageType, SpDataType, SparkplugTopic};
+use nexus_common::codec::sparkplug::SpDataType;
+use nexus_common::codec::sparkplug_host::SparkplugNames;
 use nexus_common::domain::{Quality, Value, ValueType};
 
 use crate::model::{Point, Reject, MAX_STORED_TOPIC_BYTES, MAX_UNIT_BYTES, MAX_VALUE_STR_BYTES};
 
 /// Latest time accepted (9999-12-31), in microseconds.
 const MAX_TS_US: i64 = 253_402_300_799_000_000;
-const REBIRTH_EVERY: Duration = Duration::from_secs(10);
 
 /// Reject labels the parser gives besides the payload decoders' ([`payload::REASONS`]).
 const OWN_REJECT_LABELS: [&str; 8] = [
@@ -68,38 +65,10 @@ pub struct Parsed {
     pub rebirth: Option<(String, Vec<u8>)>,
 }
 
-struct Node {
-    /// Aliases of the node (device `""`) and its devices: alias -> (name, datatype).
-    aliases: HashMap<(String, u64), (String, Option<SpDataType>)>,
-    last_rebirth: Option<Instant>,
-    /// Units of the alias table this node takes: one for itself, one per alias (more for
-    /// names longer than 256 bytes).
-    weight: usize,
-}
-
-impl Node {
-    fn new(key: &(String, String)) -> Node {
-        Node {
-            aliases: HashMap::new(),
-            last_rebirth: None,
-            weight: node_weight(key),
-        }
-    }
-}
-
-fn node_weight((group, edge_node): &(String, String)) -> usize {
-    text_weight(group.len() + edge_node.len())
-}
-
-fn alias_weight(device: &str, name: &str) -> usize {
-    text_weight(device.len() + name.len())
-}
-
 /// Parser state: the Sparkplug births seen, per `(group, edge node)`, in a table of
 /// `ingestion.sparkplug_max_aliases` units.
 pub struct Parser {
-    nodes: BoundedMap<(String, String), Node>,
-    stats: MapStats,
+    sparkplug: SparkplugNames,
     /// The format of each UNS topic's payloads (`payloads`).
     payloads: Decoder,
 }
@@ -211,8 +180,7 @@ impl Parser {
     /// A parser whose alias table holds `stats.capacity()` units, counted in `stats`.
     pub fn with_limit(stats: MapStats) -> Parser {
         Parser {
-            nodes: BoundedMap::new(stats.capacity()),
-            stats,
+            sparkplug: SparkplugNames::new(stats),
             payloads: Decoder::default(),
         }
     }
@@ -224,69 +192,7 @@ impl Parser {
 
     /// Edge nodes whose births are remembered now.
     pub fn nodes(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// The node `key`, made (and marked as heard from now) if needed; false when it cannot be
-    /// tracked (its ids alone are longer than the whole table).
-    fn touch_node(&mut self, key: &(String, String)) -> bool {
-        if self.nodes.get(key).is_some() {
-            return true;
-        }
-        let node = Node::new(key);
-        let weight = node.weight;
-        match self.nodes.insert(key.clone(), node, weight) {
-            Ok(s) => self.stats.evicted(s.evicted.len()),
-            Err(_) => {
-                self.stats.refused();
-                return false;
-            }
-        }
-        self.stats.size(&self.nodes);
-        true
-    }
-
-    fn forget_node(&mut self, key: &(String, String)) {
-        if self.nodes.remove(key).is_some() {
-            self.stats.size(&self.nodes);
-        }
-    }
-
-    /// Remember alias `alias` of `device` on node `key` from a birth, making room by
-    /// forgetting other nodes; an alias that does not fit is not remembered (counted).
-    fn remember(
-        &mut self,
-        key: &(String, String),
-        device: &str,
-        alias: u64,
-        name: &str,
-        dt: Option<SpDataType>,
-    ) {
-        let alias_key = (device.to_owned(), alias);
-        let Some(node) = self.nodes.peek_mut(key) else {
-            return;
-        };
-        // A repeated alias replaces the earlier one.
-        if let Some((old, _)) = node.aliases.remove(&alias_key) {
-            node.weight -= alias_weight(device, &old);
-        }
-        let without = node.weight;
-        let with = without + alias_weight(device, name);
-        match self.nodes.reweigh(key, with, |_, _| true) {
-            Ok(evicted) => {
-                self.stats.evicted(evicted.len());
-                if let Some(node) = self.nodes.peek_mut(key) {
-                    node.weight = with;
-                    node.aliases.insert(alias_key, (name.to_owned(), dt));
-                }
-            }
-            Err(()) => {
-                // Shrinking always succeeds: the table keeps what the node holds.
-                let _ = self.nodes.reweigh(key, without, |_, _| true);
-                self.stats.refused();
-            }
-        }
-        self.stats.size(&self.nodes);
+        self.sparkplug.nodes()
     }
 
     /// Parse one message received at `recv_us` (unix microseconds).
@@ -368,113 +274,19 @@ impl Parser {
     }
 
     fn sparkplug(&mut self, topic: &str, payload: &[u8], recv_us: i64, out: &mut Parsed) {
-        let t = match SparkplugTopic::parse(topic) {
-            Ok(t) => t,
-            Err(e) => {
-                // `spBv1.0/STATE/<host>` is a host application's state, not data.
-                if topic.starts_with("spBv1.0/STATE/") {
-                    out.ignored = Some("sparkplug_state");
-                } else {
-                    out.rejects
-                        .push(reject(topic, recv_us, e.reason(), &e.to_string(), payload));
-                }
-                return;
-            }
-        };
-        let kind = t.message_type;
-        match kind {
-            MessageType::NBirth | MessageType::DBirth | MessageType::NData | MessageType::DData => {
-            }
-            MessageType::NDeath => {
-                // Aliases are void until the next birth.
-                self.forget_node(&(t.group.clone(), t.edge_node.clone()));
-                out.ignored = Some("sparkplug_death");
-                return;
-            }
-            MessageType::DDeath => {
-                out.ignored = Some("sparkplug_death");
-                return;
-            }
-            MessageType::NCmd | MessageType::DCmd => {
-                out.ignored = Some("sparkplug_command");
-                return;
-            }
-            MessageType::State => {
-                out.ignored = Some("sparkplug_state");
-                return;
-            }
+        let read = self.sparkplug.read(topic, payload);
+        if let Some(kind) = read.ignored {
+            out.ignored = Some(kind);
+            return;
         }
-        let p = match sparkplug::decode(payload) {
-            Ok(p) => p,
-            Err(e) => {
-                out.rejects
-                    .push(reject(topic, recv_us, e.reason(), &e.to_string(), payload));
-                return;
-            }
-        };
-        let device = t.device.clone().unwrap_or_default();
-        let node_key = (t.group.clone(), t.edge_node.clone());
-        let is_birth = matches!(kind, MessageType::NBirth | MessageType::DBirth);
-        if kind == MessageType::NBirth {
-            // A node birth starts the node's alias table over.
-            self.forget_node(&node_key);
+        if let Some((reason, detail)) = &read.refused {
+            out.rejects
+                .push(reject(topic, recv_us, reason, detail, payload));
+            return;
         }
-        let tracked = self.touch_node(&node_key);
-        if kind == MessageType::DBirth {
-            if let Some(node) = self.nodes.peek_mut(&node_key) {
-                let mut freed = 0;
-                node.aliases.retain(|(d, _), (name, _)| {
-                    let keep = *d != device;
-                    if !keep {
-                        freed += alias_weight(d, name);
-                    }
-                    keep
-                });
-                node.weight -= freed;
-                let weight = node.weight;
-                // Shrinking always succeeds.
-                let _ = self.nodes.reweigh(&node_key, weight, |_, _| true);
-                self.stats.size(&self.nodes);
-            }
-        }
-        let base = match &t.device {
-            Some(d) => format!("spBv1.0/{}/{}/{}", t.group, t.edge_node, d),
-            None => format!("spBv1.0/{}/{}", t.group, t.edge_node),
-        };
-        let mut unknown = Vec::new();
-        let mut bad = None;
-        for m in p.metrics {
-            let (name, dt) = match (&m.name, m.alias) {
-                (Some(n), alias) => {
-                    if let (true, true, Some(a)) = (is_birth, tracked, alias) {
-                        self.remember(&node_key, &device, a, n, m.datatype);
-                    }
-                    (n.clone(), m.datatype)
-                }
-                (None, Some(a)) => match self
-                    .nodes
-                    .peek(&node_key)
-                    .and_then(|node| node.aliases.get(&(device.clone(), a)))
-                {
-                    Some((n, dt)) => (n.clone(), m.datatype.or(*dt)),
-                    None => {
-                        unknown.push(a);
-                        continue;
-                    }
-                },
-                (None, None) => {
-                    bad = Some("a metric has neither a name nor an alias");
-                    continue;
-                }
-            };
-            let value = match (m.value, dt) {
-                // A Float metric's value in its own digits (21.2, not 21.200000762939453).
-                (Some(Value::Float(x)), Some(SpDataType::Float)) => Some(Value::from_f32(x as f32)),
-                (Some(v), Some(dt)) => Some(sparkplug::retype(&v, dt)),
-                (v, _) => v,
-            };
-            let ts_ms = m.timestamp.or(p.timestamp);
-            let ts_us = match ts_ms {
+        let mut bad = read.bad_metric;
+        for m in read.metrics {
+            let ts_us = match m.ts_ms {
                 None => Some(recv_us),
                 Some(ms) => i64::try_from(ms).ok().and_then(ms_to_us),
             };
@@ -482,19 +294,24 @@ impl Parser {
                 bad = Some("a metric timestamp is past the year 9999");
                 continue;
             };
-            let quality = if value.is_some() {
+            let quality = if m.value.is_some() {
                 Quality::Good
             } else {
                 Quality::Bad
             };
-            let topic = format!("{base}/{name}");
-            if topic.len() > MAX_STORED_TOPIC_BYTES {
+            if m.topic.len() > MAX_STORED_TOPIC_BYTES {
                 bad = Some(
                     "a metric name makes a topic longer than the 1024 bytes a UNS topic may have",
                 );
                 continue;
             }
-            match stored_point(topic, ts_us, value, dt.map(sparkplug_type), quality) {
+            match stored_point(
+                m.topic,
+                ts_us,
+                m.value,
+                m.datatype.map(sparkplug_type),
+                quality,
+            ) {
                 Ok(p) => out.points.push(p),
                 Err(why) => bad = Some(why),
             }
@@ -503,64 +320,26 @@ impl Parser {
             out.rejects
                 .push(reject(topic, recv_us, "sparkplug_metric", why, payload));
         }
-        if !unknown.is_empty() {
+        if !read.unknown_aliases.is_empty() {
             out.rejects.push(reject(
                 topic,
                 recv_us,
                 "unknown_alias",
-                &format!("aliases {unknown:?} were not announced in a birth"),
+                &format!(
+                    "aliases {:?} were not announced in a birth",
+                    read.unknown_aliases
+                ),
                 payload,
             ));
-            // A node that cannot be tracked (its ids alone are longer than the whole table)
-            // could not remember a rebirth's aliases either: it is not asked.
-            let due = match self.nodes.peek_mut(&node_key) {
-                Some(node) => {
-                    let due = node
-                        .last_rebirth
-                        .is_none_or(|t| t.elapsed() >= REBIRTH_EVERY);
-                    if due {
-                        node.last_rebirth = Some(Instant::now());
-                    }
-                    due
-                }
-                None => false,
-            };
-            if due {
-                out.rebirth = rebirth_request(&t.group, &t.edge_node);
-            }
         }
+        out.rebirth = read.rebirth;
     }
-}
-
-/// `spBv1.0/<group>/NCMD/<edge node>` with `Node Control/Rebirth = true`.
-fn rebirth_request(group: &str, edge_node: &str) -> Option<(String, Vec<u8>)> {
-    let topic = SparkplugTopic {
-        group: group.to_owned(),
-        message_type: MessageType::NCmd,
-        edge_node: edge_node.to_owned(),
-        device: None,
-    };
-    let payload = sparkplug::SpPayload {
-        timestamp: Some((crate::model::now_us() / 1000) as u64),
-        seq: None,
-        metrics: vec![sparkplug::SpMetric {
-            name: Some("Node Control/Rebirth".into()),
-            alias: None,
-            timestamp: None,
-            datatype: Some(SpDataType::Boolean),
-            value: Some(Value::Bool(true)),
-            ..Default::default()
-        }],
-    };
-    sparkplug::encode(&payload)
-        .ok()
-        .map(|b| (topic.to_topic_string(), b))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_common::codec::sparkplug::{SpMetric, SpPayload};
+    use nexus_common::codec::sparkplug::{self, SpMetric, SpPayload};
 
     const NOW: i64 = 1_700_000_000_123_456;
 
@@ -892,8 +671,8 @@ mod tests {
             assert_eq!(got.points.len(), 2, "a birth's values are stored");
         }
         assert_eq!(p.nodes(), 3, "3 units each in 10");
-        assert_eq!(p.stats.evicted_total(), 97);
-        assert!(p.nodes.used() <= 10);
+        assert_eq!(p.sparkplug.stats().evicted_total(), 97);
+        assert!(p.sparkplug.used() <= 10);
         let data = sp(vec![metric(None, Some(1), Value::Float(21.0))]);
         let got = p.parse(Some("spBv1.0/G/NDATA/E99"), &data, NOW);
         assert_eq!(got.points[0].topic, "spBv1.0/G/E99/Temp");
@@ -919,7 +698,7 @@ mod tests {
         let got = p.parse(Some("spBv1.0/G/DBIRTH/E/D"), &big, NOW);
         assert_eq!(got.points.len(), 6);
         assert_eq!(
-            p.stats.refused_total(),
+            p.sparkplug.stats().refused_total(),
             3,
             "the node and 3 aliases fit in 4"
         );
@@ -937,17 +716,12 @@ mod tests {
         // A new birth of the device frees its aliases again.
         let small = sp(vec![metric(Some("x"), Some(7), Value::Float(1.0))]);
         p.parse(Some("spBv1.0/G/DBIRTH/E/D"), &small, NOW);
-        assert_eq!(p.nodes.used(), 2);
+        assert_eq!(p.sparkplug.used(), 2);
         // Long names weigh more: 600 bytes is 3 units.
         let long = "n".repeat(600);
         let named = sp(vec![metric(Some(&long), Some(8), Value::Float(1.0))]);
         p.parse(Some("spBv1.0/G/NBIRTH/F"), &named, NOW);
-        assert_eq!(
-            p.nodes
-                .peek(&("G".to_owned(), "F".to_owned()))
-                .map(|n| n.weight),
-            Some(4)
-        );
+        assert_eq!(p.sparkplug.node_units("G", "F"), Some(4));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod json;
 pub mod payload;
 pub mod sparkplug;
+pub mod sparkplug_host;
 
 pub use json::{
     decode_bare_value, decode_value_object, encode_value_object, PayloadError, ValueObject,

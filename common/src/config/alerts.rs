@@ -29,6 +29,9 @@ pub struct AlertsConfig {
     /// Most operator areas with a flood rate (`nexus_alerts_rate_10m{area}`) at once (default
     /// 1000); the area with the oldest alarm is forgotten for a new one.
     pub max_areas: usize,
+    /// Sparkplug B aliases remembered from births, all edge nodes together (default
+    /// 1000000), to read the data of rules on `spBv1.0/...` topics (docs/alerts.md).
+    pub sparkplug_max_aliases: usize,
     /// Where alarm events are POSTed (JSON), with retries and a rate limit.
     pub webhooks: Vec<Webhook>,
     pub rules: Vec<AlertRule>,
@@ -107,6 +110,7 @@ impl Default for AlertsConfig {
             max_shelve: Duration::from_secs(8 * 3600),
             max_instances: 100_000,
             max_areas: 1000,
+            sparkplug_max_aliases: 1_000_000,
             webhooks: Vec::new(),
             rules: Vec::new(),
             state_dir: PathBuf::from("nexus-data/alerts"),
@@ -254,6 +258,7 @@ impl AlertsConfig {
         for (key, v) in [
             ("max_instances", self.max_instances),
             ("max_areas", self.max_areas),
+            ("sparkplug_max_aliases", self.sparkplug_max_aliases),
         ] {
             if v == 0 {
                 p.push(format!("alerts.{key}"), "must be at least 1");
