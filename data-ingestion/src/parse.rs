@@ -632,9 +632,13 @@ mod tests {
         let named = sp(vec![metric(Some("Speed"), None, Value::UInt(5))]);
         let got = p.parse(Some("spBv1.0/G/NDATA/E2"), &named, NOW);
         assert_eq!(got.points[0].topic, "spBv1.0/G/E2/Speed");
-        // A node death forgets the aliases.
+        // A node death keeps the aliases (data sent before it may arrive after it); the
+        // next node birth starts over.
         let got = p.parse(Some("spBv1.0/G/NDEATH/E"), &sp(vec![]), NOW);
         assert_eq!(got.ignored, Some("sparkplug_death"));
+        let got = p.parse(Some("spBv1.0/G/DDATA/E/D"), &data, NOW);
+        assert!(got.rejects.is_empty(), "{:?}", got.rejects);
+        p.parse(Some("spBv1.0/G/NBIRTH/E"), &sp(vec![]), NOW);
         let got = p.parse(Some("spBv1.0/G/DDATA/E/D"), &data, NOW);
         assert_eq!(got.rejects[0].label(), "unknown_alias");
     }

@@ -8,7 +8,9 @@
 //! - NDATA/DDATA metrics are resolved by alias; an alias never announced cannot be named: it
 //!   is reported, and a rebirth request (`Node Control/Rebirth` on the node's NCMD topic) is
 //!   due at most once per 10 s per node.
-//! - NDEATH forgets the node's aliases; deaths, commands and host STATE hold no values.
+//! - NDEATH keeps the node's aliases until its next NBIRTH: data the node sent before it
+//!   died can still arrive after its death (a QoS 1 publish resent on a new connection) and
+//!   is still named. Deaths, commands and host STATE hold no values.
 //! - The table is bounded (units of [`text_weight`], all nodes together): the node heard
 //!   from least recently is forgotten for a new one (counted as evicted), and its next data
 //!   by alias is then unknown; aliases of a birth past the whole bound are not remembered
@@ -215,13 +217,9 @@ impl SparkplugNames {
         match kind {
             MessageType::NBirth | MessageType::DBirth | MessageType::NData | MessageType::DData => {
             }
-            MessageType::NDeath => {
-                // Aliases are void until the next birth.
-                self.forget_node(&(t.group.clone(), t.edge_node.clone()));
-                out.ignored = Some("sparkplug_death");
-                return out;
-            }
-            MessageType::DDeath => {
+            MessageType::NDeath | MessageType::DDeath => {
+                // The aliases stay until the next birth replaces them: data published before
+                // the death may still arrive (resent at QoS 1) and must still be named.
                 out.ignored = Some("sparkplug_death");
                 return out;
             }
@@ -406,11 +404,15 @@ mod tests {
         assert_eq!(r.metrics[0].topic, "spBv1.0/G/E/D/temp");
         assert_eq!(r.metrics[0].ts_ms, Some(5), "the payload's timestamp");
         assert!(r.metrics[0].historical);
-        // NDEATH forgets; the alias is unknown, and a rebirth is due once per 10 s.
+        // NDEATH keeps the aliases: data sent before the death, arriving after it, is named.
         assert_eq!(
             n.read("spBv1.0/G/NDEATH/E", &p(vec![])).ignored,
             Some("sparkplug_death")
         );
+        let r = n.read("spBv1.0/G/DDATA/E/D", &p(vec![data.clone()]));
+        assert_eq!(r.metrics[0].topic, "spBv1.0/G/E/D/temp");
+        // An NBIRTH starts over: the alias is unknown, and a rebirth is due once per 10 s.
+        n.read("spBv1.0/G/NBIRTH/E", &p(vec![]));
         let r = n.read("spBv1.0/G/DDATA/E/D", &p(vec![data.clone()]));
         assert_eq!(r.unknown_aliases, [3]);
         assert!(r.rebirth.is_some_and(|(t, _)| t == "spBv1.0/G/NCMD/E"));
