@@ -368,11 +368,7 @@ async fn sparkplug_publisher(
             )
         })?;
     let (live, buffer) = open_live_log(&dir, buffer).await?;
-    let metrics = PublisherMetrics::with_prefix(
-        &shell.telemetry.registry,
-        "nexus_gateway_sparkplug",
-        " (Sparkplug output)",
-    )?;
+    let metrics = PublisherMetrics::sparkplug(&shell.telemetry.registry)?;
     let acked = handle.acked();
     let qos = publisher::qos_of(sp.data_qos);
     let command_results = nexus_common::metrics::counter_vec(

@@ -50,71 +50,101 @@ pub struct PublisherMetrics {
     pub disk_failing: IntGauge,
 }
 
+/// A publisher's series: the name for the UNS output, the name for the Sparkplug output, and
+/// the help text.
+const SERIES: [(&str, &str, &str); 10] = [
+    (
+        "nexus_gateway_points_published_total",
+        "nexus_gateway_sparkplug_points_published_total",
+        "Values handed to the broker live",
+    ),
+    (
+        "nexus_gateway_points_buffered_total",
+        "nexus_gateway_sparkplug_points_buffered_total",
+        "Values written to the store-and-forward buffer",
+    ),
+    (
+        "nexus_gateway_points_replayed_total",
+        "nexus_gateway_sparkplug_points_replayed_total",
+        "Buffered values published after the broker came back",
+    ),
+    (
+        "nexus_gateway_buffer_dropped_total",
+        "nexus_gateway_sparkplug_buffer_dropped_total",
+        "Buffered values dropped because the buffer was full",
+    ),
+    (
+        "nexus_gateway_buffer_lost_total",
+        "nexus_gateway_sparkplug_buffer_lost_total",
+        "Buffered values lost to damaged buffer files (a torn tail after a crash)",
+    ),
+    (
+        "nexus_gateway_buffer_bytes",
+        "nexus_gateway_sparkplug_buffer_bytes",
+        "Size of the store-and-forward buffer on disk",
+    ),
+    (
+        "nexus_gateway_buffer_points",
+        "nexus_gateway_sparkplug_buffer_points",
+        "Values waiting in the store-and-forward buffer",
+    ),
+    (
+        "nexus_gateway_unacked_points",
+        "nexus_gateway_sparkplug_unacked_points",
+        "Values kept in the live log that the broker has not acknowledged yet",
+    ),
+    (
+        "nexus_gateway_live_log_errors_total",
+        "nexus_gateway_sparkplug_live_log_errors_total",
+        "Failed writes to the live log (a full or failing disk: the values are published from memory)",
+    ),
+    (
+        "nexus_gateway_disk_failing",
+        "nexus_gateway_sparkplug_disk_failing",
+        "1 while the live log or the store-and-forward buffer cannot be written",
+    ),
+];
+
 impl PublisherMetrics {
+    /// The series of the UNS output.
     pub fn new(r: &Registry) -> Result<PublisherMetrics, MetricError> {
-        Self::with_prefix(r, "nexus_gateway", "")
+        Self::register(r, false)
     }
 
-    /// The same series for another output: `<prefix>_points_published_total`, ..., with
-    /// `what` added to each help text.
-    pub fn with_prefix(
-        r: &Registry,
-        prefix: &str,
-        what: &str,
-    ) -> Result<PublisherMetrics, MetricError> {
-        let name = |n: &str| format!("{prefix}_{n}");
-        let help = |h: &str| format!("{h}{what}");
+    /// The series of the Sparkplug output (`nexus_gateway_sparkplug_...`).
+    pub fn sparkplug(r: &Registry) -> Result<PublisherMetrics, MetricError> {
+        Self::register(r, true)
+    }
+
+    fn register(r: &Registry, sparkplug: bool) -> Result<PublisherMetrics, MetricError> {
+        let pick = |i: usize| {
+            let (uns, sp, help) = SERIES[i];
+            let help = if sparkplug {
+                format!("{help} (Sparkplug output)")
+            } else {
+                help.to_owned()
+            };
+            (if sparkplug { sp } else { uns }, help)
+        };
+        let counter = |i| {
+            let (n, h) = pick(i);
+            metrics::counter(r, n, &h)
+        };
+        let gauge = |i| {
+            let (n, h) = pick(i);
+            metrics::gauge(r, n, &h)
+        };
         Ok(PublisherMetrics {
-            published: metrics::counter(
-                r,
-                &name("points_published_total"),
-                &help("Values handed to the broker live"),
-            )?,
-            buffered: metrics::counter(
-                r,
-                &name("points_buffered_total"),
-                &help("Values written to the store-and-forward buffer"),
-            )?,
-            replayed: metrics::counter(
-                r,
-                &name("points_replayed_total"),
-                &help("Buffered values published after the broker came back"),
-            )?,
-            buffer_dropped: metrics::counter(
-                r,
-                &name("buffer_dropped_total"),
-                &help("Buffered values dropped because the buffer was full"),
-            )?,
-            buffer_lost: metrics::counter(
-                r,
-                &name("buffer_lost_total"),
-                &help("Buffered values lost to damaged buffer files (a torn tail after a crash)"),
-            )?,
-            buffer_bytes: metrics::gauge(
-                r,
-                &name("buffer_bytes"),
-                &help("Size of the store-and-forward buffer on disk"),
-            )?,
-            buffer_points: metrics::gauge(
-                r,
-                &name("buffer_points"),
-                &help("Values waiting in the store-and-forward buffer"),
-            )?,
-            unacked: metrics::gauge(
-                r,
-                &name("unacked_points"),
-                &help("Values kept in the live log that the broker has not acknowledged yet"),
-            )?,
-            log_errors: metrics::counter(
-                r,
-                &name("live_log_errors_total"),
-                &help("Failed writes to the live log (a full or failing disk: the values are published from memory)"),
-            )?,
-            disk_failing: metrics::gauge(
-                r,
-                &name("disk_failing"),
-                &help("1 while the live log or the store-and-forward buffer cannot be written"),
-            )?,
+            published: counter(0)?,
+            buffered: counter(1)?,
+            replayed: counter(2)?,
+            buffer_dropped: counter(3)?,
+            buffer_lost: counter(4)?,
+            buffer_bytes: gauge(5)?,
+            buffer_points: gauge(6)?,
+            unacked: gauge(7)?,
+            log_errors: counter(8)?,
+            disk_failing: gauge(9)?,
         })
     }
 }
