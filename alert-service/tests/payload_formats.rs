@@ -1,15 +1,21 @@
 //! Payloads of other publishers through a real broker: a bare `42` and `false`, UMH Classic
 //! (values on topics below the message's) and UMH Core through `auto`, and a JSON-pointer
-//! mapping raise alarms like value objects do; garbage is counted by reason.
+//! mapping raise alarms like value objects do; garbage is counted by reason. Sparkplug B: a
+//! rule's topic names a metric as ingestion stores it,
+//! `spBv1.0/<group>/<edge node>/<device>/<metric>`; data by alias is named through the
+//! births, raises and clears the alarm; a historical value is not taken as current; an alias
+//! no birth announced is counted and the node asked for a rebirth.
 
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nexus_common::codec::sparkplug::{self, SpDataType, SpMetric, SpPayload};
 use nexus_common::config::{Config, Secret};
 use nexus_common::mqtt::{self, ClientSettings, Message, MqttHandle, QoS};
 use nexus_common::testing::{self, free_port};
+use nexus_common::Value as SpValue;
 use serde_json::Value;
 use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
@@ -30,21 +36,64 @@ async fn connect(
     (h, rx)
 }
 
-/// The next retained state of `state_topic` that is active, as JSON.
-async fn active(rx: &mut Receiver<Message>, state_topic: &str) -> Value {
+/// The next retained state of `state_topic`, as JSON, whose `state` is `want`.
+async fn state(rx: &mut Receiver<Message>, state_topic: &str, want: &str) -> Value {
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(end, rx.recv()).await {
             Ok(Some(m)) if m.topic() == Some(state_topic) && !m.payload().is_empty() => {
                 let s: Value = serde_json::from_slice(m.payload()).unwrap();
-                if s["state"] == "active_unacked" {
+                if s["state"] == want {
                     return s;
                 }
             }
             Ok(Some(_)) => continue,
-            _ => panic!("no active alarm on {state_topic}"),
+            _ => panic!("no {want} state on {state_topic}"),
         }
     }
+}
+
+/// The next retained state of `state_topic` that is active, as JSON.
+async fn active(rx: &mut Receiver<Message>, state_topic: &str) -> Value {
+    state(rx, state_topic, "active_unacked").await
+}
+
+/// The alert service in this process with `rules` (items of `alerts.rules`) and `extra`
+/// top-level YAML; its HTTP port, stop token and task, once it is ready and past its restore
+/// window.
+async fn start_alerts(
+    port: u16,
+    name: &str,
+    extra: &str,
+    rules: &str,
+) -> (
+    u16,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let http = free_port();
+    let text = format!(
+        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\n\
+         telemetry: {{ instance: alerts-{name} }}\n{extra}\
+         alerts:\n\
+         \x20 http_listen: 127.0.0.1:{http}\n\
+         \x20 rules:\n{rules}"
+    );
+    let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    cfg.auth = testing::test_auth();
+    cfg.alerts.state_dir = testing::state_dir(&format!("{name}-{}", testing::unique("a")));
+    let token = CancellationToken::new();
+    let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
+    let start = Instant::now();
+    while testing::http(http, "GET", "/readyz", "").0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "alerts not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await; // the restore window
+    (http, token, task)
 }
 
 fn metric(http: u16, sample: &str) -> f64 {
@@ -68,41 +117,24 @@ async fn bare_umh_and_mapped_payloads_raise_alarms_and_garbage_is_counted() {
     let b = testing::service_broker();
     let port = b.ports.tcp().port();
     let root = testing::unique("pf");
-    let http = free_port();
-    let text = format!(
-        "mqtt: {{ host: 127.0.0.1, port: {port}, username: svc, password: svc-pw, reconnect_min: 50ms }}\n\
-         telemetry: {{ instance: alerts-payloads }}\n\
-         payloads:\n\
+    let payloads = format!(
+        "payloads:\n\
          \x20 max_values: 100\n\
          \x20 rules:\n\
          \x20   - {{ filter: \"{root}/bare/#\", format: scalar }}\n\
          \x20   - {{ filter: \"{root}/umh/#\", format: umh }}\n\
          \x20   - {{ filter: \"{root}/core/#\", format: auto }}\n\
-         \x20   - {{ filter: \"{root}/vendor/#\", format: mapping, value: /data/value, timestamp: /data/time, timestamp_unit: s, quality: /data/status }}\n\
-         alerts:\n\
-         \x20 http_listen: 127.0.0.1:{http}\n\
-         \x20 rules:\n\
-         \x20   - {{ id: answer, topic: \"{root}/bare/answer\", condition: {{ type: equals, value: 42 }} }}\n\
+         \x20   - {{ filter: \"{root}/vendor/#\", format: mapping, value: /data/value, timestamp: /data/time, timestamp_unit: s, quality: /data/status }}\n"
+    );
+    let rules = format!(
+        "\x20   - {{ id: answer, topic: \"{root}/bare/answer\", condition: {{ type: equals, value: 42 }} }}\n\
          \x20   - {{ id: stopped, topic: \"{root}/bare/running\", condition: {{ type: equals, value: false }} }}\n\
          \x20   - {{ id: umh-hot, topic: \"{root}/umh/+/_historian/temperature\", condition: {{ type: high, limit: 80, deadband: 1 }} }}\n\
          \x20   - {{ id: core-hot, topic: \"{root}/core/level\", condition: {{ type: high, limit: 80, deadband: 1 }} }}\n\
          \x20   - {{ id: mapped-hot, topic: \"{root}/vendor/+/temp\", condition: {{ type: high, limit: 80, deadband: 1 }} }}\n"
     );
-    let mut cfg = Config::from_str_with_env(&text, None, &[]).unwrap_or_else(|e| panic!("{e}"));
-    cfg.auth = testing::test_auth();
-    cfg.alerts.state_dir = testing::state_dir(&format!("payloads-{root}"));
-    let token = CancellationToken::new();
-    let task = tokio::spawn(nexus_alert_service::run(Arc::new(cfg), token.clone()));
-    let start = Instant::now();
-    while testing::http(http, "GET", "/readyz", "").0 != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "alerts not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(800)).await; // the restore window
-                                                          // Every reason's series exists before anything is refused.
+    let (http, token, task) = start_alerts(port, "payloads", &payloads, &rules).await;
+    // Every reason's series exists before anything is refused.
     for reason in nexus_common::codec::payload::REASONS {
         assert_eq!(
             metric(
@@ -219,4 +251,138 @@ async fn bare_umh_and_mapped_payloads_raise_alarms_and_garbage_is_counted() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+fn payload(metrics: Vec<SpMetric>) -> Vec<u8> {
+    sparkplug::encode(&SpPayload {
+        timestamp: Some(nexus_common::now_ms() as u64),
+        seq: Some(0),
+        metrics,
+    })
+    .unwrap()
+}
+
+fn by_alias(alias: u64, v: f64, historical: bool) -> SpMetric {
+    SpMetric {
+        alias: Some(alias),
+        timestamp: Some(nexus_common::now_ms() as u64),
+        datatype: Some(SpDataType::Double),
+        value: Some(SpValue::Float(v)),
+        historical,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_on_a_sparkplug_metric_raises_and_clears_its_alarm() {
+    let b = testing::service_broker();
+    let port = b.ports.tcp().port();
+    let g = testing::unique("G");
+    let rules = format!(
+        "\x20   - {{ id: hot, topic: \"spBv1.0/{g}/edge/plc/temp\", condition: {{ type: high, limit: 80, deadband: 1 }} }}\n"
+    );
+    let (http, token, task) = start_alerts(port, "spb", "", &rules).await;
+    let malformed = |reason: &str| {
+        let text = testing::http(http, "GET", "/metrics", "").1;
+        testing::metric_value(
+            &text,
+            &format!("nexus_alerts_malformed_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    };
+    assert_eq!(
+        malformed("unknown_alias"),
+        0.0,
+        "the series exists from the start"
+    );
+
+    let mut op = testing::mqtt_config(port);
+    op.username = Some("op".into());
+    op.password = Some(Secret::new("op-pw".to_owned()));
+    let alarm = format!("$nexus/alarms/spBv1.0/{g}/edge/plc/temp/hot");
+    let (_op, mut rx) = connect(
+        op,
+        &[
+            &format!("$nexus/alarms/spBv1.0/{g}/#"),
+            &format!("spBv1.0/{g}/NCMD/#"),
+        ],
+    )
+    .await;
+    let (p, _) = connect(testing::publisher_mqtt_config(port), &[]).await;
+    let send = |topic: String, body: Vec<u8>| {
+        let p = p.clone();
+        async move {
+            p.publish(&topic, body, QoS::AtLeastOnce, false)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Births name alias 1 `temp`; data by alias then raises the alarm.
+    send(format!("spBv1.0/{g}/NBIRTH/edge"), payload(vec![])).await;
+    let birth = SpMetric {
+        name: Some("temp".into()),
+        alias: Some(1),
+        timestamp: Some(nexus_common::now_ms() as u64),
+        datatype: Some(SpDataType::Double),
+        value: Some(SpValue::Float(20.0)),
+        ..Default::default()
+    };
+    send(format!("spBv1.0/{g}/DBIRTH/edge/plc"), payload(vec![birth])).await;
+    send(
+        format!("spBv1.0/{g}/DDATA/edge/plc"),
+        payload(vec![by_alias(1, 95.0, false)]),
+    )
+    .await;
+    let s = state(&mut rx, &alarm, "active_unacked").await;
+    assert_eq!(s["value"], 95.0);
+
+    // Back to normal: the alarm clears (returned unacknowledged).
+    send(
+        format!("spBv1.0/{g}/DDATA/edge/plc"),
+        payload(vec![by_alias(1, 60.0, false)]),
+    )
+    .await;
+    state(&mut rx, &alarm, "rtn_unacked").await;
+
+    // A historical 99 (store-and-forward) is not the current value: no alarm.
+    send(
+        format!("spBv1.0/{g}/DDATA/edge/plc"),
+        payload(vec![by_alias(1, 99.0, true)]),
+    )
+    .await;
+    let end = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(end, rx.recv()).await {
+        if m.topic() == Some(alarm.as_str()) {
+            let s: serde_json::Value = serde_json::from_slice(m.payload()).unwrap_or_default();
+            assert_ne!(
+                s["state"], "active_unacked",
+                "a historical value raised the alarm: {s}"
+            );
+        }
+    }
+
+    // An alias no birth announced: counted, and the node is asked for a rebirth.
+    send(
+        format!("spBv1.0/{g}/DDATA/edge/plc"),
+        payload(vec![by_alias(7, 1.0, false)]),
+    )
+    .await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let ncmd = format!("spBv1.0/{g}/NCMD/edge");
+    loop {
+        let m = tokio::time::timeout_at(end, rx.recv())
+            .await
+            .expect("a rebirth request within 10 s")
+            .unwrap();
+        if m.topic() == Some(ncmd.as_str()) {
+            let p = sparkplug::decode(m.payload()).unwrap();
+            assert_eq!(p.metrics[0].name.as_deref(), Some("Node Control/Rebirth"));
+            assert_eq!(p.metrics[0].value, Some(SpValue::Bool(true)));
+            break;
+        }
+    }
+    assert_eq!(malformed("unknown_alias"), 1.0);
+    token.cancel();
+    task.await.unwrap().unwrap();
 }

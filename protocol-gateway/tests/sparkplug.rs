@@ -491,61 +491,112 @@ async fn pysparkplug_as_host_application_decodes_births_and_data_gets_a_rebirth_
     handler.await.unwrap().unwrap();
 }
 
+/// A gateway as Sparkplug node `edge` of a new group, polling `plc-1` (one int16 tag `t` at
+/// HR:1 of a simulator that holds `first`, every 100 ms), with `sparkplug` and `gateway` YAML
+/// added to its settings; and a subscriber to the group.
+struct OneTagNode {
+    sim: Option<ModbusSimulator>,
+    sim_port: u16,
+    _broker: nexus_common::broker::EmbeddedBroker,
+    port: u16,
+    token: CancellationToken,
+    _sub: nexus_common::mqtt::MqttHandle,
+    rx: Receiver<Message>,
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl OneTagNode {
+    async fn start(first: u16, sparkplug: &str, gateway: &str) -> OneTagNode {
+        let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .unwrap();
+        let sim_port = sim.addr.port();
+        sim.registers.lock().unwrap().holding[1] = first;
+        let broker = support::broker();
+        let port = broker.ports.tcp().port();
+        let token = CancellationToken::new();
+        let group = testing::unique("grp");
+        let (sub, rx) = support::subscriber(port, &[&format!("spBv1.0/{group}/#")], &token).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = support::config(
+            port,
+            free_port(),
+            dir.path(),
+            &format!(
+                "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: edge\n    uns: false\n{sparkplug}{gateway}devices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/a/b/c\n    poll_interval: 100ms\n    connection: {{ host: 127.0.0.1, port: {sim_port}, unit_id: 1, timeout: 300ms }}\n    tags:\n      - {{ id: t, address: \"HR:1\", data_type: int16 }}\n"
+            ),
+        );
+        let (stop, task) = support::start_gateway(cfg);
+        OneTagNode {
+            sim: Some(sim),
+            sim_port,
+            _broker: broker,
+            port,
+            token,
+            _sub: sub,
+            rx,
+            _dir: dir,
+            stop,
+            task,
+        }
+    }
+
+    fn set(&self, v: u16) {
+        if let Some(sim) = &self.sim {
+            sim.registers.lock().unwrap().holding[1] = v;
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// A device that cannot be read: DDEATH (once), and when it answers again its DBIRTH with
 /// the current values, then DDATA; the node and its other messages keep their `seq`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_cannot_be_read_dies_and_is_born_again() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
-    let sim_port = sim.addr.port();
-    sim.registers.lock().unwrap().holding[1] = 11;
-    let broker = support::broker();
-    let port = broker.ports.tcp().port();
-    let token = CancellationToken::new();
-    let group = testing::unique("grp");
-    let (_s, mut rx) = support::subscriber(port, &[&format!("spBv1.0/{group}/#")], &token).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = support::config(
-        port,
-        free_port(),
-        dir.path(),
-        &format!(
-            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: edge\n    uns: false\n  breaker: {{ window: 4, min_requests: 2, open_for: 500ms }}\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/a/b/c\n    poll_interval: 100ms\n    connection: {{ host: 127.0.0.1, port: {sim_port}, unit_id: 1, timeout: 300ms }}\n    tags:\n      - {{ id: t, address: \"HR:1\", data_type: int16 }}\n"
-        ),
-    );
-    let (stop, task) = support::start_gateway(cfg);
-    let mut seen = until(&mut rx, MessageType::DBirth).await;
+    let mut n = OneTagNode::start(
+        11,
+        "",
+        "  breaker: { window: 4, min_requests: 2, open_for: 500ms }\n",
+    )
+    .await;
+    let rx = &mut n.rx;
+    let mut seen = until(rx, MessageType::DBirth).await;
     assert_eq!(
         metric(&seen.last().unwrap().1, "t").value,
         Some(Value::Int(11))
     );
 
-    sim.stop();
-    drop(sim);
-    let more = until(&mut rx, MessageType::DDeath).await;
+    n.sim.take().unwrap().stop();
+    let more = until(rx, MessageType::DDeath).await;
     assert_eq!(more.last().unwrap().0.device.as_deref(), Some("plc-1"));
     seen.extend(more);
     // Nothing more for the device while it stays unreachable.
-    let quiet = collect(&mut rx, Duration::from_secs(1), Duration::from_secs(2)).await;
+    let quiet = collect(rx, Duration::from_secs(1), Duration::from_secs(2)).await;
     assert!(
         quiet.iter().all(|(t, _)| t.device.is_none()),
         "messages for a dead device: {quiet:?}"
     );
     seen.extend(quiet);
 
-    let sim = ModbusSimulator::start(format!("127.0.0.1:{sim_port}").parse().unwrap(), None)
+    let sim = ModbusSimulator::start(format!("127.0.0.1:{}", n.sim_port).parse().unwrap(), None)
         .await
         .unwrap();
     sim.registers.lock().unwrap().holding[1] = 12;
-    let more = until(&mut rx, MessageType::DBirth).await;
+    let rx = &mut n.rx;
+    let more = until(rx, MessageType::DBirth).await;
     let (_, db) = more.last().unwrap().clone();
     seen.extend(more);
     assert_eq!(metric(&db, "t").value, Some(Value::Int(12)));
-    seen.extend(until(&mut rx, MessageType::DData).await);
+    seen.extend(until(rx, MessageType::DData).await);
     check_seq(&seen);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    drop(sim);
+    n.stop().await;
 }
 
 /// With `primary_host_id` the node publishes only while the primary host's STATE says it is
@@ -554,27 +605,8 @@ async fn a_device_that_cannot_be_read_dies_and_is_born_again() {
 /// STATE brings NDEATH; a STATE older than the last one is ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical() {
-    let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
-    let set = |v: u16| sim.registers.lock().unwrap().holding[1] = v;
-    set(1);
-    let broker = support::broker();
-    let port = broker.ports.tcp().port();
-    let token = CancellationToken::new();
-    let group = testing::unique("grp");
-    let (_s, mut rx) = support::subscriber(port, &[&format!("spBv1.0/{group}/#")], &token).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = support::config(
-        port,
-        free_port(),
-        dir.path(),
-        &format!(
-            "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: edge\n    primary_host_id: scada\n    uns: false\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: acme/a/b/c\n    poll_interval: 100ms\n    connection: {{ host: 127.0.0.1, port: {}, unit_id: 1, timeout: 300ms }}\n    tags:\n      - {{ id: t, address: \"HR:1\", data_type: int16 }}\n",
-            sim.addr.port()
-        ),
-    );
-    let (stop, task) = support::start_gateway(cfg);
+    let mut n = OneTagNode::start(1, "    primary_host_id: scada\n", "").await;
+    let (port, token) = (n.port, n.token.clone());
     let mut c = testing::mqtt_config(port);
     c.username = Some(testing::OPERATOR_USER.0.into());
     c.password = Some(nexus_common::config::Secret::new(testing::OPERATOR_USER.1));
@@ -604,11 +636,11 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
 
     // No host yet: nothing, while the value changes.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    set(2);
+    n.set(2);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    set(3);
+    n.set(3);
     let quiet = collect(
-        &mut rx,
+        &mut n.rx,
         Duration::from_millis(800),
         Duration::from_millis(800),
     )
@@ -621,7 +653,7 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
     // Online: births, then what was kept, marked historical.
     let t0 = nexus_common::now_ms();
     state(true, t0).await;
-    let got = until(&mut rx, MessageType::DBirth).await;
+    let got = until(&mut n.rx, MessageType::DBirth).await;
     assert_eq!(got[0].0.message_type, MessageType::NBirth, "{got:?}");
     let mut kept = Vec::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -630,7 +662,7 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
             tokio::time::Instant::now() < end,
             "kept values not replayed: {kept:?}"
         );
-        let (t, p) = until(&mut rx, MessageType::DData).await.pop().unwrap();
+        let (t, p) = until(&mut n.rx, MessageType::DData).await.pop().unwrap();
         assert_eq!(t.device.as_deref(), Some("plc-1"));
         for m in p.metrics.iter().filter(|m| m.historical) {
             if let Some(Value::Int(v)) = m.value {
@@ -641,8 +673,8 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
 
     // A stale offline STATE (older than the online one) changes nothing.
     state(false, t0 - 1000).await;
-    set(4);
-    let m = until(&mut rx, MessageType::DData).await;
+    n.set(4);
+    let m = until(&mut n.rx, MessageType::DData).await;
     assert!(
         m.iter().all(|(t, _)| t.message_type != MessageType::NDeath),
         "{m:?}"
@@ -650,10 +682,10 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
 
     // Offline: NDEATH, then silence; the change meanwhile comes as historical after the return.
     state(false, t0 + 1).await;
-    until(&mut rx, MessageType::NDeath).await;
-    set(9);
+    until(&mut n.rx, MessageType::NDeath).await;
+    n.set(9);
     let quiet = collect(
-        &mut rx,
+        &mut n.rx,
         Duration::from_millis(800),
         Duration::from_millis(800),
     )
@@ -663,11 +695,11 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
         "published while the host was offline: {quiet:?}"
     );
     state(true, t0 + 2).await;
-    until(&mut rx, MessageType::NBirth).await;
+    until(&mut n.rx, MessageType::NBirth).await;
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         assert!(tokio::time::Instant::now() < end, "9 not replayed");
-        let (_, p) = until(&mut rx, MessageType::DData).await.pop().unwrap();
+        let (_, p) = until(&mut n.rx, MessageType::DData).await.pop().unwrap();
         if p.metrics
             .iter()
             .any(|m| m.historical && m.value == Some(Value::Int(9)))
@@ -675,6 +707,5 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
             break;
         }
     }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    n.stop().await;
 }
