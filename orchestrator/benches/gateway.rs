@@ -97,18 +97,7 @@ fn main() {
             }
             Sims::OpcUa(v)
         } else {
-            let mut v = Vec::new();
-            for _ in 0..devices {
-                let s = ModbusSimulator::start(
-                    "127.0.0.1:0".parse().expect("addr"),
-                    Some(Duration::from_millis(poll_ms)),
-                )
-                .await
-                .expect("simulator");
-                s.registers.lock().expect("lock").churn = 100..100 + tags;
-                v.push(s);
-            }
-            Sims::Modbus(v)
+            Sims::Modbus(support::churning_modbus_sims(devices, tags, poll_ms).await)
         };
         let client = |user| {
             let mut c = mqtt_as(mqtt_port, Some(user));

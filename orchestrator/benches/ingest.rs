@@ -332,7 +332,6 @@ struct SparkplugRun {
 /// Simulated devices -> `nexus gateway` (Sparkplug edge node) -> `nexus broker` ->
 /// `nexus ingest` -> PostgreSQL `db`.
 fn sparkplug_end_to_end(rt: &tokio::runtime::Runtime, db: &str) -> SparkplugRun {
-    use nexus_devices::simulator::modbus::ModbusSimulator;
     let devices = env("BENCH_SP_DEVICES", 20) as usize;
     let tags = env("BENCH_SP_TAGS", 500) as usize;
     let poll_ms = env("BENCH_SP_POLL_MS", 20);
@@ -341,20 +340,7 @@ fn sparkplug_end_to_end(rt: &tokio::runtime::Runtime, db: &str) -> SparkplugRun 
     let (broker, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
     let broker_pid = broker.0.id();
     let ing = start_ingest(&support::service_mqtt_yaml(port), db);
-    let sims: Vec<ModbusSimulator> = rt.block_on(async {
-        let mut v = Vec::new();
-        for _ in 0..devices {
-            let s = ModbusSimulator::start(
-                "127.0.0.1:0".parse().expect("addr"),
-                Some(Duration::from_millis(poll_ms)),
-            )
-            .await
-            .expect("simulator");
-            s.registers.lock().expect("lock").churn = 100..100 + tags;
-            v.push(s);
-        }
-        v
-    });
+    let sims = rt.block_on(support::churning_modbus_sims(devices, tags, poll_ms));
     let mut yaml = format!(
         "mqtt: {{ {}, inflight: 1000 }}
 gateway:

@@ -46,6 +46,14 @@ pub struct GatewayConfig {
     pub sparkplug: SparkplugConfig,
 }
 
+/// `v` at `field` must be one topic level (letters, digits, `-`, `_`, `.`), the rule of device
+/// ids; a problem calls it `what`.
+fn topic_level(field: &str, v: &str, what: &str, p: &mut Problems) {
+    if let Err(e) = crate::domain::DeviceId::new(v.to_owned()) {
+        p.push(field, e.to_string().replace("device id", what));
+    }
+}
+
 /// `gateway.sparkplug`: the gateway as a Sparkplug B 3.0 edge node, beside the UNS output or
 /// instead of it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -84,11 +92,8 @@ impl Default for SparkplugConfig {
 
 impl SparkplugConfig {
     fn validate(&self, p: &mut Problems) {
-        let level = |field: &str, v: &str, p: &mut Problems| {
-            if let Err(e) = crate::domain::DeviceId::new(v.to_owned()) {
-                p.push(field, e.to_string().replace("device id", "Sparkplug id"));
-            }
-        };
+        let level =
+            |field: &str, v: &str, p: &mut Problems| topic_level(field, v, "Sparkplug id", p);
         level("gateway.sparkplug.group_id", &self.group_id, p);
         if let Some(n) = &self.edge_node_id {
             level("gateway.sparkplug.edge_node_id", n, p);
@@ -148,11 +153,7 @@ impl Default for ShardConfig {
 
 impl ShardConfig {
     fn validate(&self, p: &mut Problems) {
-        let level = |field: &str, v: &str, p: &mut Problems| {
-            if let Err(e) = crate::domain::DeviceId::new(v.to_owned()) {
-                p.push(field, e.to_string().replace("device id", "name"));
-            }
-        };
+        let level = |field: &str, v: &str, p: &mut Problems| topic_level(field, v, "name", p);
         level("gateway.shard.group", &self.group, p);
         if let Some(m) = &self.member {
             level("gateway.shard.member", m, p);

@@ -176,6 +176,27 @@ pub fn start_broker_http(dir: &Path, env: &[(&str, &str)], http: u16) -> (Proc, 
     (p, port)
 }
 
+/// `devices` Modbus simulators whose registers 100.. (`tags` of them, the tags of
+/// [`load_devices`]) all change every `poll_ms`.
+pub async fn churning_modbus_sims(
+    devices: usize,
+    tags: usize,
+    poll_ms: u64,
+) -> Vec<nexus_devices::simulator::modbus::ModbusSimulator> {
+    let mut v = Vec::new();
+    for _ in 0..devices {
+        let s = nexus_devices::simulator::modbus::ModbusSimulator::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            Some(Duration::from_millis(poll_ms)),
+        )
+        .await
+        .expect("simulator");
+        s.registers.lock().expect("lock").churn = 100..100 + tags;
+        v.push(s);
+    }
+    v
+}
+
 /// YAML of `n` Modbus devices of `tags` uint16 tags each, on the given simulator ports.
 pub fn load_devices(ports: &[u16], tags: usize, poll_ms: u64) -> String {
     let mut yaml = String::new();
