@@ -2,8 +2,9 @@
 //! seen by a subscriber that decodes every message with Nexus's Sparkplug codec: NBIRTH with
 //! `bdSeq` and `Node Control/Rebirth`, a DBIRTH with every tag (name, alias, datatype, unit,
 //! value), DDATA by alias on change, `seq` without a gap across the node's messages, a rebirth
-//! on request, new births with a new `bdSeq` after the broker restarts, and NDEATH with the
-//! births' `bdSeq` on a clean stop.
+//! on request, hostile commands refused and counted, new births with a new `bdSeq` after the
+//! broker restarts, and NDEATH with the births' `bdSeq` on a clean stop. Then pysparkplug as
+//! the host application, a device that dies and returns, and the wait for a primary host.
 
 #![allow(clippy::unwrap_used)]
 
@@ -125,9 +126,10 @@ async fn the_gateway_is_a_sparkplug_edge_node() {
         "{}      - {{ id: temp, address: \"HR:250\", data_type: int16, scale: 0.1, unit: degC }}\n",
         support::TYPED_TAGS
     );
+    let http = free_port();
     let cfg = support::config(
         port,
-        free_port(),
+        http,
         dir.path(),
         &format!(
             "gateway:\n  sparkplug:\n    enabled: true\n    group_id: {group}\n    edge_node_id: {node}\n    uns: false\ndevices:\n  - id: plc-1\n    protocol: modbus\n    uns_prefix: {root}/site/area/line\n    poll_interval: 200ms\n    connection: {{ host: 127.0.0.1, port: {}, unit_id: 1, timeout: 500ms }}\n    tags:\n{tags}",
@@ -240,6 +242,47 @@ async fn the_gateway_is_a_sparkplug_edge_node() {
     );
     let more = until(&mut rx, MessageType::DBirth).await;
     seen.extend(more);
+
+    // Hostile commands: garbage, an alias the node never sent, a node command it does not
+    // know. Each is refused and counted, none written, and the node goes on.
+    let commands = |result: &str| {
+        support::metric(
+            &support::http_get(http, "/metrics"),
+            &format!("nexus_gateway_sparkplug_commands_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(commands("rebirth"), 1.0);
+    let unknown_alias = sparkplug::encode(&SpPayload {
+        timestamp: Some(1),
+        seq: None,
+        metrics: vec![SpMetric {
+            alias: Some(999),
+            datatype: Some(SpDataType::Int64),
+            value: Some(Value::Int(1)),
+            ..Default::default()
+        }],
+    })
+    .unwrap();
+    let dcmd = format!("spBv1.0/{group}/DCMD/{node}/plc-1");
+    for (topic, payload) in [
+        (dcmd.clone(), b"\xff\x01garbage".to_vec()),
+        (dcmd.clone(), unknown_alias),
+        (format!("spBv1.0/{group}/NCMD/{node}"), b"\x0a\x00".to_vec()),
+    ] {
+        host.publish(&topic, payload, QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while commands("refused") < 3.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "refused: {}",
+            commands("refused")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(commands("forwarded"), 0.0, "nothing written");
 
     // The broker restarts: a new connection, new births with the next bdSeq.
     let broker_port = port;
