@@ -340,48 +340,11 @@ fn drop_reason(r: &rmqtt::types::Reason) -> &'static str {
     }
 }
 
-#[async_trait]
-impl Handler for Hooks {
-    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+impl Hooks {
+    /// The hooks of every message: no I/O, so no future of their own (rmqtt calls several
+    /// per message; a large boxed future each cost as much as the rest of the hooks).
+    fn per_message(&self, param: &Parameter<'_>, acc: Option<HookResult>) -> ReturnType {
         match param {
-            Parameter::ClientAuthenticate(info) => {
-                let user = info.username().map(|u| &**u);
-                let will_topic = info.last_will().map(|w| match w {
-                    rmqtt::types::LastWill::V3(w) => w.topic.to_string(),
-                    rmqtt::types::LastWill::V5(w) => w.topic.to_string(),
-                });
-                let connect = acl::Connect {
-                    client_id: info.client_id(),
-                    username: user,
-                    password: info.password().map(|p| p.as_ref()),
-                    peer: info.id().remote_addr.map(|a| a.ip()),
-                    will_topic: will_topic.as_deref(),
-                };
-                let result = match self.acl.authenticate(connect).await {
-                    AuthDecision::Allow(_) => AuthResult::Allow(false, None),
-                    AuthDecision::BadCredentials => {
-                        self.metrics.auth_failures.inc();
-                        tracing::warn!(client_id = %info.client_id(), username = user.unwrap_or(""), "broker refused bad credentials");
-                        AuthResult::BadUsernameOrPassword
-                    }
-                    AuthDecision::NotAuthorized(reason) => {
-                        let label = if reason.starts_with("anonymous") {
-                            "anonymous"
-                        } else if reason.starts_with("last will") {
-                            "will"
-                        } else {
-                            "client_id"
-                        };
-                        self.metrics
-                            .connects_refused
-                            .with_label_values(&[label])
-                            .inc();
-                        tracing::warn!(client_id = %info.client_id(), username = user.unwrap_or(""), %reason, "broker refused a connection");
-                        AuthResult::NotAuthorized
-                    }
-                };
-                (false, Some(HookResult::AuthResult(result)))
-            }
             Parameter::MessagePublish(session, from, publish) => {
                 self.metrics.received.inc();
                 let rewritten = self.rewrite(*session, publish);
@@ -434,6 +397,71 @@ impl Handler for Hooks {
                         )
                     }
                 }
+            }
+            Parameter::MessageDelivered(..) => {
+                self.metrics.delivered.inc();
+                (true, acc)
+            }
+            Parameter::MessageDropped(to, _from, publish, reason) => {
+                self.metrics
+                    .dropped
+                    .with_label_values(&[drop_reason(reason)])
+                    .inc();
+                if let (Some(st), Some(to)) = (&self.state, to) {
+                    st.settled(&to.client_id, publish);
+                }
+                (true, acc)
+            }
+            Parameter::MessageAcked(s, _from, p) => {
+                if let Some(st) = &self.state {
+                    st.settled(&s.id.client_id, p);
+                }
+                (true, acc)
+            }
+            _ => (true, acc),
+        }
+    }
+
+    /// The other hooks (connections, subscriptions, sessions, start).
+    async fn handle(&self, param: &Parameter<'_>, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::ClientAuthenticate(info) => {
+                let user = info.username().map(|u| &**u);
+                let will_topic = info.last_will().map(|w| match w {
+                    rmqtt::types::LastWill::V3(w) => w.topic.to_string(),
+                    rmqtt::types::LastWill::V5(w) => w.topic.to_string(),
+                });
+                let connect = acl::Connect {
+                    client_id: info.client_id(),
+                    username: user,
+                    password: info.password().map(|p| p.as_ref()),
+                    peer: info.id().remote_addr.map(|a| a.ip()),
+                    will_topic: will_topic.as_deref(),
+                };
+                let result = match self.acl.authenticate(connect).await {
+                    AuthDecision::Allow(_) => AuthResult::Allow(false, None),
+                    AuthDecision::BadCredentials => {
+                        self.metrics.auth_failures.inc();
+                        tracing::warn!(client_id = %info.client_id(), username = user.unwrap_or(""), "broker refused bad credentials");
+                        AuthResult::BadUsernameOrPassword
+                    }
+                    AuthDecision::NotAuthorized(reason) => {
+                        let label = if reason.starts_with("anonymous") {
+                            "anonymous"
+                        } else if reason.starts_with("last will") {
+                            "will"
+                        } else {
+                            "client_id"
+                        };
+                        self.metrics
+                            .connects_refused
+                            .with_label_values(&[label])
+                            .inc();
+                        tracing::warn!(client_id = %info.client_id(), username = user.unwrap_or(""), %reason, "broker refused a connection");
+                        AuthResult::NotAuthorized
+                    }
+                };
+                (false, Some(HookResult::AuthResult(result)))
             }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
                 let who = self.identity(Some(session));
@@ -524,20 +552,6 @@ impl Handler for Hooks {
                 }
                 (true, acc)
             }
-            Parameter::MessageDelivered(..) => {
-                self.metrics.delivered.inc();
-                (true, acc)
-            }
-            Parameter::MessageDropped(to, _from, publish, reason) => {
-                self.metrics
-                    .dropped
-                    .with_label_values(&[drop_reason(reason)])
-                    .inc();
-                if let (Some(st), Some(to)) = (&self.state, to) {
-                    st.settled(&to.client_id, publish);
-                }
-                (true, acc)
-            }
             Parameter::ClientConnected(s) => {
                 self.metrics.connections.inc();
                 if let Some(st) = &self.state {
@@ -571,12 +585,6 @@ impl Handler for Hooks {
                         &unsub.topic_filter,
                         unsub.shared_group.as_deref(),
                     );
-                }
-                (true, acc)
-            }
-            Parameter::MessageAcked(s, _from, p) => {
-                if let Some(st) = &self.state {
-                    st.settled(&s.id.client_id, p);
                 }
                 (true, acc)
             }
@@ -945,6 +953,15 @@ struct SharedHooks(Arc<Hooks>);
 #[async_trait]
 impl Handler for SharedHooks {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
-        self.0.hook(param, acc).await
+        match param {
+            Parameter::MessagePublish(..)
+            | Parameter::MessagePublishCheckAcl(..)
+            | Parameter::MessageDelivered(..)
+            | Parameter::MessageDropped(..)
+            | Parameter::MessageAcked(..) => self.0.per_message(param, acc),
+            // Boxed: its future is large (authentication, restoring the state), and this one
+            // stays small for the per-message calls above.
+            _ => Box::pin(self.0.handle(param, acc)).await,
+        }
     }
 }
