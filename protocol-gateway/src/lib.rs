@@ -285,6 +285,24 @@ pub async fn run_shared(
     Ok(())
 }
 
+/// The name set at `field`, else `telemetry.instance`; it must be one topic level (a problem
+/// calls it `what`).
+fn named_or_instance(
+    cfg: &Config,
+    configured: Option<&str>,
+    field: &str,
+    what: &str,
+) -> anyhow::Result<String> {
+    let name = configured.map_or_else(|| cfg.telemetry.instance_name(), str::to_owned);
+    nexus_common::domain::DeviceId::new(name.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "{field}: {} (set {field} or telemetry.instance)",
+            e.to_string().replace("device id", what)
+        )
+    })?;
+    Ok(name)
+}
+
 /// Each batch of the pollers to every output, in order; ends when the pollers stop.
 async fn fan_out(
     mut rx: mpsc::Receiver<Vec<nexus_common::DataPoint>>,
@@ -312,16 +330,12 @@ async fn sparkplug_publisher(
     stop: CancellationToken,
 ) -> anyhow::Result<(Publisher, mqtt::MqttHandle)> {
     let sp = &cfg.gateway.sparkplug;
-    let node_id = sp
-        .edge_node_id
-        .clone()
-        .unwrap_or_else(|| cfg.telemetry.instance_name());
-    nexus_common::domain::DeviceId::new(node_id.clone()).map_err(|e| {
-        anyhow::anyhow!(
-            "gateway.sparkplug.edge_node_id: {} (set gateway.sparkplug.edge_node_id or telemetry.instance)",
-            e.to_string().replace("device id", "Sparkplug id")
-        )
-    })?;
+    let node_id = named_or_instance(
+        cfg,
+        sp.edge_node_id.as_deref(),
+        "gateway.sparkplug.edge_node_id",
+        "Sparkplug id",
+    )?;
     let dir = cfg.gateway.buffer.dir.join("sparkplug");
     std::fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;

@@ -509,19 +509,12 @@ impl ShardMetrics {
 
 /// This member's name: `gateway.shard.member`, else `telemetry.instance`.
 pub fn member_name(cfg: &Config) -> anyhow::Result<String> {
-    let name = cfg
-        .gateway
-        .shard
-        .member
-        .clone()
-        .unwrap_or_else(|| cfg.telemetry.instance_name());
-    nexus_common::domain::DeviceId::new(name.clone()).map_err(|e| {
-        anyhow::anyhow!(
-            "gateway.shard.member: {} (set gateway.shard.member or telemetry.instance)",
-            e.to_string().replace("device id", "member name")
-        )
-    })?;
-    Ok(name)
+    crate::named_or_instance(
+        cfg,
+        cfg.gateway.shard.member.as_deref(),
+        "gateway.shard.member",
+        "member name",
+    )
 }
 
 /// `$nexus/gateway/<group>/members/<member>`.

@@ -45,6 +45,12 @@ async fn collect(
     out
 }
 
+/// Nothing arrives for 800 ms; `why` says what a message would mean.
+async fn assert_quiet(rx: &mut Receiver<Message>, why: &str) {
+    let got = collect(rx, Duration::from_millis(800), Duration::from_millis(800)).await;
+    assert!(got.is_empty(), "{why}: {got:?}");
+}
+
 /// Until a message of type `t` arrives (within 10 s); the messages up to it included.
 async fn until(rx: &mut Receiver<Message>, t: MessageType) -> Vec<(SparkplugTopic, SpPayload)> {
     let mut out = Vec::new();
@@ -682,16 +688,7 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
     n.set(2);
     tokio::time::sleep(Duration::from_millis(400)).await;
     n.set(3);
-    let quiet = collect(
-        &mut n.rx,
-        Duration::from_millis(800),
-        Duration::from_millis(800),
-    )
-    .await;
-    assert!(
-        quiet.is_empty(),
-        "published before the host was online: {quiet:?}"
-    );
+    assert_quiet(&mut n.rx, "published before the host was online").await;
 
     // Online: births, then what was kept, marked historical.
     let t0 = nexus_common::now_ms();
@@ -727,16 +724,7 @@ async fn a_node_waits_for_its_primary_host_and_sends_what_it_kept_as_historical(
     state(false, t0 + 1).await;
     until(&mut n.rx, MessageType::NDeath).await;
     n.set(9);
-    let quiet = collect(
-        &mut n.rx,
-        Duration::from_millis(800),
-        Duration::from_millis(800),
-    )
-    .await;
-    assert!(
-        quiet.is_empty(),
-        "published while the host was offline: {quiet:?}"
-    );
+    assert_quiet(&mut n.rx, "published while the host was offline").await;
     state(true, t0 + 2).await;
     until(&mut n.rx, MessageType::NBirth).await;
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
