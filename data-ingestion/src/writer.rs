@@ -47,6 +47,7 @@ pub struct Batch {
 pub struct WriterMetrics {
     pub written: IntCounter,
     pub duplicates: IntCounter,
+    pub conflicts: IntCounter,
     pub rejects_stored: IntCounter,
     pub refused: IntCounter,
     pub batches: IntCounter,
@@ -73,6 +74,11 @@ impl WriterMetrics {
                 r,
                 "nexus_ingest_points_duplicate_total",
                 "Points already stored (WAL replay or broker redelivery after a crash), not stored again",
+            )?,
+            conflicts: metrics::counter(
+                r,
+                "nexus_ingest_points_conflict_total",
+                "Points with the topic and time of a stored point but another value or quality, moved to ingest_rejects",
             )?,
             rejects_stored: metrics::counter(
                 r,
@@ -429,11 +435,18 @@ struct Conn {
     fresh: bool,
 }
 
-/// Write `batch` in one transaction; returns (written, duplicates).
+/// The reason in `ingest_rejects` of a point whose topic and time are stored with another
+/// value.
+pub const CONFLICT_REASON: &str = "conflict: another value is stored for this topic and time";
+
+/// Write `batch` in one transaction; returns (written, duplicates). Points that conflict with
+/// a stored one (same topic and time, another value) are moved to `ingest_rejects` and counted
+/// in `conflicts_seen`.
 async fn write_batch(
     conn: &mut Conn,
     tags: &TagCache,
     batch: &Batch,
+    conflicts_seen: &IntCounter,
 ) -> Result<(u64, u64), tokio_postgres::Error> {
     let ids = tags.resolve(&conn.client, &batch.points).await?;
     let client = &conn.client;
@@ -483,13 +496,31 @@ async fn write_batch(
                 &[],
             )
             .await?;
+        // A point with the topic and time of a stored one but another value or quality is
+        // no repeat of it: it is kept in ingest_rejects and counted, not dropped as one.
+        let conflicts = client
+            .execute(
+                "INSERT INTO ingest_rejects (time, topic, reason, payload)
+                 SELECT s.time, t.topic, $1,
+                        convert_to(json_build_object('v', coalesce(to_jsonb(s.value), to_jsonb(s.value_str)),
+                                                     'quality', s.quality)::text, 'UTF8')
+                 FROM points_stage s
+                 JOIN points p ON p.tag_id = s.tag_id AND p.time = s.time
+                 JOIN tags t ON t.id = s.tag_id
+                 WHERE (p.value, p.value_str, p.quality) IS DISTINCT FROM (s.value, s.value_str, s.quality)",
+                &[&CONFLICT_REASON],
+            )
+            .await?;
         insert_rejects(client, &batch.rejects).await?;
         client.batch_execute("COMMIT").await?;
-        Ok::<u64, tokio_postgres::Error>(n)
+        Ok::<(u64, u64), tokio_postgres::Error>((n, conflicts))
     }
     .await;
     match slow {
-        Ok(n) => Ok((n, batch.points.len() as u64 - n)),
+        Ok((n, conflicts)) => {
+            conflicts_seen.inc_by(conflicts);
+            Ok((n, batch.points.len() as u64 - n - conflicts))
+        }
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
             Err(e)
@@ -611,7 +642,7 @@ pub async fn writer(
                 }
             }
             let Some(c) = conn.as_mut() else { continue };
-            let result = write_batch(c, &ctx.tags, &batch).await;
+            let result = write_batch(c, &ctx.tags, &batch, &ctx.metrics.conflicts).await;
             match result {
                 Ok((written, dup)) => {
                     c.fresh = false;

@@ -145,6 +145,15 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
     )
     .await
     .unwrap();
+    // Another value at the same time is no repeat: kept as a reject, not dropped.
+    p.publish(
+        "acme/site/area/line/dev/t0",
+        r#"{"v":0.75,"ts":1750000000000}"#,
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await
+    .unwrap();
     // Bad input.
     let bad: [(&str, &[u8]); 4] = [
         ("acme/bad/json", b"{not json"),
@@ -207,11 +216,11 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
     let r = wait_count(
         &db,
         "SELECT count(*) FROM ingest_rejects",
-        4,
+        5,
         Duration::from_secs(10),
     )
     .await;
-    assert_eq!(r, 4);
+    assert_eq!(r, 5);
 
     // Values, qualities and times.
     let row = db
@@ -292,9 +301,12 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
             ("acme/bad/nul", "bad_value"),
             ("acme/bad/quality", "bad_quality"),
             ("acme/bad/type", "bad_type"),
+            ("acme/site/area/line/dev/t0", "conflict"),
         ]
     );
     assert_eq!(rejects[0].2, b"{not json");
+    let conflict: serde_json::Value = serde_json::from_slice(&rejects[4].2).unwrap();
+    assert_eq!(conflict["v"], serde_json::json!(0.75), "{conflict}");
     assert!(rejects[0].1.contains("line 1"), "{}", rejects[0].1);
 
     // Metrics tell the same story.
@@ -305,6 +317,7 @@ async fn points_are_stored_once_with_value_quality_and_time_and_bad_input_is_dea
     assert_eq!(ing.metric("nexus_ingest_points_written_total") as i64, want);
     let dup = ing.metric("nexus_ingest_points_duplicate_total");
     assert_eq!(dup, 1.0, "the repeated point is counted, not stored");
+    assert_eq!(ing.metric("nexus_ingest_points_conflict_total"), 1.0);
     assert_eq!(ing.metric("nexus_ingest_db_up"), 1.0);
     // Every metric docs/ingestion.md names is served; labelled series whose labels are known
     // are there from the start, at 0.

@@ -173,6 +173,7 @@ pub async fn run_device(
         s.requests_per_poll = device.plan.requests_per_poll();
     }
     let jitter_max = interval.as_secs_f64() * 0.1;
+    let mut clock = PollClock::default();
     let mut base = Instant::now();
     loop {
         let jitter = Duration::from_secs_f64(rand::rng().random_range(0.0..=jitter_max.max(0.0)));
@@ -223,7 +224,8 @@ pub async fn run_device(
             .iter()
             .filter(|(_, r)| matches!(r, Reading::Bad { .. }))
             .count();
-        let out = to_points(&device, &mut exceptions, &state, readings, now_ms());
+        let ts = clock.stamp(now_ms());
+        let out = to_points(&device, &mut exceptions, &state, readings, ts);
         let breaker = ctx.pools.breaker_state(&device);
         let health = Health::after_poll(error.is_some(), breaker, bad_tags);
         record_poll(&state, &ctx, &id, health, breaker, &error, elapsed);
@@ -246,6 +248,29 @@ pub async fn run_device(
         if !out.is_empty() && ctx.out.send(out).await.is_err() {
             break;
         }
+    }
+}
+
+/// The times of one device's polls, in ms since the epoch, strictly increasing. A late poll is
+/// followed at once by the next, so two polls can end within the same millisecond; the
+/// historian keys a point by its tag and time, and would keep only the first of two different
+/// values. A clock stepped back by more than [`PollClock::STEP_MS`] is followed.
+#[derive(Default)]
+struct PollClock {
+    last: i64,
+}
+
+impl PollClock {
+    const STEP_MS: i64 = 1000;
+
+    fn stamp(&mut self, now: i64) -> i64 {
+        let t = if now + Self::STEP_MS < self.last {
+            now
+        } else {
+            now.max(self.last + 1)
+        };
+        self.last = t;
+        t
     }
 }
 
@@ -468,6 +493,20 @@ impl DeviceSet {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn poll_times_increase_within_a_millisecond_and_follow_a_clock_step() {
+        let mut c = super::PollClock::default();
+        assert_eq!(c.stamp(5_000), 5_000);
+        assert_eq!(c.stamp(5_000), 5_001);
+        assert_eq!(c.stamp(5_000), 5_002);
+        assert_eq!(c.stamp(5_020), 5_020);
+        // Back by less than a second: still after the last one.
+        assert_eq!(c.stamp(4_500), 5_021);
+        // Stepped back: followed.
+        assert_eq!(c.stamp(3_000), 3_000);
+        assert_eq!(c.stamp(3_000), 3_001);
+    }
+
     use super::*;
 
     #[test]
