@@ -102,6 +102,19 @@ impl DeviceFile {
         }
     }
 
+    /// The configured devices (id, enabled): the file's as it is now, or the running
+    /// configuration's when there is no file or it cannot be read.
+    pub fn configured(&self) -> Vec<(String, bool)> {
+        let entry = |d: &Value| {
+            let enabled = d.get("enabled").and_then(Value::as_bool).unwrap_or(true);
+            id_of(d).map(|id| (id.to_owned(), enabled))
+        };
+        match self.path.as_ref().and_then(|_| self.read().ok()) {
+            Some(snap) => snap.devices.iter().filter_map(entry).collect(),
+            None => self.running.iter().filter_map(entry).collect(),
+        }
+    }
+
     fn read(&self) -> Result<Snapshot, ApiError> {
         let path = self.path.as_ref().ok_or_else(|| {
             error(
@@ -448,6 +461,7 @@ async fn create(
         return Ok(Json(json!({"valid": true})).into_response());
     }
     let version = s.devices.write(snap.layout, list).await?;
+    s.board.touch();
     tracing::info!(user = %who.name, device = %id, "device added to the devices file");
     Ok((
         StatusCode::CREATED,
@@ -487,6 +501,7 @@ async fn replace(
         return Ok(Json(json!({"valid": true})).into_response());
     }
     let version = s.devices.write(snap.layout, list).await?;
+    s.board.touch();
     tracing::info!(user = %who.name, device = %id, "device changed in the devices file");
     Ok(Json(json!({"version": version, "config": device})).into_response())
 }
@@ -508,6 +523,7 @@ async fn remove(
         return Ok(Json(json!({"valid": true})).into_response());
     }
     s.devices.write(snap.layout, list).await?;
+    s.board.touch();
     tracing::info!(user = %who.name, device = %id, "device removed from the devices file");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

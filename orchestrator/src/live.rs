@@ -121,7 +121,7 @@ impl LiveMetrics {
             streams: metrics::gauge(
                 r,
                 "nexus_orchestrator_streams",
-                "Browsers streaming the live namespace",
+                "Browsers streaming the live namespace or the status",
             )?,
             refused_streams: metrics::counter(
                 r,
@@ -210,6 +210,26 @@ impl Namespace {
         v
     }
 
+    /// A slot for a browser stream, or the 503 answer when [`MAX_STREAMS`] are open
+    /// (counted in `nexus_orchestrator_streams_refused_total`).
+    pub fn stream_slot(&self) -> Result<StreamSlot, Response> {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            self.metrics.refused_streams.inc();
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(
+                    json!({"error": format!("at most {MAX_STREAMS} streams at once; try again later")}),
+                ),
+            )
+                .into_response());
+        };
+        self.metrics.streams.inc();
+        Ok(StreamSlot {
+            _permit: permit,
+            gauge: self.metrics.streams.clone(),
+        })
+    }
+
     /// Send what changed since the last batch.
     pub fn flush(&self) {
         let batch: Vec<Arc<Entry>> = {
@@ -287,15 +307,19 @@ struct StreamState {
     filter: TopicFilter,
     rx: broadcast::Receiver<Batch>,
     first: bool,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _gauge: GaugeGuard,
+    _slot: StreamSlot,
 }
 
-struct GaugeGuard(IntGauge);
+/// One of the [`MAX_STREAMS`] browser streams (the live namespace's and the status's), held
+/// while the stream is open.
+pub struct StreamSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
 
-impl Drop for GaugeGuard {
+impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
 }
 
@@ -304,23 +328,15 @@ async fn stream(State(ns): State<Namespace>, Query(q): Query<FilterQuery>) -> Re
         Ok(f) => f,
         Err(msg) => return bad_filter(msg),
     };
-    let Ok(permit) = ns.streams.clone().try_acquire_owned() else {
-        ns.metrics.refused_streams.inc();
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({"error": format!("at most {MAX_STREAMS} streams at once; try again later")}),
-            ),
-        )
-            .into_response();
+    let slot = match ns.stream_slot() {
+        Ok(slot) => slot,
+        Err(busy) => return busy,
     };
-    ns.metrics.streams.inc();
     let state = StreamState {
         rx: ns.tx.subscribe(),
         filter,
         first: true,
-        _permit: permit,
-        _gauge: GaugeGuard(ns.metrics.streams.clone()),
+        _slot: slot,
         ns,
     };
     let s = futures::stream::unfold(state, |mut st| async move {

@@ -431,6 +431,7 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
         ("POST", "/api/v1/logout"),
         ("GET", "/api/v1/whoami"),
         ("GET", "/api/v1/status"),
+        ("GET", "/api/v1/status/stream"),
         ("GET", "/api/v1/namespace"),
         ("GET", "/api/v1/namespace/stream"),
     ] {
@@ -482,6 +483,147 @@ async fn sse_events(
             _ => panic!("{} events of {want} in {limit:?}:\n{text}", events.len()),
         }
     }
+}
+
+/// A status stream on a raw connection, as `token`.
+async fn status_stream(port: u16, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    sse.write_all(
+        format!(
+            "GET /api/v1/status/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    sse
+}
+
+/// Read the stream until a `kind` event for which `done` holds; returns it.
+async fn sse_until(
+    sse: &mut tokio::net::TcpStream,
+    kind: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no {kind} event as expected");
+        for (k, v) in sse_events(sse, 1, left).await {
+            if k == kind && done(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_the_configured_devices_and_streams_every_change() {
+    let api = Api::start(Some(FIRST)).await;
+    let broker_port = api._broker.ports.tcp().port();
+    let stop = CancellationToken::new();
+    let (gateway, _rx) = nexus_common::mqtt::connect(
+        &testing::service_mqtt_config(broker_port),
+        nexus_common::mqtt::ClientSettings::new("nexus-status-test"),
+        None,
+        stop.clone(),
+    )
+    .unwrap();
+    gateway
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let qos = nexus_common::mqtt::QoS::AtLeastOnce;
+    let status = |state: &str| json!({"state": state, "breaker": "closed", "ts": 1}).to_string();
+    for (id, state) in [("plc-1", "online"), ("gone", "online")] {
+        let topic = format!("$nexus/status/device/{id}");
+        gateway
+            .publish(&topic, status(state), qos, true)
+            .await
+            .unwrap();
+    }
+    // Only configured devices: a status left by a device no longer in the file is not shown.
+    let started = Instant::now();
+    let now = loop {
+        let (s, v) = api
+            .call(Some(VIEWER), "GET", "/api/v1/status", &[], "")
+            .await;
+        assert_eq!(s, 200, "{v}");
+        if v["devices"]["plc-1"]["state"] == "online" || started.elapsed() > Duration::from_secs(10)
+        {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(now["devices"]["plc-1"]["state"], "online", "{now}");
+    assert!(now["devices"].get("gone").is_none(), "{now}");
+    assert_eq!(
+        api.call(None, "GET", "/api/v1/status/stream", &[], "")
+            .await
+            .0,
+        401
+    );
+
+    // The stream: the status at once, then again at each change.
+    let mut sse = status_stream(api.port, VIEWER).await;
+    let first = sse_until(&mut sse, "status", |_| true).await;
+    assert_eq!(first["devices"]["plc-1"]["state"], "online", "{first}");
+    assert!(first["devices"].get("gone").is_none(), "{first}");
+    gateway
+        .publish("$nexus/status/device/plc-1", status("offline"), qos, true)
+        .await
+        .unwrap();
+    sse_until(&mut sse, "status", |v| {
+        v["devices"]["plc-1"]["state"] == "offline"
+    })
+    .await;
+    // A device added disabled through the API is listed as disabled; one without a status
+    // yet as unknown.
+    let mut off = modbus("plc-off", json!(502));
+    off["enabled"] = json!(false);
+    let (s, v) = api
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/api/v1/devices",
+            &[],
+            &off.to_string(),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = api
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/api/v1/devices",
+            &[],
+            &modbus("plc-2", json!(502)).to_string(),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let listed = sse_until(&mut sse, "status", |v| v["devices"].get("plc-2").is_some()).await;
+    assert_eq!(
+        listed["devices"]["plc-off"]["state"], "disabled",
+        "{listed}"
+    );
+    assert_eq!(listed["devices"]["plc-2"]["state"], "unknown", "{listed}");
+    // Deleted: it leaves the list, though its status is still retained.
+    let (s, v) = api
+        .call(Some(ADMIN), "DELETE", "/api/v1/devices/plc-1", &[], "")
+        .await;
+    assert_eq!(s, 204, "{v}");
+    let after = sse_until(&mut sse, "status", |v| v["devices"].get("plc-1").is_none()).await;
+    assert!(after["devices"].get("plc-2").is_some(), "{after}");
+    // An alarm that changed is a notice on the stream.
+    gateway
+        .publish("$nexus/alarms/acme/x/high", "{}", qos, true)
+        .await
+        .unwrap();
+    sse_until(&mut sse, "alarms", |v| v.as_u64().is_some_and(|n| n >= 1)).await;
+    stop.cancel();
 }
 
 /// `acme/a/tNN` for the first ten, `acme/b/tNN` for the others.

@@ -28,6 +28,7 @@ pub mod publisher;
 pub mod shard;
 pub mod sparkplug;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -229,14 +230,24 @@ pub async fn run_shared(
     let maintenance = tokio::spawn(pools.clone().maintain(devices_token.clone()));
     let watcher = gw.watch_devices_file.then(|| {
         let (set, directory) = (set.clone(), shared.directory.clone());
+        let client = shell.mqtt.clone();
+        let polled = Mutex::new(enabled_ids(&cfg.devices));
         let apply = move |devices: &[nexus_common::config::DeviceConfig]| {
             directory.apply(devices);
+            let now = enabled_ids(devices);
+            let gone: Vec<String> = {
+                let mut before = polled.lock().unwrap_or_else(|e| e.into_inner());
+                let gone = before.difference(&now).cloned().collect();
+                *before = now;
+                gone
+            };
             if sharded {
                 device_list.send_replace(devices.to_vec());
                 tracing::info!(
                     devices = devices.len(),
                     "device configuration reloaded; the shard takes its share"
                 );
+                tokio::spawn(clear_status(client.clone(), gone, Vec::new()));
                 return;
             }
             let a = set.lock().unwrap_or_else(|e| e.into_inner()).apply(devices);
@@ -247,6 +258,7 @@ pub async fn run_shared(
                 devices = devices.len(),
                 "device configuration reloaded"
             );
+            tokio::spawn(clear_status(client.clone(), gone, a.stopping));
         };
         tokio::spawn(watch_devices(cfg.clone(), apply, devices_token.clone()))
     });
@@ -416,4 +428,35 @@ async fn sparkplug_publisher(
                 .condition("sparkplug_disk_writable"),
         );
     Ok((publisher, handle))
+}
+
+/// The ids of the enabled devices of a device list.
+fn enabled_ids(devices: &[nexus_common::config::DeviceConfig]) -> BTreeSet<String> {
+    devices
+        .iter()
+        .filter(|d| d.enabled)
+        .map(|d| d.id.to_string())
+        .collect()
+}
+
+/// Once the `stopping` poll tasks have ended, clear the retained status of the devices
+/// removed from the device list or disabled (`gone`), so it does not outlive them in the
+/// broker.
+async fn clear_status(
+    client: mqtt::MqttHandle,
+    gone: Vec<String>,
+    stopping: Vec<tokio::task::JoinHandle<()>>,
+) {
+    for t in stopping {
+        let _ = t.await;
+    }
+    for id in gone {
+        let topic = nexus_common::topic::sys::device_status(&id);
+        if let Err(e) = client
+            .publish(&topic, Vec::new(), mqtt::QoS::AtLeastOnce, true)
+            .await
+        {
+            tracing::warn!(device = %id, error = %e, "cannot clear the status of a removed device");
+        }
+    }
 }

@@ -230,6 +230,25 @@ async fn a_changed_devices_file_is_applied_without_restart() {
     let keep_before = polls("keep");
     assert!(keep_before > 0.0);
 
+    // The retained status of each device, as a new subscriber gets it.
+    let token = CancellationToken::new();
+    let statuses = |token: CancellationToken| async move {
+        let (_h, mut rx) = support::subscriber(mport, &["$nexus/status/device/+"], &token).await;
+        support::collect(&mut rx, Duration::from_millis(500), Duration::from_secs(3))
+            .await
+            .into_iter()
+            .filter(|(_, _, retained)| *retained)
+            .map(|(t, ..)| t)
+            .collect::<Vec<String>>()
+    };
+    let retained = statuses(token.clone()).await;
+    for id in ["keep", "drop"] {
+        assert!(
+            retained.iter().any(|t| t.ends_with(&format!("/{id}"))),
+            "{id} has no retained status: {retained:?}"
+        );
+    }
+
     // Change the file: "drop" removed, "new" added, "keep" unchanged.
     std::fs::write(&devices, format!("{}{}", dev("keep", "a"), dev("new", "b"))).unwrap();
     let start = std::time::Instant::now();
@@ -244,6 +263,23 @@ async fn a_changed_devices_file_is_applied_without_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The removed device's retained status is cleared; the kept one's stays.
+    let start = std::time::Instant::now();
+    loop {
+        let retained = statuses(token.clone()).await;
+        if !retained.iter().any(|t| t.ends_with("/drop")) {
+            assert!(
+                retained.iter().any(|t| t.ends_with("/keep")),
+                "{retained:?}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the removed device's status stays retained: {retained:?}"
+        );
+    }
+    token.cancel();
     // "keep" was not restarted: its live counters continued from before.
     let list = support::http_get(http, "/api/v1/devices");
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();

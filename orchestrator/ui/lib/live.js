@@ -72,3 +72,48 @@ export function qualityTone(q) {
   if (q.startsWith("bad")) return "bad";
   return "warn";
 }
+
+/** How long to wait before opening a refused status stream again. */
+const STATUS_RETRY_MS = 5000;
+
+/**
+ * The platform's status, live (GET /api/v1/status/stream): `onStatus(status)` with the answer of
+ * GET /api/v1/status at once and whenever it changed, `onAlarms()` whenever an alarm changed and
+ * when the stream (re)opens, `onState("live" | "reconnecting" | "closed")`. A stream the server
+ * refused (too many open, the session ended) is opened again after a few seconds. Returns the
+ * function that closes it.
+ */
+export function followStatus({ onStatus = () => {}, onAlarms = () => {}, onState = () => {} }) {
+  let es = null;
+  let timer = null;
+  let stopped = false;
+  function open() {
+    const mine = new EventSource("/api/v1/status/stream");
+    es = mine;
+    let fresh = true;
+    mine.addEventListener("status", (ev) => {
+      if (stopped || mine !== es) return;
+      onState("live");
+      onStatus(JSON.parse(ev.data));
+      // Alarms that changed while the stream was away.
+      if (fresh) { fresh = false; onAlarms(); }
+    });
+    mine.addEventListener("alarms", () => { if (!stopped && mine === es) onAlarms(); });
+    mine.onerror = () => {
+      if (stopped || mine !== es) return;
+      fresh = true;
+      if (mine.readyState === EventSource.CLOSED) {
+        onState("closed");
+        timer = setTimeout(open, STATUS_RETRY_MS);
+      } else {
+        onState("reconnecting");
+      }
+    };
+  }
+  open();
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+    if (es) es.close();
+  };
+}

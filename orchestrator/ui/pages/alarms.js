@@ -1,6 +1,6 @@
 // Alarms (#/alarms): the alert service's alarms through this origin (docs/control.md, "One
-// origin"; docs/alerts.md): the active ones from GET /api/v1/alarms read again every 2 s,
-// sortable by priority or time; for operators the ISA-18.2 actions (acknowledge with a comment,
+// origin"; docs/alerts.md): the active ones from GET /api/v1/alarms, read again whenever the
+// status stream says an alarm changed (GET /api/v1/status/stream), sortable by priority or time; for operators the ISA-18.2 actions (acknowledge with a comment,
 // shelve for a while, unshelve, out of service, in service) as
 // POST /api/v1/alarms/{rule id:topic}/{op}; the rules (GET /api/v1/rules); and the journal
 // (GET /api/v1/alarms/journal: the alarm_events table, filtered). Viewers see no action.
@@ -8,11 +8,10 @@
 import { api } from "../lib/api.js";
 import { h, replace, toast } from "../lib/dom.js";
 import { may } from "../lib/session.js";
-import { formatValue } from "../lib/live.js";
+import { formatValue, followStatus } from "../lib/live.js";
 
 export const title = "Alarms";
 
-const REFRESH_MS = 2000;
 const STATES = {
   active_unacked: ["active, unacknowledged", "bad"],
   active_acked: ["active, acknowledged", "warn"],
@@ -59,10 +58,7 @@ export function render(view, ctx) {
   let drawn = "";
   /** The last refusal of an action, per alarm id, shown in its row until the next action. */
   const refusals = new Map();
-  let timer = null;
-
   async function load() {
-    clearTimeout(timer);
     try {
       const answer = await api("GET", "/api/v1/alarms");
       if (!ctx.alive()) return;
@@ -75,7 +71,6 @@ export function render(view, ctx) {
       replace(message, h("p", { class: "banner error", role: "alert" }, `The alarms could not be read: ${e.message}`));
       status.textContent = "not updated";
     }
-    timer = setTimeout(load, REFRESH_MS);
   }
 
   function draw(force = false) {
@@ -198,8 +193,9 @@ export function render(view, ctx) {
     }
   })();
 
+  // Read now, and again whenever an alarm changes (the stream also says so when it opens).
   load();
-  return () => clearTimeout(timer);
+  return followStatus({ onAlarms: load });
 }
 
 function compare(sort) {

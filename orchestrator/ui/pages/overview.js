@@ -1,14 +1,16 @@
-// Overview: every service and device with its state, from GET /api/v1/status every 2 s; each
-// device links to its topics in the namespace (its prefix from GET /api/v1/devices, read once).
-// The active alarms are counted from GET /api/v1/alarms. Ingestion's status carries its figures
+// Overview: every service and every configured device with its state, live from the status
+// stream (GET /api/v1/status/stream: the status whenever it changed); each device links to its
+// topics in the namespace (its prefix from GET /api/v1/devices, read once). The active alarms are
+// counted from GET /api/v1/alarms, again whenever the stream says an alarm changed. Ingestion's
+// status carries its figures
 // (WAL use, database up, points per second), the devices' status their poll statistics; both are
 // republished every few seconds (docs/contract.md, "Status topics").
 
 import { api } from "../lib/api.js";
 import { h, replace, ago, pill } from "../lib/dom.js";
+import { followStatus } from "../lib/live.js";
 
 export const title = "Overview";
-const REFRESH_MS = 2000;
 
 export function render(view, ctx) {
   const stamp = h("span", { class: "muted", id: "overview-updated" }, "loading…");
@@ -43,7 +45,6 @@ export function render(view, ctx) {
         platform)),
   ));
 
-  let timer = null;
   let last = null;
   let alarmCount = null;
   /** Device id -> its topics' MQTT filter, for devices of the devices file. */
@@ -55,37 +56,54 @@ export function render(view, ctx) {
     }
     if (last && ctx.alive()) draw(last);
   }, () => { /* without the prefixes the devices are listed without their topics' link */ });
-  async function refresh() {
+  async function countAlarms() {
     try {
-      const [status, alarms] = await Promise.all([
-        api("GET", "/api/v1/status"),
-        // The count is left out (not shown as 0) when the alarms cannot be read.
-        api("GET", "/api/v1/alarms").then((a) => (a && Array.isArray(a.alarms) ? a.alarms.length : null), (e) => {
-          if (e.status === 401) throw e;
-          return null;
-        }),
-      ]);
+      const a = await api("GET", "/api/v1/alarms");
+      // The count is left out (not shown as 0) when the alarms cannot be read.
+      alarmCount = a && Array.isArray(a.alarms) ? a.alarms.length : null;
+    } catch (e) {
+      if (e.status === 401) return;
+      alarmCount = null;
+    }
+    if (last && ctx.alive()) draw(last);
+  }
+  /** The stream was refused: the status route says why (the session ended: the login page). */
+  async function explain() {
+    let why = "the server refused the live status";
+    try {
+      await api("GET", "/api/v1/status");
+    } catch (e) {
+      if (e.status === 401) return;
+      why = e.message;
+    }
+    if (!ctx.alive()) return;
+    replace(banner, `${why}; trying again`, last ? " (showing the last status)" : "");
+    banner.hidden = false;
+  }
+  const close = followStatus({
+    onStatus(status) {
       last = status;
-      alarmCount = alarms;
       banner.hidden = true;
       draw(last);
-      replace(stamp, `updated ${new Date().toLocaleTimeString()}`);
-    } catch (e) {
-      if (!ctx.alive()) return;
-      if (e.status === 401) return;
-      replace(banner, `Could not refresh: ${e.message}`, last ? " (showing the last answer)" : "");
-      banner.hidden = false;
-    }
-    if (ctx.alive()) timer = setTimeout(refresh, REFRESH_MS);
-  }
+      replace(stamp, `live · updated ${new Date().toLocaleTimeString()}`);
+    },
+    onAlarms: countAlarms,
+    onState(state) {
+      stamp.dataset.state = state;
+      if (state === "reconnecting") replace(stamp, "reconnecting…");
+      if (state === "closed") explain();
+    },
+  });
 
   function draw(s) {
     const devs = Object.entries(s.devices || {}).sort(([a], [b]) => a.localeCompare(b));
     const svcs = Object.entries(s.services || {}).sort(([a], [b]) => a.localeCompare(b));
     const count = (list, state) => list.filter(([, v]) => v && v.state === state).length;
     const ingest = svcs.filter(([k]) => k.startsWith("ingest/"));
+    // Disabled devices are listed, not counted.
+    const polled = devs.length - count(devs, "disabled");
     replace(summary,
-      tile("Devices online", `${count(devs, "online")} / ${devs.length}`, count(devs, "online") === devs.length ? "good" : "warn"),
+      tile("Devices online", `${count(devs, "online")} / ${polled}`, count(devs, "online") === polled ? "good" : "warn"),
       tile("Devices offline", count(devs, "offline"), count(devs, "offline") ? "bad" : "good"),
       tile("Services online", `${count(svcs, "online")} / ${svcs.length}`, count(svcs, "online") === svcs.length ? "good" : "warn"),
       alarmCount === null ? null : h("a", { class: "tile-link", href: "#/alarms", id: "tile-alarms" },
@@ -113,7 +131,7 @@ export function render(view, ctx) {
         h("td", { class: "last-poll num" }, typeof st.last_poll_ms === "number" ? `${st.last_poll_ms} ms` : h("span", { class: "muted" }, "–")),
         h("td", { class: "last-error" }, st.last_error ? h("span", { class: "err-text", title: st.last_error }, st.last_error) : h("span", { class: "muted" }, "none")),
         h("td", { class: "muted" }, ago(st.ts)));
-    }) : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No device has reported a status yet.")));
+    }) : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No device is configured.")));
     replace(services, svcs.length ? svcs.map(([key, v]) => {
       const [name, ...inst] = key.split("/");
       const st = typeof v === "object" && v ? v : { state: String(v) };
@@ -130,8 +148,7 @@ export function render(view, ctx) {
     ]));
   }
 
-  refresh();
-  return () => clearTimeout(timer);
+  return close;
 }
 
 /** Ingestion's figures over its online instances: the fullest WAL, the database as the
