@@ -268,6 +268,62 @@ pub struct ControlState {
     /// The running configuration (pool and breaker settings for connection tests; the files
     /// a reload checks).
     pub config: Arc<Config>,
+    /// The configuration file's sections as they were at start, to tell which changed
+    /// settings a reload leaves for the next start.
+    at_start: Arc<Option<Map<String, Value>>>,
+}
+
+impl ControlState {
+    pub fn new(config: Arc<Config>, devices: Arc<DeviceFile>, board: StatusBoard) -> ControlState {
+        let at_start = Arc::new(file_sections(config.source.as_deref()));
+        ControlState {
+            devices,
+            board,
+            config,
+            at_start,
+        }
+    }
+}
+
+/// The top-level sections of the configuration file at `path` as written (without the
+/// environment's overrides), if it can be read.
+fn file_sections(path: Option<&Path>) -> Option<Map<String, Value>> {
+    let text = std::fs::read_to_string(path?).ok()?;
+    match yaml::parse(&text).ok()?.0 {
+        Value::Object(m) => Some(m),
+        Value::Null => Some(Map::new()),
+        _ => None,
+    }
+}
+
+/// What the services apply while running: the devices (from the file or the list) and the
+/// alert rules. Every other setting is read at start.
+const APPLIED_LIVE: [&str; 3] = ["devices", "devices_file", "alerts.rules"];
+
+/// The settings changed between two versions of the configuration file that the running
+/// services do not apply: the top-level sections, and `alerts` apart from its rules.
+fn restart_needed(old: &Map<String, Value>, new: &Map<String, Value>) -> Vec<String> {
+    let without_rules = |v: Option<&Value>| match v {
+        Some(Value::Object(m)) => {
+            let mut m = m.clone();
+            m.remove("rules");
+            Value::Object(m)
+        }
+        other => other.cloned().unwrap_or(Value::Null),
+    };
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| {
+            if APPLIED_LIVE.contains(&k.as_str()) {
+                return false;
+            }
+            if k.as_str() == "alerts" {
+                return without_rules(old.get(*k)) != without_rules(new.get(*k));
+            }
+            old.get(*k) != new.get(*k)
+        })
+        .cloned()
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -685,24 +741,39 @@ async fn browse(
 
 /// `POST /api/v1/reload` (admin): check the configuration file and the devices file now, as
 /// every service will when it sees them change (they watch them every 2 s): what they will
-/// apply, or every problem, in which case the running configuration stays.
+/// apply (the devices and the alert rules), which changed settings wait for the next start,
+/// or every problem, in which case the running configuration stays.
 async fn reload(State(s): State<ControlState>, Caller(who): Caller) -> Result<Response, ApiError> {
     let cfg = s.config.clone();
-    let checked = tokio::task::spawn_blocking(move || cfg.reload())
-        .await
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let checked = tokio::task::spawn_blocking(move || {
+        cfg.reload()
+            .map(|new| (file_sections(new.source.as_deref()), new))
+    })
+    .await
+    .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(user = %who.name, ok = checked.is_ok(), "configuration checked for a reload");
     match checked {
-        Ok(new) => Ok(Json(json!({
-            "ok": true,
-            "source": new.source_name(),
-            "devices_file": new.devices_file.as_ref().map(|p| p.display().to_string()),
-            "devices": new.devices.len(),
-            "enabled_devices": new.devices.iter().filter(|d| d.enabled).count(),
-            "rules": new.alerts.rules.len(),
-            "applied_by": "every service watching the files, within 2 s",
-        }))
-        .into_response()),
+        Ok((sections, new)) => {
+            let restart = match (s.at_start.as_ref(), &sections) {
+                (Some(old), Some(now)) => restart_needed(old, now),
+                _ => Vec::new(),
+            };
+            if !restart.is_empty() {
+                tracing::warn!(user = %who.name, sections = ?restart, "changed settings wait for the next start");
+            }
+            Ok(Json(json!({
+                "ok": true,
+                "source": new.source_name(),
+                "devices_file": new.devices_file.as_ref().map(|p| p.display().to_string()),
+                "devices": new.devices.len(),
+                "enabled_devices": new.devices.iter().filter(|d| d.enabled).count(),
+                "rules": new.alerts.rules.len(),
+                "applied_live": APPLIED_LIVE,
+                "applied_by": "every service watching the files, within 2 s",
+                "restart_needed": restart,
+            }))
+            .into_response())
+        }
         Err(e) => Err(problems(
             StatusCode::UNPROCESSABLE_ENTITY,
             "the configuration has problems: the running one stays",
@@ -743,6 +814,29 @@ pub fn routes(state: ControlState) -> Routes {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_names_the_changed_settings_that_wait_for_a_restart() {
+        let tree = |text: &str| match yaml::parse(text).unwrap().0 {
+            Value::Object(m) => m,
+            other => panic!("{other}"),
+        };
+        let old = tree(
+            "mqtt: { host: a }\nalerts: { rules: [], state_dir: s }\ndevices: []\ntelemetry: { instance: x }\n",
+        );
+        // Devices and alert rules are applied live; nothing else changed.
+        let live = tree(
+            "mqtt: { host: a }\nalerts: { rules: [{ id: r }], state_dir: s }\ndevices: [{ id: d }]\ntelemetry: { instance: x }\n",
+        );
+        assert!(restart_needed(&old, &live).is_empty());
+        let later = tree(
+            "mqtt: { host: b }\nalerts: { rules: [], state_dir: t }\ndevices: []\nbroker: { port: 1884 }\n",
+        );
+        assert_eq!(
+            restart_needed(&old, &later),
+            ["alerts", "broker", "mqtt", "telemetry"]
+        );
+    }
 
     #[test]
     fn an_atomic_write_replaces_the_file_and_keeps_the_previous_one() {

@@ -209,11 +209,7 @@ pub async fn run_with(
     let board = StatusBoard::default();
     let writer = crate::commands::Writer::new();
     let devices = Arc::new(crate::control::DeviceFile::new(&cfg));
-    let control = crate::control::ControlState {
-        devices: devices.clone(),
-        board: board.clone(),
-        config: cfg.clone(),
-    };
+    let control = crate::control::ControlState::new(cfg.clone(), devices.clone(), board.clone());
     let routes = Routes::new()
         .get("/api/v1/status", Role::Viewer, status)
         .get("/api/v1/status/stream", Role::Viewer, stream)

@@ -397,13 +397,14 @@ async fn the_openapi_document_names_every_route_of_the_port_and_no_other() {
         }
     }
     documented.sort();
-    let control = nexus_orchestrator::control::routes(nexus_orchestrator::control::ControlState {
-        devices: Arc::new(nexus_orchestrator::control::DeviceFile::new(
-            &Config::default(),
-        )),
-        board: status::StatusBoard::default(),
-        config: Arc::new(Config::default()),
-    });
+    let control =
+        nexus_orchestrator::control::routes(nexus_orchestrator::control::ControlState::new(
+            Arc::new(Config::default()),
+            Arc::new(nexus_orchestrator::control::DeviceFile::new(
+                &Config::default(),
+            )),
+            status::StatusBoard::default(),
+        ));
     let proxy = nexus_orchestrator::proxy::routes(
         nexus_orchestrator::proxy::Upstreams::new(&Config::default()).unwrap(),
     );
@@ -941,6 +942,13 @@ async fn a_reload_checks_the_files_now_and_names_every_problem() {
     let (s, v) = support::call(port, Some(ADMIN), "POST", "/api/v1/reload", &[], "").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!((&v["ok"], &v["devices"]), (&json!(true), &json!(1)), "{v}");
+    assert_eq!(v["restart_needed"], json!([]), "{v}");
+    // A setting read at start changed: the answer says it waits for the next start.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{text}telemetry: {{ instance: renamed }}\n")).unwrap();
+    let (s, v) = support::call(port, Some(ADMIN), "POST", "/api/v1/reload", &[], "").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["restart_needed"], json!(["telemetry"]), "{v}");
     // Broken by hand: the problem names the file, the line and the field.
     let broken = FIRST.replace("port: 502", "port: 70000");
     std::fs::write(dir.path().join("devices.yaml"), broken).unwrap();
