@@ -210,21 +210,15 @@ impl Namespace {
         v
     }
 
-    /// A slot for a browser stream, or the 503 answer when [`MAX_STREAMS`] are open
-    /// (counted in `nexus_orchestrator_streams_refused_total`).
-    pub fn stream_slot(&self) -> Result<StreamSlot, Response> {
+    /// A slot for a browser stream, or none when [`MAX_STREAMS`] are open (counted in
+    /// `nexus_orchestrator_streams_refused_total`; answer [`streams_busy`]).
+    pub fn stream_slot(&self) -> Option<StreamSlot> {
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
             self.metrics.refused_streams.inc();
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(
-                    json!({"error": format!("at most {MAX_STREAMS} streams at once; try again later")}),
-                ),
-            )
-                .into_response());
+            return None;
         };
         self.metrics.streams.inc();
-        Ok(StreamSlot {
+        Some(StreamSlot {
             _permit: permit,
             gauge: self.metrics.streams.clone(),
         })
@@ -310,6 +304,15 @@ struct StreamState {
     _slot: StreamSlot,
 }
 
+/// The answer when [`MAX_STREAMS`] streams are open.
+pub fn streams_busy() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": format!("at most {MAX_STREAMS} streams at once; try again later")})),
+    )
+        .into_response()
+}
+
 /// One of the [`MAX_STREAMS`] browser streams (the live namespace's and the status's), held
 /// while the stream is open.
 pub struct StreamSlot {
@@ -328,9 +331,8 @@ async fn stream(State(ns): State<Namespace>, Query(q): Query<FilterQuery>) -> Re
         Ok(f) => f,
         Err(msg) => return bad_filter(msg),
     };
-    let slot = match ns.stream_slot() {
-        Ok(slot) => slot,
-        Err(busy) => return busy,
+    let Some(slot) = ns.stream_slot() else {
+        return streams_busy();
     };
     let state = StreamState {
         rx: ns.tx.subscribe(),

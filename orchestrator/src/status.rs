@@ -150,9 +150,8 @@ struct StatusStream {
 /// topic did, each at most once per [`STREAM_EVERY`]. Shares the live namespace's limit of
 /// open streams.
 async fn stream(State(app): State<AppState>) -> Response {
-    let slot = match app.ns.stream_slot() {
-        Ok(slot) => slot,
-        Err(busy) => return busy,
+    let Some(slot) = app.ns.stream_slot() else {
+        return crate::live::streams_busy();
     };
     let mut status = app.board.changed.subscribe();
     let mut alarms = app.board.alarms.subscribe();
