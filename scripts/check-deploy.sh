@@ -4,12 +4,13 @@
 # against the Kubernetes schemas (kubernetes-validate; custom resources against
 # deploy/checks/schemas), then check the platform's invariants on each overlay's rendering
 # (deploy/checks/k8s_invariants.py: one command consumer, probes, PDBs, restricted security,
-# headless Services, no secrets in ConfigMaps, network policies, HPA metrics, ...) and that
-# every rule catches a mutation that breaks it (--self-test). Then the PromQL of the autoscaling
-# signals and the dashboards, with promtool (deploy/checks/promql.py: every query parses, the
-# adapter's rules pass deploy/checks/promql-tests.yaml), and deploy/checks/compose.py, when
-# present. Tools go to a virtualenv under target/ (installed from PyPI when missing); promtool
-# comes from Debian's package prometheus, installed when missing.
+# headless Services, no secrets in ConfigMaps, ingress and egress network policies, Grafana's
+# datasources, HPA metrics, ...) and that every rule catches a mutation that breaks it
+# (--self-test). Then the PromQL of the autoscaling signals and the dashboards, with promtool
+# (deploy/checks/promql.py: every query parses, the adapter's rules pass
+# deploy/checks/promql-tests.yaml), and the compose stack (deploy/checks/compose.py, with its
+# --self-test). Tools go to a virtualenv under target/ (installed from PyPI when missing);
+# promtool comes from Debian's package prometheus, installed when missing.
 #
 #   NEXUS_BIN=target/debug/nexus scripts/check-deploy.sh   also runs `nexus config check` for
 #                                                            every Nexus container's config
@@ -107,7 +108,8 @@ echo "== schemas (kubernetes-validate --strict, Kubernetes ${k8s_versions[*]})"
 echo "== invariants (deploy/checks/k8s_invariants.py)"
 overlays=()
 for n in "${names[@]}"; do [ "$n" = base ] || overlays+=("$n=$out/$n.yaml"); done
-rules=(--adapter-rules k8s/components/autoscaling/prometheus-adapter-rules.yaml)
+rules=(--adapter-rules k8s/components/autoscaling/prometheus-adapter-rules.yaml
+       --grafana-datasources deploy/grafana/provisioning/datasources/nexus.yaml)
 nexus=()
 [ -n "${NEXUS_BIN:-}" ] && nexus=(--nexus "$NEXUS_BIN")
 "$py" deploy/checks/k8s_invariants.py "${rules[@]}" "${nexus[@]}" "${overlays[@]}"
@@ -117,8 +119,7 @@ echo "== PromQL ($(promtool --version 2>&1 | head -1); deploy/checks/promql.py)"
 "$py" deploy/checks/promql.py --out "$out/promql"
 "$py" deploy/checks/promql.py --self-test --out "$out/promql"
 
-if [ -f deploy/checks/compose.py ]; then
-  echo "== compose (deploy/checks/compose.py)"
-  "$py" deploy/checks/compose.py
-fi
+echo "== compose (deploy/checks/compose.py)"
+"$py" deploy/checks/compose.py
+"$py" deploy/checks/compose.py --self-test
 echo "deploy checks passed"

@@ -23,7 +23,10 @@ fi
 export NEXUS_REQUIRE_BROWSER=1
 
 # The Kubernetes manifests and the compose stack: rendered, validated, invariants (docs/deploy.md).
-scripts/check-deploy.sh
+# The deploy checks also run `nexus config check` with each container's configuration and
+# environment, so the binary is built first (the tests use the same build).
+cargo build --workspace --all-features --bins --quiet
+NEXUS_BIN="${CARGO_TARGET_DIR:-target}/debug/nexus" scripts/check-deploy.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest does not run doctests; run them first so nextest's summary closes the output.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Invariants of Nexus's Kubernetes manifests, checked on the rendered output of an overlay.
 
-    k8s_invariants.py [--adapter-rules FILE] [--nexus BIN] NAME=RENDERED.yaml ...
-    k8s_invariants.py --self-test [--adapter-rules FILE] NAME=RENDERED.yaml ...
+    k8s_invariants.py [--adapter-rules FILE] [--grafana-datasources FILE] [--nexus BIN] NAME=RENDERED.yaml ...
+    k8s_invariants.py --self-test [--adapter-rules FILE] [--grafana-datasources FILE] NAME=RENDERED.yaml ...
 
 Each NAME=FILE is one rendering (`kubectl kustomize k8s/overlays/plant > FILE`). Every rule
 below is checked on each; a failure names the rendering, the object and the rule:
@@ -25,8 +25,11 @@ Rules (ids as printed):
   headless          a StatefulSet's serviceName is a headless Service selecting its pods
   stateful-storage  the gateway's buffer and ingestion's WAL are on volumeClaimTemplates, kept
                     on scale-down (Retain); scaled gateways are sharded StatefulSets
-  no-secrets        no secret value in a ConfigMap (password:, credentials in a URL) or in a
-                    literal env value; no Secret objects with data are shipped
+  no-secrets        no secret value in a ConfigMap (password:, credentials in a URL), nor a
+                    ConfigMap key named like a secret (..._PASSWORD, ..._TOKEN, ...: envFrom
+                    makes it a variable) with a value, unless the key only points at a file
+                    (..._FILE, with a path) or a variable (..._ENV); no literal env value or
+                    configMapKeyRef for a secret; no Secret objects with data are shipped
   secret-env        every container using the database gets NEXUS_DATABASE_URL from a
                     secretKeyRef (and no other does); every password_env of the configuration
                     and NEXUS_MQTT__PASSWORD come from Secrets
@@ -34,6 +37,21 @@ Rules (ids as printed):
                     from the Secret nexus-broker-tls
   network-policy    a default deny of ingress, and the flows Nexus needs are allowed while
                     others (e.g. the gateway to the database, outsiders to plain MQTT) are not
+  egress            every pod is selected by an egress policy, except those running
+                    `nexus gateway`, `nexus commands` or `nexus up`, which talk to PLCs at
+                    addresses only the plant knows and keep open egress (docs/deploy.md); every
+                    pod reaches DNS (kube-system, UDP and TCP 53), the services the broker, the
+                    database's users the database, the orchestrator its upstreams, the alert
+                    service webhooks on 443; no other pod reaches a device, a webhook or the
+                    database
+  grafana           every variable of Grafana's datasources is in its environment; each
+                    datasource names a Service of the rendering that Grafana may reach (egress
+                    and ingress), or, for Prometheus, one of another namespace only when the
+                    rendering ships ServiceMonitors; the historian's user is a role the
+                    database's init scripts create, with the same Secret key for its password;
+                    every dashboard reads provisioned datasources; with --grafana-datasources,
+                    every datasource is the one of that file (the edge overlay leaves the
+                    Prometheus one out)
   hpa               HPA metrics are served by the prometheus-adapter rules, targets exist and do
                     not set replicas, scale-down is stabilised
   monitoring        with ServiceMonitors, every Nexus HTTP port is scraped
@@ -41,8 +59,8 @@ Rules (ids as printed):
 --nexus BIN also runs `BIN config check` for every Nexus container, with its configuration file
 (from the ConfigMap it mounts) and its environment (Secret values replaced by placeholders).
 
---self-test mutates each rendering in memory, once per rule, and fails unless the unmutated
-rendering passes and every mutation is caught by the rule it breaks.
+--self-test mutates each rendering in memory, one mutation at a time (several per rule), and
+fails unless the unmutated rendering passes and every mutation is caught by the rule it breaks.
 """
 
 from __future__ import annotations
@@ -178,10 +196,13 @@ class Container:
 
 
 class Rendering:
-    def __init__(self, name: str, docs: list[dict], adapter_rules: list[dict] | None):
+    def __init__(self, name: str, docs: list[dict], adapter_rules: list[dict] | None,
+                 datasources: tuple[str, dict[str, dict]] | None = None):
         self.name = name
         self.docs = docs
         self.adapter_rules = adapter_rules
+        # (file, uid -> datasource): the Grafana datasources every rendering's must equal.
+        self.datasources = datasources
         self.failures: list[tuple[str, str, str]] = []  # (object, rule, message)
         self.by_kind: dict[str, list[dict]] = {}
         for d in docs:
@@ -578,6 +599,24 @@ SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token)$", re.I)
 # A reference to where the secret is, not the secret: ${VAR}, $VAR, Grafana's $__env{VAR} and
 # $__file{/path}.
 INDIRECT = re.compile(r"^\s*(\$\{[A-Za-z_][A-Za-z0-9_]*\}|\$[A-Za-z_][A-Za-z0-9_]*|\$__(env|file)\{[^}]+\})\s*$")
+# SQL's PASSWORD given as a psql variable (:'var', set with -v on the command line) in an init
+# script: the value is not in the script.
+PSQL_PASSWORD = re.compile(r"(?i)\bpassword\s+:'[A-Za-z_][A-Za-z0-9_]*'")
+# A ConfigMap key, or an environment variable, whose name says it holds a secret: what envFrom
+# turns into NEXUS_HISTORIAN_PASSWORD or GF_SECURITY_ADMIN_PASSWORD, a file api-token, ...
+SECRET_NAME = re.compile(r"(?i)(^|[_.-])(password|passwd|secret|token|api_?key|private_?key|credentials?)([_.-]|$)")
+# ...unless the name says it only points at one, and the value is such a pointer: a file
+# (Grafana's GF_..._PASSWORD__FILE, the _FILE of many images) or a variable's name (_ENV).
+POINTER = {re.compile(r"(?i)_(file|path)$"): re.compile(r"^/\S*$"),
+           re.compile(r"(?i)_env$"): re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")}
+
+
+def secret_named(name: str, value: Any) -> bool:
+    """A name that says secret with a value that is not a reference or a pointer to one."""
+    v = "" if value is None else str(value)
+    if not SECRET_NAME.search(name) or not v.strip() or INDIRECT.match(v):
+        return False
+    return not any(k.search(name) and vr.match(v.strip()) for k, vr in POINTER.items())
 
 
 def secret_keys(node: Any, path: str = "") -> Iterable[str]:
@@ -597,11 +636,18 @@ def secret_keys(node: Any, path: str = "") -> Iterable[str]:
 def rule_no_secrets(r: Rendering) -> None:
     for cm in r.kind("ConfigMap"):
         for key, text in (cm.get("data") or {}).items():
+            # The key itself: envFrom makes each key a variable of that name.
+            if secret_named(key, text):
+                r.fail(cm, "no-secrets", f"key {key} names a secret and holds its value; put it in a Secret "
+                       "(secretKeyRef), or point at a mounted file (..._FILE)")
+                continue
             parsed = _parse(str(text))
             found = list(secret_keys(parsed)) if isinstance(parsed, (dict, list)) else []
             if not found:
                 for line in str(text).splitlines():
                     s = line.split("#", 1)[0]
+                    if PSQL_PASSWORD.search(s):
+                        continue
                     m = re.search(r"(?i)\bpassword\s*[:=]\s*(.*)", s)
                     if (m and m.group(1).strip() and not INDIRECT.match(m.group(1))) or URL_CREDENTIALS.search(s):
                         found.append(line.strip())
@@ -613,6 +659,10 @@ def rule_no_secrets(r: Rendering) -> None:
             r.fail(s, "no-secrets", "a Secret with values is shipped; create it in the cluster instead")
     for ct in r.containers:
         for var, e in ct.env.items():
+            if "configMapKeyRef" in (e.get("valueFrom") or {}) and SECRET_NAME.search(var) \
+                    and not any(k.search(var) for k in POINTER):
+                r.fail(ct.workload, "no-secrets", f"container {ct.name}: {var} comes from a ConfigMap; "
+                       "take it from a Secret (secretKeyRef)")
             if "valueFrom" in e:
                 continue
             v = str(e.get("value", ""))
@@ -675,13 +725,14 @@ def rule_mqtt_tls(r: Rendering) -> None:
         r.fail("platform", "mqtt-tls", "no Service exposes MQTT over TLS (8883) of the broker")
 
 
-# --- network policies: a small evaluator of ingress rules (egress is left open) ---------------
+# --- network policies: a small evaluator of ingress and egress rules -------------------------
 
 @dataclass
 class Peer:
     what: str
     labels: dict | None  # pod labels, None for a client outside the cluster
     namespace_labels: dict
+    ip: str | None = None  # the address of a peer outside the cluster, for egress to an ipBlock
 
 
 def allowed(r: Rendering, ns: str, dest: dict, dest_container: dict, port: int, src: Peer) -> bool:
@@ -786,6 +837,337 @@ def rule_network_policy(r: Rendering) -> None:
         check(d, pod_spec(d)["containers"][0], 5432, stranger, False, "only Nexus's database users")
 
 
+# Egress. The pods that talk to PLCs keep open egress (docs/deploy.md, Network policies): the
+# devices are at addresses and ports only the plant knows. Every other pod may reach only the
+# flows Nexus uses.
+OPEN_EGRESS = {"gateway", "commands", "up"}
+DEVICE = Peer("a PLC outside the cluster", None, {}, ip="192.0.2.10")
+DEVICE_PORTS = (502, 4840, 44818)  # Modbus TCP, OPC UA, EtherNet/IP
+WEBHOOK = Peer("a webhook outside the cluster", None, {}, ip="203.0.113.10")
+DNS = Peer("the cluster DNS (namespace kube-system)", {"k8s-app": "kube-dns"},
+           {"kubernetes.io/metadata.name": "kube-system"})
+
+
+def policy_types(p: dict) -> list[str]:
+    """spec.policyTypes, or its default: Ingress, and Egress when the policy has egress rules."""
+    spec = p.get("spec") or {}
+    return spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
+
+
+def egress_policies(r: Rendering, src: dict) -> list[dict]:
+    ns = src["metadata"].get("namespace")
+    return [p for p in r.kind("NetworkPolicy") if p["metadata"].get("namespace") == ns
+            and "Egress" in policy_types(p) and matches(p["spec"].get("podSelector"), pod_labels(src))]
+
+
+def port_matches(q: dict, port: int, protocol: str, dest_container: dict | None) -> bool:
+    if q.get("protocol", "TCP") != protocol:
+        return False
+    if q.get("port") is None:
+        return True
+    want = container_port(dest_container or {}, q["port"])
+    if want is None:
+        return False
+    return want == port or (q.get("endPort") is not None and want <= port <= int(q["endPort"]))
+
+
+def egress_allowed(r: Rendering, src: dict, dest: Peer, port: int, protocol: str = "TCP",
+                   dest_container: dict | None = None) -> bool:
+    pols = egress_policies(r, src)
+    if not pols:
+        return True  # not isolated
+    own_ns = {"kubernetes.io/metadata.name": src["metadata"].get("namespace")}
+    for p in pols:
+        for rule in p["spec"].get("egress") or []:
+            ports = rule.get("ports")
+            if ports and not any(port_matches(q, port, protocol, dest_container) for q in ports):
+                continue
+            peers = rule.get("to")
+            if not peers:
+                return True
+            for peer in peers:
+                if "ipBlock" in peer:
+                    if dest.ip is None:
+                        continue  # pods are reached by their selectors, not by address
+                    ip, blk = ipaddress.ip_address(dest.ip), peer["ipBlock"]
+                    net = ipaddress.ip_network(blk["cidr"])
+                    if ip.version == net.version and ip in net and not any(
+                            ip.version == ipaddress.ip_network(x).version and ip in ipaddress.ip_network(x)
+                            for x in blk.get("except") or []):
+                        return True
+                    continue
+                if dest.labels is None:
+                    continue
+                nsel, psel = peer.get("namespaceSelector"), peer.get("podSelector")
+                ns_ok = matches(nsel, dest.namespace_labels) if nsel is not None else dest.namespace_labels == own_ns
+                pod_ok = matches(psel, dest.labels) if psel is not None else True
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def pod_peer(w: dict, what: str | None = None) -> Peer:
+    return Peer(what or ref(w), pod_labels(w), {"kubernetes.io/metadata.name": w["metadata"].get("namespace")})
+
+
+def rule_egress(r: Rendering) -> None:
+    nexus = r.nexus()
+    brokers = [b for b in nexus if b.subcommand in ("broker", "up")]
+    db = [w for w in r.workloads if pod_labels(w).get("app.kubernetes.io/component") == "database"]
+    for w in r.workloads:
+        mine = [ct for ct in nexus if ct.workload is w]
+        subs = {ct.subcommand for ct in mine}
+        open_ok = bool(subs & OPEN_EGRESS)
+        who = ", ".join(f"`nexus {x}`" for x in sorted(subs)) or "it"
+
+        def expect(dest: Peer, port: int, want: bool, why: str, protocol: str = "TCP",
+                   dest_container: dict | None = None) -> None:
+            if egress_allowed(r, w, dest, port, protocol, dest_container) != want:
+                r.fail(w, "egress", f"{'cannot' if want else 'can'} reach {dest.what} on {protocol} {port}: {why}")
+
+        if not egress_policies(r, w) and not open_ok:
+            r.fail(w, "egress", "no egress NetworkPolicy selects its pods, so they may reach anything; only "
+                   "the pods that talk to PLCs (gateway, commands, up) keep open egress")
+            continue
+        for proto in ("UDP", "TCP"):
+            expect(DNS, 53, True, "every pod resolves Service names", proto)
+        for port in DEVICE_PORTS:
+            expect(DEVICE, port, open_ok, f"{who} talks to PLCs at addresses only the plant knows" if open_ok
+                   else "only the gateway, the command handler and `nexus up` keep open egress (PLCs)")
+        if not open_ok:
+            expect(WEBHOOK, 443, "alerts" in subs, "the alert service's webhooks (HTTPS)" if "alerts" in subs
+                   else "only the alert service calls out (webhooks)")
+        for ct in mine:
+            for b in brokers:
+                if b.workload is w:
+                    continue
+                port = int(get(ct.config, "mqtt.port", 1883) or 1883)
+                expect(pod_peer(b.workload, f"the broker {ref(b.workload)}"), port, True,
+                       f"`nexus {ct.subcommand}` connects to the broker", dest_container=b.c)
+            for d in db:
+                uses = ct.subcommand in DATABASE_USERS
+                if uses or not open_ok:
+                    expect(pod_peer(d, f"the database {ref(d)}"), 5432, uses,
+                           f"`nexus {ct.subcommand}` {'writes' if uses else 'does not use'} the database",
+                           dest_container=pod_spec(d)["containers"][0])
+            if ct.subcommand == "orchestrator":
+                ups = get(ct.config, "orchestrator.upstreams") or {}
+                for key, sub in (("ingestion", "ingest"), ("alerts", "alerts")):
+                    m_url = re.match(r"https?://([^:/]+):(\d+)/?$", (ups.get(key) if isinstance(ups, dict) else None) or "")
+                    if not m_url:
+                        continue  # rule network-policy names it
+                    for t in [t for t in nexus if t.subcommand == sub]:
+                        svc = r.service_for(m_url.group(1)) or {}
+                        port = next((container_port(t.c, p.get("targetPort", p.get("port")))
+                                     for p in (svc.get("spec") or {}).get("ports") or []
+                                     if int(p.get("port", 0)) == int(m_url.group(2))), int(m_url.group(2)))
+                        expect(pod_peer(t.workload, f"{ref(t.workload)} (orchestrator.upstreams.{key})"),
+                               port, True, "the orchestrator forwards the control center's calls", dest_container=t.c)
+
+
+# --- Grafana: its datasources point at something that exists and that it may reach ----------
+
+GRAFANA_BUILTIN_UIDS = {"grafana", "-- Grafana --", "-- Mixed --", "-- Dashboard --"}
+SECRET_VALUE = "\0secret"  # an environment value taken from a Secret: set, value unknown
+
+
+def grafana_containers(r: Rendering) -> list[Container]:
+    return [ct for ct in r.containers if not ct.init
+            and str(ct.c.get("image", "")).rsplit("/", 1)[-1].split(":")[0] == "grafana"]
+
+
+def configmap(r: Rendering, name: str, ns: str | None) -> dict | None:
+    return next((cm for cm in r.kind("ConfigMap") if cm["metadata"]["name"] == name
+                 and cm["metadata"].get("namespace") == ns), None)
+
+
+def container_environment(r: Rendering, ct: Container) -> dict[str, str]:
+    ns = ct.workload["metadata"].get("namespace")
+    env: dict[str, str] = {}
+    for ef in ct.c.get("envFrom") or []:
+        ref_ = ef.get("configMapRef")
+        cm = configmap(r, ref_["name"], ns) if ref_ else None
+        for k, v in ((cm or {}).get("data") or {}).items():
+            env[ef.get("prefix", "") + k] = str(v)
+    for var, e in ct.env.items():
+        env[var] = SECRET_VALUE if "valueFrom" in e else str(e.get("value", ""))
+    return env
+
+
+def mounted_configmap(r: Rendering, w: dict, c: dict, directory: str) -> dict | None:
+    """The ConfigMap mounted (whole, not by subPath) at `directory` in container `c`."""
+    vols = {v["name"]: v for v in pod_spec(w).get("volumes") or []}
+    for m in c.get("volumeMounts") or []:
+        cm = (vols.get(m["name"]) or {}).get("configMap")
+        if cm and not m.get("subPath") and m["mountPath"].rstrip("/") == directory.rstrip("/"):
+            return configmap(r, cm.get("name"), w["metadata"].get("namespace"))
+    return None
+
+
+GRAFANA_VAR = re.compile(r"\$__env\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand(node: Any, env: dict[str, str], unset: set[str]) -> Any:
+    """Grafana's expansion of environment variables in provisioning files."""
+    if isinstance(node, dict):
+        return {k: expand(v, env, unset) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand(v, env, unset) for v in node]
+    if isinstance(node, str):
+        def sub(m: re.Match) -> str:
+            var = m.group(1) or m.group(2) or m.group(3)
+            if var not in env:
+                unset.add(var)
+            return env.get(var, "")
+        return GRAFANA_VAR.sub(sub, node)
+    return node
+
+
+def datasource_uids(node: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(node, dict):
+        ds = node.get("datasource")
+        if isinstance(ds, dict) and isinstance(ds.get("uid"), str):
+            out.add(ds["uid"])
+        elif isinstance(ds, str):
+            out.add(ds)
+        for v in node.values():
+            out |= datasource_uids(v)
+    elif isinstance(node, list):
+        for v in node:
+            out |= datasource_uids(v)
+    return {u for u in out if u not in GRAFANA_BUILTIN_UIDS and not u.startswith("$")}
+
+
+def resolve_service(r: Rendering, host: str, ns: str) -> tuple[dict | None, str]:
+    """The Service of the rendering a host name means (name, name.ns, name.ns.svc...), and its
+    namespace; None when the name is not of the rendering."""
+    parts = host.split(".")
+    svc_ns = parts[1] if len(parts) > 1 else ns
+    svc = next((s for s in r.kind("Service") if s["metadata"]["name"] == parts[0]
+                and s["metadata"].get("namespace") == svc_ns), None)
+    return svc, svc_ns
+
+
+def rule_grafana(r: Rendering) -> None:
+    for ct in grafana_containers(r):
+        w = ct.workload
+        ns = w["metadata"].get("namespace")
+        env = container_environment(r, ct)
+        prov = env.get("GF_PATHS_PROVISIONING", "/etc/grafana/provisioning")
+        cm = mounted_configmap(r, w, ct.c, f"{prov}/datasources")
+        if cm is None:
+            r.fail(w, "grafana", f"no ConfigMap mounted at {prov}/datasources")
+            continue
+        provisioned: dict[str, tuple[dict, dict]] = {}  # uid -> (expanded, as written)
+        for key, text in (cm.get("data") or {}).items():
+            doc = parse(str(text)) if key.endswith((".yaml", ".yml")) else None
+            for ds in (doc or {}).get("datasources") or []:
+                unset: set[str] = set()
+                provisioned[ds.get("uid") or ds.get("name")] = (expand(ds, env, unset), ds)
+                for var in sorted(unset):
+                    r.fail(w, "grafana", f"datasource {ds.get('uid')}: ${{{var}}} is not in Grafana's environment")
+                if r.datasources is not None:
+                    path, canonical = r.datasources
+                    if ds.get("uid") not in canonical:
+                        r.fail(cm, "grafana", f"{key}: datasource {ds.get('uid')} is not in {path}")
+                    elif canonical[ds.get("uid")] != ds:
+                        r.fail(cm, "grafana", f"{key}: datasource {ds.get('uid')} differs from the one of {path}")
+        for uid, (ds, written) in provisioned.items():
+            m_url = re.match(r"^(?:([a-z]+)://)?([^:/]+)(?::(\d+))?", str(ds.get("url") or ""))
+            if not m_url:
+                r.fail(w, "grafana", f"datasource {uid}: url {ds.get('url')!r} names no host")
+                continue
+            scheme, host = m_url.group(1), m_url.group(2)
+            kind = str(ds.get("type"))
+            port = int(m_url.group(3) or {"postgres": 5432, "grafana-postgresql-datasource": 5432}.get(
+                kind, 443 if scheme == "https" else 80))
+            svc, svc_ns = resolve_service(r, host, ns)
+            if svc is None and svc_ns != ns and kind == "prometheus":
+                # A Prometheus of another namespace (the Prometheus Operator's): only where the
+                # rendering has it scrape Nexus, and Grafana may reach it there.
+                if not r.kind("ServiceMonitor"):
+                    r.fail(w, "grafana", f"datasource {uid} reads a Prometheus at {host}:{port}, and nothing in "
+                           "this rendering has one scrape Nexus (no ServiceMonitor): leave the datasource out")
+                peer = Peer(f"Prometheus at {host}:{port}", {"app.kubernetes.io/name": "prometheus"},
+                            {"kubernetes.io/metadata.name": svc_ns})
+                if not egress_allowed(r, w, peer, port):
+                    r.fail(w, "grafana", f"datasource {uid}: Grafana's egress does not allow {host}:{port}")
+                continue
+            if svc is None:
+                r.fail(w, "grafana", f"datasource {uid}: {host} is no Service of the rendering")
+                continue
+            sport = next((p for p in svc["spec"].get("ports") or [] if int(p.get("port", 0)) == port), None)
+            if sport is None:
+                r.fail(w, "grafana", f"datasource {uid}: Service {host} has no port {port}")
+                continue
+            backends = [t for t in r.workloads if service_selects(svc, pod_labels(t))]
+            if not backends:
+                r.fail(w, "grafana", f"datasource {uid}: Service {host} selects no pod of the rendering")
+            for t in backends:
+                tc = pod_spec(t)["containers"][0]
+                tport = container_port(tc, sport.get("targetPort", port)) or port
+                if not egress_allowed(r, w, pod_peer(t), tport, dest_container=tc):
+                    r.fail(w, "grafana", f"datasource {uid}: Grafana's egress does not allow {ref(t)} port {tport}")
+                if not allowed(r, t["metadata"].get("namespace"), pod_labels(t), tc, tport, pod_peer(w, "Grafana")):
+                    r.fail(w, "grafana", f"datasource {uid}: {ref(t)} does not let Grafana in on port {tport}")
+                if kind in ("postgres", "grafana-postgresql-datasource"):
+                    check_historian_role(r, w, ct, ds, written, t, tc)
+        # Every dashboard reads provisioned datasources only.
+        providers = mounted_configmap(r, w, ct.c, f"{prov}/dashboards")
+        for key, text in ((providers or {}).get("data") or {}).items():
+            for pv in (parse(str(text)) or {}).get("providers") or []:
+                path = (pv.get("options") or {}).get("path")
+                dcm = mounted_configmap(r, w, ct.c, path) if path else None
+                if dcm is None:
+                    r.fail(w, "grafana", f"dashboard provider {pv.get('name')}: no ConfigMap mounted at {path}")
+                    continue
+                for f, body in (dcm.get("data") or {}).items():
+                    if not f.endswith(".json"):
+                        continue
+                    missing = datasource_uids(parse(str(body))) - set(provisioned)
+                    if missing:
+                        r.fail(dcm, "grafana", f"dashboard {f} reads datasource(s) {', '.join(sorted(missing))}, "
+                               "which are not provisioned")
+
+
+def check_historian_role(r: Rendering, w: dict, ct: Container, ds: dict, written: dict, db: dict,
+                         dbc: dict) -> None:
+    """Grafana logs in as a role the database's init scripts make, with the password those
+    scripts are given (the same Secret key), in the database the server creates."""
+    uid = ds.get("uid")
+    dbenv = {e["name"]: e for e in dbc.get("env") or [] if "name" in e}
+    want_db = (dbenv.get("POSTGRES_DB") or {}).get("value")
+    got_db = (ds.get("jsonData") or {}).get("database")
+    if want_db and got_db != want_db:
+        r.fail(w, "grafana", f"datasource {uid}: database {got_db!r}, the server creates {want_db!r}")
+    scripts = ""
+    vols = {v["name"]: v for v in pod_spec(db).get("volumes") or []}
+    for m in dbc.get("volumeMounts") or []:
+        if not m["mountPath"].startswith("/docker-entrypoint-initdb.d"):
+            continue
+        cm = configmap(r, ((vols.get(m["name"]) or {}).get("configMap") or {}).get("name"), db["metadata"].get("namespace"))
+        data = (cm or {}).get("data") or {}
+        scripts += "\n".join(str(v) for k, v in data.items() if not m.get("subPath") or k == m["subPath"])
+    roles = set(re.findall(r"(?i)CREATE\s+(?:ROLE|USER)\s+\"?([A-Za-z_][A-Za-z0-9_]*)", scripts))
+    user = str(ds.get("user") or "")
+    if user not in roles:
+        r.fail(w, "grafana", f"datasource {uid}: user {user!r} is not a role the init scripts of {ref(db)} create "
+               f"({', '.join(sorted(roles)) or 'none mounted at /docker-entrypoint-initdb.d'})")
+        return
+    # The password as written names a variable; the Secret key that variable comes from.
+    m_var = GRAFANA_VAR.search(str((written.get("secureJsonData") or {}).get("password") or ""))
+    var = (m_var.group(1) or m_var.group(2) or m_var.group(3)) if m_var else None
+    key = ((ct.env.get(var) or {}).get("valueFrom") or {}).get("secretKeyRef") if var else None
+    if not key:
+        r.fail(w, "grafana", f"datasource {uid}: the password is not from a Secret (secretKeyRef)")
+        return
+    given = [((e.get("valueFrom") or {}).get("secretKeyRef") or {}) for e in dbenv.values()]
+    if not any(g.get("name") == key.get("name") and g.get("key") == key.get("key") for g in given):
+        r.fail(w, "grafana", f"datasource {uid}: Grafana logs in as {user} with the Secret {key.get('name')} key "
+               f"{key.get('key')}, which {ref(db)} does not give its init scripts")
+
+
 def adapter_names(rules: list[dict]) -> set[str]:
     out = set()
     for rule in rules:
@@ -855,13 +1237,16 @@ RULES: dict[str, Callable[[Rendering], None]] = {
     "secret-env": rule_secret_env,
     "mqtt-tls": rule_mqtt_tls,
     "network-policy": rule_network_policy,
+    "egress": rule_egress,
+    "grafana": rule_grafana,
     "hpa": rule_hpa,
     "monitoring": rule_monitoring,
 }
 
 
-def check(name: str, docs: list[dict], adapter_rules: list[dict] | None) -> Rendering:
-    r = Rendering(name, docs, adapter_rules)
+def check(name: str, docs: list[dict], adapter_rules: list[dict] | None,
+          datasources: tuple[str, dict[str, dict]] | None = None) -> Rendering:
+    r = Rendering(name, docs, adapter_rules, datasources)
     if not r.nexus():
         r.fail("platform", "command-consumer", "no Nexus container found in the rendering")
         return r
@@ -923,12 +1308,24 @@ def nexus_container(docs: list[dict], component: str) -> dict | None:
     return pod_spec(w)["containers"][0] if w else None
 
 
+def configmap_named(docs: list[dict], name: str) -> dict | None:
+    """A ConfigMap by the name it was generated with (the rendering adds a hash suffix)."""
+    return next((x for x in docs if x.get("kind") == "ConfigMap" and re.fullmatch(
+        re.escape(name) + r"(-[a-z0-9]{10})?", x["metadata"]["name"])), None)
+
+
+def grafana_container(docs: list[dict]) -> dict | None:
+    w = next((x for x in docs if x.get("kind") in WORKLOAD_KINDS
+              and pod_labels(x).get("app.kubernetes.io/name") == "grafana"), None)
+    return pod_spec(w)["containers"][0] if w else None
+
+
 def set_env(c: dict, var: str, entry: dict) -> None:
     env = c.setdefault("env", [])
     env[:] = [e for e in env if e.get("name") != var] + [dict(name=var, **entry)]
 
 
-def mutations(docs: list[dict]) -> list[tuple[str, str, Callable[[list[dict]], bool]]]:
+def mutations(docs: list[dict], with_datasources: bool = False) -> list[tuple[str, str, Callable[[list[dict]], bool]]]:
     """(description, rule expected to fail, mutate(docs) -> applicable)."""
     main = "broker" if workload(docs, "broker") else "platform"
     ing = "ingest" if workload(docs, "ingest") else "platform"
@@ -1091,6 +1488,162 @@ def mutations(docs: list[dict]) -> list[tuple[str, str, Callable[[list[dict]], b
     def _(d):
         d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "prometheus-scrape")]
 
+    @m("NEXUS_HISTORIAN_PASSWORD written into Grafana's env ConfigMap (envFrom)", "no-secrets")
+    def _(d):
+        cm = configmap_named(d, "nexus-grafana-env")
+        if not cm:
+            return False
+        cm["data"]["NEXUS_HISTORIAN_PASSWORD"] = "hunter2"
+
+    @m("GF_SECURITY_ADMIN_PASSWORD written into Grafana's env ConfigMap (envFrom)", "no-secrets")
+    def _(d):
+        cm = configmap_named(d, "nexus-grafana-env")
+        if not cm:
+            return False
+        cm["data"]["GF_SECURITY_ADMIN_PASSWORD"] = "hunter2"
+
+    @m("Grafana's admin password taken from a ConfigMap key (configMapKeyRef)", "no-secrets")
+    def _(d):
+        c = grafana_container(d)
+        if not c:
+            return False
+        set_env(c, "GF_SECURITY_ADMIN_PASSWORD",
+                {"valueFrom": {"configMapKeyRef": {"name": "nexus-grafana-env", "key": "NEXUS_HISTORIAN_USER"}}})
+
+    @m("every egress policy removed", "egress")
+    def _(d):
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and "Egress" in policy_types(x))]
+
+    @m("DNS not allowed", "egress")
+    def _(d):
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "dns")]
+
+    @m("default-deny-egress and dns select only Nexus's pods (the database's egress opens)", "egress")
+    def _(d):
+        for x in d:
+            if x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] in ("default-deny-egress", "dns"):
+                x["spec"]["podSelector"] = {"matchLabels": {"app.kubernetes.io/name": "nexus"}}
+
+    @m(f"{'ingest' if ing == 'ingest' else 'Grafana'}: open egress", "egress")
+    def _(d):
+        w = workload(d, "ingest") or next(x for x in d if x.get("kind") == "Deployment"
+                                          and pod_labels(x).get("app.kubernetes.io/name") == "grafana")
+        d.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                  "metadata": {"name": "open-egress", "namespace": w["metadata"]["namespace"]},
+                  "spec": {"podSelector": {"matchLabels": pod_labels(w)}, "policyTypes": ["Egress"], "egress": [{}]}})
+
+    @m(f"{gw}: egress closed (no way to the PLCs)", "egress")
+    def _(d):
+        before = len(d)
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] in
+                                     ("nexus-devices-egress", "nexus-platform-egress"))]
+        return len(d) != before
+
+    @m("ingest, alerts and the orchestrator cannot reach the broker", "egress")
+    def _(d):
+        before = len(d)
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "nexus-broker-clients-egress")]
+        return len(d) != before
+
+    @m("ingest and alerts cannot reach the database", "egress")
+    def _(d):
+        before = len(d)
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "nexus-database-egress")]
+        return len(d) != before
+
+    @m("the orchestrator cannot reach its upstreams", "egress")
+    def _(d):
+        before = len(d)
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "nexus-upstreams-egress")]
+        return len(d) != before
+
+    @m("the orchestrator may reach the database", "egress")
+    def _(d):
+        for x in d:
+            if x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "nexus-database-egress":
+                x["spec"]["podSelector"]["matchExpressions"][1]["values"].append("orchestrator")
+                return True
+        return False
+
+    @m("alert webhooks on every port", "egress")
+    def _(d):
+        for x in d:
+            if x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "nexus-alerts-webhooks":
+                x["spec"]["egress"][0].pop("ports")
+                return True
+        return False
+
+    @m("alert webhooks not allowed", "egress")
+    def _(d):
+        before = len(d)
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "nexus-alerts-webhooks")]
+        return len(d) != before
+
+    @m("Grafana cannot reach the database", "grafana")
+    def _(d):
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "grafana-egress")]
+
+    @m("Grafana cannot reach its Prometheus", "grafana")
+    def _(d):
+        before = len(d)
+        d[:] = [x for x in d if not (x.get("kind") == "NetworkPolicy" and x["metadata"]["name"] == "grafana-prometheus")]
+        return len(d) != before
+
+    @m("a Prometheus datasource where nothing scrapes Nexus", "grafana")
+    def _(d):
+        if any(x.get("kind") == "ServiceMonitor" for x in d):
+            return False
+        cm = configmap_named(d, "nexus-grafana-datasources")
+        doc = yaml.safe_load(cm["data"]["nexus.yaml"])
+        doc["datasources"].append({"name": "Nexus Prometheus", "uid": "nexus-prometheus", "type": "prometheus",
+                                   "access": "proxy", "url": "${NEXUS_PROMETHEUS_URL}"})
+        cm["data"]["nexus.yaml"] = yaml.safe_dump(doc)
+        configmap_named(d, "nexus-grafana-env")["data"]["NEXUS_PROMETHEUS_URL"] = "http://prometheus-operated.monitoring:9090"
+
+    @m("the ServiceMonitors removed while Grafana reads Prometheus", "grafana")
+    def _(d):
+        cm = configmap_named(d, "nexus-grafana-datasources")
+        reads = any(ds.get("type") == "prometheus" for text in (cm or {}).get("data", {}).values()
+                    for ds in (yaml.safe_load(text) or {}).get("datasources") or [])
+        if not reads or not any(x.get("kind") == "ServiceMonitor" for x in d):
+            return False
+        d[:] = [x for x in d if x.get("kind") != "ServiceMonitor"]
+
+    @m("a dashboard reads a datasource that is not provisioned", "grafana")
+    def _(d):
+        cm = configmap_named(d, "nexus-grafana-dashboards")
+        cm["data"]["extra.json"] = json.dumps({"panels": [{"datasource": {"type": "prometheus", "uid": "nexus-prometheus-x"}}]})
+
+    @m("Grafana's historian host is no Service", "grafana")
+    def _(d):
+        configmap_named(d, "nexus-grafana-env")["data"]["NEXUS_HISTORIAN_HOST"] = "historian:5432"
+
+    @m("Grafana's historian password variable not set", "grafana")
+    def _(d):
+        c = grafana_container(d)
+        c["env"] = [e for e in c["env"] if e["name"] != "NEXUS_HISTORIAN_PASSWORD"]
+
+    @m("the database does not run the init script that makes Grafana's role", "grafana")
+    def _(d):
+        c = pod_spec(workload(d, "database"))["containers"][0]
+        c["volumeMounts"] = [v for v in c["volumeMounts"] if not v["mountPath"].startswith("/docker-entrypoint-initdb.d")]
+
+    @m("the database's init script gets another password than Grafana's", "grafana")
+    def _(d):
+        c = pod_spec(workload(d, "database"))["containers"][0]
+        for e in c["env"]:
+            if e["name"] == "NEXUS_GRAFANA_DB_PASSWORD":
+                e["valueFrom"]["secretKeyRef"]["key"] = "admin-password"
+
+    @m("a Grafana datasource differs from deploy/grafana's", "grafana")
+    def _(d):
+        if not with_datasources:
+            return False
+        cm = configmap_named(d, "nexus-grafana-datasources")
+        doc = yaml.safe_load(cm["data"]["nexus.yaml"])
+        doc["datasources"][0]["jsonData"]["sslmode"] = "require"
+        cm["data"]["nexus.yaml"] = yaml.safe_dump(doc)
+
     @m("HPA metric renamed", "hpa")
     def _(d):
         h = next((x for x in d if x.get("kind") == "HorizontalPodAutoscaler"), None)
@@ -1123,21 +1676,24 @@ def mutations(docs: list[dict]) -> list[tuple[str, str, Callable[[list[dict]], b
     return out
 
 
-def self_test(renderings: dict[str, list[dict]], adapter_rules: list[dict] | None) -> int:
+def self_test(renderings: dict[str, list[dict]], adapter_rules: list[dict] | None,
+              datasources: tuple[str, dict[str, dict]] | None = None) -> int:
     failed = 0
     for name, docs in renderings.items():
-        base = check(name, docs, adapter_rules)
+        base = check(name, docs, adapter_rules, datasources)
         if base.failures:
-            print(f"self-test {name}: the unmutated rendering does not pass")
+            print(f"self-test {name}: the unmutated rendering does not pass:")
+            for obj, rule, msg in base.failures:
+                print(f"  {obj}: {rule}: {msg}")
             failed += 1
             continue
         applied, missed = 0, 0
-        for desc, rule, mutate in mutations(docs):
+        for desc, rule, mutate in mutations(docs, datasources is not None):
             d = copy.deepcopy(docs)
             if not mutate(d):
                 continue
             applied += 1
-            r = check(name, d, adapter_rules)
+            r = check(name, d, adapter_rules, datasources)
             rules = {f[1] for f in r.failures}
             if rule not in rules:
                 missed += 1
@@ -1155,8 +1711,16 @@ def main() -> int:
     ap.add_argument("renderings", nargs="+", metavar="NAME=FILE")
     ap.add_argument("--adapter-rules", help="prometheus-adapter rules (a ConfigMap with config.yaml, or the rules YAML)")
     ap.add_argument("--nexus", metavar="BIN", help="also run `BIN config check` for every Nexus container")
+    ap.add_argument("--grafana-datasources", metavar="FILE",
+                    help="Grafana's datasource provisioning file; every rendering's datasources must be its own")
     ap.add_argument("--self-test", action="store_true")
     args = ap.parse_args()
+
+    datasources = None
+    if args.grafana_datasources:
+        with open(args.grafana_datasources) as f:
+            doc = yaml.safe_load(f) or {}
+        datasources = (args.grafana_datasources, {d.get("uid"): d for d in doc.get("datasources") or []})
 
     adapter_rules = None
     if args.adapter_rules:
@@ -1172,11 +1736,11 @@ def main() -> int:
         renderings[name] = load(path or name)
 
     if args.self_test:
-        return self_test(renderings, adapter_rules)
+        return self_test(renderings, adapter_rules, datasources)
 
     problems = 0
     for name, docs in renderings.items():
-        r = check(name, docs, adapter_rules)
+        r = check(name, docs, adapter_rules, datasources)
         for obj, rule, msg in r.failures:
             print(f"{name}: {obj}: {rule}: {msg}")
         problems += len(r.failures)

@@ -52,7 +52,7 @@ const GRANTS: &str = "
     ALTER ROLE nexus_grafana SET default_transaction_read_only = on;
     ALTER ROLE nexus_grafana SET statement_timeout = '30s';";
 
-/// The role deploy/compose/initdb/10-grafana-reader.sh makes before Nexus made its tables.
+/// The role k8s/base/initdb/10-grafana-reader.sh makes before Nexus made its tables.
 const DEFAULT_READER: &str = "nexus_grafana_default";
 const DEFAULT_PRIVILEGES: &str = "
     CREATE ROLE nexus_grafana_default LOGIN;
