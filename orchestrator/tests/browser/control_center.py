@@ -201,8 +201,10 @@ def history_answer(url):
 
 
 def history_chart(page, shot):
-    """The chart, from answers shaped as the history API's (ingestion is off in this test):
-    points drawn, bad quality marked, a drag zooms in with a new query, aggregates banded."""
+    """The chart, from answers shaped as the history API's: an hour of points with bad ones
+    and a week of aggregates, which the few minutes this test's historian holds cannot give
+    (the history API's own answers are tested in data-ingestion/tests): points drawn, bad
+    quality marked, a drag zooms in with a new query, aggregates banded."""
     step("the history chart, from answers as the history API gives them")
     asked = []
 
