@@ -419,11 +419,21 @@ fn main() {
     let url = rt.block_on(pg.create_database("raw"));
     let raw = rt.block_on(raw_copy(&url, n));
 
+    // BENCH_PARTS: which runs besides the raw COPY baseline (default all of them).
+    let parts = std::env::var("BENCH_PARTS")
+        .unwrap_or_else(|_| "embedded,mosquitto,drain,sparkplug".into());
+    let want = |part: &str| parts.split(',').any(|p| p.trim() == part);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut runs = Vec::new();
-    {
+    if want("embedded") {
         // The queue per client holds the whole run: the publisher outruns the historian.
-        let (_broker, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
+        // BENCH_BROKER_INFLIGHT: the broker's in-flight window per client, if not the default.
+        let inflight = std::env::var("BENCH_BROKER_INFLIGHT").ok();
+        let mut broker_env = support::QUEUES_HOLD_THE_RUN.to_vec();
+        if let Some(n) = &inflight {
+            broker_env.push(("NEXUS_BROKER__MAX_INFLIGHT", n.as_str()));
+        }
+        let (_broker, port) = support::start_broker_with(dir.path(), &broker_env);
         let db = rt.block_on(pg.create_database("e2e_embedded"));
         runs.push(end_to_end(
             &rt,
@@ -435,7 +445,7 @@ fn main() {
             n,
         ));
     }
-    {
+    if want("mosquitto") {
         // The harness's Mosquitto raises the in-flight window to 1000 and lifts the queue
         // limits: its defaults (20 in flight, 1000 queued) throttle or drop QoS 1 floods.
         let mq = Mosquitto::start("").expect("mosquitto");
@@ -453,7 +463,7 @@ fn main() {
     }
 
     // Storage side alone: fill the WAL while PostgreSQL is down, then time the drain.
-    let drain = {
+    let drain = want("drain").then(|| {
         let (_broker, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
         let db = rt.block_on(pg.create_database("drain"));
         let ing = start_ingest(&support::service_mqtt_yaml(port), &db);
@@ -475,22 +485,24 @@ fn main() {
         let (first, done) = ing.wait_written(n as f64);
         token.cancel();
         ing.written() / done.duration_since(first).as_secs_f64().max(1e-3)
-    };
+    });
 
-    let sp = {
+    let sp = want("sparkplug").then(|| {
         let db = rt.block_on(pg.create_database("e2e_sparkplug"));
         sparkplug_end_to_end(&rt, &db)
-    };
+    });
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     println!("ingestion: {n} points, one per message, QoS 1, {TAGS} topics (run at unix {now})");
     println!("  baseline: raw binary COPY, 4 conn x 5,000 rows   {raw:>10.0} points/s");
-    println!(
-        "  WAL drain into PostgreSQL (storage side alone)   {drain:>10.0} points/s  {:.2}x of raw COPY",
-        drain / raw
-    );
+    if let Some(drain) = drain {
+        println!(
+            "  WAL drain into PostgreSQL (storage side alone)   {drain:>10.0} points/s  {:.2}x of raw COPY",
+            drain / raw
+        );
+    }
     for r in &runs {
         println!(
             "  end to end via {:<32} {:>10.0} points/s  {:.2}x of raw COPY, {:.2}x of a bare QoS 1 subscriber ({:.0} msgs/s); publisher {:.0} msgs/s; ingest {:.2} cores, peak RSS {:.1} MiB",
@@ -504,29 +516,31 @@ fn main() {
             r.rss_mib
         );
     }
-    println!(
-        "  Sparkplug B end to end (devices -> gateway edge node -> nexus broker -> ingest): offered {:.0} points/s, committed {:.0} points/s, {:.2}x of raw COPY; {:.0} DDATA msgs/s; gateway {:.2} cores, broker {:.2}, ingest {:.2}",
-        sp.offered,
-        sp.committed,
-        sp.committed / raw,
-        sp.messages_per_s,
-        sp.gateway_cores,
-        sp.broker_cores,
-        sp.ingest_cores
-    );
-    println!(
-        "  Sparkplug goals: >= 250,000 points/s: {}; >= 0.5x raw COPY: {}",
-        if sp.committed >= 250_000.0 {
-            "met"
-        } else {
-            "not met"
-        },
-        if sp.committed / raw >= 0.5 {
-            "met"
-        } else {
-            "not met"
-        }
-    );
+    if let Some(sp) = sp {
+        println!(
+            "  Sparkplug B end to end (devices -> gateway edge node -> nexus broker -> ingest): offered {:.0} points/s, committed {:.0} points/s, {:.2}x of raw COPY; {:.0} DDATA msgs/s; gateway {:.2} cores, broker {:.2}, ingest {:.2}",
+            sp.offered,
+            sp.committed,
+            sp.committed / raw,
+            sp.messages_per_s,
+            sp.gateway_cores,
+            sp.broker_cores,
+            sp.ingest_cores
+        );
+        println!(
+            "  Sparkplug goals: >= 250,000 points/s: {}; >= 0.5x raw COPY: {}",
+            if sp.committed >= 250_000.0 {
+                "met"
+            } else {
+                "not met"
+            },
+            if sp.committed / raw >= 0.5 {
+                "met"
+            } else {
+                "not met"
+            }
+        );
+    }
     let best = runs.iter().map(|r| r.committed).fold(0.0, f64::max);
     println!(
         "  goals: >= 200,000 points/s end to end: {}; >= 0.5x raw COPY: {}",

@@ -171,18 +171,34 @@ pub fn qos_of(q: u8) -> QoS {
 }
 
 fn encode(p: &DataPoint) -> Record {
-    Record {
+    encode_keeping(p).0
+}
+
+/// The record of a point and its value object (kept while the value is in memory, so the
+/// Sparkplug output does not read it back from its JSON).
+fn encode_keeping(p: &DataPoint) -> (Record, ValueObject) {
+    let value = ValueObject::from(p);
+    let record = Record {
         topic: p.topic.as_str().to_owned(),
-        payload: encode_value_object(&ValueObject::from(p)),
-    }
+        payload: encode_value_object(&value),
+    };
+    (record, value)
+}
+
+/// A live value not yet handed to the client: its record, its place in the live log unless
+/// that could not be written, and its value.
+struct Unsent {
+    record: Record,
+    place: Option<Place>,
+    value: ValueObject,
 }
 
 /// Values durable before they are published: the live log, what of it is not yet handed
 /// to the client, and what is handed but not acknowledged.
 pub struct LiveLog {
     disk: Arc<Mutex<DiskBuffer>>,
-    /// Waiting to be handed to the client; `None`: not in the log (it could not be written).
-    unsent: VecDeque<(Record, Option<Place>)>,
+    /// Waiting to be handed to the client.
+    unsent: VecDeque<Unsent>,
     /// Handed to the client, oldest first, each waiting for its acknowledgement.
     inflight: VecDeque<Handed>,
     /// How many of `inflight` are replayed from the store-and-forward buffer.
@@ -488,11 +504,11 @@ impl Publisher {
 
     /// Publish a batch live, or buffer what cannot be published.
     async fn publish_batch(&mut self, points: Vec<DataPoint>) {
-        let records: Vec<Record> = points.iter().map(encode).collect();
         if self.live.is_some() {
-            return self.log_batch(records).await;
+            let (records, values) = points.iter().map(encode_keeping).unzip();
+            return self.log_batch(records, values).await;
         }
-        let mut records = records;
+        let mut records: Vec<Record> = points.iter().map(encode).collect();
         if self.mqtt.is_connected() {
             let mut sent = 0;
             for r in &records {
@@ -522,29 +538,25 @@ impl Publisher {
 
     /// Durable before publish: append to the live log (one fsync), then hand out what the
     /// window allows. While the broker is away, to the store-and-forward buffer instead.
-    async fn log_batch(&mut self, records: Vec<Record>) {
+    async fn log_batch(&mut self, records: Vec<Record>, values: Vec<ValueObject>) {
         let Some(live) = &self.live else { return };
         if !self.can_publish() {
             return self.buffer_records(records).await;
         }
         let disk = live.disk.clone();
-        let appended = {
-            let records = records.clone();
-            self.blocking_on(disk, move |d| d.append_placed(&records))
-                .await
-        };
-        match appended {
+        // The records go to the blocking thread and come back: no copy of them.
+        let (records, appended) = self
+            .blocking_on(disk, move |d| {
+                let r = d.append_placed(&records);
+                (records, r)
+            })
+            .await;
+        // `None` when the log could not be written: such values are published all the same.
+        let places: Vec<Option<Option<Place>>> = match appended {
             Ok(places) => {
                 self.disk_failing(None);
-                if let Some(live) = &mut self.live {
-                    live.unsent.extend(
-                        records
-                            .into_iter()
-                            .zip(places)
-                            .filter_map(|(r, p)| Some((r, Some(p?)))),
-                    );
-                }
-                self.pump().await;
+                // A record too large to keep was dropped and counted by the log.
+                places.into_iter().map(|p| p.map(Some)).collect()
             }
             Err(e) => {
                 // The disk is full or failing: the values are published all the same, held in
@@ -552,12 +564,22 @@ impl Publisher {
                 // disk). Polls stop once LIVE_MAX are held.
                 self.metrics.log_errors.inc();
                 self.disk_failing(Some(&e.to_string()));
-                if let Some(live) = &mut self.live {
-                    live.unsent.extend(records.into_iter().map(|r| (r, None)));
-                }
-                self.pump().await;
+                vec![Some(None); records.len()]
             }
+        };
+        if let Some(live) = &mut self.live {
+            live.unsent
+                .extend(records.into_iter().zip(values).zip(places).filter_map(
+                    |((record, value), place)| {
+                        Some(Unsent {
+                            record,
+                            place: place?,
+                            value,
+                        })
+                    },
+                ));
         }
+        self.pump().await;
         self.update_gauges();
     }
 
@@ -585,9 +607,10 @@ impl Publisher {
             if !self.mqtt.is_connected() || live.inflight.len() >= window {
                 break;
             }
-            let Some((r, place)) = live.unsent.pop_front() else {
+            let Some(u) = live.unsent.pop_front() else {
                 break;
             };
+            let r = &u.record;
             if self
                 .mqtt
                 .publish(&r.topic, r.payload.clone(), qos, retain)
@@ -596,7 +619,7 @@ impl Publisher {
             {
                 // The client is stopping: the value stays in the log for the next start.
                 if let Some(live) = &mut self.live {
-                    live.unsent.push_front((r, place));
+                    live.unsent.push_front(u);
                 }
                 break;
             }
@@ -604,9 +627,9 @@ impl Publisher {
             if let Some(live) = &mut self.live {
                 if qos == QoS::AtMostOnce {
                     // No acknowledgement will come: done once handed.
-                    done.extend(place);
+                    done.extend(u.place);
                 } else {
-                    live.inflight.push_back(Handed::Live(place));
+                    live.inflight.push_back(Handed::Live(u.place));
                 }
             }
         }
@@ -631,16 +654,17 @@ impl Publisher {
             if live.inflight.len() >= window {
                 break;
             }
-            let group = take_group(&mut live.unsent, |(r, _)| &r.topic);
+            let group = take_group(&mut live.unsent, |u| &u.record.topic);
             if group.is_empty() {
                 break;
             }
-            let records: Vec<&Record> = group.iter().map(|(r, _)| r).collect();
+            let records: Vec<(&Record, Option<&ValueObject>)> =
+                group.iter().map(|u| (&u.record, Some(&u.value))).collect();
             let outs = sparkplug_messages(&sp.node, &records, false);
             let data_qos = sp.data_qos;
             if outs.is_empty() {
                 // Nothing publishable in them (logged): no acknowledgement will come.
-                self.ack_places(group.into_iter().filter_map(|(_, p)| p).collect());
+                self.ack_places(group.into_iter().filter_map(|u| u.place).collect());
                 continue;
             }
             if !self.publish_sparkplug(outs, data_qos).await {
@@ -653,7 +677,7 @@ impl Publisher {
                 break;
             }
             handed += group.len() as u64;
-            let places: Vec<Place> = group.into_iter().filter_map(|(_, p)| p).collect();
+            let places: Vec<Place> = group.into_iter().filter_map(|u| u.place).collect();
             if data_qos == QoS::AtMostOnce {
                 self.ack_places(places);
             } else if let Some(live) = &mut self.live {
@@ -873,7 +897,8 @@ impl Publisher {
             if group.is_empty() {
                 break;
             }
-            let records: Vec<&Record> = group.iter().collect();
+            let records: Vec<(&Record, Option<&ValueObject>)> =
+                group.iter().map(|r| (r, None)).collect();
             let outs = sparkplug_messages(&sp.node, &records, true);
             let data_qos = sp.data_qos;
             let nothing = outs.is_empty();
@@ -1134,32 +1159,36 @@ fn take_group<T>(q: &mut VecDeque<T>, topic: impl Fn(&T) -> &String) -> Vec<T> {
     group
 }
 
-/// The Sparkplug messages (a DBIRTH if needed, then the DDATA) for records of one device.
+/// The Sparkplug messages (a DBIRTH if needed, then the DDATA) for records of one device,
+/// each with its value when it is still in memory (else it is read from the record).
 fn sparkplug_messages(
     node: &Mutex<EdgeNode>,
-    records: &[&Record],
+    records: &[(&Record, Option<&ValueObject>)],
     historical: bool,
 ) -> Vec<(String, Vec<u8>)> {
     let mut samples = Vec::with_capacity(records.len());
     let mut device = "";
-    for r in records {
+    for (r, kept) in records {
         let Some((d, tag)) = device_and_tag(&r.topic) else {
             tracing::error!(topic = %r.topic, "not a device's tag topic; not published as Sparkplug");
             continue;
         };
-        match decode_value_object(&r.payload) {
-            Ok(value) => {
-                device = d;
-                samples.push(Sample {
-                    device: d,
-                    tag,
-                    value,
-                });
-            }
-            Err(e) => {
-                tracing::error!(topic = %r.topic, error = %e, "value not decodable; not published as Sparkplug");
-            }
-        }
+        let value = match kept {
+            Some(v) => std::borrow::Cow::Borrowed(*v),
+            None => match decode_value_object(&r.payload) {
+                Ok(v) => std::borrow::Cow::Owned(v),
+                Err(e) => {
+                    tracing::error!(topic = %r.topic, error = %e, "value not decodable; not published as Sparkplug");
+                    continue;
+                }
+            },
+        };
+        device = d;
+        samples.push(Sample {
+            device: d,
+            tag,
+            value,
+        });
     }
     if samples.is_empty() {
         return Vec::new();

@@ -60,7 +60,8 @@ struct DeviceDef {
 pub struct Sample<'a> {
     pub device: &'a str,
     pub tag: &'a str,
-    pub value: ValueObject,
+    /// Borrowed from the publisher's queue, or read from a replayed record.
+    pub value: std::borrow::Cow<'a, ValueObject>,
 }
 
 /// The device and tag of a UNS topic `<prefix>/<device>/<tag>`.

@@ -15,7 +15,7 @@ fn sample<'a>(device: &'a str, tag: &'a str, v: ValueObject) -> Sample<'a> {
     Sample {
         device,
         tag,
-        value: v,
+        value: std::borrow::Cow::Owned(v),
     }
 }
 
