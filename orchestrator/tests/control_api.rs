@@ -486,21 +486,36 @@ async fn sse_events(
     }
 }
 
-/// A status stream on a raw connection, as `token`.
-async fn status_stream(port: u16, token: &str) -> tokio::net::TcpStream {
+/// `GET path` of an event stream on a raw connection, as `token`.
+async fn sse_stream(port: u16, path: &str, token: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     sse.write_all(
-        format!(
-            "GET /api/v1/status/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
-        )
-        .as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();
     sse
+}
+
+/// An MQTT client of the test's broker, connected.
+async fn mqtt_client(
+    cfg: nexus_common::config::MqttConfig,
+    id: &str,
+    stop: &CancellationToken,
+) -> nexus_common::mqtt::MqttHandle {
+    let (client, _rx) = nexus_common::mqtt::connect(
+        &cfg,
+        nexus_common::mqtt::ClientSettings::new(id),
+        None,
+        stop.clone(),
+    )
+    .unwrap();
+    client.wait_connected(Duration::from_secs(5)).await.unwrap();
+    client
 }
 
 /// Read the stream until a `kind` event for which `done` holds; returns it.
@@ -526,17 +541,12 @@ async fn the_status_shows_the_configured_devices_and_streams_every_change() {
     let api = Api::start(Some(FIRST)).await;
     let broker_port = api._broker.ports.tcp().port();
     let stop = CancellationToken::new();
-    let (gateway, _rx) = nexus_common::mqtt::connect(
-        &testing::service_mqtt_config(broker_port),
-        nexus_common::mqtt::ClientSettings::new("nexus-status-test"),
-        None,
-        stop.clone(),
+    let gateway = mqtt_client(
+        testing::service_mqtt_config(broker_port),
+        "nexus-status-test",
+        &stop,
     )
-    .unwrap();
-    gateway
-        .wait_connected(Duration::from_secs(5))
-        .await
-        .unwrap();
+    .await;
     let qos = nexus_common::mqtt::QoS::AtLeastOnce;
     let status = |state: &str| json!({"state": state, "breaker": "closed", "ts": 1}).to_string();
     for (id, state) in [("plc-1", "online"), ("gone", "online")] {
@@ -569,7 +579,7 @@ async fn the_status_shows_the_configured_devices_and_streams_every_change() {
     );
 
     // The stream: the status at once, then again at each change.
-    let mut sse = status_stream(api.port, VIEWER).await;
+    let mut sse = sse_stream(api.port, "/api/v1/status/stream", VIEWER).await;
     let first = sse_until(&mut sse, "status", |_| true).await;
     assert_eq!(first["devices"]["plc-1"]["state"], "online", "{first}");
     assert!(first["devices"].get("gone").is_none(), "{first}");
@@ -634,21 +644,15 @@ fn zone_topic(i: i32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_namespace_streams_a_snapshot_then_batched_updates() {
-    use tokio::io::AsyncWriteExt;
     let api = Api::start(Some(FIRST)).await;
     let broker_port = api._broker.ports.tcp().port();
     let stop = CancellationToken::new();
-    let (publisher, _rx) = nexus_common::mqtt::connect(
-        &testing::publisher_mqtt_config(broker_port),
-        nexus_common::mqtt::ClientSettings::new("live-test-publisher"),
-        None,
-        stop.clone(),
+    let publisher = mqtt_client(
+        testing::publisher_mqtt_config(broker_port),
+        "live-test-publisher",
+        &stop,
     )
-    .unwrap();
-    publisher
-        .wait_connected(Duration::from_secs(5))
-        .await
-        .unwrap();
+    .await;
     let qos = nexus_common::mqtt::QoS::AtLeastOnce;
     for i in 0..50 {
         let body = json!({"v": i, "q": "good", "ts": 1, "u": "degC"}).to_string();
@@ -699,17 +703,12 @@ async fn the_live_namespace_streams_a_snapshot_then_batched_updates() {
     );
 
     // The stream: a snapshot of the filter, then the changes, batched.
-    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", api.port))
-        .await
-        .unwrap();
-    sse.write_all(
-        format!(
-            "GET /api/v1/namespace/stream?filter=acme/a/%2B HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {VIEWER}\r\n\r\n"
-        )
-        .as_bytes(),
+    let mut sse = sse_stream(
+        api.port,
+        "/api/v1/namespace/stream?filter=acme/a/%2B",
+        VIEWER,
     )
-    .await
-    .unwrap();
+    .await;
     let first = sse_events(&mut sse, 1, Duration::from_secs(5)).await;
     assert_eq!(first[0].0, "snapshot");
     assert_eq!(first[0].1.as_array().unwrap().len(), 10, "t00..t09");
