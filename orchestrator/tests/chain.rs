@@ -338,6 +338,12 @@ async fn check_every_number(
         rejected.is_empty(),
         "ingestion rejected values: {rejected:?}"
     );
+    // Two readings of the counter never share a timestamp (the historian would keep one).
+    let conflicts = metric(end.ingest_http, "nexus_ingest_points_conflict_total");
+    assert!(
+        !conflicts.is_empty() && conflicts.iter().all(|l| l.ends_with(" 0")),
+        "values with the time of another: {conflicts:?}"
+    );
     // A kill loses at most the reads between the device's answer and the fsync.
     assert!(
         in_flight <= 3 * kills.len(),
