@@ -637,6 +637,59 @@ async fn the_status_shows_the_configured_devices_and_streams_every_change() {
     stop.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_cannot_open_more_streams_than_the_bound() {
+    use nexus_orchestrator::live::MAX_STREAMS;
+    let api = Api::start(Some(FIRST)).await;
+    let paths = ["/api/v1/status/stream", "/api/v1/namespace/stream"];
+    // The live namespace's and the status's streams share one bound.
+    let mut open = Vec::new();
+    for i in 0..MAX_STREAMS {
+        let mut sse = sse_stream(api.port, paths[i % 2], VIEWER).await;
+        assert_eq!(
+            sse_events(&mut sse, 1, Duration::from_secs(10)).await.len(),
+            1
+        );
+        open.push(sse);
+    }
+    for path in paths {
+        let (s, v) = api.call(Some(VIEWER), "GET", path, &[], "").await;
+        assert_eq!(s, 503, "{path}: {v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("at most {MAX_STREAMS} streams")),
+            "{v}"
+        );
+    }
+    let (_, metrics) = api.call(Some(ADMIN), "GET", "/metrics", &[], "").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        testing::metric_value(&metrics, "nexus_orchestrator_streams_refused_total"),
+        Some(2.0),
+        "{metrics}"
+    );
+    // A stream that closes gives its slot back.
+    open.pop();
+    let started = Instant::now();
+    loop {
+        let mut sse = sse_stream(api.port, paths[0], VIEWER).await;
+        let mut head = [0u8; 12];
+        use tokio::io::AsyncReadExt;
+        let n = sse.read(&mut head).await.unwrap();
+        if head[..n].starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no slot after a stream closed: {}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `acme/a/tNN` for the first ten, `acme/b/tNN` for the others.
 fn zone_topic(i: i32) -> String {
     format!("acme/{}/t{i:02}", if i < 10 { "a" } else { "b" })
