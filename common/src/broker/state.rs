@@ -266,8 +266,10 @@ impl Data {
     }
 
     /// The undone message a delivery of `p` to `client` was: the oldest with the same topic
-    /// and payload for the client itself, else for a shared group whose filter matches.
-    /// (Two undone messages with the same topic and payload are interchangeable.)
+    /// and payload for the client itself, else for a shared group the client's session is a
+    /// member of whose filter matches. (Two undone messages with the same topic and payload are
+    /// interchangeable.) Another client's acknowledgement settles nothing of a group's: the
+    /// group's message may not have reached any member yet.
     fn find(&self, client: &str, p: &Publish) -> Option<(Target, u64)> {
         let same = |seq: &u64| {
             self.msgs
@@ -282,8 +284,18 @@ impl Data {
         {
             return Some((own, *seq));
         }
+        let subs = &self.sessions.get(client)?.subs;
+        let member = |group: &str, filter: &str| {
+            subs.iter().any(|(f, o)| {
+                f == filter
+                    && o.shared_group()
+                        .is_some_and(|g| g.as_ref() as &str == group)
+            })
+        };
         self.pending.iter().find_map(|(t, q)| match t {
-            Target::Group { filter, .. } if filter_matches(filter, &p.topic) => {
+            Target::Group { group, filter }
+                if member(group, filter) && filter_matches(filter, &p.topic) =>
+            {
                 q.iter().find(|s| same(s)).map(|s| (t.clone(), *s))
             }
             _ => None,

@@ -160,6 +160,13 @@ fn a_shared_group_is_settled_by_any_member_and_a_forgotten_session_drops_its_own
     // One entry for the group (not one per member), one for c.
     assert_eq!(undone(&st, &group).len(), 1);
     assert_eq!(undone(&st, &client("c")).len(), 1);
+    // An acknowledgement of a client outside the group (a clean session, or one subscribed
+    // without the group) settles nothing of the group's.
+    st.settled("someone", &publish("plant/x", "1", QoS::AtLeastOnce));
+    add_session(&st, "d", "plant/#", QoS::AtLeastOnce, None);
+    st.settled("d", &publish("plant/x", "1", QoS::AtLeastOnce));
+    assert_eq!(undone(&st, &group).len(), 1);
+    st.forget("d");
     st.settled("b", &publish("plant/x", "1", QoS::AtLeastOnce));
     assert!(undone(&st, &group).is_empty());
     assert_eq!(st.metrics.messages.get(), 1, "c has not acknowledged yet");
