@@ -152,6 +152,12 @@ pub fn start_broker_http(dir: &Path, env: &[(&str, &str)], http: u16) -> (Proc, 
             .envs(USERS.map(|(user, pw, _)| (password_env(user), pw)))
             .env("NEXUS_BROKER__PORT", port.to_string())
             .env("NEXUS_BROKER__WS_PORT", "null")
+            // Its own durable state: the default (`nexus-data/broker` in the working
+            // directory) would carry one run's sessions and messages into the next.
+            .env(
+                "NEXUS_BROKER__STATE_DIR",
+                dir.join(format!("broker-state-{port}")),
+            )
             .env(
                 "NEXUS_ORCHESTRATOR__HTTP_LISTEN",
                 format!("127.0.0.1:{http}"),
