@@ -623,3 +623,65 @@ async fn a_persistent_subscriber_that_disconnects_mid_stream_misses_nothing() {
         token.cancel();
     }
 }
+
+/// Round trips (publish QoS 1 to a topic the client subscribed to, wait for the message) of a
+/// client that leaves Nagle's algorithm on, as Python's paho-mqtt does; returns how many took
+/// at least 40 ms, Linux's shortest delayed ACK.
+async fn nagle_round_trips_stalled(port: u16, n: usize) -> usize {
+    let token = CancellationToken::new();
+    let topic = testing::unique("nagle/echo");
+    let mut s = ClientSettings::new(testing::unique("nagle"));
+    s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
+    s.tcp_nodelay = false;
+    let mut c = testing::publisher_mqtt_config(port);
+    c.persistent_session = false;
+    let (h, mut rx) = mqtt::connect(&c, s, None, token.clone()).unwrap();
+    h.wait_connected(Duration::from_secs(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut stalled = 0;
+    for i in 0..n {
+        let t = std::time::Instant::now();
+        h.publish(&topic, i.to_string(), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round trip {i} never came back"))
+            .unwrap();
+        assert_eq!(m.payload(), i.to_string().as_bytes());
+        if t.elapsed() >= Duration::from_millis(40) {
+            stalled += 1;
+        }
+    }
+    h.disconnect().await;
+    token.cancel();
+    stalled
+}
+
+/// The client's PUBACK of each message is a packet the broker does not answer. Linux delays
+/// its ACK, and a client with Nagle on holds its next publish until that ACK comes: ~40 ms per
+/// round trip. The broker acknowledges such a packet at once (`broker.quickack`, default on).
+/// The same client against the broker with `quickack: false` shows the stall, so the check
+/// can fail. A stall is counted by the kernel's delay, not timed against a budget: a slow
+/// machine makes few round trips reach 40 ms, the delayed ACK makes all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_nagle_on_does_not_wait_for_the_delayed_ack() {
+    let n = 30;
+    let broker = testing::service_broker();
+    let stalled = nagle_round_trips_stalled(broker.ports.tcp().port(), n).await;
+    assert!(
+        stalled <= n / 3,
+        "{stalled} of {n} round trips of a Nagle-on client waited for a delayed ACK"
+    );
+
+    let delayed = testing::start_embedded_broker(BrokerConfig {
+        quickack: false,
+        ..BrokerConfig::default()
+    });
+    let stalled = nagle_round_trips_stalled(delayed.ports.tcp().port(), n).await;
+    assert!(
+        stalled >= n * 2 / 3,
+        "without quick ACKs only {stalled} of {n} round trips stalled: the check above cannot \
+         tell the difference on this machine"
+    );
+}

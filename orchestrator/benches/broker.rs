@@ -4,7 +4,8 @@
 //! and QoS 1. Reports msgs/s end to end, messages lost, the broker's peak RSS, and the
 //! embedded/Mosquitto ratios. On the embedded broker the publisher logs in as a `publisher`
 //! and the subscriber as a `viewer` (what a third-party data source and a dashboard would be);
-//! Mosquitto lets both in anonymously.
+//! Mosquitto lets both in anonymously. The embedded broker runs twice, with its default quick
+//! ACKs and with `broker.quickack: false`, to show what acknowledging every read costs.
 //!
 //! `cargo bench -p nexus-orchestrator --bench broker` (BENCH_MESSAGES=N to change the count).
 
@@ -107,10 +108,20 @@ struct Broker {
 }
 
 fn start_embedded() -> Broker {
+    embedded("embedded (rmqtt)", "true")
+}
+
+fn start_embedded_delayed_acks() -> Broker {
+    embedded("  no quickack", "false")
+}
+
+fn embedded(name: &'static str, quickack: &str) -> Broker {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (child, port) = support::start_broker_with(dir.path(), support::QUEUES_HOLD_THE_RUN);
+    let mut env = support::QUEUES_HOLD_THE_RUN.to_vec();
+    env.push(("NEXUS_BROKER__QUICKACK", quickack));
+    let (child, port) = support::start_broker_with(dir.path(), &env);
     Broker {
-        name: "embedded (rmqtt)",
+        name,
         port,
         pid: child.0.id(),
         auth: true,
@@ -150,7 +161,11 @@ fn main() {
     );
     let mut rates = std::collections::HashMap::new();
     let mut peaks = std::collections::HashMap::new();
-    for start in [start_embedded as fn() -> Broker, start_mosquitto] {
+    for start in [
+        start_embedded as fn() -> Broker,
+        start_embedded_delayed_acks,
+        start_mosquitto,
+    ] {
         let b = start();
         let idle = status_kib(b.pid, "VmRSS:");
         for (qos, label) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 1)] {
@@ -171,7 +186,10 @@ fn main() {
     }
     for q in [0, 1] {
         let ratio = rates[&("embedded (rmqtt)", q)] / rates[&("mosquitto", q)];
-        println!("QoS {q}: embedded / mosquitto throughput = {ratio:.2}x");
+        println!(
+            "QoS {q}: embedded / mosquitto throughput = {ratio:.2}x; quick ACKs on / off = {:.2}x",
+            rates[&("embedded (rmqtt)", q)] / rates[&("  no quickack", q)]
+        );
     }
     println!(
         "peak RSS: embedded / mosquitto = {:.1}x",

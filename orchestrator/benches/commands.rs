@@ -6,7 +6,14 @@
 //! The command client logs in as an `operator`, the gateway as the service account, and the
 //! baseline's echo client as a `publisher` (an operator may publish only commands).
 //!
-//! `cargo bench -p nexus-orchestrator --bench commands`; BENCH_COMMANDS (1000).
+//! Each round trip is measured twice: with a client that sets TCP_NODELAY, and with one that
+//! leaves Nagle's algorithm on, as Python's paho-mqtt and many other clients do. Such a client
+//! holds a small packet while its previous one is unacknowledged, and a broker that delays its
+//! ACK makes it wait ~40 ms (docs/broker.md, "Clients that leave Nagle on"). The echo runs
+//! also go through Mosquitto, an external broker that does not answer quickly.
+//!
+//! `cargo bench -p nexus-orchestrator --bench commands`; BENCH_COMMANDS (1000),
+//! BENCH_QUICKACK=false starts the embedded broker with `broker.quickack: false`.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,17 +31,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn report(label: &str, mut v: Vec<Duration>) -> Duration {
+/// Prints and returns (p50, p99).
+fn report(label: &str, mut v: Vec<Duration>) -> (Duration, Duration) {
     v.sort();
+    let p50 = percentile(&v, 0.5);
     let p99 = percentile(&v, 0.99);
     println!(
         "  {label:<34} p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms   (n={})",
-        percentile(&v, 0.5).as_secs_f64() * 1e3,
+        p50.as_secs_f64() * 1e3,
         p99.as_secs_f64() * 1e3,
         v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         v.len()
     );
-    p99
+    (p50, p99)
 }
 
 fn main() {
@@ -45,7 +54,9 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_broker, mqtt_port) = support::start_broker(dir.path());
+    let quickack = std::env::var("BENCH_QUICKACK").unwrap_or_else(|_| "true".into());
+    let (_broker, mqtt_port) =
+        support::start_broker_with(dir.path(), &[("NEXUS_BROKER__QUICKACK", &quickack)]);
     let token = CancellationToken::new();
 
     let (write_sim, load_sims) = rt.block_on(async {
@@ -104,11 +115,12 @@ fn main() {
         (p, http)
     };
 
-    let round_trips = |label: &'static str| -> Vec<Duration> {
+    let round_trips = |label: &'static str, nodelay: bool| -> Vec<Duration> {
         rt.block_on(async {
             let reply = "$nexus/cmd/response/target/sp".to_string();
             let mut s = ClientSettings::new(testing::unique("bench-op"));
             s.subscriptions = vec![(reply, QoS::AtLeastOnce)];
+            s.tcp_nodelay = nodelay;
             let (op, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("client");
             op.wait_connected(Duration::from_secs(10))
                 .await
@@ -117,7 +129,7 @@ fn main() {
             let mut out = Vec::with_capacity(n);
             for i in 0..n {
                 let body = format!(
-                    "{{\"tag_id\":\"sp\",\"value\":{},\"request_id\":\"{label}-{i}\"}}",
+                    "{{\"tag_id\":\"sp\",\"value\":{},\"request_id\":\"{label}-{nodelay}-{i}\"}}",
                     i % 60000
                 );
                 let t = Instant::now();
@@ -134,38 +146,66 @@ fn main() {
         })
     };
 
-    // Baseline: an MQTT round trip through the same broker, nothing else.
-    let baseline: Vec<Duration> = rt.block_on(async {
-        let topic = testing::unique("bench/echo");
-        let mut s = ClientSettings::new(testing::unique("bench-echo"));
-        s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
-        let (h, mut rx) =
-            mqtt::connect(&client(PUBLISHER_USER), s, None, token.clone()).expect("client");
-        h.wait_connected(Duration::from_secs(10))
-            .await
-            .expect("connect");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let t = Instant::now();
-            h.publish(&topic, i.to_string(), QoS::AtLeastOnce, false)
+    // Baseline: an MQTT round trip through a broker, nothing else.
+    let echo = |c: &nexus_common::config::MqttConfig, nodelay: bool| -> Vec<Duration> {
+        rt.block_on(async {
+            let topic = testing::unique("bench/echo");
+            let mut s = ClientSettings::new(testing::unique("bench-echo"));
+            s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
+            s.tcp_nodelay = nodelay;
+            let (h, mut rx) = mqtt::connect(c, s, None, token.clone()).expect("client");
+            h.wait_connected(Duration::from_secs(10))
                 .await
-                .expect("publish");
-            let _ = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
-            out.push(t.elapsed());
-        }
-        out
-    });
+                .expect("connect");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n {
+                let t = Instant::now();
+                h.publish(&topic, i.to_string(), QoS::AtLeastOnce, false)
+                    .await
+                    .expect("publish");
+                match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                    Ok(Some(_)) => out.push(t.elapsed()),
+                    _ => panic!("echo {i} did not come back"),
+                }
+            }
+            h.disconnect().await;
+            out
+        })
+    };
 
-    println!("command round trip: publish command -> response received, {n} sequential commands");
-    let base_p99 = report("baseline: MQTT round trip only", baseline);
+    println!(
+        "command round trip: publish command -> response received, {n} sequential commands; embedded broker quickack: {quickack}"
+    );
+    let (base_p50, base_p99) = report(
+        "baseline: MQTT round trip only",
+        echo(&client(PUBLISHER_USER), true),
+    );
+    let (base_nagle, _) = report(
+        "  same, client with Nagle on",
+        echo(&client(PUBLISHER_USER), false),
+    );
+    match testing::Mosquitto::start("") {
+        Ok(m) => {
+            let mut mc = testing::mqtt_config(m.port);
+            mc.version = MqttVersion::V311;
+            mc.persistent_session = false;
+            report("  same through Mosquitto", echo(&mc, true));
+            report("  same through Mosquitto, Nagle on", echo(&mc, false));
+        }
+        Err(e) => println!("  (Mosquitto round trips skipped: {e})"),
+    }
     let (gw, _) = run_gateway(false);
-    let idle = report("idle gateway", round_trips("idle"));
+    let (idle_p50, idle) = report("idle gateway", round_trips("idle", true));
+    let (idle_nagle, _) = report("  same, client with Nagle on", round_trips("idle", false));
     drop(gw);
     let (gw, http) = run_gateway(true);
     let m0 = http_get(http, "/metrics");
     let t0 = Instant::now();
-    let loaded = report("gateway publishing 100K points/s", round_trips("load"));
+    let (_, loaded) = report(
+        "gateway publishing 100K points/s",
+        round_trips("load", true),
+    );
     let m1 = http_get(http, "/metrics");
     let rate = (metric_sum(&m1, "nexus_gateway_points_published_total")
         - metric_sum(&m0, "nexus_gateway_points_published_total"))
@@ -176,6 +216,11 @@ fn main() {
         idle.as_secs_f64() / base_p99.as_secs_f64(),
         loaded.as_secs_f64() / base_p99.as_secs_f64(),
         if loaded < Duration::from_millis(20) { "met" } else { "not met" }
+    );
+    println!(
+        "  Nagle-on client p50: baseline {:.1}x, idle gateway {:.1}x of the TCP_NODELAY client's",
+        base_nagle.as_secs_f64() / base_p50.as_secs_f64(),
+        idle_nagle.as_secs_f64() / idle_p50.as_secs_f64()
     );
     drop(gw);
     token.cancel();

@@ -752,6 +752,7 @@ fn listener_builder(cfg: &BrokerConfig, name: &str, port: u16) -> Builder {
         // runs; off, the hook decides every CONNECT (auth.anonymous, client ids, wills).
         .allow_anonymous(false)
         .nodelay(true)
+        .quickack(cfg.quickack)
         .reuseaddr(Some(true))
 }
 

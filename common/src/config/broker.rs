@@ -89,6 +89,11 @@ pub struct BrokerConfig {
     /// a power loss can lose what was acknowledged within the last interval.
     #[serde(with = "duration")]
     pub state_sync: Duration,
+    /// Acknowledge what a client sends at once instead of delaying the ACK (default true;
+    /// TCP_QUICKACK after each read, Linux). A client that leaves Nagle's algorithm on, as
+    /// Python's paho-mqtt does, otherwise waits ~40 ms per command or publish that follows
+    /// another packet (docs/broker.md, "Clients that leave Nagle on").
+    pub quickack: bool,
 }
 
 impl Default for BrokerConfig {
@@ -118,6 +123,7 @@ impl Default for BrokerConfig {
             max_retained_bytes: ByteSize(256 * 1024 * 1024),
             state_dir: Some(PathBuf::from("nexus-data/broker")),
             state_sync: Duration::from_millis(100),
+            quickack: true,
         }
     }
 }

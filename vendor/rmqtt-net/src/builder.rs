@@ -65,7 +65,9 @@ use rustls::pki_types::CertificateDer;
 use rustls::{pki_types::pem::PemObject, server::WebPkiClientVerifier, RootCertStore, ServerConfig};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+// Nexus patch: accepted sockets are wrapped in the crate's own `TcpStream` (quick ACKs).
+use crate::quickack::TcpStream;
+use tokio::net::TcpListener;
 #[cfg(feature = "tls")]
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 #[cfg(feature = "ws")]
@@ -85,6 +87,9 @@ pub struct Builder {
     pub backlog: i32,
     /// Enable TCP_NODELAY option for lower latency
     pub nodelay: bool,
+    /// Nexus patch: acknowledge every read at once (TCP_QUICKACK, Linux), so that a client
+    /// that leaves Nagle's algorithm on does not wait for the delayed ACK (~40 ms)
+    pub quickack: bool,
     /// Set SO_REUSEADDR socket option
     pub reuseaddr: Option<bool>,
     /// Set SO_REUSEPORT socket option
@@ -201,6 +206,7 @@ impl Builder {
             max_packet_size: 1024 * 1024,
             backlog: 512,
             nodelay: false,
+            quickack: false,
             reuseaddr: None,
             reuseport: None,
             // Enabled by default: SO_KEEPALIVE with OS-level probe parameters
@@ -266,6 +272,12 @@ impl Builder {
     /// Enables/disables TCP_NODELAY option
     pub fn nodelay(mut self, nodelay: bool) -> Self {
         self.nodelay = nodelay;
+        self
+    }
+
+    /// Nexus patch: enables/disables quick ACKs after every read (TCP_QUICKACK, Linux only)
+    pub fn quickack(mut self, quickack: bool) -> Self {
+        self.quickack = quickack;
         self
     }
 
@@ -762,7 +774,7 @@ impl Listener {
             let _ = socket.read_exact(&mut buffer[..len]).await;
         }
         Ok(Acceptor {
-            socket,
+            socket: TcpStream::new(socket, self.cfg.quickack),
             remote_addr,
             #[cfg(feature = "tls")]
             acceptor: self.tls_acceptor.clone(),

@@ -49,14 +49,14 @@ where
 }
 
 // Default implementation for non-TLS streams (TCP)
-impl TlsCertExtractor for tokio::net::TcpStream {
+impl TlsCertExtractor for crate::TcpStream {
     fn extract_cert_info(&self) -> Option<CertInfo> {
         None
     }
 }
 
 #[cfg(feature = "ws")]
-impl TlsCertExtractor for WsStream<tokio::net::TcpStream> {
+impl TlsCertExtractor for WsStream<crate::TcpStream> {
     fn extract_cert_info(&self) -> Option<CertInfo> {
         None
     }
@@ -64,7 +64,7 @@ impl TlsCertExtractor for WsStream<tokio::net::TcpStream> {
 
 #[cfg(feature = "ws")]
 #[cfg(feature = "tls")]
-impl TlsCertExtractor for WsStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+impl TlsCertExtractor for WsStream<tokio_rustls::server::TlsStream<crate::TcpStream>> {
     fn extract_cert_info(&self) -> Option<CertInfo> {
         self.get_inner().get_ref().extract_cert_info()
     }

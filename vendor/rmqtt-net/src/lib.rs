@@ -29,6 +29,7 @@
 mod builder;
 mod cert_extractor;
 mod error;
+mod quickack;
 #[cfg(feature = "quic")]
 mod quic;
 mod stream;
@@ -41,6 +42,9 @@ pub use quic::QuinnBiStream;
 
 /// Server configuration and listener management
 pub use builder::{Builder, Listener, ListenerType};
+
+/// Nexus patch: an accepted TCP connection, with optional quick ACKs
+pub use quickack::TcpStream;
 
 /// Trait for extracting TLS certificate information from client connections
 pub use cert_extractor::TlsCertExtractor;
