@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::pin_mut;
 use nexus_common::config::IngestionConfig;
+use nexus_common::domain::ValueType;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto, PgServer, PUBLISHER_USER, VIEWER_USER};
 use support::{cpu_seconds, env, http_get, metric_sum, mqtt_as, status_kib, Proc, NEXUS};
@@ -61,8 +62,8 @@ async fn client(url: &str) -> tokio_postgres::Client {
     c
 }
 
-/// Raw binary COPY of `n` rows into the historian schema: 4 connections, 5,000-row
-/// transactions. Rows/s.
+/// Raw binary COPY of `n` rows into the historian schema, the columns ingestion fills: 4
+/// connections, 5,000-row transactions. Rows/s.
 async fn raw_copy(url: &str, n: usize) -> f64 {
     let c = client(url).await;
     // As ingestion sets it up: TimescaleDB when the server has it loaded.
@@ -93,21 +94,41 @@ async fn raw_copy(url: &str, n: usize) -> f64 {
             let mut i = w * 5000;
             while i < n {
                 let end = (i + 5000).min(n);
+                // The columns ingestion writes, with what it writes for a float value.
                 let sink = c
-                    .copy_in("COPY points (time, tag_id, value, value_str, quality) FROM STDIN (FORMAT binary)")
+                    .copy_in("COPY points (time, tag_id, value, value_str, quality, value_type, unit, source_time) FROM STDIN (FORMAT binary)")
                     .await
                     .expect("copy");
                 let writer = BinaryCopyInWriter::new(
                     sink,
-                    &[Type::TIMESTAMPTZ, Type::INT4, Type::FLOAT8, Type::TEXT, Type::INT2],
+                    &[
+                        Type::TIMESTAMPTZ,
+                        Type::INT4,
+                        Type::FLOAT8,
+                        Type::TEXT,
+                        Type::INT2,
+                        Type::INT2,
+                        Type::TEXT,
+                        Type::TIMESTAMPTZ,
+                    ],
                 );
                 pin_mut!(writer);
+                let float = Some(ValueType::Float.code());
                 for k in i..end {
                     let time = UNIX_EPOCH + Duration::from_millis((T0 + k as i64) as u64);
                     let id = ids[&topic(k)];
                     writer
                         .as_mut()
-                        .write(&[&time, &id, &Some(k as f64), &None::<String>, &192i16])
+                        .write(&[
+                            &time,
+                            &id,
+                            &Some(k as f64),
+                            &None::<String>,
+                            &192i16,
+                            &float,
+                            &None::<String>,
+                            &None::<SystemTime>,
+                        ])
                         .await
                         .expect("row");
                 }

@@ -265,12 +265,13 @@ impl EdgeNode {
         }
         let mut rebirth = false;
         let mut metrics = Vec::with_capacity(samples.len());
+        // Once per message, not per sample: the lookup hashes (and this copies) the name.
+        let next_alias = &mut self.next_alias;
+        let dev = self.devices.entry(device.to_owned()).or_default();
         for s in samples {
             let good = s.value.quality.class() != QualityClass::Bad;
             let value = if good { s.value.value.clone() } else { None };
             let ts = s.value.ts_ms.unwrap_or_else(now_ms).max(0) as u64;
-            let next_alias = &mut self.next_alias;
-            let dev = self.devices.entry(device.to_owned()).or_default();
             let i = match dev.by_name.get(s.tag) {
                 Some(i) => *i,
                 None => {

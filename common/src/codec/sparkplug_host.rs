@@ -57,9 +57,12 @@ pub struct Read {
     pub rebirth: Option<(String, Vec<u8>)>,
 }
 
+/// A device's aliases: alias -> (name, datatype).
+type Aliases = HashMap<u64, (String, Option<SpDataType>)>;
+
 struct Node {
-    /// Aliases of the node (device `""`) and its devices: alias -> (name, datatype).
-    aliases: HashMap<(String, u64), (String, Option<SpDataType>)>,
+    /// Aliases of the node (device `""`) and of each device.
+    devices: HashMap<String, Aliases>,
     last_rebirth: Option<Instant>,
     /// Units of the table this node takes: one for itself, one per alias (more for names
     /// longer than 256 bytes).
@@ -118,7 +121,7 @@ impl SparkplugNames {
             return true;
         }
         let node = Node {
-            aliases: HashMap::new(),
+            devices: HashMap::new(),
             last_rebirth: None,
             weight: node_weight(key),
         };
@@ -150,12 +153,15 @@ impl SparkplugNames {
         name: &str,
         dt: Option<SpDataType>,
     ) {
-        let alias_key = (device.to_owned(), alias);
         let Some(node) = self.nodes.peek_mut(key) else {
             return;
         };
         // A repeated alias replaces the earlier one.
-        if let Some((old, _)) = node.aliases.remove(&alias_key) {
+        if let Some((old, _)) = node
+            .devices
+            .get_mut(device)
+            .and_then(|aliases| aliases.remove(&alias))
+        {
             node.weight -= alias_weight(device, &old);
         }
         let without = node.weight;
@@ -165,7 +171,10 @@ impl SparkplugNames {
                 self.stats.evicted(evicted.len());
                 if let Some(node) = self.nodes.peek_mut(key) {
                     node.weight = with;
-                    node.aliases.insert(alias_key, (name.to_owned(), dt));
+                    node.devices
+                        .entry(device.to_owned())
+                        .or_default()
+                        .insert(alias, (name.to_owned(), dt));
                 }
             }
             Err(()) => {
@@ -182,14 +191,16 @@ impl SparkplugNames {
         let Some(node) = self.nodes.peek_mut(key) else {
             return;
         };
-        let mut freed = 0;
-        node.aliases.retain(|(d, _), (name, _)| {
-            let keep = d != device;
-            if !keep {
-                freed += alias_weight(d, name);
-            }
-            keep
-        });
+        let freed: usize = node
+            .devices
+            .remove(device)
+            .map(|aliases| {
+                aliases
+                    .values()
+                    .map(|(name, _)| alias_weight(device, name))
+                    .sum()
+            })
+            .unwrap_or(0);
         node.weight -= freed;
         let weight = node.weight;
         // Shrinking always succeeds.
@@ -251,23 +262,26 @@ impl SparkplugNames {
             self.forget_device(&node_key, &device);
         }
         let base = match &t.device {
-            Some(d) => format!("spBv1.0/{}/{}/{}", t.group, t.edge_node, d),
-            None => format!("spBv1.0/{}/{}", t.group, t.edge_node),
+            Some(d) => format!("spBv1.0/{}/{}/{}/", t.group, t.edge_node, d),
+            None => format!("spBv1.0/{}/{}/", t.group, t.edge_node),
         };
+        if is_birth && tracked {
+            for m in &p.metrics {
+                if let (Some(n), Some(a)) = (&m.name, m.alias) {
+                    self.remember(&node_key, &device, a, n, m.datatype);
+                }
+            }
+        }
+        // Looked up once per message: data by alias is the common case.
+        let known = self
+            .nodes
+            .peek(&node_key)
+            .and_then(|node| node.devices.get(&device));
         for m in p.metrics {
             let (name, dt) = match (&m.name, m.alias) {
-                (Some(n), alias) => {
-                    if let (true, true, Some(a)) = (is_birth, tracked, alias) {
-                        self.remember(&node_key, &device, a, n, m.datatype);
-                    }
-                    (n.clone(), m.datatype)
-                }
-                (None, Some(a)) => match self
-                    .nodes
-                    .peek(&node_key)
-                    .and_then(|node| node.aliases.get(&(device.clone(), a)))
-                {
-                    Some((n, dt)) => (n.clone(), m.datatype.or(*dt)),
+                (Some(n), _) => (n.as_str(), m.datatype),
+                (None, Some(a)) => match known.and_then(|aliases| aliases.get(&a)) {
+                    Some((n, dt)) => (n.as_str(), m.datatype.or(*dt)),
                     None => {
                         out.unknown_aliases.push(a);
                         continue;
@@ -284,8 +298,11 @@ impl SparkplugNames {
                 (Some(v), Some(dt)) => Some(sparkplug::retype(&v, dt)),
                 (v, _) => v,
             };
+            let mut topic = String::with_capacity(base.len() + name.len());
+            topic.push_str(&base);
+            topic.push_str(name);
             out.metrics.push(NamedMetric {
-                topic: format!("{base}/{name}"),
+                topic,
                 value,
                 datatype: dt,
                 ts_ms: m.timestamp.or(p.timestamp),

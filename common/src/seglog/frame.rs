@@ -7,7 +7,10 @@ use super::cursor::Encoder;
 /// Bytes before the body.
 pub const HEADER: usize = 12;
 
-const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+/// Slice-by-16 tables (16 KiB): the byte-at-a-time default took 10-12% of the gateway's and of
+/// ingestion's CPU in the Sparkplug benchmark. A static, so that the table is built once.
+static CRC: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 /// What tells one log's frames apart: each user of the segment log has its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
