@@ -20,6 +20,8 @@
 //!
 //! `cargo bench -p nexus-orchestrator --bench ingest`; BENCH_POINTS (300,000); the Sparkplug
 //! run: BENCH_SP_DEVICES (20), BENCH_SP_TAGS (500), BENCH_SP_POLL_MS (20), BENCH_SECONDS (15).
+//! BENCH_PARTS picks runs (`embedded,mosquitto,drain,sparkplug`); BENCH_BROKER_INFLIGHT and
+//! BENCH_BROKER_ENV (`NEXUS_BROKER__NAME=value,...`) change the embedded broker of its run.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -454,6 +456,9 @@ fn main() {
         if let Some(n) = &inflight {
             broker_env.push(("NEXUS_BROKER__MAX_INFLIGHT", n.as_str()));
         }
+        // BENCH_BROKER_ENV: more of the broker's settings, `NAME=value,NAME=value`.
+        let extra = std::env::var("BENCH_BROKER_ENV").unwrap_or_default();
+        broker_env.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
         let (_broker, port) = support::start_broker_with(dir.path(), &broker_env);
         let db = rt.block_on(pg.create_database("e2e_embedded"));
         runs.push(end_to_end(

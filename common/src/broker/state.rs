@@ -12,7 +12,11 @@
 //! written as a snapshot at the head of a new segment and the old segments are deleted.
 //!
 //! Records are written to the operating system at once (a killed broker loses nothing) and
-//! made durable on the disk every `broker.state_sync` (0s: before each acknowledgement).
+//! made durable on the disk every `broker.state_sync` (0s: before each acknowledgement). The
+//! one exception is a subscriber's acknowledgement: applied at once, it is written with the
+//! next record or at the next sync, which saves a write per message. A crash can lose it,
+//! and the broker then sends that message again, as QoS 1 allows (with `state_sync: 0s` it
+//! is written at once too).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -34,6 +38,9 @@ use crate::topic::filter_matches;
 /// A new segment (with a snapshot at its head) once the current one holds this many bytes,
 /// or four times the last snapshot if that is more.
 const COMPACT_AT: u64 = 64 * 1024 * 1024;
+
+/// Bytes of acknowledgements kept back before they are written anyway.
+const DEFERRED_MAX: usize = 64 * 1024;
 
 /// Undone messages kept per subscriber beyond the broker's own queue and in-flight limits;
 /// past that the oldest is let go and counted (`nexus_broker_state_overflow_total`).
@@ -387,6 +394,9 @@ struct Inner {
     /// Per-target limit of undone messages.
     cap: usize,
     sync_now: bool,
+    /// Acknowledgements (`Done` records) applied but not written yet: they go out with the
+    /// next record, at the next sync, or when the state is closed (not with `sync_now`).
+    deferred: Vec<u8>,
     /// The connection each persistent session last had (not saved): an old connection's
     /// end must not end the session a new one has taken over.
     ids: HashMap<String, Id>,
@@ -399,6 +409,13 @@ pub(super) struct BrokerState {
     sync_file: Mutex<Option<File>>,
     format: Format,
     metrics: StateMetrics,
+}
+
+impl Drop for BrokerState {
+    fn drop(&mut self) {
+        // A broker that stops writes its acknowledgements: it will not send those again.
+        self.flush_deferred();
+    }
 }
 
 fn encode(format: &Format, out: &mut Vec<u8>, rec: &Record) -> bool {
@@ -511,6 +528,7 @@ impl BrokerState {
                 compact_min: COMPACT_AT,
                 cap,
                 sync_now: sync.is_zero(),
+                deferred: Vec::new(),
                 ids: HashMap::new(),
             }),
             sync_file: Mutex::new(Some(sync_file)),
@@ -533,11 +551,15 @@ impl BrokerState {
     /// Write `recs` and apply them; false (counted) when the write failed, in which case
     /// nothing is applied.
     fn record(&self, inner: &mut Inner, recs: Vec<Record>) -> bool {
-        let mut buf = Vec::new();
+        // The acknowledgements waiting go first, in the same write.
+        let mut buf = std::mem::take(&mut inner.deferred);
+        let waiting = buf.len();
         for r in &recs {
             if !encode(&self.format, &mut buf, r) {
                 self.metrics.errors.inc();
                 tracing::error!("broker state: a record is over the size limit");
+                buf.truncate(waiting);
+                inner.deferred = buf;
                 return false;
             }
         }
@@ -549,6 +571,8 @@ impl BrokerState {
         if let Err(e) = written {
             self.metrics.errors.inc();
             tracing::error!(error = %e, "broker state: write failed");
+            buf.truncate(waiting);
+            inner.deferred = buf;
             return false;
         }
         for r in recs {
@@ -593,8 +617,24 @@ impl BrokerState {
         }
     }
 
-    /// Make what was written durable (`fdatasync`); called every `broker.state_sync`.
+    /// Write the acknowledgements waiting, if any.
+    fn flush_deferred(&self) {
+        let mut inner = self.lock();
+        if inner.deferred.is_empty() {
+            return;
+        }
+        let buf = std::mem::take(&mut inner.deferred);
+        if let Err(e) = inner.writer.write(&buf) {
+            self.metrics.errors.inc();
+            tracing::error!(error = %e, "broker state: write failed");
+            inner.deferred = buf;
+        }
+    }
+
+    /// Write the acknowledgements waiting and make what was written durable (`fdatasync`);
+    /// called every `broker.state_sync`.
     pub(super) fn sync(&self) {
+        self.flush_deferred();
         let file = self
             .sync_file
             .lock()
@@ -743,8 +783,25 @@ impl BrokerState {
             return;
         }
         if let Some((target, seq)) = inner.data.find(client, p) {
-            self.record(&mut inner, vec![Record::Done { target, seq }]);
+            let done = Record::Done { target, seq };
+            if inner.sync_now {
+                self.record(&mut inner, vec![done]);
+            } else {
+                // Written with the next record or at the next sync, not on its own: one
+                // write per message instead of two. Lost in a crash, it only makes the
+                // broker send the message again, which QoS 1 allows (docs/broker.md).
+                let mut buf = std::mem::take(&mut inner.deferred);
+                if encode(&self.format, &mut buf, &done) {
+                    inner.data.apply(done);
+                }
+                inner.deferred = buf;
+            }
             self.update_gauges(&inner.data);
+            let full = inner.deferred.len() >= DEFERRED_MAX;
+            drop(inner);
+            if full {
+                self.flush_deferred();
+            }
         }
     }
 
