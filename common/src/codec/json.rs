@@ -142,30 +142,29 @@ pub fn decode_bare_value(payload: &[u8]) -> Result<Option<Value>, PayloadError> 
         .map_err(|e| PayloadError(e.to_string()))
 }
 
-/// Append a value as JSON (floats that are not finite become null: JSON has no NaN).
+/// Append a value as JSON (floats that are not finite become null: JSON has no NaN). Numbers
+/// are written as serde_json writes them (itoa, and zmij for floats, the shortest round trip),
+/// without its allocations: the gateway encodes every value it reads.
 pub fn write_value(out: &mut String, value: Option<&Value>) {
-    use std::fmt::Write;
     match value {
         None => out.push_str("null"),
         Some(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
-        Some(Value::Int(i)) => {
-            let _ = write!(out, "{i}");
-        }
-        Some(Value::UInt(u)) => {
-            let _ = write!(out, "{u}");
-        }
+        Some(Value::Int(i)) => out.push_str(itoa::Buffer::new().format(*i)),
+        Some(Value::UInt(u)) => out.push_str(itoa::Buffer::new().format(*u)),
         Some(Value::Float(f)) if f.is_finite() => {
-            // serde_json's float formatting: shortest round-trip representation.
-            out.push_str(
-                &serde_json::Number::from_f64(*f)
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "null".into()),
-            );
+            out.push_str(zmij::Buffer::new().format_finite(*f));
         }
         Some(Value::Float(_)) => out.push_str("null"),
-        Some(Value::String(s)) => {
-            out.push_str(&serde_json::Value::String(s.clone()).to_string());
-        }
+        Some(Value::String(s)) => write_string(out, s),
+    }
+}
+
+/// Append `s` as a JSON string.
+fn write_string(out: &mut String, s: &str) {
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        // Serializing a str cannot fail; stay valid JSON if it ever did.
+        Err(_) => out.push_str("null"),
     }
 }
 
@@ -185,20 +184,23 @@ pub fn value_to_json(value: Option<&Value>) -> serde_json::Value {
 
 /// Encode a value object. Field order is fixed (`v`, `q`, `ts`, then optional `u`, `src_ts`).
 pub fn encode_value_object(obj: &ValueObject) -> Vec<u8> {
-    use std::fmt::Write;
     let mut out = String::with_capacity(64);
     out.push_str("{\"v\":");
     write_value(&mut out, obj.value.as_ref());
-    let _ = write!(out, ",\"q\":\"{}\"", obj.quality.as_str());
+    out.push_str(",\"q\":\"");
+    out.push_str(obj.quality.as_str());
+    out.push('"');
     if let Some(ts) = obj.ts_ms {
-        let _ = write!(out, ",\"ts\":{ts}");
+        out.push_str(",\"ts\":");
+        out.push_str(itoa::Buffer::new().format(ts));
     }
     if let Some(u) = &obj.unit {
         out.push_str(",\"u\":");
-        out.push_str(&serde_json::Value::String(u.clone()).to_string());
+        write_string(&mut out, u);
     }
     if let Some(src) = obj.source_ts_ms {
-        let _ = write!(out, ",\"src_ts\":{src}");
+        out.push_str(",\"src_ts\":");
+        out.push_str(itoa::Buffer::new().format(src));
     }
     out.push('}');
     out.into_bytes()
@@ -218,6 +220,48 @@ impl From<&crate::domain::DataPoint> for ValueObject {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn numbers_and_strings_are_written_as_serde_json_writes_them() {
+        let floats = [
+            0.0,
+            -0.0,
+            0.1,
+            21.5,
+            3.0,
+            -1.5e-7,
+            1e21,
+            1e-7,
+            123_456_789.125,
+            5e-324,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::from(21.2f32),
+        ];
+        for f in floats {
+            let mut out = String::new();
+            write_value(&mut out, Some(&Value::Float(f)));
+            assert_eq!(out, serde_json::to_string(&f).unwrap(), "{f:e}");
+        }
+        for f in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut out = String::new();
+            write_value(&mut out, Some(&Value::Float(f)));
+            assert_eq!(out, "null");
+        }
+        for i in [0, -1, 42, i64::MIN, i64::MAX] {
+            let mut out = String::new();
+            write_value(&mut out, Some(&Value::Int(i)));
+            assert_eq!(out, i.to_string());
+        }
+        let mut out = String::new();
+        write_value(&mut out, Some(&Value::UInt(u64::MAX)));
+        assert_eq!(out, u64::MAX.to_string());
+        let s = "quote \" backslash \\ newline \n nul \u{0} é 🚀";
+        let mut out = String::new();
+        write_value(&mut out, Some(&Value::String(s.into())));
+        assert_eq!(out, serde_json::to_string(s).unwrap());
+        assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s);
+    }
+
     use super::*;
     use proptest::prelude::*;
 
