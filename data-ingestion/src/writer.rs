@@ -342,9 +342,10 @@ fn classify(e: &tokio_postgres::Error) -> Failure {
     }
 }
 
-/// The columns of `points` a writer fills, in COPY order, and their types.
-const COLUMNS: &str = "time, tag_id, value, value_str, quality, value_type, unit, source_time";
-const COPY_TYPES: [Type; 8] = [
+/// The columns of `points` a writer fills, in COPY order, and their types (public for the
+/// ingestion benchmark's raw COPY baseline, which writes the same rows).
+pub const COLUMNS: &str = "time, tag_id, value, value_str, quality, value_type, unit, source_time";
+pub const COPY_TYPES: [Type; 8] = [
     Type::TIMESTAMPTZ,
     Type::INT4,
     Type::FLOAT8,

@@ -31,9 +31,9 @@ use nexus_common::config::IngestionConfig;
 use nexus_common::domain::ValueType;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port, Mosquitto, PgServer, PUBLISHER_USER, VIEWER_USER};
+use nexus_data_ingestion::writer::{COLUMNS, COPY_TYPES};
 use support::{cpu_seconds, env, http_get, metric_sum, mqtt_as, status_kib, Proc, NEXUS};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 mod support;
@@ -98,22 +98,12 @@ async fn raw_copy(url: &str, n: usize) -> f64 {
                 let end = (i + 5000).min(n);
                 // The columns ingestion writes, with what it writes for a float value.
                 let sink = c
-                    .copy_in("COPY points (time, tag_id, value, value_str, quality, value_type, unit, source_time) FROM STDIN (FORMAT binary)")
+                    .copy_in(&format!(
+                        "COPY points ({COLUMNS}) FROM STDIN (FORMAT binary)"
+                    ))
                     .await
                     .expect("copy");
-                let writer = BinaryCopyInWriter::new(
-                    sink,
-                    &[
-                        Type::TIMESTAMPTZ,
-                        Type::INT4,
-                        Type::FLOAT8,
-                        Type::TEXT,
-                        Type::INT2,
-                        Type::INT2,
-                        Type::TEXT,
-                        Type::TIMESTAMPTZ,
-                    ],
-                );
+                let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
                 pin_mut!(writer);
                 let float = Some(ValueType::Float.code());
                 for k in i..end {
