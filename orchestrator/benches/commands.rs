@@ -88,10 +88,13 @@ fn main() {
     let run_gateway = |with_load: bool| -> (Proc, u16) {
         let http = free_port();
         let mut yaml = format!(
-            "mqtt: {{ {}, inflight: 1000 }}\ngateway:\n  qos: 0\n  heartbeat: 0s\n  workers: 20\n  buffer: {{ dir: {} }}\n  http_listen: 127.0.0.1:{http}\ncommands:\n  http_listen: 127.0.0.1:{}\n  rate_per_device: 100000\n  burst_per_device: 100000\n  rate_global: 100000\n  burst_global: 100000\ntelemetry: {{ log_level: warn, instance: bench-{with_load} }}\ndevices:\n  - id: target\n    protocol: modbus\n    uns_prefix: bench/site/area/cmd\n    connection: {{ host: 127.0.0.1, port: {}, timeout: 2s }}\n    tags:\n      - {{ id: sp, address: \"HR:10\", data_type: uint16, access: readwrite }}\n",
+            "mqtt: {{ {}, inflight: 1000 }}\ngateway:\n  qos: 0\n  heartbeat: 0s\n  workers: 20\n  buffer: {{ dir: {} }}\n  http_listen: 127.0.0.1:{http}\ncommands:\n  http_listen: 127.0.0.1:{}\n  journal_dir: {}\n  rate_per_device: 100000\n  burst_per_device: 100000\n  rate_global: 100000\n  burst_global: 100000\ntelemetry: {{ log_level: warn, instance: bench-{with_load} }}\ndevices:\n  - id: target\n    protocol: modbus\n    uns_prefix: bench/site/area/cmd\n    connection: {{ host: 127.0.0.1, port: {}, timeout: 2s }}\n    tags:\n      - {{ id: sp, address: \"HR:10\", data_type: uint16, access: readwrite }}\n",
             support::service_mqtt_yaml(mqtt_port),
             dir.path().join(format!("buffer-{with_load}")).display(),
             free_port(),
+            // Its own journal: the default (in the working directory) would answer a
+            // request id of an earlier run from the journal without writing the device.
+            dir.path().join(format!("journal-{with_load}")).display(),
             write_sim.addr.port()
         );
         if with_load {

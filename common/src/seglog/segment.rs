@@ -2,7 +2,7 @@
 //! [`SegmentReader`] (which may follow a file another thread is appending to).
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::frame::{Format, FrameError, HEADER};
@@ -68,8 +68,9 @@ impl SegmentWriter {
 
     fn put(&mut self, frames: &[u8], sync: bool) -> Result<(), Error> {
         let res = (|| {
-            self.file.seek(SeekFrom::Start(self.len))?;
-            self.file.write_all(frames)?;
+            // One positioned write (pwrite), not a seek and a write: every record of the
+            // broker's state, the gateway's buffer and the WAL comes through here.
+            std::os::unix::fs::FileExt::write_all_at(&self.file, frames, self.len)?;
             if sync {
                 self.file.sync_data()?;
             }
