@@ -46,6 +46,40 @@ fn report(label: &str, mut v: Vec<Duration>) -> (Duration, Duration) {
     (p50, p99)
 }
 
+/// `n` sequential round trips: publish `body(i)` at QoS 1 to `topic`, then wait for one
+/// message on `reply` (subscribed before the first); `nodelay`: the client sets TCP_NODELAY.
+async fn timed_round_trips(
+    c: &nexus_common::config::MqttConfig,
+    reply: &str,
+    topic: &str,
+    body: impl Fn(usize) -> String,
+    (nodelay, n): (bool, usize),
+    token: &CancellationToken,
+    what: &str,
+) -> Vec<Duration> {
+    let mut s = ClientSettings::new(testing::unique("bench-rt"));
+    s.subscriptions = vec![(reply.to_owned(), QoS::AtLeastOnce)];
+    s.tcp_nodelay = nodelay;
+    let (h, mut rx) = mqtt::connect(c, s, None, token.clone()).expect("client");
+    h.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        h.publish(topic, body(i), QoS::AtLeastOnce, false)
+            .await
+            .expect("publish");
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(_)) => out.push(t.elapsed()),
+            _ => panic!("no answer to round trip {i} ({what})"),
+        }
+    }
+    h.disconnect().await;
+    out
+}
+
 fn main() {
     let n = env("BENCH_COMMANDS", 1000) as usize;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -119,62 +153,34 @@ fn main() {
     };
 
     let round_trips = |label: &'static str, nodelay: bool| -> Vec<Duration> {
-        rt.block_on(async {
-            let reply = "$nexus/cmd/response/target/sp".to_string();
-            let mut s = ClientSettings::new(testing::unique("bench-op"));
-            s.subscriptions = vec![(reply, QoS::AtLeastOnce)];
-            s.tcp_nodelay = nodelay;
-            let (op, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("client");
-            op.wait_connected(Duration::from_secs(10))
-                .await
-                .expect("connect");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let mut out = Vec::with_capacity(n);
-            for i in 0..n {
-                let body = format!(
+        rt.block_on(timed_round_trips(
+            &c,
+            "$nexus/cmd/response/target/sp",
+            "$nexus/cmd/target/write",
+            |i| {
+                format!(
                     "{{\"tag_id\":\"sp\",\"value\":{},\"request_id\":\"{label}-{nodelay}-{i}\"}}",
                     i % 60000
-                );
-                let t = Instant::now();
-                op.publish("$nexus/cmd/target/write", body, QoS::AtLeastOnce, false)
-                    .await
-                    .expect("publish");
-                match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-                    Ok(Some(_)) => out.push(t.elapsed()),
-                    _ => panic!("no response to command {i} ({label})"),
-                }
-            }
-            op.disconnect().await;
-            out
-        })
+                )
+            },
+            (nodelay, n),
+            &token,
+            label,
+        ))
     };
 
     // Baseline: an MQTT round trip through a broker, nothing else.
     let echo = |c: &nexus_common::config::MqttConfig, nodelay: bool| -> Vec<Duration> {
-        rt.block_on(async {
-            let topic = testing::unique("bench/echo");
-            let mut s = ClientSettings::new(testing::unique("bench-echo"));
-            s.subscriptions = vec![(topic.clone(), QoS::AtLeastOnce)];
-            s.tcp_nodelay = nodelay;
-            let (h, mut rx) = mqtt::connect(c, s, None, token.clone()).expect("client");
-            h.wait_connected(Duration::from_secs(10))
-                .await
-                .expect("connect");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let mut out = Vec::with_capacity(n);
-            for i in 0..n {
-                let t = Instant::now();
-                h.publish(&topic, i.to_string(), QoS::AtLeastOnce, false)
-                    .await
-                    .expect("publish");
-                match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-                    Ok(Some(_)) => out.push(t.elapsed()),
-                    _ => panic!("echo {i} did not come back"),
-                }
-            }
-            h.disconnect().await;
-            out
-        })
+        let topic = testing::unique("bench/echo");
+        rt.block_on(timed_round_trips(
+            c,
+            &topic,
+            &topic,
+            |i| i.to_string(),
+            (nodelay, n),
+            &token,
+            "echo",
+        ))
     };
 
     println!(
