@@ -43,11 +43,19 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
-/// A name unique in this machine's test runs: `<prefix>_<pid>_<n>`.
+/// A name unique in this machine's test runs: `<prefix>_<pid>_<n>_<start>`, where `<start>`
+/// is when the process first asked (microseconds, hex): process ids are reused, and a test
+/// that got an earlier test's name found what that one left in its state directory.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64 & 0xffff_ffff)
+    });
     format!(
-        "{prefix}_{}_{}",
+        "{prefix}_{}_{}_{start:x}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
