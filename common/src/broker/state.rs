@@ -419,10 +419,23 @@ impl Drop for BrokerState {
 }
 
 fn encode(format: &Format, out: &mut Vec<u8>, rec: &Record) -> bool {
-    let Ok(body) = postcard::to_stdvec(rec) else {
-        return false;
-    };
-    format.encode(out, |e| e.bytes(&body)).is_ok()
+    let start = out.len();
+    let mut serialized = false;
+    let framed = format.encode(out, |e| serialized = e.postcard(rec)).is_ok();
+    if framed && !serialized {
+        out.truncate(start);
+    }
+    framed && serialized
+}
+
+/// A written buffer, emptied for the next records: it keeps its capacity (no allocation
+/// per record) unless a large record made it large.
+fn reuse(mut buf: Vec<u8>) -> Vec<u8> {
+    if buf.capacity() > 1 << 20 {
+        return Vec::new();
+    }
+    buf.clear();
+    buf
 }
 
 fn now_ms() -> i64 {
@@ -575,6 +588,7 @@ impl BrokerState {
             inner.deferred = buf;
             return false;
         }
+        inner.deferred = reuse(buf);
         for r in recs {
             inner.data.apply(r);
         }
@@ -623,12 +637,15 @@ impl BrokerState {
         if inner.deferred.is_empty() {
             return;
         }
-        let buf = std::mem::take(&mut inner.deferred);
-        if let Err(e) = inner.writer.write(&buf) {
-            self.metrics.errors.inc();
-            tracing::error!(error = %e, "broker state: write failed");
-            inner.deferred = buf;
+        let mut buf = std::mem::take(&mut inner.deferred);
+        match inner.writer.write(&buf) {
+            Ok(()) => buf = reuse(buf),
+            Err(e) => {
+                self.metrics.errors.inc();
+                tracing::error!(error = %e, "broker state: write failed");
+            }
         }
+        inner.deferred = buf;
     }
 
     /// Write the acknowledgements waiting and make what was written durable (`fdatasync`);

@@ -56,6 +56,31 @@ impl<'a> Encoder<'a> {
     pub fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
     }
+
+    /// `v` in postcard as a byte field: the same bytes as [`Encoder::bytes`] of
+    /// `postcard::to_stdvec(v)`, serialized in place instead of through a vector of its own.
+    /// False (and nothing written) when `v` does not serialize.
+    pub fn postcard<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> bool {
+        let start = self.out.len();
+        self.u32(0);
+        let body = self.out.len();
+        if postcard::to_extend(v, Extend(self.out)).is_err() {
+            self.out.truncate(start);
+            return false;
+        }
+        let len = u32::try_from(self.out.len() - body).unwrap_or(u32::MAX);
+        self.out[start..body].copy_from_slice(&len.to_le_bytes());
+        true
+    }
+}
+
+/// A vector postcard appends to (it takes its output by value).
+struct Extend<'a>(&'a mut Vec<u8>);
+
+impl std::iter::Extend<u8> for Extend<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
 }
 
 /// Why a body does not decode. Small and `Copy`: decoding runs on every frame read.
@@ -212,6 +237,42 @@ mod tests {
         assert_eq!(d.str(), Ok("é"));
         assert_eq!(d.bytes(), Ok(&[0xff][..]));
         assert_eq!(d.finish(), Ok(()));
+    }
+
+    #[test]
+    fn a_postcard_field_is_the_byte_field_of_its_serialization() {
+        #[derive(serde::Serialize)]
+        enum Rec {
+            _A,
+            B {
+                name: String,
+                seq: u64,
+                data: Vec<u8>,
+            },
+        }
+        let v = Rec::B {
+            name: "plant/é".into(),
+            seq: 300,
+            data: vec![1; 200],
+        };
+        let mut direct = vec![9];
+        assert!(Encoder::new(&mut direct).postcard(&v));
+        let mut via = vec![9];
+        Encoder::new(&mut via).bytes(&postcard::to_stdvec(&v).unwrap());
+        assert_eq!(direct, via);
+        let mut d = Decoder::new(&direct[1..]);
+        assert_eq!(d.bytes(), Ok(&postcard::to_stdvec(&v).unwrap()[..]));
+        assert_eq!(d.finish(), Ok(()));
+        // What does not serialize writes nothing (postcard needs a sequence's length).
+        struct Unsized;
+        impl serde::Serialize for Unsized {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq;
+                s.serialize_seq(None)?.end()
+            }
+        }
+        assert!(!Encoder::new(&mut direct).postcard(&Unsized));
+        assert_eq!(direct, via);
     }
 
     #[test]
