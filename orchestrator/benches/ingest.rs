@@ -10,7 +10,10 @@
 //! * raw binary COPY of the same rows, 4 connections, 5,000-row transactions (the storage
 //!   ceiling);
 //! * the storage side of ingestion alone: the WAL filled while the database is stopped, then
-//!   drained into it (no broker in the path).
+//!   drained into it (no broker in the path);
+//! * a bare QoS 1 subscriber of the same stream through the same broker (clean session), and
+//!   on the embedded broker a second one subscribed as ingestion is (the service account, a
+//!   persistent session, a shared subscription), with the broker's CPU per message for each.
 //!
 //! Then Sparkplug B end to end: simulated Modbus devices (in this process, every value
 //! changing at every poll) polled by `nexus gateway` as a Sparkplug edge node (UNS output off)
@@ -254,12 +257,24 @@ async fn publish(port: u16, auth: bool, n: usize, token: &CancellationToken) -> 
 }
 
 /// Baseline through the same broker: a bare QoS 1 subscriber receiving the same stream.
-async fn bare_subscriber(port: u16, auth: bool, n: usize) -> f64 {
+/// `durable`: subscribed as ingestion is (the service account, a persistent session and a
+/// shared subscription), so that the embedded broker writes every message to its durable
+/// state for it as it does for ingestion.
+async fn bare_subscriber(port: u16, auth: bool, n: usize, durable: bool) -> f64 {
     let token = CancellationToken::new();
-    let mut c = mqtt_as(port, auth.then_some(VIEWER_USER));
-    c.persistent_session = false;
-    let mut s = ClientSettings::new(testing::unique("bench-sub"));
-    s.subscriptions = vec![("acme/#".into(), QoS::AtLeastOnce)];
+    let (user, id, filter) = if durable {
+        (
+            testing::SERVICE_USER,
+            testing::unique("nexus-bench-sub"),
+            "$share/nexus-bench/acme/#",
+        )
+    } else {
+        (VIEWER_USER, testing::unique("bench-sub"), "acme/#")
+    };
+    let mut c = mqtt_as(port, auth.then_some(user));
+    c.persistent_session = durable;
+    let mut s = ClientSettings::new(id.clone());
+    s.subscriptions = vec![(filter.into(), QoS::AtLeastOnce)];
     s.incoming_capacity = 10_000;
     let (sub, mut rx) = mqtt::connect(&c, s, None, token.clone()).expect("subscriber");
     sub.wait_connected(Duration::from_secs(10))
@@ -283,32 +298,68 @@ async fn bare_subscriber(port: u16, auth: bool, n: usize) -> f64 {
     publish(port, auth, n, &token).await;
     let rate = counter.await.expect("counter");
     token.cancel();
+    if durable {
+        // End the persistent session (a clean session with its client id): left offline, its
+        // shared subscription would make the broker keep every later message of the bench.
+        c.persistent_session = false;
+        let end = CancellationToken::new();
+        let (s, _) = mqtt::connect(&c, ClientSettings::new(id), None, end.clone()).expect("end");
+        s.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connect");
+        end.cancel();
+    }
     rate
 }
 
 struct Run {
     name: &'static str,
     bare: f64,
+    /// The bare subscriber with a persistent session (embedded broker only).
+    bare_durable: Option<f64>,
+    /// The broker's CPU seconds during the bare subscriber's run, the durable one's and
+    /// ingestion's (each `n` messages), when it is a process of this bench.
+    broker_cpu: Option<[f64; 3]>,
     committed: f64,
     published: f64,
     cores: f64,
     rss_mib: f64,
 }
 
+/// The broker of an end-to-end run: its port, whether clients log in, and its process when
+/// the bench started it (`nexus broker`, whose durable state is measured too).
+struct Via {
+    port: u16,
+    auth: bool,
+    nexus_broker: Option<u32>,
+}
+
 fn end_to_end(
     rt: &tokio::runtime::Runtime,
     name: &'static str,
-    port: u16,
-    auth: bool,
+    via: Via,
     mqtt_yaml: &str,
     db: &str,
     n: usize,
 ) -> Run {
-    let bare = rt.block_on(bare_subscriber(port, auth, n));
+    let Via {
+        port,
+        auth,
+        nexus_broker,
+    } = via;
+    let broker_cpu = || nexus_broker.map_or(0.0, cpu_seconds);
+    let b0 = broker_cpu();
+    let bare = rt.block_on(bare_subscriber(port, auth, n, false));
+    let b1 = broker_cpu();
+    let bare_durable = nexus_broker
+        .is_some()
+        .then(|| rt.block_on(bare_subscriber(port, auth, n, true)));
+    let b2 = broker_cpu();
     let ing = start_ingest(mqtt_yaml, db);
     let pid = ing.proc.0.id();
     let token = CancellationToken::new();
     let cpu0 = cpu_seconds(pid);
+    let b3 = broker_cpu();
     let start = Instant::now();
     let published = rt.block_on(publish(port, auth, n, &token));
     let (_, done) = ing.wait_written(n as f64);
@@ -322,9 +373,12 @@ fn end_to_end(
         metric_sum(&m, "nexus_ingest_wal_bytes")
     );
     token.cancel();
+    let b4 = broker_cpu();
     Run {
         name,
         bare,
+        bare_durable,
+        broker_cpu: nexus_broker.map(|_| [b1 - b0, b2 - b1, b4 - b3]),
         committed: written / elapsed,
         published,
         cores: (cpu_seconds(pid) - cpu0) / elapsed,
@@ -449,13 +503,17 @@ fn main() {
         // BENCH_BROKER_ENV: more of the broker's settings, `NAME=value,NAME=value`.
         let extra = std::env::var("BENCH_BROKER_ENV").unwrap_or_default();
         broker_env.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
-        let (_broker, port) = support::start_broker_with(dir.path(), &broker_env);
+        let (broker, port) = support::start_broker_with(dir.path(), &broker_env);
         let db = rt.block_on(pg.create_database("e2e_embedded"));
+        let via = Via {
+            port,
+            auth: true,
+            nexus_broker: Some(broker.0.id()),
+        };
         runs.push(end_to_end(
             &rt,
             "embedded broker (nexus broker)",
-            port,
-            true,
+            via,
             &support::service_mqtt_yaml(port),
             &db,
             n,
@@ -467,11 +525,15 @@ fn main() {
         let mq = Mosquitto::start("").expect("mosquitto");
         let port = mq.addr().port();
         let db = rt.block_on(pg.create_database("e2e_mosquitto"));
+        let via = Via {
+            port,
+            auth: false,
+            nexus_broker: None,
+        };
         runs.push(end_to_end(
             &rt,
             "Mosquitto",
-            port,
-            false,
+            via,
             &format!("host: 127.0.0.1, port: {port}"),
             &db,
             n,
@@ -531,6 +593,17 @@ fn main() {
             r.cores,
             r.rss_mib
         );
+        if let (Some(durable), Some(cpu)) = (r.bare_durable, r.broker_cpu) {
+            let us = cpu.map(|s| s * 1e6 / n as f64);
+            println!(
+                "      {:.2}x of a bare subscriber subscribed as ingestion is (persistent session, shared subscription: the broker writes each message to its state) ({durable:.0} msgs/s)",
+                r.committed / durable,
+            );
+            println!(
+                "      broker CPU per message: {:.1} us with the bare subscriber, {:.1} us with the durable one, {:.1} us with ingestion",
+                us[0], us[1], us[2],
+            );
+        }
     }
     if let Some(sp) = sp {
         println!(
