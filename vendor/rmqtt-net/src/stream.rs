@@ -250,6 +250,20 @@ pub mod v3 {
             super::send(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout).await
         }
 
+        /// Nexus patch (vendor/README.md): writes a packet into the write buffer without
+        /// flushing it (the buffer is flushed when it grows past its boundary, or by
+        /// [`Self::flush`] or any `send`), so that packets sent in a burst share a write.
+        #[inline]
+        pub async fn feed(&mut self, packet: rmqtt_codec::v3::Packet) -> Result<()> {
+            super::feed(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout).await
+        }
+
+        /// Nexus patch (vendor/README.md): whether packets wait in the write buffer.
+        #[inline]
+        pub fn has_unflushed(&self) -> bool {
+            !self.io.write_buffer().is_empty()
+        }
+
         /// Flushes write buffers
         #[inline]
         pub async fn flush(&mut self) -> Result<()> {
@@ -477,6 +491,20 @@ pub mod v5 {
             super::send(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout).await
         }
 
+        /// Nexus patch (vendor/README.md): writes a packet into the write buffer without
+        /// flushing it (the buffer is flushed when it grows past its boundary, or by
+        /// [`Self::flush`] or any `send`), so that packets sent in a burst share a write.
+        #[inline]
+        pub async fn feed(&mut self, packet: rmqtt_codec::v5::Packet) -> Result<()> {
+            super::feed(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout).await
+        }
+
+        /// Nexus patch (vendor/README.md): whether packets wait in the write buffer.
+        #[inline]
+        pub fn has_unflushed(&self) -> bool {
+            !self.io.write_buffer().is_empty()
+        }
+
         /// Flushes write buffers
         #[inline]
         pub async fn flush(&mut self) -> Result<()> {
@@ -565,6 +593,25 @@ where
         Ok(())
     } else {
         match tokio::time::timeout(send_timeout, io.send(packet)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
+            Err(_) => Err(MqttError::WriteTimeout),
+        }?;
+        Ok(())
+    }
+}
+
+/// Nexus patch (vendor/README.md): `send` without the flush.
+#[inline]
+async fn feed<Io>(io: &mut Framed<Io, MqttCodec>, packet: MqttPacket, send_timeout: Duration) -> Result<()>
+where
+    Io: AsyncWrite + Unpin,
+{
+    if send_timeout.is_zero() {
+        io.feed(packet).await?;
+        Ok(())
+    } else {
+        match tokio::time::timeout(send_timeout, io.feed(packet)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
             Err(_) => Err(MqttError::WriteTimeout),

@@ -351,7 +351,17 @@ impl SessionState {
                         .unwrap_or_else(|| Duration::from_secs(120)),
             );
 
+            // Nexus patch (vendor/README.md): publishes and publish acks are only fed to the
+            // sink; they are flushed when nothing else is ready. `yield_now` is pending on its
+            // first poll and ready on the next, so this branch is taken only after a poll in
+            // which every other branch was pending: a burst of packets shares one write.
+            let unflushed = sink.has_unflushed();
+
             tokio::select! {
+                 _ = tokio::task::yield_now(), if unflushed => {
+                    sink.flush().await?;
+                },
+
                  _ = &mut keep_alive_delay => {
                     return Err(Reason::ConnectKeepaliveTimeout)
                 },

@@ -1430,6 +1430,25 @@ where
         }
     }
 
+    /// Nexus patch (vendor/README.md): whether fed packets wait to be flushed.
+    #[inline]
+    pub(crate) fn has_unflushed(&self) -> bool {
+        match self {
+            Sink::V3(s) => s.has_unflushed(),
+            Sink::V5(s) => s.has_unflushed(),
+        }
+    }
+
+    /// Nexus patch (vendor/README.md): writes what was fed.
+    #[inline]
+    pub(crate) async fn flush(&mut self) -> Result<()> {
+        match self {
+            Sink::V3(s) => s.flush().await?,
+            Sink::V5(s) => s.flush().await?,
+        }
+        Ok(())
+    }
+
     #[inline]
     #[allow(dead_code)]
     pub(crate) async fn close(&mut self) -> Result<()> {
@@ -1449,9 +1468,11 @@ where
         message_expiry_interval: Option<NonZeroU32>,
         server_topic_aliases: Option<&Arc<ServerTopicAliases>>,
     ) -> Result<()> {
+        // Nexus patch (vendor/README.md): publishes and publish acks are fed, not flushed; the
+        // session's loop flushes when it has nothing more to do at once (`flush`).
         match self {
             Sink::V3(s) => {
-                s.send_publish(p.take()).await?;
+                s.feed(codec::v3::Packet::Publish(p.take())).await?;
             }
             Sink::V5(s) => {
                 let (topic, alias) = {
@@ -1468,7 +1489,7 @@ where
                     properties.message_expiry_interval = message_expiry_interval;
                     properties.topic_alias = alias;
                 }
-                s.send_publish(p.take()).await?;
+                s.feed(codec::v5::Packet::Publish(p.take())).await?;
             }
         }
         Ok(())
@@ -1482,7 +1503,7 @@ where
     ) -> Result<()> {
         match self {
             Sink::V3(s) => {
-                s.send_publish_ack(packet_id).await?;
+                s.feed(codec::v3::Packet::PublishAck { packet_id }).await?;
             }
             Sink::V5(s) => {
                 let ack = PublishAckV5 {
@@ -1491,7 +1512,7 @@ where
                     properties: pubres.properties,
                     reason_string: pubres.reason_string,
                 };
-                s.send_publish_ack(ack).await?;
+                s.feed(codec::v5::Packet::PublishAck(ack)).await?;
             }
         }
         Ok(())

@@ -66,6 +66,9 @@ pub enum ConnectionError {
     ResponseValidation(#[from] crate::websockets::ValidationError),
 }
 
+/// Nexus patch (vendor/README.md): at most this many requests are written before one flush.
+const MAX_REQUEST_BATCH: usize = 64;
+
 /// Eventloop with all the state of a connection
 pub struct EventLoop {
     /// Options of the current mqtt connection
@@ -224,8 +227,28 @@ impl EventLoop {
                 self.options.pending_throttle
             ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
+                    let mut disconnecting = matches!(request, Request::Disconnect);
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
+                    }
+                    // Nexus patch (vendor/README.md): the requests already waiting in the
+                    // channel go into the same write, one flush for all of them instead of one
+                    // per request. Each is taken on the same flow-control condition as the first.
+                    let mut batched = 1;
+                    while batched < MAX_REQUEST_BATCH
+                        && !disconnecting
+                        && self.pending.is_empty()
+                        && self.state.inflight < self.state.max_outgoing_inflight
+                        && self.state.collision.is_none()
+                    {
+                        let Ok(request) = self.requests_rx.try_recv() else {
+                            break;
+                        };
+                        disconnecting = matches!(request, Request::Disconnect);
+                        if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
+                            network.write(outgoing).await?;
+                        }
+                        batched += 1;
                     }
                     network.flush().await?;
                     Ok(self.state.events.pop_front().unwrap())
