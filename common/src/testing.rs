@@ -61,6 +61,48 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Where tests keep the state their services write: `<tmp>/nexus-test-state`. The first use
+/// in a process removes what finished runs left there ([`sweep_older_than`], an hour).
+fn test_state_root() -> PathBuf {
+    static SWEPT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let root = std::env::temp_dir().join("nexus-test-state");
+    SWEPT.get_or_init(|| {
+        sweep_older_than(&root, Duration::from_secs(3600));
+    });
+    root
+}
+
+/// Removes the entries of `root` last changed more than `age` ago, and returns how many it
+/// removed. Tests run for minutes, so an entry an hour old belongs to no running test, while
+/// the state of tests running beside this one (other processes) is kept.
+pub fn sweep_older_than(root: &Path, age: Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a > age);
+        if !old {
+            continue;
+        }
+        let path = e.path();
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// A directory of the system's temporary directory for `key` (created): the same for the same
 /// key, so a service restarted within a test finds what it left there (state files).
 pub fn state_dir(key: &str) -> PathBuf {
@@ -74,7 +116,7 @@ pub fn state_dir(key: &str) -> PathBuf {
             }
         })
         .collect();
-    let dir = std::env::temp_dir().join("nexus-test-state").join(name);
+    let dir = test_state_root().join(name);
     let _ = std::fs::create_dir_all(&dir);
     dir
 }
@@ -284,11 +326,7 @@ fn start_broker_at(
     if cfg.state_dir == BrokerConfig::default().state_dir {
         // Each test broker keeps its durable state apart (the default is relative to the
         // working directory, shared by concurrent tests).
-        cfg.state_dir = Some(
-            std::env::temp_dir()
-                .join("nexus-test-state")
-                .join(unique("broker")),
-        );
+        cfg.state_dir = Some(test_state_root().join(unique("broker")));
     }
     let ids = crate::auth::Identities::new(auth).expect("test broker users");
     let acl = Acl::new(std::sync::Arc::new(ids), &cfg, devices);
