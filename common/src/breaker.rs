@@ -339,6 +339,18 @@ impl Permit {
         self.done = true;
         self.breaker.record(self.trial, false);
     }
+
+    /// The call was not made after all: no outcome is recorded, and a trial gives its place
+    /// back (in the same half-open period), so that another call can make it.
+    pub fn withdraw(mut self) {
+        self.done = true;
+        if self.trial {
+            let mut inner = self.breaker.lock();
+            if inner.state == BreakerState::HalfOpen {
+                inner.trials_started = inner.trials_started.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl Drop for Permit {
@@ -408,6 +420,34 @@ mod tests {
         t2.success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(*rx.borrow_and_update(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_withdrawn_call_counts_nothing_and_a_withdrawn_trial_frees_its_place() {
+        let b = CircuitBreaker::new("dev", cfg(), None);
+        for _ in 0..20 {
+            b.try_acquire().unwrap().withdraw();
+        }
+        for _ in 0..4 {
+            b.try_acquire().unwrap().failure();
+        }
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "withdrawn calls are no outcomes: 4 failures stay below min_requests"
+        );
+        b.try_acquire().unwrap().failure();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let t1 = b.try_acquire().unwrap();
+        let t2 = b.try_acquire().unwrap();
+        assert!(b.try_acquire().is_err(), "only two trials at once");
+        t1.withdraw();
+        let t3 = b
+            .try_acquire()
+            .expect("the withdrawn trial's place is free again");
+        t2.success();
+        t3.success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,7 +28,7 @@ pub mod value;
 pub use device::{CompileError, Device, Plan, PlanError};
 pub use directory::DeviceDirectory;
 pub use driver::{DeviceError, Driver, Reading, TransportError};
-pub use pool::{BrowseError, PoolError, Pools};
+pub use pool::{BrowseError, Holds, PoolError, Pools};
 
 use std::sync::Arc;
 use std::time::Duration;

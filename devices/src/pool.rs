@@ -36,7 +36,14 @@ pub enum PoolError {
     Transport(#[from] TransportError),
     #[error("the {protocol:?} pool is full ({max} connections)")]
     Full { protocol: Protocol, max: usize },
+    /// [`Pools::read_while`]: the caller's condition no longer held when the device's session
+    /// was free, so nothing was sent.
+    #[error("the read was called off before it was sent: its condition no longer held")]
+    CalledOff,
 }
+
+/// A condition checked just before a call is sent ([`Pools::read_while`]).
+pub type Holds<'a> = &'a (dyn Fn() -> bool + Send + Sync);
 
 /// Why a browse of a device's address space did not complete.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,6 +97,7 @@ impl<D: Driver> Endpoint<D> {
         device: &Arc<Device>,
         touch: Option<&Arc<D::Plan>>,
         settings: &D::Settings,
+        holds: Option<Holds<'_>>,
         op: F,
     ) -> Result<T, PoolError>
     where
@@ -106,6 +114,12 @@ impl<D: Driver> Endpoint<D> {
                 permit.failure();
                 return Err(e.into());
             }
+        }
+        // Checked here, after waiting for the session (other devices of the endpoint may have
+        // held it for a while), not only before: the caller's condition may have ended since.
+        if holds.is_some_and(|h| !h()) {
+            permit.withdraw();
+            return Err(PoolError::CalledOff);
         }
         match op(session).await {
             Ok(v) => {
@@ -190,13 +204,14 @@ impl<D: Driver> Pool<D> {
         &self,
         device: &Arc<Device>,
         plan: &Arc<D::Plan>,
+        holds: Option<Holds<'_>>,
         op: F,
     ) -> Result<T, PoolError>
     where
         F: for<'a> FnOnce(&'a mut D) -> OpFuture<'a, T>,
     {
         let ep = self.endpoint(device)?;
-        ep.with_session(device, Some(plan), &self.settings, op)
+        ep.with_session(device, Some(plan), &self.settings, holds, op)
             .await
     }
 
@@ -205,9 +220,10 @@ impl<D: Driver> Pool<D> {
         device: &Arc<Device>,
         plan: &Arc<D::Plan>,
         tags: Option<Vec<usize>>,
+        holds: Option<Holds<'_>>,
     ) -> Result<Vec<(usize, Reading)>, PoolError> {
         let (d, p) = (device.clone(), plan.clone());
-        self.run(device, plan, move |s| {
+        self.run(device, plan, holds, move |s| {
             Box::pin(async move { s.read(&d, &p, tags.as_deref()).await })
         })
         .await
@@ -221,7 +237,7 @@ impl<D: Driver> Pool<D> {
         value: Value,
     ) -> Result<Result<(), DeviceError>, PoolError> {
         let (d, p) = (device.clone(), plan.clone());
-        self.run(device, plan, move |s| {
+        self.run(device, plan, None, move |s| {
             Box::pin(async move { s.write(&d, &p, tag, &value).await })
         })
         .await
@@ -268,7 +284,7 @@ impl<D: Driver> Pool<D> {
                     let first = (!device.cfg.tags.is_empty()).then(|| vec![0usize]);
                     let d = device.clone();
                     if let Err(err) = e
-                        .with_session(&device, None, &self.settings, move |s| {
+                        .with_session(&device, None, &self.settings, None, move |s| {
                             Box::pin(async move { s.read(&d, &plan, first.as_deref()).await })
                         })
                         .await
@@ -299,7 +315,7 @@ impl Pool<OpcUaDriver> {
         out: tokio::sync::mpsc::Sender<BrowseEntry>,
     ) -> Result<Result<(), BrowseRefused>, PoolError> {
         let ep = self.endpoint(device)?;
-        ep.with_session(device, None, &self.settings, move |s| {
+        ep.with_session(device, None, &self.settings, None, move |s| {
             Box::pin(async move { s.browse_into(node.as_deref(), out).await })
         })
         .await
@@ -411,10 +427,32 @@ impl Pools {
         device: &Arc<Device>,
         tags: Option<Vec<usize>>,
     ) -> Result<Vec<(usize, Reading)>, PoolError> {
+        self.read_if(device, tags, None).await
+    }
+
+    /// [`Self::read`] only if `holds` is still true once the device's session is free, just
+    /// before the read is sent; else [`PoolError::CalledOff`], with nothing sent and nothing
+    /// counted by the breaker. A sharded gateway passes its lease: a poll that waited for the
+    /// session while the member's lease ran out must not read a device another member polls.
+    pub async fn read_while(
+        &self,
+        device: &Arc<Device>,
+        tags: Option<Vec<usize>>,
+        holds: Holds<'_>,
+    ) -> Result<Vec<(usize, Reading)>, PoolError> {
+        self.read_if(device, tags, Some(holds)).await
+    }
+
+    async fn read_if(
+        &self,
+        device: &Arc<Device>,
+        tags: Option<Vec<usize>>,
+        holds: Option<Holds<'_>>,
+    ) -> Result<Vec<(usize, Reading)>, PoolError> {
         match &device.plan {
-            Plan::Modbus(p) => self.modbus.read(device, p, tags).await,
-            Plan::S7(p) => self.s7.read(device, p, tags).await,
-            Plan::OpcUa(p) => self.opcua.read(device, p, tags).await,
+            Plan::Modbus(p) => self.modbus.read(device, p, tags, holds).await,
+            Plan::S7(p) => self.s7.read(device, p, tags, holds).await,
+            Plan::OpcUa(p) => self.opcua.read(device, p, tags, holds).await,
         }
     }
 

@@ -597,3 +597,86 @@ async fn a_device_refusing_mask_write_is_a_device_error_naming_the_setting() {
         .unwrap_err();
     assert!(e.to_string().contains("IllegalDataAddress"), "{e}");
 }
+
+/// A sharded gateway's poll may wait for its endpoint's session while other devices of the
+/// endpoint are read, and its member's lease may run out meanwhile: `read_while` checks the
+/// lease again once the session is free, and a read called off sends nothing and counts
+/// nothing against the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_called_off_while_it_waited_for_the_session_sends_nothing() {
+    use nexus_common::breaker::BreakerState;
+    use nexus_devices::PoolError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // The device on a runtime of its own: it is made slow below by blocking its thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let sim = ModbusSimulator::start("127.0.0.1:0".parse().unwrap(), None)
+                .await
+                .unwrap();
+            tx.send(sim).unwrap();
+            std::future::pending::<()>().await
+        })
+    });
+    let sim = rx.recv().unwrap();
+    let port = sim.addr.port();
+    let device = |id: &str, reg: u16| {
+        compile(&format!(
+            "devices:\n  - id: {id}\n    protocol: modbus\n    uns_prefix: a/b\n    connection: {{ host: 127.0.0.1, port: {port}, timeout: 2s }}\n    tags:\n      - {{ id: v, address: \"HR:{reg}\", data_type: uint16 }}\n"
+        ))
+    };
+    let (a, b) = (device("a", 0), device("b", 1));
+    assert_eq!(a.endpoint(), b.endpoint(), "one session for both");
+    let pools = pools();
+    pools.read(&b, None).await.unwrap();
+    let before = sim.requests();
+    for _ in 0..10 {
+        let r = pools.read_while(&b, None, &|| false).await;
+        assert!(matches!(r, Err(PoolError::CalledOff)), "{r:?}");
+    }
+    assert_eq!(sim.requests(), before, "a read called off sends nothing");
+    assert_eq!(
+        pools.breaker_state(&b),
+        BreakerState::Closed,
+        "and is no failure"
+    );
+
+    // a's read is slow in the device and holds the endpoint's session; b's read waits for it,
+    // and its condition ends while it waits.
+    sim.registers.lock().unwrap().after_request = Some(Box::new(|_, _| {
+        std::thread::sleep(Duration::from_millis(300))
+    }));
+    let slow = {
+        let (pools, a) = (pools.clone(), a.clone());
+        tokio::spawn(async move { pools.read(&a, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let holds = Arc::new(AtomicBool::new(true));
+    let waiting = {
+        let (pools, b, holds) = (pools.clone(), b.clone(), holds.clone());
+        tokio::spawn(async move {
+            pools
+                .read_while(&b, None, &|| holds.load(Ordering::SeqCst))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    holds.store(false, Ordering::SeqCst);
+    assert!(slow.await.unwrap().is_ok());
+    let r = waiting.await.unwrap();
+    assert!(matches!(r, Err(PoolError::CalledOff)), "{r:?}");
+    sim.registers.lock().unwrap().after_request = None;
+    assert_eq!(
+        sim.requests() - before,
+        1,
+        "only the slow read reached the device"
+    );
+    // With the condition holding, the read goes through.
+    let r = pools.read_while(&b, None, &|| true).await.unwrap();
+    assert!(matches!(r[0].1, Reading::Good { .. }), "{r:?}");
+}

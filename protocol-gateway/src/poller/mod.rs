@@ -197,8 +197,16 @@ pub async fn run_device(
             continue;
         };
         let started = Instant::now();
-        let result = ctx.pools.read(&device, None).await;
+        let result = match &ctx.lease {
+            // Checked again once the endpoint's session is free: this poll may have waited
+            // for it (other devices of the endpoint) while the lease ran out.
+            Some(lease) => ctx.pools.read_while(&device, None, &|| lease.holds()).await,
+            None => ctx.pools.read(&device, None).await,
+        };
         drop(permit);
+        if matches!(result, Err(PoolError::CalledOff)) {
+            continue;
+        }
         let elapsed = started.elapsed();
         ctx.metrics
             .duration
