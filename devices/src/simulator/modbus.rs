@@ -60,7 +60,8 @@ pub struct Registers {
     /// and its write).
     pub after_request: Option<AfterRequest>,
     pub illegal_from: u16,
-    /// Holding registers incremented at every tick (benchmarks: every polled value changes).
+    /// Holding registers incremented by every read that covers them, before it is answered
+    /// (benchmarks: every polled value changes at every poll, whatever the poll's timing).
     pub churn: std::ops::Range<usize>,
 }
 
@@ -142,9 +143,6 @@ impl Registers {
         if rng.random_range(0..50) == 0 {
             self.discrete[0] = !self.discrete[0];
         }
-        for i in self.churn.clone() {
-            self.holding[i] = self.holding[i].wrapping_add(1);
-        }
     }
 }
 
@@ -158,7 +156,14 @@ impl Registers {
                 Response::ReadDiscreteInputs(self.discrete[self.check(a, n as usize)?].to_vec())
             }
             Request::ReadHoldingRegisters(a, n) => {
-                Response::ReadHoldingRegisters(self.holding[self.check(a, n as usize)?].to_vec())
+                let range = self.check(a, n as usize)?;
+                let churned = range.start.max(self.churn.start)..range.end.min(self.churn.end);
+                if !churned.is_empty() {
+                    for r in &mut self.holding[churned] {
+                        *r = r.wrapping_add(1);
+                    }
+                }
+                Response::ReadHoldingRegisters(self.holding[range].to_vec())
             }
             Request::ReadInputRegisters(a, n) => {
                 Response::ReadInputRegisters(self.input[self.check(a, n as usize)?].to_vec())
@@ -349,5 +354,32 @@ mod tests {
             Err(ExceptionCode::IllegalFunction)
         );
         assert_eq!(r.holding[7], 0b10_1001, "a refused request changes nothing");
+    }
+
+    #[test]
+    fn a_read_advances_the_churned_registers_it_covers_and_no_others() {
+        let mut r = Registers::new();
+        r.churn = 100..110;
+        let read = |r: &mut Registers, a, n| match r.serve(Request::ReadHoldingRegisters(a, n)) {
+            Ok(Response::ReadHoldingRegisters(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(read(&mut r, 95, 10), [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]);
+        assert_eq!(
+            r.holding[105..110],
+            [0; 5],
+            "registers not read do not advance"
+        );
+        assert_eq!(
+            read(&mut r, 100, 15),
+            [2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            read(&mut r, 0, 10)[..2],
+            [0, 0],
+            "outside the churn: unchanged"
+        );
+        r.churn = 0..0;
+        assert_eq!(read(&mut r, 100, 2), [2, 2]);
     }
 }

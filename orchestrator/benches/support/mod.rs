@@ -183,7 +183,7 @@ pub fn start_broker_http(dir: &Path, env: &[(&str, &str)], http: u16) -> (Proc, 
 }
 
 /// `devices` Modbus simulators whose registers 100.. (`tags` of them, the tags of
-/// [`load_devices`]) all change every `poll_ms`.
+/// [`load_devices`]) all change at every read of them, so at every poll.
 pub async fn churning_modbus_sims(
     devices: usize,
     tags: usize,
