@@ -18,7 +18,11 @@
 //! A value with bad quality is a null metric (Sparkplug has no quality of its own).
 //! Aliases are unique across the node and stable while the gateway runs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+// Looked up for every sample of every poll: foldhash rather than SipHash (the names are the
+// configuration's, not a client's).
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 
 use nexus_common::codec::sparkplug::{

@@ -16,7 +16,10 @@
 //!   by alias is then unknown; aliases of a birth past the whole bound are not remembered
 //!   (counted as refused).
 
-use std::collections::HashMap;
+// foldhash rather than the standard SipHash: these maps are looked up for every metric of
+// every message. Its per-process random seed keeps keys from being chosen to collide, and
+// the table is bounded in size whatever a client sends.
+use foldhash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 use crate::bounded::{text_weight, BoundedMap, MapStats};
