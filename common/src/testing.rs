@@ -434,7 +434,7 @@ pub struct PgServer {
     child: Child,
     dir: tempfile::TempDir,
     user: Option<(u32, u32)>,
-    tls_args: Vec<String>,
+    server_args: Vec<String>,
 }
 
 /// Start `postgres` on an initialised data directory `<dir>/data`.
@@ -497,14 +497,21 @@ impl PgServer {
     }
 
     pub fn try_start() -> Result<PgServer, String> {
-        Self::try_start_with(None, false)
+        Self::try_start_with(None, false, &[])
+    }
+
+    /// With server settings (`name=value`) over the harness's own, such as a benchmark's
+    /// `shared_buffers`; panics as [`PgServer::start`] does.
+    pub fn start_with_settings(settings: &[&str]) -> PgServer {
+        Self::try_start_with(None, false, settings)
+            .unwrap_or_else(|e| panic!("cannot start PostgreSQL for tests: {e}"))
     }
 
     /// A server with TimescaleDB preloaded (telemetry off), or `None` where the extension is
     /// not installed ([`timescaledb_installed`]).
     pub fn start_with_timescaledb() -> Option<PgServer> {
         timescaledb_installed().then(|| {
-            Self::try_start_with(None, true)
+            Self::try_start_with(None, true, &[])
                 .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TimescaleDB: {e}"))
         })
     }
@@ -512,11 +519,15 @@ impl PgServer {
     /// With TLS: the server presents `cert_pem` (and its `key_pem`); clients may then use
     /// `sslmode=require`.
     pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> PgServer {
-        Self::try_start_with(Some((cert_pem, key_pem)), false)
+        Self::try_start_with(Some((cert_pem, key_pem)), false, &[])
             .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TLS for tests: {e}"))
     }
 
-    fn try_start_with(tls: Option<(&str, &str)>, timescaledb: bool) -> Result<PgServer, String> {
+    fn try_start_with(
+        tls: Option<(&str, &str)>,
+        timescaledb: bool,
+        settings: &[&str],
+    ) -> Result<PgServer, String> {
         let bin = pg_bin_dir().ok_or(
             "PostgreSQL server binaries not found (install postgresql or set NEXUS_PG_BIN)",
         )?;
@@ -566,7 +577,7 @@ impl PgServer {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let mut tls_args: Vec<&str> = Vec::new();
+        let mut server_args: Vec<&str> = Vec::new();
         if let Some((cert, key)) = tls {
             use std::os::unix::fs::PermissionsExt;
             let (c, k) = (data.join("server.crt"), data.join("server.key"));
@@ -580,7 +591,7 @@ impl PgServer {
                     std::os::unix::fs::chown(f, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
                 }
             }
-            tls_args = vec![
+            server_args = vec![
                 "-c",
                 "ssl=on",
                 "-c",
@@ -590,21 +601,24 @@ impl PgServer {
             ];
         }
         if timescaledb {
-            tls_args.extend([
+            server_args.extend([
                 "-c",
                 "shared_preload_libraries=timescaledb",
                 "-c",
                 "timescaledb.telemetry_level=off",
             ]);
         }
+        for s in settings {
+            server_args.extend(["-c", s]);
+        }
         let port = free_port();
-        let child = spawn_postgres(&bin, dir.path(), port, user, &tls_args)?;
+        let child = spawn_postgres(&bin, dir.path(), port, user, &server_args)?;
         let mut server = PgServer {
             port,
             child,
             dir,
             user,
-            tls_args: tls_args.iter().map(|s| s.to_string()).collect(),
+            server_args: server_args.iter().map(|s| s.to_string()).collect(),
         };
         server.wait_ready(Duration::from_secs(30))?;
         Ok(server)
@@ -695,8 +709,14 @@ impl PgServer {
     /// Start the server again after [`PgServer::stop`], on the same port and data.
     pub fn restart(&mut self) {
         let bin = pg_bin_dir().expect("PostgreSQL binaries");
-        self.child = spawn_postgres(&bin, self.dir.path(), self.port, self.user, &self.tls_args)
-            .unwrap_or_else(|e| panic!("restart PostgreSQL: {e}"));
+        self.child = spawn_postgres(
+            &bin,
+            self.dir.path(),
+            self.port,
+            self.user,
+            &self.server_args,
+        )
+        .unwrap_or_else(|e| panic!("restart PostgreSQL: {e}"));
         self.wait_ready(Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("restart PostgreSQL: {e}"));
     }
