@@ -272,12 +272,20 @@ impl EdgeNode {
         // Once per message, not per sample: the lookup hashes (and this copies) the name.
         let next_alias = &mut self.next_alias;
         let dev = self.devices.entry(device.to_owned()).or_default();
+        // A device's samples come in the same order at every poll, the order its metrics
+        // were first seen in: the metric after the last one found is tried before the map
+        // (a hashed lookup per sample missed the cache on most of them).
+        let mut next = 0;
         for s in samples {
             let good = s.value.quality.class() != QualityClass::Bad;
             let value = if good { s.value.value.clone() } else { None };
             let ts = s.value.ts_ms.unwrap_or_else(now_ms).max(0) as u64;
-            let i = match dev.by_name.get(s.tag) {
-                Some(i) => *i,
+            let known = match dev.metrics.get(next) {
+                Some(m) if m.name == s.tag => Some(next),
+                _ => dev.by_name.get(s.tag).copied(),
+            };
+            let i = match known {
+                Some(i) => i,
                 None => {
                     let alias = *next_alias;
                     *next_alias += 1;
@@ -295,6 +303,7 @@ impl EdgeNode {
                     dev.metrics.len() - 1
                 }
             };
+            next = i + 1;
             let m = &mut dev.metrics[i];
             // A value that does not fit the declared type: integers go as a Double once
             // declared so; anything else declares the new type in a new DBIRTH.

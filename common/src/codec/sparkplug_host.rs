@@ -60,8 +60,60 @@ pub struct Read {
     pub rebirth: Option<(String, Vec<u8>)>,
 }
 
-/// A device's aliases: alias -> (name, datatype).
-type Aliases = HashMap<u64, (String, Option<SpDataType>)>;
+/// A metric's name and datatype, as its birth gave them.
+type Named = (String, Option<SpDataType>);
+
+/// A device's aliases: alias -> (name, datatype). Edge nodes number their aliases in runs
+/// (one per device, in birth order), and data names them in that order: a run starting at the
+/// first alias remembered is kept in a vector, read in order, and only the others are hashed.
+/// A hashed lookup per metric missed the cache on most of them (the largest entry of
+/// ingestion's profile with Sparkplug data).
+#[derive(Default)]
+struct Aliases {
+    base: u64,
+    run: Vec<Option<Named>>,
+    others: HashMap<u64, Named>,
+}
+
+impl Aliases {
+    fn slot(&self, alias: u64) -> Option<usize> {
+        let i = usize::try_from(alias.checked_sub(self.base)?).ok()?;
+        (i < self.run.len()).then_some(i)
+    }
+
+    fn get(&self, alias: &u64) -> Option<&Named> {
+        match self.slot(*alias) {
+            Some(i) => self.run[i].as_ref(),
+            None => self.others.get(alias),
+        }
+    }
+
+    fn remove(&mut self, alias: &u64) -> Option<Named> {
+        match self.slot(*alias) {
+            Some(i) => self.run[i].take(),
+            None => self.others.remove(alias),
+        }
+    }
+
+    /// Insert (after [`Aliases::remove`] of the same alias): in the run when it extends it
+    /// (no gaps, so the vector never outgrows what was inserted), else hashed.
+    fn insert(&mut self, alias: u64, named: Named) {
+        if self.run.is_empty() && self.others.is_empty() {
+            self.base = alias;
+        }
+        if let Some(i) = self.slot(alias) {
+            self.run[i] = Some(named);
+        } else if alias.checked_sub(self.base) == Some(self.run.len() as u64) {
+            self.run.push(Some(named));
+        } else {
+            self.others.insert(alias, named);
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Named> {
+        self.run.iter().flatten().chain(self.others.values())
+    }
+}
 
 struct Node {
     /// Aliases of the node (device `""`) and of each device.
@@ -448,5 +500,36 @@ mod tests {
             n.read("spBv1.0/G/DDATA/E/D", b"\xff").refused.map(|r| r.0),
             Some("sparkplug_decode")
         );
+    }
+
+    #[test]
+    fn aliases_in_a_run_and_out_of_it_are_all_found_and_the_run_has_no_gaps() {
+        let named = |n: &str| (n.to_owned(), Some(SpDataType::Int32));
+        let mut a = Aliases::default();
+        for (alias, name) in [(10, "a"), (11, "b"), (12, "c"), (7, "low"), (14, "gap")] {
+            a.insert(alias, named(name));
+        }
+        a.insert(u64::MAX, named("max"));
+        a.insert(13, named("d"));
+        assert_eq!(a.run.len(), 4, "10..=13 in the run");
+        assert_eq!(a.others.len(), 3, "7, 14 and u64::MAX hashed");
+        for (alias, name) in [(10, "a"), (12, "c"), (13, "d"), (7, "low"), (14, "gap")] {
+            assert_eq!(
+                a.get(&alias).map(|n| n.0.as_str()),
+                Some(name),
+                "alias {alias}"
+            );
+        }
+        assert_eq!(a.get(&u64::MAX).map(|n| n.0.as_str()), Some("max"));
+        assert!(a.get(&9).is_none() && a.get(&15).is_none() && a.get(&0).is_none());
+        // A repeated alias replaces the earlier one in place.
+        assert_eq!(a.remove(&11).map(|n| n.0), Some("b".to_owned()));
+        assert!(a.get(&11).is_none());
+        a.insert(11, named("b2"));
+        assert_eq!(a.get(&11).map(|n| n.0.as_str()), Some("b2"));
+        assert_eq!(a.run.len(), 4);
+        let mut names: Vec<&str> = a.values().map(|n| n.0.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["a", "b2", "c", "d", "gap", "low", "max"]);
     }
 }

@@ -384,3 +384,55 @@ fn an_unreachable_device_dies_once_and_is_born_again_with_its_next_value() {
         )
         .is_empty());
 }
+
+#[test]
+fn each_sample_gets_its_own_metrics_alias_whatever_the_order_or_subset() {
+    let mut n = EdgeNode::new("g", "edge", None);
+    n.births();
+    let tags = ["t0", "t1", "t2", "t3", "t4"];
+    let poll = |n: &mut EdgeNode, order: &[usize]| {
+        let samples: Vec<Sample<'_>> = order
+            .iter()
+            .map(|&i| {
+                sample(
+                    "plc-1",
+                    tags[i],
+                    vo(Some(Value::Int(i as i64)), Quality::Good, 1000),
+                )
+            })
+            .collect();
+        n.data("plc-1", &samples, false)
+    };
+    let out = poll(&mut n, &[0, 1, 2, 3, 4]);
+    let (_, birth) = decoded(&out[0]);
+    let alias_of: std::collections::HashMap<u64, i64> = birth
+        .metrics
+        .iter()
+        .map(|m| {
+            let i = m.name.as_deref().unwrap()[1..].parse().unwrap();
+            (m.alias.unwrap(), i)
+        })
+        .collect();
+    // In order, reversed, a subset skipping some, one alone: each value under its alias.
+    for order in [
+        &[0, 1, 2, 3, 4][..],
+        &[4, 3, 2, 1, 0],
+        &[1, 3, 4],
+        &[2],
+        &[0, 0, 4],
+    ] {
+        let out = poll(&mut n, order);
+        assert_eq!(out.len(), 1, "{order:?}: known metrics, DDATA only");
+        let (_, data) = decoded(&out[0]);
+        let got: Vec<(i64, Option<Value>)> = data
+            .metrics
+            .iter()
+            .map(|m| (alias_of[&m.alias.unwrap()], m.value.clone()))
+            .collect();
+        let want: Vec<(i64, Option<Value>)> = order
+            .iter()
+            .map(|&i| (i as i64, Some(Value::Int(i as i64))))
+            .collect();
+        assert_eq!(got, want, "{order:?}");
+    }
+}
