@@ -491,6 +491,19 @@ async fn a_database_and_wal_of_the_previous_version_are_taken_over_in_place() {
         versions,
         (1..=nexus_data_ingestion::schema::SCHEMA_VERSION).collect::<Vec<_>>()
     );
+    // The earlier version's BRIN index on time gave way to the one over time and the buckets.
+    let brin: Vec<String> = db
+        .query(
+            "SELECT indexname FROM pg_indexes
+             WHERE tablename = 'points' AND indexdef LIKE '%USING brin%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(brin, ["points_time_buckets_brin"]);
     type FrameRow = (String, Option<f64>, Option<String>, i16, Option<String>);
     let frame_rows: Vec<FrameRow> = db
         .query(
