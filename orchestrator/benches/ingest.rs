@@ -19,15 +19,17 @@
 //! changing at every poll) polled by `nexus gateway` as a Sparkplug edge node (UNS output off)
 //! through `nexus broker` to `nexus ingest` and PostgreSQL, all separate processes. The devices
 //! are offered at rising rates (shorter poll intervals), each step measured once steady (over
-//! BENCH_SECONDS), until a step's committed rate falls below 0.95x of what it offered. The
-//! figure is the highest sustained rate, as a ratio to the raw COPY baseline of the same run,
+//! BENCH_SECONDS), until a step is not kept up with: the gateway publishes less than 0.95x of
+//! what is offered, or the points ingestion has received but not committed grow by more than
+//! 5% of it. The figure is the highest rate kept up with (points received per second in that
+//! step; a window may commit more, a backlog from before it), as a ratio to the raw COPY baselines of the same run,
 //! with the CPU of the gateway, broker and ingestion. A step beyond the chain's capacity is no
 //! measure of it: the gateway then polls, and ingestion receives and logs, points that the
 //! database cannot take in the window.
 //!
 //! `cargo bench -p nexus-orchestrator --bench ingest`; BENCH_POINTS (300,000); the Sparkplug
 //! run: BENCH_SP_DEVICES (20), BENCH_SP_TAGS (500), BENCH_SP_POLL_MS (the steps' poll intervals,
-//! `50,44,40,36,33,30,28,25,22,20`: 200,000 to 500,000 points/s offered), BENCH_SECONDS (10).
+//! `50,44,40,38,36,33,30,28,25,22,20`: 200,000 to 500,000 points/s offered), BENCH_SECONDS (10).
 //! BENCH_PG_SHARED_BUFFERS (1GB) sizes the database server's cache for every run.
 //! BENCH_PARTS picks runs (`embedded,mosquitto,drain,sparkplug`); BENCH_BROKER_INFLIGHT and
 //! BENCH_BROKER_ENV (`NEXUS_BROKER__NAME=value,...`) change the embedded broker of its run.
@@ -435,12 +437,18 @@ struct SparkplugStep {
     polls_per_s: f64,
     published: f64,
     received: f64,
+    /// How fast points received but not yet committed piled up in ingestion (negative: the
+    /// backlog shrank).
+    backlog_growth: f64,
 }
 
 impl SparkplugStep {
-    /// Whether the chain kept up: nearly all that was offered was committed in the window.
+    /// Whether the chain kept up: the gateway published nearly all it was offered, and the
+    /// points waiting in ingestion grew by less than 5% of the offered rate. The committed
+    /// rate alone cannot tell: a window can start with a backlog (the births' new tags, the
+    /// warm-up) and commit more than arrives in it.
     fn sustained(&self) -> bool {
-        self.committed >= 0.95 * self.offered
+        self.published >= 0.95 * self.offered && self.backlog_growth <= 0.05 * self.offered
     }
 }
 
@@ -453,7 +461,7 @@ fn sparkplug_end_to_end(rt: &tokio::runtime::Runtime, db: &str) -> Vec<Sparkplug
     let devices = env("BENCH_SP_DEVICES", 20) as usize;
     let tags = env("BENCH_SP_TAGS", 500) as usize;
     let steps: Vec<u64> = std::env::var("BENCH_SP_POLL_MS")
-        .unwrap_or_else(|_| "50,44,40,36,33,30,28,25,22,20".into())
+        .unwrap_or_else(|_| "50,44,40,38,36,33,30,28,25,22,20".into())
         .split(',')
         .map(|v| {
             v.trim()
@@ -526,6 +534,7 @@ devices:
             ]
         };
         let (w0, c0, cpu0, t0) = (ing.written(), counts(), cpu(), Instant::now());
+        let backlog0 = c0[3] - w0;
         std::thread::sleep(Duration::from_secs(seconds));
         let elapsed = t0.elapsed().as_secs_f64();
         let (w1, c1, cpu1) = (ing.written(), counts(), cpu());
@@ -543,6 +552,7 @@ devices:
             polls_per_s: rate(1),
             published: rate(2),
             received: rate(3),
+            backlog_growth: ((c1[3] - w1) - backlog0) / elapsed,
         };
         let sustained = s.sustained();
         out.push(s);
@@ -695,10 +705,10 @@ fn main() {
         }
     }
     if let Some((steps, (raw_after, rows_before))) = sp {
-        println!("  Sparkplug B end to end (devices -> gateway edge node -> nexus broker -> ingest), offered rates rising until one is not sustained (committed < 0.95x offered):");
+        println!("  Sparkplug B end to end (devices -> gateway edge node -> nexus broker -> ingest), offered rates rising until one is not sustained (published < 0.95x offered, or ingestion's backlog growing by 5% of it):");
         for sp in &steps {
             println!(
-                "    offered {:>7.0} points/s: committed {:>7.0} points/s, {:.2}x of raw COPY into its table{}; {:.0} polls/s, published {:.0} points/s, received {:.0} points/s in {:.0} DDATA msgs/s; gateway {:.2} cores, broker {:.2}, ingest {:.2}",
+                "    offered {:>7.0} points/s: committed {:>7.0} points/s, {:.2}x of raw COPY into its table{}; {:.0} polls/s, published {:.0} points/s, received {:.0} points/s in {:.0} DDATA msgs/s, backlog {:+.0} points/s; gateway {:.2} cores, broker {:.2}, ingest {:.2}",
                 sp.offered,
                 sp.committed,
                 sp.committed / raw_after,
@@ -707,22 +717,24 @@ fn main() {
                 sp.published,
                 sp.received,
                 sp.messages_per_s,
+                sp.backlog_growth,
                 sp.gateway_cores,
                 sp.broker_cores,
                 sp.ingest_cores
             );
         }
+        // What a sustained step kept up with: the points that arrived (and did not pile up).
         let best = steps
             .iter()
             .filter(|s| s.sustained())
-            .map(|s| s.committed)
+            .map(|s| s.received)
             .fold(0.0, f64::max);
         println!(
             "  baseline after the run: raw binary COPY of {n} rows into its table ({rows_before} rows in it), 4 conn x 5,000 rows {raw_after:>10.0} points/s"
         );
         let met = |ok: bool| if ok { "met" } else { "not met" };
         println!(
-            "  Sparkplug: highest sustained rate {best:.0} points/s, {:.2}x of raw COPY into its table, {:.2}x of raw COPY into an empty one; goals: >= 250,000 points/s: {}; >= 0.5x raw COPY: {} (into its table), {} (into an empty one)",
+            "  Sparkplug: highest rate kept up with {best:.0} points/s, {:.2}x of raw COPY into its table, {:.2}x of raw COPY into an empty one; goals: >= 250,000 points/s: {}; >= 0.5x raw COPY: {} (into its table), {} (into an empty one)",
             best / raw_after,
             best / raw,
             met(best >= 250_000.0),
