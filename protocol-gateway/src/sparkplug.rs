@@ -19,11 +19,11 @@
 //! Aliases are unique across the node and stable while the gateway runs.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 // Looked up for every sample of every poll: foldhash rather than SipHash (the names are the
 // configuration's, not a client's).
 use foldhash::HashMap;
-use std::path::{Path, PathBuf};
 
 use nexus_common::codec::sparkplug::{
     self, MessageType, SpDataType, SpMetric, SpPayload, SparkplugTopic,
