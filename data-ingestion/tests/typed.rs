@@ -201,17 +201,12 @@ async fn values_are_stored_and_answered_in_their_type_with_unit_and_source_time(
     );
 
     // The metrics view: its first columns as before, then type, unit and source time.
-    let columns: Vec<String> = db
-        .query(
-            "SELECT column_name::text FROM information_schema.columns
-             WHERE table_name = 'metrics' ORDER BY ordinal_position",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let columns = texts(
+        &db,
+        "SELECT column_name::text FROM information_schema.columns
+         WHERE table_name = 'metrics' ORDER BY ordinal_position",
+    )
+    .await;
     assert_eq!(
         columns,
         [
@@ -492,17 +487,12 @@ async fn a_database_and_wal_of_the_previous_version_are_taken_over_in_place() {
         (1..=nexus_data_ingestion::schema::SCHEMA_VERSION).collect::<Vec<_>>()
     );
     // The earlier version's BRIN index on time gave way to the one over time and the buckets.
-    let brin: Vec<String> = db
-        .query(
-            "SELECT indexname FROM pg_indexes
-             WHERE tablename = 'points' AND indexdef LIKE '%USING brin%' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let brin = texts(
+        &db,
+        "SELECT indexname::text FROM pg_indexes
+         WHERE tablename = 'points' AND indexdef LIKE '%USING brin%' ORDER BY 1",
+    )
+    .await;
     assert_eq!(brin, ["points_time_buckets_brin"]);
     type FrameRow = (String, Option<f64>, Option<String>, i16, Option<String>);
     let frame_rows: Vec<FrameRow> = db
@@ -573,4 +563,14 @@ async fn a_database_and_wal_of_the_previous_version_are_taken_over_in_place() {
         .get(0);
     assert_eq!(n, 4);
     ing.stop().await;
+}
+
+/// The first column of `sql`'s rows, as text.
+async fn texts(db: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
