@@ -15,14 +15,13 @@
 //! `cargo bench -p nexus-orchestrator --bench commands`; BENCH_COMMANDS (1000),
 //! BENCH_QUICKACK=false starts the embedded broker with `broker.quickack: false`.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nexus_common::config::MqttVersion;
 use nexus_common::mqtt::{self, ClientSettings, QoS};
 use nexus_common::testing::{self, free_port, OPERATOR_USER, PUBLISHER_USER};
 use nexus_devices::simulator::modbus::ModbusSimulator;
-use support::{env, http_get, metric_sum, mqtt_as, Proc, NEXUS};
+use support::{env, http_get, metric_sum, mqtt_as, Proc};
 use tokio_util::sync::CancellationToken;
 
 mod support;
@@ -140,14 +139,7 @@ fn main() {
         }
         let path = dir.path().join(format!("gw-{with_load}.yaml"));
         std::fs::write(&path, yaml).expect("write");
-        let p = Proc(
-            Command::new(NEXUS)
-                .args(["gateway", "--config"])
-                .arg(&path)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("nexus gateway"),
-        );
+        let p = support::start_gateway(&path, &[]);
         std::thread::sleep(Duration::from_secs(3));
         (p, http)
     };

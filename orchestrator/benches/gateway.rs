@@ -17,7 +17,6 @@
 //! every BENCH_POLL_MS, each read by a subscribed device (publishing and sampling interval
 //! BENCH_POLL_MS).
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use nexus_common::testing::{free_port, PUBLISHER_USER, VIEWER_USER};
 use nexus_common::{Quality, Value};
 use nexus_devices::simulator::modbus::ModbusSimulator;
 use nexus_devices::simulator::opcua::{OpcUaSimOptions, OpcUaSimulator};
-use support::{cpu_seconds, env, http_get, metric_sum, mqtt_as, status_kib, Proc, NEXUS};
+use support::{cpu_seconds, env, http_get, metric_sum, mqtt_as, status_kib};
 use tokio_util::sync::CancellationToken;
 
 mod support;
@@ -280,18 +279,13 @@ fn run_gateway(r: &Run<'_>) -> Figures {
     let gw_cfg = r.dir.join("gateway.yaml");
     std::fs::write(&gw_cfg, yaml).expect("write");
     let http = free_port();
-    let gw = Proc(
-        Command::new(NEXUS)
-            .args(["gateway", "--config"])
-            .arg(&gw_cfg)
-            .env("NEXUS_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{http}"))
-            .env(
-                "NEXUS_GATEWAY__BUFFER__DURABLE_PUBLISH",
-                r.durable.to_string(),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("nexus gateway"),
+    let (listen, durable) = (format!("127.0.0.1:{http}"), r.durable.to_string());
+    let gw = support::start_gateway(
+        &gw_cfg,
+        &[
+            ("NEXUS_GATEWAY__HTTP_LISTEN", &listen),
+            ("NEXUS_GATEWAY__BUFFER__DURABLE_PUBLISH", &durable),
+        ],
     );
     let pid = gw.0.id();
     // Warm up (OPC UA: the client certificate is made and subscriptions created first).

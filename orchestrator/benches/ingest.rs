@@ -501,15 +501,13 @@ devices:
         let gw_cfg = step.join("gateway.yaml");
         std::fs::write(&gw_cfg, yaml).expect("write");
         let gw_http = free_port();
-        let gw = Proc(
-            Command::new(NEXUS)
-                .args(["gateway", "--config"])
-                .arg(&gw_cfg)
-                .env("NEXUS_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{gw_http}"))
-                .env("NEXUS_GATEWAY__COMMANDS", "false")
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("nexus gateway"),
+        let listen = format!("127.0.0.1:{gw_http}");
+        let gw = support::start_gateway(
+            &gw_cfg,
+            &[
+                ("NEXUS_GATEWAY__HTTP_LISTEN", &listen),
+                ("NEXUS_GATEWAY__COMMANDS", "false"),
+            ],
         );
         // Warm up, then measure the steady state.
         std::thread::sleep(Duration::from_secs(3));

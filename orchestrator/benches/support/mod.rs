@@ -122,6 +122,19 @@ pub const QUEUES_HOLD_THE_RUN: &[(&str, &str)] = &[
     ("NEXUS_BROKER__SERVICE_MQUEUE_LEN", "10000000"),
 ];
 
+/// `nexus gateway --config cfg`, with environment overrides (`NEXUS_GATEWAY__...`).
+pub fn start_gateway(cfg: &Path, env: &[(&str, &str)]) -> Proc {
+    Proc(
+        Command::new(NEXUS)
+            .args(["gateway", "--config"])
+            .arg(cfg)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nexus gateway"),
+    )
+}
+
 /// `nexus broker` on a free port with the accounts of [`USERS`]: `svc` (service), `pub`
 /// (publisher of any topic outside `$`), `op` (operator), `view` (viewer).
 pub fn start_broker(dir: &Path) -> (Proc, u16) {
