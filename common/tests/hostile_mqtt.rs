@@ -580,6 +580,75 @@ async fn sessions_and_queues_are_bounded() {
     );
 }
 
+/// A client that does not acknowledge gets `broker.max_inflight` messages and then waits; a
+/// Nexus service's session gets `broker.service_max_inflight`. Acknowledging lets the rest
+/// through: it was the window, not a loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_session_has_its_own_in_flight_window() {
+    let rig = Rig::new(
+        BrokerConfig {
+            max_inflight: 8,
+            service_max_inflight: 40,
+            ..BrokerConfig::default()
+        },
+        testing::test_auth(),
+    );
+    for version in [MqttVersion::V311, MqttVersion::V5] {
+        let topic = format!("w{}/x", version as u8);
+        let subscriber = |user| {
+            let mut s = ClientSettings::new(testing::unique("window"));
+            s.subscriptions = vec![(format!("w{}/#", version as u8), QoS::AtLeastOnce)];
+            s.manual_acks = true;
+            s.incoming_capacity = 1000;
+            (rig.cfg(Some(user), version), s)
+        };
+        let (c, s) = subscriber(testing::VIEWER_USER);
+        let (viewer, mut vrx) = rig.client(&c, s).await.expect("viewer connects");
+        let (c, s) = subscriber(SERVICE_USER);
+        let (service, mut srx) = rig.client(&c, s).await.expect("service connects");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let p = rig.publisher(Some(PUBLISHER_USER), version).await;
+        for i in 0..60 {
+            p.publish(&topic, i.to_string(), QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
+        }
+        let v = drain(&mut vrx, Q).await;
+        let s = drain(&mut srx, Q).await;
+        assert_eq!(v.len(), 8, "{version:?}: a viewer's window");
+        assert_eq!(s.len(), 40, "{version:?}: a service's window");
+        // Acknowledged, the rest arrives, in order.
+        let (mut v_all, mut s_all) = (v, s);
+        let (mut v_acked, mut s_acked) = (0, 0);
+        for _ in 0..10 {
+            for m in &v_all[v_acked..] {
+                viewer.ack(m).await.unwrap();
+            }
+            for m in &s_all[s_acked..] {
+                service.ack(m).await.unwrap();
+            }
+            (v_acked, s_acked) = (v_all.len(), s_all.len());
+            v_all.extend(drain(&mut vrx, Q).await);
+            s_all.extend(drain(&mut srx, Q).await);
+            if v_all.len() >= 60 && s_all.len() >= 60 {
+                break;
+            }
+        }
+        let payloads = |ms: &[Message]| -> Vec<String> {
+            ms.iter()
+                .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+                .collect()
+        };
+        let want: Vec<String> = (0..60).map(|i| i.to_string()).collect();
+        assert_eq!(payloads(&v_all), want, "{version:?}: the viewer's messages");
+        assert_eq!(
+            payloads(&s_all),
+            want,
+            "{version:?}: the service's messages"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cannot_keep_its_session_past_the_cap() {
     let rig = Rig::new(

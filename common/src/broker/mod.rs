@@ -788,6 +788,7 @@ async fn build(
     *scx.extends.fitter_mgr_mut().await = Box::new(Fitters {
         acl: acl.clone(),
         service_mqueue_len: cfg.service_mqueue_len,
+        service_max_inflight: NonZeroU16::new(cfg.service_max_inflight).unwrap_or(NonZeroU16::MIN),
     });
     let state = match &cfg.state_dir {
         Some(dir) => {
@@ -795,7 +796,7 @@ async fn build(
                 .unwrap_or(u32::MAX)
                 .saturating_add(64 * 1024);
             let cap = cfg.max_mqueue_len.max(cfg.service_mqueue_len)
-                + usize::from(cfg.max_inflight)
+                + usize::from(cfg.max_inflight.max(cfg.service_max_inflight))
                 + state::SLACK;
             let st = state::BrokerState::open(
                 dir,
@@ -922,10 +923,14 @@ async fn build(
 }
 
 /// Per-client settings rmqtt asks for at each connection: a Nexus service's session may queue
-/// `broker.service_mqueue_len` messages, every other client `broker.max_mqueue_len`.
+/// `broker.service_mqueue_len` messages and have `broker.service_max_inflight` in flight to
+/// it, every other client `broker.max_mqueue_len` and `broker.max_inflight`. (The window a
+/// client may use towards the broker, the CONNACK's Receive Maximum, is the listener's
+/// `broker.max_inflight` for everyone.)
 struct Fitters {
     acl: Arc<Acl>,
     service_mqueue_len: usize,
+    service_max_inflight: NonZeroU16,
 }
 
 impl rmqtt::fitter::FitterManager for Fitters {
@@ -941,6 +946,7 @@ impl rmqtt::fitter::FitterManager for Fitters {
         let cfg = if service {
             let mut own = (*cfg).clone();
             own.max_mqueue_len = self.service_mqueue_len;
+            own.max_inflight = self.service_max_inflight;
             Arc::new(own)
         } else {
             cfg

@@ -52,6 +52,10 @@ pub struct BrokerConfig {
     /// Unacknowledged QoS 1/2 messages in flight per client (default 128; rmqtt's 16 makes
     /// clients with a larger window loop).
     pub max_inflight: u16,
+    /// The same window for a Nexus service's session (default 1024): ingestion acknowledges
+    /// a message only once its WAL has synced it, so with 128 in flight it waits on the
+    /// round trip rather than on its work (docs/ingestion.md, "The in-flight window").
+    pub service_max_inflight: u16,
     /// Topic aliases an MQTT 5 client may set on one connection (default 10, as Mosquitto;
     /// 0 allows none). An alias above it ends the connection with "Topic Alias invalid".
     pub max_topic_aliases: u16,
@@ -112,6 +116,7 @@ impl Default for BrokerConfig {
             max_sessions: 10_000,
             max_subscriptions: 1000,
             max_inflight: 128,
+            service_max_inflight: 1024,
             max_topic_aliases: 10,
             max_mqueue_len: 1000,
             service_mqueue_len: 100_000,
@@ -206,8 +211,13 @@ impl BrokerConfig {
                 p.push(format!("broker.acl[{i}].topic"), e.to_string());
             }
         }
-        if self.max_inflight == 0 {
-            p.push("broker.max_inflight", "must be at least 1");
+        for (key, v) in [
+            ("max_inflight", self.max_inflight),
+            ("service_max_inflight", self.service_max_inflight),
+        ] {
+            if v == 0 {
+                p.push(format!("broker.{key}"), "must be at least 1");
+            }
         }
         for (key, v) in [
             ("max_mqueue_len", self.max_mqueue_len),

@@ -73,6 +73,7 @@ fn defaults_without_a_file() {
     assert_eq!(c.broker.port, Some(1883));
     assert_eq!(c.broker.ws_port, Some(8083));
     assert_eq!(c.broker.max_inflight, 128);
+    assert_eq!(c.broker.service_max_inflight, 1024);
     assert_eq!(c.broker.max_topic_aliases, 10);
     assert!(!c.gateway.sparkplug.enabled);
     assert_eq!(c.gateway.sparkplug.group_id, "nexus");
@@ -307,6 +308,13 @@ devices:
     assert_has(&errs, "nexus.yaml:15:5: devices[1].uns_prefix: topic \"acme//x\" has an empty level at position 2");
     // mqtt parsed fine, so its semantic check runs too.
     assert_has(&errs, "mqtt.inflight: must be at least 1");
+}
+
+#[test]
+fn in_flight_windows_of_zero_are_refused() {
+    let errs = errors("broker: { max_inflight: 0, service_max_inflight: 0 }\n");
+    assert_has(&errs, "broker.max_inflight: must be at least 1");
+    assert_has(&errs, "broker.service_max_inflight: must be at least 1");
 }
 
 #[test]
