@@ -690,6 +690,11 @@ impl PgServer {
         self.url(name)
     }
 
+    /// The postmaster's process id (its backends are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stop the server (fast shutdown), as an outage would.
     pub fn stop(&mut self) {
         let _ = Command::new("kill")

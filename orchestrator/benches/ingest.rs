@@ -356,21 +356,85 @@ struct Run {
     bare: f64,
     /// The bare subscriber with a persistent session (embedded broker only).
     bare_durable: Option<f64>,
-    /// The broker's CPU seconds during the bare subscriber's run, the durable one's and
-    /// ingestion's (each `n` messages), when it is a process of this bench.
-    broker_cpu: Option<[f64; 3]>,
+    /// Where the CPU went during the bare subscriber's run, the durable one's (none on
+    /// Mosquitto) and ingestion's (each `n` messages).
+    cpu: [CpuSplit; 3],
     committed: f64,
     published: f64,
     cores: f64,
     rss_mib: f64,
 }
 
-/// The broker of an end-to-end run: its port, whether clients log in, and its process when
-/// the bench started it (`nexus broker`, whose durable state is measured too).
+/// The broker of an end-to-end run: its port, whether clients log in, its process, and
+/// whether it is `nexus broker` (whose durable state is measured too).
 struct Via {
     port: u16,
     auth: bool,
-    nexus_broker: Option<u32>,
+    broker_pid: u32,
+    nexus_broker: bool,
+}
+
+/// Where the CPU went while one subscriber took the stream: seconds of the broker, of this
+/// process (the publisher, and the bare subscriber if it is one), of `nexus ingest`, of
+/// PostgreSQL (the postmaster and its backends), and of the whole machine.
+#[derive(Clone, Copy, Default)]
+struct CpuSplit {
+    broker: f64,
+    bench: f64,
+    ingest: f64,
+    postgres: f64,
+    machine: f64,
+    seconds: f64,
+}
+
+impl CpuSplit {
+    fn now(broker: u32, ingest: Option<u32>, postgres: u32) -> (CpuSplit, Instant) {
+        let split = CpuSplit {
+            broker: cpu_seconds(broker),
+            bench: cpu_seconds(std::process::id()),
+            ingest: ingest.map_or(0.0, cpu_seconds),
+            postgres: support::tree_cpu_seconds(postgres),
+            machine: support::machine_busy_seconds(),
+            seconds: 0.0,
+        };
+        (split, Instant::now())
+    }
+
+    fn since(start: (CpuSplit, Instant), end: (CpuSplit, Instant)) -> CpuSplit {
+        let ((a, t0), (b, t1)) = (start, end);
+        CpuSplit {
+            broker: b.broker - a.broker,
+            bench: b.bench - a.bench,
+            ingest: b.ingest - a.ingest,
+            postgres: b.postgres - a.postgres,
+            machine: b.machine - a.machine,
+            seconds: t1.duration_since(t0).as_secs_f64(),
+        }
+    }
+
+    /// Microseconds per message of each part, and the machine's busy cores.
+    fn line(&self, n: usize) -> String {
+        let us = |s: f64| s * 1e6 / n as f64;
+        let parts = [
+            ("broker", self.broker),
+            ("bench (publisher, bare subscriber)", self.bench),
+            ("ingest", self.ingest),
+            ("PostgreSQL", self.postgres),
+        ];
+        let listed: f64 = parts.iter().map(|p| p.1).sum();
+        let each: Vec<String> = parts
+            .iter()
+            .filter(|p| p.1 > 0.0)
+            .map(|(name, s)| format!("{name} {:.1}", us(*s)))
+            .collect();
+        format!(
+            "{}; sum {:.1}, whole machine {:.1} us per message; machine busy {:.2} cores",
+            each.join(", "),
+            us(listed),
+            us(self.machine),
+            self.machine / self.seconds.max(1e-3)
+        )
+    }
 }
 
 fn end_to_end(
@@ -380,25 +444,25 @@ fn end_to_end(
     mqtt_yaml: &str,
     db: &str,
     n: usize,
+    pg_pid: u32,
 ) -> Run {
     let Via {
         port,
         auth,
+        broker_pid,
         nexus_broker,
     } = via;
-    let broker_cpu = || nexus_broker.map_or(0.0, cpu_seconds);
-    let b0 = broker_cpu();
+    let split = |ingest| CpuSplit::now(broker_pid, ingest, pg_pid);
+    let s0 = split(None);
     let bare = rt.block_on(bare_subscriber(port, auth, n, false));
-    let b1 = broker_cpu();
-    let bare_durable = nexus_broker
-        .is_some()
-        .then(|| rt.block_on(bare_subscriber(port, auth, n, true)));
-    let b2 = broker_cpu();
+    let s1 = split(None);
+    let bare_durable = nexus_broker.then(|| rt.block_on(bare_subscriber(port, auth, n, true)));
+    let s2 = split(None);
     let ing = start_ingest(mqtt_yaml, db);
     let pid = ing.proc.0.id();
     let token = CancellationToken::new();
     let cpu0 = cpu_seconds(pid);
-    let b3 = broker_cpu();
+    let s3 = split(Some(pid));
     let start = Instant::now();
     let published = rt.block_on(publish(port, auth, n, &token));
     let (_, done) = ing.wait_written(n as f64);
@@ -411,13 +475,17 @@ fn end_to_end(
         metric_sum(&m, "nexus_ingest_messages_received_total"),
         metric_sum(&m, "nexus_ingest_wal_bytes")
     );
+    let s4 = split(Some(pid));
     token.cancel();
-    let b4 = broker_cpu();
     Run {
         name,
         bare,
         bare_durable,
-        broker_cpu: nexus_broker.map(|_| [b1 - b0, b2 - b1, b4 - b3]),
+        cpu: [
+            CpuSplit::since(s0, s1),
+            CpuSplit::since(s1, s2),
+            CpuSplit::since(s3, s4),
+        ],
         committed: written / elapsed,
         published,
         cores: (cpu_seconds(pid) - cpu0) / elapsed,
@@ -604,7 +672,8 @@ fn main() {
         let via = Via {
             port,
             auth: true,
-            nexus_broker: Some(broker.0.id()),
+            broker_pid: broker.0.id(),
+            nexus_broker: true,
         };
         runs.push(end_to_end(
             &rt,
@@ -613,6 +682,7 @@ fn main() {
             &support::service_mqtt_yaml(port),
             &db,
             n,
+            pg.pid(),
         ));
     }
     if want("mosquitto") {
@@ -624,7 +694,8 @@ fn main() {
         let via = Via {
             port,
             auth: false,
-            nexus_broker: None,
+            broker_pid: mq.pid(),
+            nexus_broker: false,
         };
         runs.push(end_to_end(
             &rt,
@@ -633,6 +704,7 @@ fn main() {
             &format!("host: 127.0.0.1, port: {port}"),
             &db,
             n,
+            pg.pid(),
         ));
     }
 
@@ -690,17 +762,17 @@ fn main() {
             r.cores,
             r.rss_mib
         );
-        if let (Some(durable), Some(cpu)) = (r.bare_durable, r.broker_cpu) {
-            let us = cpu.map(|s| s * 1e6 / n as f64);
+        if let Some(durable) = r.bare_durable {
             println!(
                 "      {:.2}x of a bare subscriber subscribed as ingestion is (persistent session, shared subscription: the broker writes each message to its state) ({durable:.0} msgs/s)",
                 r.committed / durable,
             );
-            println!(
-                "      broker CPU per message: {:.1} us with the bare subscriber, {:.1} us with the durable one, {:.1} us with ingestion",
-                us[0], us[1], us[2],
-            );
         }
+        println!("      CPU with the bare subscriber: {}", r.cpu[0].line(n));
+        if r.bare_durable.is_some() {
+            println!("      CPU with the durable one:    {}", r.cpu[1].line(n));
+        }
+        println!("      CPU with ingestion:          {}", r.cpu[2].line(n));
     }
     if let Some((steps, (raw_after, rows_before))) = sp {
         println!("  Sparkplug B end to end (devices -> gateway edge node -> nexus broker -> ingest), offered rates rising until one is not sustained (published < 0.95x offered, or ingestion's backlog growing by 5% of it):");

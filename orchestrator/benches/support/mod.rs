@@ -41,6 +41,52 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// CPU seconds of a process and all its children, live or ended (a server's backends).
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let fields = |p: &str| -> Option<(u32, Vec<f64>)> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let t = (11..15)
+            .map(|i| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0))
+            .collect();
+        Some((ppid, t))
+    };
+    // Its own time and that of its children that ended (cutime, cstime) ...
+    let mut ticks = fields(&pid.to_string()).map_or(0.0, |(_, t)| t.iter().sum());
+    // ... and that of the live ones.
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(p) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some((_, t)) = fields(p).filter(|(ppid, _)| *ppid == pid) {
+            ticks += t[0] + t[1];
+        }
+    }
+    ticks / 100.0
+}
+
+/// Busy CPU seconds of the whole machine (all cores), from /proc/stat.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: f64 =
+        f.iter().take(8).sum::<f64>() - f.get(3).unwrap_or(&0.0) - f.get(4).unwrap_or(&0.0);
+    busy / 100.0
+}
+
 /// A field of /proc/<pid>/status in KiB (`VmRSS:`, `VmHWM:`).
 pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
