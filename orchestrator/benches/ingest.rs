@@ -13,7 +13,11 @@
 //!   drained into it (no broker in the path);
 //! * a bare QoS 1 subscriber of the same stream through the same broker (clean session), and
 //!   on the embedded broker a second one subscribed as ingestion is (the service account, a
-//!   persistent session, a shared subscription), with the broker's CPU per message for each.
+//!   persistent session, a shared subscription).
+//!
+//! For each subscriber's run it prints the CPU per message of the broker, of this process
+//! (the publisher, and the bare subscriber in its runs), of `nexus ingest` and of PostgreSQL,
+//! and of the whole machine: on two shared cores the rates follow these sums.
 //!
 //! Then Sparkplug B end to end: simulated Modbus devices (in this process, every value
 //! changing at every poll) polled by `nexus gateway` as a Sparkplug edge node (UNS output off)
