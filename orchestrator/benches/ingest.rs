@@ -416,12 +416,13 @@ impl CpuSplit {
         }
     }
 
-    /// Microseconds per message of each part, and the machine's busy cores.
-    fn line(&self, n: usize) -> String {
+    /// Microseconds per message of each part, and the machine's busy cores; `bench` names
+    /// what this process ran.
+    fn line(&self, n: usize, bench: &str) -> String {
         let us = |s: f64| s * 1e6 / n as f64;
         let parts = [
             ("broker", self.broker),
-            ("bench (publisher, bare subscriber)", self.bench),
+            (bench, self.bench),
             ("ingest", self.ingest),
             ("PostgreSQL", self.postgres),
         ];
@@ -772,11 +773,21 @@ fn main() {
                 r.committed / durable,
             );
         }
-        println!("      CPU with the bare subscriber: {}", r.cpu[0].line(n));
+        let both = "bench (publisher, bare subscriber)";
+        println!(
+            "      CPU with the bare subscriber: {}",
+            r.cpu[0].line(n, both)
+        );
         if r.bare_durable.is_some() {
-            println!("      CPU with the durable one:    {}", r.cpu[1].line(n));
+            println!(
+                "      CPU with the durable one:    {}",
+                r.cpu[1].line(n, both)
+            );
         }
-        println!("      CPU with ingestion:          {}", r.cpu[2].line(n));
+        println!(
+            "      CPU with ingestion:          {}",
+            r.cpu[2].line(n, "bench (publisher)")
+        );
     }
     if let Some((steps, (raw_after, rows_before))) = sp {
         println!("  Sparkplug B end to end (devices -> gateway edge node -> nexus broker -> ingest), offered rates rising until one is not sustained (published < 0.95x offered, or ingestion's backlog growing by 5% of it):");
